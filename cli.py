@@ -1,0 +1,197 @@
+"""tlfeat command line: parse options, call into the tlfeat package, print results."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional
+
+import typer
+
+from tlfeat.errors import TlfeatError
+
+# TensorFlow's C++ start-up chatter (CPU feature notes, oneDNN banner) is not for users.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+app = typer.Typer(
+    help="Transfer learning with cached ImageNet CNN embeddings: extract once, fit heads in seconds.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+
+def user_errors(command: Callable) -> Callable:
+    """Print a TlfeatError as one line on stderr and exit 1, with no traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except TlfeatError as exc:
+            typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _parse_ratios(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(p) for p in text.replace("/", ",").split(","))
+    except ValueError:
+        raise TlfeatError(f"--split {text!r}: expected three numbers like 56.25,18.75,25") from None
+    if len(parts) != 3:
+        raise TlfeatError(f"--split {text!r}: expected three numbers (train,val,test)")
+    return parts  # type: ignore[return-value]
+
+
+@app.command()
+@user_errors
+def extract(
+    data: Path = typer.Argument(..., help="Dataset folder: one sub-folder per class, or train/[val/]test/ folders of class folders."),
+    backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b", help="efficientnet_lite0 (offline ImageNet weights), resnet101 (2048-d) or vgg16 (512-d)."),
+    weights: str = typer.Option("imagenet", "--weights", "-w", help="imagenet (Keras download for resnet101/vgg16; bundled for efficientnet_lite0), none (random, for smoke tests) or a path to a Keras weights file."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache file to write. Default: cache/<dataset>-<backbone>.h5"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass. Default: 32 on CPU, 256 on a GPU."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize images to this square size. Default: the backbone's (224)."),
+    dtype: str = typer.Option("float32", "--dtype", help="Storage type of the features: float32 or float16."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the stratified train/val/test split."),
+    split: str = typer.Option("56.25,18.75,25", "--split", help="train,val,test shares for a flat dataset (val carved from train when only train/test exist)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache made with other settings instead of refusing."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Embed every image once with a pretrained backbone and cache the pooled features in HDF5.
+
+    Resumable and incremental: rerunning computes only images that are new or
+    changed since the last run; an interrupted run continues where it stopped.
+    """
+    from tlfeat.extract import extract as run_extract
+
+    summary = run_extract(
+        data, out=out, backbone=backbone, weights=weights, image_size=image_size,
+        batch_size=batch_size, dtype=dtype, seed=seed, ratios=_parse_ratios(split),
+        overwrite=overwrite, progress=not quiet,
+    )
+    splits = ", ".join(f"{k} {v}" for k, v in summary.split_counts.items())
+    status = "up to date, nothing computed" if summary.up_to_date else (
+        f"computed {summary.n_computed}, reused {summary.n_reused}"
+    )
+    typer.echo(
+        f"{summary.out}: {summary.n_images} images x {summary.feature_dim} dims ({splits}); {status}; "
+        f"skipped {summary.n_skipped}; ignored {len(summary.ignored)} non-image files; "
+        f"{summary.seconds:.1f} s" + (f", {summary.images_per_s:.1f} images/s" if summary.n_computed else "")
+    )
+    for path, reason in summary.skipped[:20]:
+        typer.echo(f"  skipped {path}: {reason}")
+    if len(summary.skipped) > 20:
+        typer.echo(f"  ... and {len(summary.skipped) - 20} more (listed in the cache's skipped_paths)")
+
+
+@app.command("backbones")
+def list_backbones() -> None:
+    """List the registered backbones."""
+    from tlfeat.backbones import DEFAULT_BACKBONE, REGISTRY
+
+    for spec in REGISTRY.values():
+        default = " (default)" if spec.name == DEFAULT_BACKBONE else ""
+        typer.echo(
+            f"{spec.name}{default}: {spec.feature_dim}-d, {spec.input_size}px, "
+            f"preprocessing {spec.preprocessing}; weights: {spec.weight_source}"
+        )
+
+
+# --- heads: fit-head, predict, demo -------------------------------------------------
+
+if TYPE_CHECKING:  # the real imports stay inside the commands, so --help stays fast
+    from tlfeat.fit import FitSummary, HeadResult
+
+
+def _echo_head(result: HeadResult) -> None:
+    """One line per fitted head as it finishes, then its search trials and warnings."""
+    scores = "  ".join(f"{split} {s['accuracy']:.3f}" for split, s in result.scores.items())
+    params = ", ".join(f"{k}={v}" for k, v in result.params.items())
+    typer.echo(f"{result.head:<10} {params:<12} acc: {scores}  (fit {result.fit_seconds:.1f} s)")
+    if result.search:
+        label = next(iter(result.params))
+        trials = ", ".join(f"{t[label]}: {t['val_accuracy']:.3f}" for t in result.search)
+        typer.echo(f"{'':<10} val accuracy by {label}: {trials}; {result.search_seconds:.1f} s in all")
+    for note in result.notes:
+        typer.echo(f"{'':<10} note: {note}")
+
+
+def _echo_fit_summary(summary: FitSummary) -> None:
+    typer.echo("")
+    typer.echo(summary.table)
+    names = ", ".join(r.head for r in summary.results)
+    typer.echo(
+        f"wrote {summary.out}/: <head>.joblib (+ .json metadata, .metrics.json, .confusion.png) for {names}; "
+        f"summary.md, summary.csv"
+    )
+
+
+@app.command("fit-head")
+@user_errors
+def fit_head(
+    caches: list[Path] = typer.Argument(..., help="A cache, or several caches over the same images to fuse column-wise (e.g. resnet101 + vgg16)."),
+    head: str = typer.Option("logreg", "--head", help="logreg, linear-svm, knn, mlp, report, or all (one comparison table)."),
+    search: bool = typer.Option(False, "--search", help="Choose each head's hyperparameter (C, C, k, alpha, epochs) on the val split."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder. Default: heads/<cache stem(s)>/ beside the first cache."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the heads' own randomness (initialisation, shuffling)."),
+) -> None:
+    """Fit classification heads on cached features: fit on train, select on val, score train/val/test."""
+    from tlfeat.fit import fit_heads
+
+    _echo_fit_summary(fit_heads(caches, head=head, search=search, out=out, seed=seed, on_result=_echo_head))
+
+
+@app.command()
+@user_errors
+def predict(
+    model: Path = typer.Argument(..., help="A head's .joblib written by fit-head (its .json metadata beside it)."),
+    images: list[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively for images)."),
+    csv: Optional[Path] = typer.Option(None, "--csv", help="Also write the predictions (and skipped files) to this CSV."),
+    top: int = typer.Option(1, "--top", help="Show the K most probable classes per image."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Classify images with a fitted head, embedding them exactly as its training cache was.
+
+    Only load heads you made or trust: a .joblib is a pickle, and loading it runs code.
+    """
+    from tlfeat.predict import predict_images, write_predictions_csv
+
+    result = predict_images(model, images, top=top, batch_size=batch_size, progress=not quiet)
+    for p in result.predictions:
+        typer.echo(f"{p.path}\t" + "\t".join(f"{name} {prob:.3f}" for name, prob in p.top))
+    for path, reason in result.skipped:
+        typer.echo(f"skipped {path}: {reason}", err=True)
+    if csv is not None:
+        write_predictions_csv(csv, result, top)
+        typer.echo(f"wrote {csv}", err=True)
+    if not result.predictions:
+        raise TlfeatError(f"none of the {len(result.skipped)} files could be read as an image")
+
+
+@app.command()
+@user_errors
+def demo(
+    out: Path = typer.Option(Path("cache"), "--out", "-o", help="Folder for the digits dataset, its cache and the heads."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Offline end-to-end demo on scikit-learn's 1,797 handwritten digits: write PNGs, extract, fit every head."""
+    from tlfeat.demo import run_demo
+
+    result = run_demo(out, progress=not quiet, on_result=_echo_head)
+    extracted = result.extract
+    typer.echo(
+        f"dataset {result.dataset}/ ({result.n_written} PNGs written); cache {extracted.out}: "
+        f"{extracted.n_images} images, computed {extracted.n_computed}, reused {extracted.n_reused}"
+    )
+    _echo_fit_summary(result.fit)
+    example = next(iter(sorted((result.dataset / "3").glob("*.png"))), result.dataset)
+    typer.echo(f"demo took {result.seconds:.0f} s; try: python cli.py predict {result.fit.out / 'logreg.joblib'} {example}")
+
+
+if __name__ == "__main__":
+    app()

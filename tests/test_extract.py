@@ -1,0 +1,218 @@
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, make_dataset, make_image
+from tlfeat import cache
+from tlfeat.errors import TlfeatError
+from tlfeat.extract import extract
+
+FAST = dict(backbone="vgg16", weights="none", image_size=32, progress=False)
+
+
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run(
+        [sys.executable, str(REPO / "cli.py"), *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+@pytest.mark.parametrize("backbone, dim", [("resnet101", 2048), ("vgg16", 512)])
+def test_keras_backbones_give_their_feature_dims(scene15_subset: Path, tmp_path: Path, backbone: str, dim: int) -> None:
+    out = tmp_path / f"{backbone}.h5"
+    summary = extract(scene15_subset, out, backbone=backbone, weights="none", progress=False)
+    data = cache.load(out)
+    assert summary.n_images == 12 and summary.feature_dim == dim
+    assert data.features.shape == (12, dim)
+    assert np.isfinite(data.features).all() and data.features.std() > 0
+    assert data.attrs["backbone"] == backbone and data.attrs["input_size"] == 224
+    assert data.attrs["preprocessing"] == "caffe:BGR-mean"
+
+
+def test_cache_round_trip_and_plain_h5py_layout(tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "c.h5"
+    extract(tiny_dataset, out, **FAST)
+    everything = cache.load(out)
+    train = cache.load(out, split="train")
+    assert len(everything) == 24 and everything.class_names == ["class_0", "class_1", "class_2"]
+    assert len(train) == sum(everything.split == "train") > 0
+    assert set(train.split) == {"train"}
+    with h5py.File(out, "r") as handle:  # what a user of the documented format sees
+        assert handle["features"].shape == (24, 512) and handle["features"].chunks is not None
+        assert list(handle["paths"].asstr()[:2]) == list(everything.paths[:2])
+        assert handle.attrs["weights"] == "none" and handle.attrs["feature_dim"] == 512
+        assert handle.attrs["keras_backend"] in ("tensorflow", "jax", "torch")
+    np.testing.assert_array_equal(everything.labels, [["class_0", "class_1", "class_2"].index(p.split("/")[0]) for p in everything.paths])
+
+
+def test_float16_storage(tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "half.h5"
+    extract(tiny_dataset, out, dtype="float16", **FAST)
+    with h5py.File(out, "r") as handle:
+        assert handle["features"].dtype == np.float16
+    assert cache.load(out).features.dtype == np.float32
+
+
+def test_rerun_on_unchanged_inputs_computes_nothing(tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "c.h5"
+    extract(tiny_dataset, out, **FAST)
+    mtime = out.stat().st_mtime_ns
+    again = extract(tiny_dataset, out, **FAST)
+    assert again.n_computed == 0 and again.up_to_date
+    assert out.stat().st_mtime_ns == mtime
+
+
+def test_incremental_update_after_adding_changing_and_removing(tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "c.h5"
+    extract(tiny_dataset, out, **FAST)
+    make_image(tiny_dataset / "class_0" / "added_a.png", 0, 100)
+    make_image(tiny_dataset / "class_2" / "added_b.png", 2, 101)
+    (tiny_dataset / "class_1" / "img_000.png").unlink()
+    changed = tiny_dataset / "class_1" / "img_001.png"
+    make_image(changed, 1, 999, size=(50, 50))
+    os.utime(changed, ns=(time.time_ns(), time.time_ns() + 10**9))
+    summary = extract(tiny_dataset, out, **FAST)
+    assert summary.n_computed == 3 and summary.n_reused == 22 and summary.n_images == 25
+    fresh_out = tmp_path / "fresh.h5"
+    extract(tiny_dataset, fresh_out, **FAST)
+    updated, fresh = cache.load(out), cache.load(fresh_out)
+    assert list(updated.paths) == list(fresh.paths)
+    assert "class_1/img_000.png" not in set(updated.paths)
+    np.testing.assert_allclose(updated.features, fresh.features, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(updated.split, fresh.split)
+
+
+def test_mismatched_settings_are_refused_then_overwritten(tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "c.h5"
+    extract(tiny_dataset, out, **FAST)
+    with pytest.raises(TlfeatError, match=r"input_size 48 vs 32.*--overwrite"):
+        extract(tiny_dataset, out, **{**FAST, "image_size": 48})
+    assert cache.load(out).attrs["input_size"] == 32  # the old cache is intact
+    extract(tiny_dataset, out, overwrite=True, **{**FAST, "image_size": 48})
+    assert cache.load(out).attrs["input_size"] == 48
+
+
+def test_corrupt_files_are_skipped_and_recorded(tiny_dataset: Path, tmp_path: Path) -> None:
+    folder = tiny_dataset / "class_0"
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "random.jpg").write_bytes(os.urandom(3000))
+    (folder / "text.png").write_text("this is not a png")
+    good = folder / "img_000.png"
+    (folder / "truncated.png").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    out = tmp_path / "c.h5"
+    summary = extract(tiny_dataset, out, **FAST)
+    assert summary.n_images == 24 and summary.n_skipped == 4
+    reasons = dict(summary.skipped)
+    assert reasons["class_0/zero.jpg"] == "empty file (0 bytes)"
+    assert reasons["class_0/text.png"] == "not an image Pillow can read"
+    assert "truncated" in reasons["class_0/truncated.png"]
+    with h5py.File(out, "r") as handle:
+        assert set(handle["skipped_paths"].asstr()[...]) == set(reasons)
+        assert handle.attrs["n_skipped"] == 4
+    assert extract(tiny_dataset, out, **FAST).n_computed == 0  # unchanged bad files are not retried
+
+
+def test_second_run_on_same_output_is_locked_out(tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "c.h5"
+    lock = Path(str(out) + ".lock")
+    lock.write_text(str(os.getppid()))  # a live process holds it
+    with pytest.raises(TlfeatError, match=rf"pid {os.getppid()}"):
+        extract(tiny_dataset, out, **FAST)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(str(dead.pid))  # left behind by a killed run
+    assert extract(tiny_dataset, out, **FAST).n_images == 24
+    assert not lock.exists()
+
+
+def _summary_counts(stdout: str) -> tuple[int, int]:
+    match = re.search(r"computed (\d+), reused (\d+)", stdout)
+    assert match, stdout
+    return int(match[1]), int(match[2])
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "data", n_classes=3, per_class=40)
+    args = ["--backbone", "vgg16", "--weights", "none", "--image-size", "96", "--batch-size", "4", "-q"]
+    killed_out = tmp_path / "killed.h5"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "cli.py"), "extract", str(data), "--out", str(killed_out), *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )
+    parts = Path(str(killed_out) + ".parts")
+    deadline = time.time() + 300
+    while len(list(parts.glob("shard-*.npz"))) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not killed_out.exists(), "the run finished before it could be killed"
+    n_shards = len(list(parts.glob("shard-*.npz")))
+    assert n_shards >= 3
+
+    resumed = run_cli("extract", str(data), "--out", str(killed_out), *args)
+    assert resumed.returncode == 0, resumed.stderr
+    computed, reused = _summary_counts(resumed.stdout)
+    assert reused >= 4 * n_shards and computed + reused == 120
+    assert not parts.exists()
+
+    clean_out = tmp_path / "clean.h5"
+    clean = run_cli("extract", str(data), "--out", str(clean_out), *args)
+    assert clean.returncode == 0, clean.stderr
+    a, b = cache.load(killed_out), cache.load(clean_out)
+    assert list(a.paths) == list(b.paths)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.split, b.split)
+    np.testing.assert_array_equal(a.features, b.features)
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        ("missing", "dataset folder not found"),
+        ("empty", "no class folders found"),
+        ("one-class", "need at least 2 classes"),
+        ("empty-class", "class folder holds no images"),
+        ("bad-backbone", "unknown backbone 'alexnet'"),
+        ("bad-weights", "weights file not found"),
+    ],
+)
+def test_cli_bad_input_is_one_line_error(tmp_path: Path, setup: str, message: str) -> None:
+    root = tmp_path / "data"
+    extra: list[str] = []
+    if setup != "missing":
+        root.mkdir()
+    if setup in ("one-class", "empty-class", "bad-backbone", "bad-weights"):
+        make_dataset(root, n_classes=1 if setup == "one-class" else 2, per_class=2)
+    if setup == "empty-class":
+        (root / "zz").mkdir()
+    if setup == "bad-backbone":
+        extra = ["--backbone", "alexnet"]
+    if setup == "bad-weights":
+        extra = ["--backbone", "vgg16", "--weights", str(tmp_path / "nope.weights.h5")]
+    result = run_cli("extract", str(root), "--out", str(tmp_path / "o.h5"), *extra)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_extract_prints_summary(tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "c.h5"
+    result = run_cli("extract", str(tiny_dataset), "--backbone", "vgg16", "--weights", "none",
+                     "--image-size", "32", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert f"{out}: 24 images x 512 dims" in result.stdout
+    assert "images/s" in result.stdout
+    assert "img/s" in result.stderr  # the progress bar

@@ -1,0 +1,404 @@
+"""The embedding cache: one HDF5 file per (dataset, backbone), readable without Keras.
+
+Layout (all datasets at the root of the file, N rows, D feature dims):
+
+    features        (N, D) float32 or float16, chunked by rows
+    labels          (N,)   int32, index into class_names
+    paths           (N,)   UTF-8 str, relative to the dataset root, '/' separated
+    split           (N,)   UTF-8 str, "train" | "val" | "test"
+    file_size       (N,)   int64, bytes of the image file when it was embedded
+    file_mtime_ns   (N,)   int64, modification time of the image file (ns)
+    class_names     (C,)   UTF-8 str, sorted
+    skipped_paths   (S,)   UTF-8 str, files that could not be decoded
+    skipped_reasons (S,)   UTF-8 str, why (one line each)
+    skipped_size    (S,)   int64
+    skipped_mtime_ns (S,)  int64
+
+Root attributes: format_version, backbone, weights, input_size, preprocessing,
+dtype, feature_dim, keras_backend, tlfeat_version, created, dataset_root,
+seed, split_ratios (JSON), n_skipped.
+
+Rows are in a canonical order (split, class, path) so that a resumed or
+incremental run writes the same file as an uninterrupted one.
+
+Crash safety: the final file is only ever replaced atomically (written to a
+temporary name, fsynced, then renamed), so it is always either the previous
+complete cache or the new one. Work in progress lives in a sibling folder of
+shard files (``<out>.parts/``), each shard also written then renamed, so a
+killed run loses at most the batch in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+from tlfeat import __version__
+from tlfeat.errors import TlfeatError
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+_STR = h5py.string_dtype(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """What produced the features; two caches with different keys never mix."""
+
+    backbone: str
+    weights: str
+    input_size: int
+    preprocessing: str
+    dtype: str = "float32"  # how features are stored
+    compute: str = "float32"  # how they were computed: "float32", or "mixed_bfloat16" on a GPU
+
+    def describe(self) -> str:
+        return (
+            f"backbone={self.backbone} weights={self.weights} "
+            f"input_size={self.input_size} preprocessing={self.preprocessing} dtype={self.dtype} "
+            f"compute={self.compute}"
+        )
+
+    def differences(self, other: "CacheKey") -> str:
+        """Human-readable 'field: ours vs theirs' for the fields that differ."""
+        mine, theirs = asdict(self), asdict(other)
+        return ", ".join(f"{k} {mine[k]!r} vs {theirs[k]!r}" for k in mine if mine[k] != theirs[k])
+
+
+@dataclass
+class CacheData:
+    """Rows of a cache (optionally one split) held in memory."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    paths: np.ndarray
+    split: np.ndarray
+    class_names: list[str]
+    attrs: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def select(self, split: str) -> "CacheData":
+        mask = self.split == split
+        return CacheData(
+            self.features[mask], self.labels[mask], self.paths[mask], self.split[mask],
+            self.class_names, self.attrs,
+        )
+
+
+@dataclass
+class Rows:
+    """Embedded images plus skipped files, as produced by extraction (one shard or a whole cache)."""
+
+    paths: list[str]
+    features: np.ndarray  # (n, D)
+    file_size: list[int]
+    file_mtime_ns: list[int]
+    skipped_paths: list[str] = field(default_factory=list)
+    skipped_reasons: list[str] = field(default_factory=list)
+    skipped_size: list[int] = field(default_factory=list)
+    skipped_mtime_ns: list[int] = field(default_factory=list)
+
+
+def _open_for_read(path: Path) -> h5py.File:
+    path = Path(path)
+    if not path.exists():
+        raise TlfeatError(f"{path}: cache file not found")
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as exc:
+        raise TlfeatError(f"{path}: not a readable HDF5 cache ({exc.__class__.__name__})") from None
+    if "format_version" not in handle.attrs or "features" not in handle:
+        handle.close()
+        raise TlfeatError(f"{path}: HDF5 file is not a tlfeat cache (no features/format_version)")
+    return handle
+
+
+def _strings(dataset: h5py.Dataset) -> np.ndarray:
+    return np.array(dataset.asstr()[...], dtype=object) if len(dataset) else np.array([], dtype=object)
+
+
+def read_attrs(path: str | Path) -> dict:
+    """Root attributes of a cache, JSON-decoded where stored as JSON."""
+    with _open_for_read(Path(path)) as handle:
+        return _decode_attrs(handle)
+
+
+def _decode_attrs(handle: h5py.File) -> dict:
+    attrs = {}
+    for name, value in handle.attrs.items():
+        if isinstance(value, bytes):
+            value = value.decode()
+        if isinstance(value, np.generic):
+            value = value.item()
+        attrs[name] = value
+    if isinstance(attrs.get("split_ratios"), str):
+        attrs["split_ratios"] = json.loads(attrs["split_ratios"])
+    return attrs
+
+
+def read_key(path: str | Path) -> CacheKey:
+    attrs = read_attrs(path)
+    return key_from_attrs(attrs)
+
+
+def key_from_attrs(attrs: dict) -> CacheKey:
+    return CacheKey(
+        backbone=attrs["backbone"], weights=attrs["weights"], input_size=int(attrs["input_size"]),
+        preprocessing=attrs["preprocessing"], dtype=attrs["dtype"], compute=attrs.get("compute", "float32"),
+    )
+
+
+def load(path: str | Path, split: str | None = None) -> CacheData:
+    """Read a cache into memory, all rows or one split ("train", "val", "test").
+
+    Needs only h5py and numpy. Features come back as float32 whatever the stored dtype.
+    """
+    if split is not None and split not in SPLITS:
+        raise TlfeatError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    with _open_for_read(Path(path)) as handle:
+        split_col = _strings(handle["split"])
+        mask = slice(None) if split is None else np.flatnonzero(split_col == split)
+        data = CacheData(
+            features=np.asarray(handle["features"][mask], dtype=np.float32),
+            labels=np.asarray(handle["labels"][mask], dtype=np.int64),
+            paths=_strings(handle["paths"])[mask],
+            split=split_col[mask],
+            class_names=list(_strings(handle["class_names"])),
+            attrs=_decode_attrs(handle),
+        )
+    return data
+
+
+def read_rows(path: str | Path) -> tuple[CacheKey, Rows]:
+    """Everything extraction needs to reuse an existing cache: its key and its rows."""
+    with _open_for_read(Path(path)) as handle:
+        key = key_from_attrs(_decode_attrs(handle))
+        rows = Rows(
+            paths=list(_strings(handle["paths"])),
+            features=np.asarray(handle["features"][...]),
+            file_size=[int(v) for v in handle["file_size"][...]],
+            file_mtime_ns=[int(v) for v in handle["file_mtime_ns"][...]],
+            skipped_paths=list(_strings(handle["skipped_paths"])),
+            skipped_reasons=list(_strings(handle["skipped_reasons"])),
+            skipped_size=[int(v) for v in handle["skipped_size"][...]],
+            skipped_mtime_ns=[int(v) for v in handle["skipped_mtime_ns"][...]],
+        )
+    return key, rows
+
+
+def write_cache(
+    path: Path,
+    key: CacheKey,
+    features: np.ndarray,
+    labels: np.ndarray,
+    paths: list[str],
+    split: list[str],
+    file_size: list[int],
+    file_mtime_ns: list[int],
+    class_names: list[str],
+    skipped: list[tuple[str, str, int, int]],
+    extra_attrs: dict,
+) -> None:
+    """Write a complete cache atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    n, dim = features.shape
+    try:
+        with h5py.File(tmp, "w") as handle:
+            handle.create_dataset(
+                "features", data=features.astype(key.dtype, copy=False),
+                chunks=(max(1, min(n, 1024)), dim) if n else None, maxshape=(None, dim),
+            )
+            handle.create_dataset("labels", data=np.asarray(labels, dtype=np.int32))
+            handle.create_dataset("paths", data=list(paths), dtype=_STR)
+            handle.create_dataset("split", data=list(split), dtype=_STR)
+            handle.create_dataset("file_size", data=np.asarray(file_size, dtype=np.int64))
+            handle.create_dataset("file_mtime_ns", data=np.asarray(file_mtime_ns, dtype=np.int64))
+            handle.create_dataset("class_names", data=list(class_names), dtype=_STR)
+            handle.create_dataset("skipped_paths", data=[s[0] for s in skipped], dtype=_STR)
+            handle.create_dataset("skipped_reasons", data=[s[1] for s in skipped], dtype=_STR)
+            handle.create_dataset("skipped_size", data=np.asarray([s[2] for s in skipped], dtype=np.int64))
+            handle.create_dataset(
+                "skipped_mtime_ns", data=np.asarray([s[3] for s in skipped], dtype=np.int64)
+            )
+            attrs = {
+                "format_version": FORMAT_VERSION,
+                **asdict(key),
+                "feature_dim": dim,
+                "tlfeat_version": __version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "n_skipped": len(skipped),
+                **extra_attrs,
+            }
+            for name, value in attrs.items():
+                handle.attrs[name] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class ShardStore:
+    """Batches finished by an unfinished run, in ``<out>.parts/``: one .npz per batch.
+
+    ``meta.json`` records the CacheKey; shards from another key are never read.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.dir = Path(str(out) + ".parts")
+
+    def key(self) -> CacheKey | None:
+        meta = self.dir / "meta.json"
+        if not meta.exists():
+            return None
+        try:
+            return CacheKey(**json.loads(meta.read_text()))
+        except (ValueError, TypeError):
+            return None
+
+    def start(self, key: CacheKey) -> None:
+        """Prepare for writing shards under `key`, discarding shards of any other key."""
+        if self.dir.exists() and self.key() != key:
+            self.clear()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = self.dir / "meta.json"
+        if not meta.exists():
+            _atomic_write_bytes(meta, json.dumps(asdict(key)).encode())
+
+    def _shard_files(self) -> list[Path]:
+        return sorted(self.dir.glob("shard-*.npz")) if self.dir.exists() else []
+
+    def write(self, rows: Rows) -> None:
+        index = len(self._shard_files())
+        target = self.dir / f"shard-{index:07d}.npz"
+        tmp = self.dir / f".tmp-{os.getpid()}-{index}.npz"
+        with open(tmp, "wb") as handle:
+            np.savez(
+                handle,
+                paths=np.array(rows.paths, dtype=str),
+                features=rows.features,
+                file_size=np.array(rows.file_size, dtype=np.int64),
+                file_mtime_ns=np.array(rows.file_mtime_ns, dtype=np.int64),
+                skipped_paths=np.array(rows.skipped_paths, dtype=str),
+                skipped_reasons=np.array(rows.skipped_reasons, dtype=str),
+                skipped_size=np.array(rows.skipped_size, dtype=np.int64),
+                skipped_mtime_ns=np.array(rows.skipped_mtime_ns, dtype=np.int64),
+            )
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+
+    def read(self) -> Iterator[Rows]:
+        """Every complete shard; a shard that cannot be read (torn by a crash) is ignored."""
+        for shard in self._shard_files():
+            try:
+                with np.load(shard, allow_pickle=False) as data:
+                    yield Rows(
+                        paths=[str(p) for p in data["paths"]],
+                        features=data["features"],
+                        file_size=[int(v) for v in data["file_size"]],
+                        file_mtime_ns=[int(v) for v in data["file_mtime_ns"]],
+                        skipped_paths=[str(p) for p in data["skipped_paths"]],
+                        skipped_reasons=[str(r) for r in data["skipped_reasons"]],
+                        skipped_size=[int(v) for v in data["skipped_size"]],
+                        skipped_mtime_ns=[int(v) for v in data["skipped_mtime_ns"]],
+                    )
+            except (OSError, ValueError, KeyError, EOFError):
+                continue
+
+    def clear(self) -> None:
+        if not self.dir.exists():
+            return
+        for item in self.dir.iterdir():
+            item.unlink()
+        self.dir.rmdir()
+
+
+def _atomic_write_bytes(path: Path, payload: bytes) -> None:
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp.write_bytes(payload)
+    os.replace(tmp, path)
+
+
+class OutputLock:
+    """An exclusive lock file ``<out>.lock`` holding the owner's pid.
+
+    A second run on the same output stops at once; a lock left by a process that
+    no longer exists is taken over.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.path = Path(str(out) + ".lock")
+
+    def __enter__(self) -> "OutputLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and _pid_alive(holder):
+                    raise TlfeatError(
+                        f"{self.path}: another tlfeat run (pid {holder}) is writing this output; "
+                        "wait for it or remove the lock if that process is gone"
+                    ) from None
+                self.path.unlink(missing_ok=True)  # stale: its owner died
+                continue
+            with os.fdopen(fd, "w") as handle:
+                handle.write(str(os.getpid()))
+            return self
+        raise TlfeatError(f"{self.path}: could not take the output lock")
+
+    def _holder(self) -> int | None:
+        try:
+            return int(self.path.read_text().strip() or "0") or None
+        except (OSError, ValueError):
+            return None
+
+    def __exit__(self, *exc: object) -> None:
+        if self._holder() == os.getpid():
+            self.path.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
