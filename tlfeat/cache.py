@@ -30,6 +30,7 @@ killed run loses at most the batch in flight.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import time
@@ -248,6 +249,13 @@ def write_cache(
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete half-written files that a killed run left beside `path` (call while holding its lock)."""
+    path = Path(path)
+    for leftover in path.parent.glob(glob.escape(path.name) + ".tmp-*"):
+        leftover.unlink(missing_ok=True)
 
 
 def _fsync_file(path: Path) -> None:

@@ -18,7 +18,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from tlfeat.backbones import Backbone, build_model, get_backbone, weights_identity
-from tlfeat.cache import CacheKey, OutputLock, Rows, ShardStore, read_rows, write_cache
+from tlfeat.cache import (
+    CacheKey, OutputLock, Rows, ShardStore, read_rows, remove_stale_temporaries, write_cache,
+)
 from tlfeat.dataset import DEFAULT_RATIOS, DatasetScan, ImageEntry, scan_dataset
 from tlfeat.decode import iter_batches
 from tlfeat.errors import TlfeatError
@@ -192,6 +194,7 @@ def extract(
     weights_id = weights_identity(spec, weights)
 
     with OutputLock(out):
+        remove_stale_temporaries(out)
         shards = ShardStore(out)
         compute = "mixed_bfloat16" if accelerator_present() else "float32"
         key = CacheKey(spec.name, weights_id, size, spec.preprocessing, dtype, compute)
