@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +14,10 @@ REPO = Path(__file__).resolve().parents[1]
 SCENE15 = (REPO / ".." / "shared" / "data" / "scene15").resolve()
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-@pytest.fixture(autouse=True)
-def isolated_tlfeat_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Converted weights go to one per-session folder, never the user's ~/.cache."""
-    home = tmp_path_factory.getbasetemp() / "tlfeat-home"
-    home.mkdir(exist_ok=True)
-    monkeypatch.setenv("TLFEAT_HOME", str(home))
+# Converted weights go to one folder per test session, never the user's ~/.cache. Set at
+# import, before any session- or module-scoped fixture can build a model; child
+# processes inherit it.
+os.environ["TLFEAT_HOME"] = tempfile.mkdtemp(prefix="tlfeat-test-home-")
 
 
 def make_image(path: Path, class_index: int, variant: int, size: tuple[int, int] = (48, 40)) -> None:
