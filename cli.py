@@ -135,7 +135,7 @@ def _echo_fit_summary(summary: FitSummary) -> None:
 def fit_head(
     caches: list[Path] = typer.Argument(..., help="A cache, or several caches over the same images to fuse column-wise (e.g. resnet101 + vgg16)."),
     head: str = typer.Option("logreg", "--head", help="logreg, linear-svm, knn, mlp, report, or all (one comparison table)."),
-    search: bool = typer.Option(False, "--search", help="Choose each head's hyperparameter (C, C, k, alpha, epochs) on the val split."),
+    search: bool = typer.Option(False, "--search", help="Choose on the val split: C (logreg, linear-svm), k (knn), alpha (mlp), epochs (report)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder. Default: heads/<cache stem(s)>/ beside the first cache."),
     seed: int = typer.Option(0, "--seed", help="Seed of the heads' own randomness (initialisation, shuffling)."),
 ) -> None:
@@ -191,6 +191,76 @@ def demo(
     _echo_fit_summary(result.fit)
     example = next(iter(sorted((result.dataset / "3").glob("*.png"))), result.dataset)
     typer.echo(f"demo took {result.seconds:.0f} s; try: python cli.py predict {result.fit.out / 'logreg.joblib'} {example}")
+
+
+# --- fine-tuning and comparison ---------------------------------------------------------
+
+
+@app.command()
+@user_errors
+def finetune(
+    data: Path = typer.Argument(..., help="Dataset folder, as for extract (same scan and split for the same --seed/--split)."),
+    backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b", help="efficientnet_lite0, resnet101 or vgg16."),
+    weights: str = typer.Option("imagenet", "--weights", "-w", help="imagenet, none (random, for smoke tests) or a Keras weights file."),
+    epochs1: int = typer.Option(20, "--epochs1", help="Stage 1 epochs: head only, base frozen."),
+    epochs2: int = typer.Option(30, "--epochs2", help="Stage 2 epochs: top layers of the base unfrozen."),
+    unfreeze_top: Optional[int] = typer.Option(None, "--unfreeze-top", help="Stage 2 trains the last K layers of the base. Default: the study's 146 (resnet101), 10 (vgg16); 47 for efficientnet_lite0 (from block6a). 0 skips stage 2."),
+    unfreeze_all: bool = typer.Option(False, "--unfreeze-all", help="Stage 2 trains the whole base."),
+    lr1: float = typer.Option(1e-3, "--lr1", help="Stage 1 RMSprop learning rate."),
+    lr2: float = typer.Option(1e-5, "--lr2", help="Stage 2 RMSprop learning rate."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per training step."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Square input size. Default: the backbone's (224)."),
+    augment: bool = typer.Option(False, "--augment", help="Training-only random crop/zoom and horizontal flip, seeded."),
+    patience: int = typer.Option(10, "--patience", help="Stop a stage after this many epochs without a lower val loss; 0: never."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the split, the head's initialisation, shuffling and augmentation."),
+    split: str = typer.Option("56.25,18.75,25", "--split", help="train,val,test shares for a flat dataset, as for extract."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder. Default: runs/<dataset>-<backbone>-top<K>-<timestamp>/"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out (default: the newest matching one in runs/)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-step progress bar."),
+) -> None:
+    """Fine-tune a backbone with the study's head: train the head on the frozen base, then unfreeze the top layers.
+
+    BatchNorm layers stay in inference mode throughout (pretrained statistics
+    kept). Every epoch is checkpointed: after Ctrl-C or a kill, rerun with
+    --resume (and the same options) to continue.
+    """
+    from tlfeat.finetune import finetune as run_finetune
+
+    result = run_finetune(
+        data, backbone=backbone, weights=weights, epochs1=epochs1, epochs2=epochs2, unfreeze_top=unfreeze_top,
+        unfreeze_all=unfreeze_all, lr1=lr1, lr2=lr2, batch_size=batch_size, image_size=image_size, augment=augment,
+        seed=seed, ratios=_parse_ratios(split), patience=patience, out=out, resume=resume, progress=not quiet,
+        log=typer.echo,
+    )
+    summary = result.summary
+    if result.already_finished:
+        typer.echo(f"{result.out}: this run finished already; nothing to resume")
+    scores = "  ".join(
+        f"{name} acc {s['accuracy']:.3f} macro-F1 {s['macro_f1']:.3f}" for name, s in summary["scores"].items()
+    )
+    epochs = ", ".join(f"stage {k} {v['epochs_run']}/{v['epochs_planned']} epochs" for k, v in summary["stages"].items())
+    typer.echo(f"{summary['backbone']} {summary['method']}: {scores}")
+    typer.echo(f"{epochs}; {summary['seconds']:.1f} s of training; {len(result.skipped)} unreadable images skipped")
+    typer.echo(
+        f"wrote {result.out}/: model.keras, summary.json, metrics.json, history.csv/.json, training.png, confusion.png"
+    )
+
+
+@app.command()
+@user_errors
+def compare(
+    inputs: list[Path] = typer.Argument(..., help="fit-head models (.joblib or their .json), fine-tune runs (folder, model.keras or summary.json), or folders searched recursively for both."),
+    csv: Optional[Path] = typer.Option(None, "--csv", help="Also write the table as CSV."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Also draw a grouped bar chart of the accuracies and macro-F1."),
+) -> None:
+    """One table across frozen-feature heads and fine-tuned runs: method, trainable parameters, accuracies, seconds."""
+    from tlfeat.compare import compare as run_compare
+
+    result = run_compare(inputs, csv=csv, png=png)
+    typer.echo(result.table)
+    for path in (csv, png):
+        if path is not None:
+            typer.echo(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,210 @@
+"""fit-head end to end through the CLI: outputs, search, fusion, and one-line refusals of bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from test_heads import gaussian_blobs, write_synthetic_cache
+from tlfeat.backbones import sha256_file
+from tlfeat.errors import TlfeatError
+from tlfeat.fit import fit_heads, load_features
+from tlfeat.heads import HEAD_NAMES, HEADS, get_head
+
+runner = CliRunner()
+
+
+def fit_head_cli(*args: str | Path) -> object:
+    return runner.invoke(app, ["fit-head", *map(str, args)])
+
+
+def assert_one_line_error(result: object, *fragments: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert "Traceback" not in result.output
+
+
+def summary_rows(out: Path) -> dict[str, dict[str, str]]:
+    with open(out / "summary.csv", newline="") as handle:
+        return {row["head"]: row for row in csv.DictReader(handle)}
+
+
+def test_fit_all_heads_writes_models_reports_and_a_ranked_table(tmp_path: Path) -> None:
+    cache = write_synthetic_cache(tmp_path / "blobs.h5", n_per_class=40, n_classes=3)
+    out = tmp_path / "heads"
+    result = fit_head_cli(cache, "--head", "all", "--out", out)
+    assert result.exit_code == 0, result.output
+
+    rows = summary_rows(out)
+    assert list(rows) == sorted(rows, key=lambda h: -float(rows[h]["val acc"]))  # ranked by val accuracy
+    assert set(rows) == set(HEAD_NAMES)
+    for name, row in rows.items():
+        assert float(row["test acc"]) > 0.9, (name, row)
+        assert float(row["train macro-F1"]) > 0.9
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| head | params | train acc") and len(table) == 1 + len(HEAD_NAMES)
+
+    for name in HEAD_NAMES:
+        meta = json.loads((out / f"{name}.json").read_text())
+        assert meta["model_sha256"] == sha256_file(out / f"{name}.joblib")
+        assert meta["classes"] == ["class_0", "class_1", "class_2"]
+        source = meta["sources"][0]
+        assert source["path"] == str(cache.resolve()) and source["backbone"] == "efficientnet_lite0"
+        assert source["weights_source"] == "none" and source["feature_dim"] == 16
+        assert meta["params"] == {get_head(name).label: get_head(name).build(0).get_params()[get_head(name).param]}
+        assert meta["scores"]["test"]["accuracy"] == pytest.approx(float(rows[name]["test acc"]))
+        metrics = json.loads((out / f"{name}.metrics.json").read_text())
+        test = metrics["splits"]["test"]
+        assert np.array(test["confusion_matrix"]).sum() == test["n"] == 30
+        assert set(test["per_class"]["class_1"]) == {"precision", "recall", "f1", "support"}
+        assert (out / f"{name}.confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_default_output_folder_sits_beside_the_cache(tmp_path: Path) -> None:
+    cache = write_synthetic_cache(tmp_path / "cache" / "blobs.h5")
+    result = fit_head_cli(cache, "--head", "knn")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "cache" / "heads" / "blobs" / "knn.joblib").is_file()
+
+
+def test_search_picks_the_best_value_on_val_and_records_it(tmp_path: Path) -> None:
+    cache = write_synthetic_cache(tmp_path / "blobs.h5", n_per_class=40, n_classes=4, seed=3)
+    for name in ("logreg", "knn"):
+        result = fit_head_cli(cache, "--head", name, "--search", "--out", tmp_path / "out")
+        assert result.exit_code == 0, result.output
+        spec = get_head(name)
+        meta = json.loads((tmp_path / "out" / f"{name}.json").read_text())
+        trials = meta["search"]
+        assert [t[spec.label] for t in trials] == list(spec.grid)
+        best = max(t["val_accuracy"] for t in trials)
+        first_best = next(t[spec.label] for t in trials if t["val_accuracy"] == best)
+        assert meta["params"] == {spec.label: first_best}
+        assert meta["scores"]["val"]["accuracy"] == pytest.approx(best)
+        assert f"val accuracy by {spec.label}" in result.stdout
+
+
+def test_report_head_reruns_give_the_same_scores(tmp_path: Path) -> None:
+    cache = write_synthetic_cache(tmp_path / "blobs.h5")
+    runs = [fit_heads([cache], head="report", out=tmp_path / f"run{i}", seed=5) for i in range(2)]
+    assert runs[0].results[0].scores == runs[1].results[0].scores
+    assert runs[0].results[0].scores["test"]["accuracy"] > 0.9
+
+
+def _fusion_caches(tmp_path: Path) -> tuple[Path, Path]:
+    """Two 'backbones' over the same images: A only tells class 0 apart, B only class 2; rows in different orders."""
+    n_per_class, rng = 100, np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), n_per_class)
+    a = rng.normal(0, 1, (len(labels), 8)) + 4.0 * (labels == 0)[:, None]
+    b = rng.normal(0, 1, (len(labels), 6)) + 4.0 * (labels == 2)[:, None]
+    first = write_synthetic_cache(tmp_path / "a.h5", n_per_class, features=a.astype(np.float32), backbone="resnet101")
+    second = write_synthetic_cache(tmp_path / "b.h5", n_per_class, features=b.astype(np.float32), backbone="vgg16")
+    # Rewrite B with its rows reversed: fusion must align by path, not by position.
+    with h5py.File(second, "a") as handle:
+        for name in ("features", "labels", "paths", "split"):
+            handle[name][...] = handle[name][...][::-1]
+    return first, second
+
+
+def test_fusion_aligns_rows_by_path_and_beats_each_cache_alone(tmp_path: Path) -> None:
+    a, b = _fusion_caches(tmp_path)
+    fused = load_features([a, b])
+    assert fused.data.features.shape == (300, 14)
+    single = {p.stem: fit_heads([p], head="logreg", out=tmp_path / p.stem).results[0] for p in (a, b)}
+    both = fit_heads([a, b], head="logreg", out=tmp_path / "fused").results[0]
+    assert max(r.scores["test"]["accuracy"] for r in single.values()) < 0.8
+    assert both.scores["test"]["accuracy"] > 0.9
+    meta = json.loads((tmp_path / "fused" / "logreg.json").read_text())
+    assert [s["backbone"] for s in meta["sources"]] == ["resnet101", "vgg16"]
+    assert meta["feature_dim"] == 14
+
+
+def test_fusion_refuses_caches_over_other_images_or_classes(tmp_path: Path) -> None:
+    base = write_synthetic_cache(tmp_path / "base.h5")
+    other_images = write_synthetic_cache(tmp_path / "moved.h5", path_prefix="elsewhere/")
+    other_classes = write_synthetic_cache(tmp_path / "classes.h5", class_names=["x", "y", "z"])
+    other_split = write_synthetic_cache(tmp_path / "split.h5", shares=(0.25, 0.5, 0.25))
+    assert_one_line_error(fit_head_cli(base, other_images), "moved.h5", "other images", "120 only in base.h5")
+    assert_one_line_error(fit_head_cli(base, other_classes), "classes.h5", "class list differs")
+    assert_one_line_error(fit_head_cli(base, other_split), "split.h5", "splits or labels differ", "--seed")
+    assert_one_line_error(fit_head_cli(base, base), "same cache file is given twice")
+    other_files = write_synthetic_cache(tmp_path / "lookalike.h5")
+    with h5py.File(other_files, "a") as handle:
+        handle["file_size"][5] = 4321
+    assert_one_line_error(fit_head_cli(base, other_files), "lookalike.h5", "other files (1 differ in size")
+
+
+def test_class_missing_from_train_is_refused(tmp_path: Path) -> None:
+    cache = write_synthetic_cache(tmp_path / "blobs.h5")
+    with h5py.File(cache, "a") as handle:
+        labels = handle["labels"][...]
+        split = handle["split"].asstr()[...]
+        split[(labels == 1) & (split == "train")] = "test"
+        handle["split"][...] = split
+    assert_one_line_error(fit_head_cli(cache), "blobs.h5", "class 'class_1' has no images in the train split")
+
+
+def test_nan_or_inf_features_are_refused_with_file_and_count(tmp_path: Path) -> None:
+    features, _ = gaussian_blobs()
+    features[3, 2] = np.nan
+    features[7, :2] = np.inf
+    cache = write_synthetic_cache(tmp_path / "broken.h5", features=features)
+    assert_one_line_error(fit_head_cli(cache), "broken.h5", "3 feature values are NaN or inf, in 2 of 120 rows")
+
+
+def test_search_without_val_split_is_refused(tmp_path: Path) -> None:
+    cache = write_synthetic_cache(tmp_path / "noval.h5", splits=("train", "test"), shares=(0.75, 0.25))
+    assert_one_line_error(fit_head_cli(cache, "--search"), "noval.h5", "--search", "val split", "train, test")
+
+
+def test_missing_val_and_test_splits_report_what_exists(tmp_path: Path) -> None:
+    cache = write_synthetic_cache(tmp_path / "trainonly.h5", splits=("train",), shares=(1.0,))
+    result = fit_head_cli(cache, "--head", "all", "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    rows = summary_rows(tmp_path / "out")
+    assert set(rows) == set(HEAD_NAMES)
+    assert set(next(iter(rows.values()))) == {"head", "params", "train acc", "train macro-F1", "fit s"}
+    assert float(rows["logreg"]["train acc"]) > 0.9
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"", "not a readable HDF5 cache"), (b"\x89HDF\r\n\x1a\n" + b"\0" * 64, "not a readable HDF5 cache")],
+)
+def test_unreadable_cache_file_is_refused(tmp_path: Path, content: bytes, message: str) -> None:
+    cache = tmp_path / "garbage.h5"
+    cache.write_bytes(content)
+    assert_one_line_error(fit_head_cli(cache), "garbage.h5", message)
+
+
+def test_foreign_hdf5_and_missing_cache_are_refused(tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as handle:
+        handle["x"] = np.zeros(3)
+    assert_one_line_error(fit_head_cli(foreign), "foreign.h5", "not a tlfeat cache")
+    assert_one_line_error(fit_head_cli(tmp_path / "absent.h5"), "absent.h5", "not found")
+
+
+def test_unknown_head_is_refused(tmp_path: Path) -> None:
+    cache = write_synthetic_cache(tmp_path / "small.h5")
+    assert_one_line_error(fit_head_cli(cache, "--head", "forest"), "unknown head 'forest'")
+
+
+def test_data_too_small_for_a_head_is_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = write_synthetic_cache(tmp_path / "small.h5", n_per_class=8)  # 12 training rows in all
+    spec = HEADS["knn"]
+    monkeypatch.setitem(
+        HEADS, "knn", replace(spec, build=lambda seed: spec.build(seed).set_params(**{spec.param: 20}))
+    )
+    with pytest.raises(TlfeatError, match="small.h5: knn head cannot be fitted: Expected n_neighbors <= n_samples"):
+        fit_heads([cache], head="knn", out=tmp_path / "out")

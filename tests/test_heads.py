@@ -1,0 +1,177 @@
+"""Heads as scikit-learn estimators: accuracy, reproducibility, pickling, persistence checks.
+
+`write_synthetic_cache` is also used by test_fit_head.py and test_predict_demo.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pytest
+from sklearn.base import clone
+
+from tlfeat.cache import CacheKey, write_cache
+from tlfeat.errors import TlfeatError
+from tlfeat.heads import HEAD_NAMES, KerasReportHead, get_head, load_head, metadata_path, save_head
+
+
+def gaussian_blobs(
+    n_per_class: int = 40, n_classes: int = 3, dim: int = 16, seed: int = 0, spread: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Classes as gaussian clouds around well-separated random centres (non-negative, like pooled CNN features)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(0, 6, size=(n_classes, dim))
+    labels = np.repeat(np.arange(n_classes), n_per_class)
+    features = centres[labels] + rng.normal(0, spread, size=(len(labels), dim))
+    return np.abs(features).astype(np.float32), labels
+
+
+def write_synthetic_cache(
+    path: Path,
+    n_per_class: int = 40,
+    n_classes: int = 3,
+    dim: int = 16,
+    seed: int = 0,
+    splits: tuple[str, ...] = ("train", "val", "test"),
+    shares: tuple[float, ...] = (0.5, 0.25, 0.25),
+    backbone: str = "efficientnet_lite0",
+    features: np.ndarray | None = None,
+    class_names: list[str] | None = None,
+    path_prefix: str = "",
+) -> Path:
+    """A tlfeat cache of gaussian blobs; row paths look like '<class>/img_<i>.png'."""
+    blob_features, labels = gaussian_blobs(n_per_class, n_classes, dim, seed)
+    features = blob_features if features is None else features
+    class_names = class_names or [f"class_{c}" for c in range(n_classes)]
+    split = []
+    for _ in range(n_classes):
+        counts = [int(round(s * n_per_class)) for s in shares]
+        counts[0] += n_per_class - sum(counts)
+        split += [name for name, count in zip(splits, counts) for _ in range(count)]
+    paths = [f"{path_prefix}{class_names[label]}/img_{i:04d}.png" for i, label in enumerate(labels)]
+    write_cache(
+        path,
+        CacheKey(backbone=backbone, weights="none", input_size=32, preprocessing="synthetic"),
+        features=features, labels=labels, paths=paths, split=split,
+        file_size=[100] * len(labels), file_mtime_ns=[0] * len(labels),
+        class_names=class_names, skipped=[],
+        extra_attrs={"weights_source": "none", "dataset_root": "/synthetic", "seed": seed},
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def blobs() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Train / val / test draws of the same four overlapping-but-separable classes."""
+    rng_seeds = {"train": 1, "val": 2, "test": 3}
+    data = {}
+    for split, offset in rng_seeds.items():
+        X, y = gaussian_blobs(n_per_class=30, n_classes=4, dim=24, seed=0, spread=1.0)
+        noise = np.random.default_rng(offset).normal(0, 1.0, X.shape).astype(np.float32)
+        data[split] = (X + noise, y)
+    return data
+
+
+@pytest.fixture(scope="module")
+def fitted(blobs: dict) -> dict:
+    X, y = blobs["train"]
+    models = {}
+    for name in HEAD_NAMES:
+        estimator = get_head(name).build(0)
+        if name == "report":
+            estimator.fit(X, y, validation_data=blobs["val"])
+        else:
+            estimator.fit(X, y)
+        models[name] = estimator
+    return models
+
+
+@pytest.mark.parametrize("name", HEAD_NAMES)
+def test_every_head_is_accurate_on_separable_data(name: str, fitted: dict, blobs: dict) -> None:
+    estimator = fitted[name]
+    X_test, y_test = blobs["test"]
+    assert estimator.score(X_test, y_test) > 0.9
+    proba = estimator.predict_proba(X_test)
+    assert proba.shape == (len(y_test), 4)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(estimator.predict(X_test), estimator.classes_[proba.argmax(axis=1)])
+
+
+@pytest.mark.parametrize("name", HEAD_NAMES)
+def test_joblib_round_trip_predicts_identically(name: str, fitted: dict, blobs: dict, tmp_path: Path) -> None:
+    X_test, _ = blobs["test"]
+    joblib.dump(fitted[name], tmp_path / "head.joblib")
+    loaded = joblib.load(tmp_path / "head.joblib")
+    np.testing.assert_array_equal(loaded.predict(X_test), fitted[name].predict(X_test))
+    np.testing.assert_allclose(loaded.predict_proba(X_test), fitted[name].predict_proba(X_test), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", HEAD_NAMES)
+def test_heads_clone_with_their_search_parameter(name: str) -> None:
+    spec = get_head(name)
+    estimator = clone(spec.build(3)).set_params(**{spec.param: spec.grid[0]})
+    assert estimator.get_params()[spec.param] == spec.grid[0]
+
+
+def test_report_head_reproduces_itself_with_the_same_seed(blobs: dict) -> None:
+    X, y = blobs["train"]
+    X_test, _ = blobs["test"]
+    runs = [KerasReportHead(seed=7, epochs=8).fit(X, y, validation_data=blobs["val"]) for _ in range(2)]
+    np.testing.assert_allclose(runs[0].predict_proba(X_test), runs[1].predict_proba(X_test), rtol=0, atol=1e-6)
+    assert runs[0].history_ == runs[1].history_
+    other = KerasReportHead(seed=8, epochs=8).fit(X, y, validation_data=blobs["val"])
+    assert not np.allclose(other.predict_proba(X_test), runs[0].predict_proba(X_test))
+
+
+def test_report_head_early_stopping_keeps_the_best_epoch(blobs: dict) -> None:
+    X, y = blobs["train"]
+    head = KerasReportHead(epochs=60, patience=3).fit(X, y, validation_data=blobs["val"])
+    val_loss = head.history_["val_loss"]
+    assert head.epochs_run_ == len(val_loss) and head.epochs_run_ < 60
+    assert head.best_epoch_ == int(np.argmin(val_loss)) + 1
+    # The restored weights are the best epoch's: their val loss is the minimum recorded.
+    X_val, y_val = blobs["val"]
+    proba = head.predict_proba(X_val)
+    loss = -np.mean(np.log(proba[np.arange(len(y_val)), np.searchsorted(head.classes_, y_val)]))
+    assert loss == pytest.approx(min(val_loss), rel=1e-3)
+
+
+def test_report_head_carves_its_own_validation_rows(blobs: dict) -> None:
+    X, y = blobs["train"]
+    head = KerasReportHead(epochs=4, validation_fraction=0.25).fit(X, y)
+    assert "val_loss" in head.history_
+    assert head.score(*blobs["test"]) > 0.9
+
+
+def test_report_head_keeps_string_labels(blobs: dict) -> None:
+    X, y = blobs["train"]
+    names = np.array(["ant", "bee", "cat", "dog"])[y]
+    head = KerasReportHead(epochs=3).fit(X, names)
+    assert set(head.predict(blobs["test"][0])) <= set(names)
+
+
+def test_save_and_load_head_checks_the_sha256(fitted: dict, blobs: dict, tmp_path: Path) -> None:
+    model = tmp_path / "logreg.joblib"
+    meta = save_head(fitted["logreg"], model, {"head": "logreg", "classes": ["a", "b", "c", "d"]})
+    assert metadata_path(model).is_file() and len(meta["model_sha256"]) == 64
+    loaded, loaded_meta = load_head(model)
+    assert loaded_meta["classes"] == ["a", "b", "c", "d"]
+    np.testing.assert_array_equal(loaded.predict(blobs["test"][0]), fitted["logreg"].predict(blobs["test"][0]))
+
+    joblib.dump(fitted["knn"], model)  # a different (still valid) pickle under the same name
+    with pytest.raises(TlfeatError, match="model file changed since it was written; refusing to unpickle"):
+        load_head(model)
+
+
+def test_unknown_head_is_a_user_error() -> None:
+    with pytest.raises(TlfeatError, match="unknown head 'svm'"):
+        get_head("svm")
+
+
+def test_report_head_passes_scikit_learn_estimator_checks() -> None:
+    from sklearn.utils.estimator_checks import check_estimator
+
+    # Skipped inside: the pandas and array-API checks, when those packages are missing.
+    check_estimator(KerasReportHead(epochs=1))

@@ -1,0 +1,173 @@
+"""predict on real image files (features from a real extraction), its refusals, and the offline demo."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from conftest import make_dataset
+from test_fit_head import assert_one_line_error, summary_rows
+from tlfeat.cache import load
+from tlfeat.demo import write_digits
+from tlfeat.extract import extract
+from tlfeat.fit import fit_heads, load_features
+from tlfeat.heads import HEAD_NAMES, load_head
+from tlfeat.predict import predict_images
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Generated images embedded by EfficientNet-Lite0 (random weights, two image sizes), logreg heads on them."""
+    root = tmp_path_factory.mktemp("predict")
+    data = make_dataset(root / "data", n_classes=3, per_class=12)
+    caches = [
+        extract(data, out=root / f"small-{size}.h5", weights="none", image_size=size, progress=False).out
+        for size in (32, 40)
+    ]
+    single = fit_heads(caches[:1], head="logreg", out=root / "single")
+    fused = fit_heads(caches, head="logreg", out=root / "fused")
+    assert single.results[0].scores["test"]["accuracy"] == 1.0  # the classes differ in colour: easy
+    return {
+        "root": root, "data": data, "caches": caches,
+        "single": single.results[0].files["model"], "fused": fused.results[0].files["model"],
+    }
+
+
+def _expected_proba(model: Path, caches: list[Path]) -> dict[str, np.ndarray]:
+    """Each image's probabilities from the cached (fused) features: what predict must reproduce."""
+    estimator, _ = load_head(model)
+    features = load_features(caches).data
+    return dict(zip(features.paths, estimator.predict_proba(features.features)))
+
+
+@pytest.mark.parametrize("kind", ["single", "fused"])
+def test_predict_reproduces_the_cached_features(trained: dict, kind: str) -> None:
+    caches = trained["caches"][:1] if kind == "single" else trained["caches"]
+    expected = _expected_proba(trained[kind], caches)
+    result = predict_images(trained[kind], [trained["data"]], top=3)
+    assert len(result.predictions) == len(expected) == 36 and not result.skipped
+    classes = result.meta["classes"]
+    for prediction in result.predictions:
+        relpath = Path(prediction.path).relative_to(trained["data"]).as_posix()
+        got = dict(prediction.top)
+        np.testing.assert_allclose([got[c] for c in classes], expected[relpath], atol=1e-4)
+        assert prediction.top[0][0] == relpath.split("/")[0]  # and it is right
+
+
+def test_predict_cli_prints_top_k_lists_skipped_and_writes_csv(trained: dict, tmp_path: Path) -> None:
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for image in sorted(trained["data"].glob("class_*/img_00[0-1].png")):
+        (folder / f"{image.parent.name}-{image.name}").write_bytes(image.read_bytes())
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (folder / "notes.txt").write_text("not an image, not even tried")
+    (folder / ".hidden.png").write_bytes(b"")
+    out_csv = tmp_path / "pred.csv"
+    result = runner.invoke(
+        app, ["predict", str(trained["single"]), str(folder), str(tmp_path / "absent.jpg"),
+              "--top", "2", "--csv", str(out_csv), "-q"],
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 6
+    for line in lines:
+        path, first, second = line.split("\t")
+        assert Path(path).name.split("-")[0] == first.split(" ")[0]
+        assert float(first.split(" ")[1]) >= float(second.split(" ")[1])
+    assert "skipped " + str(folder / "broken.png") + ": corrupt or truncated image data" in result.stderr
+    assert f"skipped {tmp_path / 'absent.jpg'}: not found" in result.stderr
+    assert "notes.txt" not in result.output and ".hidden" not in result.output
+
+    with open(out_csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["path", "class", "probability", "class_2", "probability_2", "skipped"]
+    assert len(rows) == 8 and sum(1 for r in rows if r["skipped"]) == 2
+    assert all(r["class"] == Path(r["path"]).name.split("-")[0] for r in rows if not r["skipped"])
+
+
+def test_predict_refuses_a_model_changed_after_it_was_written(trained: dict, tmp_path: Path) -> None:
+    model = tmp_path / "logreg.joblib"
+    model.write_bytes(trained["single"].read_bytes() + b"\0")
+    (tmp_path / "logreg.json").write_text(trained["single"].with_suffix(".json").read_text())
+    assert_one_line_error(
+        runner.invoke(app, ["predict", str(model), str(trained["data"])]),
+        "logreg.joblib", "model file changed since it was written; refusing to unpickle",
+    )
+
+
+def test_predict_refuses_unreadable_or_foreign_model_files(trained: dict, tmp_path: Path) -> None:
+    image = str(next(trained["data"].glob("class_0/*.png")))
+    lone = tmp_path / "lone.joblib"
+    lone.write_bytes(trained["single"].read_bytes())
+    assert_one_line_error(runner.invoke(app, ["predict", str(lone), image]), "lone.joblib", "no metadata lone.json")
+
+    foreign = tmp_path / "foreign.joblib"
+    joblib.dump({"not": "a head"}, foreign)
+    (tmp_path / "foreign.json").write_text(json.dumps({"classes": ["a"]}))
+    assert_one_line_error(runner.invoke(app, ["predict", str(foreign), image]), "foreign.json", "not tlfeat head metadata")
+
+    # Metadata that vouches for the file (sha256 matches), but the file is no pickle at all.
+    garbage = tmp_path / "garbage.joblib"
+    garbage.write_bytes(b"this is not a pickle")
+    meta = json.loads(trained["single"].with_suffix(".json").read_text())
+    meta["model_sha256"] = hashlib.sha256(b"this is not a pickle").hexdigest()
+    (tmp_path / "garbage.json").write_text(json.dumps(meta))
+    assert_one_line_error(runner.invoke(app, ["predict", str(garbage), image]), "garbage.joblib", "cannot load the head")
+
+    assert_one_line_error(runner.invoke(app, ["predict", str(tmp_path / "none.joblib"), image]), "none.joblib", "not found")
+
+
+def test_predict_refuses_features_from_other_weights(trained: dict, tmp_path: Path) -> None:
+    model = tmp_path / "logreg.joblib"
+    model.write_bytes(trained["single"].read_bytes())
+    meta = json.loads(trained["single"].with_suffix(".json").read_text())
+    meta["sources"][0]["weights"] = "sha256:0123"  # as if fitted on features from another weights file
+    (tmp_path / "logreg.json").write_text(json.dumps(meta))
+    image = str(next(trained["data"].glob("class_0/*.png")))
+    assert_one_line_error(
+        runner.invoke(app, ["predict", str(model), image]), "logreg.joblib", "weights sha256:0123", "refusing to mix"
+    )
+
+
+def test_predict_with_nothing_readable_is_an_error(trained: dict, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"\xff\xd8 not really a jpeg")
+    result = runner.invoke(app, ["predict", str(trained["single"]), str(junk), "-q"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.strip().splitlines()[-1] == "error: none of the 1 files could be read as an image"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(runner.invoke(app, ["predict", str(trained["single"]), str(empty)]), "no image files")
+
+
+def test_demo_runs_offline_end_to_end_and_reruns_from_the_cache(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--out", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "1797 PNGs written" in result.stdout and "computed 1797, reused 0" in result.stdout
+    assert len(list((out / "digits").glob("*/*.png"))) == 1797
+    assert sorted(p.name for p in (out / "digits").iterdir()) == [str(d) for d in range(10)]
+
+    heads = out / "heads" / "digits-efficientnet_lite0"
+    rows = summary_rows(heads)
+    assert set(rows) == set(HEAD_NAMES)
+    # ImageNet features of upscaled 8x8 scans: linear heads are well above 90%, every head far above chance (10%).
+    assert float(rows["logreg"]["test acc"]) > 0.9
+    assert float(rows["linear-svm"]["test acc"]) > 0.9
+    assert min(float(r["test acc"]) for r in rows.values()) > 0.6
+    assert (heads / "logreg.confusion.png").is_file()
+    assert len(load(out / "digits-efficientnet_lite0.h5", split="test")) > 400
+
+    # A rerun writes no PNG and embeds nothing: extraction is incremental.
+    assert write_digits(out / "digits") == 0
+    assert extract(out / "digits", out=out / "digits-efficientnet_lite0.h5", progress=False).n_computed == 0

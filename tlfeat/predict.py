@@ -1,0 +1,161 @@
+"""predict: classify image files with a head written by fit-head.
+
+The images are embedded exactly as the head's training caches were: same
+backbone(s), weights, image size and preprocessing, taken from the head's
+metadata JSON; a fused head embeds with each backbone and concatenates in the
+recorded order.
+
+Security: a head is a joblib file, i.e. a pickle, and loading one runs code
+named in the file. `tlfeat.heads.load_head` checks the file's sha256 against
+the metadata written beside it, which catches a file changed after fit-head
+wrote it, but not a malicious model shipped together with matching metadata:
+only load heads you made yourself or whose author you trust.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from tlfeat.backbones import get_backbone, weights_identity
+from tlfeat.dataset import IMAGE_EXTENSIONS
+from tlfeat.errors import TlfeatError
+from tlfeat.heads import load_head
+from tlfeat.reports import write_csv
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[str, float]]  # (class, probability), most probable first
+
+
+@dataclass
+class PredictResult:
+    model: Path
+    meta: dict
+    predictions: list[Prediction] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+
+def collect_images(inputs: Sequence[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files named directly, plus image files (by extension, hidden ones left out) found under folders.
+
+    Returns (files, missing) where missing lists inputs that do not exist.
+    """
+    files: list[Path] = []
+    missing: list[tuple[str, str]] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            for dirpath, dirnames, filenames in os.walk(item):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                files += [
+                    Path(dirpath) / name for name in sorted(filenames)
+                    if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+                ]
+        elif item.exists():
+            files.append(item)
+        else:
+            missing.append((str(item), "not found"))
+    return files, missing
+
+
+def _check_sources(model: Path, sources: list[dict]) -> None:
+    """Refuse before embedding anything if the recorded weights or preprocessing can no longer be reproduced."""
+    for source in sources:
+        spec = get_backbone(source["backbone"])
+        if spec.preprocessing != source["preprocessing"]:
+            raise TlfeatError(
+                f"{model}: trained on {source['backbone']} features with preprocessing "
+                f"{source['preprocessing']!r}, this tlfeat uses {spec.preprocessing!r}; refit the head"
+            )
+        weights_source = source.get("weights_source")
+        if not weights_source:
+            raise TlfeatError(f"{model}: its cache {source['file']} did not record weights_source; cannot re-embed")
+        identity = weights_identity(spec, weights_source)
+        if identity != source["weights"]:
+            raise TlfeatError(
+                f"{model}: trained on {source['backbone']} features from weights {source['weights']}, "
+                f"but weights {weights_source} are now {identity}; refusing to mix features"
+            )
+
+
+def embed_for_head(
+    model: Path, meta: dict, files: Sequence[Path], batch_size: int | None = None, progress: bool = False
+) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
+    """The head's feature vector for each file: (features, indices of files embedded, failures)."""
+    from tlfeat.extract import embed_files
+
+    sources = meta["sources"]
+    _check_sources(model, sources)
+    blocks: list[dict[int, np.ndarray]] = []
+    reasons: dict[int, str] = {}
+    index_of = {str(f): i for i, f in enumerate(files)}
+    for source in sources:
+        result = embed_files(
+            list(files), source["backbone"], source["weights_source"], image_size=int(source["input_size"]),
+            batch_size=batch_size, progress=progress,
+        )
+        if result.features.shape[1] != source["feature_dim"]:
+            raise TlfeatError(
+                f"{model}: {source['backbone']} now gives {result.features.shape[1]}-d features, "
+                f"the head was trained on {source['feature_dim']}-d ones"
+            )
+        # Features are stored at the cache's dtype; round the same way so predict sees what fit saw.
+        features = result.features.astype(source.get("dtype") or "float32").astype(np.float32)
+        blocks.append(dict(zip(result.ok, features)))
+        reasons.update((index_of[path], reason) for path, reason in result.failures)
+    embedded = set.intersection(*(set(block) for block in blocks))
+    ok = sorted(embedded)
+    failures = [
+        (str(files[i]), reasons.get(i, "changed while it was being embedded"))
+        for i in range(len(files)) if i not in embedded
+    ]
+    if not ok:
+        return np.zeros((0, int(meta["feature_dim"])), dtype=np.float32), [], failures
+    features = np.concatenate([np.stack([block[i] for i in ok]) for block in blocks], axis=1)
+    return features, ok, failures
+
+
+def predict_images(
+    model: Path, inputs: Sequence[Path], top: int = 1, batch_size: int | None = None, progress: bool = False
+) -> PredictResult:
+    """Classify the images under `inputs` with the head at `model` (a fit-head .joblib)."""
+    if top < 1:
+        raise TlfeatError(f"--top {top}: must be at least 1")
+    model = Path(model)
+    estimator, meta = load_head(model)
+    files, missing = collect_images(inputs)
+    if not files:
+        where = ", ".join(str(p) for p in inputs)
+        raise TlfeatError(f"{where}: no image files to predict")
+    features, ok, failures = embed_for_head(model, meta, files, batch_size, progress)
+    result = PredictResult(model, meta, skipped=missing + failures)
+    if not ok:
+        return result
+    proba = estimator.predict_proba(features)
+    names = [meta["classes"][int(c)] for c in estimator.classes_]
+    order = np.argsort(-proba, axis=1, kind="stable")[:, : min(top, len(names))]
+    for row, index in enumerate(ok):
+        result.predictions.append(
+            Prediction(str(files[index]), [(names[j], float(proba[row, j])) for j in order[row]])
+        )
+    return result
+
+
+def write_predictions_csv(path: Path, result: PredictResult, top: int) -> None:
+    """One row per image: path, class, probability (then class_2, probability_2 ... up to top), skipped reason."""
+    headers = ["path", "class", "probability"]
+    for rank in range(2, top + 1):
+        headers += [f"class_{rank}", f"probability_{rank}"]
+    headers.append("skipped")
+    rows = []
+    for p in result.predictions:
+        cells = [c for name, prob in p.top for c in (name, round(prob, 6))]
+        rows.append([p.path, *cells, *[None] * (2 * top - len(cells)), None])
+    rows += [[path, *[None] * (2 * top), reason] for path, reason in result.skipped]
+    write_csv(path, headers, rows)
