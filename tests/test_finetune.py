@@ -1,0 +1,301 @@
+"""finetune: the right layers trainable per stage, BatchNorm statistics untouched, outputs, resume, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from conftest import REPO, make_dataset
+from test_fit_head import assert_one_line_error
+from tlfeat import finetune as ft
+from tlfeat.backbones import build_model, get_backbone
+from tlfeat.dataset import scan_dataset
+from tlfeat.decode import decode_image
+from tlfeat.errors import TlfeatError
+
+runner = CliRunner()
+QUIET = dict(progress=False, log=lambda line: None)
+HEAD_PARAMS_VGG16 = 512 * 128 + 128 + 128 * 3 + 3  # Dense(128) + softmax over 3 classes on 512-d features
+
+
+def finetune_cli(*args: str | Path) -> object:
+    return runner.invoke(app, ["finetune", *map(str, args)])
+
+
+def vgg16_args(data: Path, out: Path, *extra: str) -> list[str | Path]:
+    """Small, fast settings: random VGG16 at 32 px, early stopping off."""
+    return [data, "--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--batch-size", "4",
+            "--patience", "0", "-q", "--out", out, *extra]
+
+
+def array(variable: object) -> np.ndarray:
+    return keras.ops.convert_to_numpy(variable)
+
+
+def bn_statistics(base: object) -> dict[str, list[np.ndarray]]:
+    return {
+        layer.name: [array(w) for w in (layer.moving_mean, layer.moving_variance)]
+        for layer in base.layers if layer.__class__.__name__ == "BatchNormalization"
+    }
+
+
+def test_stages_train_the_right_layers_and_never_touch_batchnorm_statistics(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    k = 10  # EfficientNet-Lite0's last 10 layers hold top_bn, block7a_project_bn and block7a_bn
+    spec = get_backbone("efficientnet_lite0")
+    pretrained = build_model(spec, "imagenet", 32)
+    expected_stats = bn_statistics(pretrained)
+    unfrozen_names = {layer.name for layer in pretrained.layers[-k:] if layer.weights}
+    unfrozen_bn = {name for name in expected_stats if name in unfrozen_names}
+    assert len(unfrozen_bn) == 3
+    top_params = sum(int(np.prod(w.shape)) for layer in pretrained.layers[-k:] for w in layer.trainable_weights)
+
+    snapshots = []  # what the model looked like at the end of every epoch
+    original_record = ft._Run.record_epoch
+
+    def spy(self: object, model: object, stage: int, epoch: int, logs: dict, seconds: float) -> bool:
+        base = ft.base_of(model)
+        trainable = {id(w) for w in model.trainable_weights}
+        snapshots.append({
+            "stage": stage,
+            "trainable_params": sum(int(np.prod(w.shape)) for w in model.trainable_weights),
+            "trainable_layers": {l.name for l in base.layers if any(id(w) in trainable for w in l.weights)},
+            "stats": bn_statistics(base),
+            "gamma": {name: array(base.get_layer(name).gamma) for name in unfrozen_bn},
+            "stem": array(base.get_layer("stem_conv").kernel),
+        })
+        return original_record(self, model, stage, epoch, logs, seconds)
+
+    monkeypatch.setattr(ft._Run, "record_epoch", spy)
+    result = ft.finetune(
+        tiny_dataset, backbone="efficientnet_lite0", weights="imagenet", epochs1=2, epochs2=2, unfreeze_top=k,
+        image_size=32, batch_size=4, augment=True, patience=0, out=tmp_path / "run", **QUIET,
+    )
+
+    stages = result.summary["stages"]
+    assert [s["stage"] for s in snapshots] == [1, 1, 2, 2]
+    head_params = stages["1"]["trainable_params"]
+    assert head_params == 1280 * 128 + 128 + 128 * 3 + 3
+    assert stages["2"]["trainable_params"] == head_params + top_params
+    assert result.summary["base_layers"] == len(pretrained.layers) and result.summary["unfreeze_top"] == k
+    for snap in snapshots:
+        if snap["stage"] == 1:
+            assert snap["trainable_layers"] == set() and snap["trainable_params"] == head_params
+        else:
+            assert snap["trainable_layers"] == unfrozen_names
+            assert snap["trainable_params"] == stages["2"]["trainable_params"]
+        for name, (mean, variance) in snap["stats"].items():  # moving statistics: pretrained, in both stages
+            np.testing.assert_array_equal(mean, expected_stats[name][0], err_msg=name)
+            np.testing.assert_array_equal(variance, expected_stats[name][1], err_msg=name)
+        np.testing.assert_array_equal(snap["stem"], array(pretrained.get_layer("stem_conv").kernel))
+    # Control: the unfrozen BatchNorm layers did train in stage 2 (gamma moved) while their statistics stayed.
+    for name in unfrozen_bn:
+        np.testing.assert_array_equal(snapshots[1]["gamma"][name], array(pretrained.get_layer(name).gamma))
+    assert any(not np.array_equal(snapshots[-1]["gamma"][n], snapshots[1]["gamma"][n]) for n in unfrozen_bn)
+    assert result.summary["augment"] is True and result.summary["augmentation"]
+
+
+def test_run_writes_every_output_skips_unreadable_images_and_predicts(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "tiny")
+    (data / "class_0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "run"
+    result = finetune_cli(*vgg16_args(data, out, "--epochs1", "2", "--epochs2", "2", "--unfreeze-top", "3"))
+    assert result.exit_code == 0, result.output
+    assert "skipped class_0/broken.png: " in result.output
+    assert "trainable params 66,051" in result.output
+    assert f"trainable params {HEAD_PARAMS_VGG16 + 2359808:,}" in result.output  # + block5_conv3
+
+    expected = {"model.keras", "summary.json", "metrics.json", "history.csv", "history.json", "training.png",
+                "confusion.png", "state.json"}
+    assert {p.name for p in out.iterdir()} == expected  # checkpoints/ and the lock are gone
+    for png in ("training.png", "confusion.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["format"] == "tlfeat-finetune" and summary["backbone"] == "vgg16"
+    assert summary["unfreeze_top"] == 3 and summary["base_layers"] == 20
+    assert summary["method"] == "fine-tuned, top 3 layers"
+    assert summary["stages"]["1"]["trainable_params"] == HEAD_PARAMS_VGG16
+    assert summary["stages"]["2"]["trainable_params"] == HEAD_PARAMS_VGG16 + 2359808  # + block5_conv3
+    assert [summary["stages"][s]["epochs_run"] for s in ("1", "2")] == [2, 2]
+    assert summary["classes"] == ["class_0", "class_1", "class_2"] and summary["image_size"] == 32
+    assert list(summary["skipped"]) == ["class_0/broken.png"]
+    scan = scan_dataset(data, seed=0)  # the split extract makes
+    readable = scan.split_counts()
+    readable[next(e.split for e in scan.entries if e.relpath == "class_0/broken.png")] -= 1
+    assert {s: v["n"] for s, v in summary["scores"].items()} == readable
+
+    with open(out / "history.csv", newline="") as handle:
+        history = list(csv.DictReader(handle))
+    assert [(int(r["stage"]), int(r["epoch"])) for r in history] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert json.loads((out / "history.json").read_text())["stage2_starts_at"] == 3
+    metrics = json.loads((out / "metrics.json").read_text())
+    for split, m in metrics["splits"].items():
+        assert np.sum(m["confusion_matrix"]) == m["n"] == summary["scores"][split]["n"]
+        assert set(m["per_class"]) == set(summary["classes"])
+        assert m["accuracy"] == pytest.approx(summary["scores"][split]["accuracy"])
+
+    model, meta = ft.load_finetuned(out)
+    assert model.output.shape[-1] == 3 and meta["best_epoch"]["global_epoch"] in range(1, 5)
+    good = data / "class_2" / "img_000.png"
+    proba, ok, failures, names = ft.predict_files(out / "model.keras", [good, data / "class_0" / "broken.png"])
+    assert proba.shape == (1, 3) and ok == [0] and names == summary["classes"]
+    assert np.allclose(proba.sum(axis=1), 1.0, atol=1e-5)
+    assert failures == [(str(data / "class_0" / "broken.png"), summary["skipped"]["class_0/broken.png"])]
+
+
+def test_resume_after_a_kill_continues_from_the_saved_epoch(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "tiny")
+    out = tmp_path / "run"
+    args = vgg16_args(data, out, "--epochs1", "12", "--epochs2", "2", "--unfreeze-top", "3")
+    state_file = out / "state.json"
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "cli.py"), "finetune", *map(str, args)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            if state_file.exists() and json.loads(state_file.read_text())["history"]:
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, "the run ended before it could be killed"
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    at_kill = json.loads(state_file.read_text())
+    done = len(at_kill["history"])
+    assert 1 <= done < 14 and not at_kill["finished"]
+    assert (out / "checkpoints" / at_kill["last_checkpoint"]).is_file()
+
+    # A resume under other settings, or over another dataset, is refused before touching anything.
+    other_k = vgg16_args(data, out, "--epochs1", "12", "--epochs2", "2", "--unfreeze-top", "4", "--resume")
+    assert_one_line_error(finetune_cli(*other_k), "unfreeze_top")
+    (data / "class_1" / "img_999.png").write_bytes((data / "class_1" / "img_000.png").read_bytes())
+    assert_one_line_error(finetune_cli(*args, "--resume"), "dataset_fingerprint")
+    (data / "class_1" / "img_999.png").unlink()
+
+    result = finetune_cli(*args, "--resume")
+    assert result.exit_code == 0, result.output
+    last = at_kill["history"][-1]
+    assert f"resuming {out} after stage 1 epoch {last['epoch']} (epoch {done} in all)" in result.output
+    final = json.loads(state_file.read_text())
+    history = final["history"]
+    assert [(e["stage"], e["epoch"]) for e in history] == [(1, e) for e in range(1, 13)] + [(2, 1), (2, 2)]
+    assert [e["global_epoch"] for e in history] == list(range(1, 15))
+    assert history[:done] == at_kill["history"]  # epochs before the kill are kept, not rerun
+    assert final["finished"] and not (out / "checkpoints").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert [summary["stages"][s]["epochs_run"] for s in ("1", "2")] == [12, 2]
+
+    again = finetune_cli(*args, "--resume")
+    assert again.exit_code == 0 and "finished already" in again.output
+
+
+@pytest.mark.parametrize(
+    "extra, fragments",
+    [
+        (["--backbone", "alexnet"], ["unknown backbone 'alexnet'"]),
+        (["--unfreeze-top", "21"], ["--unfreeze-top 21", "only 20 layers"]),
+        (["--unfreeze-top", "2", "--unfreeze-all"], ["exclude each other"]),
+        (["--image-size", "16"], ["--image-size 16"]),
+    ],
+)
+def test_bad_options_are_refused_in_one_line(tmp_path: Path, extra: list[str], fragments: list[str]) -> None:
+    data = make_dataset(tmp_path / "tiny", per_class=4)
+    out = tmp_path / "run"
+    assert_one_line_error(finetune_cli(*vgg16_args(data, out), *extra), *fragments)
+    assert not out.exists()  # nothing is created for a refused run
+
+
+def test_run_folders_are_not_overwritten_and_resume_needs_a_run(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "tiny", per_class=4)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    assert_one_line_error(finetune_cli(*vgg16_args(data, busy)), "is not empty", "--resume")
+    result = finetune_cli(*vgg16_args(data, tmp_path / "empty", "--resume"))
+    assert_one_line_error(result, "not a fine-tune run to resume")
+
+
+def test_batches_shuffle_per_epoch_with_the_seed_and_augment_only_training(tiny_dataset: Path) -> None:
+    _, image_batches, _ = ft._keras_parts()
+    files = sorted(tiny_dataset.rglob("*.png"))
+    (tiny_dataset / "bad.png").write_bytes(b"")
+    files.append(tiny_dataset / "bad.png")
+    labels = np.arange(len(files)) % 3
+    failed = []
+
+    def batches(shuffle: bool, augment: bool) -> object:
+        return image_batches(files, labels, 32, lambda x: x, 5, seed=7, shuffle=shuffle, augment=augment,
+                             on_failure=lambda path, reason: failed.append(path.name))
+
+    train = batches(True, True)
+    order0 = [int(v) for v in train.order]
+    first = train[0]
+    assert sorted(order0) == list(range(len(files)))  # every image once per epoch
+    np.testing.assert_array_equal(batches(True, True)[0][0], first[0])  # same seed and epoch: same batch
+    train.set_epoch(1)
+    assert [int(v) for v in train.order] != order0
+    train.set_epoch(0)
+    np.testing.assert_array_equal(train[0][0], first[0])
+
+    plain = batches(False, False)
+    assert len(plain) == 5 and [int(v) for v in plain.order] == list(range(len(files)))
+    np.testing.assert_array_equal(plain[0][0][0], decode_image(files[0], 32))  # validation: decoded as is
+    assert files[order0[0]].name != "bad.png"
+    assert not np.array_equal(first[0][0], decode_image(files[order0[0]], 32))  # training: cropped/flipped
+    images, batch_labels, weights = plain[4]
+    assert weights.tolist() == [1.0, 1.0, 1.0, 1.0, 0.0] and not images[-1].any() and set(failed) == {"bad.png"}
+    np.testing.assert_array_equal(batch_labels, labels[20:])
+
+
+def test_ctrl_c_in_stage_2_then_resume_keeps_unfrozen_layers_and_optimizer_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = make_dataset(tmp_path / "tiny")
+    settings = dict(backbone="vgg16", weights="none", epochs1=1, epochs2=3, unfreeze_top=3, image_size=32,
+                    batch_size=4, patience=0, out=tmp_path / "run", **QUIET)
+    original_record = ft._Run.record_epoch
+    seen = []
+
+    def interrupt_after_stage2_epoch1(
+        self: object, model: object, stage: int, epoch: int, logs: dict, seconds: float
+    ) -> bool:
+        stop = original_record(self, model, stage, epoch, logs, seconds)
+        if (stage, epoch) == (2, 1):
+            raise KeyboardInterrupt
+        return stop
+
+    monkeypatch.setattr(ft._Run, "record_epoch", interrupt_after_stage2_epoch1)
+    with pytest.raises(TlfeatError, match=r"interrupted; 2 finished epochs are saved .* --resume"):
+        ft.finetune(data, **settings)
+
+    def spy(self: object, model: object, stage: int, epoch: int, logs: dict, seconds: float) -> bool:
+        seen.append((stage, epoch, sum(int(np.prod(w.shape)) for w in model.trainable_weights),
+                     int(array(model.optimizer.iterations))))
+        return original_record(self, model, stage, epoch, logs, seconds)
+
+    monkeypatch.setattr(ft._Run, "record_epoch", spy)
+    result = ft.finetune(data, resume=True, **settings)
+    steps = 3  # 12 training images in batches of 4
+    stage2 = HEAD_PARAMS_VGG16 + 2359808
+    assert result.resumed_from == (2, 1)
+    # The checkpoint's optimizer carries on: its step count continues from stage 2 epoch 1.
+    assert seen == [(2, 2, stage2, 2 * steps), (2, 3, stage2, 3 * steps)]
+    assert result.summary["stages"]["2"]["epochs_run"] == 3
+    assert result.summary["stages"]["2"]["trainable_params"] == stage2

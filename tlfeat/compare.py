@@ -1,0 +1,226 @@
+"""compare: one table across fit-head models and fine-tune runs, from the files they wrote.
+
+A fit-head model is read from its ``<head>.json`` metadata (tlfeat/fit.py), a
+fine-tune run from its ``summary.json`` (tlfeat/finetune.py); nothing is
+unpickled or loaded into Keras, so comparing is fast and runs no code from
+the files. Folders are searched recursively for both.
+
+Trainable parameters of a head are counted from its shape (feature dim D,
+classes C) and the fitted parts that learn: linear maps, hidden layers and the
+linear SVM's calibration sigmoids. Scaling statistics are not counted, as the
+frozen BatchNorm statistics of a fine-tuned base are not; k-NN learns nothing
+(n/a). Seconds are training seconds: a head's fit (all fits of its --search),
+a run's epochs (validation included), never the feature extraction before fit-head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from tlfeat.errors import TlfeatError
+from tlfeat.finetune import RUN_FORMAT, SUMMARY_NAME, read_run_summary, save_png
+from tlfeat.heads import MODEL_FORMAT, read_metadata
+from tlfeat.reports import markdown_table, write_csv
+
+HEADERS = (
+    "model", "backbone", "weights", "method", "trainable params",
+    "train acc", "val acc", "test acc", "test macro-F1", "train s",
+)
+SPLITS = ("train", "val", "test")
+HIDDEN_UNITS = 128  # the mlp and report heads' hidden layer (tlfeat/heads.py)
+SVM_CALIBRATION_FOLDS = 3  # linear-svm: CalibratedClassifierCV(cv=3) keeps one SVM and one sigmoid per fold
+
+
+@dataclass
+class Row:
+    name: str
+    backbone: str
+    weights: str
+    method: str
+    trainable_params: int | None
+    scores: dict[str, dict]  # split -> {"n", "accuracy", "macro_f1"}
+    seconds: float
+    path: Path
+
+    def accuracy(self, split: str) -> float | None:
+        return self.scores[split]["accuracy"] if split in self.scores else None
+
+    def macro_f1(self) -> float | None:
+        return self.scores["test"]["macro_f1"] if "test" in self.scores else None
+
+    def cells(self) -> list:
+        return [
+            self.name, self.backbone, self.weights, self.method, self.trainable_params,
+            *(self.accuracy(s) for s in SPLITS), self.macro_f1(), round(self.seconds, 2),
+        ]
+
+
+@dataclass
+class CompareResult:
+    rows: list[Row]
+    table: str  # markdown
+
+
+def head_trainable_params(head: str, feature_dim: int, n_classes: int) -> int | None:
+    """Learned parameters of a fit-head head on D-dim features and C classes; None for k-NN."""
+    d = feature_dim
+    # scikit-learn fits one output for two classes (logistic, SVM, MLP); the Keras head keeps a C-way softmax.
+    outputs = n_classes if n_classes > 2 else 1
+    linear = d * outputs + outputs
+    if head == "logreg":
+        return linear
+    if head == "linear-svm":
+        return SVM_CALIBRATION_FOLDS * (linear + 2 * outputs)
+    if head == "mlp":
+        return d * HIDDEN_UNITS + HIDDEN_UNITS + HIDDEN_UNITS * outputs + outputs
+    if head == "report":
+        return d * HIDDEN_UNITS + HIDDEN_UNITS + HIDDEN_UNITS * n_classes + n_classes
+    return None
+
+
+def _weights_label(weights: str | None) -> str:
+    if not weights:
+        return "?"
+    return weights if weights in ("imagenet", "none") else Path(weights).name
+
+
+def head_row(model_path: Path) -> Row:
+    meta = read_metadata(model_path)
+    sources = meta.get("sources") or []
+    searched = meta.get("search_seconds")
+    return Row(
+        name=f"{model_path.parent.name}/{meta['head']}",
+        backbone="+".join(str(s.get("backbone")) for s in sources),
+        weights="+".join(_weights_label(s.get("weights_source") or s.get("weights")) for s in sources),
+        method=f"frozen + {meta['head']}",
+        trainable_params=head_trainable_params(meta["head"], int(meta["feature_dim"]), len(meta["classes"])),
+        scores=meta.get("scores", {}),
+        seconds=float(searched if searched is not None else meta.get("fit_seconds", 0.0)),
+        path=model_path,
+    )
+
+
+def run_row(run_dir: Path) -> Row:
+    summary = read_run_summary(run_dir)
+    return Row(
+        name=run_dir.name,
+        backbone=summary["backbone"],
+        weights=_weights_label(summary.get("weights")),
+        method=summary["method"],
+        trainable_params=summary.get("trainable_params"),
+        scores=summary.get("scores", {}),
+        seconds=float(summary.get("seconds", 0.0)),
+        path=run_dir,
+    )
+
+
+def _json_format(path: Path) -> str | None:
+    """The "format" field of a small JSON file, or None for anything else (never raises)."""
+    try:
+        if path.stat().st_size > 10_000_000:
+            return None
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return value.get("format") if isinstance(value, dict) else None
+
+
+def _classify(path: Path) -> tuple[str, Path] | None:
+    """("head", model path) or ("run", run folder) for a file that describes one, else None."""
+    if path.suffix == ".joblib":
+        return "head", path
+    if path.suffix == ".keras" and (path.parent / SUMMARY_NAME).is_file():
+        return "run", path.parent
+    if path.suffix != ".json" or path.name.endswith(".metrics.json"):
+        return None
+    fmt = _json_format(path)
+    if path.name == SUMMARY_NAME and fmt == RUN_FORMAT:
+        return "run", path.parent
+    if fmt == MODEL_FORMAT:
+        return "head", path.with_suffix(".joblib")
+    return None
+
+
+def find_results(inputs: Sequence[Path]) -> list[tuple[str, Path]]:
+    """Every fit-head model and fine-tune run named by, or found under, `inputs`; each once, in order."""
+    found: list[tuple[str, Path]] = []
+    for item in map(Path, inputs):
+        if not item.exists():
+            raise TlfeatError(f"{item}: not found")
+        if item.is_dir():
+            for dirpath, dirnames, filenames in os.walk(item):
+                # checkpoints/ holds a run's resume files, not results
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "checkpoints")
+                for name in sorted(filenames):
+                    if name.endswith(".json") and not name.startswith("."):
+                        hit = _classify(Path(dirpath) / name)
+                        if hit is not None:
+                            found.append(hit)
+        else:
+            hit = _classify(item)
+            if hit is None:
+                raise TlfeatError(
+                    f"{item}: neither a fit-head model (.joblib or its .json) nor a fine-tune run "
+                    f"(its folder, model.keras or {SUMMARY_NAME})"
+                )
+            found.append(hit)
+    unique: dict[tuple[str, Path], None] = {}
+    for kind, path in found:
+        unique.setdefault((kind, path.resolve()), None)
+    return list(unique)
+
+
+def plot_bars(rows: Sequence[Row], path: Path) -> None:
+    """Grouped bars per model: train / val / test accuracy and test macro-F1."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    series = [(f"{s} acc", [r.accuracy(s) for r in rows]) for s in SPLITS]
+    series.append(("test macro-F1", [r.macro_f1() for r in rows]))
+    x = np.arange(len(rows))
+    width = 0.8 / len(series)
+    fig = Figure(figsize=(max(6.0, 1.1 * len(rows) + 2), 4.8))
+    ax = fig.add_subplot()
+    for i, (label, values) in enumerate(series):
+        heights = [np.nan if v is None else v for v in values]  # a split a model lacks leaves a gap
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, heights, width, label=label)
+    crowded = len(rows) > 4
+    ax.set_xticks(
+        x, labels=[f"{r.name}\n{r.method}" for r in rows], rotation=30 if crowded else 0,
+        ha="right" if crowded else "center", fontsize=8,
+    )
+    ax.set_ylim(0, 1.15)  # headroom for the legend above the bars
+    ax.set_ylabel("score")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper center", ncol=len(series), fontsize=8)
+    ax.set_title("frozen-feature heads vs fine-tuning")
+    fig.tight_layout()
+    save_png(fig, path)
+
+
+def compare(inputs: Sequence[Path], csv: Path | None = None, png: Path | None = None) -> CompareResult:
+    """Build the comparison table (ranked by val accuracy) and write the optional CSV and PNG."""
+    results = find_results(inputs)
+    if not results:
+        where = ", ".join(str(p) for p in inputs)
+        raise TlfeatError(f"{where}: no fit-head models or fine-tune runs found")
+    rows = [head_row(path) if kind == "head" else run_row(path) for kind, path in results]
+    rows.sort(key=lambda r: (r.accuracy("val") is None, -(r.accuracy("val") or 0.0), r.name))
+    cells = [r.cells() for r in rows]
+    params, seconds = HEADERS.index("trainable params"), HEADERS.index("train s")
+    shown = []
+    for row in cells:
+        row = list(row)
+        row[params] = "n/a" if row[params] is None else f"{row[params]:,}"
+        row[seconds] = f"{row[seconds]:.2f}"
+        shown.append(row)
+    table = markdown_table(HEADERS, shown)
+    if csv is not None:
+        write_csv(csv, HEADERS, cells)
+    if png is not None:
+        plot_bars(rows, png)
+    return CompareResult(rows, table)
