@@ -148,14 +148,14 @@ def fit_head(
 @app.command()
 @user_errors
 def predict(
-    model: Path = typer.Argument(..., help="A head's .joblib written by fit-head (its .json metadata beside it)."),
+    model: Path = typer.Argument(..., help="A head's .joblib written by fit-head (its .json metadata beside it), or a fine-tune run folder / its model.keras."),
     images: list[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively for images)."),
     csv: Optional[Path] = typer.Option(None, "--csv", help="Also write the predictions (and skipped files) to this CSV."),
     top: int = typer.Option(1, "--top", help="Show the K most probable classes per image."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Classify images with a fitted head, embedding them exactly as its training cache was.
+    """Classify images with a fitted head (embedding them exactly as its training cache was) or a fine-tuned model.
 
     Only load heads you made or trust: a .joblib is a pickle, and loading it runs code.
     """

@@ -11,7 +11,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from PIL import Image
 
 from conftest import REPO, make_dataset, make_image
 from tlfeat import cache

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pytest
 
 from conftest import REPO, make_dataset
 from hostile import write_corpus

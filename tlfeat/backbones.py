@@ -6,7 +6,6 @@ only when a model is actually built, so the registry can be listed cheaply.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -14,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 
 from tlfeat.errors import TlfeatError
+from tlfeat.fileio import describe_exception, sha256_file
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 RANDOM_WEIGHTS_SEED = 0
@@ -129,14 +129,6 @@ def get_backbone(name: str) -> Backbone:
         ) from None
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def weights_identity(backbone: Backbone, weights: str) -> str:
     """What the cache records for these weights: "none", the ImageNet identity, or a file's sha256."""
     if weights == "none":
@@ -167,8 +159,7 @@ def build_model(backbone: Backbone, weights: str, image_size: int | None = None)
             raise
         except Exception as exc:  # keras.utils.get_file raises a bare Exception on network failure
             raise TlfeatError(
-                f"could not get ImageNet weights for {backbone.name} "
-                f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:160] if str(exc) else 'no detail'}); "
+                f"could not get ImageNet weights for {backbone.name} ({describe_exception(exc)}); "
                 f"offline, download the Keras '{backbone.name} notop' weights file elsewhere and pass "
                 "--weights PATH"
             ) from None
@@ -180,7 +171,6 @@ def build_model(backbone: Backbone, weights: str, image_size: int | None = None)
         model.load_weights(str(path))
     except Exception as exc:
         raise TlfeatError(
-            f"{path}: cannot load as {backbone.name} weights ({exc.__class__.__name__}: "
-            f"{str(exc).splitlines()[0][:160] if str(exc) else 'no detail'})"
+            f"{path}: cannot load as {backbone.name} weights ({describe_exception(exc)})"
         ) from None
     return model

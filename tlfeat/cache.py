@@ -43,6 +43,7 @@ import numpy as np
 
 from tlfeat import __version__
 from tlfeat.errors import TlfeatError
+from tlfeat.fileio import atomic_write_bytes
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -304,7 +305,7 @@ class ShardStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = self.dir / "meta.json"
         if not meta.exists():
-            _atomic_write_bytes(meta, json.dumps(asdict(key)).encode())
+            atomic_write_bytes(meta, json.dumps(asdict(key)).encode())
 
     def _shard_files(self) -> list[Path]:
         return sorted(self.dir.glob("shard-*.npz")) if self.dir.exists() else []
@@ -353,12 +354,6 @@ class ShardStore:
         for item in self.dir.iterdir():
             item.unlink()
         self.dir.rmdir()
-
-
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
 
 
 class OutputLock:

@@ -161,7 +161,7 @@ def _source_path() -> Path:
 
 @functools.lru_cache(maxsize=4)
 def _sha256_of(path: Path, size: int, mtime_ns: int) -> str:
-    from tlfeat.backbones import sha256_file
+    from tlfeat.fileio import sha256_file
 
     return sha256_file(path)
 

@@ -52,7 +52,8 @@ from tlfeat.cache import OutputLock
 from tlfeat.dataset import DEFAULT_RATIOS, SPLIT_DIRS, DatasetScan, scan_dataset
 from tlfeat.decode import DecodeError, decode_image, default_workers, iter_batches
 from tlfeat.errors import TlfeatError
-from tlfeat.reports import atomic_write_bytes, plot_confusion, split_metrics, write_csv, write_json
+from tlfeat.fileio import atomic_write_bytes, describe_exception
+from tlfeat.reports import plot_confusion, split_metrics, write_csv, write_json
 
 RUN_FORMAT = "tlfeat-finetune"
 RUN_FORMAT_VERSION = 1
@@ -870,8 +871,7 @@ def load_finetuned(path: Path, summary_required: bool = True) -> tuple[Any, dict
     try:
         model = keras.saving.load_model(model_path, compile=False)
     except Exception as exc:  # any failure to read the file is the file's problem
-        detail = str(exc).splitlines()[0][:160] if str(exc) else "no detail"
-        raise TlfeatError(f"{model_path}: cannot load ({exc.__class__.__name__}: {detail})") from None
+        raise TlfeatError(f"{model_path}: cannot load ({describe_exception(exc)})") from None
     return model, summary
 
 

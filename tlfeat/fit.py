@@ -29,7 +29,8 @@ from tlfeat import __version__
 from tlfeat.cache import SPLITS, CacheData, load
 from tlfeat.errors import TlfeatError
 from tlfeat.heads import HEAD_NAMES, HeadSpec, fit_estimator, get_head, save_head
-from tlfeat.reports import atomic_write_bytes, markdown_table, plot_confusion, split_metrics, write_csv, write_json
+from tlfeat.fileio import atomic_write_bytes
+from tlfeat.reports import markdown_table, plot_confusion, split_metrics, write_csv, write_json
 
 # What a model records about each cache it was fitted on: enough for predict to
 # recompute the features, and to tell which cache (and which weights) it was.

@@ -34,9 +34,8 @@ from sklearn.svm import LinearSVC
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from tlfeat.backbones import sha256_file
 from tlfeat.errors import TlfeatError
-from tlfeat.reports import atomic_write_bytes
+from tlfeat.fileio import atomic_write_bytes, describe_exception, sha256_file
 
 MODEL_FORMAT = "tlfeat-head"
 MODEL_FORMAT_VERSION = 1
@@ -347,8 +346,7 @@ def load_head(model_path: Path) -> tuple[BaseEstimator, dict]:
     try:
         estimator = joblib.load(model_path)
     except Exception as exc:  # any unpickling failure (missing class, version skew) is the file's problem
-        detail = str(exc).splitlines()[0] if str(exc) else ""
-        raise TlfeatError(f"{model_path}: cannot load the head ({exc.__class__.__name__}: {detail})") from None
+        raise TlfeatError(f"{model_path}: cannot load the head ({describe_exception(exc)})") from None
     if not (hasattr(estimator, "predict_proba") and hasattr(estimator, "classes_")):
         raise TlfeatError(f"{model_path}: holds a {type(estimator).__name__}, not a fitted classifier")
     return estimator, meta

@@ -1,4 +1,4 @@
-"""predict: classify image files with a head written by fit-head.
+"""predict: classify image files with a head written by fit-head, or a fine-tuned run.
 
 The images are embedded exactly as the head's training caches were: same
 backbone(s), weights, image size and preprocessing, taken from the head's
@@ -121,24 +121,36 @@ def embed_for_head(
     return features, ok, failures
 
 
+def _is_finetune_run(model: Path) -> bool:
+    from tlfeat.finetune import MODEL_NAME, SUMMARY_NAME
+
+    return model.is_dir() or model.suffix == Path(MODEL_NAME).suffix or model.name == SUMMARY_NAME
+
+
 def predict_images(
     model: Path, inputs: Sequence[Path], top: int = 1, batch_size: int | None = None, progress: bool = False
 ) -> PredictResult:
-    """Classify the images under `inputs` with the head at `model` (a fit-head .joblib)."""
+    """Classify the images under `inputs` with a fit-head .joblib or a fine-tune run (folder or model.keras)."""
     if top < 1:
         raise TlfeatError(f"--top {top}: must be at least 1")
     model = Path(model)
-    estimator, meta = load_head(model)
+    if not model.exists():
+        raise TlfeatError(f"{model}: model not found (a fit-head .joblib or a fine-tune run folder)")
     files, missing = collect_images(inputs)
     if not files:
         where = ", ".join(str(p) for p in inputs)
         raise TlfeatError(f"{where}: no image files to predict")
-    features, ok, failures = embed_for_head(model, meta, files, batch_size, progress)
+    if _is_finetune_run(model):
+        from tlfeat.finetune import predict_files, read_run_summary
+
+        meta = read_run_summary(model)
+        proba, ok, failures, names = predict_files(model, files, batch_size or 32)
+    else:
+        estimator, meta = load_head(model)
+        features, ok, failures = embed_for_head(model, meta, files, batch_size, progress)
+        proba = estimator.predict_proba(features) if ok else np.zeros((0, len(estimator.classes_)))
+        names = [meta["classes"][int(c)] for c in estimator.classes_]
     result = PredictResult(model, meta, skipped=missing + failures)
-    if not ok:
-        return result
-    proba = estimator.predict_proba(features)
-    names = [meta["classes"][int(c)] for c in estimator.classes_]
     order = np.argsort(-proba, axis=1, kind="stable")[:, : min(top, len(names))]
     for row, index in enumerate(ok):
         result.predictions.append(
