@@ -221,7 +221,9 @@ HEADS: dict[str, HeadSpec] = {
             description="StandardScaler + linear SVM, probabilities by 3-fold sigmoid calibration",
             build=lambda seed: make_pipeline(
                 StandardScaler(),
-                CalibratedClassifierCV(LinearSVC(C=0.01, max_iter=10000, random_state=seed), cv=3),
+                # C=0.001: on standardized 1280-d features liblinear converges ~3x faster than at
+                # 0.01 (Scene15: 2.6 s vs 7.3 s) with the same accuracy; --search covers the rest.
+                CalibratedClassifierCV(LinearSVC(C=0.001, max_iter=10000, random_state=seed), cv=3),
             ),
             param="calibratedclassifiercv__estimator__C",
             label="C",
