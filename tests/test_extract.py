@@ -72,7 +72,7 @@ def test_rerun_on_unchanged_inputs_computes_nothing(tiny_dataset: Path, tmp_path
     assert out.stat().st_mtime_ns == mtime
 
 
-def test_incremental_update_after_adding_changing_and_removing(tiny_dataset: Path, tmp_path: Path) -> None:
+def test_incremental_update_after_adding_changing_renaming_and_removing(tiny_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "c.h5"
     extract(tiny_dataset, out, **FAST)
     make_image(tiny_dataset / "class_0" / "added_a.png", 0, 100)
@@ -81,13 +81,15 @@ def test_incremental_update_after_adding_changing_and_removing(tiny_dataset: Pat
     changed = tiny_dataset / "class_1" / "img_001.png"
     make_image(changed, 1, 999, size=(50, 50))
     os.utime(changed, ns=(time.time_ns(), time.time_ns() + 10**9))
+    (tiny_dataset / "class_2" / "img_002.png").rename(tiny_dataset / "class_2" / "renamed.png")
     summary = extract(tiny_dataset, out, **FAST)
-    assert summary.n_computed == 3 and summary.n_reused == 22 and summary.n_images == 25
+    assert summary.n_computed == 4 and summary.n_reused == 21 and summary.n_images == 25
     fresh_out = tmp_path / "fresh.h5"
     extract(tiny_dataset, fresh_out, **FAST)
     updated, fresh = cache.load(out), cache.load(fresh_out)
     assert list(updated.paths) == list(fresh.paths)
-    assert "class_1/img_000.png" not in set(updated.paths)
+    assert "class_1/img_000.png" not in set(updated.paths) and "class_2/img_002.png" not in set(updated.paths)
+    assert "class_2/renamed.png" in set(updated.paths)
     np.testing.assert_allclose(updated.features, fresh.features, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(updated.split, fresh.split)
 
