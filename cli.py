@@ -175,6 +175,31 @@ def predict(
 
 @app.command()
 @user_errors
+def evaluate(
+    model: Path = typer.Argument(..., help="A head's .joblib written by fit-head."),
+    caches: list[Path] = typer.Argument(..., help="Labelled cache(s) extracted with the head's settings; a fused head takes one per backbone, in its order."),
+    split: Optional[str] = typer.Option(None, "--split", help="Score only this split (train, val or test). Default: every split present."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write per-class scores and confusion matrices to this JSON file."),
+) -> None:
+    """Score a fitted head on cached features, e.g. a new labelled set extracted with the same backbone.
+
+    Refuses a cache whose class list, backbone, weights, image size or preprocessing
+    differ from what the head was fitted on.
+    """
+    from tlfeat.predict import evaluate_on_caches
+    from tlfeat.reports import markdown_table, write_json
+
+    result = evaluate_on_caches(model, caches, split=split)
+    rows = [[name, m["n"], m["accuracy"], m["macro_f1"]] for name, m in result.metrics.items()]
+    typer.echo(markdown_table(["split", "images", "accuracy", "macro-F1"], rows), nl=False)
+    if json_out is not None:
+        write_json(json_out, {"model": str(model), "caches": [str(c) for c in caches], "classes": result.meta["classes"],
+                              "splits": result.metrics})
+        typer.echo(f"wrote {json_out}")
+
+
+@app.command()
+@user_errors
 def demo(
     out: Path = typer.Option(Path("cache"), "--out", "-o", help="Folder for the digits dataset, its cache and the heads."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),

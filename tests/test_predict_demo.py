@@ -150,6 +150,40 @@ def test_predict_with_nothing_readable_is_an_error(trained: dict, tmp_path: Path
     assert_one_line_error(runner.invoke(app, ["predict", str(trained["single"]), str(empty)]), "no image files")
 
 
+def test_evaluate_scores_a_head_on_caches_as_fit_head_did(trained: dict, tmp_path: Path) -> None:
+    for kind, caches in (("single", trained["caches"][:1]), ("fused", trained["caches"])):
+        out_json = tmp_path / f"{kind}.json"
+        result = runner.invoke(app, ["evaluate", str(trained[kind]), *map(str, caches), "--json", str(out_json)])
+        assert result.exit_code == 0, result.output
+        recorded = json.loads(trained[kind].with_suffix(".json").read_text())["scores"]
+        written = json.loads(out_json.read_text())["splits"]
+        assert {s: written[s]["n"] for s in written} == {s: recorded[s]["n"] for s in recorded}
+        for split, scores in recorded.items():
+            assert written[split]["accuracy"] == pytest.approx(scores["accuracy"])
+            assert f"| {split} | {scores['n']} |" in result.stdout
+    only_test = runner.invoke(app, ["evaluate", str(trained["single"]), str(trained["caches"][0]), "--split", "test"])
+    assert only_test.exit_code == 0 and "| test |" in only_test.stdout and "| train |" not in only_test.stdout
+
+
+def test_evaluate_refuses_caches_the_head_was_not_fitted_on(trained: dict, tmp_path: Path) -> None:
+    single, (small, larger) = str(trained["single"]), map(str, trained["caches"])
+    assert_one_line_error(
+        runner.invoke(app, ["evaluate", single, larger]), "small-40.h5", "input_size 40", "input_size 32"
+    )
+    assert_one_line_error(
+        runner.invoke(app, ["evaluate", str(trained["fused"]), small]), "fitted on 2 cache(s)", "not 1"
+    )
+    four = make_dataset(tmp_path / "four", n_classes=4, per_class=8)
+    other_classes = extract(four, out=tmp_path / "four.h5", weights="none", image_size=32, progress=False).out
+    assert_one_line_error(
+        runner.invoke(app, ["evaluate", single, str(other_classes)]),
+        "four.h5", "class list differs", "4 vs 3 classes", "class_3",
+    )
+    assert_one_line_error(
+        runner.invoke(app, ["evaluate", single, small, "--split", "holdout"]), "small-32.h5", "no 'holdout' rows"
+    )
+
+
 def test_demo_runs_offline_end_to_end_and_reruns_from_the_cache(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     result = runner.invoke(app, ["demo", "--out", str(out), "-q"])
