@@ -358,11 +358,10 @@ class _Run:
 
         # Checkpoints get fresh names, and the state points at them only once they are complete,
         # so a kill at any moment leaves a state naming whole checkpoints of the epochs it records.
-        last_name = f"last-e{entry['global_epoch']:04d}.keras"
         if is_best:
-            # The same model: copying the file is faster than serialising it again.
-            _copy_atomically(self.checkpoints / best_name, self.checkpoints / last_name)
+            last_name = best_name  # the same model and optimizer state: one file serves both
         else:
+            last_name = f"last-e{entry['global_epoch']:04d}.keras"
             _save_model_atomically(model, self.checkpoints / last_name)
         self.state["last_checkpoint"] = last_name
         self.write_history()
@@ -391,16 +390,6 @@ def _save_model_atomically(model: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")  # Keras insists on the .keras suffix
     try:
         model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _copy_atomically(source: Path, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        shutil.copyfile(source, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
