@@ -8,9 +8,14 @@ For each backbone, the same N Scene15 images (random weights, so no download)
 go through:
   * baseline: keras.utils.image_dataset_from_directory + model.predict, the
     backbone's keras preprocess_input mapped over the dataset (needs TensorFlow);
-  * tlfeat: tlfeat.extract.extract into a fresh cache.
+  * tlfeat: tlfeat.extract.extract into a fresh cache;
+  * ceiling: model.predict alone over the same images already decoded into one
+    numpy array, after a warm-up batch: what the backbone computes per second
+    with no decoding, tracing or writing at all. No pipeline can beat it; it
+    tells a compute-bound backbone (where the plain way is already close to it)
+    from a pipeline problem.
 Each side runs in its own subprocess and is timed from just after the model is
-built to the last feature (tracing/compiling included on both sides).
+built to the last feature (tracing/compiling included for baseline and tlfeat).
 Peak memory (max RSS of the whole process) of tlfeat extract is measured for
 each --memory-sizes N, to show it does not grow with the dataset.
 """
@@ -22,11 +27,11 @@ import json
 import os
 import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from isolated import run_isolated
 
 REPO = Path(__file__).resolve().parents[1]
 SCENE15 = (REPO / ".." / "shared" / "data" / "scene15").resolve()
@@ -70,6 +75,24 @@ def _child_baseline(data: str, backbone: str) -> dict:
     return {"images": int(len(features)), "seconds": seconds, "finite": bool(np.isfinite(features).all())}
 
 
+def _child_ceiling(data: str, backbone: str) -> dict:
+    import numpy as np
+
+    from tlfeat.backbones import build_model, get_backbone
+    from tlfeat.dataset import scan_dataset
+    from tlfeat.decode import iter_batches
+
+    spec = get_backbone(backbone)
+    model = build_model(spec, "none")
+    scan = scan_dataset(Path(data))
+    files = [scan.root / entry.relpath for entry in scan.entries]
+    images = np.concatenate([b.images for b in iter_batches(files, spec.input_size, spec.preprocess, 32)])
+    model.predict(images[:32], batch_size=32, verbose=0)
+    start = time.perf_counter()
+    model.predict(images, batch_size=32, verbose=0)
+    return {"images": len(images), "seconds": time.perf_counter() - start}
+
+
 def _child_tlfeat(data: str, backbone: str, out: str, weights: str) -> dict:
     from tlfeat.backbones import get_backbone
     from tlfeat.extract import extract, get_extractor
@@ -79,16 +102,6 @@ def _child_tlfeat(data: str, backbone: str, out: str, weights: str) -> dict:
     start = time.perf_counter()
     summary = extract(Path(data), Path(out), backbone=backbone, weights=weights, progress=False)
     return {"images": summary.n_images, "seconds": time.perf_counter() - start}
-
-
-def run_child(kind: str, *args: str) -> dict:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    result = subprocess.run(
-        [sys.executable, __file__, "--child", kind, *args], capture_output=True, text=True, env=env, check=False
-    )
-    if result.returncode != 0:
-        raise SystemExit(f"{kind} child failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -103,7 +116,7 @@ def main() -> None:
 
     if args.child:
         kind, *rest = args.child
-        result = _child_baseline(*rest) if kind == "baseline" else _child_tlfeat(*rest)
+        result = {"baseline": _child_baseline, "ceiling": _child_ceiling, "tlfeat": _child_tlfeat}[kind](*rest)
         result["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
         return
@@ -115,21 +128,28 @@ def main() -> None:
         tmp_path = Path(tmp)
         data = make_subset(args.images, tmp_path / "subset")
         for backbone in args.backbones:
-            base = run_child("baseline", str(data), backbone)
-            ours = run_child("tlfeat", str(data), backbone, str(tmp_path / f"{backbone}.h5"), "none")
+            base = run_isolated(__file__, "baseline", str(data), backbone)
+            ours = run_isolated(__file__, "tlfeat", str(data), backbone, str(tmp_path / f"{backbone}.h5"), "none")
+            ceiling = run_isolated(__file__, "ceiling", str(data), backbone)
             row = {
                 "backbone": backbone,
                 "images": ours["images"],
                 "keras_images_per_s": base["images"] / base["seconds"],
                 "tlfeat_images_per_s": ours["images"] / ours["seconds"],
+                "ceiling_images_per_s": ceiling["images"] / ceiling["seconds"],
             }
             row["ratio"] = row["tlfeat_images_per_s"] / row["keras_images_per_s"]
             report["throughput"].append(row)
             print(f"{backbone}: plain Keras {row['keras_images_per_s']:.2f} img/s, "
-                  f"tlfeat {row['tlfeat_images_per_s']:.2f} img/s, ratio {row['ratio']:.2f}x", flush=True)
+                  f"tlfeat {row['tlfeat_images_per_s']:.2f} img/s, ratio {row['ratio']:.2f}x; "
+                  f"forward pass alone {row['ceiling_images_per_s']:.2f} img/s "
+                  f"(plain {row['keras_images_per_s'] / row['ceiling_images_per_s']:.0%} of it, "
+                  f"tlfeat {row['tlfeat_images_per_s'] / row['ceiling_images_per_s']:.0%})", flush=True)
         for n in args.memory_sizes:
             subset = make_subset(n, tmp_path / f"mem{n}")
-            ours = run_child("tlfeat", str(subset), args.memory_backbone, str(tmp_path / f"mem{n}.h5"), "imagenet")
+            ours = run_isolated(
+                __file__, "tlfeat", str(subset), args.memory_backbone, str(tmp_path / f"mem{n}.h5"), "imagenet"
+            )
             report["memory"].append({"backbone": args.memory_backbone, "images": n,
                                      "max_rss_mb": ours["max_rss_mb"], "images_per_s": n / ours["seconds"]})
             print(f"{args.memory_backbone} on {n} images: peak RSS {ours['max_rss_mb']:.0f} MB, "

@@ -49,7 +49,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,6 +56,8 @@ from pathlib import Path
 from statistics import mean
 
 import numpy as np
+
+from isolated import run_isolated
 
 REPO = Path(__file__).resolve().parents[1]
 SCENE15 = (REPO / ".." / "shared" / "data" / "scene15").resolve()
@@ -172,17 +173,6 @@ def _child_tlfeat(config: dict) -> dict:
             "trainable_params": {k: v["trainable_params"] for k, v in result.summary["stages"].items()}}
 
 
-def run_child(kind: str, config: dict) -> dict:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    result = subprocess.run(
-        [sys.executable, __file__, "--child", kind, json.dumps(config)],
-        capture_output=True, text=True, env=env, check=False,
-    )
-    if result.returncode != 0:
-        raise SystemExit(f"{kind} child failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="efficientnet_lite0")
@@ -226,8 +216,10 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         config["data"] = str(make_subset(args.classes, args.images, Path(tmp) / "scene15-subset"))
-        plain = {name: run_child("plain", {**config, "input": name}) for name in args.plain_inputs}
-        ours = run_child("tlfeat", {**config, "out": str(Path(tmp) / "run")})
+        plain = {
+            name: run_isolated(__file__, "plain", json.dumps({**config, "input": name})) for name in args.plain_inputs
+        }
+        ours = run_isolated(__file__, "tlfeat", json.dumps({**config, "out": str(Path(tmp) / "run")}))
 
     report = {"command": command, "cpu_count": os.cpu_count(), "config": config, "plain": plain, "tlfeat": ours,
               "ratio": {}}

@@ -40,7 +40,6 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +47,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from isolated import run_isolated
 
 REPO = Path(__file__).resolve().parents[1]
 SCENE15 = (REPO / ".." / "shared" / "data" / "scene15").resolve()
@@ -226,16 +227,6 @@ CHILDREN = {
 }
 
 
-def run_child(kind: str, *args: str) -> dict:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    result = subprocess.run(
-        [sys.executable, __file__, "--child", kind, *args], capture_output=True, text=True, env=env, check=False
-    )
-    if result.returncode != 0:
-        raise SystemExit(f"{kind} child failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", type=Path, help="a tlfeat cache; default: extract --data into cache/")
@@ -263,7 +254,7 @@ def main() -> None:
 
         out = REPO / default_output(args.data, args.backbone)
         print(f"extracting {args.data} with {args.backbone} into {out} (reused if up to date) ...", flush=True)
-        report["extract"] = run_child("extract", str(args.data), str(out), args.backbone, args.weights)
+        report["extract"] = run_isolated(__file__, "extract", str(args.data), str(out), args.backbone, args.weights)
         cache = Path(report["extract"]["cache"])
     elif not args.cache.is_file():
         raise SystemExit(f"{args.cache}: cache not found")
@@ -272,9 +263,11 @@ def main() -> None:
     report["cache"] = str(cache.resolve())
 
     with tempfile.TemporaryDirectory() as tmp:
-        heads = report["heads"] = run_child("heads", str(cache), tmp, str(args.seed))
-    cached = report["report_cached"] = run_child("report-cached", str(cache), str(args.seed))
-    study = report["report_study_way"] = run_child("report-images", str(cache), str(args.images_limit), str(args.seed))
+        heads = report["heads"] = run_isolated(__file__, "heads", str(cache), tmp, str(args.seed))
+    cached = report["report_cached"] = run_isolated(__file__, "report-cached", str(cache), str(args.seed))
+    study = report["report_study_way"] = run_isolated(
+        __file__, "report-images", str(cache), str(args.images_limit), str(args.seed)
+    )
     baseline = study["seconds"]
     report["ratios_vs_study_way"] = {
         **{h["head"]: baseline / h["call_seconds"] for h in heads["heads"]},

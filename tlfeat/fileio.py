@@ -1,10 +1,13 @@
-"""Small file utilities shared by every stage: atomic writes, hashing, one-line error details."""
+"""Small file utilities shared by every stage: atomic writes, hashing, checked JSON, one-line error details."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
+
+from tlfeat.errors import TlfeatError
 
 
 def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
@@ -32,3 +35,24 @@ def describe_exception(exc: BaseException, limit: int = 160) -> str:
     lines = str(exc).splitlines()
     detail = lines[0][:limit] if lines else "no detail"
     return f"{exc.__class__.__name__}: {detail}"
+
+
+def read_json_object(path: str | Path) -> dict:
+    """A JSON file holding an object; anything else is a one-line error naming the file."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise TlfeatError(f"{path}: unreadable ({exc.__class__.__name__})") from None
+    if not isinstance(value, dict):
+        raise TlfeatError(f"{path}: not a JSON object")
+    return value
+
+
+def check_format(path: str | Path, document: dict, name: str, version: int, what: str, remedy: str) -> None:
+    """Refuse a document that is not tlfeat's `name` format at `version` (what: e.g. "tlfeat head metadata")."""
+    if document.get("format") != name:
+        raise TlfeatError(f"{path}: not {what} (no format {name!r})")
+    if document.get("format_version") != version:
+        raise TlfeatError(
+            f"{path}: format version {document.get('format_version')!r}, this tlfeat reads version {version}; {remedy}"
+        )

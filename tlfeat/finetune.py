@@ -34,7 +34,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
-import json
 import math
 import os
 import shutil
@@ -52,7 +51,7 @@ from tlfeat.cache import OutputLock
 from tlfeat.dataset import DEFAULT_RATIOS, SPLIT_DIRS, DatasetScan, scan_dataset
 from tlfeat.decode import DecodeError, decode_image, default_workers, iter_batches
 from tlfeat.errors import TlfeatError
-from tlfeat.fileio import atomic_write_bytes, describe_exception
+from tlfeat.fileio import atomic_write_bytes, check_format, describe_exception, read_json_object
 from tlfeat.reports import plot_confusion, split_metrics, write_csv, write_json
 
 RUN_FORMAT = "tlfeat-finetune"
@@ -234,21 +233,11 @@ def _find_resumable(prefix: str) -> Path:
     """The newest unfinished run named runs/<prefix>*."""
     candidates = [
         p for p in sorted(RUNS_DIR.glob(prefix + "*"))
-        if (p / STATE_NAME).is_file() and not _read_json(p / STATE_NAME).get("finished")
+        if (p / STATE_NAME).is_file() and not read_json_object(p / STATE_NAME).get("finished")
     ]
     if not candidates:
         raise TlfeatError(f"--resume: no unfinished run {RUNS_DIR / prefix}* to continue; pass --out RUN_DIR")
     return candidates[-1]
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise TlfeatError(f"{path}: unreadable ({exc.__class__.__name__})") from None
-    if not isinstance(value, dict):
-        raise TlfeatError(f"{path}: not a JSON object")
-    return value
 
 
 def _param_count(weights: Sequence[Any]) -> int:
@@ -423,7 +412,7 @@ def _open_run(out: Path | None, resume: bool, config: dict, scan: DatasetScan, l
 
     if not (out / STATE_NAME).is_file():
         raise TlfeatError(f"{out}: not a fine-tune run to resume (no {STATE_NAME})")
-    saved = _read_json(out / STATE_NAME)
+    saved = read_json_object(out / STATE_NAME)
     if saved.get("format") != RUN_FORMAT + "-state" or not isinstance(saved.get("config"), dict):
         raise TlfeatError(f"{out / STATE_NAME}: not a tlfeat fine-tune state file")
     old = saved.pop("config")
@@ -827,14 +816,8 @@ def read_run_summary(path: Path) -> dict:
     _, summary_path = _run_files(path)
     if not summary_path.is_file():
         raise TlfeatError(f"{path}: no {SUMMARY_NAME}; not a finished fine-tune run")
-    summary = _read_json(summary_path)
-    if summary.get("format") != RUN_FORMAT:
-        raise TlfeatError(f"{summary_path}: not a tlfeat fine-tune summary (no format {RUN_FORMAT!r})")
-    if summary.get("format_version") != RUN_FORMAT_VERSION:
-        raise TlfeatError(
-            f"{summary_path}: run format version {summary.get('format_version')!r}, "
-            f"this tlfeat reads version {RUN_FORMAT_VERSION}"
-        )
+    summary = read_json_object(summary_path)
+    check_format(summary_path, summary, RUN_FORMAT, RUN_FORMAT_VERSION, "a tlfeat fine-tune summary", "rerun it")
     return summary
 
 

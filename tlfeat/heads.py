@@ -35,7 +35,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from tlfeat.errors import TlfeatError
-from tlfeat.fileio import atomic_write_bytes, describe_exception, sha256_file
+from tlfeat.fileio import atomic_write_bytes, check_format, describe_exception, read_json_object, sha256_file
 
 MODEL_FORMAT = "tlfeat-head"
 MODEL_FORMAT_VERSION = 1
@@ -319,17 +319,8 @@ def read_metadata(model_path: Path) -> dict:
         raise TlfeatError(
             f"{model_path}: no metadata {meta_path.name} beside it; only heads written by fit-head are loaded"
         )
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise TlfeatError(f"{meta_path}: unreadable metadata ({exc.__class__.__name__})") from None
-    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
-        raise TlfeatError(f"{meta_path}: not tlfeat head metadata (no format {MODEL_FORMAT!r})")
-    if meta.get("format_version") != MODEL_FORMAT_VERSION:
-        raise TlfeatError(
-            f"{meta_path}: head format version {meta.get('format_version')!r}, "
-            f"this tlfeat reads version {MODEL_FORMAT_VERSION}; refit the head"
-        )
+    meta = read_json_object(meta_path)
+    check_format(meta_path, meta, MODEL_FORMAT, MODEL_FORMAT_VERSION, "tlfeat head metadata", "refit the head")
     return meta
 
 
