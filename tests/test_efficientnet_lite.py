@@ -6,7 +6,6 @@ import hashlib
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -138,16 +137,17 @@ def _all_weights(model: object) -> list[np.ndarray]:
 
 def test_conversion_is_cached_and_a_corrupt_cache_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TLFEAT_HOME", str(tmp_path))
-    start = time.perf_counter()
     first = build_efficientnet_lite0(include_top=True, weights="imagenet")
-    converting = time.perf_counter() - start
     cached = list((tmp_path / "weights").iterdir())
     assert len(cached) == 1 and cached[0].suffix == ".h5"
 
-    start = time.perf_counter()
-    second = build_efficientnet_lite0(include_top=True, weights="imagenet")
-    loading = time.perf_counter() - start
-    assert loading < 2.0, f"cached load took {loading:.2f}s (conversion {converting:.2f}s)"
+    def no_conversion(state_dict: object) -> None:
+        raise AssertionError("converted again although the cache is valid")
+
+    # The second build must come from the cache (its load time is measured in bench/lite0_load.py).
+    with monkeypatch.context() as patch:
+        patch.setattr(efficientnet_lite, "convert_state_dict", no_conversion)
+        second = build_efficientnet_lite0(include_top=True, weights="imagenet")
     for a, b in zip(_all_weights(first), _all_weights(second), strict=True):
         np.testing.assert_array_equal(a, b)
 

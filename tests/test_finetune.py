@@ -107,6 +107,36 @@ def test_stages_train_the_right_layers_and_never_touch_batchnorm_statistics(
     assert result.summary["augment"] is True and result.summary["augmentation"]
 
 
+def test_stage_2_starts_from_the_best_stage_1_epoch(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    head_kernels = []  # head weights after each epoch, then at the moment stage 2 unfreezes the base
+    original_record, original_unfreeze = ft._Run.record_epoch, ft.set_unfrozen_top
+
+    def scripted_val_accuracy(self: object, model: object, stage: int, epoch: int, logs: dict, s: float) -> bool:
+        head_kernels.append(array(model.get_layer("head_dense").kernel))
+        if stage == 1:  # stage 1's epoch 2 is its best by far, epoch 3 its last
+            logs = {**logs, "val_accuracy": 0.9 if epoch == 2 else 0.1}
+        return original_record(self, model, stage, epoch, logs, s)
+
+    def spy_unfreeze(model: object, k: int) -> None:
+        if k:
+            head_kernels.append(array(model.get_layer("head_dense").kernel))
+        original_unfreeze(model, k)
+
+    monkeypatch.setattr(ft._Run, "record_epoch", scripted_val_accuracy)
+    monkeypatch.setattr(ft, "set_unfrozen_top", spy_unfreeze)
+    lines: list[str] = []
+    ft.finetune(
+        tiny_dataset, backbone="vgg16", weights="none", epochs1=3, epochs2=1, unfreeze_top=2, image_size=32,
+        batch_size=4, patience=0, out=tmp_path / "run", progress=False, log=lines.append,
+    )
+    after_epoch_2, after_epoch_3, stage_2_start = head_kernels[1], head_kernels[2], head_kernels[3]
+    assert not np.array_equal(after_epoch_2, after_epoch_3)
+    np.testing.assert_array_equal(stage_2_start, after_epoch_2)
+    assert "stage 2 starts from stage 1's best epoch 2 (val acc 0.900" in "\n".join(lines)
+
+
 def test_run_writes_every_output_skips_unreadable_images_and_predicts(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "tiny")
     (data / "class_0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")

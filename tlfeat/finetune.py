@@ -1,9 +1,9 @@
 """Fine-tuning: a backbone plus the study's head, trained end to end in two stages, resumable.
 
 Stage 1 trains the head (Dense(128) -> Dropout(0.3) -> softmax) on the frozen
-base; stage 2 unfreezes the top k layers of the base (``base.layers`` counted
-from the end, as the study did: 146 of ResNet101's, 10 of VGG16's) and goes on
-at a lower learning rate. Images come from the same scan and split as extract,
+base; stage 2 starts from stage 1's best epoch, unfreezes the top k layers of
+the base (``base.layers`` counted from the end, as the study did: 146 of
+ResNet101's, 10 of VGG16's) and goes on at a lower learning rate. Images come from the same scan and split as extract,
 decoded and preprocessed exactly as extract does, by a threaded
 `keras.utils.PyDataset`, so no tf.data is needed and any Keras backend works.
 
@@ -652,6 +652,8 @@ def _train(
             continue
         # A resumed stage keeps the checkpoint's trainable layers and compiled optimizer (with its state).
         if stage_state["epochs_run"] == 0:
+            if stage == 2:
+                _restore_best_of_stage_1(run, model)
             set_unfrozen_top(model, unfrozen)
             _compile(model, lr, jit_compile)
             stage_state.update(
@@ -676,6 +678,24 @@ def _train(
             shuffle=False,  # ImageBatches shuffles, seeded; Keras' own shuffle would not be
             callbacks=[recorder(run, stage, train_data)], verbose=1 if progress else 0,
         )
+
+
+def _restore_best_of_stage_1(run: _Run, model: Any) -> None:
+    """Start stage 2 from stage 1's best epoch: later stage-1 epochs only overfit the head (early stopping lets
+    them run `patience` epochs past the best), and fine-tuning the base on top of that starts from a worse point."""
+    import keras
+
+    best = run.state.get("best")
+    last = run.state["history"][-1] if run.state["history"] else None
+    if not best or best["stage"] != 1 or last is None or last["global_epoch"] == best["global_epoch"]:
+        return
+    _keras_parts()  # registers InferenceMode for loading
+    best_model = keras.saving.load_model(run.checkpoints / best["file"], compile=False)
+    model.set_weights(best_model.get_weights())
+    run.log(
+        f"stage 2 starts from stage 1's best epoch {best['epoch']} (val acc {best['val_accuracy']:.3f}, "
+        f"val loss {best['val_loss']:.4f}), not its last ({last['epoch']})"
+    )
 
 
 def _finish(run: _Run, scan: DatasetScan, spec: Backbone, on_gpu: bool, jit_compile: Any) -> dict:
