@@ -97,7 +97,8 @@ def _extract_args(data: Path, out: Path) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    # PYTHONPATH: the killer script lives in a temp folder, and must import this checkout's tlfeat installed or not.
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
 
 
 def _assert_cache_opens_cleanly(out: Path) -> None:
