@@ -1,21 +1,24 @@
 """Extraction throughput and memory: tlfeat extract vs the plain Keras way, in one run.
 
 Usage:
-    python bench/extract_throughput.py [--backbones resnet101 vgg16] [--images 256]
-        [--memory-backbone efficientnet_lite0] [--memory-sizes 500 2000] [--json OUT]
+    python bench/extract_throughput.py [--backbones resnet101 vgg16] [--images 256] [--repeats 3]
+        [--memory-backbone efficientnet_lite0] [--memory-sizes 500 2000] [--scene15 DIR]
+        [--no-baseline] [--warm] [--json OUT]
 
 For each backbone, the same N Scene15 images (random weights, so no download)
-go through:
+go through, each run in its own subprocess, --repeats times in turn:
   * baseline: keras.utils.image_dataset_from_directory + model.predict, the
-    backbone's keras preprocess_input mapped over the dataset (needs TensorFlow);
+    backbone's keras preprocess_input mapped over the dataset (needs TensorFlow;
+    --no-baseline leaves it out, e.g. on a GPU machine without TensorFlow);
   * tlfeat: tlfeat.extract.extract into a fresh cache;
-  * ceiling: model.predict alone over the same images already decoded into one
-    numpy array, after a warm-up batch: what the backbone computes per second
-    with no decoding, tracing or writing at all. No pipeline can beat it; it
-    tells a compute-bound backbone (where the plain way is already close to it)
-    from a pipeline problem.
-Each side runs in its own subprocess and is timed from just after the model is
-built to the last feature (tracing/compiling included for baseline and tlfeat).
+  * compute alone: tlfeat's own extractor (same batch size and precision) over
+    the same images already decoded into memory, after a warm-up batch: what the
+    backbone computes per second with no decoding, tracing or writing. No
+    pipeline beats it by much; where tlfeat is close to it the backbone is
+    compute-bound, and only faster arithmetic would go faster.
+Baseline and tlfeat are timed from just after the model is built to the last
+feature (tracing included). Medians over the repeats are reported, with the
+range: on a shared VM one process can run at half the speed of the next.
 Peak memory (max RSS of the whole process) of tlfeat extract is measured for
 each --memory-sizes N, to show it does not grow with the dataset.
 """
@@ -26,10 +29,13 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import shutil
 import tempfile
+import sys
 import time
 from pathlib import Path
+from statistics import median
 
 from isolated import run_isolated
 
@@ -37,12 +43,15 @@ REPO = Path(__file__).resolve().parents[1]
 SCENE15 = (REPO / ".." / "shared" / "data" / "scene15").resolve()
 
 
-def make_subset(n: int, dest: Path) -> Path:
+def make_subset(scene15: Path, n: int, dest: Path) -> Path:
     """The first n Scene15 images (train, then test), class-balanced, copied into a flat class-per-folder temp tree."""
     per_class: dict[str, list[Path]] = {}
     for split in ("train", "test"):
-        for class_dir in sorted((SCENE15 / split).iterdir()):
+        if not (scene15 / split).is_dir():  # e.g. only train/ was taken along to another machine
+            continue
+        for class_dir in sorted((scene15 / split).iterdir()):
             per_class.setdefault(class_dir.name, []).extend(sorted(class_dir.iterdir()))
+    n = min(n, sum(len(files) for files in per_class.values()))
     chosen, i = [], 0
     while len(chosen) < n:
         for files in per_class.values():
@@ -78,38 +87,58 @@ def _child_baseline(data: str, backbone: str) -> dict:
 def _child_ceiling(data: str, backbone: str) -> dict:
     import numpy as np
 
-    from tlfeat.backbones import build_model, get_backbone
+    from tlfeat.backbones import get_backbone
     from tlfeat.dataset import scan_dataset
     from tlfeat.decode import iter_batches
+    from tlfeat.extract import get_extractor
 
     spec = get_backbone(backbone)
-    model = build_model(spec, "none")
+    extractor = get_extractor(spec, "none", spec.input_size, None)
     scan = scan_dataset(Path(data))
     files = [scan.root / entry.relpath for entry in scan.entries]
-    images = np.concatenate([b.images for b in iter_batches(files, spec.input_size, spec.preprocess, 32)])
-    model.predict(images[:32], batch_size=32, verbose=0)
+    batches = [b.images for b in iter_batches(files, spec.input_size, spec.preprocess, extractor.batch_size)]
+    extractor(batches[0])  # warm-up: tracing is not compute
     start = time.perf_counter()
-    model.predict(images, batch_size=32, verbose=0)
-    return {"images": len(images), "seconds": time.perf_counter() - start}
+    n = sum(len(extractor(images)) for images in batches)
+    return {"images": n, "seconds": time.perf_counter() - start, "compute": extractor.compute,
+            "batch_size": extractor.batch_size, "finite": bool(np.isfinite(extractor(batches[0])).all())}
 
 
-def _child_tlfeat(data: str, backbone: str, out: str, weights: str) -> dict:
+def _child_tlfeat(data: str, backbone: str, out: str, weights: str, warm: str = "") -> dict:
+    import numpy as np
+
     from tlfeat.backbones import get_backbone
     from tlfeat.extract import extract, get_extractor
 
     spec = get_backbone(backbone)
-    get_extractor(spec, weights, spec.input_size, None)  # build outside the timed part, as the baseline does
+    extractor = get_extractor(spec, weights, spec.input_size, None)  # built outside the clock, as the baseline's
+    if warm:  # compile outside the clock too: the steady rate, which a large dataset approaches
+        extractor(np.zeros((1, spec.input_size, spec.input_size, 3), dtype=np.float32))
     start = time.perf_counter()
     summary = extract(Path(data), Path(out), backbone=backbone, weights=weights, progress=False)
     return {"images": summary.n_images, "seconds": time.perf_counter() - start}
+
+
+def _rate(result: dict) -> float:
+    return result["images"] / result["seconds"]
+
+
+def _spread(rates: list[float]) -> str:
+    return f"{median(rates):.2f}" + (f" ({min(rates):.2f}-{max(rates):.2f})" if len(rates) > 1 else "")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", nargs="*", default=["resnet101", "vgg16"])
     parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each side, in turn; medians reported")
     parser.add_argument("--memory-backbone", default="efficientnet_lite0")
     parser.add_argument("--memory-sizes", nargs="*", type=int, default=[500, 2000])
+    parser.add_argument("--scene15", type=Path, default=SCENE15, help="Scene15 folder (train/ and test/)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the plain Keras way (it needs TensorFlow)")
+    parser.add_argument("--warm", action="store_true",
+                        help="compile tlfeat's model before its clock starts (on a GPU, XLA compilation can "
+                             "take longer than a small set's extraction)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -121,43 +150,50 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    if not SCENE15.is_dir():
-        raise SystemExit(f"Scene15 not found at {SCENE15}")
-    report: dict = {"cpu_count": os.cpu_count(), "throughput": [], "memory": []}
+    if not args.scene15.is_dir():
+        raise SystemExit(f"Scene15 not found at {args.scene15}")
+    command = shlex.join(["python", "bench/extract_throughput.py", *sys.argv[1:]])
+    report: dict = {"command": command, "cpu_count": os.cpu_count(), "throughput": [], "memory": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        data = make_subset(args.images, tmp_path / "subset")
+        data = make_subset(args.scene15, args.images, tmp_path / "subset")
         for backbone in args.backbones:
-            base = run_isolated(__file__, "baseline", str(data), backbone)
-            ours = run_isolated(__file__, "tlfeat", str(data), backbone, str(tmp_path / f"{backbone}.h5"), "none")
-            ceiling = run_isolated(__file__, "ceiling", str(data), backbone)
-            row = {
-                "backbone": backbone,
-                "images": ours["images"],
-                "keras_images_per_s": base["images"] / base["seconds"],
-                "tlfeat_images_per_s": ours["images"] / ours["seconds"],
-                "ceiling_images_per_s": ceiling["images"] / ceiling["seconds"],
-            }
-            row["ratio"] = row["tlfeat_images_per_s"] / row["keras_images_per_s"]
+            runs: dict[str, list[dict]] = {"baseline": [], "tlfeat": [], "ceiling": []}
+            for _ in range(args.repeats):
+                if not args.no_baseline:
+                    runs["baseline"].append(run_isolated(__file__, "baseline", str(data), backbone))
+                out = tmp_path / f"{backbone}.h5"
+                out.unlink(missing_ok=True)
+                runs["tlfeat"].append(
+                    run_isolated(__file__, "tlfeat", str(data), backbone, str(out), "none", "warm" if args.warm else "")
+                )
+                runs["ceiling"].append(run_isolated(__file__, "ceiling", str(data), backbone))
+            rates = {side: [_rate(r) for r in results] for side, results in runs.items()}
+            row = {"backbone": backbone, "images": runs["tlfeat"][0]["images"],
+                   "compute": runs["ceiling"][0]["compute"], "batch_size": runs["ceiling"][0]["batch_size"],
+                   "images_per_s": rates}
+            ours, alone = median(rates["tlfeat"]), median(rates["ceiling"])
+            line = f"{backbone}: tlfeat {_spread(rates['tlfeat'])} img/s; compute alone {_spread(rates['ceiling'])}"
+            line += f" (tlfeat at {ours / alone:.0%} of it)"
+            if rates["baseline"]:
+                row["ratio"] = ours / median(rates["baseline"])
+                line += f"; plain Keras {_spread(rates['baseline'])} img/s; tlfeat / plain {row['ratio']:.2f}x"
             report["throughput"].append(row)
-            print(f"{backbone}: plain Keras {row['keras_images_per_s']:.2f} img/s, "
-                  f"tlfeat {row['tlfeat_images_per_s']:.2f} img/s, ratio {row['ratio']:.2f}x; "
-                  f"forward pass alone {row['ceiling_images_per_s']:.2f} img/s "
-                  f"(plain {row['keras_images_per_s'] / row['ceiling_images_per_s']:.0%} of it, "
-                  f"tlfeat {row['tlfeat_images_per_s'] / row['ceiling_images_per_s']:.0%})", flush=True)
+            print(line, flush=True)
         for n in args.memory_sizes:
-            subset = make_subset(n, tmp_path / f"mem{n}")
+            subset = make_subset(args.scene15, n, tmp_path / f"mem{n}")
             ours = run_isolated(
                 __file__, "tlfeat", str(subset), args.memory_backbone, str(tmp_path / f"mem{n}.h5"), "imagenet"
             )
             report["memory"].append({"backbone": args.memory_backbone, "images": n,
-                                     "max_rss_mb": ours["max_rss_mb"], "images_per_s": n / ours["seconds"]})
+                                     "max_rss_mb": ours["max_rss_mb"], "images_per_s": _rate(ours)})
             print(f"{args.memory_backbone} on {n} images: peak RSS {ours['max_rss_mb']:.0f} MB, "
-                  f"{n / ours['seconds']:.1f} img/s", flush=True)
+                  f"{_rate(ours):.1f} img/s", flush=True)
     if len(report["memory"]) > 1:
         first, last = report["memory"][0], report["memory"][-1]
         print(f"peak memory ratio {last['images']} vs {first['images']} images: "
               f"{last['max_rss_mb'] / first['max_rss_mb']:.2f}x")
+    print(f"{os.cpu_count()} CPUs; command: {command}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

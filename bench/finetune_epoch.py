@@ -3,7 +3,8 @@
 Usage:
     python bench/finetune_epoch.py [--backbone efficientnet_lite0] [--weights imagenet]
         [--image-size 224] [--classes 4] [--images 240] [--epochs 5] [--stages 1 2]
-        [--unfreeze-top K] [--batch-size 32] [--seed 0] [--plain-inputs arrays pydataset] [--json OUT]
+        [--unfreeze-top K] [--batch-size 32] [--seed 0] [--plain-inputs arrays pydataset] [--scene15 DIR]
+        [--json OUT]
 
 Data: the first --classes Scene15 class folders, --images training images in
 all (an equal share per class), copied into a flat temp dataset and split
@@ -72,9 +73,9 @@ STAGE_START = re.compile(r"stage (\d): ")  # logged just before a stage's model.
 EPOCH_END = re.compile(r"stage (\d) epoch (\d+)/")  # logged after an epoch's checkpoint and state are written
 
 
-def make_subset(classes: int, images: int, dest: Path) -> Path:
+def make_subset(scene15: Path, classes: int, images: int, dest: Path) -> Path:
     """`images` Scene15 training images, equally from the first `classes` classes, copied into a flat tree."""
-    class_dirs = sorted(p for p in (SCENE15 / "train").iterdir() if p.is_dir())[:classes]
+    class_dirs = sorted(p for p in (scene15 / "train").iterdir() if p.is_dir())[:classes]
     for class_dir in class_dirs:
         for path in sorted(class_dir.iterdir())[: images // len(class_dirs)]:
             target = dest / class_dir.name / path.name
@@ -187,6 +188,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plain-inputs", nargs="+", choices=tuple(PLAIN_INPUTS), default=list(PLAIN_INPUTS),
                         help="how the plain side is fed (each its own run)")
+    parser.add_argument("--scene15", type=Path, default=SCENE15, help="Scene15 folder (its train/ is used)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -202,8 +204,8 @@ def main() -> None:
 
     if args.epochs < 2:
         raise SystemExit("--epochs must be 2 or more: the first epoch of a stage (tracing) is not timed")
-    if not SCENE15.is_dir():
-        raise SystemExit(f"Scene15 not found at {SCENE15}")
+    if not (args.scene15 / "train").is_dir():
+        raise SystemExit(f"Scene15 not found at {args.scene15}")
     spec = get_backbone(args.backbone)
     k = args.unfreeze_top if args.unfreeze_top is not None else DEFAULT_UNFREEZE_TOP.get(spec.name)
     if k is None:
@@ -215,7 +217,7 @@ def main() -> None:
         "batch_size": args.batch_size, "seed": args.seed,
     }
     with tempfile.TemporaryDirectory() as tmp:
-        config["data"] = str(make_subset(args.classes, args.images, Path(tmp) / "scene15-subset"))
+        config["data"] = str(make_subset(args.scene15, args.classes, args.images, Path(tmp) / "scene15-subset"))
         plain = {
             name: run_isolated(__file__, "plain", json.dumps({**config, "input": name})) for name in args.plain_inputs
         }
