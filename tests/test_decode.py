@@ -26,6 +26,20 @@ def test_every_mode_becomes_8bit_rgb(tmp_path: Path, mode: str, ext: str) -> Non
     assert pixels.shape == (16, 16, 3) and pixels.dtype == np.uint8
 
 
+def test_grey_images_resized_in_one_channel_equal_resizing_them_as_rgb(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    grey = Image.fromarray(rng.integers(0, 256, (97, 131), dtype=np.uint8), mode="L")
+    files = [_save(grey, tmp_path / "noise.png"), _save(grey, tmp_path / "noise.jpg", quality=90)]
+    scene15 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "scene15" / "train"
+    if scene15.is_dir():  # real grey JPEGs of odd sizes too, where the dataset is here
+        files += sorted(scene15.glob("*/*.jpg"))[::150]
+    for path in files:
+        with Image.open(path) as img:
+            assert img.mode == "L"
+            expected = np.asarray(img.convert("RGB").resize((57, 57), Image.BILINEAR))
+        np.testing.assert_array_equal(decode_image(path, 57), expected, err_msg=str(path))
+
+
 def test_sixteen_bit_grey_is_rescaled_not_clipped(tmp_path: Path) -> None:
     ramp = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
     path = _save(Image.fromarray(ramp), tmp_path / "deep.png")

@@ -33,19 +33,23 @@ class DecodeError(Exception):
     """A file that cannot become an image; the message is the one-line reason."""
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB: 16-bit and float greys rescaled, alpha composited on white."""
+def to_8bit(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit "L" (grey sources) or "RGB": 16-bit and float greys rescaled, alpha on white.
+
+    Grey stays one channel so that resizing costs a third; `decode_image` repeats it into RGB afterwards,
+    which gives the same pixels as converting to RGB first (the resize filter works per channel).
+    """
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         values = np.asarray(img, dtype=np.float32)
         # 16-bit PNGs open as I;16 or I; scale by the real range so 12-bit scans survive too.
         top = 65535.0 if img.mode.startswith("I;16") or values.max() > 255 else 255.0
         grey = np.clip(values * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, mode="L").convert("RGB")
+        return Image.fromarray(grey, mode="L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if img.mode != "RGB":
+    if img.mode not in ("L", "RGB"):
         return img.convert("RGB")
     return img
 
@@ -64,9 +68,8 @@ def decode_image(path: str | Path, size: int) -> np.ndarray:
                 raise DecodeError(f"image too large ({width}x{height} pixels, limit {MAX_PIXELS})")
             img.load()  # first frame only for animations
             img = ImageOps.exif_transpose(img)
-            rgb = to_rgb(img)
-            resized = rgb.resize((size, size), Image.BILINEAR)
-            return np.asarray(resized, dtype=np.uint8)
+            pixels = np.asarray(to_8bit(img).resize((size, size), Image.BILINEAR), dtype=np.uint8)
+            return np.repeat(pixels[:, :, None], 3, axis=2) if pixels.ndim == 2 else pixels
     except DecodeError:
         raise
     except UnidentifiedImageError:
