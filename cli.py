@@ -138,11 +138,23 @@ def fit_head(
     search: bool = typer.Option(False, "--search", help="Choose on the val split: C (logreg, linear-svm), k (knn), alpha (mlp), epochs (report)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder. Default: heads/<cache stem(s)>/ beside the first cache."),
     seed: int = typer.Option(0, "--seed", help="Seed of the heads' own randomness (initialisation, shuffling)."),
+    streaming: bool = typer.Option(False, "--streaming", help="For caches larger than memory: logreg or linear-svm by SGD over chunks of rows (one cache, no --search)."),
+    chunk_rows: int = typer.Option(4096, "--chunk-rows", help="With --streaming: rows read at a time (bounds memory)."),
+    passes: int = typer.Option(10, "--passes", help="With --streaming: passes over the train rows, chunks shuffled each pass."),
 ) -> None:
     """Fit classification heads on cached features: fit on train, select on val, score train/val/test."""
-    from tlfeat.fit import fit_heads
+    if streaming:
+        from tlfeat.streaming import fit_streaming
 
-    _echo_fit_summary(fit_heads(caches, head=head, search=search, out=out, seed=seed, on_result=_echo_head))
+        if len(caches) != 1 or search:
+            raise TlfeatError("--streaming fits one cache, without --search")
+        summary = fit_streaming(caches[0], head=head, out=out, chunk_rows=chunk_rows, passes=passes, seed=seed)
+        _echo_head(summary.results[0])
+    else:
+        from tlfeat.fit import fit_heads
+
+        summary = fit_heads(caches, head=head, search=search, out=out, seed=seed, on_result=_echo_head)
+    _echo_fit_summary(summary)
 
 
 @app.command()

@@ -34,6 +34,7 @@ import glob
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -178,6 +179,25 @@ def load(path: str | Path, split: str | None = None) -> CacheData:
             attrs=_decode_attrs(handle),
         )
     return data
+
+
+@contextmanager
+def open_rows(path: str | Path) -> Iterator[tuple[CacheData, h5py.Dataset]]:
+    """A cache's rows without their features, and its open `features` dataset to read in chunks.
+
+    For caches larger than memory: the returned CacheData holds labels, paths, split,
+    class names and attributes, and an empty (0, D) features array.
+    """
+    with _open_for_read(Path(path)) as handle:
+        features = handle["features"]
+        yield CacheData(
+            features=np.empty((0, features.shape[1]), dtype=np.float32),
+            labels=np.asarray(handle["labels"][...], dtype=np.int64),
+            paths=_strings(handle["paths"]),
+            split=_strings(handle["split"]),
+            class_names=list(_strings(handle["class_names"])),
+            attrs=_decode_attrs(handle),
+        ), features
 
 
 def read_rows(path: str | Path) -> tuple[CacheKey, Rows]:

@@ -71,7 +71,7 @@ def head_trainable_params(head: str, feature_dim: int, n_classes: int) -> int | 
     # scikit-learn fits one output for two classes (logistic, SVM, MLP); the Keras head keeps a C-way softmax.
     outputs = n_classes if n_classes > 2 else 1
     linear = d * outputs + outputs
-    if head == "logreg":
+    if head in ("logreg", "logreg-streaming", "linear-svm-streaming"):  # the streaming heads: one SGD linear model
         return linear
     if head == "linear-svm":
         return SVM_CALIBRATION_FOLDS * (linear + 2 * outputs)

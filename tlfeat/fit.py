@@ -70,7 +70,8 @@ class HeadResult:
 @dataclass
 class FitSummary:
     out: Path
-    features: Features
+    sources: list[dict]  # the caches fitted on, as recorded in each model's metadata
+    split_counts: dict[str, int]
     results: list[HeadResult] = field(default_factory=list)
     table: str = ""  # markdown, sorted by val accuracy when there is a val split
     table_files: tuple[Path, Path] | None = None  # (summary.md, summary.csv)
@@ -89,14 +90,19 @@ def default_out(caches: Sequence[Path]) -> Path:
     return first.parent / "heads" / "+".join(Path(c).stem for c in caches)
 
 
-def _source(path: Path, data: CacheData) -> dict:
+def source_record(path: Path, attrs: dict, n_rows: int, feature_dim: int) -> dict:
+    """What a model records about one cache it was fitted on."""
     return {
         "path": str(Path(path).resolve()),
         "file": Path(path).name,
-        "n_rows": len(data),
-        **{name: data.attrs.get(name) for name in SOURCE_ATTRS},
-        "feature_dim": int(data.features.shape[1]),
+        "n_rows": n_rows,
+        **{name: attrs.get(name) for name in SOURCE_ATTRS},
+        "feature_dim": feature_dim,
     }
+
+
+def _source(path: Path, data: CacheData) -> dict:
+    return source_record(path, data.attrs, len(data), int(data.features.shape[1]))
 
 
 def _check_rows(path: Path, data: CacheData) -> None:
@@ -325,22 +331,29 @@ def fit_heads(
         raise TlfeatError(f"{out}: exists and is not a folder; --out needs a folder")
     out.mkdir(parents=True, exist_ok=True)
 
-    summary = FitSummary(out, features)
+    results = []
     for name in names:
         result = _fit_head(name, features, search, seed, out)
-        summary.results.append(result)
+        results.append(result)
         if on_result is not None:
             on_result(result)
+    return write_summary(out, results, features.sources, features.split_counts(), seed, search)
 
-    splits = list(features.split_counts())
-    ranked = sorted(summary.results, key=lambda r: -r.scores["val"]["accuracy"]) if "val" in splits else summary.results
+
+def write_summary(
+    out: Path, results: list[HeadResult], sources: list[dict], split_counts: dict[str, int], seed: int, search: bool
+) -> FitSummary:
+    """The run's comparison table (sorted by val accuracy when there is val) as summary.md and summary.csv."""
+    summary = FitSummary(out, sources, split_counts, results)
+    splits = list(split_counts)
+    ranked = sorted(results, key=lambda r: -r.scores["val"]["accuracy"]) if "val" in splits else results
     headers, rows = results_table(ranked, splits)
     summary.table = markdown_table(headers, rows)
     summary.table_files = (out / "summary.md", out / "summary.csv")
-    sources = ", ".join(f"{s['file']} ({s['backbone']}, {s['feature_dim']}-d)" for s in features.sources)
-    counts = ", ".join(f"{k} {v}" for k, v in features.split_counts().items())
+    described = ", ".join(f"{s['file']} ({s['backbone']}, {s['feature_dim']}-d)" for s in sources)
+    counts = ", ".join(f"{k} {v}" for k, v in split_counts.items())
     searched = ", hyperparameters searched on val" if search else ""
-    heading = f"# Heads on {sources}\n\nRows: {counts}. Seed {seed}{searched}.\n\n"
+    heading = f"# Heads on {described}\n\nRows: {counts}. Seed {seed}{searched}.\n\n"
     atomic_write_bytes(summary.table_files[0], (heading + summary.table).encode())
     write_csv(summary.table_files[1], headers, rows)
     return summary

@@ -1,0 +1,98 @@
+"""fit-head --streaming: SGD over chunks of a cache, close to the in-memory fit, memory bounded by the chunk."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from test_compare import fitted_parameters
+from test_fit_head import assert_one_line_error
+from test_heads import write_synthetic_cache
+from tlfeat.cache import load
+from tlfeat.compare import head_trainable_params
+from tlfeat.fit import fit_heads
+from tlfeat.heads import load_head
+from tlfeat.streaming import fit_streaming
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("head", ["logreg", "linear-svm"])
+def test_streaming_fit_over_many_chunks_is_close_to_the_in_memory_fit(tmp_path: Path, head: str) -> None:
+    cache = write_synthetic_cache(tmp_path / "c.h5", n_per_class=300, n_classes=4, dim=32, seed=3)
+    in_memory = fit_heads([cache], head=head, out=tmp_path / "memory").results[0].scores
+    streamed = fit_streaming(cache, head=head, out=tmp_path / "stream", chunk_rows=40, passes=5).results[0]
+    assert streamed.head == f"{head}-streaming" and streamed.params["chunk_rows"] == 40
+    assert streamed.scores["test"]["n"] == in_memory["test"]["n"] == 300
+    assert streamed.scores["test"]["accuracy"] >= in_memory["test"]["accuracy"] - 0.03
+    assert streamed.scores["test"]["accuracy"] > 0.9  # and both are well above chance (0.25)
+
+
+def test_streaming_memory_stays_near_the_chunk_not_the_cache(tmp_path: Path) -> None:
+    rows, dim = 16000, 512
+    cache = write_synthetic_cache(tmp_path / "big.h5", n_per_class=rows // 4, n_classes=4, dim=dim)
+    matrix_mb = rows * dim * 4 / 2**20  # 31 MB of float32 features
+
+    tracemalloc.start()
+    load(cache)
+    whole = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+
+    # One-time costs (imports of the plotting stack, font caches) are not memory that grows with the data.
+    fit_streaming(write_synthetic_cache(tmp_path / "warm-up.h5"), out=tmp_path / "warm-up", chunk_rows=256)
+    tracemalloc.start()
+    fit_streaming(cache, out=tmp_path / "stream", chunk_rows=256, passes=2)
+    streamed = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+
+    assert whole >= matrix_mb  # control: loading the cache holds the whole matrix
+    assert streamed < matrix_mb / 3, f"streaming peaked at {streamed:.1f} MB, the features are {matrix_mb:.1f} MB"
+
+
+def test_streaming_head_is_saved_like_any_other_and_evaluate_agrees(tmp_path: Path) -> None:
+    cache = write_synthetic_cache(tmp_path / "c.h5", n_per_class=60, n_classes=3, dim=16)
+    out = tmp_path / "heads"
+    result = runner.invoke(app, ["fit-head", str(cache), "--head", "linear-svm", "--streaming", "--chunk-rows", "16",
+                                 "--passes", "3", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "linear-svm-streaming" in result.stdout and (out / "summary.md").is_file()
+    model = out / "linear-svm-streaming.joblib"
+    recorded = json.loads(model.with_suffix(".json").read_text())["scores"]
+    scored = runner.invoke(app, ["evaluate", str(model), str(cache), "--json", str(tmp_path / "e.json")])
+    assert scored.exit_code == 0, scored.output
+    for split, metrics in json.loads((tmp_path / "e.json").read_text())["splits"].items():
+        assert metrics["accuracy"] == pytest.approx(recorded[split]["accuracy"])
+    estimator, _ = load_head(model)  # compare's parameter count is the fitted model's
+    assert head_trainable_params("linear-svm-streaming", 16, 3) == fitted_parameters(estimator) == 16 * 3 + 3
+
+
+@pytest.mark.parametrize(
+    "extra, fragments",
+    [
+        (["--head", "knn"], ["--streaming fits logreg or linear-svm", "'knn'"]),
+        (["--search"], ["--streaming fits one cache, without --search"]),
+        (["--chunk-rows", "0"], ["--chunk-rows 0", "at least 1"]),
+    ],
+)
+def test_streaming_refuses_what_it_cannot_do(tmp_path: Path, extra: list[str], fragments: list[str]) -> None:
+    cache = write_synthetic_cache(tmp_path / "c.h5")
+    result = runner.invoke(app, ["fit-head", str(cache), "--streaming", "--out", str(tmp_path / "o"), *extra])
+    assert_one_line_error(result, *fragments)
+
+
+def test_streaming_refuses_two_caches_and_nan_features(tmp_path: Path) -> None:
+    first = write_synthetic_cache(tmp_path / "a.h5")
+    second = write_synthetic_cache(tmp_path / "b.h5", backbone="vgg16")
+    assert_one_line_error(
+        runner.invoke(app, ["fit-head", str(first), str(second), "--streaming"]), "--streaming fits one cache"
+    )
+    features = np.ones((120, 16), dtype=np.float32)
+    features[5, 3] = np.nan
+    broken = write_synthetic_cache(tmp_path / "nan.h5", features=features)
+    assert_one_line_error(runner.invoke(app, ["fit-head", str(broken), "--streaming"]), "nan.h5", "NaN or inf")
