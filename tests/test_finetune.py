@@ -71,7 +71,7 @@ def test_stages_train_the_right_layers_and_never_touch_batchnorm_statistics(
         snapshots.append({
             "stage": stage,
             "trainable_params": sum(int(np.prod(w.shape)) for w in model.trainable_weights),
-            "trainable_layers": {l.name for l in base.layers if any(id(w) in trainable for w in l.weights)},
+            "trainable_layers": {layer.name for layer in base.layers if any(id(w) in trainable for w in layer.weights)},
             "stats": bn_statistics(base),
             "gamma": {name: array(base.get_layer(name).gamma) for name in unfrozen_bn},
             "stem": array(base.get_layer("stem_conv").kernel),
