@@ -29,15 +29,13 @@ import argparse
 import json
 import os
 import resource
-import shlex
 import shutil
 import tempfile
-import sys
 import time
 from pathlib import Path
 from statistics import median
 
-from isolated import run_isolated
+from isolated import bench_command, finish_report, run_isolated
 
 REPO = Path(__file__).resolve().parents[1]
 SCENE15 = (REPO / ".." / "shared" / "data" / "scene15").resolve()
@@ -152,7 +150,7 @@ def main() -> None:
 
     if not args.scene15.is_dir():
         raise SystemExit(f"Scene15 not found at {args.scene15}")
-    command = shlex.join(["python", "bench/extract_throughput.py", *sys.argv[1:]])
+    command = bench_command()
     report: dict = {"command": command, "cpu_count": os.cpu_count(), "throughput": [], "memory": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -193,9 +191,7 @@ def main() -> None:
         first, last = report["memory"][0], report["memory"][-1]
         print(f"peak memory ratio {last['images']} vs {first['images']} images: "
               f"{last['max_rss_mb'] / first['max_rss_mb']:.2f}x")
-    print(f"{os.cpu_count()} CPUs; command: {command}")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+    finish_report(command, report, args.json)
 
 
 if __name__ == "__main__":

@@ -48,9 +48,7 @@ import argparse
 import json
 import os
 import re
-import shlex
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -58,7 +56,7 @@ from statistics import mean
 
 import numpy as np
 
-from isolated import run_isolated
+from isolated import bench_command, finish_report, run_isolated
 
 REPO = Path(__file__).resolve().parents[1]
 SCENE15 = (REPO / ".." / "shared" / "data" / "scene15").resolve()
@@ -210,7 +208,7 @@ def main() -> None:
     k = args.unfreeze_top if args.unfreeze_top is not None else DEFAULT_UNFREEZE_TOP.get(spec.name)
     if k is None:
         raise SystemExit(f"{spec.name}: give --unfreeze-top")
-    command = shlex.join(["python", "bench/finetune_epoch.py", *sys.argv[1:]])
+    command = bench_command()
     config = {
         "backbone": spec.name, "weights": args.weights, "image_size": args.image_size or spec.input_size,
         "epochs": args.epochs, "stages": sorted(set(args.stages)), "unfreeze_top": k,
@@ -246,9 +244,8 @@ def main() -> None:
          "ratio tlfeat/plain", f"<= {TARGET:.2f}x", "1st epoch s plain / tlfeat", "trainable params plain / tlfeat"],
         rows,
     ), end="")
-    print(f"\n{os.cpu_count()} CPUs; command: {command}")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+    print()
+    finish_report(command, report, args.json)
 
 
 if __name__ == "__main__":

@@ -39,8 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -48,7 +46,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from isolated import run_isolated
+from isolated import bench_command, finish_report, run_isolated
 
 REPO = Path(__file__).resolve().parents[1]
 SCENE15 = (REPO / ".." / "shared" / "data" / "scene15").resolve()
@@ -247,7 +245,7 @@ def main() -> None:
 
     from tlfeat.reports import markdown_table
 
-    command = shlex.join(["python", "bench/fit_head.py", *sys.argv[1:]])
+    command = bench_command()
     report: dict = {"command": command, "cpu_count": os.cpu_count()}
     if args.cache is None:
         from tlfeat.extract import default_output
@@ -300,9 +298,7 @@ def main() -> None:
     ]), end="")
     print(f"\nstudy way: warm-up (tracing) {study['warmup_seconds']:.1f} s, left out of its estimate "
           f"(so the ratios are lower bounds); one epoch {study['epoch_seconds']:.1f} s")
-    print(f"{os.cpu_count()} CPUs; command: {command}")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+    finish_report(command, report, args.json)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,18 @@
-"""One measurement per fresh Python process, so none pays for another's imports, caches or memory.
+"""Helpers shared by the bench scripts: one measurement per fresh Python process, and the report's ending.
 
 A bench script calls `run_isolated(__file__, kind, *args)`; the child is the same
 script run with `--child kind args...`, and prints its result as JSON on its last
-stdout line.
+stdout line. So no measurement pays for another's imports, caches or memory.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 
 def run_isolated(script: str, kind: str, *args: str) -> dict:
@@ -21,3 +23,15 @@ def run_isolated(script: str, kind: str, *args: str) -> dict:
     if result.returncode != 0:
         raise SystemExit(f"{kind} child failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def bench_command() -> str:
+    """The command line that is running, as a reader would retype it from the repository root."""
+    return shlex.join(["python", f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+
+
+def finish_report(command: str, report: dict, json_path: Path | None) -> None:
+    """Close a bench's output with the machine and the command, and write the JSON report if asked."""
+    print(f"{os.cpu_count()} CPUs; command: {command}")
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2))

@@ -15,14 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
 from statistics import median
 
-from isolated import run_isolated
+from isolated import bench_command, finish_report, run_isolated
 
 TARGET_S = 2.0
 
@@ -52,15 +50,13 @@ def main() -> None:
         os.environ["TLFEAT_HOME"] = home  # inherited by the children: one fresh conversion cache
         first = run_isolated(__file__, "build")["seconds"]
         cached = [run_isolated(__file__, "build")["seconds"] for _ in range(args.repeats)]
-    command = shlex.join(["python", "bench/lite0_load.py", *sys.argv[1:]])
+    command = bench_command()
     report = {"command": command, "cpu_count": os.cpu_count(), "first_build_s": first, "cached_build_s": cached,
               "ratio_first_to_cached": first / median(cached)}
     print(f"efficientnet_lite0 imagenet: first build (convert + cache) {first:.2f} s; cached builds "
           f"{', '.join(f'{s:.2f}' for s in cached)} s (median {median(cached):.2f} s, target < {TARGET_S:.0f} s); "
           f"first / cached {report['ratio_first_to_cached']:.1f}x")
-    print(f"{os.cpu_count()} CPUs; command: {command}")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+    finish_report(command, report, args.json)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from isolated import run_isolated
+from isolated import bench_command, finish_report, run_isolated
 
 HEADS = ("logreg", "linear-svm")
 
@@ -62,7 +60,7 @@ def main() -> None:
     if args.cache is None:
         raise SystemExit("give --cache CACHE.h5")
 
-    command = shlex.join(["python", "bench/streaming_fit.py", *sys.argv[1:]])
+    command = bench_command()
     report: dict = {"command": command, "cpu_count": os.cpu_count(), "heads": {}}
     print("| head | in memory: s | test acc | peak MB | streaming: s | test acc | peak MB | time ratio |")
     print("|---|---|---|---|---|---|---|---|")
@@ -78,9 +76,8 @@ def main() -> None:
             print(f"| {head} | {memory['seconds']:.2f} | {memory['test_accuracy']:.4f} | {memory['peak_traced_mb']:.1f} "
                   f"| {streaming['seconds']:.2f} | {streaming['test_accuracy']:.4f} | {streaming['peak_traced_mb']:.1f} "
                   f"| {streaming['seconds'] / memory['seconds']:.2f}x |", flush=True)
-    print(f"\n{os.cpu_count()} CPUs; command: {command}")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+    print()
+    finish_report(command, report, args.json)
 
 
 if __name__ == "__main__":

@@ -261,8 +261,19 @@ def _fit_head(name: str, features: Features, search: bool, seed: int, out: Path)
     notes = sorted(
         {f"{w.category.__name__}: {str(w.message).splitlines()[0]}" for w in caught if issubclass(w.category, UserWarning)}
     )
-    scores = {s: {k: m[k] for k in ("n", "accuracy", "macro_f1")} for s, m in metrics.items()}
+    return save_fitted_head(
+        out, name, spec.description, estimator, metrics, class_names, features.label, features.sources,
+        int(features.data.features.shape[1]), params, trials, seed, fit_seconds, search_seconds, notes,
+    )
 
+
+def save_fitted_head(
+    out: Path, name: str, description: str, estimator: BaseEstimator, metrics: dict[str, dict],
+    class_names: list[str], label: str, sources: list[dict], feature_dim: int, params: dict,
+    trials: list[dict] | None, seed: int, fit_seconds: float, search_seconds: float | None, notes: list[str],
+) -> HeadResult:
+    """Write a fitted head's files: the model with its metadata, per-split metrics, a confusion-matrix PNG."""
+    scores = {s: {k: m[k] for k in ("n", "accuracy", "macro_f1")} for s, m in metrics.items()}
     files = {
         "model": out / f"{name}.joblib",
         "metrics": out / f"{name}.metrics.json",
@@ -271,16 +282,16 @@ def _fit_head(name: str, features: Features, search: bool, seed: int, out: Path)
     shown = "test" if "test" in metrics else list(metrics)[-1]
     plot_confusion(
         np.array(metrics[shown]["confusion_matrix"]), class_names,
-        f"{name} on {features.label}: {shown} accuracy {metrics[shown]['accuracy']:.3f}", files["confusion"],
+        f"{name} on {label}: {shown} accuracy {metrics[shown]['accuracy']:.3f}", files["confusion"],
     )
     write_json(files["metrics"], {"head": name, "classes": class_names, "splits": metrics})
     save_head(estimator, files["model"], {
         "head": name,
-        "description": spec.description,
+        "description": description,
         "estimator": repr(estimator),
         "classes": class_names,
-        "feature_dim": int(features.data.features.shape[1]),
-        "sources": features.sources,
+        "feature_dim": feature_dim,
+        "sources": sources,
         "params": params,
         "search": trials,
         "seed": seed,

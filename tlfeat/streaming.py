@@ -19,21 +19,17 @@ from __future__ import annotations
 import time
 import warnings
 from pathlib import Path
-from typing import Iterator
 
 import h5py
 import numpy as np
-import sklearn
 from sklearn.linear_model import SGDClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from tlfeat import __version__
 from tlfeat.cache import SPLITS, open_rows
 from tlfeat.errors import TlfeatError
-from tlfeat.fit import FitSummary, HeadResult, source_record, write_summary
-from tlfeat.heads import save_head
-from tlfeat.reports import plot_confusion, split_metrics, write_json
+from tlfeat.fit import FitSummary, default_out, save_fitted_head, source_record, write_summary
+from tlfeat.reports import split_metrics
 
 STREAMING_LOSSES = {"logreg": "log_loss", "linear-svm": "modified_huber"}
 DEFAULT_CHUNK_ROWS = 4096
@@ -57,13 +53,6 @@ def _check_finite(path: Path, block: np.ndarray) -> None:
         raise TlfeatError(f"{path}: NaN or inf feature values; re-extract this cache (extract --overwrite)")
 
 
-def _predictions(
-    estimator: Pipeline, features: h5py.Dataset, rows: np.ndarray, chunk_rows: int
-) -> Iterator[np.ndarray]:
-    for chunk in _chunks(rows, chunk_rows):
-        yield estimator.predict(_read(features, chunk))
-
-
 def fit_streaming(
     cache: Path,
     head: str = "logreg",
@@ -73,8 +62,6 @@ def fit_streaming(
     seed: int = 0,
 ) -> FitSummary:
     """Fit `head` (logreg or linear-svm) on a cache read in chunks of `chunk_rows`; score, save, report."""
-    from tlfeat.fit import default_out
-
     if head not in STREAMING_LOSSES:
         raise TlfeatError(f"--streaming fits {' or '.join(STREAMING_LOSSES)}, not {head!r}")
     if chunk_rows < 1 or passes < 1:
@@ -104,8 +91,8 @@ def fit_streaming(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=RuntimeWarning)  # overflow in exp on far-off rows
             for _ in range(passes):
-                for index in rng.permutation(len(train_chunks)):
-                    chunk = train_chunks[index]
+                for chunk_index in rng.permutation(len(train_chunks)):
+                    chunk = train_chunks[chunk_index]
                     order = rng.permutation(len(chunk))
                     block = scaler.transform(_read(features, chunk))[order]
                     classifier.partial_fit(block, labels[chunk][order], classes=classes)
@@ -114,37 +101,15 @@ def fit_streaming(
 
         metrics = {}
         for name, split_rows in rows.items():
-            predicted = np.concatenate(list(_predictions(estimator, features, split_rows, chunk_rows)))
+            predicted = np.concatenate([estimator.predict(_read(features, c)) for c in _chunks(split_rows, chunk_rows)])
             metrics[name] = split_metrics(labels[split_rows], predicted, class_names)
         feature_dim = int(features.shape[1])
 
-    name = f"{head}-streaming"
-    files = {"model": out / f"{name}.joblib", "metrics": out / f"{name}.metrics.json",
-             "confusion": out / f"{name}.confusion.png", "metadata": out / f"{name}.json"}
-    shown = "test" if "test" in metrics else list(metrics)[-1]
-    plot_confusion(np.array(metrics[shown]["confusion_matrix"]), class_names,
-                   f"{name} on {cache.name}: {shown} accuracy {metrics[shown]['accuracy']:.3f}", files["confusion"])
-    write_json(files["metrics"], {"head": name, "classes": class_names, "splits": metrics})
-    scores = {s: {k: m[k] for k in ("n", "accuracy", "macro_f1")} for s, m in metrics.items()}
+    sources = [source_record(cache, attrs, len(labels), feature_dim)]
     params = {"alpha": ALPHA, "passes": passes, "chunk_rows": chunk_rows}
-    save_head(estimator, files["model"], {
-        "head": name,
-        "description": f"streaming {head}: StandardScaler (one pass) + SGDClassifier({STREAMING_LOSSES[head]})",
-        "estimator": repr(estimator),
-        "classes": class_names,
-        "feature_dim": feature_dim,
-        "sources": [source_record(cache, attrs, len(labels), feature_dim)],
-        "params": params,
-        "search": None,
-        "seed": seed,
-        "scores": scores,
-        "fit_seconds": fit_seconds,
-        "search_seconds": None,
-        "notes": [],
-        "tlfeat_version": __version__,
-        "sklearn_version": sklearn.__version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    })
-    result = HeadResult(name, params, None, scores, fit_seconds, None, [], files)
-    return write_summary(out, [result], [source_record(cache, attrs, len(labels), feature_dim)],
-                         {s: len(r) for s, r in rows.items()}, seed, search=False)
+    description = f"streaming {head}: StandardScaler (one pass) + SGDClassifier({STREAMING_LOSSES[head]})"
+    result = save_fitted_head(
+        out, f"{head}-streaming", description, estimator, metrics, class_names, cache.name, sources, feature_dim,
+        params, None, seed, fit_seconds, None, [],
+    )
+    return write_summary(out, [result], sources, {s: len(r) for s, r in rows.items()}, seed, search=False)
