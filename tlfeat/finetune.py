@@ -3,8 +3,9 @@
 Stage 1 trains the head (Dense(128) -> Dropout(0.3) -> softmax) on the frozen
 base; stage 2 starts from stage 1's best epoch, unfreezes the top k layers of
 the base (``base.layers`` counted from the end, as the study did: 146 of
-ResNet101's, 10 of VGG16's) and goes on at a lower learning rate. Images come from the same scan and split as extract,
-decoded and preprocessed exactly as extract does, by a threaded
+ResNet101's, 10 of VGG16's) and goes on at a lower learning rate. Images come
+from the same scan and split as extract, decoded and preprocessed exactly as
+extract does, by a threaded
 `keras.utils.PyDataset`, so no tf.data is needed and any Keras backend works.
 
 BatchNorm: the base always runs in inference mode, unfrozen or not, so its
