@@ -60,18 +60,28 @@ def extract(
     split: str = typer.Option("56.25,18.75,25", "--split", help="train,val,test shares for a flat dataset (val carved from train when only train/test exist)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache made with other settings instead of refusing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    engine: str = typer.Option("local", "--engine", help="local (this process) or ray (a Ray Data pipeline: decoding tasks, one backbone per actor; needs pip install 'ray[data]')."),
+    address: Optional[str] = typer.Option(None, "--address", help="With --engine ray: the Ray cluster to join (auto, host:6379 or ray://host:10001). Default: the Ray instance `ray start` left on this machine, else a private one for this run."),
+    num_gpus_per_worker: Optional[float] = typer.Option(None, "--num-gpus-per-worker", help="With --engine ray: GPUs per embedding actor. Default: 1 where the cluster has GPUs, else 0 (CPU actors)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="With --engine ray: embedding actors. Default: one per GPU share, or one per node without GPUs."),
 ) -> None:
     """Embed every image once with a pretrained backbone and cache the pooled features in HDF5.
 
     Resumable and incremental: rerunning computes only images that are new or
-    changed since the last run; an interrupted run continues where it stopped.
+    changed since the last run; an interrupted run continues where it stopped
+    (with either engine: both write the same shards and the same cache).
     """
     from tlfeat.extract import extract as run_extract
 
+    ray_options = None
+    if address is not None or num_gpus_per_worker is not None or workers is not None:
+        from tlfeat.ray_engine import RayOptions
+
+        ray_options = RayOptions(address=address, num_gpus_per_worker=num_gpus_per_worker, workers=workers)
     summary = run_extract(
         data, out=out, backbone=backbone, weights=weights, image_size=image_size,
         batch_size=batch_size, dtype=dtype, seed=seed, ratios=_parse_ratios(split),
-        overwrite=overwrite, progress=not quiet,
+        overwrite=overwrite, progress=not quiet, engine=engine, ray_options=ray_options,
     )
     splits = ", ".join(f"{k} {v}" for k, v in summary.split_counts.items())
     status = "up to date, nothing computed" if summary.up_to_date else (

@@ -308,6 +308,9 @@ class ShardStore:
 
     def __init__(self, out: Path) -> None:
         self.dir = Path(str(out) + ".parts")
+        # Known after the first shard, so writing stays O(1) per shard over runs of many thousands.
+        self._next_index: int | None = None
+        self._started: CacheKey | None = None
 
     def key(self) -> CacheKey | None:
         meta = self.dir / "meta.json"
@@ -319,19 +322,26 @@ class ShardStore:
             return None
 
     def start(self, key: CacheKey) -> None:
-        """Prepare for writing shards under `key`, discarding shards of any other key."""
+        """Prepare for writing shards under `key`, discarding shards of any other key (cheap to repeat)."""
+        if self._started == key:
+            return
         if self.dir.exists() and self.key() != key:
             self.clear()
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = self.dir / "meta.json"
         if not meta.exists():
             atomic_write_bytes(meta, json.dumps(asdict(key)).encode())
+        self._started = key
 
     def _shard_files(self) -> list[Path]:
         return sorted(self.dir.glob("shard-*.npz")) if self.dir.exists() else []
 
     def write(self, rows: Rows) -> None:
-        index = len(self._shard_files())
+        if self._next_index is None:
+            existing = self._shard_files()
+            self._next_index = int(existing[-1].stem.removeprefix("shard-")) + 1 if existing else 0
+        index = self._next_index
+        self._next_index += 1
         target = self.dir / f"shard-{index:07d}.npz"
         tmp = self.dir / f".tmp-{os.getpid()}-{index}.npz"
         with open(tmp, "wb") as handle:
@@ -369,6 +379,7 @@ class ShardStore:
                 continue
 
     def clear(self) -> None:
+        self._next_index = self._started = None
         if not self.dir.exists():
             return
         for item in self.dir.iterdir():

@@ -2,9 +2,12 @@
 
 A run reuses every row whose file (relative path, size, mtime) is unchanged,
 from the finished cache and from shards of an interrupted run, computes only the
-rest, and writes the final cache in canonical row order. Missing images are
-computed in fixed-size batches in canonical order, so a resumed run forms the
-same batches as an uninterrupted one and writes the identical file.
+rest, and writes the final cache in canonical row order. The local engine
+computes missing images in fixed-size batches in canonical order, so a resumed
+run forms the same batches as an uninterrupted one and writes the identical
+file. The Ray engine (tlfeat.ray_engine) replaces only the embedding step: it
+yields the same per-batch rows, in whatever order batches finish, and this
+module keys, shards, resumes and writes them the same way.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -25,9 +28,13 @@ from tlfeat.dataset import DEFAULT_RATIOS, DatasetScan, ImageEntry, scan_dataset
 from tlfeat.decode import iter_batches
 from tlfeat.errors import TlfeatError
 
+if TYPE_CHECKING:
+    from tlfeat.ray_engine import RayOptions
+
 CPU_BATCH_SIZE = 32
 GPU_BATCH_SIZE = 256
 DTYPES = ("float32", "float16")
+ENGINES = ("local", "ray")
 
 
 @dataclass
@@ -164,6 +171,69 @@ def _known_rows(key: CacheKey, out: Path, shards: ShardStore, overwrite: bool) -
     return known
 
 
+class Engine(Protocol):
+    """Where the backbone runs. Entered around a run; `compute` is known on entry, before any image."""
+
+    compute: str  # "float32", or "mixed_bfloat16" on GPUs
+
+    def __enter__(self) -> "Engine": ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def embed(self, root: Path, todo: list[ImageEntry], bar: Any) -> Iterator[Rows]:
+        """One Rows per finished batch of `todo` (any order), advancing `bar` by the images done."""
+        ...
+
+    def keras_backend(self) -> str:
+        """The Keras backend that computed this run's features."""
+        ...
+
+
+class LocalEngine:
+    """This process: threads decode ahead of the backbone; batches in canonical order."""
+
+    def __init__(self, backbone: Backbone, weights: str, image_size: int, batch_size: int | None) -> None:
+        self.backbone, self.weights, self.image_size, self.batch_size = backbone, weights, image_size, batch_size
+        self.compute = "mixed_bfloat16" if accelerator_present() else "float32"
+
+    def __enter__(self) -> "LocalEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def embed(self, root: Path, todo: list[ImageEntry], bar: Any) -> Iterator[Rows]:
+        extractor = get_extractor(self.backbone, self.weights, self.image_size, self.batch_size)
+        files = [root / e.relpath for e in todo]
+        for batch in iter_batches(files, self.image_size, self.backbone.preprocess, extractor.batch_size):
+            entries = todo[batch.start : batch.start + batch.length]
+            bar.update(batch.length)
+            yield batch_rows(entries, extractor(batch.images), batch.ok, batch.failures)
+
+    def keras_backend(self) -> str:
+        import keras
+
+        return keras.backend.backend()
+
+
+def batch_rows(
+    entries: Sequence[ImageEntry], features: np.ndarray, ok: Sequence[int], failures: Sequence[tuple[int, str]]
+) -> Rows:
+    """One batch's Rows: `features` row i belongs to entries[ok[i]]; failures are (position, reason)."""
+    ok_entries = [entries[i] for i in ok]
+    failed = [(entries[i], reason) for i, reason in failures]
+    return Rows(
+        paths=[e.relpath for e in ok_entries],
+        features=features,
+        file_size=[e.size for e in ok_entries],
+        file_mtime_ns=[e.mtime_ns for e in ok_entries],
+        skipped_paths=[e.relpath for e, _ in failed],
+        skipped_reasons=[r for _, r in failed],
+        skipped_size=[e.size for e, _ in failed],
+        skipped_mtime_ns=[e.mtime_ns for e, _ in failed],
+    )
+
+
 def extract(
     data: Path,
     out: Path | None = None,
@@ -176,10 +246,19 @@ def extract(
     ratios: tuple[float, float, float] = DEFAULT_RATIOS,
     overwrite: bool = False,
     progress: bool = True,
+    engine: str = "local",
+    ray_options: RayOptions | None = None,
 ) -> ExtractSummary:
-    """Embed every image of a dataset with `backbone` into the HDF5 cache at `out`."""
+    """Embed every image of a dataset with `backbone` into the HDF5 cache at `out`.
+
+    engine "local" runs in this process; "ray" runs on a Ray cluster (`ray_options`), importing Ray only then.
+    """
     started = time.perf_counter()
     spec = get_backbone(backbone)
+    if engine not in ENGINES:
+        raise TlfeatError(f"--engine {engine}: use local or ray")
+    if ray_options is not None and engine != "ray":
+        raise TlfeatError("--address, --num-gpus-per-worker and --workers need --engine ray")
     if dtype not in DTYPES:
         raise TlfeatError(f"--dtype {dtype}: use float32 or float16")
     if batch_size is not None and batch_size < 1:
@@ -193,23 +272,21 @@ def extract(
         raise TlfeatError(f"{out}: is a folder; --out needs a file path such as {out / 'features.h5'}")
     weights_id = weights_identity(spec, weights)
 
-    with OutputLock(out):
+    with OutputLock(out), _make_engine(engine, spec, weights, size, batch_size, ray_options) as runner:
         remove_stale_temporaries(out)
         shards = ShardStore(out)
-        compute = "mixed_bfloat16" if accelerator_present() else "float32"
-        key = CacheKey(spec.name, weights_id, size, spec.preprocessing, dtype, compute)
+        key = CacheKey(spec.name, weights_id, size, spec.preprocessing, dtype, runner.compute)
         known = _known_rows(key, out, shards, overwrite)
 
         todo = [e for e in scan.entries if _reusable(known.get(e.relpath), e) is None]
         n_reused = len(scan.entries) - len(todo)
         compute_seconds = 0.0
         if todo:
-            extractor = get_extractor(spec, weights, size, batch_size)
             computed_before = time.perf_counter()
-            shards.start(key)
             try:
                 with _progress(len(todo), progress, f"extract {spec.name}") as bar:
-                    for rows in _embed_entries(scan, todo, extractor, bar):
+                    for rows in runner.embed(scan.root, todo, bar):
+                        shards.start(key)  # at the first finished batch: a model that fails to load leaves no shards
                         shards.write(rows)
                         _absorb(known, rows)
             except KeyboardInterrupt:
@@ -221,7 +298,7 @@ def extract(
 
         up_to_date = not todo and _same_as_file(out, scan, known)
         if not up_to_date:
-            _write_final(out, key, scan, known, weights, size)
+            _write_final(out, key, scan, known, weights, size, runner.keras_backend())
         shards.clear()
 
     skipped = [(e.relpath, known[e.relpath][3]) for e in scan.entries if known[e.relpath][2] is None]
@@ -242,6 +319,17 @@ def extract(
     )
 
 
+def _make_engine(
+    engine: str, backbone: Backbone, weights: str, image_size: int, batch_size: int | None,
+    ray_options: RayOptions | None,
+) -> Engine:
+    if engine == "ray":
+        from tlfeat.ray_engine import RayEngine, RayOptions
+
+        return RayEngine(backbone, weights, image_size, batch_size, ray_options or RayOptions())
+    return LocalEngine(backbone, weights, image_size, batch_size)
+
+
 def _reusable(record: tuple | None, entry: ImageEntry) -> tuple | None:
     if record is None or record[0] != entry.size or record[1] != entry.mtime_ns:
         return None
@@ -254,28 +342,6 @@ def _split_counts(scan: DatasetScan, known: dict[str, tuple]) -> dict[str, int]:
         if known[e.relpath][2] is not None:
             counts[e.split] = counts.get(e.split, 0) + 1
     return counts
-
-
-def _embed_entries(scan: DatasetScan, todo: list[ImageEntry], extractor: FeatureExtractor, bar: Any):
-    """Yield one Rows per batch of `todo`, in order."""
-    files = [scan.root / e.relpath for e in todo]
-    preprocess = extractor.backbone.preprocess
-    for batch in iter_batches(files, extractor.image_size, preprocess, extractor.batch_size):
-        entries = todo[batch.start : batch.start + batch.length]
-        features = extractor(batch.images)
-        ok_entries = [entries[i] for i in batch.ok]
-        failed = [(entries[i], reason) for i, reason in batch.failures]
-        bar.update(batch.length)
-        yield Rows(
-            paths=[e.relpath for e in ok_entries],
-            features=features,
-            file_size=[e.size for e in ok_entries],
-            file_mtime_ns=[e.mtime_ns for e in ok_entries],
-            skipped_paths=[e.relpath for e, _ in failed],
-            skipped_reasons=[r for _, r in failed],
-            skipped_size=[e.size for e, _ in failed],
-            skipped_mtime_ns=[e.mtime_ns for e, _ in failed],
-        )
 
 
 def _same_as_file(out: Path, scan: DatasetScan, known: dict[str, tuple]) -> bool:
@@ -295,10 +361,9 @@ def _same_as_file(out: Path, scan: DatasetScan, known: dict[str, tuple]) -> bool
 
 
 def _write_final(
-    out: Path, key: CacheKey, scan: DatasetScan, known: dict[str, tuple], weights: str, size: int
+    out: Path, key: CacheKey, scan: DatasetScan, known: dict[str, tuple], weights: str, size: int,
+    keras_backend: str,
 ) -> None:
-    import keras
-
     rows = [e for e in scan.entries if known[e.relpath][2] is not None]
     skipped = [
         (e.relpath, known[e.relpath][3], e.size, e.mtime_ns) for e in scan.entries if known[e.relpath][2] is None
@@ -322,7 +387,7 @@ def _write_final(
         class_names=scan.class_names,
         skipped=skipped,
         extra_attrs={
-            "keras_backend": keras.backend.backend(),
+            "keras_backend": keras_backend,
             "dataset_root": str(scan.root),
             "layout": scan.layout,
             "seed": scan.seed,

@@ -1,0 +1,262 @@
+"""The Ray engine of extraction: decoding as Ray Data CPU tasks, embedding in an actor pool.
+
+Only the embedding step runs on the cluster. `tlfeat.extract` scans the
+dataset, keys the cache, writes a shard per finished batch (on the driver, so a
+killed run resumes like a local one) and merges the shards into the usual
+single HDF5 cache. Batches finish in any order; the final file is written in
+canonical row order all the same.
+
+The cluster's workers read the images and any weights file by the driver's
+absolute paths, so on several machines both must sit on storage every node
+mounts at the same path, and tlfeat (with its dependencies) must be installed
+on every node. Images travel to the actors as 8-bit pixels (a quarter of the
+float32 size); each actor applies the backbone's preprocessing itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from tlfeat.backbones import Backbone, get_backbone
+from tlfeat.cache import Rows
+from tlfeat.dataset import ImageEntry
+from tlfeat.decode import DecodeError, decode_image
+from tlfeat.errors import TlfeatError
+from tlfeat.extract import CPU_BATCH_SIZE, GPU_BATCH_SIZE, FeatureExtractor, batch_rows
+
+CONNECT_TIMEOUT_S = 5
+INSTALL_HINT = "pip install 'ray[data]' (tlfeat's extra: pip install -e '.[ray]')"
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how wide to run. None means: decide from the cluster."""
+
+    address: str | None = None  # "auto", "ray://host:10001", "host:6379"; None: this machine's Ray or a new one
+    num_gpus_per_worker: float | None = None  # None: 1 where the cluster has GPUs, else 0 (CPU actors)
+    workers: int | None = None  # actors; None: one per GPU share, or one per node without GPUs
+
+    def validate(self) -> None:
+        if self.num_gpus_per_worker is not None and self.num_gpus_per_worker < 0:
+            raise TlfeatError(f"--num-gpus-per-worker {self.num_gpus_per_worker}: must be 0 or more")
+        if self.workers is not None and self.workers < 1:
+            raise TlfeatError(f"--workers {self.workers}: must be at least 1")
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+        import ray.data  # noqa: F401  (Ray Data is an extra of the ray package)
+    except ImportError:
+        raise TlfeatError(f"--engine ray needs Ray Data, which is not installed: {INSTALL_HINT}") from None
+    return ray
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds, not minutes, on a host:port where nothing listens (ray.init retries for minutes)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto" and friends: Ray resolves them
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise TlfeatError(
+            f"--address {address}: no Ray cluster answers there ({exc.strerror or exc.__class__.__name__}); "
+            "start one with `ray start --head` or check the address"
+        ) from None
+
+
+def _connect(ray: Any, address: str | None) -> bool:
+    """Join the cluster at `address` (or this machine's, or a new local one); True when this call started Ray."""
+    if ray.is_initialized():
+        return False
+    if address:
+        _check_reachable(address)
+    # Keep the terminal for tlfeat's own progress bar: Ray's and Ray Data's log lines go to Ray's log files.
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    for handler in logging.getLogger("ray.data").handlers:  # Ray Data's own console handler; its log file stays
+        if handler.name == "console":
+            handler.setLevel(logging.CRITICAL)
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        where = f"--address {address}" if address else "local Ray instance"
+        raise TlfeatError(f"{where}: cannot connect ({_first_line(exc)})") from None
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    return True
+
+
+def _plan(ray: Any, options: RayOptions) -> tuple[float, int]:
+    """(GPUs per actor, number of actors) for this cluster."""
+    resources = ray.cluster_resources()
+    gpus = float(resources.get("GPU", 0))
+    per_worker = options.num_gpus_per_worker
+    if per_worker is None:
+        per_worker = 1.0 if gpus >= 1 else 0.0
+    if per_worker > gpus:
+        raise TlfeatError(
+            f"--num-gpus-per-worker {per_worker:g}: the Ray cluster has {gpus:g} GPUs "
+            "(pass 0 for CPU actors)"
+        )
+    if options.workers is not None:
+        workers = options.workers
+    elif per_worker > 0:
+        workers = max(1, int(gpus // per_worker))
+    else:
+        workers = max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
+    return per_worker, workers
+
+
+class RayEngine:
+    """A Ray cluster: starts or joins it on entry, and stops it on exit only if it started it."""
+
+    def __init__(
+        self, backbone: Backbone, weights: str, image_size: int, batch_size: int | None, options: RayOptions
+    ) -> None:
+        options.validate()
+        self.backbone, self.weights, self.image_size, self.options = backbone, weights, image_size, options
+        self.requested_batch_size = batch_size
+        self.ray: Any = None
+        self.started_ray = False
+        self.compute = "float32"
+        self.batch_size = batch_size or CPU_BATCH_SIZE
+        self.gpus_per_worker, self.workers = 0.0, 1
+        self.backends: set[str] = set()  # reported by the actors
+
+    def __enter__(self) -> "RayEngine":
+        self.ray = _import_ray()
+        self.started_ray = _connect(self.ray, self.options.address)
+        try:
+            self.gpus_per_worker, self.workers = _plan(self.ray, self.options)
+        except BaseException:
+            self.__exit__()
+            raise
+        on_gpus = self.gpus_per_worker > 0
+        self.compute = "mixed_bfloat16" if on_gpus else "float32"
+        self.batch_size = self.requested_batch_size or (GPU_BATCH_SIZE if on_gpus else CPU_BATCH_SIZE)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.started_ray:
+            self.ray.shutdown()
+            self.started_ray = False
+
+    def embed(self, root: Path, todo: list[ImageEntry], bar: Any) -> Iterator[Rows]:
+        paths = [str(root / e.relpath) for e in todo]
+        try:
+            for done in self._pipeline(paths).iter_batches(batch_size=None, batch_format="numpy"):
+                self._check_backend(set(done["keras_backend"]))
+                positions = [int(i) for i in done["index"]]
+                errors = [str(e) for e in done["error"]]
+                ok = [i for i, error in enumerate(errors) if not error]
+                failures = [(i, error) for i, error in enumerate(errors) if error]
+                bar.update(len(positions))
+                yield batch_rows([todo[i] for i in positions], done["features"][ok], ok, failures)
+        except self.ray.exceptions.RayError as exc:
+            raise TlfeatError(
+                f"Ray run failed ({_cause(exc)}); finished batches are kept, rerun the same command to resume"
+            ) from None
+
+    def _check_backend(self, reported: set[str]) -> None:
+        self.backends |= reported
+        if len(self.backends) > 1:
+            raise TlfeatError(
+                f"Ray workers run different Keras backends ({', '.join(sorted(self.backends))}); "
+                "set KERAS_BACKEND to one of them on every node"
+            )
+
+    def keras_backend(self) -> str:
+        if self.backends:
+            return next(iter(self.backends))
+        import keras  # nothing computed this run: the rows were reused
+
+        return keras.backend.backend()
+
+    def _pipeline(self, paths: list[str]) -> Any:
+        """paths -> decode tasks -> embedding actors: a Ray Dataset of {index, features, error, keras_backend}."""
+        import pyarrow  # a dependency of Ray Data: columns of a million paths stay compact
+
+        ray = self.ray
+        table = pyarrow.table({"index": pyarrow.array(range(len(paths)), pyarrow.int64()), "path": paths})
+        blocks = [table.slice(start, self.batch_size) for start in range(0, len(paths), self.batch_size)]
+        dataset = ray.data.from_arrow(blocks).map_batches(
+            decode_batch, fn_kwargs={"image_size": self.image_size}, batch_size=self.batch_size,
+            batch_format="numpy", num_cpus=1,
+        )
+        # A different resource shape from the decode tasks keeps Ray Data from fusing the two stages
+        # into the actors, where decoding would stop overlapping with the backbone. An actor that dies
+        # fails the run at once (max_restarts=0) with its own error: the shards make the rerun a resume,
+        # whereas Ray's restarts would print tracebacks and retry a broken model forever.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")  # Ray's own advice
+            return dataset.map_batches(
+                EmbedWorker,
+                fn_constructor_args=(self.backbone.name, self.weights, self.image_size, self.batch_size, self.compute),
+                batch_size=self.batch_size, batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=self.workers),
+                num_gpus=self.gpus_per_worker or None, num_cpus=1 if self.gpus_per_worker else 0.5,
+                max_restarts=0,
+            )
+
+
+def _cause(exc: BaseException) -> str:
+    """The worker's own error from a Ray error, whose text wraps it in Ray's and the worker's tracebacks."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in reversed(lines):  # the traceback's last "module.ErrorType: message" line
+        name, separator, message = line.partition(": ")
+        kind = name.rsplit(".", 1)[-1]
+        if separator and " " not in name and kind.endswith(("Error", "Exception")):
+            return message if kind == "TlfeatError" else f"{kind}: {message}"
+    return lines[0] if lines else exc.__class__.__name__
+
+
+def decode_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
+    """Ray Data task: file paths -> 8-bit RGB pixels, with a one-line reason for each file that failed."""
+    pixels = np.zeros((len(batch["path"]), image_size, image_size, 3), dtype=np.uint8)
+    errors = []
+    for i, path in enumerate(batch["path"]):
+        try:
+            pixels[i] = decode_image(str(path), image_size)
+            errors.append("")
+        except DecodeError as exc:
+            errors.append(str(exc))
+    return {"index": batch["index"], "pixels": pixels, "error": np.array(errors, dtype=object)}
+
+
+class EmbedWorker:
+    """Ray Data actor: one backbone per actor, built once; pixels -> preprocessed -> pooled features."""
+
+    def __init__(self, backbone: str, weights: str, image_size: int, batch_size: int, compute: str) -> None:
+        import keras
+
+        self.keras_backend = keras.backend.backend()
+        spec = get_backbone(backbone)
+        self.extractor = FeatureExtractor(spec, weights, image_size, batch_size)
+        if self.extractor.compute != compute:
+            raise TlfeatError(
+                f"a Ray worker computes in {self.extractor.compute} but the run needs {compute}: "
+                "its Keras backend does not see the GPU Ray gave it"
+            )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = np.array([not error for error in batch["error"]], dtype=bool)
+        features = np.zeros((len(ok), self.extractor.backbone.feature_dim), dtype=np.float32)
+        if ok.any():
+            images = self.extractor.backbone.preprocess(batch["pixels"][ok].astype(np.float32))
+            features[ok] = self.extractor(images)
+        backend = np.full(len(ok), self.keras_backend, dtype=object)
+        return {"index": batch["index"], "features": features, "error": batch["error"], "keras_backend": backend}
