@@ -58,7 +58,7 @@ def test_ray_engine_writes_the_local_engines_cache(tmp_path: Path) -> None:
     assert not Path(str(tmp_path / "ray.h5") + ".parts").exists()
     import ray as ray_module
 
-    assert not ray_module.is_initialized(), "the engine stops the Ray instance it started"
+    assert not ray_module.is_initialized(), "the engine leaves Ray as it found it"
 
     # Nothing new: a rerun is up to date, whichever engine ran first.
     assert extract(data, tmp_path / "local.h5", engine="ray", **FAST).up_to_date

@@ -79,7 +79,7 @@ def _check_reachable(address: str) -> None:
 
 
 def _connect(ray: Any, address: str | None) -> bool:
-    """Join the cluster at `address` (or this machine's, or a new local one); True when this call started Ray."""
+    """Join the cluster at `address` (or this machine's, or a new local one); False if this process already had."""
     if ray.is_initialized():
         return False
     if address:
@@ -122,7 +122,10 @@ def _plan(ray: Any, options: RayOptions) -> tuple[float, int]:
 
 
 class RayEngine:
-    """A Ray cluster: starts or joins it on entry, and stops it on exit only if it started it."""
+    """A Ray cluster, joined (or started) on entry and left on exit: a Ray instance it started stops with it.
+
+    A process already connected to Ray (ray.init called by a user's script) is used as it is and stays connected.
+    """
 
     def __init__(
         self, backbone: Backbone, weights: str, image_size: int, batch_size: int | None, options: RayOptions
@@ -131,7 +134,7 @@ class RayEngine:
         self.backbone, self.weights, self.image_size, self.options = backbone, weights, image_size, options
         self.requested_batch_size = batch_size
         self.ray: Any = None
-        self.started_ray = False
+        self.joined = False
         self.compute = "float32"
         self.batch_size = batch_size or CPU_BATCH_SIZE
         self.gpus_per_worker, self.workers = 0.0, 1
@@ -139,7 +142,7 @@ class RayEngine:
 
     def __enter__(self) -> "RayEngine":
         self.ray = _import_ray()
-        self.started_ray = _connect(self.ray, self.options.address)
+        self.joined = _connect(self.ray, self.options.address)
         try:
             self.gpus_per_worker, self.workers = _plan(self.ray, self.options)
         except BaseException:
@@ -151,9 +154,9 @@ class RayEngine:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.started_ray:
-            self.ray.shutdown()
-            self.started_ray = False
+        if self.joined:
+            self.ray.shutdown()  # disconnects from a running cluster; stops an instance ray.init started
+            self.joined = False
 
     def embed(self, root: Path, todo: list[ImageEntry], bar: Any) -> Iterator[Rows]:
         paths = [str(root / e.relpath) for e in todo]
