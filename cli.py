@@ -60,7 +60,8 @@ def extract(
     split: str = typer.Option("56.25,18.75,25", "--split", help="train,val,test shares for a flat dataset (val carved from train when only train/test exist)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache made with other settings instead of refusing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    engine: str = typer.Option("local", "--engine", help="local (this process) or ray (a Ray Data pipeline: decoding tasks, one backbone per actor; needs pip install 'ray[data]')."),
+    # "\\[" keeps Rich from reading [data] as markup in --help.
+    engine: str = typer.Option("local", "--engine", help="local (this process) or ray (a Ray Data pipeline: decoding tasks, one backbone per actor; needs pip install 'ray\\[data]')."),
     address: Optional[str] = typer.Option(None, "--address", help="With --engine ray: the Ray cluster to join (auto, host:6379 or ray://host:10001). Default: the Ray instance `ray start` left on this machine, else a private one for this run."),
     num_gpus_per_worker: Optional[float] = typer.Option(None, "--num-gpus-per-worker", help="With --engine ray: GPUs per embedding actor. Default: 1 where the cluster has GPUs, else 0 (CPU actors)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="With --engine ray: embedding actors. Default: one per GPU share, or one per node without GPUs."),
