@@ -49,7 +49,7 @@ def _parse_ratios(text: str) -> tuple[float, float, float]:
 @app.command()
 @user_errors
 def extract(
-    data: Path = typer.Argument(..., help="Dataset folder: one sub-folder per class, or train/[val/]test/ folders of class folders."),
+    data: Path = typer.Argument(..., help="Dataset folder: one sub-folder per class, or train/\\[val/]test/ folders of class folders."),
     backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b", help="efficientnet_lite0 (offline ImageNet weights), resnet101 (2048-d) or vgg16 (512-d)."),
     weights: str = typer.Option("imagenet", "--weights", "-w", help="imagenet (Keras download for resnet101/vgg16; bundled for efficientnet_lite0), none (random, for smoke tests) or a path to a Keras weights file."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache file to write. Default: cache/<dataset>-<backbone>.h5"),
