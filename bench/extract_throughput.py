@@ -26,7 +26,6 @@ each --memory-sizes N, to show it does not grow with the dataset.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shutil
@@ -35,7 +34,7 @@ import time
 from pathlib import Path
 from statistics import median
 
-from isolated import bench_command, finish_report, run_isolated
+from isolated import bench_command, finish_report, parse_bench_args, run_isolated
 
 REPO = Path(__file__).resolve().parents[1]
 SCENE15 = (REPO / ".." / "shared" / "data" / "scene15").resolve()
@@ -117,6 +116,12 @@ def _child_tlfeat(data: str, backbone: str, out: str, weights: str, warm: str = 
     return {"images": summary.n_images, "seconds": time.perf_counter() - start}
 
 
+def _child(kind: str, *args: str) -> dict:
+    result = {"baseline": _child_baseline, "ceiling": _child_ceiling, "tlfeat": _child_tlfeat}[kind](*args)
+    result["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
 def _rate(result: dict) -> float:
     return result["images"] / result["seconds"]
 
@@ -137,15 +142,8 @@ def main() -> None:
     parser.add_argument("--warm", action="store_true",
                         help="compile tlfeat's model before its clock starts (on a GPU, XLA compilation can "
                              "take longer than a small set's extraction)")
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-
-    if args.child:
-        kind, *rest = args.child
-        result = {"baseline": _child_baseline, "ceiling": _child_ceiling, "tlfeat": _child_tlfeat}[kind](*rest)
-        result["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(json.dumps(result))
+    args = parse_bench_args(parser, _child)
+    if args is None:
         return
 
     if not args.scene15.is_dir():

@@ -56,7 +56,7 @@ from statistics import mean
 
 import numpy as np
 
-from isolated import bench_command, finish_report, run_isolated
+from isolated import bench_command, finish_report, parse_bench_args, run_isolated
 
 REPO = Path(__file__).resolve().parents[1]
 SCENE15 = (REPO / ".." / "shared" / "data" / "scene15").resolve()
@@ -187,13 +187,10 @@ def main() -> None:
     parser.add_argument("--plain-inputs", nargs="+", choices=tuple(PLAIN_INPUTS), default=list(PLAIN_INPUTS),
                         help="how the plain side is fed (each its own run)")
     parser.add_argument("--scene15", type=Path, default=SCENE15, help="Scene15 folder (its train/ is used)")
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-
-    if args.child:
-        kind, config = args.child
-        print(json.dumps((_child_plain if kind == "plain" else _child_tlfeat)(json.loads(config))))
+    args = parse_bench_args(
+        parser, lambda kind, config: (_child_plain if kind == "plain" else _child_tlfeat)(json.loads(config))
+    )
+    if args is None:
         return
 
     from tlfeat.backbones import get_backbone

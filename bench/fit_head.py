@@ -37,7 +37,6 @@ own subprocess, so no measurement pays for another's imports or memory.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -46,7 +45,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from isolated import bench_command, finish_report, run_isolated
+from isolated import bench_command, finish_report, parse_bench_args, run_isolated
 
 REPO = Path(__file__).resolve().parents[1]
 SCENE15 = (REPO / ".." / "shared" / "data" / "scene15").resolve()
@@ -234,13 +233,8 @@ def main() -> None:
     parser.add_argument("--images-limit", type=int, default=0,
                         help="time the study-way epoch on N train images (val in proportion), scaled up; 0: all")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-
-    if args.child:
-        kind, *rest = args.child
-        print(json.dumps(CHILDREN[kind](*rest)))
+    args = parse_bench_args(parser, lambda kind, *rest: CHILDREN[kind](*rest))
+    if args is None:
         return
 
     from tlfeat.reports import markdown_table

@@ -7,12 +7,14 @@ stdout line. So no measurement pays for another's imports, caches or memory.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 
 def run_isolated(script: str, kind: str, *args: str) -> dict:
@@ -23,6 +25,20 @@ def run_isolated(script: str, kind: str, *args: str) -> dict:
     if result.returncode != 0:
         raise SystemExit(f"{kind} child failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def parse_bench_args(parser: argparse.ArgumentParser, child: Callable[..., dict]) -> argparse.Namespace | None:
+    """Finish a bench's command line with --json and run_isolated's hidden --child.
+
+    In a child process, runs `child(kind, *args)`, prints its result as JSON and returns None.
+    """
+    parser.add_argument("--json", type=Path, help="also write the report to this file as JSON")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(*args.child)))
+        return None
+    return args
 
 
 def bench_command() -> str:

@@ -13,14 +13,12 @@ already imported. The target is a cached build under 2 s.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
-from pathlib import Path
 from statistics import median
 
-from isolated import bench_command, finish_report, run_isolated
+from isolated import bench_command, finish_report, parse_bench_args, run_isolated
 
 TARGET_S = 2.0
 
@@ -39,11 +37,8 @@ def _child_build() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(_child_build()))
+    args = parse_bench_args(parser, lambda kind: _child_build())
+    if args is None:
         return
 
     with tempfile.TemporaryDirectory() as home:

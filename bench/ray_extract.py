@@ -24,7 +24,6 @@ caches of the two engines are compared row by row.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import tempfile
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 from statistics import median
 
 from extract_throughput import SCENE15, make_subset
-from isolated import bench_command, finish_report, run_isolated
+from isolated import bench_command, finish_report, parse_bench_args, run_isolated
 
 SIDES = ("local", "ray", "ray-cluster")
 
@@ -69,10 +68,11 @@ def _child(side: str, data: str, backbone: str, out: str) -> dict:
     )
     seconds = time.perf_counter() - start
     after_first = sum(n for _, n in stamps[1:])
+    steady_seconds = stamps[-1][0] - stamps[0][0]
     return {
         "seconds": seconds,
         "first_batch_s": stamps[0][0] - start,
-        "steady_images_per_s": after_first / (stamps[-1][0] - stamps[0][0]),
+        "steady_images_per_s": after_first / steady_seconds if steady_seconds > 0 else float("nan"),
         "images": summary.n_computed,
     }
 
@@ -93,11 +93,8 @@ def main() -> None:
     parser.add_argument("--backbones", nargs="*", default=["efficientnet_lite0", "resnet101"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--scene15", type=Path, default=SCENE15)
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(_child(*args.child)))
+    args = parse_bench_args(parser, _child)
+    if args is None:
         return
 
     command = bench_command()

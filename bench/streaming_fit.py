@@ -14,13 +14,12 @@ warm-up call, so one-time import costs are left out.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
 
-from isolated import bench_command, finish_report, run_isolated
+from isolated import bench_command, finish_report, parse_bench_args, run_isolated
 
 HEADS = ("logreg", "linear-svm")
 
@@ -51,11 +50,8 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, help="a tlfeat cache with train and test rows")
     parser.add_argument("--chunk-rows", type=int, default=256)
     parser.add_argument("--passes", type=int, default=10)
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(_child(*args.child)))
+    args = parse_bench_args(parser, _child)
+    if args is None:
         return
     if args.cache is None:
         raise SystemExit("give --cache CACHE.h5")

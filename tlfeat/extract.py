@@ -207,8 +207,9 @@ class LocalEngine:
         files = [root / e.relpath for e in todo]
         for batch in iter_batches(files, self.image_size, self.backbone.preprocess, extractor.batch_size):
             entries = todo[batch.start : batch.start + batch.length]
+            features = extractor(batch.images)
             bar.update(batch.length)
-            yield batch_rows(entries, extractor(batch.images), batch.ok, batch.failures)
+            yield batch_rows(entries, features, batch.ok, batch.failures)
 
     def keras_backend(self) -> str:
         import keras
