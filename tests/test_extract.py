@@ -217,3 +217,24 @@ def test_cli_extract_prints_summary(tiny_dataset: Path, tmp_path: Path) -> None:
     assert f"{out}: 24 images x 512 dims" in result.stdout
     assert "images/s" in result.stdout
     assert "img/s" in result.stderr  # the progress bar
+
+
+def test_final_write_takes_rows_without_stacking_them(tmp_path: Path) -> None:
+    import tracemalloc
+
+    n, dim = 32000, 512  # 62.5 MB of float32 rows, written in chunks of 1024
+    batches = [np.random.default_rng(i).standard_normal((32, dim)).astype(np.float32) for i in range(n // 32)]
+    rows = [row for batch in batches for row in batch]  # views into the batches, as a run holds them
+    paths, split, zeros = [f"c/{i}.png" for i in range(n)], ["train"] * n, [0] * n
+    key = cache.CacheKey("vgg16", "none", 32, "caffe:BGR-mean", dtype="float16")
+    tracemalloc.start()
+    try:
+        cache.write_cache(tmp_path / "c.h5", key, rows, np.zeros(n, np.int32), paths, split, zeros, zeros,
+                          ["c"], [], {})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < n * dim * 4 / 4, f"the write held {peak / 2**20:.1f} MB for {n * dim * 4 / 2**20:.1f} MB of rows"
+    with h5py.File(tmp_path / "c.h5", "r") as handle:
+        assert handle["features"].dtype == np.float16 and handle["features"].chunks[0] == 1024
+        np.testing.assert_array_equal(handle["features"][...], np.stack(rows).astype(np.float16))

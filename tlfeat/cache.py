@@ -37,7 +37,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -217,10 +217,13 @@ def read_rows(path: str | Path) -> tuple[CacheKey, Rows]:
     return key, rows
 
 
+WRITE_CHUNK_ROWS = 1024
+
+
 def write_cache(
     path: Path,
     key: CacheKey,
-    features: np.ndarray,
+    features: np.ndarray | Sequence[np.ndarray],
     labels: np.ndarray,
     paths: list[str],
     split: list[str],
@@ -230,17 +233,24 @@ def write_cache(
     skipped: list[tuple[str, str, int, int]],
     extra_attrs: dict,
 ) -> None:
-    """Write a complete cache atomically (temporary file, fsync, rename)."""
+    """Write a complete cache atomically (temporary file, fsync, rename).
+
+    `features` is an (N, D) array, or N rows of D (no (N, D) copy is made: a
+    large run's rows are written a chunk at a time).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    n, dim = features.shape
+    n, dim = len(features), len(features[0]) if len(features) else np.shape(features)[1]
     try:
         with h5py.File(tmp, "w") as handle:
-            handle.create_dataset(
-                "features", data=features.astype(key.dtype, copy=False),
-                chunks=(max(1, min(n, 1024)), dim) if n else None, maxshape=(None, dim),
+            stored = handle.create_dataset(
+                "features", shape=(n, dim), dtype=key.dtype,
+                chunks=(max(1, min(n, WRITE_CHUNK_ROWS)), dim) if n else None, maxshape=(None, dim),
             )
+            for start in range(0, n, WRITE_CHUNK_ROWS):  # numpy converts: HDF5's float16 rounding differs
+                chunk = np.asarray(features[start : start + WRITE_CHUNK_ROWS])
+                stored[start : start + WRITE_CHUNK_ROWS] = chunk.astype(key.dtype, copy=False)
             handle.create_dataset("labels", data=np.asarray(labels, dtype=np.int32))
             handle.create_dataset("paths", data=list(paths), dtype=_STR)
             handle.create_dataset("split", data=list(split), dtype=_STR)

@@ -370,11 +370,8 @@ def _write_final(
         (e.relpath, known[e.relpath][3], e.size, e.mtime_ns) for e in scan.entries if known[e.relpath][2] is None
     ]
     spec = get_backbone(key.backbone)
-    features = (
-        np.stack([known[e.relpath][2] for e in rows]).astype(np.float32)
-        if rows
-        else np.zeros((0, spec.feature_dim), dtype=np.float32)
-    )
+    # Rows, not one stacked matrix: the run already holds every feature once, and need not hold them twice.
+    features = [known[e.relpath][2] for e in rows] if rows else np.zeros((0, spec.feature_dim), dtype=np.float32)
     weights_source = weights if weights in ("imagenet", "none") else str(Path(weights).resolve())
     write_cache(
         out,
