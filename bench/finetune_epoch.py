@@ -98,7 +98,7 @@ def _child_plain(config: dict) -> dict:
     from tlfeat.backbones import build_model, get_backbone
     from tlfeat.dataset import scan_dataset
     from tlfeat.decode import iter_batches
-    from tlfeat.extract import accelerator_present
+    from tlfeat.extract import accelerator_present, compute_policy
 
     spec = get_backbone(config["backbone"])
     size, batch_size = config["image_size"], config["batch_size"]
@@ -119,8 +119,7 @@ def _child_plain(config: dict) -> dict:
     else:
         x, y = decoded(*train)
         data = {"x": x, "y": y, "batch_size": batch_size, "validation_data": decoded(*val)}
-    # The dtype policy tlfeat.finetune picks: mixed_bfloat16 on a GPU, float32 on a CPU.
-    keras.config.set_dtype_policy("mixed_bfloat16" if accelerator_present() else "float32")
+    keras.config.set_dtype_policy(compute_policy(accelerator_present()))  # the policy tlfeat.finetune picks
     base = build_model(spec, config["weights"], size)
     keras.utils.set_random_seed(config["seed"])  # as tlfeat seeds its head
     model = study_model(base, len(scan.class_names), size)

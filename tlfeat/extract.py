@@ -83,6 +83,15 @@ def accelerator_present() -> bool:
     return False
 
 
+def compute_policy(on_gpu: bool) -> str:
+    """The precision a backbone computes in, part of the cache key: mixed_bfloat16 on a GPU, float32 on a CPU."""
+    return "mixed_bfloat16" if on_gpu else "float32"
+
+
+def default_batch_size(requested: int | None, on_gpu: bool) -> int:
+    return requested or (GPU_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE)
+
+
 class FeatureExtractor:
     """A backbone ready for inference: fixed batch shape, bfloat16 compute on a GPU, float32 out."""
 
@@ -92,8 +101,8 @@ class FeatureExtractor:
         self.backbone = backbone
         self.image_size = image_size
         self.on_gpu = accelerator_present()
-        self.compute = "mixed_bfloat16" if self.on_gpu else "float32"
-        self.batch_size = batch_size or (GPU_BATCH_SIZE if self.on_gpu else CPU_BATCH_SIZE)
+        self.compute = compute_policy(self.on_gpu)
+        self.batch_size = default_batch_size(batch_size, self.on_gpu)
         previous = keras.config.dtype_policy()
         keras.config.set_dtype_policy(self.compute)
         try:
@@ -194,7 +203,7 @@ class LocalEngine:
 
     def __init__(self, backbone: Backbone, weights: str, image_size: int, batch_size: int | None) -> None:
         self.backbone, self.weights, self.image_size, self.batch_size = backbone, weights, image_size, batch_size
-        self.compute = "mixed_bfloat16" if accelerator_present() else "float32"
+        self.compute = compute_policy(accelerator_present())
 
     def __enter__(self) -> "LocalEngine":
         return self

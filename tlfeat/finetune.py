@@ -52,6 +52,7 @@ from tlfeat.cache import OutputLock
 from tlfeat.dataset import DEFAULT_RATIOS, SPLIT_DIRS, DatasetScan, scan_dataset
 from tlfeat.decode import DecodeError, decode_image, default_workers, iter_batches
 from tlfeat.errors import TlfeatError
+from tlfeat.extract import accelerator_present, compute_policy
 from tlfeat.fileio import atomic_write_bytes, check_format, describe_exception, read_json_object
 from tlfeat.reports import plot_confusion, split_metrics, write_csv, write_json
 
@@ -508,8 +509,6 @@ def finetune(
     log: Log = print,
 ) -> FinetuneSummary:
     """Fine-tune `backbone` on the dataset at `data` in two stages; write (or continue) a run folder."""
-    from tlfeat.extract import accelerator_present
-
     spec = get_backbone(backbone)
     requested = _requested_unfreeze(spec, unfreeze_top, unfreeze_all)
     _check_options(epochs1, epochs2, requested, batch_size, lr1, lr2, patience)
@@ -617,7 +616,7 @@ def _load_or_build(run: _Run, spec: Backbone, weights: str, on_gpu: bool) -> tup
         return model, (last["stage"], last["epoch"])
     config = run.config
     previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("mixed_bfloat16" if on_gpu else "float32")
+    keras.config.set_dtype_policy(compute_policy(on_gpu))
     try:
         base = build_model(spec, weights, config["image_size"])
         keras.utils.set_random_seed(config["seed"])  # build_model seeds random bases itself; this seeds the head
@@ -759,7 +758,7 @@ def _finish(run: _Run, scan: DatasetScan, spec: Backbone, on_gpu: bool, jit_comp
             f"train only: random crop of {CROP_SCALE[0]:g}-{CROP_SCALE[1]:g} of the side, resized back; "
             "horizontal flip" if config["augment"] else None
         ),
-        "compute": "mixed_bfloat16" if on_gpu else "float32",
+        "compute": compute_policy(on_gpu),
         "jit_compile": jit_compile,
         "keras_backend": keras.backend.backend(),
         "skipped": dict(sorted(run.failures.items())),

@@ -29,7 +29,7 @@ from tlfeat.cache import Rows
 from tlfeat.dataset import ImageEntry
 from tlfeat.decode import DecodeError, decode_image
 from tlfeat.errors import TlfeatError
-from tlfeat.extract import CPU_BATCH_SIZE, GPU_BATCH_SIZE, FeatureExtractor, batch_rows
+from tlfeat.extract import FeatureExtractor, batch_rows, compute_policy, default_batch_size
 
 CONNECT_TIMEOUT_S = 5
 INSTALL_HINT = "pip install 'ray[data]' (tlfeat's extra: pip install -e '.[ray]')"
@@ -135,9 +135,9 @@ class RayEngine:
         self.requested_batch_size = batch_size
         self.ray: Any = None
         self.joined = False
-        self.compute = "float32"
-        self.batch_size = batch_size or CPU_BATCH_SIZE
+        # Known once the cluster is seen, on entry:
         self.gpus_per_worker, self.workers = 0.0, 1
+        self.compute, self.batch_size = compute_policy(False), default_batch_size(batch_size, False)
         self.backends: set[str] = set()  # reported by the actors
 
     def __enter__(self) -> "RayEngine":
@@ -149,8 +149,7 @@ class RayEngine:
             self.__exit__()
             raise
         on_gpus = self.gpus_per_worker > 0
-        self.compute = "mixed_bfloat16" if on_gpus else "float32"
-        self.batch_size = self.requested_batch_size or (GPU_BATCH_SIZE if on_gpus else CPU_BATCH_SIZE)
+        self.compute, self.batch_size = compute_policy(on_gpus), default_batch_size(self.requested_batch_size, on_gpus)
         return self
 
     def __exit__(self, *exc: object) -> None:
