@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -18,6 +20,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # import, before any session- or module-scoped fixture can build a model; child
 # processes inherit it.
 os.environ["TLFEAT_HOME"] = tempfile.mkdtemp(prefix="tlfeat-test-home-")
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a tlfeat child process: quiet TensorFlow, and this checkout's tlfeat whether
+    installed or not (a child script may live in a temp folder; the editable install may point elsewhere)."""
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
+
+
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python cli.py ARGS` in a child process, output captured as text."""
+    return subprocess.run([sys.executable, str(REPO / "cli.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, env=child_env())
 
 
 def make_image(path: Path, class_index: int, variant: int, size: tuple[int, int] = (48, 40)) -> None:

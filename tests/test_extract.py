@@ -12,19 +12,12 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import REPO, make_dataset, make_image
+from conftest import REPO, make_dataset, make_image, run_cli
 from tlfeat import cache
 from tlfeat.errors import TlfeatError
 from tlfeat.extract import extract
 
 FAST = dict(backbone="vgg16", weights="none", image_size=32, progress=False)
-
-
-def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.run(
-        [sys.executable, str(REPO / "cli.py"), *args], capture_output=True, text=True, timeout=timeout, env=env
-    )
 
 
 @pytest.mark.parametrize("backbone, dim", [("resnet101", 2048), ("vgg16", 512)])

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, make_dataset
+from conftest import REPO, child_env, make_dataset, run_cli
 from tlfeat import cache
 from tlfeat.errors import TlfeatError
 from tlfeat.extract import extract
@@ -26,15 +26,6 @@ from tlfeat.ray_engine import RayOptions, _cause, _plan
 pytest.importorskip("ray.data", reason="the Ray engine needs ray[data] (in tlfeat's dev extras)")
 
 FAST = dict(backbone="vgg16", weights="none", image_size=32, progress=False)
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "cli.py"), *args], capture_output=True, text=True,
-                          env=_env(), timeout=600)
 
 
 def _assert_same_cache(a: Path, b: Path) -> None:
@@ -78,7 +69,7 @@ def test_killed_ray_run_resumes_and_matches_the_local_engine(tmp_path: Path) -> 
     # Its own session, so the kill takes the run's whole Ray instance down with it, as Ctrl-\ would.
     proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "extract", str(data), "--out", str(out),
                              "--engine", "ray", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env(), start_new_session=True)
     deadline = time.time() + 300
     while len(list(parts.glob("shard-*.npz"))) < 3 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
@@ -88,13 +79,13 @@ def test_killed_ray_run_resumes_and_matches_the_local_engine(tmp_path: Path) -> 
     rows_in_shards = sum(len(np.load(shard)["paths"]) for shard in parts.glob("shard-*.npz"))
     assert rows_in_shards >= 3
 
-    resumed = _cli("extract", str(data), "--out", str(out), "--engine", "ray", *args)
+    resumed = run_cli("extract", str(data), "--out", str(out), "--engine", "ray", *args)
     assert resumed.returncode == 0, resumed.stderr
     computed, reused = (int(n) for n in re.search(r"computed (\d+), reused (\d+)", resumed.stdout).groups())
     assert reused >= rows_in_shards and computed + reused == 120 and computed < 120
     assert not parts.exists()
 
-    local = _cli("extract", str(data), "--out", str(tmp_path / "local.h5"), *args)
+    local = run_cli("extract", str(data), "--out", str(tmp_path / "local.h5"), *args)
     assert local.returncode == 0, local.stderr
     _assert_same_cache(out, tmp_path / "local.h5")
 
@@ -104,7 +95,7 @@ def test_a_worker_that_cannot_load_the_model_fails_the_run_in_one_line(tmp_path:
     weights = tmp_path / "broken.weights.h5"
     weights.write_bytes(b"not an HDF5 file")
     out = tmp_path / "c.h5"
-    result = _cli("extract", str(data), "--out", str(out), "--backbone", "vgg16", "--weights", str(weights),
+    result = run_cli("extract", str(data), "--out", str(out), "--backbone", "vgg16", "--weights", str(weights),
                   "--image-size", "32", "--engine", "ray", "-q")
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -116,7 +107,7 @@ def test_a_worker_that_cannot_load_the_model_fails_the_run_in_one_line(tmp_path:
 def test_engine_options_are_checked_before_any_work(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data", n_classes=2, per_class=2)
     port = _free_port()
-    unreachable = _cli("extract", str(data), "--out", str(tmp_path / "c.h5"), "--engine", "ray",
+    unreachable = run_cli("extract", str(data), "--out", str(tmp_path / "c.h5"), "--engine", "ray",
                        "--address", f"127.0.0.1:{port}", "-q")
     assert unreachable.returncode == 1
     assert f"error: --address 127.0.0.1:{port}: no Ray cluster answers there" in unreachable.stderr
@@ -137,7 +128,7 @@ def test_without_ray_installed_the_ray_engine_says_how_to_get_it(tmp_path: Path)
         f"sys.argv = ['cli.py', 'extract', {str(data)!r}, '--out', {str(tmp_path / 'c.h5')!r}, '--engine', 'ray']\n"
         "import cli; cli.app()\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_env(), cwd=REPO)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=child_env(), cwd=REPO)
     assert result.returncode == 1
     assert "error: --engine ray needs Ray Data, which is not installed: pip install" in result.stderr
 
@@ -150,7 +141,7 @@ def test_the_local_engine_never_imports_ray(tmp_path: Path) -> None:
         "image_size=32, progress=False)\n"
         "assert not any(m == 'ray' or m.startswith('ray.') for m in sys.modules), 'ray was imported'\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_env())
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=child_env())
     assert result.returncode == 0, result.stderr
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from conftest import REPO, make_dataset
+from conftest import REPO, child_env, make_dataset
 from hostile import write_corpus
 from tlfeat import cache
 from tlfeat.extract import extract
@@ -96,11 +95,6 @@ def _extract_args(data: Path, out: Path) -> list[str]:
             "--image-size", "64", "--batch-size", "4", "-q"]
 
 
-def _env() -> dict[str, str]:
-    # PYTHONPATH: the killer script lives in a temp folder, and must import this checkout's tlfeat installed or not.
-    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
-
-
 def _assert_cache_opens_cleanly(out: Path) -> None:
     if out.exists():
         data = cache.load(out)
@@ -120,7 +114,7 @@ def test_cache_survives_sigkill_at_many_points(tmp_path: Path) -> None:
     for point, nth in kill_points:
         proc = subprocess.Popen(
             [sys.executable, str(killer), point, str(nth), *_extract_args(data, out)],
-            cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         if point == "random-time":
             shards_before = len(list(parts.glob("shard-*.npz")))
@@ -138,13 +132,13 @@ def test_cache_survives_sigkill_at_many_points(tmp_path: Path) -> None:
 
     # Finish, then add one image and die while writing the final file: the old cache must survive.
     finished = subprocess.run([sys.executable, str(REPO / "cli.py"), *_extract_args(data, out)],
-                              env=_env(), capture_output=True, text=True)
+                              env=child_env(), capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr
     before = cache.load(out)
     make_dataset(tmp_path / "more", n_classes=1, per_class=1)
     (tmp_path / "more" / "class_0" / "img_000.png").rename(data / "class_0" / "late.png")
     proc = subprocess.run([sys.executable, str(killer), "mid-final-write", "1", *_extract_args(data, out)],
-                          cwd=REPO, env=_env(), capture_output=True)
+                          cwd=REPO, env=child_env(), capture_output=True)
     assert proc.returncode == -signal.SIGKILL
     after_crash = cache.load(out)
     assert list(after_crash.paths) == list(before.paths)
@@ -152,14 +146,14 @@ def test_cache_survives_sigkill_at_many_points(tmp_path: Path) -> None:
     assert list(out.parent.glob(out.name + ".tmp-*")), "the killed final write left its temp file"
 
     resumed = subprocess.run([sys.executable, str(REPO / "cli.py"), *_extract_args(data, out)],
-                             env=_env(), capture_output=True, text=True)
+                             env=child_env(), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "computed 0, reused 61" in resumed.stdout  # the late image's shard survived the crash
     assert not list(out.parent.glob(out.name + ".tmp-*")) and not parts.exists()
 
     clean_out = tmp_path / "clean.h5"
     clean = subprocess.run([sys.executable, str(REPO / "cli.py"), *_extract_args(data, clean_out)],
-                           env=_env(), capture_output=True, text=True)
+                           env=child_env(), capture_output=True, text=True)
     assert clean.returncode == 0, clean.stderr
     a, b = cache.load(out), cache.load(clean_out)
     assert list(a.paths) == list(b.paths) and len(a) == 61
@@ -176,12 +170,12 @@ def test_concurrent_extract_on_same_output_stops_at_once(tmp_path: Path) -> None
     data = make_dataset(tmp_path / "data", n_classes=2, per_class=60)
     out = tmp_path / "c.h5"
     first = subprocess.Popen([sys.executable, str(REPO / "cli.py"), *_extract_args(data, out)],
-                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     lock = Path(str(out) + ".lock")
     while not lock.exists() and first.poll() is None:
         time.sleep(0.01)
     second = subprocess.run([sys.executable, str(REPO / "cli.py"), *_extract_args(data, out)],
-                            env=_env(), capture_output=True, text=True)
+                            env=child_env(), capture_output=True, text=True)
     first_still_running = first.poll() is None  # refused at start-up, not after waiting its turn
     first.wait(timeout=300)
     assert first.returncode == 0
