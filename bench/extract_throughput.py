@@ -10,7 +10,7 @@ go through, each run in its own subprocess, --repeats times in turn:
   * baseline: keras.utils.image_dataset_from_directory + model.predict, the
     backbone's keras preprocess_input mapped over the dataset (needs TensorFlow;
     --no-baseline leaves it out, e.g. on a GPU machine without TensorFlow);
-  * tlfeat: tlfeat.extract.extract into a fresh cache;
+  * tlfeat: tlfeat.extraction.run.extract into a fresh cache;
   * compute alone: tlfeat's own extractor (same batch size and precision) over
     the same images already decoded into memory, after a warm-up batch: what the
     backbone computes per second with no decoding, tracing or writing. No
@@ -85,9 +85,9 @@ def _child_ceiling(data: str, backbone: str) -> dict:
     import numpy as np
 
     from tlfeat.backbones import get_backbone
-    from tlfeat.dataset import scan_dataset
-    from tlfeat.decode import iter_batches
-    from tlfeat.extract import get_extractor
+    from tlfeat.data.scan import scan_dataset
+    from tlfeat.data.decode import iter_batches
+    from tlfeat.runtime import get_extractor
 
     spec = get_backbone(backbone)
     extractor = get_extractor(spec, "none", spec.input_size, None)
@@ -105,7 +105,8 @@ def _child_tlfeat(data: str, backbone: str, out: str, weights: str, warm: str = 
     import numpy as np
 
     from tlfeat.backbones import get_backbone
-    from tlfeat.extract import extract, get_extractor
+    from tlfeat.extraction.run import extract
+    from tlfeat.runtime import get_extractor
 
     spec = get_backbone(backbone)
     extractor = get_extractor(spec, weights, spec.input_size, None)  # built outside the clock, as the baseline's

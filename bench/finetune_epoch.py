@@ -1,4 +1,4 @@
-"""Seconds per fine-tuning epoch: tlfeat.finetune vs a plain Keras model.fit of the same model, in one run.
+"""Seconds per fine-tuning epoch: tlfeat.finetuning vs a plain Keras model.fit of the same model, in one run.
 
 Usage:
     python bench/finetune_epoch.py [--backbone efficientnet_lite0] [--weights imagenet]
@@ -15,7 +15,7 @@ images every epoch, --epochs epochs per stage:
   * stage 2: the top k base layers unfrozen too (RMSprop 1e-5; k = tlfeat's
     default for the backbone, 47 for efficientnet_lite0).
 Sides, each in its own subprocess:
-  * tlfeat: tlfeat.finetune.finetune as `cli.py finetune` calls it, early
+  * tlfeat: tlfeat.finetuning.finetune as `cli.py finetune` calls it, early
     stopping off. Its images are decoded every epoch by its PyDataset, and every
     epoch saves checkpoints, history and state: all of that is in its epoch time.
   * plain: the same base (tlfeat.backbones.build_model) and head written in plain
@@ -96,9 +96,9 @@ def _child_plain(config: dict) -> dict:
 
     from fit_head import image_batches, study_model
     from tlfeat.backbones import build_model, get_backbone
-    from tlfeat.dataset import scan_dataset
-    from tlfeat.decode import iter_batches
-    from tlfeat.extract import accelerator_present, compute_policy
+    from tlfeat.data.scan import scan_dataset
+    from tlfeat.data.decode import iter_batches
+    from tlfeat.runtime import accelerator_present, compute_policy
 
     spec = get_backbone(config["backbone"])
     size, batch_size = config["image_size"], config["batch_size"]
@@ -119,7 +119,7 @@ def _child_plain(config: dict) -> dict:
     else:
         x, y = decoded(*train)
         data = {"x": x, "y": y, "batch_size": batch_size, "validation_data": decoded(*val)}
-    keras.config.set_dtype_policy(compute_policy(accelerator_present()))  # the policy tlfeat.finetune picks
+    keras.config.set_dtype_policy(compute_policy(accelerator_present()))  # the policy tlfeat.finetuning picks
     base = build_model(spec, config["weights"], size)
     keras.utils.set_random_seed(config["seed"])  # as tlfeat seeds its head
     model = study_model(base, len(scan.class_names), size)
@@ -144,7 +144,7 @@ def _child_plain(config: dict) -> dict:
 
 
 def _child_tlfeat(config: dict) -> dict:
-    from tlfeat.finetune import finetune
+    from tlfeat.finetuning import finetune
 
     starts, ends = {}, []
 
@@ -193,7 +193,6 @@ def main() -> None:
         return
 
     from tlfeat.backbones import get_backbone
-    from tlfeat.finetune import DEFAULT_UNFREEZE_TOP
     from tlfeat.reports import markdown_table
 
     if args.epochs < 2:
@@ -201,7 +200,7 @@ def main() -> None:
     if not (args.scene15 / "train").is_dir():
         raise SystemExit(f"Scene15 not found at {args.scene15}")
     spec = get_backbone(args.backbone)
-    k = args.unfreeze_top if args.unfreeze_top is not None else DEFAULT_UNFREEZE_TOP.get(spec.name)
+    k = args.unfreeze_top if args.unfreeze_top is not None else spec.unfreeze_top
     if k is None:
         raise SystemExit(f"{spec.name}: give --unfreeze-top")
     command = bench_command()

@@ -4,12 +4,12 @@ Usage:
     python bench/fit_head.py [--cache CACHE.h5] [--data DATA] [--backbone efficientnet_lite0]
         [--weights imagenet] [--images-limit N] [--seed 0] [--json OUT]
 
-Without --cache, DATA (default: Scene15) is extracted first with `tlfeat.extract.extract`
+Without --cache, DATA (default: Scene15) is extracted first with `tlfeat.extraction.run.extract`
 into cache/<dataset>-<backbone>.h5 (incremental: a cache already there and up to date
 is reused, nothing recomputed).
 
 (a) Every scikit-learn head (logreg, linear-svm, knn, mlp) is fitted with
-    `tlfeat.fit.fit_heads`, as `cli.py fit-head --head NAME` does: train split,
+    `tlfeat.heads.fit.fit_heads`, as `cli.py fit-head --head NAME` does: train split,
     scored on every split, model and reports saved. Reported per head: the fit
     alone, the whole fit_heads call (loading, scoring, writing included), test
     accuracy; and the wall time of all four together.
@@ -62,7 +62,7 @@ def study_model(base: Any, n_classes: int, image_size: int) -> Any:
     """
     import keras
 
-    from tlfeat.finetune import DROPOUT, HIDDEN_UNITS
+    from tlfeat.heads.keras_head import DROPOUT, HIDDEN_UNITS
 
     inputs = keras.Input((image_size, image_size, 3))
     hidden = keras.layers.Dense(HIDDEN_UNITS)(base(inputs, training=False))
@@ -84,7 +84,7 @@ def image_batches(
     """
     import keras
 
-    from tlfeat.decode import decode_image, default_workers
+    from tlfeat.data.decode import decode_image, default_workers
 
     class ImageBatches(keras.utils.PyDataset):
         def __len__(self) -> int:
@@ -104,14 +104,14 @@ def evenly_spaced(n: int, m: int) -> np.ndarray:
 
 
 def _child_extract(data: str, out: str, backbone: str, weights: str) -> dict:
-    from tlfeat.extract import extract
+    from tlfeat.extraction.run import extract
 
     summary = extract(Path(data), Path(out), backbone=backbone, weights=weights, progress=False)
     return {"cache": str(summary.out), "computed": summary.n_computed, "seconds": summary.seconds}
 
 
 def _child_heads(cache: str, out: str, seed: str) -> dict:
-    from tlfeat.fit import fit_heads
+    from tlfeat.heads.fit import fit_heads
     from tlfeat.heads import HEAD_NAMES
 
     rows = []
@@ -137,7 +137,7 @@ def _child_report_cached(cache: str, seed: str) -> dict:
     import keras  # noqa: F401  imported before the clock starts, as on the study-way side
 
     from tlfeat.cache import load
-    from tlfeat.heads import fit_estimator, get_head
+    from tlfeat.heads.registry import fit_estimator, get_head
 
     data = load(cache)
     train, val = data.select("train"), data.select("val")
@@ -242,7 +242,7 @@ def main() -> None:
     command = bench_command()
     report: dict = {"command": command, "cpu_count": os.cpu_count()}
     if args.cache is None:
-        from tlfeat.extract import default_output
+        from tlfeat.extraction.run import default_output
 
         out = REPO / default_output(args.data, args.backbone)
         print(f"extracting {args.data} with {args.backbone} into {out} (reused if up to date) ...", flush=True)

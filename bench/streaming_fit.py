@@ -3,8 +3,8 @@
 Usage:
     python bench/streaming_fit.py --cache CACHE.h5 [--chunk-rows 256] [--passes 10] [--json OUT]
 
-For logreg and linear-svm: `tlfeat.fit.fit_heads` (the whole cache in memory,
-LogisticRegression / calibrated LinearSVC) against `tlfeat.streaming.fit_streaming`
+For logreg and linear-svm: `tlfeat.heads.fit.fit_heads` (the whole cache in memory,
+LogisticRegression / calibrated LinearSVC) against `tlfeat.heads.streaming.fit_streaming`
 (chunks of --chunk-rows rows, SGD, --passes passes), each in its own process:
 wall seconds of the call (loading, fitting, scoring, writing), test accuracy, and
 the peak of Python-traced memory (tracemalloc: numpy arrays included) after a
@@ -27,8 +27,8 @@ HEADS = ("logreg", "linear-svm")
 def _child(kind: str, cache: str, head: str, out: str, chunk_rows: str, passes: str) -> dict:
     import tracemalloc
 
-    from tlfeat.fit import fit_heads
-    from tlfeat.streaming import fit_streaming
+    from tlfeat.heads.fit import fit_heads
+    from tlfeat.heads.streaming import fit_streaming
 
     def fit(target: str) -> object:
         if kind == "memory":

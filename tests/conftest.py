@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -11,6 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from tlfeat.cache import CacheKey, write_cache
+from tlfeat.heads.keras_head import KerasReportHead
 
 REPO = Path(__file__).resolve().parents[1]
 SCENE15 = (REPO / ".." / "shared" / "data" / "scene15").resolve()
@@ -74,3 +78,83 @@ def scene15_subset(scene15: Path, tmp_path_factory: pytest.TempPathFactory) -> P
             (root / class_dir.name).mkdir(exist_ok=True)
             (root / class_dir.name / image.name).write_bytes(image.read_bytes())
     return root
+
+
+# --- helpers shared by several test files ------------------------------------------------
+
+
+def gaussian_blobs(
+    n_per_class: int = 40, n_classes: int = 3, dim: int = 16, seed: int = 0, spread: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Classes as gaussian clouds around well-separated random centres (non-negative, like pooled CNN features)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(0, 6, size=(n_classes, dim))
+    labels = np.repeat(np.arange(n_classes), n_per_class)
+    features = centres[labels] + rng.normal(0, spread, size=(len(labels), dim))
+    return np.abs(features).astype(np.float32), labels
+
+
+def write_synthetic_cache(
+    path: Path,
+    n_per_class: int = 40,
+    n_classes: int = 3,
+    dim: int = 16,
+    seed: int = 0,
+    splits: tuple[str, ...] = ("train", "val", "test"),
+    shares: tuple[float, ...] = (0.5, 0.25, 0.25),
+    backbone: str = "efficientnet_lite0",
+    features: np.ndarray | None = None,
+    class_names: list[str] | None = None,
+    path_prefix: str = "",
+) -> Path:
+    """A tlfeat cache of gaussian blobs; row paths look like '<class>/img_<i>.png'."""
+    blob_features, labels = gaussian_blobs(n_per_class, n_classes, dim, seed)
+    features = blob_features if features is None else features
+    class_names = class_names or [f"class_{c}" for c in range(n_classes)]
+    split = []
+    for _ in range(n_classes):
+        counts = [int(round(s * n_per_class)) for s in shares]
+        counts[0] += n_per_class - sum(counts)
+        split += [name for name, count in zip(splits, counts) for _ in range(count)]
+    paths = [f"{path_prefix}{class_names[label]}/img_{i:04d}.png" for i, label in enumerate(labels)]
+    write_cache(
+        path,
+        CacheKey(backbone=backbone, weights="none", input_size=32, preprocessing="synthetic"),
+        features=features, labels=labels, paths=paths, split=split,
+        file_size=[100] * len(labels), file_mtime_ns=[0] * len(labels),
+        class_names=class_names, skipped=[],
+        extra_attrs={"weights_source": "none", "dataset_root": "/synthetic", "seed": seed},
+    )
+    return path
+
+
+def assert_one_line_error(result: object, *fragments: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert "Traceback" not in result.output
+
+
+def summary_rows(out: Path) -> dict[str, dict[str, str]]:
+    with open(out / "summary.csv", newline="") as handle:
+        return {row["head"]: row for row in csv.DictReader(handle)}
+
+
+def fitted_parameters(estimator: object) -> int | None:
+    """Learned numbers in a fitted head, counted from its arrays (None for k-NN, which learns none)."""
+    if isinstance(estimator, KerasReportHead):
+        return sum(w.size for w in estimator._weights)
+    final = estimator.steps[-1][1]
+    if hasattr(final, "calibrated_classifiers_"):
+        return sum(
+            c.estimator.coef_.size + c.estimator.intercept_.size
+            + sum(np.size(cal.a_) + np.size(cal.b_) for cal in c.calibrators)
+            for c in final.calibrated_classifiers_
+        )
+    if hasattr(final, "coefs_"):
+        return sum(a.size for a in final.coefs_ + final.intercepts_)
+    if hasattr(final, "coef_"):
+        return final.coef_.size + final.intercept_.size
+    return None

@@ -7,18 +7,17 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import make_dataset
-from test_fit_head import assert_one_line_error
-from tlfeat.compare import head_trainable_params
-from tlfeat.extract import extract
-from tlfeat.finetune import finetune
-from tlfeat.fit import fit_heads
-from tlfeat.heads import HEAD_NAMES, KerasReportHead, load_head
+from conftest import assert_one_line_error, fitted_parameters, make_dataset
+from tlfeat.heads.registry import head_trainable_params
+from tlfeat.extraction.run import extract
+from tlfeat.finetuning import finetune
+from tlfeat.heads.fit import fit_heads
+from tlfeat.heads.registry import HEAD_NAMES
+from tlfeat.heads.store import load_head
 
 runner = CliRunner()
 
@@ -37,22 +36,6 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "results"
 
 
-def fitted_parameters(estimator: object) -> int | None:
-    """Learned numbers in a fitted head, counted from its arrays (None for k-NN, which learns none)."""
-    if isinstance(estimator, KerasReportHead):
-        return sum(w.size for w in estimator._weights)
-    final = estimator.steps[-1][1]
-    if hasattr(final, "calibrated_classifiers_"):
-        return sum(
-            c.estimator.coef_.size + c.estimator.intercept_.size
-            + sum(np.size(cal.a_) + np.size(cal.b_) for cal in c.calibrators)
-            for c in final.calibrated_classifiers_
-        )
-    if hasattr(final, "coefs_"):
-        return sum(a.size for a in final.coefs_ + final.intercepts_)
-    if hasattr(final, "coef_"):
-        return final.coef_.size + final.intercept_.size
-    return None
 
 
 def test_compare_builds_one_table_from_runs_and_heads(results: Path, tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tlfeat.dataset import scan_dataset
+from tlfeat.data.scan import scan_dataset
 from tlfeat.errors import TlfeatError
 
 

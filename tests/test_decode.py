@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlfeat.decode import DecodeError, decode_image, iter_batches
+from tlfeat.data.decode import DecodeError, decode_image, iter_batches
 
 
 def _save(img: Image.Image, path: Path, **kwargs) -> Path:
@@ -94,9 +94,9 @@ def test_bad_files_raise_one_line_reasons(tmp_path: Path, content, reason: str) 
 
 
 def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import tlfeat.decode
+    import tlfeat.data.decode
 
-    monkeypatch.setattr(tlfeat.decode, "MAX_PIXELS", 100 * 100)
+    monkeypatch.setattr(tlfeat.data.decode, "MAX_PIXELS", 100 * 100)
     path = _save(Image.new("L", (200, 200)), tmp_path / "big.png")
     with pytest.raises(DecodeError, match="image too large"):
         decode_image(path, 32)

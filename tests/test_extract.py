@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO, make_dataset, make_image, run_cli
 from tlfeat import cache
 from tlfeat.errors import TlfeatError
-from tlfeat.extract import extract
+from tlfeat.extraction.run import extract
 
 FAST = dict(backbone="vgg16", weights="none", image_size=32, progress=False)
 
@@ -90,7 +90,7 @@ def test_incremental_update_after_adding_changing_renaming_and_removing(tiny_dat
 def test_mismatched_settings_are_refused_then_overwritten(tiny_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "c.h5"
     extract(tiny_dataset, out, **FAST)
-    with pytest.raises(TlfeatError, match=r"input_size 48 vs 32.*--overwrite"):
+    with pytest.raises(TlfeatError, match=r"input_size 48 vs 32.*`overwrite`"):
         extract(tiny_dataset, out, **{**FAST, "image_size": 48})
     assert cache.load(out).attrs["input_size"] == 32  # the old cache is intact
     extract(tiny_dataset, out, overwrite=True, **{**FAST, "image_size": 48})

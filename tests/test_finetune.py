@@ -16,12 +16,14 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import REPO, make_dataset
-from test_fit_head import assert_one_line_error
-from tlfeat import finetune as ft
+from conftest import REPO, assert_one_line_error, make_dataset
+from tlfeat.finetuning import runs as ft_runs
+from tlfeat.finetuning import train as ft
+from tlfeat.finetuning.data import image_batches_class
+from tlfeat.finetuning.state import Run
 from tlfeat.backbones import build_model, get_backbone
-from tlfeat.dataset import scan_dataset
-from tlfeat.decode import decode_image
+from tlfeat.data.scan import scan_dataset
+from tlfeat.data.decode import decode_image
 from tlfeat.errors import TlfeatError
 
 runner = CliRunner()
@@ -63,7 +65,7 @@ def test_stages_train_the_right_layers_and_never_touch_batchnorm_statistics(
     top_params = sum(int(np.prod(w.shape)) for layer in pretrained.layers[-k:] for w in layer.trainable_weights)
 
     snapshots = []  # what the model looked like at the end of every epoch
-    original_record = ft._Run.record_epoch
+    original_record = Run.record_epoch
 
     def spy(self: object, model: object, stage: int, epoch: int, logs: dict, seconds: float) -> bool:
         base = ft.base_of(model)
@@ -78,7 +80,7 @@ def test_stages_train_the_right_layers_and_never_touch_batchnorm_statistics(
         })
         return original_record(self, model, stage, epoch, logs, seconds)
 
-    monkeypatch.setattr(ft._Run, "record_epoch", spy)
+    monkeypatch.setattr(Run, "record_epoch", spy)
     result = ft.finetune(
         tiny_dataset, backbone="efficientnet_lite0", weights="imagenet", epochs1=2, epochs2=2, unfreeze_top=k,
         image_size=32, batch_size=4, augment=True, patience=0, out=tmp_path / "run", **QUIET,
@@ -111,7 +113,7 @@ def test_stage_2_starts_from_the_best_stage_1_epoch(
     tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     head_kernels = []  # head weights after each epoch, then at the moment stage 2 unfreezes the base
-    original_record, original_unfreeze = ft._Run.record_epoch, ft.set_unfrozen_top
+    original_record, original_unfreeze = Run.record_epoch, ft.set_unfrozen_top
 
     def scripted_val_accuracy(self: object, model: object, stage: int, epoch: int, logs: dict, s: float) -> bool:
         head_kernels.append(array(model.get_layer("head_dense").kernel))
@@ -124,7 +126,7 @@ def test_stage_2_starts_from_the_best_stage_1_epoch(
             head_kernels.append(array(model.get_layer("head_dense").kernel))
         original_unfreeze(model, k)
 
-    monkeypatch.setattr(ft._Run, "record_epoch", scripted_val_accuracy)
+    monkeypatch.setattr(Run, "record_epoch", scripted_val_accuracy)
     monkeypatch.setattr(ft, "set_unfrozen_top", spy_unfreeze)
     lines: list[str] = []
     ft.finetune(
@@ -177,10 +179,10 @@ def test_run_writes_every_output_skips_unreadable_images_and_predicts(tmp_path: 
         assert set(m["per_class"]) == set(summary["classes"])
         assert m["accuracy"] == pytest.approx(summary["scores"][split]["accuracy"])
 
-    model, meta = ft.load_finetuned(out)
+    model, meta = ft_runs.load_finetuned(out)
     assert model.output.shape[-1] == 3 and meta["best_epoch"]["global_epoch"] in range(1, 5)
     good = data / "class_2" / "img_000.png"
-    proba, ok, failures, names = ft.predict_files(out / "model.keras", [good, data / "class_0" / "broken.png"])
+    proba, ok, failures, names = ft_runs.predict_files(out / "model.keras", [good, data / "class_0" / "broken.png"])
     assert proba.shape == (1, 3) and ok == [0] and names == summary["classes"]
     assert np.allclose(proba.sum(axis=1), 1.0, atol=1e-5)
     assert failures == [(str(data / "class_0" / "broken.png"), summary["skipped"]["class_0/broken.png"])]
@@ -270,7 +272,7 @@ def test_run_folders_are_not_overwritten_and_resume_needs_a_run(tmp_path: Path) 
 
 
 def test_batches_shuffle_per_epoch_with_the_seed_and_augment_only_training(tiny_dataset: Path) -> None:
-    _, image_batches, _ = ft._keras_parts()
+    image_batches = image_batches_class()
     files = sorted(tiny_dataset.rglob("*.png"))
     (tiny_dataset / "bad.png").write_bytes(b"")
     files.append(tiny_dataset / "bad.png")
@@ -307,7 +309,7 @@ def test_ctrl_c_in_stage_2_then_resume_keeps_unfrozen_layers_and_optimizer_state
     data = make_dataset(tmp_path / "tiny")
     settings = dict(backbone="vgg16", weights="none", epochs1=1, epochs2=3, unfreeze_top=3, image_size=32,
                     batch_size=4, patience=0, out=tmp_path / "run", **QUIET)
-    original_record = ft._Run.record_epoch
+    original_record = Run.record_epoch
     seen = []
 
     def interrupt_after_stage2_epoch1(
@@ -318,8 +320,8 @@ def test_ctrl_c_in_stage_2_then_resume_keeps_unfrozen_layers_and_optimizer_state
             raise KeyboardInterrupt
         return stop
 
-    monkeypatch.setattr(ft._Run, "record_epoch", interrupt_after_stage2_epoch1)
-    with pytest.raises(TlfeatError, match=r"interrupted; 2 finished epochs are saved .* --resume"):
+    monkeypatch.setattr(Run, "record_epoch", interrupt_after_stage2_epoch1)
+    with pytest.raises(TlfeatError, match=r"interrupted; 2 finished epochs are saved .* `resume`"):
         ft.finetune(data, **settings)
 
     def spy(self: object, model: object, stage: int, epoch: int, logs: dict, seconds: float) -> bool:
@@ -327,7 +329,7 @@ def test_ctrl_c_in_stage_2_then_resume_keeps_unfrozen_layers_and_optimizer_state
                      int(array(model.optimizer.iterations))))
         return original_record(self, model, stage, epoch, logs, seconds)
 
-    monkeypatch.setattr(ft._Run, "record_epoch", spy)
+    monkeypatch.setattr(Run, "record_epoch", spy)
     result = ft.finetune(data, resume=True, **settings)
     steps = 3  # 12 training images in batches of 4
     stage2 = HEAD_PARAMS_VGG16 + 2359808

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -13,11 +12,11 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from test_heads import gaussian_blobs, write_synthetic_cache
-from tlfeat.backbones import sha256_file
+from conftest import assert_one_line_error, gaussian_blobs, summary_rows, write_synthetic_cache
+from tlfeat.fileio import sha256_file
 from tlfeat.errors import TlfeatError
-from tlfeat.fit import fit_heads, load_features
-from tlfeat.heads import HEAD_NAMES, HEADS, get_head
+from tlfeat.heads.fit import fit_heads, load_features
+from tlfeat.heads.registry import HEAD_NAMES, HEADS, get_head
 
 runner = CliRunner()
 
@@ -26,18 +25,8 @@ def fit_head_cli(*args: str | Path) -> object:
     return runner.invoke(app, ["fit-head", *map(str, args)])
 
 
-def assert_one_line_error(result: object, *fragments: str) -> None:
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-    assert "Traceback" not in result.output
 
 
-def summary_rows(out: Path) -> dict[str, dict[str, str]]:
-    with open(out / "summary.csv", newline="") as handle:
-        return {row["head"]: row for row in csv.DictReader(handle)}
 
 
 def test_fit_all_heads_writes_models_reports_and_a_ranked_table(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """Heads as scikit-learn estimators: accuracy, reproducibility, pickling, persistence checks.
 
-`write_synthetic_cache` is also used by test_fit_head.py and test_predict_demo.py.
+Shared helpers (`gaussian_blobs`, `write_synthetic_cache`) live in conftest.py.
 """
 
 from __future__ import annotations
@@ -12,54 +12,15 @@ import numpy as np
 import pytest
 from sklearn.base import clone
 
-from tlfeat.cache import CacheKey, write_cache
+from conftest import gaussian_blobs
 from tlfeat.errors import TlfeatError
-from tlfeat.heads import HEAD_NAMES, KerasReportHead, get_head, load_head, metadata_path, save_head
+from tlfeat.heads.keras_head import KerasReportHead
+from tlfeat.heads.registry import HEAD_NAMES, get_head
+from tlfeat.heads.store import load_head, metadata_path, save_head
 
 
-def gaussian_blobs(
-    n_per_class: int = 40, n_classes: int = 3, dim: int = 16, seed: int = 0, spread: float = 1.0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Classes as gaussian clouds around well-separated random centres (non-negative, like pooled CNN features)."""
-    rng = np.random.default_rng(seed)
-    centres = rng.uniform(0, 6, size=(n_classes, dim))
-    labels = np.repeat(np.arange(n_classes), n_per_class)
-    features = centres[labels] + rng.normal(0, spread, size=(len(labels), dim))
-    return np.abs(features).astype(np.float32), labels
 
 
-def write_synthetic_cache(
-    path: Path,
-    n_per_class: int = 40,
-    n_classes: int = 3,
-    dim: int = 16,
-    seed: int = 0,
-    splits: tuple[str, ...] = ("train", "val", "test"),
-    shares: tuple[float, ...] = (0.5, 0.25, 0.25),
-    backbone: str = "efficientnet_lite0",
-    features: np.ndarray | None = None,
-    class_names: list[str] | None = None,
-    path_prefix: str = "",
-) -> Path:
-    """A tlfeat cache of gaussian blobs; row paths look like '<class>/img_<i>.png'."""
-    blob_features, labels = gaussian_blobs(n_per_class, n_classes, dim, seed)
-    features = blob_features if features is None else features
-    class_names = class_names or [f"class_{c}" for c in range(n_classes)]
-    split = []
-    for _ in range(n_classes):
-        counts = [int(round(s * n_per_class)) for s in shares]
-        counts[0] += n_per_class - sum(counts)
-        split += [name for name, count in zip(splits, counts) for _ in range(count)]
-    paths = [f"{path_prefix}{class_names[label]}/img_{i:04d}.png" for i, label in enumerate(labels)]
-    write_cache(
-        path,
-        CacheKey(backbone=backbone, weights="none", input_size=32, preprocessing="synthetic"),
-        features=features, labels=labels, paths=paths, split=split,
-        file_size=[100] * len(labels), file_mtime_ns=[0] * len(labels),
-        class_names=class_names, skipped=[],
-        extra_attrs={"weights_source": "none", "dataset_root": "/synthetic", "seed": seed},
-    )
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,14 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import make_dataset
-from test_fit_head import assert_one_line_error, summary_rows
+from conftest import assert_one_line_error, make_dataset, summary_rows
 from tlfeat.cache import load
-from tlfeat.demo import write_digits
-from tlfeat.extract import extract
-from tlfeat.fit import fit_heads, load_features
-from tlfeat.heads import HEAD_NAMES, load_head
-from tlfeat.predict import predict_images
+from tlfeat.apps.demo import write_digits
+from tlfeat.extraction.run import extract
+from tlfeat.heads.fit import fit_heads, load_features
+from tlfeat.heads.registry import HEAD_NAMES
+from tlfeat.heads.store import load_head
+from tlfeat.apps.predict import predict_images
 
 runner = CliRunner()
 

@@ -20,8 +20,8 @@ import pytest
 from conftest import REPO, child_env, make_dataset, run_cli
 from tlfeat import cache
 from tlfeat.errors import TlfeatError
-from tlfeat.extract import extract
-from tlfeat.ray_engine import RayOptions, _cause, _plan
+from tlfeat.extraction.run import extract
+from tlfeat.extraction.ray_engine import RayOptions, _cause, _plan
 
 pytest.importorskip("ray.data", reason="the Ray engine needs ray[data] (in tlfeat's dev extras)")
 
@@ -113,11 +113,11 @@ def test_engine_options_are_checked_before_any_work(tmp_path: Path) -> None:
     assert f"error: --address 127.0.0.1:{port}: no Ray cluster answers there" in unreachable.stderr
     assert "Traceback" not in unreachable.stderr
 
-    with pytest.raises(TlfeatError, match="need --engine ray"):
+    with pytest.raises(TlfeatError, match="need `engine=.ray.`"):
         extract(data, tmp_path / "c.h5", ray_options=RayOptions(workers=2), **FAST)
-    with pytest.raises(TlfeatError, match="--engine spark: use local or ray"):
+    with pytest.raises(TlfeatError, match="`engine='spark'`: use local or ray"):
         extract(data, tmp_path / "c.h5", engine="spark", **FAST)
-    with pytest.raises(TlfeatError, match="--workers 0"):
+    with pytest.raises(TlfeatError, match="`workers=0`"):
         extract(data, tmp_path / "c.h5", engine="ray", ray_options=RayOptions(workers=0), **FAST)
 
 
@@ -136,7 +136,7 @@ def test_without_ray_installed_the_ray_engine_says_how_to_get_it(tmp_path: Path)
 def test_the_local_engine_never_imports_ray(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data", n_classes=2, per_class=2)
     script = (
-        "import sys\nfrom pathlib import Path\nfrom tlfeat.extract import extract\n"
+        "import sys\nfrom pathlib import Path\nfrom tlfeat.extraction.run import extract\n"
         f"extract(Path({str(data)!r}), Path({str(tmp_path / 'c.h5')!r}), backbone='vgg16', weights='none', "
         "image_size=32, progress=False)\n"
         "assert not any(m == 'ray' or m.startswith('ray.') for m in sys.modules), 'ray was imported'\n"

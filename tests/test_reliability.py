@@ -16,7 +16,7 @@ import numpy as np
 from conftest import REPO, child_env, make_dataset
 from hostile import write_corpus
 from tlfeat import cache
-from tlfeat.extract import extract
+from tlfeat.extraction.run import extract
 
 FAST = dict(backbone="vgg16", weights="none", image_size=32, progress=False)
 
@@ -79,9 +79,10 @@ KILLER = textwrap.dedent(
             real_replace(src, dst)
         cache_module.os.replace = replace
     elif point == "mid-final-write":
-        def fsync_file(path):
+        import tlfeat.fileio as fileio_module
+        def fsync_path(path):
             die()
-        cache_module._fsync_file = fsync_file
+        fileio_module.fsync_path = fsync_path
     sys.argv = ["cli.py"] + sys.argv[3:]
     sys.path.insert(0, os.getcwd())
     import cli
@@ -143,13 +144,13 @@ def test_cache_survives_sigkill_at_many_points(tmp_path: Path) -> None:
     after_crash = cache.load(out)
     assert list(after_crash.paths) == list(before.paths)
     np.testing.assert_array_equal(after_crash.features, before.features)
-    assert list(out.parent.glob(out.name + ".tmp-*")), "the killed final write left its temp file"
+    assert list(out.parent.glob(f".{out.stem}.tmp-*{out.suffix}")), "the killed final write left its temp file"
 
     resumed = subprocess.run([sys.executable, str(REPO / "cli.py"), *_extract_args(data, out)],
                              env=child_env(), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "computed 0, reused 61" in resumed.stdout  # the late image's shard survived the crash
-    assert not list(out.parent.glob(out.name + ".tmp-*")) and not parts.exists()
+    assert not list(out.parent.glob(f".{out.stem}.tmp-*{out.suffix}")) and not parts.exists()
 
     clean_out = tmp_path / "clean.h5"
     clean = subprocess.run([sys.executable, str(REPO / "cli.py"), *_extract_args(data, clean_out)],

@@ -11,7 +11,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from tlfeat import cache
-from tlfeat.extract import extract
+from tlfeat.extraction.run import extract
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +22,7 @@ def scene15_cache(scene15: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return out
 
 
+@pytest.mark.slow
 def test_efficientnet_lite0_features_reach_the_reference_accuracy(scene15_cache: Path) -> None:
     """The PyTorch reference of this recipe measured 92.1%; less means the port or preprocessing is off."""
     data = cache.load(scene15_cache)

@@ -11,14 +11,12 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from test_compare import fitted_parameters
-from test_fit_head import assert_one_line_error
-from test_heads import write_synthetic_cache
+from conftest import assert_one_line_error, fitted_parameters, write_synthetic_cache
 from tlfeat.cache import load
-from tlfeat.compare import head_trainable_params
-from tlfeat.fit import fit_heads
-from tlfeat.heads import load_head
-from tlfeat.streaming import fit_streaming
+from tlfeat.apps.compare import head_trainable_params
+from tlfeat.heads.fit import fit_heads
+from tlfeat.heads.store import load_head
+from tlfeat.heads.streaming import fit_streaming
 
 runner = CliRunner()
 

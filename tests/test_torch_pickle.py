@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tlfeat.errors import TlfeatError
-from tlfeat.torch_pickle import load_legacy_torch_state_dict
+from tlfeat.backbones.torch_pickle import load_legacy_torch_state_dict
 
 MAGIC = 0x1950A86A20F9469CFC6C
 SYS_INFO = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}

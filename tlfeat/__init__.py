@@ -1,3 +1,62 @@
-"""tlfeat: transfer learning with cached ImageNet CNN embeddings."""
+"""tlfeat: transfer learning with cached ImageNet CNN embeddings.
+
+The Python API, for notebooks and scripts (each name is the function the CLI command of the same name calls)::
+
+    import tlfeat
+
+    summary = tlfeat.extract("data/scenes")                 # -> ExtractSummary; cache/scenes-efficientnet_lite0.h5
+    data = tlfeat.load(summary.out, split="train")          # -> CacheData: features, labels, paths, class_names
+    fitted = tlfeat.fit_heads([summary.out], head="all")    # -> FitSummary: per-head scores, files written
+    result = tlfeat.predict(fitted.out / "logreg.joblib", ["photo.jpg"])
+
+Importing tlfeat (and calling `tlfeat.load`) imports neither Keras nor TensorFlow: every name below is
+resolved on first use, so a notebook pays only for what it calls.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# public name -> (module, attribute)
+_API: dict[str, tuple[str, str]] = {
+    "extract": ("tlfeat.extraction.run", "extract"),
+    "load": ("tlfeat.cache", "load"),
+    "fit_heads": ("tlfeat.heads.fit", "fit_heads"),
+    "finetune": ("tlfeat.finetuning.train", "finetune"),
+    "predict": ("tlfeat.apps.predict", "predict_images"),
+    "evaluate": ("tlfeat.apps.evaluate", "evaluate_on_caches"),
+    "compare": ("tlfeat.apps.compare", "compare"),
+    "list_backbones": ("tlfeat.backbones.registry", "list_backbones"),
+    "list_heads": ("tlfeat.heads.registry", "list_heads"),
+    "TlfeatError": ("tlfeat.errors", "TlfeatError"),
+}
+
+__all__ = sorted(_API)
+
+if TYPE_CHECKING:  # what static tools and IDEs see; at run time `__getattr__` imports on first use
+    from tlfeat.apps.compare import compare
+    from tlfeat.apps.evaluate import evaluate_on_caches as evaluate
+    from tlfeat.apps.predict import predict_images as predict
+    from tlfeat.backbones.registry import list_backbones
+    from tlfeat.cache import load
+    from tlfeat.errors import TlfeatError
+    from tlfeat.extraction.run import extract
+    from tlfeat.finetuning.train import finetune
+    from tlfeat.heads.fit import fit_heads
+    from tlfeat.heads.registry import list_heads
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'tlfeat' has no attribute {name!r}")
+    module, attribute = _API[name]
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value  # resolved once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])

@@ -43,11 +43,11 @@ import h5py
 import numpy as np
 
 from tlfeat import __version__
+from tlfeat.data.scan import SPLITS
 from tlfeat.errors import TlfeatError
-from tlfeat.fileio import atomic_write_bytes
+from tlfeat.fileio import atomic_path, atomic_write_bytes
 
 FORMAT_VERSION = 1
-SPLITS = ("train", "val", "test")
 _STR = h5py.string_dtype(encoding="utf-8")
 
 
@@ -238,11 +238,8 @@ def write_cache(
     `features` is an (N, D) array, or N rows of D (no (N, D) copy is made: a
     large run's rows are written a chunk at a time).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     n, dim = len(features), len(features[0]) if len(features) else np.shape(features)[1]
-    try:
+    with atomic_path(path, durable=True) as tmp:
         with h5py.File(tmp, "w") as handle:
             stored = handle.create_dataset(
                 "features", shape=(n, dim), dtype=key.dtype,
@@ -274,40 +271,13 @@ def write_cache(
             }
             for name, value in attrs.items():
                 handle.attrs[name] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def remove_stale_temporaries(path: Path) -> None:
     """Delete half-written files that a killed run left beside `path` (call while holding its lock)."""
     path = Path(path)
-    for leftover in path.parent.glob(glob.escape(path.name) + ".tmp-*"):
+    for leftover in path.parent.glob(f".{glob.escape(path.stem)}.tmp-*{glob.escape(path.suffix)}"):
         leftover.unlink(missing_ok=True)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class ShardStore:
@@ -395,54 +365,3 @@ class ShardStore:
         for item in self.dir.iterdir():
             item.unlink()
         self.dir.rmdir()
-
-
-class OutputLock:
-    """An exclusive lock file ``<out>.lock`` holding the owner's pid.
-
-    A second run on the same output stops at once; a lock left by a process that
-    no longer exists is taken over.
-    """
-
-    def __init__(self, out: Path) -> None:
-        self.path = Path(str(out) + ".lock")
-
-    def __enter__(self) -> "OutputLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder is not None and _pid_alive(holder):
-                    raise TlfeatError(
-                        f"{self.path}: another tlfeat run (pid {holder}) is writing this output; "
-                        "wait for it or remove the lock if that process is gone"
-                    ) from None
-                self.path.unlink(missing_ok=True)  # stale: its owner died
-                continue
-            with os.fdopen(fd, "w") as handle:
-                handle.write(str(os.getpid()))
-            return self
-        raise TlfeatError(f"{self.path}: could not take the output lock")
-
-    def _holder(self) -> int | None:
-        try:
-            return int(self.path.read_text().strip() or "0") or None
-        except (OSError, ValueError):
-            return None
-
-    def __exit__(self, *exc: object) -> None:
-        if self._holder() == os.getpid():
-            self.path.unlink(missing_ok=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-

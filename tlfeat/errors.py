@@ -1,5 +1,42 @@
-"""User-facing errors: the CLI prints these as one line and exits non-zero."""
+"""User-facing errors: the CLI prints these as one line and exits non-zero.
+
+Library messages name parameters the way Python callers pass them, in
+backquotes: `` `batch_size=0`: must be at least 1 ``, `` pass `overwrite` `` (a flag).
+`cli_terms` rewrites those into the CLI's options (``--batch-size 0``,
+``--overwrite``), so each audience reads its own names.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+_PARAMETER = re.compile(r"`(\w+)(?:=([^`]*))?`")
 
 
 class TlfeatError(Exception):
     """A problem with the user's input or environment, explained in one line."""
+
+
+def parameter_error(name: str, value: Any, problem: str) -> TlfeatError:
+    """A TlfeatError about one parameter's value: "`name=value`: problem"."""
+    return TlfeatError(f"`{name}={value!r}`: {problem}")
+
+
+def cli_terms(message: str, options: Mapping[str, str] | None = None) -> str:
+    """Rewrite the backquoted parameter mentions (name or name=value) of a library message as CLI options.
+
+    `options` maps parameter names whose option is not simply ``--name-with-dashes`` (e.g. ratios -> --split).
+    """
+    options = options or {}
+
+    def option(match: re.Match) -> str:
+        name, value = match.group(1), match.group(2)
+        flag = options.get(name, "--" + name.replace("_", "-"))
+        if value is None or value == "True":
+            return flag
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        return f"{flag} {value}"
+
+    return _PARAMETER.sub(option, message)

@@ -5,21 +5,54 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from tlfeat.errors import TlfeatError
 
 
-def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
-    """Write to a temporary sibling, then rename: readers see the old file or the new one, never half."""
+@contextmanager
+def atomic_path(path: str | Path, durable: bool = False) -> Iterator[Path]:
+    """A temporary sibling of `path` to write; renamed onto `path` when the block ends without error.
+
+    Readers see the old file or the new one, never half of one. The temporary name keeps the suffix
+    (Keras insists on ``.keras``) and carries the pid, so a killed writer's leftovers are recognisable.
+    `durable` fsyncs the file and its folder, so the rename survives a power cut.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
-        tmp.write_bytes(payload)
+        yield tmp
+        if durable:
+            fsync_path(tmp)
         os.replace(tmp, path)
+        if durable:
+            fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's entries to disk (folders: where the file system allows it)."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
+    """Write `payload` to `path` atomically (see `atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(payload)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -56,3 +89,54 @@ def check_format(path: str | Path, document: dict, name: str, version: int, what
         raise TlfeatError(
             f"{path}: format version {document.get('format_version')!r}, this tlfeat reads version {version}; {remedy}"
         )
+
+
+class OutputLock:
+    """An exclusive lock file ``<out>.lock`` holding the owner's pid.
+
+    A second run on the same output stops at once; a lock left by a process that
+    no longer exists is taken over.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.path = Path(str(out) + ".lock")
+
+    def __enter__(self) -> "OutputLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and _pid_alive(holder):
+                    raise TlfeatError(
+                        f"{self.path}: another tlfeat run (pid {holder}) is writing this output; "
+                        "wait for it or remove the lock if that process is gone"
+                    ) from None
+                self.path.unlink(missing_ok=True)  # stale: its owner died
+                continue
+            with os.fdopen(fd, "w") as handle:
+                handle.write(str(os.getpid()))
+            return self
+        raise TlfeatError(f"{self.path}: could not take the output lock")
+
+    def _holder(self) -> int | None:
+        try:
+            return int(self.path.read_text().strip() or "0") or None
+        except (OSError, ValueError):
+            return None
+
+    def __exit__(self, *exc: object) -> None:
+        if self._holder() == os.getpid():
+            self.path.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+

@@ -106,3 +106,36 @@ def csv_text(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def write_csv(path: Path, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     atomic_write_bytes(path, csv_text(headers, rows).encode())
+
+
+def save_png(fig: Any, path: Path, dpi: int = 100) -> None:
+    """Render a matplotlib Figure to PNG, written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_history(history: Sequence[dict], stage2_start: int | None, path: Path, title: str) -> None:
+    """Training and validation accuracy and loss over all epochs, a dashed line where stage 2 starts."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [e["global_epoch"] for e in history]
+    fig = Figure(figsize=(10, 4))
+    for i, (metric, label) in enumerate((("accuracy", "accuracy"), ("loss", "loss"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        ax.plot(epochs, [e[metric] for e in history], marker=".", label=f"train {label}")
+        ax.plot(epochs, [e[f"val_{metric}"] for e in history], marker=".", label=f"val {label}")
+        if stage2_start is not None:
+            ax.axvline(stage2_start - 0.5, color="grey", linestyle="--", label="stage 2 starts")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    save_png(fig, path)

@@ -1,7 +1,7 @@
-"""predict and evaluate: apply a head written by fit-head (or a fine-tuned run) to new data.
+"""predict: classify image files with a head written by fit-head, or with a fine-tuned run.
 
-`predict_images` classifies image files; `evaluate_on_caches` scores a head on
-labelled caches (e.g. a new test set extracted with the same settings).
+`predict_images` classifies image files (`tlfeat.apps.evaluate` scores a head on
+labelled caches).
 
 The images are embedded exactly as the head's training caches were: same
 backbone(s), weights, image size and preprocessing, taken from the head's
@@ -9,7 +9,7 @@ metadata JSON; a fused head embeds with each backbone and concatenates in the
 recorded order.
 
 Security: a head is a joblib file, i.e. a pickle, and loading one runs code
-named in the file. `tlfeat.heads.load_head` checks the file's sha256 against
+named in the file. `tlfeat.heads.store.load_head` checks the file's sha256 against
 the metadata written beside it, which catches a file changed after fit-head
 wrote it, but not a malicious model shipped together with matching metadata:
 only load heads you made yourself or whose author you trust.
@@ -25,11 +25,10 @@ from typing import Sequence
 import numpy as np
 
 from tlfeat.backbones import get_backbone, weights_identity
-from tlfeat.dataset import IMAGE_EXTENSIONS
+from tlfeat.data.scan import IMAGE_EXTENSIONS
 from tlfeat.errors import TlfeatError
-from tlfeat.fit import Features, load_features
-from tlfeat.heads import load_head, read_metadata
-from tlfeat.reports import split_metrics, write_csv
+from tlfeat.heads.store import load_head
+from tlfeat.reports import write_csv
 
 
 @dataclass
@@ -92,7 +91,7 @@ def embed_for_head(
     model: Path, meta: dict, files: Sequence[Path], batch_size: int | None = None, progress: bool = False
 ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
     """The head's feature vector for each file: (features, indices of files embedded, failures)."""
-    from tlfeat.extract import embed_files
+    from tlfeat.runtime import embed_files
 
     sources = meta["sources"]
     _check_sources(model, sources)
@@ -104,13 +103,13 @@ def embed_for_head(
             list(files), source["backbone"], source["weights_source"], image_size=int(source["input_size"]),
             batch_size=batch_size, progress=progress,
         )
-        if result.features.shape[1] != source["feature_dim"]:
+        if result.outputs.shape[1] != source["feature_dim"]:
             raise TlfeatError(
-                f"{model}: {source['backbone']} now gives {result.features.shape[1]}-d features, "
+                f"{model}: {source['backbone']} now gives {result.outputs.shape[1]}-d features, "
                 f"the head was trained on {source['feature_dim']}-d ones"
             )
         # Features are stored at the cache's dtype; round the same way so predict sees what fit saw.
-        features = result.features.astype(source.get("dtype") or "float32").astype(np.float32)
+        features = result.outputs.astype(source.get("dtype") or "float32").astype(np.float32)
         blocks.append(dict(zip(result.ok, features)))
         reasons.update((index_of[path], reason) for path, reason in result.failures)
     embedded = set.intersection(*(set(block) for block in blocks))
@@ -126,7 +125,7 @@ def embed_for_head(
 
 
 def _is_finetune_run(model: Path) -> bool:
-    from tlfeat.finetune import MODEL_NAME, SUMMARY_NAME
+    from tlfeat.finetuning import MODEL_NAME, SUMMARY_NAME
 
     return model.is_dir() or model.suffix == Path(MODEL_NAME).suffix or model.name == SUMMARY_NAME
 
@@ -136,7 +135,7 @@ def predict_images(
 ) -> PredictResult:
     """Classify the images under `inputs` with a fit-head .joblib or a fine-tune run (folder or model.keras)."""
     if top < 1:
-        raise TlfeatError(f"--top {top}: must be at least 1")
+        raise TlfeatError(f"`top={top!r}`: must be at least 1")
     model = Path(model)
     if not model.exists():
         raise TlfeatError(f"{model}: model not found (a fit-head .joblib or a fine-tune run folder)")
@@ -145,7 +144,7 @@ def predict_images(
         where = ", ".join(str(p) for p in inputs)
         raise TlfeatError(f"{where}: no image files to predict")
     if _is_finetune_run(model):
-        from tlfeat.finetune import predict_files, read_run_summary
+        from tlfeat.finetuning import predict_files, read_run_summary
 
         meta = read_run_summary(model)
         proba, ok, failures, names = predict_files(model, files, batch_size or 32)
@@ -178,62 +177,3 @@ def write_predictions_csv(path: Path, result: PredictResult, top: int) -> None:
 
 
 # The cache settings a head's features depend on: a cache it is scored on must agree on each.
-FEATURE_KEY = ("backbone", "weights", "input_size", "preprocessing", "feature_dim")
-
-
-@dataclass
-class Evaluation:
-    model: Path
-    meta: dict
-    caches: list[Path]
-    metrics: dict[str, dict]  # split -> tlfeat.reports.split_metrics
-
-
-def _check_caches_fit_model(model: Path, meta: dict, caches: Sequence[Path], features: Features) -> None:
-    """Refuse caches whose features or classes are not what the head was fitted on, naming the file and setting."""
-    sources = meta["sources"]
-    if len(caches) != len(sources):
-        fitted = ", ".join(f"{s['file']} ({s['backbone']})" for s in sources)
-        raise TlfeatError(
-            f"{model}: fitted on {len(sources)} cache(s) ({fitted}); give as many caches, in that order, "
-            f"not {len(caches)}"
-        )
-    for path, source, given in zip(caches, sources, features.sources):
-        for name in FEATURE_KEY:
-            if given.get(name) != source.get(name):
-                raise TlfeatError(
-                    f"{path}: {name} {given.get(name)!r}, but {model.name} was fitted on {name} "
-                    f"{source.get(name)!r} ({source['file']}); extract with the same settings"
-                )
-    mine, theirs = features.data.class_names, list(meta["classes"])
-    if mine != theirs:
-        extra = [c for c in mine if c not in theirs]
-        missing = [c for c in theirs if c not in mine]
-        detail = f"not in the model: {extra[:3]}" if extra else (
-            f"missing here: {missing[:3]}" if missing else "same classes in another order"
-        )
-        raise TlfeatError(
-            f"{caches[0]}: class list differs from {model.name}'s ({len(mine)} vs {len(theirs)} classes; {detail}); "
-            "a head only scores data labelled with its own classes"
-        )
-
-
-def evaluate_on_caches(model: Path, caches: Sequence[Path], split: str | None = None) -> Evaluation:
-    """Score a fit-head model on labelled caches: accuracy, macro-F1, per-class scores, confusion matrix per split.
-
-    A fused head takes one cache per source, in its order (matched by image path).
-    Everything is checked against the model's metadata before the model is unpickled.
-    """
-    model, caches = Path(model), [Path(c) for c in caches]
-    meta = read_metadata(model)
-    features = load_features(caches)
-    _check_caches_fit_model(model, meta, caches, features)
-    present = list(features.split_counts())
-    if split is not None and split not in present:
-        raise TlfeatError(f"{caches[0]}: no {split!r} rows (splits here: {', '.join(present)})")
-    estimator, meta = load_head(model)
-    metrics = {}
-    for name in [split] if split else present:
-        rows = features.select(name)
-        metrics[name] = split_metrics(rows.labels, estimator.predict(rows.features), meta["classes"])
-    return Evaluation(model, meta, caches, metrics)

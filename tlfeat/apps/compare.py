@@ -22,17 +22,16 @@ from pathlib import Path
 from typing import Sequence
 
 from tlfeat.errors import TlfeatError
-from tlfeat.finetune import RUN_FORMAT, SUMMARY_NAME, read_run_summary, save_png
-from tlfeat.heads import MODEL_FORMAT, read_metadata
-from tlfeat.reports import markdown_table, write_csv
+from tlfeat.data.scan import SPLITS
+from tlfeat.finetuning.runs import RUN_FORMAT, SUMMARY_NAME, read_run_summary
+from tlfeat.heads.registry import head_trainable_params
+from tlfeat.heads.store import MODEL_FORMAT, read_metadata
+from tlfeat.reports import markdown_table, save_png, write_csv
 
 HEADERS = (
     "model", "backbone", "weights", "method", "trainable params",
     "train acc", "val acc", "test acc", "test macro-F1", "train s",
 )
-SPLITS = ("train", "val", "test")
-HIDDEN_UNITS = 128  # the mlp and report heads' hidden layer (tlfeat/heads.py)
-SVM_CALIBRATION_FOLDS = 3  # linear-svm: CalibratedClassifierCV(cv=3) keeps one SVM and one sigmoid per fold
 
 
 @dataclass
@@ -63,23 +62,6 @@ class Row:
 class CompareResult:
     rows: list[Row]
     table: str  # markdown
-
-
-def head_trainable_params(head: str, feature_dim: int, n_classes: int) -> int | None:
-    """Learned parameters of a fit-head head on D-dim features and C classes; None for k-NN."""
-    d = feature_dim
-    # scikit-learn fits one output for two classes (logistic, SVM, MLP); the Keras head keeps a C-way softmax.
-    outputs = n_classes if n_classes > 2 else 1
-    linear = d * outputs + outputs
-    if head in ("logreg", "logreg-streaming", "linear-svm-streaming"):  # the streaming heads: one SGD linear model
-        return linear
-    if head == "linear-svm":
-        return SVM_CALIBRATION_FOLDS * (linear + 2 * outputs)
-    if head == "mlp":
-        return d * HIDDEN_UNITS + HIDDEN_UNITS + HIDDEN_UNITS * outputs + outputs
-    if head == "report":
-        return d * HIDDEN_UNITS + HIDDEN_UNITS + HIDDEN_UNITS * n_classes + n_classes
-    return None
 
 
 def _weights_label(weights: str | None) -> str:

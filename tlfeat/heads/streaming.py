@@ -26,12 +26,13 @@ from sklearn.linear_model import SGDClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from tlfeat.cache import SPLITS, open_rows
+from tlfeat.cache import open_rows
+from tlfeat.data.scan import SPLITS
 from tlfeat.errors import TlfeatError
-from tlfeat.fit import FitSummary, default_out, save_fitted_head, source_record, write_summary
+from tlfeat.heads.registry import HEADS, STREAMING_SUFFIX
+from tlfeat.heads.fit import FitSummary, default_out, save_fitted_head, source_record, write_summary
 from tlfeat.reports import split_metrics
 
-STREAMING_LOSSES = {"logreg": "log_loss", "linear-svm": "modified_huber"}
 DEFAULT_CHUNK_ROWS = 4096
 DEFAULT_PASSES = 10
 ALPHA = 1e-3  # L2 strength: best on Scene15 val of 1e-4..3e-2 for both losses (10 passes)
@@ -50,7 +51,7 @@ def _read(features: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
 
 def _check_finite(path: Path, block: np.ndarray) -> None:
     if not np.isfinite(block).all():
-        raise TlfeatError(f"{path}: NaN or inf feature values; re-extract this cache (extract --overwrite)")
+        raise TlfeatError(f"{path}: NaN or inf feature values; re-extract this cache (extract `overwrite`)")
 
 
 def fit_streaming(
@@ -62,10 +63,12 @@ def fit_streaming(
     seed: int = 0,
 ) -> FitSummary:
     """Fit `head` (logreg or linear-svm) on a cache read in chunks of `chunk_rows`; score, save, report."""
-    if head not in STREAMING_LOSSES:
-        raise TlfeatError(f"--streaming fits {' or '.join(STREAMING_LOSSES)}, not {head!r}")
+    streamable = [name for name, spec in HEADS.items() if spec.streaming_loss]
+    if head not in streamable:
+        raise TlfeatError(f"`streaming` fits {' or '.join(streamable)}, not {head!r}")
+    loss = HEADS[head].streaming_loss
     if chunk_rows < 1 or passes < 1:
-        raise TlfeatError(f"--chunk-rows {chunk_rows} --passes {passes}: both must be at least 1")
+        raise TlfeatError(f"`chunk_rows={chunk_rows!r}` `passes={passes!r}`: both must be at least 1")
     cache = Path(cache)
     out = Path(out) if out is not None else default_out([cache])
     out.mkdir(parents=True, exist_ok=True)
@@ -85,7 +88,7 @@ def fit_streaming(
             block = _read(features, chunk)
             _check_finite(cache, block)
             scaler.partial_fit(block)
-        classifier = SGDClassifier(loss=STREAMING_LOSSES[head], alpha=ALPHA, random_state=seed)
+        classifier = SGDClassifier(loss=loss, alpha=ALPHA, random_state=seed)
         rng = np.random.default_rng(seed)
         classes = np.arange(len(class_names))
         with warnings.catch_warnings():
@@ -107,9 +110,9 @@ def fit_streaming(
 
     sources = [source_record(cache, attrs, len(labels), feature_dim)]
     params = {"alpha": ALPHA, "passes": passes, "chunk_rows": chunk_rows}
-    description = f"streaming {head}: StandardScaler (one pass) + SGDClassifier({STREAMING_LOSSES[head]})"
+    description = f"streaming {head}: StandardScaler (one pass) + SGDClassifier({loss})"
     result = save_fitted_head(
-        out, f"{head}-streaming", description, estimator, metrics, class_names, cache.name, sources, feature_dim,
+        out, head + STREAMING_SUFFIX, description, estimator, metrics, class_names, cache.name, sources, feature_dim,
         params, None, seed, fit_seconds, None, [],
     )
     return write_summary(out, [result], sources, {s: len(r) for s, r in rows.items()}, seed, search=False)

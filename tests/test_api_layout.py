@@ -1,0 +1,141 @@
+"""The package as a library: the public API, its lazy imports, the layout's import rules, the entry points."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, child_env, make_dataset
+
+PUBLIC = ["TlfeatError", "compare", "evaluate", "extract", "finetune", "fit_heads", "list_backbones",
+          "list_heads", "load", "predict"]
+
+# The data flow, lowest first: a module may import its own stage and lower ones, never a higher one.
+STAGES = [
+    ("tlfeat.errors", "tlfeat.fileio", "tlfeat.progress"),
+    ("tlfeat.data",),
+    ("tlfeat.backbones",),
+    ("tlfeat.runtime",),
+    ("tlfeat.cache",),
+    ("tlfeat.extraction",),
+    ("tlfeat.reports",),
+    ("tlfeat.heads", "tlfeat.finetuning"),
+    ("tlfeat.apps",),
+    ("tlfeat.cli",),
+]
+
+
+def _stage(module: str) -> int:
+    for level, prefixes in enumerate(STAGES):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return level
+    raise AssertionError(f"{module}: not placed in the layout's stages")
+
+
+def _tlfeat_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tlfeat"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("tlfeat"))
+    return found
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_public_api_is_listed_documented_and_typed() -> None:
+    import tlfeat
+
+    assert sorted(tlfeat.__all__) == sorted(PUBLIC)
+    for name in PUBLIC:
+        value = getattr(tlfeat, name)
+        assert value.__doc__, name
+        if callable(value) and name != "TlfeatError":
+            assert value.__annotations__.get("return"), f"tlfeat.{name} has no return type"
+    with pytest.raises(AttributeError):
+        tlfeat.no_such_thing  # noqa: B018
+
+
+def test_importing_tlfeat_and_loading_a_cache_never_imports_keras(tmp_path: Path) -> None:
+    from conftest import write_synthetic_cache
+
+    cache = write_synthetic_cache(tmp_path / "c.h5", n_per_class=4, n_classes=2, dim=3)
+    script = (
+        "import sys, tlfeat\n"
+        f"data = tlfeat.load({str(cache)!r}, split='train')\n"
+        "names = [b.name for b in tlfeat.list_backbones()] + [h.name for h in tlfeat.list_heads()]\n"
+        "heavy = [m for m in ('keras', 'tensorflow', 'jax', 'torch') if m in sys.modules]\n"
+        "print(len(data), len(names), heavy)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=child_env(),
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("[]"), result.stdout
+
+
+def test_lower_stages_never_import_higher_ones() -> None:
+    violations = []
+    for path in sorted((REPO / "tlfeat").rglob("*.py")):
+        module = _module_name(path)
+        if module in ("tlfeat", "tlfeat.__main__"):  # the API and entry point sit above every stage
+            continue
+        for imported in _tlfeat_imports(path):
+            if imported != "tlfeat" and _stage(imported) > _stage(module):
+                violations.append(f"{module} imports {imported}")
+    assert not violations, violations
+
+
+def test_no_module_is_over_about_400_lines() -> None:
+    sizes = {p.relative_to(REPO).as_posix(): len(p.read_text().splitlines()) for p in (REPO / "tlfeat").rglob("*.py")}
+    assert {name: n for name, n in sizes.items() if n > 420} == {}
+
+
+@pytest.mark.parametrize("command", [
+    [sys.executable, "cli.py", "--help"],
+    [sys.executable, "-m", "tlfeat", "--help"],
+])
+def test_every_entry_point_runs_the_same_app(command: list[str]) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=child_env(), timeout=120)
+    assert result.returncode == 0, result.stderr
+    for name in ("extract", "fit-head", "finetune", "predict", "evaluate", "compare", "demo", "backbones"):
+        assert name in result.stdout
+
+
+def test_installed_package_has_no_top_level_cli_module() -> None:
+    text = (REPO / "pyproject.toml").read_text()
+    assert 'py-modules = ["cli"]' not in text and 'tlfeat = "tlfeat.cli:main"' in text
+
+
+def test_library_errors_name_parameters_and_the_cli_names_options(tmp_path: Path) -> None:
+    import tlfeat
+    from tlfeat.errors import cli_terms
+
+    data = make_dataset(tmp_path / "d", n_classes=2, per_class=3)
+    with pytest.raises(tlfeat.TlfeatError, match=r"`batch_size=0`: must be at least 1"):
+        tlfeat.extract(data, out=tmp_path / "c.h5", batch_size=0)
+    assert cli_terms("`batch_size=0`: must; pass `overwrite`; `ratios` too", {"ratios": "--split"}) == (
+        "--batch-size 0: must; pass --overwrite; --split too"
+    )
+
+
+def test_the_notebook_example_runs_on_a_small_dataset(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "shapes", n_classes=3, per_class=8)
+    before = sorted(data.rglob("*"))
+    result = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "notebook_quickstart.py"), str(data), "--out", str(tmp_path / "out"),
+         "--image-size", "64"],
+        capture_output=True, text=True, env=child_env(), timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "extracted 24 images x 1280 dims" in result.stdout
+    assert "predicted" in result.stdout and "logreg" in result.stdout
+    assert sorted(data.rglob("*")) == before  # nothing written inside the dataset

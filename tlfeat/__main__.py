@@ -1,0 +1,5 @@
+"""`python -m tlfeat ...` runs the command line."""
+
+from tlfeat.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""What users run on fitted heads and runs: predict, evaluate, compare, the demo."""

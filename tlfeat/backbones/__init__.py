@@ -1,0 +1,9 @@
+"""Backbones: one registry of records (input size, preprocessing, feature dim, weight source), the offline
+EfficientNet-Lite port and the torch-free reader of its weights."""
+
+from tlfeat.backbones.registry import (
+    DEFAULT_BACKBONE, REGISTRY, Backbone, build_model, get_backbone, list_backbones, weights_identity,
+)
+
+__all__ = ["DEFAULT_BACKBONE", "REGISTRY", "Backbone", "build_model", "get_backbone", "list_backbones",
+           "weights_identity"]

@@ -1,0 +1,63 @@
+"""The CLI's shared parts: the typer app, one-line errors, option parsers.
+
+Commands live in one module per topic (tlfeat/cli/<topic>.py), each registering on `app`.
+They parse options, call the library and print; the library's defaults, choices
+and help facts are read from its registries, never restated here.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable
+
+import typer
+
+from tlfeat.data.scan import DEFAULT_RATIOS
+from tlfeat.errors import TlfeatError, cli_terms
+
+# TensorFlow's C++ start-up chatter (CPU feature notes, oneDNN banner) is not for users.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+app = typer.Typer(
+    help="Transfer learning with cached ImageNet CNN embeddings: extract once, fit heads in seconds.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+# Library parameters whose CLI option is not --<name-with-dashes>.
+PARAMETER_OPTIONS = {"ratios": "--split", "data": "DATA", "caches": "CACHES", "inputs": "INPUTS"}
+
+
+def user_errors(command: Callable) -> Callable:
+    """Print a TlfeatError as one line on stderr (in the CLI's option names) and exit 1, with no traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except TlfeatError as exc:
+            typer.secho(f"error: {cli_terms(str(exc), PARAMETER_OPTIONS)}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def format_ratios(ratios: tuple[float, ...]) -> str:
+    """(0.5625, 0.1875, 0.25) -> "56.25,18.75,25": the --split spelling of split shares."""
+    return ",".join(f"{100 * r:g}" for r in ratios)
+
+
+DEFAULT_SPLIT = format_ratios(DEFAULT_RATIOS)
+
+
+def parse_ratios(text: str) -> tuple[float, float, float]:
+    """--split "train,val,test" shares (any scale; "/" also separates)."""
+    try:
+        parts = tuple(float(p) for p in text.replace("/", ",").split(","))
+    except ValueError:
+        raise TlfeatError(f"--split {text!r}: expected three numbers like {DEFAULT_SPLIT}") from None
+    if len(parts) != 3:
+        raise TlfeatError(f"--split {text!r}: expected three numbers (train,val,test)")
+    return parts  # type: ignore[return-value]

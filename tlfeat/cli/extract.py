@@ -1,0 +1,78 @@
+"""CLI: extract, backbones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tlfeat.backbones import DEFAULT_BACKBONE, list_backbones
+from tlfeat.cli.common import DEFAULT_SPLIT, app, parse_ratios, user_errors
+from tlfeat.extraction.engines import ENGINES
+
+BACKBONE_NAMES = ", ".join(b.name for b in list_backbones())
+
+
+@app.command()
+@user_errors
+def extract(
+    data: Path = typer.Argument(..., help="Dataset folder: one sub-folder per class, or train/\\[val/]test/ folders of class folders."),
+    backbone: str = typer.Option(DEFAULT_BACKBONE, "--backbone", "-b", help=f"One of: {BACKBONE_NAMES} (`tlfeat backbones` lists sizes and weight sources)."),
+    weights: str = typer.Option("imagenet", "--weights", "-w", help="imagenet (Keras download for resnet101/vgg16; bundled for efficientnet_lite0), none (random, for smoke tests) or a path to a Keras weights file."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache file to write. Default: cache/<dataset>-<backbone>.h5"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass. Default: 32 on CPU, 256 on a GPU."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize images to this square size. Default: the backbone's (224)."),
+    dtype: str = typer.Option("float32", "--dtype", help="Storage type of the features: float32 or float16."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the stratified train/val/test split."),
+    split: str = typer.Option(DEFAULT_SPLIT, "--split", help="train,val,test shares for a flat dataset (val carved from train when only train/test exist)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache made with other settings instead of refusing."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    # "\\[" keeps Rich from reading [data] as markup in --help.
+    engine: str = typer.Option(ENGINES[0], "--engine", help="local (this process) or ray (a Ray Data pipeline: decoding tasks, one backbone per actor; needs pip install 'ray\\[data]')."),
+    address: Optional[str] = typer.Option(None, "--address", help="With --engine ray: the Ray cluster to join (auto, host:6379 or ray://host:10001). Default: the Ray instance `ray start` left on this machine, else a private one for this run."),
+    num_gpus_per_worker: Optional[float] = typer.Option(None, "--num-gpus-per-worker", help="With --engine ray: GPUs per embedding actor. Default: 1 where the cluster has GPUs, else 0 (CPU actors)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="With --engine ray: embedding actors. Default: one per GPU share, or one per node without GPUs."),
+) -> None:
+    """Embed every image once with a pretrained backbone and cache the pooled features in HDF5.
+
+    Resumable and incremental: rerunning computes only images that are new or
+    changed since the last run; an interrupted run continues where it stopped
+    (with either engine: both write the same shards and the same cache).
+    """
+    from tlfeat.extraction.run import extract as run_extract
+
+    ray_options = None
+    if address is not None or num_gpus_per_worker is not None or workers is not None:
+        from tlfeat.extraction.ray_engine import RayOptions
+
+        ray_options = RayOptions(address=address, num_gpus_per_worker=num_gpus_per_worker, workers=workers)
+    summary = run_extract(
+        data, out=out, backbone=backbone, weights=weights, image_size=image_size,
+        batch_size=batch_size, dtype=dtype, seed=seed, ratios=parse_ratios(split),
+        overwrite=overwrite, progress=not quiet, engine=engine, ray_options=ray_options,
+    )
+    splits = ", ".join(f"{k} {v}" for k, v in summary.split_counts.items())
+    status = "up to date, nothing computed" if summary.up_to_date else (
+        f"computed {summary.n_computed}, reused {summary.n_reused}"
+    )
+    typer.echo(
+        f"{summary.out}: {summary.n_images} images x {summary.feature_dim} dims ({splits}); {status}; "
+        f"skipped {summary.n_skipped}; ignored {len(summary.ignored)} non-image files; "
+        f"{summary.seconds:.1f} s" + (f", {summary.images_per_s:.1f} images/s" if summary.n_computed else "")
+    )
+    for path, reason in summary.skipped[:20]:
+        typer.echo(f"  skipped {path}: {reason}")
+    if len(summary.skipped) > 20:
+        typer.echo(f"  ... and {len(summary.skipped) - 20} more (listed in the cache's skipped_paths)")
+
+
+@app.command("backbones")
+def backbones() -> None:
+    """List the registered backbones."""
+    for spec in list_backbones():
+        default = " (default)" if spec.name == DEFAULT_BACKBONE else ""
+        typer.echo(
+            f"{spec.name}{default}: {spec.feature_dim}-d, {spec.input_size}px, "
+            f"preprocessing {spec.preprocessing}; weights: {spec.weight_source}"
+        )

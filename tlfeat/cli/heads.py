@@ -1,0 +1,143 @@
+"""CLI: fit-head, predict, evaluate, demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import typer
+
+from tlfeat.cli.common import app, user_errors
+from tlfeat.errors import TlfeatError
+from tlfeat.heads.registry import HEADS
+from tlfeat.heads.streaming import DEFAULT_CHUNK_ROWS, DEFAULT_PASSES
+
+if TYPE_CHECKING:  # the real imports stay inside the commands, so --help stays fast
+    from tlfeat.heads.fit import FitSummary, HeadResult
+
+HEAD_CHOICES = ", ".join(HEADS)
+SEARCHED = ", ".join(f"{spec.label} ({name})" for name, spec in HEADS.items())
+STREAMABLE = " or ".join(name for name, spec in HEADS.items() if spec.streaming_loss)
+
+
+def _echo_head(result: HeadResult) -> None:
+    """One line per fitted head as it finishes, then its search trials and warnings."""
+    scores = "  ".join(f"{split} {s['accuracy']:.3f}" for split, s in result.scores.items())
+    params = ", ".join(f"{k}={v}" for k, v in result.params.items())
+    typer.echo(f"{result.head:<10} {params:<12} acc: {scores}  (fit {result.fit_seconds:.1f} s)")
+    if result.search:
+        label = next(iter(result.params))
+        trials = ", ".join(f"{t[label]}: {t['val_accuracy']:.3f}" for t in result.search)
+        typer.echo(f"{'':<10} val accuracy by {label}: {trials}; {result.search_seconds:.1f} s in all")
+    for note in result.notes:
+        typer.echo(f"{'':<10} note: {note}")
+
+
+def _echo_fit_summary(summary: FitSummary) -> None:
+    typer.echo("")
+    typer.echo(summary.table)
+    names = ", ".join(r.head for r in summary.results)
+    typer.echo(
+        f"wrote {summary.out}/: <head>.joblib (+ .json metadata, .metrics.json, .confusion.png) for {names}; "
+        f"summary.md, summary.csv"
+    )
+
+
+@app.command("fit-head")
+@user_errors
+def fit_head(
+    caches: list[Path] = typer.Argument(..., help="A cache, or several caches over the same images to fuse column-wise (e.g. resnet101 + vgg16)."),
+    head: str = typer.Option("logreg", "--head", help=f"{HEAD_CHOICES}, or all (one comparison table)."),
+    search: bool = typer.Option(False, "--search", help=f"Choose on the val split: {SEARCHED}."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder. Default: heads/<cache stem(s)>/ beside the first cache."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the heads' own randomness (initialisation, shuffling)."),
+    streaming: bool = typer.Option(False, "--streaming", help=f"For caches larger than memory: {STREAMABLE} by SGD over chunks of rows (one cache, no --search)."),
+    chunk_rows: int = typer.Option(DEFAULT_CHUNK_ROWS, "--chunk-rows", help="With --streaming: rows read at a time (bounds memory)."),
+    passes: int = typer.Option(DEFAULT_PASSES, "--passes", help="With --streaming: passes over the train rows, chunks shuffled each pass."),
+) -> None:
+    """Fit classification heads on cached features: fit on train, select on val, score train/val/test."""
+    if streaming:
+        from tlfeat.heads.streaming import fit_streaming
+
+        if len(caches) != 1 or search:
+            raise TlfeatError("--streaming fits one cache, without --search")
+        summary = fit_streaming(caches[0], head=head, out=out, chunk_rows=chunk_rows, passes=passes, seed=seed)
+        _echo_head(summary.results[0])
+    else:
+        from tlfeat.heads.fit import fit_heads
+
+        summary = fit_heads(caches, head=head, search=search, out=out, seed=seed, on_result=_echo_head)
+    _echo_fit_summary(summary)
+
+
+@app.command()
+@user_errors
+def predict(
+    model: Path = typer.Argument(..., help="A head's .joblib written by fit-head (its .json metadata beside it), or a fine-tune run folder / its model.keras."),
+    images: list[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively for images)."),
+    csv: Optional[Path] = typer.Option(None, "--csv", help="Also write the predictions (and skipped files) to this CSV."),
+    top: int = typer.Option(1, "--top", help="Show the K most probable classes per image."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Classify images with a fitted head (embedding them exactly as its training cache was) or a fine-tuned model.
+
+    Only load heads you made or trust: a .joblib is a pickle, and loading it runs code.
+    """
+    from tlfeat.apps.predict import predict_images, write_predictions_csv
+
+    result = predict_images(model, images, top=top, batch_size=batch_size, progress=not quiet)
+    for p in result.predictions:
+        typer.echo(f"{p.path}\t" + "\t".join(f"{name} {prob:.3f}" for name, prob in p.top))
+    for path, reason in result.skipped:
+        typer.echo(f"skipped {path}: {reason}", err=True)
+    if csv is not None:
+        write_predictions_csv(csv, result, top)
+        typer.echo(f"wrote {csv}", err=True)
+    if not result.predictions:
+        raise TlfeatError(f"none of the {len(result.skipped)} files could be read as an image")
+
+
+@app.command()
+@user_errors
+def evaluate(
+    model: Path = typer.Argument(..., help="A head's .joblib written by fit-head."),
+    caches: list[Path] = typer.Argument(..., help="Labelled cache(s) extracted with the head's settings; a fused head takes one per backbone, in its order."),
+    split: Optional[str] = typer.Option(None, "--split", help="Score only this split (train, val or test). Default: every split present."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write per-class scores and confusion matrices to this JSON file."),
+) -> None:
+    """Score a fitted head on cached features, e.g. a new labelled set extracted with the same backbone.
+
+    Refuses a cache whose class list, backbone, weights, image size or preprocessing
+    differ from what the head was fitted on.
+    """
+    from tlfeat.apps.evaluate import evaluate_on_caches
+    from tlfeat.reports import markdown_table, write_json
+
+    result = evaluate_on_caches(model, caches, split=split)
+    rows = [[name, m["n"], m["accuracy"], m["macro_f1"]] for name, m in result.metrics.items()]
+    typer.echo(markdown_table(["split", "images", "accuracy", "macro-F1"], rows), nl=False)
+    if json_out is not None:
+        write_json(json_out, {"model": str(model), "caches": [str(c) for c in caches], "classes": result.meta["classes"],
+                              "splits": result.metrics})
+        typer.echo(f"wrote {json_out}")
+
+
+@app.command()
+@user_errors
+def demo(
+    out: Path = typer.Option(Path("cache"), "--out", "-o", help="Folder for the digits dataset, its cache and the heads."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Offline end-to-end demo on scikit-learn's 1,797 handwritten digits: write PNGs, extract, fit every head."""
+    from tlfeat.apps.demo import run_demo
+
+    result = run_demo(out, progress=not quiet, on_result=_echo_head)
+    extracted = result.extract
+    typer.echo(
+        f"dataset {result.dataset}/ ({result.n_written} PNGs written); cache {extracted.out}: "
+        f"{extracted.n_images} images, computed {extracted.n_computed}, reused {extracted.n_reused}"
+    )
+    _echo_fit_summary(result.fit)
+    example = next(iter(sorted((result.dataset / "3").glob("*.png"))), result.dataset)
+    typer.echo(f"demo took {result.seconds:.0f} s; try: python cli.py predict {result.fit.out / 'logreg.joblib'} {example}")

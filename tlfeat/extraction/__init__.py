@@ -1,0 +1,1 @@
+"""Extraction: a resumable, incremental run (`run`) over an engine that computes the features (`engines`)."""

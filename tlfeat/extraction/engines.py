@@ -1,0 +1,104 @@
+"""Extraction engines: where the backbone runs. A small table maps each engine name to its class.
+
+An engine is entered around a run and yields one `Rows` per finished batch;
+`tlfeat.extraction.run` keys, shards, resumes and writes those rows the same way
+whichever engine computed them. The local engine computes in this process; the
+Ray engine (`tlfeat.extraction.ray_engine`, imported only when chosen) on a Ray cluster.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
+
+import numpy as np
+
+from tlfeat.backbones import Backbone
+from tlfeat.cache import Rows
+from tlfeat.data.scan import ImageEntry
+from tlfeat.errors import TlfeatError
+from tlfeat.runtime import accelerator_present, compute_policy, get_extractor, map_batches
+
+if TYPE_CHECKING:
+    from tlfeat.extraction.ray_engine import RayOptions
+
+ENGINES = ("local", "ray")
+
+
+class Engine(Protocol):
+    """Where the backbone runs. Entered around a run; `compute` is known on entry, before any image."""
+
+    compute: str  # "float32", or "mixed_bfloat16" on GPUs
+
+    def __enter__(self) -> "Engine": ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def embed(self, root: Path, todo: list[ImageEntry], bar: Any) -> Iterator[Rows]:
+        """One Rows per finished batch of `todo` (any order), advancing `bar` by the images done."""
+        ...
+
+    def keras_backend(self) -> str:
+        """The Keras backend that computed this run's features."""
+        ...
+
+
+class LocalEngine:
+    """This process: threads decode ahead of the backbone; batches in canonical order."""
+
+    def __init__(self, backbone: Backbone, weights: str, image_size: int, batch_size: int | None) -> None:
+        self.backbone, self.weights, self.image_size, self.batch_size = backbone, weights, image_size, batch_size
+        self.compute = compute_policy(accelerator_present())
+
+    def __enter__(self) -> "LocalEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def embed(self, root: Path, todo: list[ImageEntry], bar: Any) -> Iterator[Rows]:
+        extractor = get_extractor(self.backbone, self.weights, self.image_size, self.batch_size)
+        files = [root / e.relpath for e in todo]
+        for batch, features in map_batches(
+            files, self.image_size, self.backbone.preprocess, extractor.batch_size, extractor, bar
+        ):
+            entries = todo[batch.start : batch.start + batch.length]
+            yield batch_rows(entries, features, batch.ok, batch.failures)
+
+    def keras_backend(self) -> str:
+        import keras
+
+        return keras.backend.backend()
+
+
+def batch_rows(
+    entries: Sequence[ImageEntry], features: np.ndarray, ok: Sequence[int], failures: Sequence[tuple[int, str]]
+) -> Rows:
+    """One batch's Rows: `features` row i belongs to entries[ok[i]]; failures are (position, reason)."""
+    ok_entries = [entries[i] for i in ok]
+    failed = [(entries[i], reason) for i, reason in failures]
+    return Rows(
+        paths=[e.relpath for e in ok_entries],
+        features=features,
+        file_size=[e.size for e in ok_entries],
+        file_mtime_ns=[e.mtime_ns for e in ok_entries],
+        skipped_paths=[e.relpath for e, _ in failed],
+        skipped_reasons=[r for _, r in failed],
+        skipped_size=[e.size for e, _ in failed],
+        skipped_mtime_ns=[e.mtime_ns for e, _ in failed],
+    )
+
+
+def make_engine(
+    engine: str, backbone: Backbone, weights: str, image_size: int, batch_size: int | None,
+    ray_options: RayOptions | None,
+) -> Engine:
+    if engine not in ENGINES:
+        raise TlfeatError(f"`engine={engine!r}`: use {' or '.join(ENGINES)}")
+    if ray_options is not None and engine != "ray":
+        raise TlfeatError("`address`, `num_gpus_per_worker` and `workers` need `engine='ray'`")
+    if engine == "ray":
+        from tlfeat.extraction.ray_engine import RayEngine, RayOptions
+
+        return RayEngine(backbone, weights, image_size, batch_size, ray_options or RayOptions())
+    return LocalEngine(backbone, weights, image_size, batch_size)

@@ -1,0 +1,112 @@
+"""The fine-tune model: a backbone wrapped in inference mode plus the study's head; freezing and compiling.
+
+BatchNorm: the base always runs in inference mode, unfrozen or not, so its
+moving mean and variance stay the pretrained ones and only gamma/beta of
+unfrozen BatchNorm layers learn. Small fine-tuning batches would otherwise
+replace the ImageNet statistics with noisy ones and wreck the features. Keras 3
+makes this easy to get wrong: ``base(x, training=False)`` inside a functional
+model is overridden by ``fit``'s training=True (keras-team/keras#20285), so the
+base is wrapped in `InferenceMode`, a layer with no `training` argument to
+override. Keras is imported on first use only.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from tlfeat.fileio import atomic_path
+from tlfeat.heads.keras_head import study_head
+
+
+@functools.cache
+def inference_mode_layer() -> Any:
+    """The InferenceMode layer class, created (and registered for loading) on first use."""
+    import keras
+
+    @keras.saving.register_keras_serializable(package="tlfeat")
+    class InferenceMode(keras.layers.Layer):
+        """Runs the wrapped model with training=False always (see the module docstring on BatchNorm).
+
+        `call` has no `training` argument on purpose: a functional model passes
+        its own training flag to every layer that accepts one.
+        """
+
+        def __init__(self, base: Any, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.base = base
+
+        def call(self, inputs: Any) -> Any:
+            return self.base(inputs, training=False)
+
+        def compute_output_shape(self, input_shape: Any) -> Any:
+            return self.base.compute_output_shape(input_shape)
+
+        def get_config(self) -> dict:
+            return {**super().get_config(), "base": keras.saving.serialize_keras_object(self.base)}
+
+        @classmethod
+        def from_config(cls, config: dict) -> "InferenceMode":
+            config = dict(config)
+            config["base"] = keras.saving.deserialize_keras_object(config["base"])
+            return cls(**config)
+
+    return InferenceMode
+
+
+def build_finetune_model(base: Any, n_classes: int, image_size: int, name: str) -> Any:
+    """image -> base (always in inference mode) -> the study's head."""
+    import keras
+
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    features = inference_mode_layer()(base, name="base")(inputs)
+    return keras.Model(inputs, study_head(features, n_classes, name="head"), name=f"{name}_finetune")
+
+
+def base_of(model: Any) -> Any:
+    """The backbone inside a fine-tune model."""
+    return model.get_layer("base").base
+
+
+def set_unfrozen_top(model: Any, k: int) -> None:
+    """Make exactly the last k layers of the base trainable (k=0 freezes it); the head stays trainable."""
+    base = base_of(model)
+    base.trainable = k > 0  # a model set non-trainable hides every sublayer's weights, whatever their flags
+    first = len(base.layers) - k
+    for i, layer in enumerate(base.layers):
+        layer.trainable = i >= first
+
+
+def compile_model(model: Any, learning_rate: float, jit_compile: Any) -> None:
+    import keras
+
+    model.compile(
+        optimizer=keras.optimizers.RMSprop(learning_rate=learning_rate),
+        loss="sparse_categorical_crossentropy",
+        # Weighted, so images that failed to decode (sample weight 0) do not count.
+        weighted_metrics=["accuracy"],
+        jit_compile=jit_compile,
+    )
+
+
+def jit_compile_setting(on_gpu: bool) -> Any:
+    import keras
+
+    if on_gpu:
+        return "auto"
+    # On a CPU, TensorFlow's XLA compile (per stage and batch shape) bought nothing measurable in short
+    # runs; JAX without jit dispatches op by op, far slower than compiling.
+    return "auto" if keras.backend.backend() == "jax" else False
+
+
+def param_count(weights: Sequence[Any]) -> int:
+    """How many numbers a list of weights holds."""
+    return int(sum(math.prod(w.shape) for w in weights))
+
+
+def save_model_atomically(model: Any, path: Path) -> None:
+    """Save a Keras model (and its optimizer) so that a kill leaves the old file or the new one."""
+    with atomic_path(path) as tmp:
+        model.save(tmp)

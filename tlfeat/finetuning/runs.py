@@ -1,0 +1,95 @@
+"""Reading finished fine-tune runs back: their summary (no Keras needed), their model, predictions with it.
+
+Run folder: ``model.keras`` (best epoch by val accuracy), ``history.csv`` and
+``history.json``, ``training.png``, ``metrics.json`` (per split: per-class scores
+and confusion matrix), ``confusion.png`` (test split) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from tlfeat.backbones import get_backbone
+from tlfeat.errors import TlfeatError
+from tlfeat.fileio import check_format, describe_exception, read_json_object
+
+RUN_FORMAT = "tlfeat-finetune"
+RUN_FORMAT_VERSION = 1
+SUMMARY_NAME = "summary.json"
+MODEL_NAME = "model.keras"
+STATE_NAME = "state.json"
+RUNS_DIR = Path("runs")  # default parent of run folders: runs/<dataset>-<backbone>-top<k>-<timestamp>
+
+
+def _run_files(path: Path) -> tuple[Path, Path]:
+    """(model.keras, summary.json) for a run folder, its model.keras or its summary.json."""
+    path = Path(path)
+    if path.is_dir():
+        return path / MODEL_NAME, path / SUMMARY_NAME
+    if path.suffix == ".keras":
+        return path, path.parent / SUMMARY_NAME
+    if path.name == SUMMARY_NAME:
+        return path.parent / MODEL_NAME, path
+    raise TlfeatError(f"{path}: not a fine-tune run (give its folder, {MODEL_NAME} or {SUMMARY_NAME})")
+
+
+def read_run_summary(path: Path) -> dict:
+    """summary.json of a finished fine-tune run, checked to be one."""
+    _, summary_path = _run_files(path)
+    if not summary_path.is_file():
+        raise TlfeatError(f"{path}: no {SUMMARY_NAME}; not a finished fine-tune run")
+    summary = read_json_object(summary_path)
+    check_format(summary_path, summary, RUN_FORMAT, RUN_FORMAT_VERSION, "a tlfeat fine-tune summary", "rerun it")
+    return summary
+
+
+def load_finetuned(path: Path, summary_required: bool = True) -> tuple[Any, dict]:
+    """(Keras model, summary dict) of a fine-tune run: its folder, model.keras or summary.json.
+
+    `summary_required=False` loads a run's model before summary.json exists (the run itself scoring it).
+    """
+    import keras
+
+    model_path, _ = _run_files(path)
+    summary = read_run_summary(path) if summary_required else {}
+    if not model_path.is_file():
+        raise TlfeatError(f"{model_path}: model file not found")
+    if summary:
+        spec = get_backbone(summary["backbone"])
+        if spec.preprocessing != summary["preprocessing"]:
+            raise TlfeatError(
+                f"{model_path}: trained with preprocessing {summary['preprocessing']!r}, "
+                f"this tlfeat's {spec.name} uses {spec.preprocessing!r}"
+            )
+    from tlfeat.finetuning.model import inference_mode_layer
+
+    inference_mode_layer()  # registered for loading
+    try:
+        model = keras.saving.load_model(model_path, compile=False)
+    except Exception as exc:  # any failure to read the file is the file's problem
+        raise TlfeatError(f"{model_path}: cannot load ({describe_exception(exc)})") from None
+    return model, summary
+
+
+def predict_files(
+    run_or_model_path: Path, files: Sequence[str | Path], batch_size: int = 32
+) -> tuple[np.ndarray, list[int], list[tuple[str, str]], list[str]]:
+    """Classify image files with a fine-tuned run: (probabilities (n_ok, C), ok indices, failures, class names)."""
+    model, summary = load_finetuned(run_or_model_path)
+    spec = get_backbone(summary["backbone"])
+    result = predict_with_model(model, files, int(summary["image_size"]), spec, batch_size)
+    return result.outputs, result.ok, result.failures, list(summary["classes"])
+
+
+def predict_with_model(model: Any, files: Sequence[str | Path], image_size: int, spec: Any, batch_size: int) -> Any:
+    """Class probabilities of the decodable files (`tlfeat.runtime.BatchOutputs`)."""
+    from tlfeat.runtime import apply_to_files
+
+    n_classes = int(model.output.shape[-1])
+    return apply_to_files(
+        files, image_size, spec.preprocess, batch_size,
+        lambda images: model.predict_on_batch(images) if len(images) else np.zeros((0, n_classes)), n_classes,
+    )

@@ -1,0 +1,185 @@
+"""The study's head (Dense 128 -> Dropout 0.3 -> softmax), built in one place for fit-head and fine-tuning.
+
+`KerasReportHead` wraps it as a scikit-learn estimator over cached features;
+`tlfeat.finetuning` puts the same layers on top of a backbone. Keras is imported
+only inside functions, so the scikit-learn heads never pay its import time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.model_selection import train_test_split
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+HIDDEN_UNITS = 128
+DROPOUT = 0.3
+
+
+def study_head(features: Any, n_classes: int, hidden_units: int = HIDDEN_UNITS, dropout: float = DROPOUT,
+               name: str | None = None) -> Any:
+    """The study's head on a Keras tensor of features: Dense(hidden, no activation) -> Dropout -> softmax.
+
+    No activation on the hidden layer: that is the study's head, kept as published. The softmax layer
+    computes in float32 even under mixed precision: bfloat16 probabilities are too coarse for the loss.
+    `name` prefixes the layer names (fine-tune runs load checkpoints by them).
+    """
+    import keras
+
+    def layer_name(part: str) -> str | None:
+        return f"{name}_{part}" if name else None
+
+    hidden = keras.layers.Dense(hidden_units, name=layer_name("dense"))(features)
+    hidden = keras.layers.Dropout(dropout, name=layer_name("dropout"))(hidden)
+    return keras.layers.Dense(n_classes, activation="softmax", dtype="float32",
+                              name="predictions" if name else None)(hidden)
+
+
+class KerasReportHead(ClassifierMixin, BaseEstimator):
+    """The study's head: Dense(128, no activation) -> Dropout(0.3) -> Dense(C, softmax).
+
+    Trained with RMSprop and categorical cross-entropy; early stopping on
+    validation loss restores the best epoch's weights. Validation rows come from
+    ``fit(..., validation_data=(X_val, y_val))`` or, without them, a stratified
+    `validation_fraction` of the training rows. The same `seed` gives the same
+    model (``keras.utils.set_random_seed`` seeds initialisation, dropout and
+    shuffling).
+
+    Pickles as numpy weights plus configuration, never as a Keras object, so a
+    head fitted under one Keras backend loads under another; the Keras model is
+    rebuilt on first use after unpickling.
+    """
+
+    def __init__(
+        self,
+        hidden_units: int = HIDDEN_UNITS,
+        dropout: float = DROPOUT,
+        learning_rate: float = 1e-3,
+        batch_size: int = 32,
+        epochs: int = 20,
+        patience: int = 5,
+        validation_fraction: float = 0.1,
+        seed: int = 0,
+        verbose: int = 0,
+    ) -> None:
+        self.hidden_units = hidden_units
+        self.dropout = dropout
+        self.learning_rate = learning_rate
+        self.batch_size = batch_size
+        self.epochs = epochs
+        self.patience = patience
+        self.validation_fraction = validation_fraction
+        self.seed = seed
+        self.verbose = verbose
+
+    def fit(
+        self, X: Any, y: Any, validation_data: tuple[Any, Any] | None = None
+    ) -> "KerasReportHead":
+        import keras
+
+        X, y = validate_data(self, X, y, dtype=np.float32)
+        check_classification_targets(y)
+        self.classes_, y_index = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(f"KerasReportHead needs at least 2 classes in y, got 1 class ({self.classes_[0]!r})")
+        keras.utils.set_random_seed(self.seed)
+        X_fit, y_fit, X_val, y_val = self._validation_rows(X, y_index, validation_data)
+
+        model = self._build(X.shape[1], len(self.classes_))
+        model.compile(
+            optimizer=keras.optimizers.RMSprop(learning_rate=self.learning_rate),
+            loss="categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+        callbacks, validation = [], None
+        if X_val is not None:
+            validation = (X_val, self._one_hot(y_val))
+            callbacks.append(
+                keras.callbacks.EarlyStopping(
+                    monitor="val_loss", patience=self.patience, restore_best_weights=True
+                )
+            )
+        history = model.fit(
+            X_fit, self._one_hot(y_fit), batch_size=self.batch_size, epochs=self.epochs,
+            validation_data=validation, callbacks=callbacks, shuffle=True, verbose=self.verbose,
+        )
+        self.history_ = {k: [float(v) for v in values] for k, values in history.history.items()}
+        self.epochs_run_ = len(history.epoch)
+        # EarlyStopping keeps the first epoch with the lowest val_loss; argmin agrees.
+        self.best_epoch_ = (
+            int(np.argmin(self.history_["val_loss"])) + 1 if X_val is not None else self.epochs_run_
+        )
+        self._model = model
+        self._weights = None  # those of an earlier (unpickled) fit, now stale
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        import keras
+
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float32)
+        model = self._keras_model()
+        # Calling the model eagerly, not model.predict: predict traces a new graph function per
+        # model and input shape, which is slower than the math for a head this small.
+        chunks = [
+            keras.ops.convert_to_numpy(model(X[start : start + 4096], training=False))
+            for start in range(0, len(X), 4096)
+        ]
+        return np.concatenate(chunks) if chunks else np.zeros((0, len(self.classes_)), dtype=np.float32)
+
+    def predict(self, X: Any) -> np.ndarray:
+        proba = self.predict_proba(X)  # first: it raises NotFittedError before classes_ is touched
+        return self.classes_[np.argmax(proba, axis=1)]
+
+    def _validation_rows(
+        self, X: np.ndarray, y_index: np.ndarray, validation_data: tuple[Any, Any] | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(X_fit, y_fit, X_val, y_val) with labels as indices into classes_; val is None when there is none."""
+        if validation_data is not None:
+            X_val = np.asarray(validation_data[0], dtype=np.float32)
+            y_val = np.asarray(validation_data[1])
+            # Rows of a class never seen in training cannot be scored by a softmax over classes_.
+            known = np.isin(y_val, self.classes_)
+            if not known.any():
+                return X, y_index, None, None
+            return X, y_index, X_val[known], np.searchsorted(self.classes_, y_val[known])
+        n_val = int(round(self.validation_fraction * len(X)))
+        if n_val < len(self.classes_) or len(X) - n_val < len(self.classes_):
+            return X, y_index, None, None
+        counts = np.bincount(y_index)
+        X_fit, X_val, y_fit, y_val = train_test_split(
+            X, y_index, test_size=n_val, random_state=self.seed,
+            stratify=y_index if counts.min() >= 2 else None,
+        )
+        return X_fit, y_fit, X_val, y_val
+
+    def _one_hot(self, y_index: np.ndarray) -> np.ndarray:
+        return np.eye(len(self.classes_), dtype=np.float32)[y_index]
+
+    def _build(self, n_features: int, n_classes: int) -> Any:
+        import keras
+
+        inputs = keras.Input((n_features,))
+        return keras.Model(inputs, study_head(inputs, n_classes, self.hidden_units, self.dropout))
+
+    def _keras_model(self) -> Any:
+        if getattr(self, "_model", None) is None:
+            model = self._build(self.n_features_in_, len(self.classes_))
+            model.set_weights(self._weights)
+            self._model = model
+        return self._model
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        model = state.pop("_model", None)
+        if model is not None:
+            state["_weights"] = [np.asarray(w) for w in model.get_weights()]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._model = None
+
