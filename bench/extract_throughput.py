@@ -85,15 +85,16 @@ def _child_ceiling(data: str, backbone: str) -> dict:
     import numpy as np
 
     from tlfeat.backbones import get_backbone
+    from tlfeat.data.batches import iter_batches
     from tlfeat.data.scan import scan_dataset
-    from tlfeat.data.decode import iter_batches
     from tlfeat.runtime import get_extractor
 
     spec = get_backbone(backbone)
     extractor = get_extractor(spec, "none", spec.input_size, None)
     scan = scan_dataset(Path(data))
     files = [scan.root / entry.relpath for entry in scan.entries]
-    batches = [b.images for b in iter_batches(files, spec.input_size, spec.preprocess, extractor.batch_size)]
+    batches = [spec.preprocess(b.pixels[b.ok].astype(np.float32))  # converted as they come: pixels are reused
+               for b in iter_batches(files, spec.input_size, extractor.batch_size)]
     extractor(batches[0])  # warm-up: tracing is not compute
     start = time.perf_counter()
     n = sum(len(extractor(images)) for images in batches)

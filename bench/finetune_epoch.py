@@ -96,8 +96,8 @@ def _child_plain(config: dict) -> dict:
 
     from fit_head import image_batches, study_model
     from tlfeat.backbones import build_model, get_backbone
+    from tlfeat.data.batches import iter_batches
     from tlfeat.data.scan import scan_dataset
-    from tlfeat.data.decode import iter_batches
     from tlfeat.runtime import accelerator_present, compute_policy
 
     spec = get_backbone(config["backbone"])
@@ -109,8 +109,11 @@ def _child_plain(config: dict) -> dict:
         return [scan.root / e.relpath for e in entries], np.array([scan.label_of(e) for e in entries])
 
     def decoded(files: list[Path], labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        batches = list(iter_batches(files, size, spec.preprocess, batch_size))
-        return np.concatenate([b.images for b in batches]), labels[[b.start + i for b in batches for i in b.ok]]
+        images, rows = [], []
+        for b in iter_batches(files, size, batch_size):  # each batch's pixels are reused: converted as they come
+            images.append(spec.preprocess(b.pixels[b.ok].astype(np.float32)))
+            rows += [b.start + i for i in b.ok]
+        return np.concatenate(images), labels[rows]
 
     train, val = split_files("train"), split_files("val")
     if config["input"] == "pydataset":

@@ -84,7 +84,8 @@ def image_batches(
     """
     import keras
 
-    from tlfeat.data.decode import decode_image, default_workers
+    from tlfeat.data.batches import default_workers
+    from tlfeat.data.decode import decode_image
 
     class ImageBatches(keras.utils.PyDataset):
         def __len__(self) -> int:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlfeat.data.decode import DecodeError, decode_image, iter_batches
+from tlfeat.data.decode import DecodeError, decode_image
 
 
 def _save(img: Image.Image, path: Path, **kwargs) -> Path:
@@ -36,6 +36,7 @@ def test_grey_images_resized_in_one_channel_equal_resizing_them_as_rgb(tmp_path:
     for path in files:
         with Image.open(path) as img:
             assert img.mode == "L"
+            img.draft(None, (57, 57))  # Scene15's JPEGs are over twice 57 px: decoded at reduced scale, as tlfeat does
             expected = np.asarray(img.convert("RGB").resize((57, 57), Image.BILINEAR))
         np.testing.assert_array_equal(decode_image(path, 57), expected, err_msg=str(path))
 
@@ -102,17 +103,28 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path, monkeypat
         decode_image(path, 32)
 
 
-def test_iter_batches_keeps_order_and_reports_failures(tmp_path: Path) -> None:
-    paths = []
-    for i in range(7):
-        path = tmp_path / f"{i}.png"
-        if i == 3:
-            path.write_bytes(b"not an image")
-        else:
-            Image.new("L", (9, 9), i * 30).save(path)
-        paths.append(path)
-    batches = list(iter_batches(paths, 8, lambda x: x, batch_size=3, workers=2))
-    assert [b.start for b in batches] == [0, 3, 6]
-    assert batches[1].failures == [(0, "not an image Pillow can read")]
-    assert batches[1].ok == [1, 2]
-    assert batches[1].images[0, 0, 0, 0] == 4 * 30  # image 4, not image 3
+def _full_scale(path: Path, size: int) -> np.ndarray:
+    """The decoding of tlfeat before JPEG DCT scaling: full-size decode, then the same resize."""
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR))
+
+
+def _photo(width: int, height: int) -> Image.Image:
+    """A smooth colour picture with fine texture, like a photo (noise alone would be unlike one)."""
+    rng = np.random.default_rng(width * height)
+    yy, xx = np.mgrid[0:height, 0:width] / max(width, height)
+    channels = [np.sin(2 * np.pi * (rng.uniform(1, 6) * xx + rng.uniform(1, 6) * yy)) for _ in range(3)]
+    pixels = 128 + 90 * np.stack(channels, axis=-1) + rng.normal(0, 8, (height, width, 1))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def test_jpeg_dct_scaling_only_from_twice_the_target_size(tmp_path: Path) -> None:
+    """Below 2x in either side a JPEG decodes exactly as before; from 2x it decodes at reduced scale, close to it."""
+    below = _save(_photo(447, 600), tmp_path / "below.jpg", quality=90)  # 447 < 2 x 224
+    np.testing.assert_array_equal(decode_image(below, 224), _full_scale(below, 224))
+    png = _save(_photo(1024, 768), tmp_path / "large.png")  # not a JPEG: never scaled
+    np.testing.assert_array_equal(decode_image(png, 224), _full_scale(png, 224))
+    large = _save(_photo(1024, 768), tmp_path / "large.jpg", quality=90)
+    scaled, full = decode_image(large, 224).astype(np.int16), _full_scale(large, 224).astype(np.int16)
+    assert not np.array_equal(scaled, full)  # the reduced-scale decode did happen
+    assert np.abs(scaled - full).mean() < 2.0  # and still shows the same picture

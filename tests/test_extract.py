@@ -97,6 +97,19 @@ def test_mismatched_settings_are_refused_then_overwritten(tiny_dataset: Path, tm
     assert cache.load(out).attrs["input_size"] == 48
 
 
+def test_cache_decoded_before_jpeg_dct_scaling_is_not_mixed_with_new_rows(tiny_dataset: Path, tmp_path: Path) -> None:
+    """A cache from before DCT scaling has no "decode" record: its large JPEGs were decoded at full size."""
+    out = tmp_path / "c.h5"
+    extract(tiny_dataset, out, **FAST)
+    with h5py.File(out, "r+") as handle:
+        assert handle.attrs["decode"] == "pillow-bilinear,jpeg-dct-scaled"
+        del handle.attrs["decode"]
+    with pytest.raises(TlfeatError, match=r"decode 'pillow-bilinear,jpeg-dct-scaled' vs 'pillow-bilinear'"):
+        extract(tiny_dataset, out, **FAST)
+    extract(tiny_dataset, out, overwrite=True, **FAST)
+    assert cache.load(out).attrs["decode"] == "pillow-bilinear,jpeg-dct-scaled"
+
+
 def test_corrupt_files_are_skipped_and_recorded(tiny_dataset: Path, tmp_path: Path) -> None:
     folder = tiny_dataset / "class_0"
     (folder / "zero.jpg").write_bytes(b"")

@@ -15,8 +15,8 @@ Layout (all datasets at the root of the file, N rows, D feature dims):
     skipped_mtime_ns (S,)  int64
 
 Root attributes: format_version, backbone, weights, input_size, preprocessing,
-dtype, feature_dim, keras_backend, tlfeat_version, created, dataset_root,
-seed, split_ratios (JSON), n_skipped.
+dtype, compute, decode, feature_dim, keras_backend, tlfeat_version, created,
+dataset_root, seed, split_ratios (JSON), n_skipped.
 
 Rows are in a canonical order (split, class, path) so that a resumed or
 incremental run writes the same file as an uninterrupted one.
@@ -43,11 +43,13 @@ import h5py
 import numpy as np
 
 from tlfeat import __version__
+from tlfeat.data.decode import DECODE
 from tlfeat.data.scan import SPLITS
 from tlfeat.errors import TlfeatError
 from tlfeat.fileio import atomic_path, atomic_write_bytes
 
 FORMAT_VERSION = 1
+OLD_DECODE = "pillow-bilinear"  # what caches and shards with no "decode" record were decoded with
 _STR = h5py.string_dtype(encoding="utf-8")
 
 
@@ -61,12 +63,13 @@ class CacheKey:
     preprocessing: str
     dtype: str = "float32"  # how features are stored
     compute: str = "float32"  # how they were computed: "float32", or "mixed_bfloat16" on a GPU
+    decode: str = DECODE  # how files became pixels (tlfeat.data.decode)
 
     def describe(self) -> str:
         return (
             f"backbone={self.backbone} weights={self.weights} "
             f"input_size={self.input_size} preprocessing={self.preprocessing} dtype={self.dtype} "
-            f"compute={self.compute}"
+            f"compute={self.compute} decode={self.decode}"
         )
 
     def differences(self, other: "CacheKey") -> str:
@@ -157,6 +160,7 @@ def key_from_attrs(attrs: dict) -> CacheKey:
     return CacheKey(
         backbone=attrs["backbone"], weights=attrs["weights"], input_size=int(attrs["input_size"]),
         preprocessing=attrs["preprocessing"], dtype=attrs["dtype"], compute=attrs.get("compute", "float32"),
+        decode=attrs.get("decode", OLD_DECODE),
     )
 
 
@@ -297,7 +301,7 @@ class ShardStore:
         if not meta.exists():
             return None
         try:
-            return CacheKey(**json.loads(meta.read_text()))
+            return CacheKey(**{"decode": OLD_DECODE, **json.loads(meta.read_text())})
         except (ValueError, TypeError):
             return None
 

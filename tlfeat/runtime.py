@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from tlfeat.backbones import Backbone, build_model, get_backbone
-from tlfeat.data.decode import DecodedBatch, iter_batches
+from tlfeat.data.batches import DecodedBatch, DecodePool, iter_batches
 from tlfeat.progress import progress_bar
 
 CPU_BATCH_SIZE = 32
@@ -103,14 +103,15 @@ def get_extractor(backbone: Backbone, weights: str, image_size: int, batch_size:
 
 def map_batches(
     files: Sequence[str | Path], image_size: int, preprocess: Callable[[np.ndarray], np.ndarray],
-    batch_size: int, compute: BatchFunction, bar: Any = None,
+    batch_size: int, compute: BatchFunction, bar: Any = None, pool: DecodePool | None = None,
 ) -> Iterator[tuple[DecodedBatch, np.ndarray]]:
     """Decode `files` in batches (canonical order) and run `compute` on each: (batch, outputs) per batch.
 
-    `bar`, if given, advances once a batch is computed.
+    Outputs are those of the batch's decodable files (`batch.ok`). Decoding runs in `pool`,
+    or in a pool started for this call. `bar`, if given, advances once a batch is computed.
     """
-    for batch in iter_batches(list(files), image_size, preprocess, batch_size):
-        outputs = compute(batch.images)
+    for batch in iter_batches(list(files), image_size, batch_size, pool=pool):
+        outputs = compute(preprocess(batch.pixels.astype(np.float32)))[batch.ok]
         if bar is not None:
             bar.update(batch.length)
         yield batch, outputs

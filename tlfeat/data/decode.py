@@ -1,22 +1,21 @@
-"""Image decoding: any file Pillow reads -> fixed-size 8-bit RGB, in parallel, ahead of the model.
+"""Image decoding: any file Pillow reads -> fixed-size 8-bit RGB.
 
 Decoding needs Pillow and numpy only (no TensorFlow), so it runs the same under
-every Keras backend. Pillow releases the GIL while decoding and resizing, so a
-thread pool keeps the cores busy while the model computes the previous batch.
+every Keras backend; `tlfeat.data.batches` runs it in parallel worker processes.
 
 Resize method: the whole image is resized to size x size (aspect ratio not
 kept, as keras.utils.image_dataset_from_directory does) with Pillow's bilinear
-filter, which antialiases when shrinking.
+filter, which antialiases when shrinking. A JPEG at least twice the target
+size in both sides is first decoded at a reduced scale by libjpeg (1/2, 1/4
+or 1/8, Pillow's `draft`; never below the target size), which skips most of
+the decoding work; the bilinear resize then does the rest. BENCHMARKS.md
+measures what that changes in pixels and features.
 """
 
 from __future__ import annotations
 
 import os
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -36,7 +35,7 @@ class DecodeError(Exception):
 def to_8bit(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit "L" (grey sources) or "RGB": 16-bit and float greys rescaled, alpha on white.
 
-    Grey stays one channel so that resizing costs a third; `decode_image` repeats it into RGB afterwards,
+    Grey stays one channel so that resizing costs a third; `decode_into` copies it into R, G and B afterwards,
     which gives the same pixels as converting to RGB first (the resize filter works per channel).
     """
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
@@ -54,22 +53,30 @@ def to_8bit(img: Image.Image) -> Image.Image:
     return img
 
 
-def decode_image(path: str | Path, size: int) -> np.ndarray:
-    """Read one image file as a (size, size, 3) uint8 RGB array, EXIF orientation applied.
+# Part of the cache key: features of a file decoded another way never mix with these.
+DECODE = "pillow-bilinear,jpeg-dct-scaled"
 
-    Raises DecodeError with a one-line reason for anything that is not a usable image.
+
+def decode_into(path: str | Path, out: np.ndarray) -> None:
+    """Decode one image file into `out`, a (size, size, 3) uint8 array: RGB, EXIF orientation applied.
+
+    Raises DecodeError with a one-line reason for anything that is not a usable image
+    (`out` is then left as it was).
     """
+    size = out.shape[0]
     try:
-        if os.path.getsize(path) == 0:
-            raise DecodeError("empty file (0 bytes)")
-        with Image.open(path) as img:
-            width, height = img.size
-            if width * height > MAX_PIXELS:
-                raise DecodeError(f"image too large ({width}x{height} pixels, limit {MAX_PIXELS})")
-            img.load()  # first frame only for animations
-            img = ImageOps.exif_transpose(img)
-            pixels = np.asarray(to_8bit(img).resize((size, size), Image.BILINEAR), dtype=np.uint8)
-            return np.repeat(pixels[:, :, None], 3, axis=2) if pixels.ndim == 2 else pixels
+        with open(path, "rb") as file:
+            if os.fstat(file.fileno()).st_size == 0:
+                raise DecodeError("empty file (0 bytes)")
+            with Image.open(file) as img:
+                width, height = img.size
+                if width * height > MAX_PIXELS:
+                    raise DecodeError(f"image too large ({width}x{height} pixels, limit {MAX_PIXELS})")
+                if img.format == "JPEG":  # libjpeg scales by 1/2..1/8 only while both sides stay >= size
+                    img.draft(None, (size, size))
+                img.load()  # first frame only for animations
+                ImageOps.exif_transpose(img, in_place=True)
+                pixels = np.asarray(to_8bit(img).resize((size, size), Image.BILINEAR))
     except DecodeError:
         raise
     except UnidentifiedImageError:
@@ -83,69 +90,15 @@ def decode_image(path: str | Path, size: int) -> np.ndarray:
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         raise DecodeError(f"corrupt or truncated image data ({detail})") from None
+    if pixels.ndim == 2:  # grey: one channel resized, copied into all three
+        for channel in range(3):
+            out[:, :, channel] = pixels
+    else:
+        out[...] = pixels
 
 
-@dataclass
-class DecodedBatch:
-    """One batch: `images` holds the decodable files (preprocessed), `ok` their positions in the batch."""
-
-    start: int  # index of the batch's first file in the input sequence
-    images: np.ndarray  # (len(ok), size, size, 3) float32, preprocessed
-    ok: list[int]  # positions within the batch [0, batch_len)
-    failures: list[tuple[int, str]]  # (position within the batch, reason)
-    length: int
-
-
-def _decode_one(path: str | Path, size: int, preprocess: Callable[[np.ndarray], np.ndarray]) -> np.ndarray | str:
-    try:
-        pixels = decode_image(path, size)
-    except DecodeError as exc:
-        return str(exc)
-    return preprocess(pixels[None].astype(np.float32))[0]
-
-
-def default_workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
-
-
-def iter_batches(
-    paths: Sequence[str | Path],
-    size: int,
-    preprocess: Callable[[np.ndarray], np.ndarray],
-    batch_size: int,
-    workers: int | None = None,
-    prefetch_batches: int = 2,
-) -> Iterator[DecodedBatch]:
-    """Decode `paths` in order, `batch_size` at a time, up to `prefetch_batches` ahead.
-
-    Memory is bounded by (prefetch_batches + 1) batches of decoded images,
-    however many paths there are.
-    """
-    lookahead = batch_size * (prefetch_batches + 1)
-    with ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="tlfeat-decode") as pool:
-        pending: deque[Future] = deque()
-        next_submit = 0
-
-        def fill() -> None:
-            nonlocal next_submit
-            while next_submit < len(paths) and len(pending) < lookahead:
-                pending.append(pool.submit(_decode_one, paths[next_submit], size, preprocess))
-                next_submit += 1
-
-        try:
-            for start in range(0, len(paths), batch_size):
-                fill()
-                length = min(batch_size, len(paths) - start)
-                results = [pending.popleft().result() for _ in range(length)]
-                fill()
-                ok = [i for i, r in enumerate(results) if not isinstance(r, str)]
-                failures = [(i, r) for i, r in enumerate(results) if isinstance(r, str)]
-                images = (
-                    np.stack([results[i] for i in ok])
-                    if ok
-                    else np.zeros((0, size, size, 3), dtype=np.float32)
-                )
-                yield DecodedBatch(start, images, ok, failures, length)
-        finally:
-            for future in pending:
-                future.cancel()
+def decode_image(path: str | Path, size: int) -> np.ndarray:
+    """Read one image file as a new (size, size, 3) uint8 RGB array (see `decode_into`)."""
+    out = np.empty((size, size, 3), dtype=np.uint8)
+    decode_into(path, out)
+    return out

@@ -17,6 +17,7 @@ from tlfeat.backbones import Backbone
 from tlfeat.cache import Rows
 from tlfeat.data.scan import ImageEntry
 from tlfeat.errors import TlfeatError
+from tlfeat.data.batches import DecodePool
 from tlfeat.runtime import accelerator_present, compute_policy, get_extractor, map_batches
 
 if TYPE_CHECKING:
@@ -44,10 +45,13 @@ class Engine(Protocol):
 
 
 class LocalEngine:
-    """This process: threads decode ahead of the backbone; batches in canonical order."""
+    """This process: worker processes decode ahead of the backbone; batches in canonical order."""
 
-    def __init__(self, backbone: Backbone, weights: str, image_size: int, batch_size: int | None) -> None:
+    def __init__(
+        self, backbone: Backbone, weights: str, image_size: int, batch_size: int | None, workers: int | None = None
+    ) -> None:
         self.backbone, self.weights, self.image_size, self.batch_size = backbone, weights, image_size, batch_size
+        self.workers = workers  # decoding processes; None: one per available core
         self.compute = compute_policy(accelerator_present())
 
     def __enter__(self) -> "LocalEngine":
@@ -57,13 +61,14 @@ class LocalEngine:
         pass
 
     def embed(self, root: Path, todo: list[ImageEntry], bar: Any) -> Iterator[Rows]:
-        extractor = get_extractor(self.backbone, self.weights, self.image_size, self.batch_size)
-        files = [root / e.relpath for e in todo]
-        for batch, features in map_batches(
-            files, self.image_size, self.backbone.preprocess, extractor.batch_size, extractor, bar
-        ):
-            entries = todo[batch.start : batch.start + batch.length]
-            yield batch_rows(entries, features, batch.ok, batch.failures)
+        with DecodePool(self.workers) as pool:  # its processes start while the backbone loads
+            extractor = get_extractor(self.backbone, self.weights, self.image_size, self.batch_size)
+            files = [root / e.relpath for e in todo]
+            for batch, features in map_batches(
+                files, self.image_size, self.backbone.preprocess, extractor.batch_size, extractor, bar, pool
+            ):
+                entries = todo[batch.start : batch.start + batch.length]
+                yield batch_rows(entries, features, batch.ok, batch.failures)
 
     def keras_backend(self) -> str:
         import keras

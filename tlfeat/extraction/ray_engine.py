@@ -26,8 +26,8 @@ import numpy as np
 
 from tlfeat.backbones import Backbone, get_backbone
 from tlfeat.cache import Rows
+from tlfeat.data.decode import DecodeError, decode_into
 from tlfeat.data.scan import ImageEntry
-from tlfeat.data.decode import DecodeError, decode_image
 from tlfeat.errors import TlfeatError
 from tlfeat.extraction.engines import batch_rows
 from tlfeat.runtime import FeatureExtractor, compute_policy, default_batch_size
@@ -233,7 +233,7 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.
     errors = []
     for i, path in enumerate(batch["path"]):
         try:
-            pixels[i] = decode_image(str(path), image_size)
+            decode_into(str(path), pixels[i])
             errors.append("")
         except DecodeError as exc:
             errors.append(str(exc))

@@ -10,7 +10,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from tlfeat.data.decode import DecodeError, decode_image, default_workers
+from tlfeat.data.batches import default_workers
+from tlfeat.data.decode import DecodeError, decode_image
 from tlfeat.data.scan import DatasetScan
 from tlfeat.errors import TlfeatError
 

@@ -37,7 +37,7 @@ from tlfeat.reports import markdown_table, plot_confusion, split_metrics, write_
 # What a model records about each cache it was fitted on: enough for predict to
 # recompute the features, and to tell which cache (and which weights) it was.
 SOURCE_ATTRS = (
-    "backbone", "weights", "weights_source", "input_size", "preprocessing", "dtype", "compute",
+    "backbone", "weights", "weights_source", "input_size", "preprocessing", "dtype", "compute", "decode",
     "feature_dim", "keras_backend", "created", "tlfeat_version", "dataset_root", "seed", "split_ratios",
 )
 
