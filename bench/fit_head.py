@@ -84,7 +84,7 @@ def image_batches(
     """
     import keras
 
-    from tlfeat.data.batches import default_workers
+    from tlfeat.data.cores import default_workers
     from tlfeat.data.decode import decode_image
 
     class ImageBatches(keras.utils.PyDataset):

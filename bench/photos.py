@@ -41,10 +41,14 @@ def _texture(width: int, height: int) -> Image.Image:
 
 
 def make_photos(
-    folder: Path, count: int, classes: int = 4, width: int = 1024, height: int = 768, quality: int = 90
+    folder: Path, count: int, classes: int = 4, width: int = 1024, height: int = 768, quality: int = 90,
+    suffix: str = ".jpg",
 ) -> list[Path]:
-    """Write `count` JPEGs under folder/class_<k>/ (skipping files already there) and return their paths."""
-    jobs = [(folder / f"class_{i % classes}" / f"{i:05d}.jpg", i, width, height, quality) for i in range(count)]
+    """Write `count` photos under folder/class_<k>/ (skipping files already there) and return their paths.
+
+    `suffix` ".png" writes the same pictures losslessly.
+    """
+    jobs = [(folder / f"class_{i % classes}" / f"{i:05d}{suffix}", i, width, height, quality) for i in range(count)]
     todo = [job for job in jobs if not job[0].exists()]
     if todo:
         with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:

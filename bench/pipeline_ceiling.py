@@ -2,7 +2,7 @@
 
 Usage:
     python bench/pipeline_ceiling.py [--scene15 DIR] [--photos 500] [--photos-dir DIR] [--batch-size 256]
-                                     [--workers 1 2 ...] [--repeats 3] [--no-threads] [--json]
+                                     [--workers 1 2 ...] [--repeats 3] [--min-images N] [--no-threads] [--json]
 
 Two datasets: Scene15 train (1,500 small grey JPEGs) and `--photos` generated
 1024x768 quality-90 colour JPEGs (bench/photos.py). On each, measured in turn
@@ -20,6 +20,8 @@ side finds them in the page cache:
 
 --json prints one JSON object per dataset instead of the table (keys as above,
 worker counts as strings). Workers default to 1 .. the available cores.
+--min-images repeats a dataset's file list until it is that long (`images`;
+`files` stays the distinct count), so many cores still have seconds of work.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tlfeat, run from anywhere
 
 from photos import make_photos  # noqa: E402
-from tlfeat.data.batches import DecodePool, available_cores  # noqa: E402
+from tlfeat.data.batches import DecodePool  # noqa: E402
+from tlfeat.data.cores import available_cores  # noqa: E402
 from tlfeat.data.decode import decode_into  # noqa: E402
 
 SCENE15 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "scene15"
@@ -103,12 +106,13 @@ def threads(files: list[Path], workers: int, batch_size: int) -> float:
 
 
 def measure(name: str, files: list[Path], workers: list[int], batch_size: int, repeats: int, with_threads: bool) -> dict:
-    for path in files:  # into the page cache, for every side alike
+    distinct = list(dict.fromkeys(files))  # single-thread rates need each file once
+    for path in distinct:  # into the page cache, for every side alike
         path.read_bytes()
     runs: dict[str, list] = {"pillow": [], "tlfeat": []}
     for _ in range(repeats):
-        runs["pillow"].append(plain_pillow(files))
-        runs["tlfeat"].append(single_tlfeat(files))
+        runs["pillow"].append(plain_pillow(distinct))
+        runs["tlfeat"].append(single_tlfeat(distinct))
         for w in workers:
             rate, start = pipeline(files, w, batch_size)
             runs.setdefault(f"pipeline{w}", []).append(rate)
@@ -116,7 +120,7 @@ def measure(name: str, files: list[Path], workers: list[int], batch_size: int, r
             if with_threads:
                 runs.setdefault(f"threads{w}", []).append(threads(files, w, batch_size))
     report = {
-        "dataset": name, "files": len(files), "batch_size": batch_size, "repeats": repeats,
+        "dataset": name, "files": len(distinct), "images": len(files), "batch_size": batch_size, "repeats": repeats,
         "cores": available_cores(), "load_average_1m": os.getloadavg()[0],
         "single_thread_pillow_img_s": median(runs["pillow"]),
         "single_thread_tlfeat_img_s": median(runs["tlfeat"]),
@@ -130,7 +134,7 @@ def measure(name: str, files: list[Path], workers: list[int], batch_size: int, r
 
 def print_table(report: dict) -> None:
     pillow = report["single_thread_pillow_img_s"]
-    print(f"\n{report['dataset']}: {report['files']} files, batch {report['batch_size']}, median of "
+    print(f"\n{report['dataset']}: {report['images']} images ({report['files']} files), batch {report['batch_size']}, median of "
           f"{report['repeats']}; 1-min load average at the end {report['load_average_1m']:.1f} "
           f"on {report['cores']} cores")
     print(f"  single thread, plain Pillow: {pillow:8.0f} img/s")
@@ -153,6 +157,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, nargs="*", help="worker counts (default 1 .. available cores)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--min-images", type=int, default=0, help="repeat each file list up to this length")
     parser.add_argument("--no-threads", action="store_true", help="skip the thread-pool comparison")
     parser.add_argument("--json", action="store_true", help="print one JSON object per dataset instead")
     args = parser.parse_args()
@@ -164,8 +169,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.photos:
             folder = args.photos_dir or Path(tmp) / "photos"
-            datasets.append((f"photos-1024x768-q90", make_photos(folder, args.photos)))
+            datasets.append(("photos-1024x768-q90", make_photos(folder, args.photos)))
         for name, files in datasets:
+            files = files * max(1, math.ceil(args.min_images / len(files)))
             report = measure(name, files, workers, args.batch_size, args.repeats, not args.no_threads)
             if args.json:
                 print(json.dumps(report), flush=True)

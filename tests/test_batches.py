@@ -17,7 +17,9 @@ from PIL import Image
 
 from conftest import child_env
 from tlfeat.data import batches
-from tlfeat.data.batches import DecodePool, available_cores, iter_batches
+from tlfeat.data import cores
+from tlfeat.data.batches import DecodePool, iter_batches
+from tlfeat.data.cores import available_cores
 from tlfeat.data.decode import decode_image
 
 
@@ -158,21 +160,45 @@ def _running(pid: int) -> bool:
 
 
 def test_available_cores_respects_the_affinity_mask_and_cgroup_quota(tmp_path: Path) -> None:
-    cores = available_cores()
-    assert 1 <= cores <= len(os.sched_getaffinity(0))
+    assert 1 <= available_cores() <= len(os.sched_getaffinity(0))
     (tmp_path / "cpu.max").write_text("150000 100000\n")
-    assert batches._quota(tmp_path / "cpu.max") == 1.5
+    assert cores._quota(tmp_path / "cpu.max") == 1.5
     (tmp_path / "cpu.max").write_text("max 100000\n")
-    assert batches._quota(tmp_path / "cpu.max") is None
+    assert cores._quota(tmp_path / "cpu.max") is None
     (tmp_path / "quota").write_text("-1\n")
     (tmp_path / "period").write_text("100000\n")
-    assert batches._quota(tmp_path / "quota", tmp_path / "period") is None
+    assert cores._quota(tmp_path / "quota", tmp_path / "period") is None
     (tmp_path / "quota").write_text("400000\n")
-    assert batches._quota(tmp_path / "quota", tmp_path / "period") == 4.0
+    assert cores._quota(tmp_path / "quota", tmp_path / "period") == 4.0
+
+
+def test_the_shared_pool_is_kept_for_the_next_run(tmp_path: Path) -> None:
+    files = _images(tmp_path, 3)
+    pool = batches.shared_pool(2)
+    first = [b.pixels.copy() for b in iter_batches(files, 16, batch_size=2, pool=pool)]
+    assert batches.shared_pool(2) is pool and len(first) == 2
+    other = batches.shared_pool(1)  # another size replaces it
+    assert other is not pool and not pool.workers and batches.shared_pool(1) is other
+
+
+def test_workers_import_this_very_tlfeat() -> None:
+    assert (batches.PACKAGE_ROOT / "tlfeat" / "data" / "batches.py").samefile(batches.__file__)
 
 
 def test_workers_below_one_is_refused() -> None:
     from tlfeat.errors import TlfeatError
 
-    with pytest.raises(TlfeatError, match="--workers 0"):
+    with pytest.raises(TlfeatError, match="`workers=0`: must be at least 1"):
         DecodePool(0)
+
+
+def test_a_worker_that_died_between_runs_is_replaced(tmp_path: Path) -> None:
+    files = _images(tmp_path, 4)
+    with DecodePool(2) as pool:
+        assert len([b for b in pool.batches(files, 16, batch_size=2)]) == 2
+        victim = pool.workers[0].process
+        victim.kill()
+        victim.wait()
+        got = [b.pixels.copy() for b in pool.batches(files, 16, batch_size=2)]
+        assert victim not in [w.process for w in pool.workers]
+    np.testing.assert_array_equal(np.concatenate(got)[3], decode_image(files[3], 16))

@@ -244,3 +244,57 @@ def test_final_write_takes_rows_without_stacking_them(tmp_path: Path) -> None:
     with h5py.File(tmp_path / "c.h5", "r") as handle:
         assert handle["features"].dtype == np.float16 and handle["features"].chunks[0] == 1024
         np.testing.assert_array_equal(handle["features"][...], np.stack(rows).astype(np.float16))
+
+
+def _embed_then(tail: BaseException):
+    """A LocalEngine.embed that computes every batch as usual, then raises `tail` (Ctrl-C, a failing disk)."""
+    from tlfeat.extraction.engines import LocalEngine
+
+    real = LocalEngine.embed
+
+    def embed(self, root, todo, bar):
+        yield from real(self, root, todo, bar)
+        raise tail
+
+    return embed
+
+
+def test_ctrl_c_keeps_every_finished_batch_including_those_still_queued_for_writing(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tlfeat.extraction.engines import LocalEngine
+
+    monkeypatch.setattr(LocalEngine, "embed", _embed_then(KeyboardInterrupt()))
+    out = tmp_path / "c.h5"
+    with pytest.raises(TlfeatError, match="interrupted: finished batches are kept"):
+        extract(tiny_dataset, out, batch_size=4, **FAST)
+    parts = Path(str(out) + ".parts")
+    assert len(list(parts.glob("shard-*.npz"))) == 6  # 24 images in batches of 4, all written
+    monkeypatch.undo()
+    assert "computed 0, reused 24" in run_cli("extract", str(tiny_dataset), "--out", str(out), "--backbone", "vgg16",
+                                              "--weights", "none", "--image-size", "32", "--batch-size", "4").stdout
+
+
+def test_a_failing_shard_write_stops_the_run(tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"n": 0}
+    real_write = cache.ShardStore.write
+
+    def write(self, rows):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        real_write(self, rows)
+
+    monkeypatch.setattr(cache.ShardStore, "write", write)
+    with pytest.raises(OSError, match="No space left"):
+        extract(tiny_dataset, tmp_path / "c.h5", batch_size=4, **FAST)
+    assert not (tmp_path / "c.h5").exists()
+    assert calls["n"] <= 4  # the run stopped soon after, not at the end
+
+
+def test_cli_workers_sets_the_local_decoding_processes(tiny_dataset: Path, tmp_path: Path) -> None:
+    args = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32", "-q"]
+    ok = run_cli("extract", str(tiny_dataset), "--out", str(tmp_path / "c.h5"), "--workers", "1", *args)
+    assert ok.returncode == 0 and "computed 24" in ok.stdout, ok.stderr
+    bad = run_cli("extract", str(tiny_dataset), "--out", str(tmp_path / "d.h5"), "--workers", "0", *args)
+    assert bad.returncode == 1 and bad.stderr.strip() == "error: --workers 0: must be at least 1"

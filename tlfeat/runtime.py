@@ -1,13 +1,16 @@
 """Backbone runtime: device and precision policy, the feature extractor, and the one files -> batches -> model loop.
 
 Extraction engines, `predict` and fine-tune prediction all run images through
-`map_batches`/`apply_to_files`, so decoding, batching, padding and failure
-handling are the same everywhere.
+`map_batches`/`apply_to_files` into a `CompiledModel`, so decoding, batching,
+padding, failure handling and the model path are the same everywhere: uint8
+pixels go to the device, the backbone's input scaling runs inside the compiled
+model, and the host fetches a batch's outputs only after dispatching the next.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -15,13 +18,14 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from tlfeat.backbones import Backbone, build_model, get_backbone
-from tlfeat.data.batches import DecodedBatch, DecodePool, iter_batches
+from tlfeat.backbones.uint8_input import with_uint8_input
+from tlfeat.data.batches import DecodedBatch, DecodePool, iter_batches, shared_pool
 from tlfeat.progress import progress_bar
 
 CPU_BATCH_SIZE = 32
 GPU_BATCH_SIZE = 256
 
-BatchFunction = Callable[[np.ndarray], np.ndarray]  # (n, H, W, 3) preprocessed -> (n, K) float32
+BatchFunction = Callable[[np.ndarray], "Pending"]  # (n, H, W, 3) uint8 -> its (n, K) outputs, maybe computing
 
 
 def accelerator_present() -> bool:
@@ -57,8 +61,77 @@ def default_batch_size(requested: int | None, on_gpu: bool) -> int:
     return requested or (GPU_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE)
 
 
-class FeatureExtractor:
-    """A backbone ready for inference: fixed batch shape, bfloat16 compute on a GPU, float32 out."""
+@dataclass
+class Pending:
+    """A batch's outputs, possibly still being computed on the device: `result()` waits and brings them over."""
+
+    outputs: Any  # a backend tensor, (batch_size, K)
+    n: int  # rows that are real images; the rest padded the batch
+
+    def result(self) -> np.ndarray:
+        import keras
+
+        return np.asarray(keras.ops.convert_to_numpy(self.outputs)[: self.n], dtype=np.float32)
+
+
+def compiled_forward(model: Any) -> Callable[[np.ndarray], Any]:
+    """`model` in inference, compiled for the active backend, returning without waiting for the device.
+
+    JAX: one jitted function (XLA) of the weights and the batch; TensorFlow: a tf.function;
+    torch: the module without autograd (CUDA runs asynchronously by itself).
+    """
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
+        jitted = jax.jit(lambda t, nt, x: model.stateless_call(t, nt, x, training=False)[0])
+        return lambda pixels: jitted(trainable, non_trainable, pixels)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(lambda pixels: model(pixels, training=False))
+    if backend == "torch":
+        import torch
+
+        def forward(pixels: np.ndarray) -> Any:
+            with torch.no_grad():
+                return model(pixels, training=False)
+
+        return forward
+    return lambda pixels: model(pixels, training=False)
+
+
+class CompiledModel:
+    """A Keras model fed uint8 pixels: its input scaling inside the compiled graph, one fixed batch shape.
+
+    `model` takes the `preprocessing` mode's float input (a backbone, a fine-tuned classifier);
+    this wraps it behind a uint8 input (tlfeat.backbones.uint8_input), so the host ships bytes.
+    """
+
+    def __init__(self, model: Any, preprocessing: str, image_size: int, batch_size: int) -> None:
+        self.inner = model
+        self.model = with_uint8_input(model, preprocessing, image_size)
+        self.batch_size = batch_size
+        self.forward = compiled_forward(self.model)
+
+    def submit(self, pixels: np.ndarray) -> Pending:
+        """(n, H, W, 3) uint8, n <= batch_size -> its (n, K) outputs, computing (see `Pending`)."""
+        n = len(pixels)
+        if n < self.batch_size:  # one input shape: the compiled function is traced once
+            pixels = np.concatenate([pixels, np.zeros((self.batch_size - n, *pixels.shape[1:]), dtype=np.uint8)])
+        return Pending(self.forward(pixels), n)
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        """(n, H, W, 3) uint8 -> (n, K) float32, waited for."""
+        return self.submit(pixels).result()
+
+
+class FeatureExtractor(CompiledModel):
+    """A backbone ready for inference: uint8 in, bfloat16 compute on a GPU, float32 features out."""
 
     def __init__(self, backbone: Backbone, weights: str, image_size: int, batch_size: int | None = None) -> None:
         import keras
@@ -67,24 +140,13 @@ class FeatureExtractor:
         self.image_size = image_size
         self.on_gpu = accelerator_present()
         self.compute = compute_policy(self.on_gpu)
-        self.batch_size = default_batch_size(batch_size, self.on_gpu)
         previous = keras.config.dtype_policy()
         keras.config.set_dtype_policy(self.compute)
         try:
-            self.model = build_model(backbone, weights, image_size)
+            model = build_model(backbone, weights, image_size)
         finally:
             keras.config.set_dtype_policy(previous)
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        """(n, H, W, 3) preprocessed float32 -> (n, D) float32, n <= batch_size."""
-        n = len(images)
-        if n == 0:
-            return np.zeros((0, self.backbone.feature_dim), dtype=np.float32)
-        if n < self.batch_size:  # one input shape: the compiled function is traced once
-            pad = np.zeros((self.batch_size - n, *images.shape[1:]), dtype=images.dtype)
-            images = np.concatenate([images, pad])
-        features = self.model.predict_on_batch(images)
-        return np.asarray(features, dtype=np.float32)[:n]
+        super().__init__(model, backbone.preprocessing, image_size, default_batch_size(batch_size, self.on_gpu))
 
 
 _EXTRACTORS: OrderedDict[tuple, FeatureExtractor] = OrderedDict()
@@ -102,19 +164,31 @@ def get_extractor(backbone: Backbone, weights: str, image_size: int, batch_size:
 
 
 def map_batches(
-    files: Sequence[str | Path], image_size: int, preprocess: Callable[[np.ndarray], np.ndarray],
-    batch_size: int, compute: BatchFunction, bar: Any = None, pool: DecodePool | None = None,
+    files: Sequence[str | Path], image_size: int, batch_size: int, compute: BatchFunction, bar: Any = None,
+    pool: DecodePool | None = None,
 ) -> Iterator[tuple[DecodedBatch, np.ndarray]]:
-    """Decode `files` in batches (canonical order) and run `compute` on each: (batch, outputs) per batch.
+    """Decode `files` in batches (canonical order), run `compute` on each: (batch, outputs of `batch.ok`).
 
-    Outputs are those of the batch's decodable files (`batch.ok`). Decoding runs in `pool`,
-    or in a pool started for this call. `bar`, if given, advances once a batch is computed.
+    `compute` gets a batch's uint8 pixels and may return before the device is done: batch k+1 is
+    decoded and dispatched before the outputs of batch k are brought over, so the host's work and
+    the transfer overlap the device's. Decoding runs in `pool`, by default this process's shared one.
+    `bar`, if given, advances once a batch is computed.
     """
-    for batch in iter_batches(list(files), image_size, batch_size, pool=pool):
-        outputs = compute(preprocess(batch.pixels.astype(np.float32)))[batch.ok]
-        if bar is not None:
-            bar.update(batch.length)
-        yield batch, outputs
+    previous: tuple[DecodedBatch, Pending] | None = None
+    for batch in iter_batches(list(files), image_size, batch_size, pool=pool or shared_pool()):
+        pending = compute(batch.pixels)  # the pipeline keeps these pixels until two more batches are taken
+        if previous is not None:
+            yield _finished(*previous, bar)
+        previous = batch, pending
+    if previous is not None:
+        yield _finished(*previous, bar)
+
+
+def _finished(batch: DecodedBatch, pending: Pending, bar: Any) -> tuple[DecodedBatch, np.ndarray]:
+    outputs = pending.result()[batch.ok]
+    if bar is not None:
+        bar.update(batch.length)
+    return batch, outputs
 
 
 @dataclass
@@ -127,15 +201,15 @@ class BatchOutputs:
 
 
 def apply_to_files(
-    files: Sequence[str | Path], image_size: int, preprocess: Callable[[np.ndarray], np.ndarray],
-    batch_size: int, compute: BatchFunction, n_outputs: int, progress: bool = False, desc: str = "",
+    files: Sequence[str | Path], image_size: int, batch_size: int, compute: BatchFunction, n_outputs: int,
+    progress: bool = False, desc: str = "",
 ) -> BatchOutputs:
     """Run `compute` over every decodable file and gather the outputs."""
     chunks, ok, failures = [], [], []
-    with progress_bar(len(files), progress, desc) as bar:
-        for batch, outputs in map_batches(files, image_size, preprocess, batch_size, compute, bar):
-            if batch.ok:
-                chunks.append(np.asarray(outputs, dtype=np.float32))
+    with progress_bar(len(files), progress, desc) as bar, \
+            closing(map_batches(files, image_size, batch_size, compute, bar)) as batches:
+        for batch, outputs in batches:
+            chunks.append(outputs)
             ok.extend(batch.start + i for i in batch.ok)
             failures.extend((str(files[batch.start + i]), reason) for i, reason in batch.failures)
     outputs = np.concatenate(chunks) if chunks else np.zeros((0, n_outputs), dtype=np.float32)
@@ -155,5 +229,5 @@ def embed_files(
     size = image_size or spec.input_size
     extractor = get_extractor(spec, weights, size, batch_size)
     return apply_to_files(
-        files, size, spec.preprocess, extractor.batch_size, extractor, spec.feature_dim, progress, f"embed {spec.name}"
+        files, size, extractor.batch_size, extractor.submit, spec.feature_dim, progress, f"embed {spec.name}"
     )

@@ -32,7 +32,7 @@ def extract(
     engine: str = typer.Option(ENGINES[0], "--engine", help="local (this process) or ray (a Ray Data pipeline: decoding tasks, one backbone per actor; needs pip install 'ray\\[data]')."),
     address: Optional[str] = typer.Option(None, "--address", help="With --engine ray: the Ray cluster to join (auto, host:6379 or ray://host:10001). Default: the Ray instance `ray start` left on this machine, else a private one for this run."),
     num_gpus_per_worker: Optional[float] = typer.Option(None, "--num-gpus-per-worker", help="With --engine ray: GPUs per embedding actor. Default: 1 where the cluster has GPUs, else 0 (CPU actors)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="With --engine ray: embedding actors. Default: one per GPU share, or one per node without GPUs."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Local engine: decoding processes (default: one per available core). With --engine ray: embedding actors (default: one per GPU share, or one per node without GPUs)."),
 ) -> None:
     """Embed every image once with a pretrained backbone and cache the pooled features in HDF5.
 
@@ -43,7 +43,7 @@ def extract(
     from tlfeat.extraction.run import extract as run_extract
 
     ray_options = None
-    if address is not None or num_gpus_per_worker is not None or workers is not None:
+    if address is not None or num_gpus_per_worker is not None or (engine == "ray" and workers is not None):
         from tlfeat.extraction.ray_engine import RayOptions
 
         ray_options = RayOptions(address=address, num_gpus_per_worker=num_gpus_per_worker, workers=workers)
@@ -51,6 +51,7 @@ def extract(
         data, out=out, backbone=backbone, weights=weights, image_size=image_size,
         batch_size=batch_size, dtype=dtype, seed=seed, ratios=parse_ratios(split),
         overwrite=overwrite, progress=not quiet, engine=engine, ray_options=ray_options,
+        workers=None if engine == "ray" else workers,
     )
     splits = ", ".join(f"{k} {v}" for k, v in summary.split_counts.items())
     status = "up to date, nothing computed" if summary.up_to_date else (

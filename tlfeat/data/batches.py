@@ -1,9 +1,9 @@
 """Decoding ahead of the model: worker processes fill shared uint8 batch buffers, batches come out in order.
 
-Processes, not threads: opening a file, reading its EXIF and copying the
-pixels out of Pillow hold the GIL for about a fifth of an image's decoding
-time, which caps a thread pool near five cores' worth whatever the machine
-has; bench/decode_pool.py measures both on the same files.
+Processes, not threads: opening a file, parsing its headers and EXIF and
+copying the pixels out of Pillow is Python work that holds the GIL, so a
+thread pool stops scaling long before the cores run out;
+bench/pipeline_ceiling.py measures both on the same files (BENCHMARKS.md).
 
 A `DecodePool` starts its processes once (fresh interpreters, so neither a
 fork of a process running JAX or TensorFlow threads nor a re-import of the
@@ -37,60 +37,13 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from tlfeat.data.cores import default_workers
 from tlfeat.data.decode import DecodeError, decode_into
-from tlfeat.errors import TlfeatError
+from tlfeat.errors import TlfeatError, parameter_error
 
 CHUNK = 16  # files per message to a worker: a few messages per batch, and still an even share at the end
 AHEAD = 2  # chunks a worker holds at once: it never waits for the next one
-
-
-def available_cores() -> int:
-    """CPUs this process may run on: its affinity mask, capped by a cgroup CPU quota (containers)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    quota = _cgroup_cpu_quota()
-    if quota is not None:
-        cores = min(cores, math.ceil(quota))
-    return max(1, cores)
-
-
-def _cgroup_cpu_quota() -> float | None:
-    """The tightest CPU quota (in CPUs) of this process's cgroup and its parents; None when unlimited."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    top = Path("/sys/fs/cgroup")
-    limits = []
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":  # cgroup v2: "max 100000" or "<quota> <period>" in each level's cpu.max
-            folder = top / path.lstrip("/")
-            limits += [_quota(level / "cpu.max") for level in (folder, *folder.parents) if level.is_relative_to(top)]
-        elif "cpu" in controllers.split(","):  # cgroup v1: quota and period in two files
-            folder = top / controllers
-            limits.append(_quota(folder / "cpu.cfs_quota_us", folder / "cpu.cfs_period_us"))
-    limits = [limit for limit in limits if limit is not None]
-    return min(limits) if limits else None
-
-
-def _quota(quota_file: Path, period_file: Path | None = None) -> float | None:
-    try:
-        fields = quota_file.read_text().split()
-        if period_file is not None:
-            fields.append(period_file.read_text().strip())
-        if fields[0] in ("max", "-1"):
-            return None
-        return int(fields[0]) / int(fields[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def default_workers() -> int:
-    """Decoding processes when none are asked for: one per available core."""
-    return available_cores()
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # holds this tlfeat: the workers import it, whatever their path
 
 
 @dataclass
@@ -134,6 +87,23 @@ def iter_batches(
         yield from pool.batches(paths, size, batch_size, prefetch_batches)
 
 
+_SHARED: list[DecodePool] = []  # at most one
+
+
+def shared_pool(workers: int | None = None) -> DecodePool:
+    """This process's pool of `workers` processes (default: one per core), started once and kept.
+
+    Like a built backbone, it serves the next run at once: only the first pays for starting
+    the interpreters. Its processes end with this one.
+    """
+    size = workers or default_workers()
+    if _SHARED and (_SHARED[0].size != size or not _SHARED[0].workers):
+        _SHARED.pop().close()
+    if not _SHARED:
+        _SHARED.append(DecodePool(size))
+    return _SHARED[0]
+
+
 @dataclass(eq=False)  # compared by identity
 class _Worker:
     process: subprocess.Popen
@@ -151,7 +121,7 @@ class DecodePool:
 
     def __init__(self, workers: int | None = None) -> None:
         if workers is not None and workers < 1:
-            raise TlfeatError(f"--workers {workers}: must be at least 1")
+            raise parameter_error("workers", workers, "must be at least 1")
         self.size = workers or default_workers()
         self.busy = threading.Lock()
         self.shape: tuple[int, ...] | None = None  # the current run's buffer, handed to every worker
@@ -193,8 +163,8 @@ class DecodePool:
 
     def _start_worker(self) -> _Worker:
         ours, theirs = socket.socketpair()
-        root = str(Path(__file__).resolve().parents[1])  # this tlfeat, whatever the child's path says
-        code = f"import sys; sys.path.insert(0, {root!r}); from tlfeat.data.batches import _serve; _serve({theirs.fileno()})"
+        code = (f"import sys; sys.path.insert(0, {str(PACKAGE_ROOT)!r}); "
+                f"from tlfeat.data.batches import _serve; _serve({theirs.fileno()})")
         process = subprocess.Popen([sys.executable, "-c", code], pass_fds=(theirs.fileno(),),
                                    stdin=subprocess.DEVNULL)
         theirs.close()  # the child's end: closing ours lets each side see the other's death as EOF
@@ -286,8 +256,11 @@ class _Run:
         pool.buffer_fd = _anonymous_file(_nbytes(pool.shape))
         # The mapping lives as long as the arrays that view it, even past the end of the run.
         self.pixels, self.done = _views(mmap.mmap(pool.buffer_fd, _nbytes(pool.shape)), pool.shape)
-        for worker in pool.workers:
-            pool._attach(worker)
+        for worker in list(pool.workers):
+            try:
+                pool._attach(worker)
+            except OSError:  # it died since the last run: a fresh one (handed the buffer as it starts)
+                pool._replace(worker)
         self.chunk = max(1, min(CHUNK, math.ceil(rows / pool.size)))
         self.free: queue.SimpleQueue[int] = queue.SimpleQueue()
         for slot in range(slots):

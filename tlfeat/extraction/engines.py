@@ -16,8 +16,8 @@ import numpy as np
 from tlfeat.backbones import Backbone
 from tlfeat.cache import Rows
 from tlfeat.data.scan import ImageEntry
-from tlfeat.errors import TlfeatError
-from tlfeat.data.batches import DecodePool
+from tlfeat.errors import TlfeatError, parameter_error
+from tlfeat.data.batches import shared_pool
 from tlfeat.runtime import accelerator_present, compute_policy, get_extractor, map_batches
 
 if TYPE_CHECKING:
@@ -61,14 +61,12 @@ class LocalEngine:
         pass
 
     def embed(self, root: Path, todo: list[ImageEntry], bar: Any) -> Iterator[Rows]:
-        with DecodePool(self.workers) as pool:  # its processes start while the backbone loads
-            extractor = get_extractor(self.backbone, self.weights, self.image_size, self.batch_size)
-            files = [root / e.relpath for e in todo]
-            for batch, features in map_batches(
-                files, self.image_size, self.backbone.preprocess, extractor.batch_size, extractor, bar, pool
-            ):
-                entries = todo[batch.start : batch.start + batch.length]
-                yield batch_rows(entries, features, batch.ok, batch.failures)
+        pool = shared_pool(self.workers)  # a new pool's processes start while the backbone loads
+        extractor = get_extractor(self.backbone, self.weights, self.image_size, self.batch_size)
+        files = [root / e.relpath for e in todo]
+        for batch, features in map_batches(files, self.image_size, extractor.batch_size, extractor.submit, bar, pool):
+            entries = todo[batch.start : batch.start + batch.length]
+            yield batch_rows(entries, features, batch.ok, batch.failures)
 
     def keras_backend(self) -> str:
         import keras
@@ -96,14 +94,20 @@ def batch_rows(
 
 def make_engine(
     engine: str, backbone: Backbone, weights: str, image_size: int, batch_size: int | None,
-    ray_options: RayOptions | None,
+    ray_options: RayOptions | None, workers: int | None = None,
 ) -> Engine:
+    """The engine named `engine`; `workers` are the local engine's decoding processes (Ray's are `ray_options`')."""
     if engine not in ENGINES:
         raise TlfeatError(f"`engine={engine!r}`: use {' or '.join(ENGINES)}")
     if ray_options is not None and engine != "ray":
-        raise TlfeatError("`address`, `num_gpus_per_worker` and `workers` need `engine='ray'`")
+        raise TlfeatError("`address`, `num_gpus_per_worker` and Ray's actors need `engine='ray'`")
     if engine == "ray":
+        if workers is not None:
+            raise TlfeatError("`workers` sets the local engine's decoding processes; Ray's actors are "
+                              "RayOptions(workers=...)")
         from tlfeat.extraction.ray_engine import RayEngine, RayOptions
 
         return RayEngine(backbone, weights, image_size, batch_size, ray_options or RayOptions())
-    return LocalEngine(backbone, weights, image_size, batch_size)
+    if workers is not None and workers < 1:
+        raise parameter_error("workers", workers, "must be at least 1")
+    return LocalEngine(backbone, weights, image_size, batch_size, workers)

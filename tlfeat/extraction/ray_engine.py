@@ -10,7 +10,7 @@ The cluster's workers read the images and any weights file by the driver's
 absolute paths, so on several machines both must sit on storage every node
 mounts at the same path, and tlfeat (with its dependencies) must be installed
 on every node. Images travel to the actors as 8-bit pixels (a quarter of the
-float32 size); each actor applies the backbone's preprocessing itself.
+float32 size) and stay so into the model, which scales them on its device.
 """
 
 from __future__ import annotations
@@ -241,7 +241,7 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.
 
 
 class EmbedWorker:
-    """Ray Data actor: one backbone per actor, built once; pixels -> preprocessed -> pooled features."""
+    """Ray Data actor: one backbone per actor, built once; uint8 pixels -> pooled features."""
 
     def __init__(self, backbone: str, weights: str, image_size: int, batch_size: int, compute: str) -> None:
         import keras
@@ -256,10 +256,8 @@ class EmbedWorker:
             )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = np.array([not error for error in batch["error"]], dtype=bool)
-        features = np.zeros((len(ok), self.extractor.backbone.feature_dim), dtype=np.float32)
-        if ok.any():
-            images = self.extractor.backbone.preprocess(batch["pixels"][ok].astype(np.float32))
-            features[ok] = self.extractor(images)
-        backend = np.full(len(ok), self.keras_backend, dtype=object)
+        failed = np.array([bool(error) for error in batch["error"]], dtype=bool)
+        features = self.extractor(batch["pixels"])  # uint8: the backbone scales it on the device
+        features[failed] = 0.0
+        backend = np.full(len(failed), self.keras_backend, dtype=object)
         return {"index": batch["index"], "features": features, "error": batch["error"], "keras_backend": backend}

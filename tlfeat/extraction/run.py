@@ -12,7 +12,10 @@ module keys, shards, resumes and writes them the same way.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,6 +50,45 @@ class ExtractSummary:
     images_per_s: float  # computed rows per second of this run
     split_counts: dict[str, int] = field(default_factory=dict)
     up_to_date: bool = False
+
+
+class ShardWriter:
+    """Writes each finished batch's shard on a thread, so the next batch computes while one is fsynced.
+
+    At most `depth` batches wait to be written (memory stays bounded, and a killed run loses at most
+    those and the batch in flight). A failed write stops the run at the next `put`; leaving the block
+    writes every batch still queued first, after Ctrl-C too: finished batches are kept.
+    """
+
+    def __init__(self, shards: ShardStore, key: CacheKey, depth: int = 2) -> None:
+        self.shards, self.key = shards, key
+        self.queue: queue.Queue[Rows | None] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._write, name="tlfeat-shard-writer", daemon=True)
+        self.thread.start()
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, kind: type | None, *exc: object) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None and kind is None:
+            raise self.error
+
+    def put(self, rows: Rows) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(rows)
+
+    def _write(self) -> None:
+        while (rows := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.shards.start(self.key)  # at the first finished batch: a model that fails to load leaves none
+                    self.shards.write(rows)
+                except BaseException as exc:  # raised in the run's thread
+                    self.error = exc
 
 
 def default_output(data: Path, backbone: str) -> Path:
@@ -101,10 +143,12 @@ def extract(
     progress: bool = True,
     engine: str = "local",
     ray_options: RayOptions | None = None,
+    workers: int | None = None,
 ) -> ExtractSummary:
     """Embed every image of a dataset with `backbone` into the HDF5 cache at `out`.
 
-    engine "local" runs in this process; "ray" runs on a Ray cluster (`ray_options`), importing Ray only then.
+    engine "local" runs in this process, decoding in `workers` processes (default: one per available
+    core); "ray" runs on a Ray cluster (`ray_options`), importing Ray only then.
     """
     started = time.perf_counter()
     spec = get_backbone(backbone)
@@ -121,7 +165,7 @@ def extract(
         raise TlfeatError(f"{out}: is a folder; `out` needs a file path such as {out / 'features.h5'}")
     weights_id = weights_identity(spec, weights)
 
-    with OutputLock(out), make_engine(engine, spec, weights, size, batch_size, ray_options) as runner:
+    with OutputLock(out), make_engine(engine, spec, weights, size, batch_size, ray_options, workers) as runner:
         remove_stale_temporaries(out)
         shards = ShardStore(out)
         key = CacheKey(spec.name, weights_id, size, spec.preprocessing, dtype, runner.compute)
@@ -133,10 +177,10 @@ def extract(
         if todo:
             computed_before = time.perf_counter()
             try:
-                with progress_bar(len(todo), progress, f"extract {spec.name}") as bar:
-                    for rows in runner.embed(scan.root, todo, bar):
-                        shards.start(key)  # at the first finished batch: a model that fails to load leaves no shards
-                        shards.write(rows)
+                with progress_bar(len(todo), progress, f"extract {spec.name}") as bar, \
+                        ShardWriter(shards, key) as writer, closing(runner.embed(scan.root, todo, bar)) as batches:
+                    for rows in batches:  # closed however the loop ends: the decoding pool is free again
+                        writer.put(rows)
                         _absorb(known, rows)
             except KeyboardInterrupt:
                 raise TlfeatError(

@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from tlfeat.data.batches import default_workers
+from tlfeat.data.cores import default_workers
 from tlfeat.data.decode import DecodeError, decode_image
 from tlfeat.data.scan import DatasetScan
 from tlfeat.errors import TlfeatError

@@ -86,10 +86,7 @@ def predict_files(
 
 def predict_with_model(model: Any, files: Sequence[str | Path], image_size: int, spec: Any, batch_size: int) -> Any:
     """Class probabilities of the decodable files (`tlfeat.runtime.BatchOutputs`)."""
-    from tlfeat.runtime import apply_to_files
+    from tlfeat.runtime import CompiledModel, apply_to_files
 
-    n_classes = int(model.output.shape[-1])
-    return apply_to_files(
-        files, image_size, spec.preprocess, batch_size,
-        lambda images: model.predict_on_batch(images) if len(images) else np.zeros((0, n_classes)), n_classes,
-    )
+    compiled = CompiledModel(model, spec.preprocessing, image_size, batch_size)
+    return apply_to_files(files, image_size, batch_size, compiled.submit, int(model.output.shape[-1]))
