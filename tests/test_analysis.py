@@ -17,18 +17,21 @@ import h5py
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
-from test_heads import gaussian_blobs, write_synthetic_cache
-from tlfeat.analysis import audit, choose_threshold, exact_top_k, find_duplicates, map_cache, review_labels, similar
+from cli import app
+from conftest import assert_one_line_error, gaussian_blobs, write_synthetic_cache
+from tlfeat.analysis import audit, choose_threshold, embedding_map, exact_top_k, find_duplicates, review_labels, similar
 from tlfeat.analysis.duplicates import KIND_ORDER
 from tlfeat.analysis.search import index_path
 from tlfeat.analysis.similar import write_similar
 from tlfeat.cache import CacheKey, load, write_cache
 from tlfeat.errors import TlfeatError
-from tlfeat.extract import extract
-from tlfeat.fit import fit_heads
+from tlfeat.extraction.run import extract
+from tlfeat.heads.fit import fit_heads
 
 PNG = b"\x89PNG\r\n\x1a\n"
+runner = CliRunner()
 HUES = [(200, 60, 40), (40, 160, 60), (50, 80, 200), (220, 200, 40)]
 
 
@@ -247,6 +250,10 @@ def test_bad_caches_are_refused_in_one_line(tmp_path: Path) -> None:
     nan_cache = write_synthetic_cache(tmp_path / "nan.h5", features=features, n_per_class=10, n_classes=2, dim=8)
     with pytest.raises(TlfeatError, match=r"nan\.h5: 1 of 20 rows have NaN"):
         audit(nan_cache, out=tmp_path / "a")
+    matches = similar(nan_cache, ["class_0/img_0000.png"], top=19).queries[0].matches
+    assert len(matches) == 18 and 3 not in {m.row for m in matches}  # exact search: a NaN row matches nothing
+    with pytest.raises(TlfeatError, match=r"nan\.h5: NaN or infinite features"):
+        similar(nan_cache, ["class_0/img_0000.png"], index="faiss")
     single = write_synthetic_cache(tmp_path / "single.h5", n_per_class=1, n_classes=1, shares=(1.0,), splits=("train",))
     with pytest.raises(TlfeatError, match="1 image"):
         audit(single, out=tmp_path / "b")
@@ -258,14 +265,14 @@ def test_missing_optional_library_names_the_pip_command(tmp_path: Path, monkeypa
     monkeypatch.setitem(sys.modules, "umap", None)  # what `import umap` sees when umap-learn is not installed
     cache = write_synthetic_cache(tmp_path / "c.h5")
     with pytest.raises(TlfeatError, match=r"umap-learn is not installed: pip install umap-learn"):
-        map_cache(cache, method="umap", out=tmp_path / "map")
+        embedding_map(cache, method="umap", out=tmp_path / "map")
 
 
 def test_map_marks_the_test_images_the_head_gets_wrong(tmp_path: Path) -> None:
     features, labels = gaussian_blobs(n_per_class=40, n_classes=3, dim=16, seed=0, spread=3.0)
     cache = write_synthetic_cache(tmp_path / "hard.h5", features=features, n_per_class=40, n_classes=3, dim=16)
     fitted = fit_heads([cache], head="logreg", out=tmp_path / "heads")
-    result = map_cache(cache, method="pca", out=tmp_path / "map", head=tmp_path / "heads" / "logreg.joblib")
+    result = embedding_map(cache, method="pca", out=tmp_path / "map", head=tmp_path / "heads" / "logreg.joblib")
     test = fitted.results[0].scores["test"]
     wrong = result.map.wrong(result.data.labels)
     assert wrong.sum() == round((1 - test["accuracy"]) * test["n"]) > 0
@@ -274,7 +281,7 @@ def test_map_marks_the_test_images_the_head_gets_wrong(tmp_path: Path) -> None:
     assert sum(row["wrong"] == "True" for row in rows) == wrong.sum()
     assert all(row["predicted"] == "" for row in rows if row["split"] != "test")
     assert result.png.read_bytes()[:8] == PNG
-    tsne = map_cache(cache, method="tsne", out=tmp_path / "map", max_points=50)
+    tsne = embedding_map(cache, method="tsne", out=tmp_path / "map", max_points=50)
     assert tsne.map.coords.shape == (50, 2) and "random sample of 50" in tsne.map.notes[0]
 
 
@@ -285,3 +292,24 @@ def test_review_labels_ranks_flipped_labels_first(tmp_path: Path) -> None:
     data.labels[flipped] = (data.labels[flipped] + 1) % 4
     review = review_labels(data)
     assert set(review.order[:8]) >= set(flipped) and set(review.flagged) >= set(flipped)
+
+
+def test_cli_audit_similar_map_and_one_line_errors(planted: Planted, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["audit", str(planted.cache), "--out", str(tmp_path / "audit"), "--no-sheets"])
+    assert result.exit_code == 0, result.output
+    assert "## Near-duplicates" in result.stdout and "| 1 | test leak |" in result.stdout
+    assert not (tmp_path / "audit" / "duplicates.png").exists()
+    result = runner.invoke(app, ["similar", str(planted.cache), "train/class_3/img_000.png", "-k", "2",
+                                 "--out", str(tmp_path / "similar")])
+    assert result.exit_code == 0, result.output
+    assert "test/class_3/copy_of_000.png" in result.stdout.splitlines()[2]
+    result = runner.invoke(app, ["map", str(planted.cache), "--method", "pca", "--out", str(tmp_path / "map")])
+    assert result.exit_code == 0 and (tmp_path / "map" / "map-pca.png").is_file(), result.output
+    for args, fragment in [
+        (["audit", str(planted.cache), "--out", str(planted.root / "audit")], "pass --out elsewhere"),
+        (["audit", str(tmp_path / "missing.h5")], "cache file not found"),
+        (["map", str(planted.cache), "--method", "nope"], "--method nope: use one of tsne, pca, umap"),
+        (["similar", str(planted.cache), "train/class_0/img_000.png", "--top", "0"], "--top 0: must be at least 1"),
+        (["similar", str(planted.cache), "no/such.png"], "neither an image path"),
+    ]:
+        assert_one_line_error(runner.invoke(app, args), fragment)

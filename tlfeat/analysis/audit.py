@@ -16,7 +16,6 @@ summary says so and the duplicate search still runs.
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +28,10 @@ from tlfeat.analysis.duplicates import KIND_ORDER, Duplicates, find_duplicates, 
 from tlfeat.analysis.label_issues import (
     FOLDS, MAX_TRAIN_ROWS, LabelReview, can_review, confused_pairs, review_labels, write_label_issues_csv,
 )
-from tlfeat.cache import SPLITS, CacheData
+from tlfeat.cache import CacheData
+from tlfeat.data.scan import SPLITS
 from tlfeat.fileio import atomic_write_bytes
-from tlfeat.reports import markdown_table, plot_confusion, write_csv
+from tlfeat.reports import markdown_table, plot_confusion, save_png, write_csv
 
 SHEET_TILES = 24  # thumbnails per contact sheet: 12 duplicate pairs, 24 label-issue candidates
 TABLE_ROWS = 10  # rows of each table in summary.md
@@ -80,11 +80,9 @@ def _label_sheet(data: CacheData, review: LabelReview, out: Path) -> None:
 
 
 def _similarity_histogram(found: Duplicates, out: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 3.5))
-    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ax.hist(found.nearest, bins=100, color="steelblue", log=True)
     ax.axvline(found.threshold, color="red", linestyle="--", label=f"threshold {found.threshold:.3f}")
@@ -92,9 +90,7 @@ def _similarity_histogram(found: Duplicates, out: Path) -> None:
     ax.set_ylabel("images (log scale)")
     ax.legend()
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    atomic_write_bytes(out, buffer.getvalue())
+    save_png(fig, out)
 
 
 def _summary(cache: Path, data: CacheData, result: AuditResult) -> str:

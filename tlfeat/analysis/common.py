@@ -62,8 +62,8 @@ def output_folder(cache: str | Path, out: str | Path | None, topic: str, data: C
     root = dataset_root(data)
     if root is not None and folder.resolve().is_relative_to(root.resolve()):
         raise TlfeatError(
-            f"{folder}: inside the dataset folder {root}; analyses never write there, pass --out elsewhere"
+            f"{folder}: inside the dataset folder {root}; analyses never write there, pass `out` elsewhere"
         )
     if folder.exists() and not folder.is_dir():
-        raise TlfeatError(f"{folder}: exists and is not a folder; pass --out with a folder path")
+        raise TlfeatError(f"{folder}: exists and is not a folder; pass `out` as a folder path")
     return folder

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -10,8 +9,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from tlfeat.decode import to_8bit
-from tlfeat.fileio import atomic_write_bytes
+from tlfeat.data.decode import to_8bit
+from tlfeat.reports import save_png
 
 THUMB_PX = 160
 CAPTION_CHARS = 30
@@ -48,7 +47,6 @@ def thumbnail(path: Path | None, size: int = THUMB_PX) -> tuple[np.ndarray, str 
 
 def draw_sheet(tiles: Sequence[Tile | None], columns: int, title: str, out: Path, thumb_px: int = THUMB_PX) -> None:
     """Write `tiles` row by row, `columns` per row, under `title`, as a PNG at `out` (atomically); None: a gap."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     columns = max(1, min(columns, len(tiles)))
@@ -56,7 +54,6 @@ def draw_sheet(tiles: Sequence[Tile | None], columns: int, title: str, out: Path
     lines = max((t.caption.count("\n") + 1 for t in tiles if t is not None), default=1)
     cell_w, cell_h = 2.0, 2.0 + 0.13 * lines
     fig = Figure(figsize=(columns * cell_w, rows * cell_h + 0.5))
-    FigureCanvasAgg(fig)
     fig.suptitle(title, fontsize=10)
     for n, tile in enumerate(tiles):
         ax = fig.add_subplot(rows, columns, n + 1)
@@ -74,6 +71,4 @@ def draw_sheet(tiles: Sequence[Tile | None], columns: int, title: str, out: Path
             spine.set_linewidth(2 if tile.colour != "black" else 0.5)
         ax.set_xlabel(tile.caption, fontsize=6.5, color=tile.colour, linespacing=1.2)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    atomic_write_bytes(out, buffer.getvalue())
+    save_png(fig, out, dpi=90)

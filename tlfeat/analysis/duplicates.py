@@ -18,8 +18,9 @@ import numpy as np
 
 from tlfeat.analysis.common import dataset_root, normalise
 from tlfeat.analysis.search import exact_top_k, index_top_k, open_index
-from tlfeat.cache import SPLITS, CacheData
-from tlfeat.errors import TlfeatError
+from tlfeat.cache import CacheData
+from tlfeat.data.scan import SPLITS
+from tlfeat.errors import parameter_error
 from tlfeat.fileio import sha256_file
 from tlfeat.reports import write_csv
 
@@ -133,9 +134,9 @@ def find_duplicates(
     is missed) or "auto" (exact up to EXACT_MAX_ROWS rows).
     """
     if index not in INDEXES:
-        raise TlfeatError(f"--index {index}: use one of {', '.join(INDEXES)}")
+        raise parameter_error("index", index, f"use one of {', '.join(INDEXES)}")
     if threshold is not None and not -1.0 <= threshold <= 1.0:
-        raise TlfeatError(f"--dup-threshold {threshold}: a cosine similarity, between -1 and 1")
+        raise parameter_error("dup_threshold", threshold, "a cosine similarity, between -1 and 1")
     n = len(data)
     exclude = np.arange(n)
     k = min(neighbours, n - 1)
@@ -146,7 +147,7 @@ def find_duplicates(
         found = index_top_k(faiss_index, data.features, k, exclude=exclude, nprobe=nprobe)
         search = f"faiss IVF-Flat, nprobe {nprobe} (approximate)"
     nearest = found.similarities[:, 0]
-    rule = "given (--dup-threshold)"
+    rule = "given (`dup_threshold`)"
     if threshold is None:
         threshold, rule = choose_threshold(nearest)
     rows, cols = np.nonzero(found.similarities >= threshold)

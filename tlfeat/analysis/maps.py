@@ -9,7 +9,6 @@ t-SNE and UMAP take minutes per hundred thousand points.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,9 +16,8 @@ import numpy as np
 
 from tlfeat.analysis.common import load_checked, normalise, optional_import, output_folder
 from tlfeat.cache import CacheData
-from tlfeat.errors import TlfeatError
-from tlfeat.fileio import atomic_write_bytes
-from tlfeat.reports import write_csv
+from tlfeat.errors import TlfeatError, parameter_error
+from tlfeat.reports import save_png, write_csv
 
 METHODS = ("tsne", "pca", "umap")
 MAX_POINTS = 20_000
@@ -44,7 +42,7 @@ class EmbeddingMap:
 def project(features: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
     """(n, 2) coordinates of the L2-normalised rows of `features` by `method`."""
     if method not in METHODS:
-        raise TlfeatError(f"--method {method}: use one of {', '.join(METHODS)}")
+        raise parameter_error("method", method, f"use one of {', '.join(METHODS)}")
     from sklearn.decomposition import PCA
 
     unit = normalise(features)
@@ -57,14 +55,14 @@ def project(features: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
     from sklearn.manifold import TSNE
 
     if n < 4:
-        raise TlfeatError(f"t-SNE needs at least 4 images, this cache has {n}; use --method pca")
+        raise TlfeatError(f"t-SNE needs at least 4 images, this cache has {n}; use `method='pca'`")
     dims = min(TSNE_PCA_DIMS, n, unit.shape[1])
     reduced = PCA(n_components=dims, random_state=seed).fit_transform(unit) if dims < unit.shape[1] else unit
     # Perplexity must stay below the number of points; 30 is scikit-learn's default.
     return TSNE(n_components=2, perplexity=min(30.0, (n - 1) / 3), init="pca", random_state=seed).fit_transform(reduced)
 
 
-def embedding_map(
+def compute_map(
     data: CacheData, method: str = "tsne", seed: int = 0, max_points: int = MAX_POINTS,
     predicted: np.ndarray | None = None,
 ) -> EmbeddingMap:
@@ -76,7 +74,7 @@ def embedding_map(
     rows = np.arange(len(data))
     if len(rows) > max_points:
         rows = np.sort(np.random.default_rng(seed).choice(len(data), size=max_points, replace=False))
-        notes.append(f"a random sample of {max_points} of the {len(data)} images is shown (--max-points)")
+        notes.append(f"a random sample of {max_points} of the {len(data)} images is shown (`max_points`)")
     coords = np.asarray(project(data.features[rows], method, seed), dtype=np.float64)
     return EmbeddingMap(rows, coords, method, None if predicted is None else predicted[rows], notes)
 
@@ -86,7 +84,7 @@ def head_test_predictions(model: Path, cache: Path, data: CacheData) -> np.ndarr
 
     The model is checked against the cache (backbone, weights, classes, ...) as `evaluate` checks it.
     """
-    from tlfeat.predict import checked_head
+    from tlfeat.apps.evaluate import checked_head
 
     features, estimator, _ = checked_head(model, [cache], split="test")
     if not np.array_equal(features.data.paths, data.paths):
@@ -100,7 +98,6 @@ def head_test_predictions(model: Path, cache: Path, data: CacheData) -> np.ndarr
 def plot_map(data: CacheData, result: EmbeddingMap, title: str, out: Path) -> None:
     """Scatter of the map coloured by class (legend up to 20 classes), wrong test predictions as black crosses."""
     from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     labels = data.labels[result.rows]
@@ -111,7 +108,6 @@ def plot_map(data: CacheData, result: EmbeddingMap, title: str, out: Path) -> No
     else:
         palette = [colormaps["turbo"](i / max(1, n_classes - 1)) for i in range(n_classes)]
     fig = Figure(figsize=(10, 7.5))
-    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     size = float(np.clip(20_000 / max(1, len(labels)), 1, 12))
     for c in np.unique(labels):
@@ -129,9 +125,7 @@ def plot_map(data: CacheData, result: EmbeddingMap, title: str, out: Path) -> No
     ax.set_xticks([])
     ax.set_yticks([])
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    atomic_write_bytes(out, buffer.getvalue())
+    save_png(fig, out, dpi=110)
 
 
 def write_map_csv(path: Path, data: CacheData, result: EmbeddingMap) -> None:
@@ -154,7 +148,7 @@ class MapResult:
     csv: Path
 
 
-def map_cache(
+def embedding_map(
     cache: str | Path, method: str = "tsne", out: str | Path | None = None, head: str | Path | None = None,
     seed: int = 0, max_points: int = MAX_POINTS,
 ) -> MapResult:
@@ -165,11 +159,11 @@ def map_cache(
     """
     cache = Path(cache)
     if method not in METHODS:
-        raise TlfeatError(f"--method {method}: use one of {', '.join(METHODS)}")
+        raise parameter_error("method", method, f"use one of {', '.join(METHODS)}")
     data = load_checked(cache)
     folder = output_folder(cache, out, "map", data)
     predicted = head_test_predictions(Path(head), cache, data) if head is not None else None
-    result = embedding_map(data, method, seed, max_points, predicted)
+    result = compute_map(data, method, seed, max_points, predicted)
     folder.mkdir(parents=True, exist_ok=True)
     png, csv = folder / f"map-{method}.png", folder / f"map-{method}.csv"
     label = {"tsne": "t-SNE", "pca": "PCA", "umap": "UMAP"}[method]

@@ -17,7 +17,6 @@ rewritten since gets a new index.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,8 +24,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from tlfeat.analysis.common import normalise, optional_import
-from tlfeat.errors import TlfeatError
-from tlfeat.fileio import atomic_write_bytes
+from tlfeat.errors import TlfeatError, parameter_error
+from tlfeat.fileio import atomic_path, atomic_write_bytes
 
 BLOCK_ROWS = 8192  # base rows per block: 42 MB of 1280-d float32
 QUERY_ROWS = 2048  # queries per similarity matrix: with BLOCK_ROWS, 67 MB
@@ -72,7 +71,7 @@ def exact_top_k(
     taken from the base), or -1. The base is read once, whatever the number of queries.
     """
     if k < 1:
-        raise TlfeatError(f"--top {k}: must be at least 1")
+        raise parameter_error("top", k, "must be at least 1")
     q = normalise(queries)
     n = int(base.shape[0])
     best = Neighbours(np.full((len(q), k), -1, np.int64), np.full((len(q), k), -np.inf, np.float32))
@@ -124,13 +123,16 @@ def build_index(base: RowSource, label: str = "features", seed: int = 0, block_r
     lists = n_lists(n)
     index = faiss.index_factory(dim, f"IVF{lists},Flat", faiss.METRIC_INNER_PRODUCT)
     sample = np.sort(np.random.default_rng(seed).choice(n, size=min(n, 40 * lists), replace=False))
-    index.train(normalise(base[sample]))  # h5py reads increasing row lists directly
+    index.train(_finite(normalise(base[sample]), label))  # h5py reads increasing row lists directly
     for start in range(0, n, block_rows):
-        block = normalise(base[start : start + block_rows])
-        if not np.isfinite(block).all():
-            raise TlfeatError(f"{label}: NaN or infinite features from row {start}; re-extract this cache")
-        index.add(block)
+        index.add(_finite(normalise(base[start : start + block_rows]), label))
     return index
+
+
+def _finite(block: np.ndarray, label: str) -> np.ndarray:
+    if not np.isfinite(block).all():
+        raise TlfeatError(f"{label}: NaN or infinite features; re-extract this cache (extract --overwrite)")
+    return block
 
 
 def open_index(cache: str | Path, base: RowSource, rebuild: bool = False) -> tuple[Any, bool]:
@@ -154,12 +156,8 @@ def open_index(cache: str | Path, base: RowSource, rebuild: bool = False) -> tup
                 pass  # unreadable (e.g. cut short by a full disk): rebuilt below
     index = build_index(base, label=str(cache))
     meta.unlink(missing_ok=True)  # the key goes last: an index without its key is never trusted
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         faiss.write_index(index, str(tmp))  # to a file, not via serialize_index: no second copy in memory
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     atomic_write_bytes(meta, (json.dumps(key, indent=2) + "\n").encode())
     return index, True
 
@@ -171,7 +169,7 @@ def index_top_k(
     """Approximate top-k from a faiss index built by `build_index`, same conventions as `exact_top_k`."""
     faiss = optional_import("faiss", "faiss-cpu")
     if k < 1:
-        raise TlfeatError(f"--top {k}: must be at least 1")
+        raise parameter_error("top", k, "must be at least 1")
     faiss.extract_index_ivf(index).nprobe = nprobe
     extra = 0 if exclude is None else 1
     out = Neighbours(np.full((len(queries), k), -1, np.int64), np.full((len(queries), k), -np.inf, np.float32))

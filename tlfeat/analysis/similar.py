@@ -24,7 +24,7 @@ from tlfeat.analysis.common import dataset_root, output_folder
 from tlfeat.analysis.contact_sheet import Tile, draw_sheet, shorten
 from tlfeat.analysis.search import Neighbours, exact_top_k, index_top_k, open_index
 from tlfeat.cache import CacheData, open_rows
-from tlfeat.errors import TlfeatError
+from tlfeat.errors import TlfeatError, parameter_error
 from tlfeat.reports import write_csv
 
 EXACT_MAX_ROWS = 4_000_000  # 1,000 queries over 4M x 1280 rows: ~4 min of matrix products on 2 cores
@@ -62,7 +62,7 @@ class SimilarResult:
 
 def _resolve(queries: Sequence[str | Path], data: CacheData) -> tuple[list[tuple[str, int]], list[Path]]:
     """Split queries into cached rows [(query, row)] and files to embed."""
-    from tlfeat.predict import collect_images
+    from tlfeat.apps.predict import collect_images
 
     row_of = {str(p): r for r, p in enumerate(data.paths)}
     root = dataset_root(data)
@@ -90,8 +90,8 @@ def _resolve(queries: Sequence[str | Path], data: CacheData) -> tuple[list[tuple
 
 def _embed(cache: Path, data: CacheData, files: list[Path], batch_size: int | None, progress: bool):
     """(features, indices of `files` embedded, failures) with the cache's own backbone and settings."""
-    from tlfeat.fit import source_record
-    from tlfeat.predict import embed_for_head
+    from tlfeat.apps.predict import embed_for_head
+    from tlfeat.heads.fit import source_record
 
     dim = int(data.features.shape[1])
     meta = {"sources": [source_record(cache, data.attrs, len(data), dim)], "feature_dim": dim}
@@ -109,9 +109,9 @@ def similar(
     """
     cache = Path(cache)
     if index not in INDEXES:
-        raise TlfeatError(f"--index {index}: use one of {', '.join(INDEXES)}")
+        raise parameter_error("index", index, f"use one of {', '.join(INDEXES)}")
     if top < 1:
-        raise TlfeatError(f"--top {top}: must be at least 1")
+        raise parameter_error("top", top, "must be at least 1")
     if not queries:
         raise TlfeatError("give at least one query: a path stored in the cache, an image file or a folder")
     with open_rows(cache) as (data, stored):

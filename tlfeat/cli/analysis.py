@@ -79,9 +79,9 @@ def map_command(
     max_points: int = typer.Option(20000, "--max-points", help="Map a seeded random sample of this many images when the cache holds more."),
 ) -> None:
     """A 2-D map of the embeddings coloured by class (map-<method>.png) and the coordinates of every image (map-<method>.csv)."""
-    from tlfeat.analysis import map_cache
+    from tlfeat.analysis import embedding_map
 
-    result = map_cache(cache, method=method, out=out, head=head, seed=seed, max_points=max_points)
+    result = embedding_map(cache, method=method, out=out, head=head, seed=seed, max_points=max_points)
     for note in result.map.notes:
         typer.echo(f"note: {note}")
     if result.map.predicted is not None:
