@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from cli import app
 from conftest import assert_one_line_error, gaussian_blobs, write_synthetic_cache
 from tlfeat.analysis import audit, choose_threshold, embedding_map, exact_top_k, find_duplicates, review_labels, similar
+from tlfeat.analysis.common import open_cache
 from tlfeat.analysis.duplicates import KIND_ORDER
 from tlfeat.analysis.search import index_path
 from tlfeat.analysis.similar import write_similar
@@ -209,8 +210,9 @@ def test_faiss_index_saved_beside_the_cache_reused_and_rebuilt_after_a_change(tm
     write_synthetic_cache(cache, features=data.features * 2, n_per_class=100, n_classes=4, dim=32)
     assert similar(cache, queries, top=5, index="faiss").index_built  # the cache changed: a new index
 
-    by_faiss = find_duplicates(data, cache, index="faiss")
-    by_exact = find_duplicates(data, cache, index="exact")
+    with open_cache(cache) as (rows, features):
+        by_faiss = find_duplicates(rows, features, cache, index="faiss")
+        by_exact = find_duplicates(rows, features, cache, index="exact")
     assert {(p.a, p.b) for p in by_faiss.pairs} >= copies and {(p.a, p.b) for p in by_exact.pairs} >= copies
 
 
@@ -231,7 +233,8 @@ def test_float16_cache_and_a_class_without_rows(tmp_path: Path) -> None:
         class_names=["a", "b", "c", "unused"], skipped=[], extra_attrs={"dataset_root": str(tmp_path / "none")},
     )
     result = audit(path, out=tmp_path / "out")
-    assert result.data.features.dtype == np.float32
+    with open_cache(path) as (_, features):
+        assert features[0:5].dtype == np.float32 and features.rows(np.array([4, 0, 4])).shape == (3, 16)
     assert result.labels.probabilities.shape == (90, 4) and not result.labels.probabilities[:, 3].any()
     assert result.labels.accuracy > 0.9
     assert any("dataset folder" in note for note in result.duplicates.notes)  # no images: no sheets, said so
@@ -248,12 +251,11 @@ def test_bad_caches_are_refused_in_one_line(tmp_path: Path) -> None:
     features, _ = gaussian_blobs(n_per_class=10, n_classes=2, dim=8)
     features[3, 2] = np.nan
     nan_cache = write_synthetic_cache(tmp_path / "nan.h5", features=features, n_per_class=10, n_classes=2, dim=8)
-    with pytest.raises(TlfeatError, match=r"nan\.h5: 1 of 20 rows have NaN"):
-        audit(nan_cache, out=tmp_path / "a")
-    matches = similar(nan_cache, ["class_0/img_0000.png"], top=19).queries[0].matches
-    assert len(matches) == 18 and 3 not in {m.row for m in matches}  # exact search: a NaN row matches nothing
-    with pytest.raises(TlfeatError, match=r"nan\.h5: NaN or infinite features"):
-        similar(nan_cache, ["class_0/img_0000.png"], index="faiss")
+    for analysis in (lambda: audit(nan_cache, out=tmp_path / "a"), lambda: similar(nan_cache, ["class_0/img_0001.png"]),
+                     lambda: similar(nan_cache, ["class_0/img_0001.png"], index="faiss"),
+                     lambda: embedding_map(nan_cache, method="pca", out=tmp_path / "m")):
+        with pytest.raises(TlfeatError, match=r"nan\.h5: NaN or infinite features \(image class_0/img_0003\.png"):
+            analysis()
     single = write_synthetic_cache(tmp_path / "single.h5", n_per_class=1, n_classes=1, shares=(1.0,), splits=("train",))
     with pytest.raises(TlfeatError, match="1 image"):
         audit(single, out=tmp_path / "b")
@@ -285,13 +287,17 @@ def test_map_marks_the_test_images_the_head_gets_wrong(tmp_path: Path) -> None:
     assert tsne.map.coords.shape == (50, 2) and "random sample of 50" in tsne.map.notes[0]
 
 
-def test_review_labels_ranks_flipped_labels_first(tmp_path: Path) -> None:
+@pytest.mark.parametrize("max_train_rows", [50_000, 60])
+def test_review_labels_ranks_flipped_labels_first(tmp_path: Path, max_train_rows: int) -> None:
     cache = write_synthetic_cache(tmp_path / "c.h5", n_per_class=40, n_classes=4)
-    data = load(cache)
     flipped = [3, 50, 97, 130]
-    data.labels[flipped] = (data.labels[flipped] + 1) % 4
-    review = review_labels(data)
+    with h5py.File(cache, "r+") as handle:
+        handle["labels"][flipped] = (handle["labels"][flipped] + 1) % 4
+    with open_cache(cache) as (data, features):
+        review = review_labels(data, features, max_train_rows=max_train_rows)
     assert set(review.order[:8]) >= set(flipped) and set(review.flagged) >= set(flipped)
+    # 60 rows per head: a pool of 75 of the 160 rows trains the heads, a pass over the cache predicts every row
+    assert any("random 75 of the 160" in note for note in review.notes) == (max_train_rows == 60)
 
 
 def test_cli_audit_similar_map_and_one_line_errors(planted: Planted, tmp_path: Path) -> None:

@@ -11,7 +11,8 @@ Output folder (default ``<cache folder>/audit/<cache stem>/``, never inside the 
     confusion.csv / .png    class pairs mixed up most by the out-of-fold head; its confusion matrix
 
 Caches with one class (or no class with two images) get no label review: the
-summary says so and the duplicate search still runs.
+summary says so and the duplicate search still runs. The features are never all
+in memory (see duplicates.py and label_issues.py for what is).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tlfeat.analysis.common import dataset_root, load_checked, output_folder
+from tlfeat.analysis.common import dataset_root, open_cache, output_folder
 from tlfeat.analysis.contact_sheet import Tile, draw_sheet, shorten
 from tlfeat.analysis.duplicates import KIND_ORDER, Duplicates, find_duplicates, write_duplicates_csv
 from tlfeat.analysis.label_issues import (
@@ -42,7 +43,7 @@ KIND_COLOURS = {"test leak": "red", "cross-split": "darkorange", "within split":
 class AuditResult:
     cache: Path
     out: Path
-    data: CacheData
+    data: CacheData  # the cache's rows without their features (`features` is empty)
     duplicates: Duplicates
     labels: LabelReview | None  # None when the cache cannot be reviewed (see label_note)
     label_note: str | None
@@ -149,20 +150,18 @@ def audit(
     """
     cache = Path(cache)
     seconds: dict[str, float] = {}
-    started = time.perf_counter()
-    data = load_checked(cache)
-    folder = output_folder(cache, out, "audit", data)
-    seconds["load"] = time.perf_counter() - started
+    with open_cache(cache) as (data, features):
+        folder = output_folder(cache, out, "audit", data)
+        started = time.perf_counter()
+        found = find_duplicates(data, features, cache, threshold=dup_threshold, index=index)
+        seconds["duplicates"] = time.perf_counter() - started
 
-    started = time.perf_counter()
-    found = find_duplicates(data, cache, threshold=dup_threshold, index=index)
-    seconds["duplicates"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    note = can_review(data)
-    review = None if note else review_labels(data, folds=folds, seed=seed, max_train_rows=max_train_rows)
-    confused = confused_pairs(review.confusion, data.class_names, top=len(data.class_names) ** 2) if review else []
-    seconds["labels"] = time.perf_counter() - started
+        started = time.perf_counter()
+        note = can_review(data)
+        review = None if note else review_labels(data, features, folds=folds, seed=seed,
+                                                 max_train_rows=max_train_rows)
+        confused = confused_pairs(review.confusion, data.class_names, top=len(data.class_names) ** 2) if review else []
+        seconds["labels"] = time.perf_counter() - started
 
     started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)

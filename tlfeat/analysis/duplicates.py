@@ -5,6 +5,9 @@ EXACT_MAX_ROWS rows) give the distribution of nearest-neighbour similarities;
 near-duplicates are the pairs above a threshold chosen from that distribution
 (`choose_threshold`) unless one is given. Pairs across splits come first: an
 image whose copy sits in the test split inflates every test score.
+
+Memory: the neighbour lists (N x NEIGHBOURS) plus, for faiss, the index (a
+quarter of the float32 features); the features are read a block at a time.
 """
 
 from __future__ import annotations
@@ -16,17 +19,18 @@ from typing import Sequence
 
 import numpy as np
 
-from tlfeat.analysis.common import dataset_root, normalise
-from tlfeat.analysis.search import exact_top_k, index_top_k, open_index
+from tlfeat.analysis.common import StoredFeatures, dataset_root, normalise
+from tlfeat.analysis.search import Neighbours, exact_top_k, index_top_k, open_index
 from tlfeat.cache import CacheData
 from tlfeat.data.scan import SPLITS
 from tlfeat.errors import parameter_error
 from tlfeat.fileio import sha256_file
 from tlfeat.reports import write_csv
 
-EXACT_MAX_ROWS = 50_000  # an exact self-join costs N^2 x D: ~2 min at 50,000 x 1280 on 2 cores
+EXACT_MAX_ROWS = 20_000  # an exact self-join costs N^2 x D: 1e12 multiply-adds at 20,000 x 1280
 NEIGHBOURS = 10  # per row: a group of up to 11 copies gives all its pairs
 DUPLICATE_NPROBE = 4  # IVF cells scanned per row: near-duplicates almost always share a cell
+RESCORE_MARGIN = 0.01  # candidates this far below the threshold by the index's estimate are checked exactly
 INDEXES = ("auto", "exact", "faiss")
 # Threshold rule: nearest-neighbour distances (1 - similarity) are roughly log-normal over the bulk of a
 # dataset; copies sit far below it. Scene15 / EfficientNet-Lite0: bulk median 0.77, threshold 0.940.
@@ -113,44 +117,63 @@ def _sha256_groups(data: CacheData, root: Path | None) -> tuple[dict[int, str], 
     return digests, notes
 
 
-def _pair(data: CacheData, i: int, j: int, digests: dict[int, str]) -> DuplicatePair:
+def _pairs(data: CacheData, features: StoredFeatures, candidates: set[tuple[int, int]], threshold: float,
+           digests: dict[int, str]) -> list[DuplicatePair]:
+    """The candidate pairs whose exact cosine reaches `threshold` or whose files are identical, oriented."""
     order = {name: n for n, name in enumerate(SPLITS)}
-    a, b = sorted((i, j), key=lambda r: (order.get(data.split[r], len(SPLITS)), data.paths[r]))
-    same = a in digests and digests.get(b) == digests[a]
-    return DuplicatePair(
-        a, b, str(data.paths[a]), str(data.paths[b]), str(data.split[a]), str(data.split[b]),
-        float(np.clip(np.sum(normalise(data.features[[a, b]]).prod(axis=0)), -1.0, 1.0)), same,
-    )
+    ordered = [sorted(pair, key=lambda r: (order.get(data.split[r], len(SPLITS)), data.paths[r])) for pair in candidates]
+    a, b = (np.array([pair[side] for pair in ordered], dtype=np.int64) for side in (0, 1))
+    sims = np.einsum("ij,ij->i", normalise(features.rows(a)), normalise(features.rows(b))) if ordered else []
+    pairs = []
+    for i, j, sim in zip(a.tolist(), b.tolist(), sims):
+        same = i in digests and digests.get(j) == digests[i]
+        if sim >= threshold or same:
+            pairs.append(DuplicatePair(i, j, str(data.paths[i]), str(data.paths[j]), str(data.split[i]),
+                                       str(data.split[j]), float(np.clip(sim, -1.0, 1.0)), same))
+    return pairs
+
+
+def _neighbours(features: StoredFeatures, cache: Path, k: int, index: str, nprobe: int) -> tuple[Neighbours, str]:
+    """Every row's k nearest other rows, and how they were searched."""
+    n = features.shape[0]
+    found = Neighbours(np.full((n, k), -1, np.int64), np.full((n, k), -np.inf, np.float32))
+    if index == "exact" or (index == "auto" and n <= EXACT_MAX_ROWS):
+        search, faiss_index = "exact", None
+    else:
+        faiss_index, _ = open_index(cache, features)
+        search = f"faiss IVF-SQ8, nprobe {nprobe} (approximate)"
+    for start, block in features.blocks():
+        rows = slice(start, start + len(block))
+        own = np.arange(start, start + len(block))
+        part = (exact_top_k(block, features, k, exclude=own) if faiss_index is None
+                else index_top_k(faiss_index, block, k, exclude=own, nprobe=nprobe))
+        found.indices[rows], found.similarities[rows] = part.indices, part.similarities
+    return found, search
 
 
 def find_duplicates(
-    data: CacheData, cache: str | Path, threshold: float | None = None, index: str = "auto",
-    neighbours: int = NEIGHBOURS, nprobe: int = DUPLICATE_NPROBE,
+    data: CacheData, features: StoredFeatures, cache: str | Path, threshold: float | None = None,
+    index: str = "auto", neighbours: int = NEIGHBOURS, nprobe: int = DUPLICATE_NPROBE,
 ) -> Duplicates:
     """Near-duplicate pairs (embedding cosine >= threshold) and byte-identical files, ordered for review.
 
+    `data` and `features` as `tlfeat.analysis.common.open_cache` gives them.
     index: "exact" (blocked matrix products, O(N^2 D)), "faiss" (the IVF index
     saved beside `cache`; approximate: a pair in cells `nprobe` does not reach
-    is missed) or "auto" (exact up to EXACT_MAX_ROWS rows).
+    is missed) or "auto" (exact up to EXACT_MAX_ROWS rows). Reported
+    similarities are exact whichever search found the pair.
     """
     if index not in INDEXES:
         raise parameter_error("index", index, f"use one of {', '.join(INDEXES)}")
     if threshold is not None and not -1.0 <= threshold <= 1.0:
         raise parameter_error("dup_threshold", threshold, "a cosine similarity, between -1 and 1")
-    n = len(data)
-    exclude = np.arange(n)
-    k = min(neighbours, n - 1)
-    if index == "exact" or (index == "auto" and n <= EXACT_MAX_ROWS):
-        found, search = exact_top_k(data.features, data.features, k, exclude=exclude), "exact"
-    else:
-        faiss_index, _ = open_index(cache, data.features)
-        found = index_top_k(faiss_index, data.features, k, exclude=exclude, nprobe=nprobe)
-        search = f"faiss IVF-Flat, nprobe {nprobe} (approximate)"
+    found, search = _neighbours(features, Path(cache), min(neighbours, len(data) - 1), index, nprobe)
     nearest = found.similarities[:, 0]
     rule = "given (`dup_threshold`)"
     if threshold is None:
         threshold, rule = choose_threshold(nearest)
-    rows, cols = np.nonzero(found.similarities >= threshold)
+    margin = 0.0 if search == "exact" else RESCORE_MARGIN
+    rows, cols = np.nonzero(found.similarities >= threshold - margin)
     near = {(min(i, j), max(i, j)) for i, j in zip(rows.tolist(), found.indices[rows, cols].tolist())}
     digests, notes = _sha256_groups(data, dataset_root(data))
     by_digest: dict[str, list[int]] = {}
@@ -158,7 +181,7 @@ def find_duplicates(
         by_digest.setdefault(digest, []).append(row)
     for group in by_digest.values():
         near.update((i, j) for x, i in enumerate(sorted(group)) for j in sorted(group)[x + 1 :])
-    pairs = [_pair(data, i, j, digests) for i, j in near]
+    pairs = _pairs(data, features, near, threshold, digests)
     pairs.sort(key=lambda p: (KIND_ORDER.index(p.kind), -p.similarity, p.path_a, p.path_b))
     return Duplicates(pairs, float(threshold), rule, nearest, search, notes)
 

@@ -8,9 +8,9 @@ confident learning then flags the rows whose given label is unlikely
 (`cleanlab.filter.find_label_issues`) and scores every row by self-confidence,
 the out-of-fold probability of its given label (`cleanlab.rank`): low is suspicious.
 
-Cost stays bounded on large caches: each fold's head is fitted on at most
-`max_train_rows` rows drawn at random from the other folds (every held-out row is
-still predicted).
+Cost stays bounded on large caches: each fold's head is fitted on about
+`max_train_rows` rows at most (see `out_of_fold_probabilities`); every row is
+still predicted, reading the cache a block at a time.
 """
 
 from __future__ import annotations
@@ -24,15 +24,14 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import confusion_matrix
 from sklearn.model_selection import StratifiedKFold
 
-from tlfeat.analysis.common import optional_import
+from tlfeat.analysis.common import StoredFeatures, optional_import
 from tlfeat.cache import CacheData
-from tlfeat.errors import TlfeatError
+from tlfeat.errors import TlfeatError, parameter_error
 from tlfeat.heads import get_head
 from tlfeat.reports import write_csv
 
 FOLDS = 5
 MAX_TRAIN_ROWS = 50_000
-PREDICT_ROWS = 65_536  # held-out rows predicted at a time: bounds the scaler's copy
 
 
 @dataclass
@@ -77,40 +76,56 @@ def can_review(data: CacheData) -> str | None:
 
 
 def out_of_fold_probabilities(
-    features: np.ndarray, labels: np.ndarray, n_classes: int, folds: int = FOLDS, seed: int = 0,
+    features: StoredFeatures, labels: np.ndarray, n_classes: int, folds: int = FOLDS, seed: int = 0,
     max_train_rows: int = MAX_TRAIN_ROWS,
 ) -> tuple[np.ndarray, int, list[str]]:
     """(N, n_classes) probabilities, each row from the head of the fold that did not see it; folds used; notes.
 
-    Classes with fewer rows than folds are allowed: a row of a class seen only
-    in its own fold gets probability 0 for that class (and is flagged).
+    The heads train on a pool of rows held in memory: every row, or above
+    max_train_rows x folds / (folds - 1) rows a random pool of that size, so that
+    each fold's head sees about `max_train_rows`; then one pass over the cache
+    predicts every row with its fold's head. Classes with fewer rows than folds
+    are allowed: a row of a class seen only in its own fold gets probability 0
+    for that class (and is flagged).
     """
-    counts = np.bincount(labels, minlength=n_classes)
-    folds = int(min(folds, counts.max()))
+    if folds < 2:
+        raise parameter_error("folds", folds, "must be at least 2")
+    n = len(labels)
+    folds = int(min(folds, np.bincount(labels, minlength=n_classes).max()))
+    fold_of = np.empty(n, dtype=np.int64)
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    rng = np.random.default_rng(seed)
-    probabilities = np.zeros((len(labels), n_classes), dtype=np.float32)
+    pool_size = max_train_rows * folds // (folds - 1)
+    pool = np.arange(n) if n <= pool_size else np.sort(np.random.default_rng(seed).choice(n, pool_size, replace=False))
+    probabilities = np.zeros((n, n_classes), dtype=np.float32)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         warnings.filterwarnings("ignore", message="The least populated class")  # allowed, see above
-        for train, held in splitter.split(np.zeros(len(labels)), labels):
-            if len(train) > max_train_rows:
-                train = np.sort(rng.choice(train, size=max_train_rows, replace=False))
-            head = get_head("logreg").build(seed).fit(features[train], labels[train])
-            classes = head.classes_.astype(np.int64)
-            for start in range(0, len(held), PREDICT_ROWS):
-                rows = held[start : start + PREDICT_ROWS]
-                probabilities[np.ix_(rows, classes)] = head.predict_proba(features[rows])
+        for fold, (_, held) in enumerate(splitter.split(np.zeros(n), labels)):
+            fold_of[held] = fold
+        pooled = features.rows(pool)
+        heads = [
+            get_head("logreg").build(seed).fit(pooled[fold_of[pool] != fold], labels[pool][fold_of[pool] != fold])
+            for fold in range(folds)
+        ]
+        # A pool of every row is all the features already: predict from it instead of reading them again.
+        for start, block in [(0, pooled)] if len(pool) == n else features.blocks():
+            rows = np.arange(start, start + len(block))
+            for fold, head in enumerate(heads):
+                mine = fold_of[rows] == fold
+                if mine.any():
+                    probabilities[np.ix_(rows[mine], head.classes_.astype(np.int64))] = head.predict_proba(block[mine])
     notes = sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0]}" for w in caught})
-    if len(labels) - len(labels) // folds > max_train_rows:
-        notes.append(f"each fold's head fitted on {max_train_rows} rows drawn from the other folds")
+    if len(pool) < n:
+        notes.append(f"the heads trained on a random {len(pool)} of the {n} images, each fold's on those outside it")
     return probabilities, folds, notes
 
 
 def review_labels(
-    data: CacheData, folds: int = FOLDS, seed: int = 0, max_train_rows: int = MAX_TRAIN_ROWS
+    data: CacheData, features: StoredFeatures, folds: int = FOLDS, seed: int = 0, max_train_rows: int = MAX_TRAIN_ROWS
 ) -> LabelReview:
     """Out-of-fold probabilities for every row, cleanlab's flagged label issues, the confusion matrix.
+
+    `data` and `features` as `tlfeat.analysis.common.open_cache` gives them.
 
     Raises TlfeatError where `can_review` gives a reason.
     """
@@ -121,7 +136,7 @@ def review_labels(
     cleanlab_rank = optional_import("cleanlab.rank", "cleanlab")
     n_classes = len(data.class_names)
     probabilities, folds, notes = out_of_fold_probabilities(
-        data.features, data.labels, n_classes, folds, seed, max_train_rows
+        features, data.labels, n_classes, folds, seed, max_train_rows
     )
     # cleanlab wants every class column to occur as a label: drop the columns of absent classes.
     present = np.flatnonzero(np.bincount(data.labels, minlength=n_classes))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tlfeat.analysis.common import load_checked, normalise, optional_import, output_folder
+from tlfeat.analysis.common import StoredFeatures, normalise, open_cache, optional_import, output_folder
 from tlfeat.cache import CacheData
 from tlfeat.errors import TlfeatError, parameter_error
 from tlfeat.reports import save_png, write_csv
@@ -63,35 +63,38 @@ def project(features: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
 
 
 def compute_map(
-    data: CacheData, method: str = "tsne", seed: int = 0, max_points: int = MAX_POINTS,
+    data: CacheData, features: StoredFeatures, method: str = "tsne", seed: int = 0, max_points: int = MAX_POINTS,
     predicted: np.ndarray | None = None,
 ) -> EmbeddingMap:
     """2-D coordinates of (a seeded sample of at most `max_points` of) the cache's rows.
 
-    `predicted`: a head's predicted label per cache row (see `head_test_predictions`).
+    `data` and `features` as `tlfeat.analysis.common.open_cache` gives them; only
+    the rows mapped are read. `predicted`: a head's predicted label per cache row
+    (see `head_test_predictions`).
     """
     notes = []
     rows = np.arange(len(data))
     if len(rows) > max_points:
         rows = np.sort(np.random.default_rng(seed).choice(len(data), size=max_points, replace=False))
         notes.append(f"a random sample of {max_points} of the {len(data)} images is shown (`max_points`)")
-    coords = np.asarray(project(data.features[rows], method, seed), dtype=np.float64)
+    coords = np.asarray(project(features.rows(rows), method, seed), dtype=np.float64)
     return EmbeddingMap(rows, coords, method, None if predicted is None else predicted[rows], notes)
 
 
 def head_test_predictions(model: Path, cache: Path, data: CacheData) -> np.ndarray:
     """A fit-head model's predicted label for each test row of the cache, -1 for other rows.
 
-    The model is checked against the cache (backbone, weights, classes, ...) as `evaluate` checks it.
+    The model is checked against the cache (backbone, weights, classes, ...) as `evaluate` checks it,
+    which reads the whole cache into memory.
     """
     from tlfeat.apps.evaluate import checked_head
 
-    features, estimator, _ = checked_head(model, [cache], split="test")
-    if not np.array_equal(features.data.paths, data.paths):
+    loaded, estimator, _ = checked_head(model, [cache], split="test")
+    if not np.array_equal(loaded.data.paths, data.paths):
         raise TlfeatError(f"{cache}: changed while it was being read; run again")
     predicted = np.full(len(data), -1, dtype=np.int64)
     test = np.flatnonzero(data.split == "test")
-    predicted[test] = estimator.predict(data.features[test])
+    predicted[test] = estimator.predict(loaded.data.features[test])
     return predicted
 
 
@@ -160,10 +163,10 @@ def embedding_map(
     cache = Path(cache)
     if method not in METHODS:
         raise parameter_error("method", method, f"use one of {', '.join(METHODS)}")
-    data = load_checked(cache)
-    folder = output_folder(cache, out, "map", data)
-    predicted = head_test_predictions(Path(head), cache, data) if head is not None else None
-    result = compute_map(data, method, seed, max_points, predicted)
+    with open_cache(cache) as (data, features):
+        folder = output_folder(cache, out, "map", data)
+        predicted = head_test_predictions(Path(head), cache, data) if head is not None else None
+        result = compute_map(data, features, method, seed, max_points, predicted)
     folder.mkdir(parents=True, exist_ok=True)
     png, csv = folder / f"map-{method}.png", folder / f"map-{method}.csv"
     label = {"tsne": "t-SNE", "pca": "PCA", "umap": "UMAP"}[method]

@@ -6,12 +6,13 @@ top-k per query, so memory is bounded by the block, not by the cache: the
 largest temporaries are one block of features and one (query chunk x block)
 similarity matrix.
 
-The approximate index is faiss's IVF-Flat on normalised rows with inner-product
-metric (so the similarities it returns are exact cosines of the candidates it
-finds; what it may miss are neighbours outside the `nprobe` cells it scans). It
-is built once and saved beside the cache as ``<cache>.faiss``, with
-``<cache>.faiss.json`` holding the cache's size and modification time: a cache
-rewritten since gets a new index.
+The approximate index is faiss's IVF with 8-bit scalar-quantised vectors
+(IVF-SQ8, inner product on normalised rows): a quarter of the float32 features'
+size in memory. It may miss neighbours outside the `nprobe` cells it scans, and
+its similarities are off by about 1e-3; `rescore` recomputes them exactly from
+the cache for the candidates it returns. It is built once and saved beside the
+cache as ``<cache>.faiss``, with ``<cache>.faiss.json`` holding the cache's size
+and modification time: a cache rewritten since gets a new index.
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from tlfeat.analysis.common import normalise, optional_import
-from tlfeat.errors import TlfeatError, parameter_error
+from tlfeat.analysis.common import BLOCK_ROWS, StoredFeatures, normalise, optional_import
+from tlfeat.errors import parameter_error
 from tlfeat.fileio import atomic_path, atomic_write_bytes
 
-BLOCK_ROWS = 8192  # base rows per block: 42 MB of 1280-d float32
 QUERY_ROWS = 2048  # queries per similarity matrix: with BLOCK_ROWS, 67 MB
 INDEX_FORMAT = "tlfeat-faiss-index"
 INDEX_FORMAT_VERSION = 1
@@ -113,29 +113,20 @@ def n_lists(n: int) -> int:
     return max(1, min(MAX_LISTS, int(np.sqrt(n)), n // 39))
 
 
-def build_index(base: RowSource, label: str = "features", seed: int = 0, block_rows: int = BLOCK_ROWS) -> Any:
-    """An IVF-Flat inner-product index over the normalised rows of `base`, trained on a random sample.
-
-    Refuses NaN or infinite features (`label` names their file in the error).
-    """
+def build_index(features: StoredFeatures, seed: int = 0) -> Any:
+    """An IVF-SQ8 inner-product index over the normalised rows of a cache, trained on a random sample of them."""
     faiss = optional_import("faiss", "faiss-cpu")
-    n, dim = int(base.shape[0]), int(base.shape[1])
+    n, dim = features.shape
     lists = n_lists(n)
-    index = faiss.index_factory(dim, f"IVF{lists},Flat", faiss.METRIC_INNER_PRODUCT)
-    sample = np.sort(np.random.default_rng(seed).choice(n, size=min(n, 40 * lists), replace=False))
-    index.train(_finite(normalise(base[sample]), label))  # h5py reads increasing row lists directly
-    for start in range(0, n, block_rows):
-        index.add(_finite(normalise(base[start : start + block_rows]), label))
+    index = faiss.index_factory(dim, f"IVF{lists},SQ8", faiss.METRIC_INNER_PRODUCT)
+    sample = np.random.default_rng(seed).choice(n, size=min(n, 40 * lists), replace=False)
+    index.train(normalise(features.rows(sample)))
+    for _, block in features.blocks():
+        index.add(normalise(block))
     return index
 
 
-def _finite(block: np.ndarray, label: str) -> np.ndarray:
-    if not np.isfinite(block).all():
-        raise TlfeatError(f"{label}: NaN or infinite features; re-extract this cache (extract --overwrite)")
-    return block
-
-
-def open_index(cache: str | Path, base: RowSource, rebuild: bool = False) -> tuple[Any, bool]:
+def open_index(cache: str | Path, features: StoredFeatures, rebuild: bool = False) -> tuple[Any, bool]:
     """The saved index of `cache` if it was built from the cache as it is now, else a new one saved beside it.
 
     Returns (index, built) where built tells whether this call built it.
@@ -143,7 +134,7 @@ def open_index(cache: str | Path, base: RowSource, rebuild: bool = False) -> tup
     faiss = optional_import("faiss", "faiss-cpu")
     cache = Path(cache)
     path, meta = index_path(cache), index_path(cache).with_suffix(".faiss.json")
-    key = _index_key(cache, int(base.shape[0]), int(base.shape[1]))
+    key = _index_key(cache, *features.shape)
     if not rebuild and path.is_file() and meta.is_file():
         try:
             current = json.loads(meta.read_text()) == key
@@ -154,7 +145,7 @@ def open_index(cache: str | Path, base: RowSource, rebuild: bool = False) -> tup
                 return faiss.read_index(str(path)), False
             except RuntimeError:
                 pass  # unreadable (e.g. cut short by a full disk): rebuilt below
-    index = build_index(base, label=str(cache))
+    index = build_index(features)
     meta.unlink(missing_ok=True)  # the key goes last: an index without its key is never trusted
     with atomic_path(path) as tmp:
         faiss.write_index(index, str(tmp))  # to a file, not via serialize_index: no second copy in memory
@@ -166,7 +157,10 @@ def index_top_k(
     index: Any, queries: np.ndarray, k: int, exclude: np.ndarray | None = None, nprobe: int = 16,
     query_rows: int = 65536,
 ) -> Neighbours:
-    """Approximate top-k from a faiss index built by `build_index`, same conventions as `exact_top_k`."""
+    """Approximate top-k from a faiss index built by `build_index`, same conventions as `exact_top_k`.
+
+    Similarities are the index's approximations; see `rescore`.
+    """
     faiss = optional_import("faiss", "faiss-cpu")
     if k < 1:
         raise parameter_error("top", k, "must be at least 1")
@@ -183,3 +177,17 @@ def index_top_k(
         out.similarities[q0 : q0 + query_rows] = np.take_along_axis(sims, order, 1)
     out.indices[~np.isfinite(out.similarities)] = -1
     return out
+
+
+def rescore(queries: np.ndarray, found: Neighbours, features: StoredFeatures, k: int) -> Neighbours:
+    """Exact cosine similarities for approximate candidates (read from the cache), best k of them first."""
+    q = normalise(queries)
+    valid = found.indices >= 0
+    rows = found.indices[valid]
+    candidates = normalise(features.rows(rows))
+    sims = np.full(found.indices.shape, -np.inf, dtype=np.float32)
+    sims[valid] = np.einsum("ij,ij->i", candidates, np.repeat(q, valid.sum(axis=1), axis=0))
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    best = Neighbours(np.take_along_axis(found.indices, order, 1), np.take_along_axis(sims, order, 1))
+    best.indices[~np.isfinite(best.similarities)] = -1
+    return best

@@ -20,9 +20,9 @@ from typing import Sequence
 
 import numpy as np
 
-from tlfeat.analysis.common import dataset_root, output_folder
+from tlfeat.analysis.common import dataset_root, open_cache, output_folder
 from tlfeat.analysis.contact_sheet import Tile, draw_sheet, shorten
-from tlfeat.analysis.search import Neighbours, exact_top_k, index_top_k, open_index
+from tlfeat.analysis.search import Neighbours, exact_top_k, index_top_k, open_index, rescore
 from tlfeat.cache import CacheData, open_rows
 from tlfeat.errors import TlfeatError, parameter_error
 from tlfeat.reports import write_csv
@@ -93,7 +93,7 @@ def _embed(cache: Path, data: CacheData, files: list[Path], batch_size: int | No
     from tlfeat.apps.predict import embed_for_head
     from tlfeat.heads.fit import source_record
 
-    dim = int(data.features.shape[1])
+    dim = int(data.features.shape[1])  # `features` is empty here, but has the cache's width
     meta = {"sources": [source_record(cache, data.attrs, len(data), dim)], "feature_dim": dim}
     return embed_for_head(cache, meta, files, batch_size, progress)
 
@@ -114,16 +114,12 @@ def similar(
         raise parameter_error("top", top, "must be at least 1")
     if not queries:
         raise TlfeatError("give at least one query: a path stored in the cache, an image file or a folder")
-    with open_rows(cache) as (data, stored):
-        if len(data) == 0:
-            raise TlfeatError(f"{cache}: the cache holds no images")
+    with open_cache(cache, min_rows=1) as (data, features):
         cached, files = _resolve(queries, data)
         root = dataset_root(data)
         vectors, owners, skipped = [], [], []
         if cached:
-            rows = np.array(sorted({row for _, row in cached}))
-            features = dict(zip(rows.tolist(), np.asarray(stored[rows], dtype=np.float32)))
-            vectors += [features[row] for _, row in cached]
+            vectors += list(features.rows(np.array([row for _, row in cached])))
             owners += [(query, row, root / data.paths[row] if root else Path(query)) for query, row in cached]
         if files:
             embedded, ok, skipped = _embed(cache, data, files, batch_size, progress)
@@ -136,12 +132,15 @@ def similar(
         k = min(top, len(data))
         built = False
         if index == "exact" or (index == "auto" and len(data) <= EXACT_MAX_ROWS):
-            found: Neighbours = exact_top_k(queries_matrix, stored, k, exclude=exclude)
+            found: Neighbours = exact_top_k(queries_matrix, features, k, exclude=exclude)
             search = "exact"
         else:
-            faiss_index, built = open_index(cache, stored)
-            found = index_top_k(faiss_index, queries_matrix, k, exclude=exclude, nprobe=nprobe)
-            search = f"faiss IVF-Flat, nprobe {nprobe} (approximate)"
+            faiss_index, built = open_index(cache, features)
+            # The index's similarities are approximate: rank twice the candidates by their exact ones.
+            candidates = index_top_k(faiss_index, queries_matrix, min(2 * k, len(data)), exclude=exclude,
+                                     nprobe=nprobe)
+            found = rescore(queries_matrix, candidates, features, k)
+            search = f"faiss IVF-SQ8, nprobe {nprobe} (approximate)"
     results = []
     for q, (query, row, image) in enumerate(owners):
         matches = [
