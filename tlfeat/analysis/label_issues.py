@@ -23,6 +23,7 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import confusion_matrix
 from sklearn.model_selection import StratifiedKFold
+from threadpoolctl import threadpool_limits
 
 from tlfeat.analysis.common import StoredFeatures, optional_import
 from tlfeat.cache import CacheData
@@ -97,7 +98,9 @@ def out_of_fold_probabilities(
     pool_size = max_train_rows * folds // (folds - 1)
     pool = np.arange(n) if n <= pool_size else np.sort(np.random.default_rng(seed).choice(n, pool_size, replace=False))
     probabilities = np.zeros((n, n_classes), dtype=np.float32)
-    with warnings.catch_warnings(record=True) as caught:
+    # One BLAS thread: L-BFGS on a D x C problem makes many small BLAS calls, between which OpenBLAS's
+    # threads spin; on a busy machine that made these fits 13x slower (Scene15, 2 shared cores: 90 s vs 7 s).
+    with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         warnings.filterwarnings("ignore", message="The least populated class")  # allowed, see above
         for fold, (_, held) in enumerate(splitter.split(np.zeros(n), labels)):
