@@ -52,14 +52,18 @@ def draw_sheet(tiles: Sequence[Tile | None], columns: int, title: str, out: Path
     columns = max(1, min(columns, len(tiles)))
     rows = max(1, -(-len(tiles) // columns))
     lines = max((t.caption.count("\n") + 1 for t in tiles if t is not None), default=1)
-    cell_w, cell_h = 2.0, 2.0 + 0.13 * lines
-    fig = Figure(figsize=(columns * cell_w, rows * cell_h + 0.5))
-    fig.suptitle(title, fontsize=10)
+    # Placed in inches, not by tight_layout: square thumbnails and their captions, the same on every sheet.
+    image, gap, top = 1.8, 0.2, 0.45
+    cell_w, cell_h = image + gap, image + 0.12 * lines + 0.15
+    width, height = columns * cell_w, top + rows * cell_h
+    fig = Figure(figsize=(width, height))
+    fig.suptitle(title, fontsize=10, y=1 - 0.15 / height)
     for n, tile in enumerate(tiles):
-        ax = fig.add_subplot(rows, columns, n + 1)
         if tile is None:
-            ax.set_axis_off()
             continue
+        row, column = divmod(n, columns)
+        bottom = height - top - row * cell_h - image
+        ax = fig.add_axes((((column * cell_w) + gap / 2) / width, bottom / height, image / width, image / height))
         pixels, blank = thumbnail(tile.image, thumb_px)
         ax.imshow(pixels)
         if blank:
@@ -69,6 +73,6 @@ def draw_sheet(tiles: Sequence[Tile | None], columns: int, title: str, out: Path
         for spine in ax.spines.values():
             spine.set_edgecolor(tile.colour)
             spine.set_linewidth(2 if tile.colour != "black" else 0.5)
-        ax.set_xlabel(tile.caption, fontsize=6.5, color=tile.colour, linespacing=1.2)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
+        ax.text(0.5, -0.02, tile.caption, transform=ax.transAxes, ha="center", va="top", fontsize=6.5,
+                color=tile.colour, linespacing=1.2)
     save_png(fig, out, dpi=90)
