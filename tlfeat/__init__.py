@@ -8,6 +8,7 @@ The Python API, for notebooks and scripts (each name is the function the CLI com
     data = tlfeat.load(summary.out, split="train")          # -> CacheData: features, labels, paths, class_names
     fitted = tlfeat.fit_heads([summary.out], head="all")    # -> FitSummary: per-head scores, files written
     result = tlfeat.predict(fitted.out / "logreg.joblib", ["photo.jpg"])
+    report = tlfeat.audit(summary.out)                      # -> AuditResult: duplicate pairs, label issues, files
 
 Importing tlfeat (and calling `tlfeat.load`) imports neither Keras nor TensorFlow: every name below is
 resolved on first use, so a notebook pays only for what it calls.
@@ -31,12 +32,18 @@ _API: dict[str, tuple[str, str]] = {
     "compare": ("tlfeat.apps.compare", "compare"),
     "list_backbones": ("tlfeat.backbones.registry", "list_backbones"),
     "list_heads": ("tlfeat.heads.registry", "list_heads"),
+    "audit": ("tlfeat.analysis.audit", "audit"),
+    "similar": ("tlfeat.analysis.similar", "similar"),
+    "embedding_map": ("tlfeat.analysis.maps", "embedding_map"),
     "TlfeatError": ("tlfeat.errors", "TlfeatError"),
 }
 
 __all__ = sorted(_API)
 
 if TYPE_CHECKING:  # what static tools and IDEs see; at run time `__getattr__` imports on first use
+    from tlfeat.analysis.audit import audit
+    from tlfeat.analysis.maps import embedding_map
+    from tlfeat.analysis.similar import similar
     from tlfeat.apps.compare import compare
     from tlfeat.apps.evaluate import evaluate_on_caches as evaluate
     from tlfeat.apps.predict import predict_images as predict

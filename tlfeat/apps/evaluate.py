@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from sklearn.base import BaseEstimator
+
 from tlfeat.errors import TlfeatError
 from tlfeat.heads.fit import Features, load_features
 from tlfeat.heads.store import load_head, read_metadata
@@ -58,6 +60,23 @@ def evaluate_on_caches(model: Path, caches: Sequence[Path], split: str | None = 
     Everything is checked against the model's metadata before the model is unpickled.
     """
     model, caches = Path(model), [Path(c) for c in caches]
+    features, estimator, meta = checked_head(model, caches, split)
+    metrics = {}
+    for name in [split] if split else list(features.split_counts()):
+        rows = features.select(name)
+        metrics[name] = split_metrics(rows.labels, estimator.predict(rows.features), meta["classes"])
+    return Evaluation(model, meta, caches, metrics)
+
+
+def checked_head(
+    model: Path, caches: Sequence[Path], split: str | None = None
+) -> tuple[Features, BaseEstimator, dict]:
+    """The caches' rows and the fit-head model, loaded once every check has passed: (features, estimator, meta).
+
+    The model is unpickled last, after its metadata was checked against the caches
+    (and against `split`, which the caches must hold when given).
+    """
+    model, caches = Path(model), [Path(c) for c in caches]
     meta = read_metadata(model)
     features = load_features(caches)
     _check_caches_fit_model(model, meta, caches, features)
@@ -65,8 +84,4 @@ def evaluate_on_caches(model: Path, caches: Sequence[Path], split: str | None = 
     if split is not None and split not in present:
         raise TlfeatError(f"{caches[0]}: no {split!r} rows (splits here: {', '.join(present)})")
     estimator, meta = load_head(model)
-    metrics = {}
-    for name in [split] if split else present:
-        rows = features.select(name)
-        metrics[name] = split_metrics(rows.labels, estimator.predict(rows.features), meta["classes"])
-    return Evaluation(model, meta, caches, metrics)
+    return features, estimator, meta

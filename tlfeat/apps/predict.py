@@ -68,13 +68,16 @@ def collect_images(inputs: Sequence[Path]) -> tuple[list[Path], list[tuple[str, 
 
 
 def _check_sources(model: Path, sources: list[dict]) -> None:
-    """Refuse before embedding anything if the recorded weights or preprocessing can no longer be reproduced."""
+    """Refuse before embedding anything if the recorded weights or preprocessing can no longer be reproduced.
+
+    `model` is a head, or a cache whose features new images must match (`similar`).
+    """
     for source in sources:
         spec = get_backbone(source["backbone"])
         if spec.preprocessing != source["preprocessing"]:
             raise TlfeatError(
-                f"{model}: trained on {source['backbone']} features with preprocessing "
-                f"{source['preprocessing']!r}, this tlfeat uses {spec.preprocessing!r}; refit the head"
+                f"{model}: made from {source['backbone']} features with preprocessing "
+                f"{source['preprocessing']!r}, this tlfeat uses {spec.preprocessing!r}; extract (and fit) again"
             )
         weights_source = source.get("weights_source")
         if not weights_source:
@@ -82,7 +85,7 @@ def _check_sources(model: Path, sources: list[dict]) -> None:
         identity = weights_identity(spec, weights_source)
         if identity != source["weights"]:
             raise TlfeatError(
-                f"{model}: trained on {source['backbone']} features from weights {source['weights']}, "
+                f"{model}: made from {source['backbone']} features from weights {source['weights']}, "
                 f"but weights {weights_source} are now {identity}; refusing to mix features"
             )
 
@@ -90,7 +93,10 @@ def _check_sources(model: Path, sources: list[dict]) -> None:
 def embed_for_head(
     model: Path, meta: dict, files: Sequence[Path], batch_size: int | None = None, progress: bool = False
 ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
-    """The head's feature vector for each file: (features, indices of files embedded, failures)."""
+    """The head's feature vector for each file: (features, indices of files embedded, failures).
+
+    `meta` needs "sources" (one `tlfeat.heads.fit.source_record` per cache, in column order) and "feature_dim".
+    """
     from tlfeat.runtime import embed_files
 
     sources = meta["sources"]
@@ -106,7 +112,7 @@ def embed_for_head(
         if result.outputs.shape[1] != source["feature_dim"]:
             raise TlfeatError(
                 f"{model}: {source['backbone']} now gives {result.outputs.shape[1]}-d features, "
-                f"the head was trained on {source['feature_dim']}-d ones"
+                f"{model.name} was made from {source['feature_dim']}-d ones"
             )
         # Features are stored at the cache's dtype; round the same way so predict sees what fit saw.
         features = result.outputs.astype(source.get("dtype") or "float32").astype(np.float32)
