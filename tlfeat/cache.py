@@ -15,7 +15,7 @@ Layout (all datasets at the root of the file, N rows, D feature dims):
     skipped_mtime_ns (S,)  int64
 
 Root attributes: format_version, backbone, weights, input_size, preprocessing,
-dtype, feature_dim, keras_backend, tlfeat_version, created, dataset_root,
+dtype, compute, tta, feature_dim, keras_backend, tlfeat_version, created, dataset_root,
 seed, split_ratios (JSON), n_skipped.
 
 Rows are in a canonical order (split, class, path) so that a resumed or
@@ -43,6 +43,7 @@ import h5py
 import numpy as np
 
 from tlfeat import __version__
+from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.data.scan import SPLITS
 from tlfeat.errors import TlfeatError
 from tlfeat.fileio import atomic_path, atomic_write_bytes
@@ -61,12 +62,13 @@ class CacheKey:
     preprocessing: str
     dtype: str = "float32"  # how features are stored
     compute: str = "float32"  # how they were computed: "float32", or "mixed_bfloat16" on a GPU
+    tta: str = NO_TTA  # test-time augmentation: "flip" = mean of the image's and its mirror's features
 
     def describe(self) -> str:
         return (
             f"backbone={self.backbone} weights={self.weights} "
             f"input_size={self.input_size} preprocessing={self.preprocessing} dtype={self.dtype} "
-            f"compute={self.compute}"
+            f"compute={self.compute} tta={self.tta}"
         )
 
     def differences(self, other: "CacheKey") -> str:
@@ -157,6 +159,7 @@ def key_from_attrs(attrs: dict) -> CacheKey:
     return CacheKey(
         backbone=attrs["backbone"], weights=attrs["weights"], input_size=int(attrs["input_size"]),
         preprocessing=attrs["preprocessing"], dtype=attrs["dtype"], compute=attrs.get("compute", "float32"),
+        tta=attrs.get("tta", NO_TTA),
     )
 
 

@@ -15,7 +15,9 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from tlfeat.backbones import Backbone, build_model, get_backbone
+from tlfeat.backbones.preprocessing import NO_TTA, TTA_MODES
 from tlfeat.data.decode import DecodedBatch, iter_batches
+from tlfeat.errors import TlfeatError
 from tlfeat.progress import progress_bar
 
 CPU_BATCH_SIZE = 32
@@ -57,14 +59,26 @@ def default_batch_size(requested: int | None, on_gpu: bool) -> int:
     return requested or (GPU_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE)
 
 
-class FeatureExtractor:
-    """A backbone ready for inference: fixed batch shape, bfloat16 compute on a GPU, float32 out."""
+def check_tta(tta: str) -> None:
+    if tta not in TTA_MODES:
+        raise TlfeatError(f"`tta={tta!r}`: use {' or '.join(TTA_MODES)}")
 
-    def __init__(self, backbone: Backbone, weights: str, image_size: int, batch_size: int | None = None) -> None:
+
+class FeatureExtractor:
+    """A backbone ready for inference: fixed batch shape, bfloat16 compute on a GPU, float32 out.
+
+    tta="flip" returns the mean of each image's features and its left-right mirror's (two passes).
+    """
+
+    def __init__(
+        self, backbone: Backbone, weights: str, image_size: int, batch_size: int | None = None, tta: str = NO_TTA
+    ) -> None:
         import keras
 
+        check_tta(tta)
         self.backbone = backbone
         self.image_size = image_size
+        self.tta = tta
         self.on_gpu = accelerator_present()
         self.compute = compute_policy(self.on_gpu)
         self.batch_size = default_batch_size(batch_size, self.on_gpu)
@@ -77,9 +91,15 @@ class FeatureExtractor:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """(n, H, W, 3) preprocessed float32 -> (n, D) float32, n <= batch_size."""
-        n = len(images)
-        if n == 0:
+        if len(images) == 0:
             return np.zeros((0, self.backbone.feature_dim), dtype=np.float32)
+        if self.tta == "flip":
+            # Preprocessing is per pixel, so mirroring the model input mirrors the image.
+            return (self._forward(images) + self._forward(images[:, :, ::-1])) / np.float32(2.0)
+        return self._forward(images)
+
+    def _forward(self, images: np.ndarray) -> np.ndarray:
+        n = len(images)
         if n < self.batch_size:  # one input shape: the compiled function is traced once
             pad = np.zeros((self.batch_size - n, *images.shape[1:]), dtype=images.dtype)
             images = np.concatenate([images, pad])
@@ -90,11 +110,13 @@ class FeatureExtractor:
 _EXTRACTORS: OrderedDict[tuple, FeatureExtractor] = OrderedDict()
 
 
-def get_extractor(backbone: Backbone, weights: str, image_size: int, batch_size: int | None) -> FeatureExtractor:
+def get_extractor(
+    backbone: Backbone, weights: str, image_size: int, batch_size: int | None, tta: str = NO_TTA
+) -> FeatureExtractor:
     """Build or reuse (per process, two at most) the extractor for these settings."""
-    key = (backbone.name, weights, image_size, batch_size)
+    key = (backbone.name, weights, image_size, batch_size, tta)
     if key not in _EXTRACTORS:
-        _EXTRACTORS[key] = FeatureExtractor(backbone, weights, image_size, batch_size)
+        _EXTRACTORS[key] = FeatureExtractor(backbone, weights, image_size, batch_size, tta)
         while len(_EXTRACTORS) > 2:
             _EXTRACTORS.popitem(last=False)
     _EXTRACTORS.move_to_end(key)
@@ -148,11 +170,12 @@ def embed_files(
     image_size: int | None = None,
     batch_size: int | None = None,
     progress: bool = False,
+    tta: str = NO_TTA,
 ) -> BatchOutputs:
     """Embed loose image files (no cache), e.g. for `predict`: `outputs` are the features."""
     spec = get_backbone(backbone)
     size = image_size or spec.input_size
-    extractor = get_extractor(spec, weights, size, batch_size)
+    extractor = get_extractor(spec, weights, size, batch_size, tta)
     return apply_to_files(
         files, size, spec.preprocess, extractor.batch_size, extractor, spec.feature_dim, progress, f"embed {spec.name}"
     )

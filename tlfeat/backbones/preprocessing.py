@@ -62,6 +62,11 @@ def included(images: np.ndarray) -> np.ndarray:
     return _float32(images)
 
 
+# Test-time augmentation at extraction: "flip" averages the features of each image and its left-right
+# mirror. NO_TTA is also what caches and heads from before it existed had, recording nothing.
+NO_TTA = "none"
+TTA_MODES = (NO_TTA, "flip")
+
 PREPROCESSING: dict[str, Preprocessing] = {
     p.mode: p
     for p in (

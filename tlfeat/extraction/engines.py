@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
 import numpy as np
 
 from tlfeat.backbones import Backbone
+from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.cache import Rows
 from tlfeat.data.scan import ImageEntry
 from tlfeat.errors import TlfeatError
@@ -46,8 +47,11 @@ class Engine(Protocol):
 class LocalEngine:
     """This process: threads decode ahead of the backbone; batches in canonical order."""
 
-    def __init__(self, backbone: Backbone, weights: str, image_size: int, batch_size: int | None) -> None:
+    def __init__(
+        self, backbone: Backbone, weights: str, image_size: int, batch_size: int | None, tta: str = NO_TTA
+    ) -> None:
         self.backbone, self.weights, self.image_size, self.batch_size = backbone, weights, image_size, batch_size
+        self.tta = tta
         self.compute = compute_policy(accelerator_present())
 
     def __enter__(self) -> "LocalEngine":
@@ -57,7 +61,7 @@ class LocalEngine:
         pass
 
     def embed(self, root: Path, todo: list[ImageEntry], bar: Any) -> Iterator[Rows]:
-        extractor = get_extractor(self.backbone, self.weights, self.image_size, self.batch_size)
+        extractor = get_extractor(self.backbone, self.weights, self.image_size, self.batch_size, self.tta)
         files = [root / e.relpath for e in todo]
         for batch, features in map_batches(
             files, self.image_size, self.backbone.preprocess, extractor.batch_size, extractor, bar
@@ -91,7 +95,7 @@ def batch_rows(
 
 def make_engine(
     engine: str, backbone: Backbone, weights: str, image_size: int, batch_size: int | None,
-    ray_options: RayOptions | None,
+    ray_options: RayOptions | None, tta: str = NO_TTA,
 ) -> Engine:
     if engine not in ENGINES:
         raise TlfeatError(f"`engine={engine!r}`: use {' or '.join(ENGINES)}")
@@ -100,5 +104,5 @@ def make_engine(
     if engine == "ray":
         from tlfeat.extraction.ray_engine import RayEngine, RayOptions
 
-        return RayEngine(backbone, weights, image_size, batch_size, ray_options or RayOptions())
-    return LocalEngine(backbone, weights, image_size, batch_size)
+        return RayEngine(backbone, weights, image_size, batch_size, ray_options or RayOptions(), tta)
+    return LocalEngine(backbone, weights, image_size, batch_size, tta)
