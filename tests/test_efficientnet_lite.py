@@ -13,16 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlfeat.backbones import efficientnet_lite
-from tlfeat.backbones.efficientnet_lite import (
-    VARIANTS,
-    build_efficientnet_lite,
-    convert_state_dict,
-    imagenet_weights_identity,
-    preprocess_input,
-    stage_plan,
-    stages_in_state_dict,
-)
+from tlfeat.backbones import lite_weights
+from tlfeat.backbones.efficientnet_lite import VARIANTS, build_efficientnet_lite, preprocess_input, stage_plan
+from tlfeat.backbones.lite_weights import convert_state_dict, imagenet_weights_identity, stages_in_state_dict
 from tlfeat.errors import TlfeatError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,7 +84,7 @@ def test_stage_plans_follow_the_lite_multipliers() -> None:
 def _state_dict(name: str) -> dict[str, np.ndarray]:
     from tlfeat.backbones.torch_pickle import load_legacy_torch_state_dict
 
-    return load_legacy_torch_state_dict(efficientnet_lite._source_path(VARIANTS[name]))
+    return load_legacy_torch_state_dict(lite_weights._source_path(VARIANTS[name]))
 
 
 def test_block_counts_and_widths_are_read_from_the_weights() -> None:
@@ -200,7 +193,7 @@ def test_conversion_is_cached_and_a_corrupt_cache_is_rebuilt(tmp_path: Path, mon
 
     # The second build must come from the cache (its load time is measured in bench/lite0_load.py).
     with monkeypatch.context() as patch:
-        patch.setattr(efficientnet_lite, "convert_state_dict", no_conversion)
+        patch.setattr(lite_weights, "convert_state_dict", no_conversion)
         second = build_efficientnet_lite(include_top=True, weights="imagenet")
     for a, b in zip(_all_weights(first), _all_weights(second), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -211,8 +204,8 @@ def test_conversion_is_cached_and_a_corrupt_cache_is_rebuilt(tmp_path: Path, mon
         np.testing.assert_array_equal(a, b)
     assert [p.name for p in (tmp_path / "weights").iterdir()] == [cached[0].name]
     lite0 = VARIANTS["efficientnet_lite0"]
-    source_sha256 = efficientnet_lite._source_sha256(efficientnet_lite._source_path(lite0))
-    assert efficientnet_lite._read_cache(lite0, cached[0], source_sha256)
+    source_sha256 = lite_weights._source_sha256(lite_weights._source_path(lite0))
+    assert lite_weights._read_cache(lite0, cached[0], source_sha256)
 
 
 def test_conversion_names_missing_and_misshapen_tensors() -> None:

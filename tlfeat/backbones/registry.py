@@ -62,9 +62,9 @@ def _efficientnet_lite(name: str, weights: str | None, input_shape: tuple[int, i
 
 
 def _efficientnet_lite_identity(name: str) -> str:
-    from tlfeat.backbones import efficientnet_lite
+    from tlfeat.backbones import lite_weights
 
-    return efficientnet_lite.imagenet_weights_identity(name)
+    return lite_weights.imagenet_weights_identity(name)
 
 
 # Pooled feature models, as count_params() gives them (tests/test_efficientnet_lite.py checks).
