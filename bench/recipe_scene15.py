@@ -18,6 +18,11 @@ train images), then refitted on all 1,500 train images and scored on the 2,985
 test images; "test @C" gives the refitted test accuracy at each C of the grid, so
 the choice can be judged. --combos name fused sets by member index (0+3 = the
 first and fourth); every single member is always scored.
+
+Decoding alone (the extraction's own thread pool, no model) is timed on the first
+--decode-sample images at each member's size, in this run: its share of the
+member's extraction time bounds what decoding each image once for all members
+could save.
 """
 
 from __future__ import annotations
@@ -30,8 +35,11 @@ from pathlib import Path
 from isolated import bench_command, finish_report
 
 from tlfeat.apps.recipe import Member, member_cache, select_and_refit
+from tlfeat.data.decode import iter_batches
+from tlfeat.data.scan import scan_dataset
 from tlfeat.extraction.run import extract
 from tlfeat.heads.fit import load_features
+from tlfeat.runtime import CPU_BATCH_SIZE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,6 +67,16 @@ def extract_timed(data: Path, cache_dir: Path, member: Member) -> dict:
     return {"cache": str(cache), "seconds": None, "images_per_s": None, "computed": 0, "measured": None}
 
 
+def decode_rate(data: Path, size: int, sample: int) -> float:
+    """Images per second of decoding and resizing alone, as extraction does it, over the first `sample` images."""
+    scan = scan_dataset(data)
+    files = [scan.root / e.relpath for e in scan.entries[:sample]]
+    started = time.perf_counter()
+    for _ in iter_batches(files, size, lambda images: images, CPU_BATCH_SIZE):
+        pass
+    return len(files) / (time.perf_counter() - started)
+
+
 def score(caches: list[Path], grid: list[float]) -> dict:
     features = load_features(caches)
     chosen = select_and_refit(features, grid)
@@ -83,6 +101,7 @@ def main() -> None:
     ])
     parser.add_argument("--combos", nargs="*", default=["0+3", "0+1+2", "3+4+5", "0+1+2+4+5", "0+1+2+3+4+5"])
     parser.add_argument("--grid", nargs="+", type=float, default=[0.01, 0.03, 0.1, 0.3])
+    parser.add_argument("--decode-sample", type=int, default=600, help="images decoded per size (0: skip)")
     parser.add_argument("--json", type=Path, help="also write the report to this file as JSON")
     args = parser.parse_args()
 
@@ -95,6 +114,14 @@ def main() -> None:
         print(f"extract {member.label}: " + (f"{timing['seconds']:.0f} s, {rate:.1f} img/s" if rate else "reused"),
               flush=True)
     base_rate = timings[0]["images_per_s"]
+    decoding = []
+    if args.decode_sample:
+        for size in sorted({m.image_size for m in members}):
+            rate = decode_rate(args.data, size, args.decode_sample)
+            shares = ", ".join(f"{m.label} {t['images_per_s'] / rate:.0%}" for m, t in zip(members, timings)
+                               if m.image_size == size and t["images_per_s"])
+            print(f"decode alone at {size} px: {rate:.0f} img/s; share of extraction time: {shares}", flush=True)
+            decoding.append({"size": size, "images_per_s": rate, "sample": args.decode_sample})
     sets = [[i] for i in range(len(members))] + [[int(i) for i in c.split("+")] for c in args.combos]
     rows = []
     print("\n| members | dim | extract s | img/s (x first) | val C | val acc | test acc | "
@@ -112,7 +139,7 @@ def main() -> None:
         print(f"| {' + '.join(row['members'])} | {result['dim']} | {total_text} | {rate_text} | {result['val_c']} | "
               f"{result['val_accuracy']:.4f} | {result['test_accuracy']:.4f} | "
               + " | ".join(f"{result['test_at_c'][c]:.4f}" for c in args.grid) + " |", flush=True)
-    report = {"members": [m.label for m in members], "timings": timings, "rows": rows}
+    report = {"members": [m.label for m in members], "timings": timings, "decoding": decoding, "rows": rows}
     finish_report(bench_command(), report, args.json)
 
 
