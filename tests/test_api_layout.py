@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO, child_env, make_dataset
 
 PUBLIC = ["TlfeatError", "audit", "compare", "embedding_map", "evaluate", "extract", "finetune", "fit_heads",
-          "list_backbones", "list_heads", "load", "predict", "similar"]
+          "list_backbones", "list_heads", "load", "predict", "recipe", "similar"]
 
 # The data flow, lowest first: a module may import its own stage and lower ones, never a higher one.
 STAGES = [

@@ -30,6 +30,7 @@ _API: dict[str, tuple[str, str]] = {
     "predict": ("tlfeat.apps.predict", "predict_images"),
     "evaluate": ("tlfeat.apps.evaluate", "evaluate_on_caches"),
     "compare": ("tlfeat.apps.compare", "compare"),
+    "recipe": ("tlfeat.apps.recipe", "run_recipe"),
     "list_backbones": ("tlfeat.backbones.registry", "list_backbones"),
     "list_heads": ("tlfeat.heads.registry", "list_heads"),
     "audit": ("tlfeat.analysis.audit", "audit"),
@@ -47,6 +48,7 @@ if TYPE_CHECKING:  # what static tools and IDEs see; at run time `__getattr__` i
     from tlfeat.apps.compare import compare
     from tlfeat.apps.evaluate import evaluate_on_caches as evaluate
     from tlfeat.apps.predict import predict_images as predict
+    from tlfeat.apps.recipe import run_recipe as recipe
     from tlfeat.backbones.registry import list_backbones
     from tlfeat.cache import load
     from tlfeat.errors import TlfeatError

@@ -15,7 +15,7 @@ Layout (all datasets at the root of the file, N rows, D feature dims):
     skipped_mtime_ns (S,)  int64
 
 Root attributes: format_version, backbone, weights, input_size, preprocessing,
-dtype, compute, decode, feature_dim, keras_backend, tlfeat_version, created,
+dtype, compute, decode, tta, feature_dim, keras_backend, tlfeat_version, created,
 dataset_root, seed, split_ratios (JSON), n_skipped.
 
 Rows are in a canonical order (split, class, path) so that a resumed or
@@ -44,6 +44,7 @@ import numpy as np
 
 from tlfeat import __version__
 from tlfeat.data.decode import DECODE
+from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.data.scan import SPLITS
 from tlfeat.errors import TlfeatError
 from tlfeat.fileio import atomic_path, atomic_write_bytes
@@ -64,12 +65,13 @@ class CacheKey:
     dtype: str = "float32"  # how features are stored
     compute: str = "float32"  # how they were computed: "float32", or "mixed_bfloat16" on a GPU
     decode: str = DECODE  # how files became pixels (tlfeat.data.decode)
+    tta: str = NO_TTA  # test-time augmentation: "flip" = mean of the image's and its mirror's features
 
     def describe(self) -> str:
         return (
             f"backbone={self.backbone} weights={self.weights} "
             f"input_size={self.input_size} preprocessing={self.preprocessing} dtype={self.dtype} "
-            f"compute={self.compute} decode={self.decode}"
+            f"compute={self.compute} decode={self.decode} tta={self.tta}"
         )
 
     def differences(self, other: "CacheKey") -> str:
@@ -161,6 +163,7 @@ def key_from_attrs(attrs: dict) -> CacheKey:
         backbone=attrs["backbone"], weights=attrs["weights"], input_size=int(attrs["input_size"]),
         preprocessing=attrs["preprocessing"], dtype=attrs["dtype"], compute=attrs.get("compute", "float32"),
         decode=attrs.get("decode", OLD_DECODE),
+        tta=attrs.get("tta", NO_TTA),
     )
 
 

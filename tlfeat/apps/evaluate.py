@@ -8,12 +8,15 @@ from typing import Sequence
 
 from sklearn.base import BaseEstimator
 
+from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.errors import TlfeatError
 from tlfeat.heads.fit import Features, load_features
 from tlfeat.heads.store import load_head, read_metadata
 from tlfeat.reports import split_metrics
 
-FEATURE_KEY = ("backbone", "weights", "input_size", "preprocessing", "feature_dim")
+FEATURE_KEY = ("backbone", "weights", "input_size", "preprocessing", "tta", "feature_dim")
+# Heads fitted before a setting existed recorded nothing for it: they had its default.
+FEATURE_DEFAULTS = {"tta": NO_TTA}
 
 
 @dataclass
@@ -35,10 +38,11 @@ def _check_caches_fit_model(model: Path, meta: dict, caches: Sequence[Path], fea
         )
     for path, source, given in zip(caches, sources, features.sources):
         for name in FEATURE_KEY:
-            if given.get(name) != source.get(name):
+            fitted = source.get(name, FEATURE_DEFAULTS.get(name))
+            if given.get(name) != fitted:
                 raise TlfeatError(
                     f"{path}: {name} {given.get(name)!r}, but {model.name} was fitted on {name} "
-                    f"{source.get(name)!r} ({source['file']}); extract with the same settings"
+                    f"{fitted!r} ({source['file']}); extract with the same settings"
                 )
     mine, theirs = features.data.class_names, list(meta["classes"])
     if mine != theirs:

@@ -25,6 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from tlfeat.backbones import get_backbone, weights_identity
+from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.data.scan import IMAGE_EXTENSIONS
 from tlfeat.errors import TlfeatError
 from tlfeat.heads.store import load_head
@@ -107,7 +108,7 @@ def embed_for_head(
     for source in sources:
         result = embed_files(
             list(files), source["backbone"], source["weights_source"], image_size=int(source["input_size"]),
-            batch_size=batch_size, progress=progress,
+            batch_size=batch_size, progress=progress, tta=source.get("tta", NO_TTA),
         )
         if result.outputs.shape[1] != source["feature_dim"]:
             raise TlfeatError(

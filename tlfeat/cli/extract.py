@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from tlfeat.backbones import DEFAULT_BACKBONE, list_backbones
+from tlfeat.backbones.preprocessing import TTA_MODES
 from tlfeat.cli.common import DEFAULT_SPLIT, app, parse_ratios, user_errors
 from tlfeat.extraction.engines import ENGINES
 
@@ -19,10 +20,11 @@ BACKBONE_NAMES = ", ".join(b.name for b in list_backbones())
 def extract(
     data: Path = typer.Argument(..., help="Dataset folder: one sub-folder per class, or train/\\[val/]test/ folders of class folders."),
     backbone: str = typer.Option(DEFAULT_BACKBONE, "--backbone", "-b", help=f"One of: {BACKBONE_NAMES} (`tlfeat backbones` lists sizes and weight sources)."),
-    weights: str = typer.Option("imagenet", "--weights", "-w", help="imagenet (Keras download for resnet101/vgg16; bundled for efficientnet_lite0), none (random, for smoke tests) or a path to a Keras weights file."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache file to write. Default: cache/<dataset>-<backbone>.h5"),
+    weights: str = typer.Option("imagenet", "--weights", "-w", help="imagenet (bundled for the offline backbones, a Keras download for the others), none (random, for smoke tests) or a path to a Keras weights file."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache file to write. Default: cache/<dataset>-<backbone>[-<size>][-flip].h5 (size when not the backbone's own)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass. Default: 32 on CPU, 256 on a GPU."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize images to this square size. Default: the backbone's (224)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize images to this square size. Default: the backbone's (`tlfeat backbones`)."),
+    tta: str = typer.Option(TTA_MODES[0], "--tta", help="Test-time augmentation: none, or flip (the mean of the features of each image and its mirror; twice the compute)."),
     dtype: str = typer.Option("float32", "--dtype", help="Storage type of the features: float32 or float16."),
     seed: int = typer.Option(0, "--seed", help="Seed of the stratified train/val/test split."),
     split: str = typer.Option(DEFAULT_SPLIT, "--split", help="train,val,test shares for a flat dataset (val carved from train when only train/test exist)."),
@@ -50,7 +52,7 @@ def extract(
     summary = run_extract(
         data, out=out, backbone=backbone, weights=weights, image_size=image_size,
         batch_size=batch_size, dtype=dtype, seed=seed, ratios=parse_ratios(split),
-        overwrite=overwrite, progress=not quiet, engine=engine, ray_options=ray_options,
+        overwrite=overwrite, progress=not quiet, engine=engine, ray_options=ray_options, tta=tta,
         workers=None if engine == "ray" else workers,
     )
     splits = ", ".join(f"{k} {v}" for k, v in summary.split_counts.items())
@@ -70,10 +72,17 @@ def extract(
 
 @app.command("backbones")
 def backbones() -> None:
-    """List the registered backbones."""
-    for spec in list_backbones():
-        default = " (default)" if spec.name == DEFAULT_BACKBONE else ""
+    """List the registered backbones: native input size, feature dimension, parameters, preprocessing, weights.
+
+    weights "offline": ImageNet weights ship with an installed package; "download": Keras fetches them
+    on first use (network needed), or pass --weights FILE.
+    """
+    specs = list_backbones()
+    width = max(len(spec.name) for spec in specs)
+    typer.echo(f"{'name':<{width}}  {'size':>4}  {'dim':>4}  {'parameters':>10}  {'preprocessing':<13}  weights")
+    for spec in specs:
         typer.echo(
-            f"{spec.name}{default}: {spec.feature_dim}-d, {spec.input_size}px, "
-            f"preprocessing {spec.preprocessing}; weights: {spec.weight_source}"
+            f"{spec.name:<{width}}  {spec.input_size:>4}  {spec.feature_dim:>4}  "
+            f"{spec.parameters / 1e6:>9.2f}M  {spec.preprocessor.mode:<13}  {spec.weight_source}"
         )
+    typer.echo(f"\ndefault: {DEFAULT_BACKBONE} ({specs[0].weight_source})")

@@ -23,12 +23,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tlfeat.backbones import get_backbone, weights_identity
+from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.cache import CacheKey, Rows, ShardStore, load, read_rows, remove_stale_temporaries, write_cache
 from tlfeat.data.scan import DEFAULT_RATIOS, DatasetScan, ImageEntry, scan_dataset
 from tlfeat.errors import TlfeatError
 from tlfeat.extraction.engines import make_engine
 from tlfeat.fileio import OutputLock
 from tlfeat.progress import progress_bar
+from tlfeat.runtime import check_tta
 
 if TYPE_CHECKING:
     from tlfeat.extraction.ray_engine import RayOptions
@@ -91,8 +93,11 @@ class ShardWriter:
                     self.error = exc
 
 
-def default_output(data: Path, backbone: str) -> Path:
-    return Path("cache") / f"{Path(data).resolve().name}-{backbone}.h5"
+def default_output(data: Path, backbone: str, image_size: int | None = None, tta: str = NO_TTA) -> Path:
+    """cache/<dataset>-<backbone>[-<size> when not native][-flip].h5: one file per setting that changes features."""
+    size = f"-{image_size}" if image_size and image_size != get_backbone(backbone).input_size else ""
+    flip = f"-{tta}" if tta != NO_TTA else ""
+    return Path("cache") / f"{Path(data).resolve().name}-{backbone}{size}{flip}.h5"
 
 
 def _absorb(known: dict[str, tuple], rows: Rows) -> None:
@@ -144,11 +149,13 @@ def extract(
     engine: str = "local",
     ray_options: RayOptions | None = None,
     workers: int | None = None,
+    tta: str = NO_TTA,
 ) -> ExtractSummary:
     """Embed every image of a dataset with `backbone` into the HDF5 cache at `out`.
 
     engine "local" runs in this process, decoding in `workers` processes (default: one per available
     core); "ray" runs on a Ray cluster (`ray_options`), importing Ray only then.
+    tta "flip" stores the mean of each image's features and its mirror's (twice the compute).
     """
     started = time.perf_counter()
     spec = get_backbone(backbone)
@@ -156,19 +163,20 @@ def extract(
         raise TlfeatError(f"`dtype={dtype!r}`: use float32 or float16")
     if batch_size is not None and batch_size < 1:
         raise TlfeatError(f"`batch_size={batch_size!r}`: must be at least 1")
+    check_tta(tta)
     size = image_size or spec.input_size
     if size < 32:
         raise TlfeatError(f"`image_size={size!r}`: must be at least 32 pixels")
     scan = scan_dataset(data, seed=seed, ratios=ratios)
-    out = Path(out) if out is not None else default_output(scan.root, spec.name)
+    out = Path(out) if out is not None else default_output(scan.root, spec.name, size, tta)
     if out.exists() and out.is_dir():
         raise TlfeatError(f"{out}: is a folder; `out` needs a file path such as {out / 'features.h5'}")
     weights_id = weights_identity(spec, weights)
 
-    with OutputLock(out), make_engine(engine, spec, weights, size, batch_size, ray_options, workers) as runner:
+    with OutputLock(out), make_engine(engine, spec, weights, size, batch_size, ray_options, workers, tta) as runner:
         remove_stale_temporaries(out)
         shards = ShardStore(out)
-        key = CacheKey(spec.name, weights_id, size, spec.preprocessing, dtype, runner.compute)
+        key = CacheKey(spec.name, weights_id, size, spec.preprocessing, dtype, runner.compute, tta=tta)
         known = _known_rows(key, out, shards, overwrite)
 
         todo = [e for e in scan.entries if _reusable(known.get(e.relpath), e) is None]

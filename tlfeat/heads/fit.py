@@ -26,6 +26,7 @@ import sklearn
 from sklearn.base import BaseEstimator, clone
 
 from tlfeat import __version__
+from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.cache import CacheData, load
 from tlfeat.data.scan import SPLITS
 from tlfeat.errors import TlfeatError
@@ -37,7 +38,7 @@ from tlfeat.reports import markdown_table, plot_confusion, split_metrics, write_
 # What a model records about each cache it was fitted on: enough for predict to
 # recompute the features, and to tell which cache (and which weights) it was.
 SOURCE_ATTRS = (
-    "backbone", "weights", "weights_source", "input_size", "preprocessing", "dtype", "compute", "decode",
+    "backbone", "weights", "weights_source", "input_size", "preprocessing", "dtype", "compute", "decode", "tta",
     "feature_dim", "keras_backend", "created", "tlfeat_version", "dataset_root", "seed", "split_ratios",
 )
 
@@ -99,6 +100,7 @@ def source_record(path: Path, attrs: dict, n_rows: int, feature_dim: int) -> dic
         "file": Path(path).name,
         "n_rows": n_rows,
         **{name: attrs.get(name) for name in SOURCE_ATTRS},
+        "tta": attrs.get("tta", NO_TTA),
         "feature_dim": feature_dim,
     }
 
