@@ -200,6 +200,46 @@ def open_rows(path: str | Path) -> Iterator[tuple[CacheData, h5py.Dataset]]:
         ), features
 
 
+class CacheReader:
+    """A cache open for reading a range of rows at a time: memory bounded by the range.
+
+    `n_rows`, `feature_dim`, `class_names` and `attrs` are known on opening; `rows(start, stop)`
+    reads only those rows of every per-row column (features as float32, like `load`).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._handle = _open_for_read(self.path)
+        self.n_rows, self.feature_dim = (int(v) for v in self._handle["features"].shape)
+        self.class_names = list(_strings(self._handle["class_names"]))
+        self.attrs = _decode_attrs(self._handle)
+
+    def features(self, start: int, stop: int) -> np.ndarray:
+        """Rows start:stop of the features, float32."""
+        return np.asarray(self._handle["features"][start:stop], dtype=np.float32)
+
+    def rows(self, start: int, stop: int, with_features: bool = True) -> CacheData:
+        """Rows start:stop; without features, an empty (0, D) array stands in for them."""
+        handle = self._handle
+        return CacheData(
+            features=self.features(start, stop if with_features else start),
+            labels=np.asarray(handle["labels"][start:stop], dtype=np.int64),
+            paths=np.array(handle["paths"].asstr()[start:stop], dtype=object),
+            split=np.array(handle["split"].asstr()[start:stop], dtype=object),
+            class_names=self.class_names,
+            attrs=self.attrs,
+        )
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> "CacheReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def read_rows(path: str | Path) -> tuple[CacheKey, Rows]:
     """Everything extraction needs to reuse an existing cache: its key and its rows."""
     with _open_for_read(Path(path)) as handle:
