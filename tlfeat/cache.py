@@ -34,7 +34,7 @@ import glob
 import json
 import os
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -279,38 +279,90 @@ def write_cache(
     large run's rows are written a chunk at a time).
     """
     n, dim = len(features), len(features[0]) if len(features) else np.shape(features)[1]
-    with atomic_path(path, durable=True) as tmp:
-        with h5py.File(tmp, "w") as handle:
-            stored = handle.create_dataset(
-                "features", shape=(n, dim), dtype=key.dtype,
-                chunks=(max(1, min(n, WRITE_CHUNK_ROWS)), dim) if n else None, maxshape=(None, dim),
-            )
-            for start in range(0, n, WRITE_CHUNK_ROWS):  # numpy converts: HDF5's float16 rounding differs
-                chunk = np.asarray(features[start : start + WRITE_CHUNK_ROWS])
-                stored[start : start + WRITE_CHUNK_ROWS] = chunk.astype(key.dtype, copy=False)
-            handle.create_dataset("labels", data=np.asarray(labels, dtype=np.int32))
-            handle.create_dataset("paths", data=list(paths), dtype=_STR)
-            handle.create_dataset("split", data=list(split), dtype=_STR)
-            handle.create_dataset("file_size", data=np.asarray(file_size, dtype=np.int64))
-            handle.create_dataset("file_mtime_ns", data=np.asarray(file_mtime_ns, dtype=np.int64))
-            handle.create_dataset("class_names", data=list(class_names), dtype=_STR)
-            handle.create_dataset("skipped_paths", data=[s[0] for s in skipped], dtype=_STR)
-            handle.create_dataset("skipped_reasons", data=[s[1] for s in skipped], dtype=_STR)
-            handle.create_dataset("skipped_size", data=np.asarray([s[2] for s in skipped], dtype=np.int64))
-            handle.create_dataset(
-                "skipped_mtime_ns", data=np.asarray([s[3] for s in skipped], dtype=np.int64)
-            )
-            attrs = {
-                "format_version": FORMAT_VERSION,
-                **asdict(key),
-                "feature_dim": dim,
-                "tlfeat_version": __version__,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "n_skipped": len(skipped),
-                **extra_attrs,
-            }
-            for name, value in attrs.items():
-                handle.attrs[name] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
+    with CacheWriter(path, key, n, dim) as writer:
+        for start in range(0, n, WRITE_CHUNK_ROWS):
+            stop = start + WRITE_CHUNK_ROWS
+            writer.append(np.asarray(features[start:stop]), labels[start:stop], paths[start:stop],
+                          split[start:stop], file_size[start:stop], file_mtime_ns[start:stop])
+        writer.commit(class_names, skipped, extra_attrs)
+
+
+class CacheWriter:
+    """A cache of `n_rows` rows written a chunk at a time, in row order, then committed atomically.
+
+    Nothing but the chunk in hand is held, so a cache of any size is written in bounded memory. Use
+    as a context manager: the file appears under its name (`atomic_path`, durable) only when the block
+    ends after `commit`; otherwise the temporary file is removed.
+    """
+
+    def __init__(self, path: str | Path, key: CacheKey, n_rows: int, dim: int) -> None:
+        self.path, self.key, self.n_rows, self.dim, self.written = Path(path), key, n_rows, dim, 0
+        self._committed = False
+        self._stack = ExitStack()
+
+    def __enter__(self) -> "CacheWriter":
+        tmp = self._stack.enter_context(atomic_path(self.path, durable=True))
+        self._handle = handle = h5py.File(tmp, "w")
+        n, dim = self.n_rows, self.dim
+        handle.create_dataset(
+            "features", shape=(n, dim), dtype=self.key.dtype,
+            chunks=(max(1, min(n, WRITE_CHUNK_ROWS)), dim) if n else None, maxshape=(None, dim),
+        )
+        handle.create_dataset("labels", shape=(n,), dtype=np.int32)
+        handle.create_dataset("paths", shape=(n,), dtype=_STR)
+        handle.create_dataset("split", shape=(n,), dtype=_STR)
+        handle.create_dataset("file_size", shape=(n,), dtype=np.int64)
+        handle.create_dataset("file_mtime_ns", shape=(n,), dtype=np.int64)
+        return self
+
+    def append(
+        self, features: np.ndarray, labels: Sequence[int], paths: Sequence[str], split: Sequence[str],
+        file_size: Sequence[int], file_mtime_ns: Sequence[int],
+    ) -> None:
+        """The next rows (chunks of WRITE_CHUNK_ROWS rows keep the writes aligned with the file's chunks)."""
+        start, stop = self.written, self.written + len(features)
+        if stop > self.n_rows:
+            raise ValueError(f"{stop} rows written to a cache of {self.n_rows}")
+        if stop == start:
+            return
+        handle = self._handle
+        # numpy converts: HDF5's float16 rounding differs
+        handle["features"][start:stop] = np.asarray(features).astype(self.key.dtype, copy=False)
+        handle["labels"][start:stop] = np.asarray(labels, dtype=np.int32)
+        handle["paths"][start:stop] = list(paths)
+        handle["split"][start:stop] = list(split)
+        handle["file_size"][start:stop] = np.asarray(file_size, dtype=np.int64)
+        handle["file_mtime_ns"][start:stop] = np.asarray(file_mtime_ns, dtype=np.int64)
+        self.written = stop
+
+    def commit(self, class_names: list[str], skipped: list[tuple[str, str, int, int]], extra_attrs: dict) -> None:
+        """Finish the file (every row written); it replaces `path` when the `with` block ends."""
+        if self.written != self.n_rows:
+            raise ValueError(f"{self.written} of {self.n_rows} rows written")
+        handle = self._handle
+        handle.create_dataset("class_names", data=list(class_names), dtype=_STR)
+        handle.create_dataset("skipped_paths", data=[s[0] for s in skipped], dtype=_STR)
+        handle.create_dataset("skipped_reasons", data=[s[1] for s in skipped], dtype=_STR)
+        handle.create_dataset("skipped_size", data=np.asarray([s[2] for s in skipped], dtype=np.int64))
+        handle.create_dataset("skipped_mtime_ns", data=np.asarray([s[3] for s in skipped], dtype=np.int64))
+        attrs = {
+            "format_version": FORMAT_VERSION,
+            **asdict(self.key),
+            "feature_dim": self.dim,
+            "tlfeat_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "n_skipped": len(skipped),
+            **extra_attrs,
+        }
+        for name, value in attrs.items():
+            handle.attrs[name] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
+        self._committed = True
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.close()
+        if exc[0] is None and not self._committed:
+            exc = (RuntimeError, RuntimeError("cache not committed"), None)
+        self._stack.__exit__(*exc)  # renames the finished file into place, or removes it
 
 
 def remove_stale_temporaries(path: Path) -> None:
