@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli
 from tlfeat import cache
 from tlfeat.apps.export import export
 from tlfeat.errors import TlfeatError

@@ -218,6 +218,18 @@ class CacheReader:
         """Rows start:stop of the features, float32."""
         return np.asarray(self._handle["features"][start:stop], dtype=np.float32)
 
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The features of distinct `rows`, in the order given, float32: one slice when they lie close
+        together (at most twice their number), else just those rows."""
+        order = np.argsort(rows, kind="stable")
+        ascending = rows[order]
+        lo, hi = int(ascending[0]), int(ascending[-1]) + 1
+        features = self._handle["features"]
+        found = features[lo:hi][ascending - lo] if hi - lo <= 2 * len(rows) else features[ascending]
+        result = np.empty(found.shape, dtype=np.float32)
+        result[order] = found
+        return result
+
     def rows(self, start: int, stop: int, with_features: bool = True) -> CacheData:
         """Rows start:stop; without features, an empty (0, D) array stands in for them."""
         handle = self._handle
@@ -230,6 +242,18 @@ class CacheReader:
             attrs=self.attrs,
         )
 
+    def identities(self, start: int, stop: int) -> tuple[list[str], list[int], list[int]]:
+        """Rows start:stop's paths and file identities (size, mtime_ns): what tells a reusable row."""
+        handle = self._handle
+        return (list(handle["paths"].asstr()[start:stop]), handle["file_size"][start:stop].tolist(),
+                handle["file_mtime_ns"][start:stop].tolist())
+
+    def skipped(self) -> tuple[list[str], list[str], list[int], list[int]]:
+        """The skipped files: paths, reasons, sizes, mtimes (few: read whole)."""
+        handle = self._handle
+        return (list(_strings(handle["skipped_paths"])), list(_strings(handle["skipped_reasons"])),
+                handle["skipped_size"][...].tolist(), handle["skipped_mtime_ns"][...].tolist())
+
     def close(self) -> None:
         self._handle.close()
 
@@ -238,23 +262,6 @@ class CacheReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def read_rows(path: str | Path) -> tuple[CacheKey, Rows]:
-    """Everything extraction needs to reuse an existing cache: its key and its rows."""
-    with _open_for_read(Path(path)) as handle:
-        key = key_from_attrs(_decode_attrs(handle))
-        rows = Rows(
-            paths=list(_strings(handle["paths"])),
-            features=np.asarray(handle["features"][...]),
-            file_size=[int(v) for v in handle["file_size"][...]],
-            file_mtime_ns=[int(v) for v in handle["file_mtime_ns"][...]],
-            skipped_paths=list(_strings(handle["skipped_paths"])),
-            skipped_reasons=list(_strings(handle["skipped_reasons"])),
-            skipped_size=[int(v) for v in handle["skipped_size"][...]],
-            skipped_mtime_ns=[int(v) for v in handle["skipped_mtime_ns"][...]],
-        )
-    return key, rows
 
 
 WRITE_CHUNK_ROWS = 1024
@@ -408,13 +415,14 @@ class ShardStore:
     def _shard_files(self) -> list[Path]:
         return sorted(self.dir.glob("shard-*.npz")) if self.dir.exists() else []
 
-    def write(self, rows: Rows) -> None:
+    def write(self, rows: Rows) -> int:
+        """Store one batch's rows as the next shard; returns its number."""
         if self._next_index is None:
             existing = self._shard_files()
             self._next_index = int(existing[-1].stem.removeprefix("shard-")) + 1 if existing else 0
         index = self._next_index
         self._next_index += 1
-        target = self.dir / f"shard-{index:07d}.npz"
+        target = self._path(index)
         tmp = self.dir / f".tmp-{os.getpid()}-{index}.npz"
         with open(tmp, "wb") as handle:
             np.savez(
@@ -431,15 +439,22 @@ class ShardStore:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
+        return index
 
-    def read(self) -> Iterator[Rows]:
-        """Every complete shard; a shard that cannot be read (torn by a crash) is ignored."""
+    def _path(self, number: int) -> Path:
+        return self.dir / f"shard-{number:07d}.npz"
+
+    def read_index(self) -> Iterator[tuple[int, Rows]]:
+        """(number, rows) of every complete shard, without its features (`features(number)` reads them).
+
+        A shard that cannot be read (torn by a crash) is ignored.
+        """
         for shard in self._shard_files():
             try:
-                with np.load(shard, allow_pickle=False) as data:
-                    yield Rows(
+                with np.load(shard, allow_pickle=False) as data:  # an .npz reads only the members asked for
+                    rows = Rows(
                         paths=[str(p) for p in data["paths"]],
-                        features=data["features"],
+                        features=np.empty((0, 0), dtype=np.float32),
                         file_size=[int(v) for v in data["file_size"]],
                         file_mtime_ns=[int(v) for v in data["file_mtime_ns"]],
                         skipped_paths=[str(p) for p in data["skipped_paths"]],
@@ -449,6 +464,18 @@ class ShardStore:
                     )
             except (OSError, ValueError, KeyError, EOFError):
                 continue
+            yield int(shard.stem.removeprefix("shard-")), rows
+
+    def features(self, number: int) -> np.ndarray:
+        """The feature rows of shard `number`."""
+        path = self._path(number)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return data["features"]
+        except (OSError, ValueError, KeyError, EOFError) as exc:
+            raise TlfeatError(
+                f"{path}: shard unreadable ({exc.__class__.__name__}); delete it and rerun to compute its rows again"
+            ) from None
 
     def clear(self) -> None:
         self._next_index = self._started = None

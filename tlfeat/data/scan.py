@@ -73,6 +73,14 @@ class DatasetScan:
         self._label_index = {name: i for i, name in enumerate(self.class_names)}
 
 
+def class_of(relpath: str, layout: str) -> str:
+    """The class of an image path, as the scan assigns it: its top folder in the flat layout, the one
+    under the split folder in the pre-split layout ("" for a path of neither shape)."""
+    parts = relpath.split("/", 2)
+    position = 0 if layout == "flat" else 1
+    return parts[position] if len(parts) > position + 1 else ""
+
+
 def _validate_ratios(ratios: tuple[float, float, float]) -> tuple[float, float, float]:
     if len(ratios) != 3 or any(r < 0 for r in ratios) or ratios[0] <= 0:
         raise TlfeatError(f"split ratios {ratios}: need three non-negative numbers with train > 0")
