@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import run_cli
 from tlfeat import cache
 from tlfeat.apps.export import export
 from tlfeat.errors import TlfeatError
@@ -148,7 +149,7 @@ def test_earlier_export_is_refused_then_overwritten(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "setup, message",
-    [("missing", "cache file not found"), ("format", "--format csv: use parquet or npy"),
+    [("missing", "cache file not found"), ("format", "`format='csv'`: use parquet or npy"),
      ("out-file", "is a file"), ("not-h5", "not a readable HDF5 cache")],
 )
 def test_bad_input_is_one_line_error(tmp_path: Path, setup: str, message: str) -> None:
@@ -168,7 +169,21 @@ def test_missing_pyarrow_is_one_line_error(tmp_path: Path, monkeypatch: pytest.M
     source = synthetic_cache(tmp_path / "c.h5", n=4, dim=4)
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow raises ImportError
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    with pytest.raises(TlfeatError, match=r"--format parquet needs pyarrow.*pip install"):
+    with pytest.raises(TlfeatError, match=r"`format='parquet'` needs pyarrow.*pip install"):
         export(source, "parquet", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     export(source, "npy", tmp_path / "out")  # npy needs no pyarrow
+
+
+def test_cli_export_and_its_one_line_errors(tmp_path: Path) -> None:
+    source = synthetic_cache(tmp_path / "c.h5", n=30, dim=4)
+    result = run_cli("export", str(source), "--format", "npy", "--out", str(tmp_path / "np"))
+    assert result.returncode == 0, result.stderr
+    assert f"{tmp_path / 'np'}: 30 rows x 4 dims as npy in 3 files" in result.stdout
+    for args, message in [(["--format", "csv"], "error: --format csv: use parquet or npy"),
+                          (["--format", "npy", "--chunk-rows", "0"], "error: --chunk-rows 0: must be at least 1"),
+                          (["--format", "npy"], "holds an earlier export (features.npy); pass --overwrite")]:
+        result = run_cli("export", str(source), "--out", str(tmp_path / "np"), *args)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and message in lines[0], result.stderr

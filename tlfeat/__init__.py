@@ -8,6 +8,7 @@ The Python API, for notebooks and scripts (each name is the function the CLI com
     data = tlfeat.load(summary.out, split="train")          # -> CacheData: features, labels, paths, class_names
     fitted = tlfeat.fit_heads([summary.out], head="all")    # -> FitSummary: per-head scores, files written
     result = tlfeat.predict(fitted.out / "logreg.joblib", ["photo.jpg"])
+    tlfeat.export(summary.out, format="parquet", out="exports/scenes")  # Parquet for pandas, DuckDB, Ray Data
 
 Importing tlfeat (and calling `tlfeat.load`) imports neither Keras nor TensorFlow: every name below is
 resolved on first use, so a notebook pays only for what it calls.
@@ -29,6 +30,7 @@ _API: dict[str, tuple[str, str]] = {
     "predict": ("tlfeat.apps.predict", "predict_images"),
     "evaluate": ("tlfeat.apps.evaluate", "evaluate_on_caches"),
     "compare": ("tlfeat.apps.compare", "compare"),
+    "export": ("tlfeat.apps.export", "export"),
     "list_backbones": ("tlfeat.backbones.registry", "list_backbones"),
     "list_heads": ("tlfeat.heads.registry", "list_heads"),
     "TlfeatError": ("tlfeat.errors", "TlfeatError"),
@@ -39,6 +41,7 @@ __all__ = sorted(_API)
 if TYPE_CHECKING:  # what static tools and IDEs see; at run time `__getattr__` imports on first use
     from tlfeat.apps.compare import compare
     from tlfeat.apps.evaluate import evaluate_on_caches as evaluate
+    from tlfeat.apps.export import export
     from tlfeat.apps.predict import predict_images as predict
     from tlfeat.backbones.registry import list_backbones
     from tlfeat.cache import load

@@ -230,6 +230,18 @@ class CacheReader:
         result[order] = found
         return result
 
+    def copy_rows(self, start: int, stop: int, out: np.ndarray, at: int) -> None:
+        """Copy feature rows start:stop into out[at : at + stop - start] (out: float32, C order).
+
+        float32 caches are read straight into `out` (no buffer); others through numpy's conversion
+        (HDF5's own float16 conversion is many times slower).
+        """
+        features = self._handle["features"]
+        if features.dtype == out.dtype and out.flags.c_contiguous:
+            features.read_direct(out, np.s_[start:stop], np.s_[at : at + stop - start])
+        else:
+            out[at : at + stop - start] = features[start:stop]
+
     def rows(self, start: int, stop: int, with_features: bool = True) -> CacheData:
         """Rows start:stop; without features, an empty (0, D) array stands in for them."""
         handle = self._handle

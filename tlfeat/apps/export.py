@@ -37,10 +37,10 @@ from typing import Any, Iterator
 import numpy as np
 
 from tlfeat.cache import CacheData, CacheReader
-from tlfeat.errors import TlfeatError
+from tlfeat.errors import TlfeatError, parameter_error
 
 FORMATS = ("parquet", "npy")
-CHUNK_BYTES = 16 * 2**20  # features per chunk (one Parquet row group)
+CHUNK_BYTES = 4 * 2**20  # features per chunk (one Parquet row group)
 FILE_BYTES = 256 * 2**20  # features per Parquet file
 PYARROW_HINT = "pip install pyarrow (tlfeat's extra: pip install -e '.[export]')"
 # Names an export writes: only these are replaced by `overwrite`, nothing else in the folder is touched.
@@ -60,18 +60,18 @@ class ExportSummary:
 def _chunk_rows(dim: int, requested: int | None) -> int:
     if requested is not None:
         if requested < 1:
-            raise TlfeatError(f"--chunk-rows {requested}: must be at least 1")
+            raise parameter_error("chunk_rows", requested, "must be at least 1")
         return requested
     return max(1, CHUNK_BYTES // (4 * max(dim, 1)))
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
-        raise TlfeatError(f"{out}: is a file; --out needs a folder for the exported files")
+        raise TlfeatError(f"{out}: is a file; `out` needs a folder for the exported files")
     out.mkdir(parents=True, exist_ok=True)
     earlier = [p for pattern in _OUTPUT_PATTERNS for p in out.glob(pattern)]
     if earlier and not overwrite:
-        raise TlfeatError(f"{out}: holds an earlier export ({earlier[0].name}); pass --overwrite to replace it")
+        raise TlfeatError(f"{out}: holds an earlier export ({earlier[0].name}); pass `overwrite` to replace it")
     for path in earlier:
         path.unlink()
 
@@ -91,7 +91,7 @@ def _import_pyarrow() -> tuple[Any, Any]:
         import pyarrow
         import pyarrow.parquet
     except ImportError:
-        raise TlfeatError(f"--format parquet needs pyarrow, which is not installed: {PYARROW_HINT}") from None
+        raise TlfeatError(f"`format='parquet'` needs pyarrow, which is not installed: {PYARROW_HINT}") from None
     return pyarrow, pyarrow.parquet
 
 
@@ -103,13 +103,25 @@ def _parquet_schema(pa: Any, dim: int, metadata: dict) -> Any:
     )
 
 
+def _arrow_numbers(pa: Any, kind: Any, values: np.ndarray) -> Any:
+    # Arrays from buffers, not pa.array: that one imports pandas (40 MB) to ask whether it was given pandas data.
+    return pa.Array.from_buffers(kind, len(values), [None, pa.py_buffer(np.ascontiguousarray(values))])
+
+
+def _arrow_strings(pa: Any, values: Any) -> Any:
+    encoded = [value.encode() for value in values]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int32)
+    np.cumsum([len(e) for e in encoded], out=offsets[1:])
+    return pa.Array.from_buffers(pa.string(), len(encoded), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))])
+
+
 def _parquet_table(pa: Any, schema: Any, chunk: CacheData) -> Any:
     dim = schema.field("features").type.list_size
-    names = np.array(chunk.class_names, dtype=object)
-    features = pa.FixedSizeListArray.from_arrays(pa.array(chunk.features.reshape(-1)), dim)
+    values = _arrow_numbers(pa, pa.float32(), chunk.features.reshape(-1))
     return pa.Table.from_arrays(
-        [pa.array(chunk.paths, pa.string()), pa.array(chunk.labels.astype(np.int32)),
-         pa.array(names[chunk.labels], pa.string()), pa.array(chunk.split, pa.string()), features],
+        [_arrow_strings(pa, chunk.paths), _arrow_numbers(pa, pa.int32(), chunk.labels.astype(np.int32)),
+         _arrow_strings(pa, (chunk.class_names[i] for i in chunk.labels)), _arrow_strings(pa, chunk.split),
+         pa.FixedSizeListArray.from_arrays(values, dim)],
         schema=schema,
     )
 
@@ -180,14 +192,14 @@ def export(
 ) -> ExportSummary:
     """Write the rows of `cache` to the folder `out` as Parquet files or .npy + CSV (see the module doc).
 
-    `chunk_rows` (default: about 16 MiB of features) bounds memory; `rows_per_file` (Parquet only,
+    `chunk_rows` (default: about 4 MiB of features) bounds memory; `rows_per_file` (Parquet only,
     default: about 256 MiB of features) bounds each file. `out` defaults to ``<cache without .h5>-<format>/``.
     """
     started = time.perf_counter()
     if format not in FORMATS:
-        raise TlfeatError(f"--format {format}: use parquet or npy")
+        raise parameter_error("format", format, "use parquet or npy")
     if rows_per_file is not None and rows_per_file < 1:
-        raise TlfeatError(f"--rows-per-file {rows_per_file}: must be at least 1")
+        raise parameter_error("rows_per_file", rows_per_file, "must be at least 1")
     if format == "parquet":
         _import_pyarrow()  # before any file is touched
     cache = Path(cache)

@@ -33,7 +33,8 @@ from tlfeat.data.scan import SPLITS, ImageEntry, class_of
 NOWHERE, FAILED = -1, -2
 OLD_CACHE = -1  # the source number of the old cache's rows (shards have their own numbers, from 0)
 _RANK = {split: rank for rank, split in enumerate(SPLITS)}
-SCAN_BLOCK = 1 << 16  # scan entries looked at per step of the final write and of the up-to-date check
+SCAN_BLOCK = 1 << 16  # entries of the ledger looked at per step of the final write
+PATH_CHUNK_ROWS = 1 << 13  # paths read (or compared) at a time from a cache
 
 
 def _canonical(entry: ImageEntry) -> tuple[int, str, str]:
@@ -116,11 +117,9 @@ class Ledger:
         return int(np.count_nonzero(self.where >= 0))
 
     def split_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for i in np.flatnonzero(self.where >= 0):
-            split = self.entries[i].split
-            counts[split] = counts.get(split, 0) + 1
-        return counts
+        """Rows per split (splits without rows left out)."""
+        counts = {SPLITS[rank]: int(np.count_nonzero(self.where[lo:hi] >= 0)) for rank, lo, hi in self._sections}
+        return {split: n for split, n in counts.items() if n}
 
     def chunks(self, chunk_rows: int = WRITE_CHUNK_ROWS) -> Iterator[np.ndarray]:
         """Entry indices of the rows, in canonical order, `chunk_rows` at a time."""
@@ -150,13 +149,24 @@ def same_as_file(old: CacheReader, ledger: Ledger, class_names: list[str], seed:
     if old.class_names != class_names or old.attrs.get("seed") != seed or old.n_rows != ledger.n_rows():
         return False
     start = 0
-    for indices in ledger.chunks(SCAN_BLOCK):
+    for indices in ledger.chunks(PATH_CHUNK_ROWS):
         stored = old.rows(start, start + len(indices), with_features=False)
         entries = [ledger.entries[i] for i in indices]
         if list(stored.paths) != [e.relpath for e in entries] or list(stored.split) != [e.split for e in entries]:
             return False
         start += len(indices)
     return True
+
+
+def _copy_old_rows(old: CacheReader, rows: np.ndarray, positions: np.ndarray, out: np.ndarray) -> None:
+    """out[positions] = the old cache's feature rows `rows`: run by run where both advance together (an
+    incremental run's usual case: no buffer for float32 caches), else all at once."""
+    cuts = np.flatnonzero((np.diff(rows) != 1) | (np.diff(positions) != 1)) + 1
+    if len(cuts) > len(rows) // 16:  # scattered: a few large reads beat many small ones
+        out[positions] = old.take(rows)
+        return
+    for first, end in zip([0, *cuts.tolist()], [*cuts.tolist(), len(rows)]):
+        old.copy_rows(int(rows[first]), int(rows[end - 1]) + 1, out, int(positions[first]))
 
 
 def _feature_dim(ledger: Ledger, old: CacheReader | None, shards: ShardStore, default: int) -> int:
@@ -182,7 +192,7 @@ def write_final(
             for source in np.unique(sources):
                 mine = np.flatnonzero(sources == source)
                 if source == OLD_CACHE:
-                    features[mine] = old.take(rows[mine])
+                    _copy_old_rows(old, rows[mine], mine, features)
                 else:
                     features[mine] = shards.features(int(source))[rows[mine]]
             entries = [ledger.entries[i] for i in indices]

@@ -24,7 +24,7 @@ from tlfeat.cache import CacheKey, CacheReader, ShardStore, key_from_attrs, remo
 from tlfeat.data.scan import DEFAULT_RATIOS, DatasetScan, scan_dataset
 from tlfeat.errors import TlfeatError
 from tlfeat.extraction.engines import make_engine
-from tlfeat.extraction.ledger import OLD_CACHE, Ledger, same_as_file, write_final
+from tlfeat.extraction.ledger import OLD_CACHE, PATH_CHUNK_ROWS, Ledger, same_as_file, write_final
 from tlfeat.fileio import OutputLock
 from tlfeat.progress import progress_bar
 
@@ -54,9 +54,6 @@ def default_output(data: Path, backbone: str) -> Path:
     return Path("cache") / f"{Path(data).resolve().name}-{backbone}.h5"
 
 
-OLD_CACHE_CHUNK_ROWS = 1 << 16  # the old cache's paths and file identities are read this many at a time
-
-
 def _record_earlier_work(key: CacheKey, out: Path, shards: ShardStore, overwrite: bool, ledger: Ledger) -> None:
     """Enter in the ledger the rows of earlier work under `key`: the finished cache, then unfinished shards.
 
@@ -71,8 +68,8 @@ def _record_earlier_work(key: CacheKey, out: Path, shards: ShardStore, overwrite
                     "[this run vs file]); pass `overwrite` to replace it or `out` for a new file"
                 )
             base = ledger.add_source(OLD_CACHE, old.n_rows)
-            for start in range(0, old.n_rows, OLD_CACHE_CHUNK_ROWS):
-                ledger.record(base + start, *old.identities(start, start + OLD_CACHE_CHUNK_ROWS))
+            for start in range(0, old.n_rows, PATH_CHUNK_ROWS):
+                ledger.record(base + start, *old.identities(start, start + PATH_CHUNK_ROWS))
             paths, reasons, sizes, mtimes = old.skipped()
             ledger.record(0, paths, sizes, mtimes, failed=reasons)
     shard_key = shards.key()
