@@ -9,6 +9,7 @@ The Python API, for notebooks and scripts (each name is the function the CLI com
     fitted = tlfeat.fit_heads([summary.out], head="all")    # -> FitSummary: per-head scores, files written
     result = tlfeat.predict(fitted.out / "logreg.joblib", ["photo.jpg"])
     report = tlfeat.audit(summary.out)                      # -> AuditResult: duplicate pairs, label issues, files
+    tlfeat.export(summary.out, format="parquet", out="exports/scenes")  # Parquet for pandas, DuckDB, Ray Data
 
 Importing tlfeat (and calling `tlfeat.load`) imports neither Keras nor TensorFlow: every name below is
 resolved on first use, so a notebook pays only for what it calls.
@@ -31,6 +32,7 @@ _API: dict[str, tuple[str, str]] = {
     "evaluate": ("tlfeat.apps.evaluate", "evaluate_on_caches"),
     "compare": ("tlfeat.apps.compare", "compare"),
     "recipe": ("tlfeat.apps.recipe", "run_recipe"),
+    "export": ("tlfeat.apps.export", "export"),
     "list_backbones": ("tlfeat.backbones.registry", "list_backbones"),
     "list_heads": ("tlfeat.heads.registry", "list_heads"),
     "audit": ("tlfeat.analysis.audit", "audit"),
@@ -47,6 +49,7 @@ if TYPE_CHECKING:  # what static tools and IDEs see; at run time `__getattr__` i
     from tlfeat.analysis.similar import similar
     from tlfeat.apps.compare import compare
     from tlfeat.apps.evaluate import evaluate_on_caches as evaluate
+    from tlfeat.apps.export import export
     from tlfeat.apps.predict import predict_images as predict
     from tlfeat.apps.recipe import run_recipe as recipe
     from tlfeat.backbones.registry import list_backbones

@@ -34,7 +34,7 @@ import glob
 import json
 import os
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -207,21 +207,80 @@ def open_rows(path: str | Path) -> Iterator[tuple[CacheData, h5py.Dataset]]:
         ), features
 
 
-def read_rows(path: str | Path) -> tuple[CacheKey, Rows]:
-    """Everything extraction needs to reuse an existing cache: its key and its rows."""
-    with _open_for_read(Path(path)) as handle:
-        key = key_from_attrs(_decode_attrs(handle))
-        rows = Rows(
-            paths=list(_strings(handle["paths"])),
-            features=np.asarray(handle["features"][...]),
-            file_size=[int(v) for v in handle["file_size"][...]],
-            file_mtime_ns=[int(v) for v in handle["file_mtime_ns"][...]],
-            skipped_paths=list(_strings(handle["skipped_paths"])),
-            skipped_reasons=list(_strings(handle["skipped_reasons"])),
-            skipped_size=[int(v) for v in handle["skipped_size"][...]],
-            skipped_mtime_ns=[int(v) for v in handle["skipped_mtime_ns"][...]],
+class CacheReader:
+    """A cache open for reading a range of rows at a time: memory bounded by the range.
+
+    `n_rows`, `feature_dim`, `class_names` and `attrs` are known on opening; `rows(start, stop)`
+    reads only those rows of every per-row column (features as float32, like `load`).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._handle = _open_for_read(self.path)
+        self.n_rows, self.feature_dim = (int(v) for v in self._handle["features"].shape)
+        self.class_names = list(_strings(self._handle["class_names"]))
+        self.attrs = _decode_attrs(self._handle)
+
+    def features(self, start: int, stop: int) -> np.ndarray:
+        """Rows start:stop of the features, float32."""
+        return np.asarray(self._handle["features"][start:stop], dtype=np.float32)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The features of distinct `rows`, in the order given, float32: one slice when they lie close
+        together (at most twice their number), else just those rows."""
+        order = np.argsort(rows, kind="stable")
+        ascending = rows[order]
+        lo, hi = int(ascending[0]), int(ascending[-1]) + 1
+        features = self._handle["features"]
+        found = features[lo:hi][ascending - lo] if hi - lo <= 2 * len(rows) else features[ascending]
+        result = np.empty(found.shape, dtype=np.float32)
+        result[order] = found
+        return result
+
+    def copy_rows(self, start: int, stop: int, out: np.ndarray, at: int) -> None:
+        """Copy feature rows start:stop into out[at : at + stop - start] (out: float32, C order).
+
+        float32 caches are read straight into `out` (no buffer); others through numpy's conversion
+        (HDF5's own float16 conversion is many times slower).
+        """
+        features = self._handle["features"]
+        if features.dtype == out.dtype and out.flags.c_contiguous:
+            features.read_direct(out, np.s_[start:stop], np.s_[at : at + stop - start])
+        else:
+            out[at : at + stop - start] = features[start:stop]
+
+    def rows(self, start: int, stop: int, with_features: bool = True) -> CacheData:
+        """Rows start:stop; without features, an empty (0, D) array stands in for them."""
+        handle = self._handle
+        return CacheData(
+            features=self.features(start, stop if with_features else start),
+            labels=np.asarray(handle["labels"][start:stop], dtype=np.int64),
+            paths=np.array(handle["paths"].asstr()[start:stop], dtype=object),
+            split=np.array(handle["split"].asstr()[start:stop], dtype=object),
+            class_names=self.class_names,
+            attrs=self.attrs,
         )
-    return key, rows
+
+    def identities(self, start: int, stop: int) -> tuple[list[str], list[int], list[int]]:
+        """Rows start:stop's paths and file identities (size, mtime_ns): what tells a reusable row."""
+        handle = self._handle
+        return (list(handle["paths"].asstr()[start:stop]), handle["file_size"][start:stop].tolist(),
+                handle["file_mtime_ns"][start:stop].tolist())
+
+    def skipped(self) -> tuple[list[str], list[str], list[int], list[int]]:
+        """The skipped files: paths, reasons, sizes, mtimes (few: read whole)."""
+        handle = self._handle
+        return (list(_strings(handle["skipped_paths"])), list(_strings(handle["skipped_reasons"])),
+                handle["skipped_size"][...].tolist(), handle["skipped_mtime_ns"][...].tolist())
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> "CacheReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 WRITE_CHUNK_ROWS = 1024
@@ -246,38 +305,90 @@ def write_cache(
     large run's rows are written a chunk at a time).
     """
     n, dim = len(features), len(features[0]) if len(features) else np.shape(features)[1]
-    with atomic_path(path, durable=True) as tmp:
-        with h5py.File(tmp, "w") as handle:
-            stored = handle.create_dataset(
-                "features", shape=(n, dim), dtype=key.dtype,
-                chunks=(max(1, min(n, WRITE_CHUNK_ROWS)), dim) if n else None, maxshape=(None, dim),
-            )
-            for start in range(0, n, WRITE_CHUNK_ROWS):  # numpy converts: HDF5's float16 rounding differs
-                chunk = np.asarray(features[start : start + WRITE_CHUNK_ROWS])
-                stored[start : start + WRITE_CHUNK_ROWS] = chunk.astype(key.dtype, copy=False)
-            handle.create_dataset("labels", data=np.asarray(labels, dtype=np.int32))
-            handle.create_dataset("paths", data=list(paths), dtype=_STR)
-            handle.create_dataset("split", data=list(split), dtype=_STR)
-            handle.create_dataset("file_size", data=np.asarray(file_size, dtype=np.int64))
-            handle.create_dataset("file_mtime_ns", data=np.asarray(file_mtime_ns, dtype=np.int64))
-            handle.create_dataset("class_names", data=list(class_names), dtype=_STR)
-            handle.create_dataset("skipped_paths", data=[s[0] for s in skipped], dtype=_STR)
-            handle.create_dataset("skipped_reasons", data=[s[1] for s in skipped], dtype=_STR)
-            handle.create_dataset("skipped_size", data=np.asarray([s[2] for s in skipped], dtype=np.int64))
-            handle.create_dataset(
-                "skipped_mtime_ns", data=np.asarray([s[3] for s in skipped], dtype=np.int64)
-            )
-            attrs = {
-                "format_version": FORMAT_VERSION,
-                **asdict(key),
-                "feature_dim": dim,
-                "tlfeat_version": __version__,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "n_skipped": len(skipped),
-                **extra_attrs,
-            }
-            for name, value in attrs.items():
-                handle.attrs[name] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
+    with CacheWriter(path, key, n, dim) as writer:
+        for start in range(0, n, WRITE_CHUNK_ROWS):
+            stop = start + WRITE_CHUNK_ROWS
+            writer.append(np.asarray(features[start:stop]), labels[start:stop], paths[start:stop],
+                          split[start:stop], file_size[start:stop], file_mtime_ns[start:stop])
+        writer.commit(class_names, skipped, extra_attrs)
+
+
+class CacheWriter:
+    """A cache of `n_rows` rows written a chunk at a time, in row order, then committed atomically.
+
+    Nothing but the chunk in hand is held, so a cache of any size is written in bounded memory. Use
+    as a context manager: the file appears under its name (`atomic_path`, durable) only when the block
+    ends after `commit`; otherwise the temporary file is removed.
+    """
+
+    def __init__(self, path: str | Path, key: CacheKey, n_rows: int, dim: int) -> None:
+        self.path, self.key, self.n_rows, self.dim, self.written = Path(path), key, n_rows, dim, 0
+        self._committed = False
+        self._stack = ExitStack()
+
+    def __enter__(self) -> "CacheWriter":
+        tmp = self._stack.enter_context(atomic_path(self.path, durable=True))
+        self._handle = handle = h5py.File(tmp, "w")
+        n, dim = self.n_rows, self.dim
+        handle.create_dataset(
+            "features", shape=(n, dim), dtype=self.key.dtype,
+            chunks=(max(1, min(n, WRITE_CHUNK_ROWS)), dim) if n else None, maxshape=(None, dim),
+        )
+        handle.create_dataset("labels", shape=(n,), dtype=np.int32)
+        handle.create_dataset("paths", shape=(n,), dtype=_STR)
+        handle.create_dataset("split", shape=(n,), dtype=_STR)
+        handle.create_dataset("file_size", shape=(n,), dtype=np.int64)
+        handle.create_dataset("file_mtime_ns", shape=(n,), dtype=np.int64)
+        return self
+
+    def append(
+        self, features: np.ndarray, labels: Sequence[int], paths: Sequence[str], split: Sequence[str],
+        file_size: Sequence[int], file_mtime_ns: Sequence[int],
+    ) -> None:
+        """The next rows (chunks of WRITE_CHUNK_ROWS rows keep the writes aligned with the file's chunks)."""
+        start, stop = self.written, self.written + len(features)
+        if stop > self.n_rows:
+            raise ValueError(f"{stop} rows written to a cache of {self.n_rows}")
+        if stop == start:
+            return
+        handle = self._handle
+        # numpy converts: HDF5's float16 rounding differs
+        handle["features"][start:stop] = np.asarray(features).astype(self.key.dtype, copy=False)
+        handle["labels"][start:stop] = np.asarray(labels, dtype=np.int32)
+        handle["paths"][start:stop] = list(paths)
+        handle["split"][start:stop] = list(split)
+        handle["file_size"][start:stop] = np.asarray(file_size, dtype=np.int64)
+        handle["file_mtime_ns"][start:stop] = np.asarray(file_mtime_ns, dtype=np.int64)
+        self.written = stop
+
+    def commit(self, class_names: list[str], skipped: list[tuple[str, str, int, int]], extra_attrs: dict) -> None:
+        """Finish the file (every row written); it replaces `path` when the `with` block ends."""
+        if self.written != self.n_rows:
+            raise ValueError(f"{self.written} of {self.n_rows} rows written")
+        handle = self._handle
+        handle.create_dataset("class_names", data=list(class_names), dtype=_STR)
+        handle.create_dataset("skipped_paths", data=[s[0] for s in skipped], dtype=_STR)
+        handle.create_dataset("skipped_reasons", data=[s[1] for s in skipped], dtype=_STR)
+        handle.create_dataset("skipped_size", data=np.asarray([s[2] for s in skipped], dtype=np.int64))
+        handle.create_dataset("skipped_mtime_ns", data=np.asarray([s[3] for s in skipped], dtype=np.int64))
+        attrs = {
+            "format_version": FORMAT_VERSION,
+            **asdict(self.key),
+            "feature_dim": self.dim,
+            "tlfeat_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "n_skipped": len(skipped),
+            **extra_attrs,
+        }
+        for name, value in attrs.items():
+            handle.attrs[name] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
+        self._committed = True
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.close()
+        if exc[0] is None and not self._committed:
+            exc = (RuntimeError, RuntimeError("cache not committed"), None)
+        self._stack.__exit__(*exc)  # renames the finished file into place, or removes it
 
 
 def remove_stale_temporaries(path: Path) -> None:
@@ -323,13 +434,14 @@ class ShardStore:
     def _shard_files(self) -> list[Path]:
         return sorted(self.dir.glob("shard-*.npz")) if self.dir.exists() else []
 
-    def write(self, rows: Rows) -> None:
+    def write(self, rows: Rows) -> int:
+        """Store one batch's rows as the next shard; returns its number."""
         if self._next_index is None:
             existing = self._shard_files()
             self._next_index = int(existing[-1].stem.removeprefix("shard-")) + 1 if existing else 0
         index = self._next_index
         self._next_index += 1
-        target = self.dir / f"shard-{index:07d}.npz"
+        target = self._path(index)
         tmp = self.dir / f".tmp-{os.getpid()}-{index}.npz"
         with open(tmp, "wb") as handle:
             np.savez(
@@ -346,15 +458,22 @@ class ShardStore:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
+        return index
 
-    def read(self) -> Iterator[Rows]:
-        """Every complete shard; a shard that cannot be read (torn by a crash) is ignored."""
+    def _path(self, number: int) -> Path:
+        return self.dir / f"shard-{number:07d}.npz"
+
+    def read_index(self) -> Iterator[tuple[int, Rows]]:
+        """(number, rows) of every complete shard, without its features (`features(number)` reads them).
+
+        A shard that cannot be read (torn by a crash) is ignored.
+        """
         for shard in self._shard_files():
             try:
-                with np.load(shard, allow_pickle=False) as data:
-                    yield Rows(
+                with np.load(shard, allow_pickle=False) as data:  # an .npz reads only the members asked for
+                    rows = Rows(
                         paths=[str(p) for p in data["paths"]],
-                        features=data["features"],
+                        features=np.empty((0, 0), dtype=np.float32),
                         file_size=[int(v) for v in data["file_size"]],
                         file_mtime_ns=[int(v) for v in data["file_mtime_ns"]],
                         skipped_paths=[str(p) for p in data["skipped_paths"]],
@@ -364,6 +483,18 @@ class ShardStore:
                     )
             except (OSError, ValueError, KeyError, EOFError):
                 continue
+            yield int(shard.stem.removeprefix("shard-")), rows
+
+    def features(self, number: int) -> np.ndarray:
+        """The feature rows of shard `number`."""
+        path = self._path(number)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return data["features"]
+        except (OSError, ValueError, KeyError, EOFError) as exc:
+            raise TlfeatError(
+                f"{path}: shard unreadable ({exc.__class__.__name__}); delete it and rerun to compute its rows again"
+            ) from None
 
     def clear(self) -> None:
         self._next_index = self._started = None

@@ -15,19 +15,19 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
-import numpy as np
 
 from tlfeat.backbones import get_backbone, weights_identity
 from tlfeat.backbones.preprocessing import NO_TTA
-from tlfeat.cache import CacheKey, Rows, ShardStore, load, read_rows, remove_stale_temporaries, write_cache
-from tlfeat.data.scan import DEFAULT_RATIOS, DatasetScan, ImageEntry, scan_dataset
+from tlfeat.cache import CacheKey, CacheReader, Rows, ShardStore, key_from_attrs, remove_stale_temporaries
+from tlfeat.data.scan import DEFAULT_RATIOS, DatasetScan, scan_dataset
 from tlfeat.errors import TlfeatError
 from tlfeat.extraction.engines import make_engine
+from tlfeat.extraction.ledger import OLD_CACHE, PATH_CHUNK_ROWS, Ledger, same_as_file, write_final
 from tlfeat.fileio import OutputLock
 from tlfeat.progress import progress_bar
 from tlfeat.runtime import check_tta
@@ -62,8 +62,10 @@ class ShardWriter:
     writes every batch still queued first, after Ctrl-C too: finished batches are kept.
     """
 
-    def __init__(self, shards: ShardStore, key: CacheKey, depth: int = 2) -> None:
-        self.shards, self.key = shards, key
+    def __init__(
+        self, shards: ShardStore, key: CacheKey, on_written: Callable[[int, Rows], None], depth: int = 2
+    ) -> None:
+        self.shards, self.key, self.on_written = shards, key, on_written
         self.queue: queue.Queue[Rows | None] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._write, name="tlfeat-shard-writer", daemon=True)
@@ -88,7 +90,8 @@ class ShardWriter:
             if self.error is None:
                 try:
                     self.shards.start(self.key)  # at the first finished batch: a model that fails to load leaves none
-                    self.shards.write(rows)
+                    # The run reads its ledger only after this thread has ended.
+                    self.on_written(self.shards.write(rows), rows)
                 except BaseException as exc:  # raised in the run's thread
                     self.error = exc
 
@@ -100,26 +103,24 @@ def default_output(data: Path, backbone: str, image_size: int | None = None, tta
     return Path("cache") / f"{Path(data).resolve().name}-{backbone}{size}{flip}.h5"
 
 
-def _absorb(known: dict[str, tuple], rows: Rows) -> None:
-    for i, path in enumerate(rows.paths):
-        known[path] = (rows.file_size[i], rows.file_mtime_ns[i], rows.features[i], None)
-    for path, reason, size, mtime in zip(
-        rows.skipped_paths, rows.skipped_reasons, rows.skipped_size, rows.skipped_mtime_ns
-    ):
-        known[path] = (size, mtime, None, reason)
+def _record_earlier_work(key: CacheKey, out: Path, shards: ShardStore, overwrite: bool, ledger: Ledger) -> None:
+    """Enter in the ledger the rows of earlier work under `key`: the finished cache, then unfinished shards.
 
-
-def _known_rows(key: CacheKey, out: Path, shards: ShardStore, overwrite: bool) -> dict[str, tuple]:
-    """relpath -> (size, mtime_ns, feature row | None, skip reason | None) from earlier work under `key`."""
-    known: dict[str, tuple] = {}
+    Only their paths and file identities are read, never their features.
+    """
     if out.exists() and not overwrite:
-        old_key, rows = read_rows(out)
-        if old_key != key:
-            raise TlfeatError(
-                f"{out}: cache was made with other settings ({key.differences(old_key)} "
-                "[this run vs file]); pass `overwrite` to replace it or `out` for a new file"
-            )
-        _absorb(known, rows)
+        with CacheReader(out) as old:
+            old_key = key_from_attrs(old.attrs)
+            if old_key != key:
+                raise TlfeatError(
+                    f"{out}: cache was made with other settings ({key.differences(old_key)} "
+                    "[this run vs file]); pass `overwrite` to replace it or `out` for a new file"
+                )
+            base = ledger.add_source(OLD_CACHE, old.n_rows)
+            for start in range(0, old.n_rows, PATH_CHUNK_ROWS):
+                ledger.record(base + start, *old.identities(start, start + PATH_CHUNK_ROWS))
+            paths, reasons, sizes, mtimes = old.skipped()
+            ledger.record(0, paths, sizes, mtimes, failed=reasons)
     shard_key = shards.key()
     if shard_key is not None and shard_key != key and not overwrite:
         raise TlfeatError(
@@ -129,9 +130,8 @@ def _known_rows(key: CacheKey, out: Path, shards: ShardStore, overwrite: bool) -
     if overwrite:
         shards.clear()
     elif shard_key == key:
-        for rows in shards.read():
-            _absorb(known, rows)
-    return known
+        for number, rows in shards.read_index():
+            ledger.record_rows(number, rows)
 
 
 def extract(
@@ -177,19 +177,20 @@ def extract(
         remove_stale_temporaries(out)
         shards = ShardStore(out)
         key = CacheKey(spec.name, weights_id, size, spec.preprocessing, dtype, runner.compute, tta=tta)
-        known = _known_rows(key, out, shards, overwrite)
+        ledger = Ledger(scan.entries, scan.layout)
+        _record_earlier_work(key, out, shards, overwrite, ledger)
 
-        todo = [e for e in scan.entries if _reusable(known.get(e.relpath), e) is None]
+        todo = ledger.todo()
         n_reused = len(scan.entries) - len(todo)
         compute_seconds = 0.0
         if todo:
             computed_before = time.perf_counter()
             try:
                 with progress_bar(len(todo), progress, f"extract {spec.name}") as bar, \
-                        ShardWriter(shards, key) as writer, closing(runner.embed(scan.root, todo, bar)) as batches:
+                        ShardWriter(shards, key, ledger.record_rows) as writer, \
+                        closing(runner.embed(scan.root, todo, bar)) as batches:
                     for rows in batches:  # closed however the loop ends: the decoding pool is free again
                         writer.put(rows)
-                        _absorb(known, rows)
             except KeyboardInterrupt:
                 raise TlfeatError(
                     f"interrupted: finished batches are kept in {shards.dir}; "
@@ -197,16 +198,17 @@ def extract(
                 ) from None
             compute_seconds = time.perf_counter() - computed_before
 
-        up_to_date = not todo and _same_as_file(out, scan, known)
-        if not up_to_date:
-            _write_final(out, key, scan, known, weights, size, runner.keras_backend())
+        with CacheReader(out) if out.exists() and not overwrite else nullcontext() as old:
+            up_to_date = not todo and old is not None and same_as_file(old, ledger, scan.class_names, scan.seed)
+            if not up_to_date:
+                write_final(out, key, ledger, scan.class_names, old, shards, spec.feature_dim,
+                            _final_attrs(scan, weights, size, runner.keras_backend()))
         shards.clear()
 
-    skipped = [(e.relpath, known[e.relpath][3]) for e in scan.entries if known[e.relpath][2] is None]
-    n_rows = len(scan.entries) - len(skipped)
+    skipped = [(e.relpath, reason) for e, reason in ledger.failures()]
     return ExtractSummary(
         out=out,
-        n_images=n_rows,
+        n_images=ledger.n_rows(),
         n_computed=len(todo),
         n_reused=n_reused,
         n_skipped=len(skipped),
@@ -215,69 +217,19 @@ def extract(
         feature_dim=spec.feature_dim,
         seconds=time.perf_counter() - started,
         images_per_s=len(todo) / compute_seconds if todo and compute_seconds > 0 else 0.0,
-        split_counts=_split_counts(scan, known),
+        split_counts=ledger.split_counts(),
         up_to_date=up_to_date,
     )
 
 
-def _reusable(record: tuple | None, entry: ImageEntry) -> tuple | None:
-    if record is None or record[0] != entry.size or record[1] != entry.mtime_ns:
-        return None
-    return record
-
-
-def _split_counts(scan: DatasetScan, known: dict[str, tuple]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for e in scan.entries:
-        if known[e.relpath][2] is not None:
-            counts[e.split] = counts.get(e.split, 0) + 1
-    return counts
-
-
-def _same_as_file(out: Path, scan: DatasetScan, known: dict[str, tuple]) -> bool:
-    """True when `out` already holds exactly these rows, splits and classes (nothing to write)."""
-    if not out.exists():
-        return False
-    current = load(out)
-    rows = [e for e in scan.entries if known[e.relpath][2] is not None]
-    return (
-        current.class_names == scan.class_names
-        and list(current.paths) == [e.relpath for e in rows]
-        and list(current.split) == [e.split for e in rows]
-        and current.attrs.get("seed") == scan.seed
-    )
-
-
-def _write_final(
-    out: Path, key: CacheKey, scan: DatasetScan, known: dict[str, tuple], weights: str, size: int,
-    keras_backend: str,
-) -> None:
-    rows = [e for e in scan.entries if known[e.relpath][2] is not None]
-    skipped = [
-        (e.relpath, known[e.relpath][3], e.size, e.mtime_ns) for e in scan.entries if known[e.relpath][2] is None
-    ]
-    spec = get_backbone(key.backbone)
-    # Rows, not one stacked matrix: the run already holds every feature once, and need not hold them twice.
-    features = [known[e.relpath][2] for e in rows] if rows else np.zeros((0, spec.feature_dim), dtype=np.float32)
+def _final_attrs(scan: DatasetScan, weights: str, size: int, keras_backend: str) -> dict:
     weights_source = weights if weights in ("imagenet", "none") else str(Path(weights).resolve())
-    write_cache(
-        out,
-        key,
-        features=features,
-        labels=np.array([scan.label_of(e) for e in rows], dtype=np.int32),
-        paths=[e.relpath for e in rows],
-        split=[e.split for e in rows],
-        file_size=[e.size for e in rows],
-        file_mtime_ns=[e.mtime_ns for e in rows],
-        class_names=scan.class_names,
-        skipped=skipped,
-        extra_attrs={
-            "keras_backend": keras_backend,
-            "dataset_root": str(scan.root),
-            "layout": scan.layout,
-            "seed": scan.seed,
-            "split_ratios": list(scan.ratios),
-            "weights_source": weights_source,
-            "resize": f"pillow-bilinear {size}x{size}, aspect not kept",
-        },
-    )
+    return {
+        "keras_backend": keras_backend,
+        "dataset_root": str(scan.root),
+        "layout": scan.layout,
+        "seed": scan.seed,
+        "split_ratios": list(scan.ratios),
+        "weights_source": weights_source,
+        "resize": f"pillow-bilinear {size}x{size}, aspect not kept",
+    }
