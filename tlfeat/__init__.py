@@ -18,7 +18,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from tlfeat import quiet_import
+
 __version__ = "0.1.0"
+
+# TensorFlow's C++ start-up banner (oneDNN, CPU features, absl) is filtered out of stderr when it is imported.
+quiet_import.install()
 
 # public name -> (module, attribute)
 _API: dict[str, tuple[str, str]] = {
@@ -29,6 +34,7 @@ _API: dict[str, tuple[str, str]] = {
     "predict": ("tlfeat.apps.predict", "predict_images"),
     "evaluate": ("tlfeat.apps.evaluate", "evaluate_on_caches"),
     "compare": ("tlfeat.apps.compare", "compare"),
+    "doctor": ("tlfeat.apps.doctor", "doctor"),
     "list_backbones": ("tlfeat.backbones.registry", "list_backbones"),
     "list_heads": ("tlfeat.heads.registry", "list_heads"),
     "TlfeatError": ("tlfeat.errors", "TlfeatError"),
@@ -38,6 +44,7 @@ __all__ = sorted(_API)
 
 if TYPE_CHECKING:  # what static tools and IDEs see; at run time `__getattr__` imports on first use
     from tlfeat.apps.compare import compare
+    from tlfeat.apps.doctor import doctor
     from tlfeat.apps.evaluate import evaluate_on_caches as evaluate
     from tlfeat.apps.predict import predict_images as predict
     from tlfeat.backbones.registry import list_backbones

@@ -178,13 +178,14 @@ def imagenet_weights_identity() -> str:
     return f"imagenet:{path.name}:sha256={_source_sha256(path)[:16]}"
 
 
-def _cache_dir() -> Path:
+def tlfeat_home() -> Path:
+    """$TLFEAT_HOME, default ~/.cache/tlfeat: converted weights are cached in its weights/ folder."""
     home = os.environ.get("TLFEAT_HOME")
     return Path(home) if home else Path.home() / ".cache" / "tlfeat"
 
 
 def _cache_path(sha256: str) -> Path:
-    return _cache_dir() / "weights" / f"efficientnet_lite0-imagenet-{sha256[:32]}.h5"
+    return tlfeat_home() / "weights" / f"efficientnet_lite0-imagenet-{sha256[:32]}.h5"
 
 
 def _imagenet_layer_weights() -> dict[str, list[np.ndarray]]:

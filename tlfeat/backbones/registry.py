@@ -38,6 +38,10 @@ class Backbone:
     imagenet_identity: Callable[[], str] = lambda: "imagenet"
     # Base layers `finetune` unfreezes in stage 2 by default (counted from the end); None: no default.
     unfreeze_top: int | None = None
+    # The ImageNet file keras.applications downloads (to $KERAS_HOME/models, default ~/.keras/models) and the
+    # URL it comes from; None for backbones whose weights ship with a package.
+    keras_weights_file: str | None = None
+    keras_weights_url: str | None = None
 
 
 def _resnet101(weights: str | None, input_shape: tuple[int, int, int]) -> Any:
@@ -110,6 +114,8 @@ REGISTRY: dict[str, Backbone] = {
             feature_dim=2048,
             weight_source="keras.applications download (needs network) or a local file",
             unfreeze_top=146,  # the study's
+            keras_weights_file="resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            keras_weights_url="https://storage.googleapis.com/tensorflow/keras-applications/resnet/",
         ),
         Backbone(
             name="vgg16",
@@ -120,6 +126,8 @@ REGISTRY: dict[str, Backbone] = {
             feature_dim=512,
             weight_source="keras.applications download (needs network) or a local file",
             unfreeze_top=10,  # the study's
+            keras_weights_file="vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            keras_weights_url="https://storage.googleapis.com/tensorflow/keras-applications/vgg16/",
         ),
     )
 }
@@ -163,10 +171,12 @@ def build_model(backbone: Backbone, weights: str, image_size: int | None = None)
         except TlfeatError:
             raise
         except Exception as exc:  # keras.utils.get_file raises a bare Exception on network failure
+            hint = (
+                f"; offline, download {backbone.keras_weights_url}{backbone.keras_weights_file} elsewhere and "
+                "copy it into ~/.keras/models/, or pass `weights=PATH`" if backbone.keras_weights_file else ""
+            )
             raise TlfeatError(
-                f"could not get ImageNet weights for {backbone.name} ({describe_exception(exc)}); "
-                f"offline, download the Keras '{backbone.name} notop' weights file elsewhere and pass "
-                "`weights=PATH`"
+                f"could not get ImageNet weights for {backbone.name} ({describe_exception(exc)}){hint}"
             ) from None
     path = Path(weights)
     if not path.is_file():

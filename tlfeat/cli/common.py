@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable
+from typing import Any, Callable
 
 import typer
+from typer.core import TyperCommand
 
 from tlfeat.data.scan import DEFAULT_RATIOS
 from tlfeat.errors import TlfeatError, cli_terms
@@ -19,7 +20,40 @@ from tlfeat.errors import TlfeatError, cli_terms
 # TensorFlow's C++ start-up chatter (CPU feature notes, oneDNN banner) is not for users.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-app = typer.Typer(
+
+
+class PlainHelpCommand(TyperCommand):
+    """A command whose --help shows what its parser accepts, in every typer version tlfeat supports.
+
+    Typer 0.27+ writes required arguments as `{data}` in usage lines, and 0.29 gives flags a `<bool>`
+    value placeholder although `--quiet true` is refused: usage lines here read `[OPTIONS] DATA`
+    (`[NAME]` optional, `NAME...` repeated) and flags show no placeholder.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = (param.name or "").upper()
+                name = name if param.required else f"[{name}]"
+                pieces.append(name + ("..." if param.nargs == -1 else ""))
+        return pieces
+
+
+class _App(typer.Typer):
+    """The typer app, every command a PlainHelpCommand unless it names another class."""
+
+    def command(self, *args: Any, cls: type | None = None, **kwargs: Any) -> Callable:  # type: ignore[override]
+        return super().command(*args, cls=cls or PlainHelpCommand, **kwargs)
+
+
+app = _App(
     help="Transfer learning with cached ImageNet CNN embeddings: extract once, fit heads in seconds.",
     no_args_is_help=True,
     add_completion=False,
@@ -42,6 +76,12 @@ def user_errors(command: Callable) -> Callable:
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def program_name() -> str:
+    """How the user started this CLI, to echo in hints: `tlfeat`, `python cli.py` or `python -m tlfeat`."""
+    name = typer.get_current_context().find_root().info_name or "tlfeat"
+    return f"python {name}" if name.endswith(".py") else name
 
 
 def format_ratios(ratios: tuple[float, ...]) -> str:
