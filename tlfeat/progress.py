@@ -63,7 +63,7 @@ class ProgressLines:
         if done:
             tail = f"{elapsed:.1f} s"
         elif rate > 0:
-            left = int((self.total - self.n) / rate)
+            left = round((self.total - self.n) / rate)
             tail = f"about {left // 60}:{left % 60:02d} left"
         else:
             tail = "starting"

@@ -12,29 +12,34 @@ import os
 from typing import Any, Callable
 
 import typer
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperGroup
 
 from tlfeat.data.scan import DEFAULT_RATIOS
 from tlfeat.errors import TlfeatError, cli_terms
 
-# TensorFlow's C++ start-up chatter (CPU feature notes, oneDNN banner) is not for users.
+# TensorFlow's C++ info and warning logs are not for CLI users (its start-up banner, printed before this
+# setting applies, is filtered by tlfeat.quiet_import).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+class _FlagsWithoutPlaceholder:
+    """Typer 0.29 gives flags (--help included) a `<bool>` value placeholder, although `--quiet true` is
+    refused: flags here show none."""
 
-class PlainHelpCommand(TyperCommand):
-    """A command whose --help shows what its parser accepts, in every typer version tlfeat supports.
-
-    Typer 0.27+ writes required arguments as `{data}` in usage lines, and 0.29 gives flags a `<bool>`
-    value placeholder although `--quiet true` is refused: usage lines here read `[OPTIONS] DATA`
-    (`[NAME]` optional, `NAME...` repeated) and flags show no placeholder.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        for param in self.params:
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
             if getattr(param, "is_flag", False):
                 param.metavar = ""
+        return params
+
+
+class PlainHelpCommand(_FlagsWithoutPlaceholder, TyperCommand):
+    """A command whose --help shows what its parser accepts, in every typer version tlfeat supports.
+
+    Typer 0.27+ writes required arguments as `{data}` in usage lines: here they read `[OPTIONS] DATA`
+    (`[NAME]` when optional, `NAME...` when repeated), as click writes them.
+    """
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
@@ -46,6 +51,10 @@ class PlainHelpCommand(TyperCommand):
         return pieces
 
 
+class PlainHelpGroup(_FlagsWithoutPlaceholder, TyperGroup):
+    """The command list, its --help without a placeholder."""
+
+
 class _App(typer.Typer):
     """The typer app, every command a PlainHelpCommand unless it names another class."""
 
@@ -54,6 +63,7 @@ class _App(typer.Typer):
 
 
 app = _App(
+    cls=PlainHelpGroup,
     help="Transfer learning with cached ImageNet CNN embeddings: extract once, fit heads in seconds.",
     no_args_is_help=True,
     add_completion=False,
