@@ -206,7 +206,7 @@ def test_cli_extract_prints_summary(tiny_dataset: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert f"{out}: 24 images x 512 dims" in result.stdout
     assert "images/s" in result.stdout
-    assert "img/s" in result.stderr  # the progress bar
+    assert "extract vgg16: 24/24 images (100%)" in result.stderr  # progress, as lines: stderr is not a terminal
 
 
 def test_final_write_takes_rows_without_stacking_them(tmp_path: Path) -> None:

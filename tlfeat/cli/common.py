@@ -88,9 +88,9 @@ def user_errors(command: Callable) -> Callable:
     return wrapper
 
 
-def program_name() -> str:
+def program_name(ctx: typer.Context) -> str:
     """How the user started this CLI, to echo in hints: `tlfeat`, `python cli.py` or `python -m tlfeat`."""
-    name = typer.get_current_context().find_root().info_name or "tlfeat"
+    name = ctx.find_root().info_name or "tlfeat"
     return f"python {name}" if name.endswith(".py") else name
 
 

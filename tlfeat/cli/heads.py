@@ -127,6 +127,7 @@ def evaluate(
 @app.command()
 @user_errors
 def demo(
+    ctx: typer.Context,
     out: Path = typer.Option(Path("cache"), "--out", "-o", help="Folder for the digits dataset, its cache and the heads."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -142,4 +143,4 @@ def demo(
     result = run_demo(out, progress=not quiet, on_result=_echo_head, on_extract=echo_dataset)
     _echo_fit_summary(result.fit)
     example = next(iter(sorted((result.dataset / "3").glob("*.png"))), result.dataset)
-    typer.echo(f"demo took {result.seconds:.0f} s; try: {program_name()} predict {result.fit.out / 'logreg.joblib'} {example}")
+    typer.echo(f"demo took {result.seconds:.0f} s; try: {program_name(ctx)} predict {result.fit.out / 'logreg.joblib'} {example}")
