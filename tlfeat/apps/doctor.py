@@ -30,7 +30,8 @@ def doctor() -> dict[str, str]:
 
     backend = keras.backend.backend()
     on_gpu = accelerator_present()
-    chosen = "set by KERAS_BACKEND" if os.environ.get("KERAS_BACKEND") else "default; set KERAS_BACKEND=jax or torch to switch"
+    chosen = ("set by KERAS_BACKEND" if os.environ.get("KERAS_BACKEND")
+              else "default; set KERAS_BACKEND=jax or torch to switch")
     facts = {
         "tlfeat": f"{tlfeat.__version__} from {Path(tlfeat.__file__).parent}",
         "python": f"{platform.python_version()} ({sys.executable}) on {platform.platform()}",

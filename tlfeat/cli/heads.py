@@ -143,4 +143,6 @@ def demo(
     result = run_demo(out, progress=not quiet, on_result=_echo_head, on_extract=echo_dataset)
     _echo_fit_summary(result.fit)
     example = next(iter(sorted((result.dataset / "3").glob("*.png"))), result.dataset)
-    typer.echo(f"demo took {result.seconds:.0f} s; try: {program_name(ctx)} predict {result.fit.out / 'logreg.joblib'} {example}")
+    typer.echo(
+        f"demo took {result.seconds:.0f} s; try: {program_name(ctx)} predict {result.fit.out / 'logreg.joblib'} {example}"
+    )
