@@ -11,12 +11,12 @@ import pytest
 
 from conftest import REPO, child_env, make_dataset
 
-PUBLIC = ["TlfeatError", "audit", "compare", "embedding_map", "evaluate", "export", "extract", "finetune", "fit_heads",
-          "list_backbones", "list_heads", "load", "predict", "recipe", "similar"]
+PUBLIC = ["TlfeatError", "audit", "compare", "doctor", "embedding_map", "evaluate", "export", "extract", "finetune",
+          "fit_heads", "list_backbones", "list_heads", "load", "predict", "recipe", "similar"]
 
 # The data flow, lowest first: a module may import its own stage and lower ones, never a higher one.
 STAGES = [
-    ("tlfeat.errors", "tlfeat.fileio", "tlfeat.progress"),
+    ("tlfeat.errors", "tlfeat.fileio", "tlfeat.progress", "tlfeat.quiet_import"),
     ("tlfeat.data",),
     ("tlfeat.backbones",),
     ("tlfeat.runtime",),
@@ -107,7 +107,7 @@ def test_every_entry_point_runs_the_same_app(command: list[str]) -> None:
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=child_env(), timeout=120)
     assert result.returncode == 0, result.stderr
     for name in ("extract", "fit-head", "finetune", "predict", "evaluate", "compare", "demo", "backbones", "audit",
-                 "similar", "map", "export", "recipe"):
+                 "similar", "map", "export", "recipe", "doctor"):
         assert name in result.stdout
 
 

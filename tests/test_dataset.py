@@ -87,7 +87,7 @@ def test_hidden_and_non_image_files_are_ignored_with_reasons(tmp_path: Path) -> 
     "layout, message",
     [
         ("missing", "dataset folder not found"),
-        ("file", "not a folder"),
+        ("file", "is a file, not a dataset folder"),
         ("empty", "no class folders found"),
         ("one-class", "need at least 2 classes"),
         ("empty-class", "class folder holds no images"),

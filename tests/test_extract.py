@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import REPO, make_dataset, make_image, run_cli
+from conftest import REPO, extract_run_counts, make_dataset, make_image, run_cli
 from tlfeat import cache
 from tlfeat.errors import TlfeatError
 from tlfeat.extraction.run import extract
@@ -143,12 +142,6 @@ def test_second_run_on_same_output_is_locked_out(tiny_dataset: Path, tmp_path: P
     assert not lock.exists()
 
 
-def _summary_counts(stdout: str) -> tuple[int, int]:
-    match = re.search(r"computed (\d+), reused (\d+)", stdout)
-    assert match, stdout
-    return int(match[1]), int(match[2])
-
-
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data", n_classes=3, per_class=40)
     args = ["--backbone", "vgg16", "--weights", "none", "--image-size", "96", "--batch-size", "4", "-q"]
@@ -170,8 +163,8 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path) -> None:
 
     resumed = run_cli("extract", str(data), "--out", str(killed_out), *args)
     assert resumed.returncode == 0, resumed.stderr
-    computed, reused = _summary_counts(resumed.stdout)
-    assert reused >= 4 * n_shards and computed + reused == 120
+    attempted, embedded, skipped, reused = extract_run_counts(resumed.stdout)
+    assert reused >= 4 * n_shards and attempted + reused == 120 and embedded + skipped == attempted
     assert not parts.exists()
 
     clean_out = tmp_path / "clean.h5"
@@ -188,6 +181,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path) -> None:
     "setup, message",
     [
         ("missing", "dataset folder not found"),
+        ("image-file", "image_000.png: is a file, not a dataset folder"),
         ("empty", "no class folders found"),
         ("one-class", "need at least 2 classes"),
         ("empty-class", "class folder holds no images"),
@@ -198,7 +192,10 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path) -> None:
 def test_cli_bad_input_is_one_line_error(tmp_path: Path, setup: str, message: str) -> None:
     root = tmp_path / "data"
     extra: list[str] = []
-    if setup != "missing":
+    if setup == "image-file":  # `extract photo.png`: the path exists, but it is not a folder of class folders
+        make_image(tmp_path / "image_000.png", 0, 0)
+        root = tmp_path / "image_000.png"
+    elif setup != "missing":
         root.mkdir()
     if setup in ("one-class", "empty-class", "bad-backbone", "bad-weights"):
         make_dataset(root, n_classes=1 if setup == "one-class" else 2, per_class=2)
@@ -222,7 +219,7 @@ def test_cli_extract_prints_summary(tiny_dataset: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert f"{out}: 24 images x 512 dims" in result.stdout
     assert "images/s" in result.stdout
-    assert "img/s" in result.stderr  # the progress bar
+    assert "extract vgg16: 24/24 images (100%)" in result.stderr  # progress, as lines: stderr is not a terminal
 
 
 def test_final_write_takes_rows_without_stacking_them(tmp_path: Path) -> None:

@@ -20,7 +20,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from tlfeat import quiet_import
+
 __version__ = "0.1.0"
+
+# TensorFlow's C++ start-up banner (oneDNN, CPU features, absl) is filtered out of stderr when it is imported.
+quiet_import.install()
 
 # public name -> (module, attribute)
 _API: dict[str, tuple[str, str]] = {
@@ -33,6 +38,7 @@ _API: dict[str, tuple[str, str]] = {
     "compare": ("tlfeat.apps.compare", "compare"),
     "recipe": ("tlfeat.apps.recipe", "run_recipe"),
     "export": ("tlfeat.apps.export", "export"),
+    "doctor": ("tlfeat.apps.doctor", "doctor"),
     "list_backbones": ("tlfeat.backbones.registry", "list_backbones"),
     "list_heads": ("tlfeat.heads.registry", "list_heads"),
     "audit": ("tlfeat.analysis.audit", "audit"),
@@ -48,6 +54,7 @@ if TYPE_CHECKING:  # what static tools and IDEs see; at run time `__getattr__` i
     from tlfeat.analysis.maps import embedding_map
     from tlfeat.analysis.similar import similar
     from tlfeat.apps.compare import compare
+    from tlfeat.apps.doctor import doctor
     from tlfeat.apps.evaluate import evaluate_on_caches as evaluate
     from tlfeat.apps.export import export
     from tlfeat.apps.predict import predict_images as predict

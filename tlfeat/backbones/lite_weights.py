@@ -62,13 +62,13 @@ def imagenet_weights_identity(name: str = "efficientnet_lite0") -> str:
     return f"imagenet:{path.name}:sha256={_source_sha256(path)[:16]}"
 
 
-def _cache_dir() -> Path:
+def tlfeat_home() -> Path:
     home = os.environ.get("TLFEAT_HOME")
     return Path(home) if home else Path.home() / ".cache" / "tlfeat"
 
 
 def _cache_path(variant: LiteVariant, sha256: str) -> Path:
-    return _cache_dir() / "weights" / f"{variant.name}-imagenet-{sha256[:32]}.h5"
+    return tlfeat_home() / "weights" / f"{variant.name}-imagenet-{sha256[:32]}.h5"
 
 
 def imagenet_layer_weights(variant: LiteVariant) -> dict[str, list[np.ndarray]]:

@@ -42,6 +42,10 @@ class Backbone:
     imagenet_identity: Callable[[], str] = lambda: "imagenet"
     # Base layers `finetune` unfreezes in stage 2 by default (counted from the end); None: no default.
     unfreeze_top: int | None = None
+    # The ImageNet file keras.applications downloads (to $KERAS_HOME/models, default ~/.keras/models) and the
+    # URL it comes from; None for backbones whose weights ship with a package.
+    keras_weights_file: str | None = None
+    keras_weights_url: str | None = None
 
     @property
     def preprocess(self) -> Callable[[np.ndarray], np.ndarray]:
@@ -152,10 +156,12 @@ def build_model(backbone: Backbone, weights: str, image_size: int | None = None)
         except TlfeatError:
             raise
         except Exception as exc:  # keras.utils.get_file raises a bare Exception on network failure
+            hint = (
+                f"; offline, download {backbone.keras_weights_url}{backbone.keras_weights_file} elsewhere and "
+                "copy it into ~/.keras/models/, or pass `weights=PATH`" if backbone.keras_weights_file else ""
+            )
             raise TlfeatError(
-                f"could not get ImageNet weights for {backbone.name} ({describe_exception(exc)}); "
-                f"offline, download the Keras '{backbone.name} notop' weights file elsewhere and pass "
-                "`weights=PATH`"
+                f"could not get ImageNet weights for {backbone.name} ({describe_exception(exc)}){hint}"
             ) from None
     path = Path(weights)
     if not path.is_file():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
@@ -11,6 +11,9 @@ from tlfeat.backbones import DEFAULT_BACKBONE, list_backbones
 from tlfeat.backbones.preprocessing import TTA_MODES
 from tlfeat.cli.common import DEFAULT_SPLIT, app, parse_ratios, user_errors
 from tlfeat.extraction.engines import ENGINES
+
+if TYPE_CHECKING:
+    from tlfeat.extraction.run import ExtractSummary
 
 BACKBONE_NAMES = ", ".join(b.name for b in list_backbones())
 
@@ -55,19 +58,28 @@ def extract(
         overwrite=overwrite, progress=not quiet, engine=engine, ray_options=ray_options, tta=tta,
         workers=None if engine == "ray" else workers,
     )
-    splits = ", ".join(f"{k} {v}" for k, v in summary.split_counts.items())
-    status = "up to date, nothing computed" if summary.up_to_date else (
-        f"computed {summary.n_computed}, reused {summary.n_reused}"
-    )
-    typer.echo(
-        f"{summary.out}: {summary.n_images} images x {summary.feature_dim} dims ({splits}); {status}; "
-        f"skipped {summary.n_skipped}; ignored {len(summary.ignored)} non-image files; "
-        f"{summary.seconds:.1f} s" + (f", {summary.images_per_s:.1f} images/s" if summary.n_computed else "")
-    )
+    typer.echo(summary_line(summary))
     for path, reason in summary.skipped[:20]:
         typer.echo(f"  skipped {path}: {reason}")
     if len(summary.skipped) > 20:
         typer.echo(f"  ... and {len(summary.skipped) - 20} more (listed in the cache's skipped_paths)")
+
+
+def summary_line(summary: ExtractSummary) -> str:
+    """The cache, then this run's work, in counts that add up: rows + skipped = attempted + reused."""
+    splits = ", ".join(f"{k} {v}" for k, v in summary.split_counts.items())
+    if summary.up_to_date:
+        work = f"up to date, {summary.n_reused} reused, nothing attempted"
+    else:
+        skipped_now = summary.n_computed - summary.n_embedded
+        work = (f"{summary.n_computed} attempted ({summary.n_embedded} embedded, {skipped_now} skipped), "
+                f"{summary.n_reused} reused")
+    rate = f", {summary.images_per_s:.1f} images/s" if summary.n_computed else ""
+    return (
+        f"{summary.out}: {summary.n_images} images x {summary.feature_dim} dims ({splits}), "
+        f"{summary.n_skipped} image files skipped; this run: {work}; {len(summary.ignored)} non-image files ignored; "
+        f"{summary.seconds:.1f} s{rate}"
+    )
 
 
 @app.command("backbones")

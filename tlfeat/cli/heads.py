@@ -7,12 +7,13 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from tlfeat.cli.common import app, user_errors
+from tlfeat.cli.common import app, program_name, user_errors
 from tlfeat.errors import TlfeatError
 from tlfeat.heads.registry import HEADS
 from tlfeat.heads.streaming import DEFAULT_CHUNK_ROWS, DEFAULT_PASSES
 
 if TYPE_CHECKING:  # the real imports stay inside the commands, so --help stays fast
+    from tlfeat.extraction.run import ExtractSummary
     from tlfeat.heads.fit import FitSummary, HeadResult
 
 HEAD_CHOICES = ", ".join(HEADS)
@@ -126,18 +127,22 @@ def evaluate(
 @app.command()
 @user_errors
 def demo(
+    ctx: typer.Context,
     out: Path = typer.Option(Path("cache"), "--out", "-o", help="Folder for the digits dataset, its cache and the heads."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Offline end-to-end demo on scikit-learn's 1,797 handwritten digits: write PNGs, extract, fit every head."""
     from tlfeat.apps.demo import run_demo
+    from tlfeat.cli.extract import summary_line
 
-    result = run_demo(out, progress=not quiet, on_result=_echo_head)
-    extracted = result.extract
-    typer.echo(
-        f"dataset {result.dataset}/ ({result.n_written} PNGs written); cache {extracted.out}: "
-        f"{extracted.n_images} images, computed {extracted.n_computed}, reused {extracted.n_reused}"
-    )
+    def echo_dataset(dataset: Path, n_written: int, extracted: ExtractSummary) -> None:
+        typer.echo(f"dataset {dataset}/ ({n_written} PNGs written)")
+        typer.echo(summary_line(extracted))
+        typer.echo("")
+
+    result = run_demo(out, progress=not quiet, on_result=_echo_head, on_extract=echo_dataset)
     _echo_fit_summary(result.fit)
     example = next(iter(sorted((result.dataset / "3").glob("*.png"))), result.dataset)
-    typer.echo(f"demo took {result.seconds:.0f} s; try: python cli.py predict {result.fit.out / 'logreg.joblib'} {example}")
+    typer.echo(
+        f"demo took {result.seconds:.0f} s; try: {program_name(ctx)} predict {result.fit.out / 'logreg.joblib'} {example}"
+    )

@@ -201,7 +201,8 @@ def _scan(root: Path, seed: int, ratios: tuple[float, float, float]) -> DatasetS
     if not root.exists():
         raise TlfeatError(f"{root}: dataset folder not found")
     if not root.is_dir():
-        raise TlfeatError(f"{root}: not a folder (expected one sub-folder per class)")
+        raise TlfeatError(f"{root}: is a file, not a dataset folder (expected a folder with one sub-folder of images "
+                          "per class)")
     root = root.resolve()
     train_share, val_share, test_share = _validate_ratios(ratios)
     ignored: list[tuple[str, str]] = []

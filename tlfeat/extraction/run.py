@@ -42,9 +42,10 @@ DTYPES = ("float32", "float16")
 class ExtractSummary:
     out: Path
     n_images: int  # rows in the cache
-    n_computed: int  # rows computed by this run
-    n_reused: int  # rows taken from the previous cache or shards
-    n_skipped: int
+    n_computed: int  # images this run tried to embed: n_embedded of them were, the others are skipped
+    n_embedded: int  # rows this run added to the cache
+    n_reused: int  # images whose row (or skip record) came from the previous cache or shards
+    n_skipped: int  # images in no row (unreadable), whichever run tried them
     skipped: list[tuple[str, str]]  # (relative path, reason)
     ignored: list[tuple[str, str]]  # non-image files seen by the scan
     feature_dim: int
@@ -210,6 +211,7 @@ def extract(
         out=out,
         n_images=ledger.n_rows(),
         n_computed=len(todo),
+        n_embedded=sum(known[e.relpath][2] is not None for e in todo),
         n_reused=n_reused,
         n_skipped=len(skipped),
         skipped=skipped,
