@@ -83,6 +83,10 @@ def test_a_pickle_with_matching_sha256_runs_nothing_and_loads_only_with_trust(
     result = runner.invoke(app, ["evaluate", str(mine), str(cache), "--trust"])
     assert result.exit_code == 0, result.output
     assert "| test | 30 |" in result.stdout
+    # compare reads its JSON only; fit-head does not write new heads beside it.
+    listed = runner.invoke(app, ["compare", str(mine)])
+    assert listed.exit_code == 0 and "frozen + logreg" in listed.stdout and not trap.exists()
+    assert_one_line_error(runner.invoke(app, ["fit-head", str(cache), "--out", str(tmp_path)]), "tlfeat 0.1")
 
 
 def test_a_head_file_with_an_untrusted_type_is_refused_by_name_unless_trusted(
