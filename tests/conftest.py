@@ -114,6 +114,7 @@ def write_synthetic_cache(
     features: np.ndarray | None = None,
     class_names: list[str] | None = None,
     path_prefix: str = "",
+    dataset_root: str = "/synthetic",
 ) -> Path:
     """A tlfeat cache of gaussian blobs; row paths look like '<class>/img_<i>.png'."""
     blob_features, labels = gaussian_blobs(n_per_class, n_classes, dim, seed)
@@ -131,7 +132,7 @@ def write_synthetic_cache(
         features=features, labels=labels, paths=paths, split=split,
         file_size=[100] * len(labels), file_mtime_ns=[0] * len(labels),
         class_names=class_names, skipped=[],
-        extra_attrs={"weights_source": "none", "dataset_root": "/synthetic", "seed": seed},
+        extra_attrs={"weights_source": "none", "dataset_root": dataset_root, "seed": seed},
     )
     return path
 

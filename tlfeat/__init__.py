@@ -7,7 +7,7 @@ The Python API, for notebooks and scripts (each name is the function the CLI com
     summary = tlfeat.extract("data/scenes")                 # -> ExtractSummary; cache/scenes-efficientnet_lite0.h5
     data = tlfeat.load(summary.out, split="train")          # -> CacheData: features, labels, paths, class_names
     fitted = tlfeat.fit_heads([summary.out], head="all")    # -> FitSummary: per-head scores, files written
-    result = tlfeat.predict(fitted.out / "logreg.joblib", ["photo.jpg"])
+    result = tlfeat.predict(fitted.out / "logreg.skops", ["photo.jpg"])
     report = tlfeat.audit(summary.out)                      # -> AuditResult: duplicate pairs, label issues, files
     tlfeat.export(summary.out, format="parquet", out="exports/scenes")  # Parquet for pandas, DuckDB, Ray Data
 

@@ -21,14 +21,17 @@ def is_terminal(stream: IO | None) -> bool:
         return False
 
 
-def progress_bar(total: int, enabled: bool, desc: str) -> Any:
-    """A context-managed progress report over `total` images; `update(n)` advances it."""
+def progress_bar(total: int, enabled: bool, desc: str, unit: str = "img", leave: bool = True) -> Any:
+    """A context-managed progress report over `total` items; `update(n)` advances it.
+
+    `leave=False` erases a terminal bar when it closes, so a line printed after it starts clean.
+    """
     from tqdm.auto import tqdm  # a widget in a notebook (its class then derives from tqdm.notebook's)
 
     notebook = any(cls.__module__ == "tqdm.notebook" for cls in tqdm.__mro__)
     if enabled and not notebook and not is_terminal(sys.stderr):
         return ProgressLines(total, desc)
-    return tqdm(total=total, unit="img", desc=desc, disable=not enabled, dynamic_ncols=True, smoothing=0.1)
+    return tqdm(total=total, unit=unit, desc=desc, disable=not enabled, dynamic_ncols=True, smoothing=0.1, leave=leave)
 
 
 class ProgressLines:

@@ -72,7 +72,7 @@ def finetune(
 @app.command()
 @user_errors
 def compare(
-    inputs: list[Path] = typer.Argument(..., help="fit-head models (.joblib or their .json), fine-tune runs (folder, model.keras or summary.json), or folders searched recursively for both."),
+    inputs: list[Path] = typer.Argument(..., help="fit-head heads (.skops), fine-tune runs (folder, model.keras or summary.json), or folders searched recursively for both."),
     csv: Optional[Path] = typer.Option(None, "--csv", help="Also write the table as CSV."),
     png: Optional[Path] = typer.Option(None, "--png", help="Also draw a grouped bar chart of the accuracies and macro-F1."),
 ) -> None:

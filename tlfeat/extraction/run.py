@@ -207,11 +207,12 @@ def extract(
         shards.clear()
 
     skipped = [(e.relpath, reason) for e, reason in ledger.failures()]
+    failed = {path for path, _ in skipped}
     return ExtractSummary(
         out=out,
         n_images=ledger.n_rows(),
         n_computed=len(todo),
-        n_embedded=sum(known[e.relpath][2] is not None for e in todo),
+        n_embedded=sum(e.relpath not in failed for e in todo),
         n_reused=n_reused,
         n_skipped=len(skipped),
         skipped=skipped,
