@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, extract_run_counts, make_dataset, make_image, run_cli
-from tlfeat import cache
+from tlfeat import cache, shards
 from tlfeat.errors import TlfeatError
 from tlfeat.extraction.run import extract
 
@@ -268,21 +268,21 @@ def test_ctrl_c_keeps_every_finished_batch_including_those_still_queued_for_writ
     parts = Path(str(out) + ".parts")
     assert len(list(parts.glob("shard-*.npz"))) == 6  # 24 images in batches of 4, all written
     monkeypatch.undo()
-    assert "computed 0, reused 24" in run_cli("extract", str(tiny_dataset), "--out", str(out), "--backbone", "vgg16",
+    assert "0 attempted (0 embedded, 0 skipped), 24 reused" in run_cli("extract", str(tiny_dataset), "--out", str(out), "--backbone", "vgg16",
                                               "--weights", "none", "--image-size", "32", "--batch-size", "4").stdout
 
 
 def test_a_failing_shard_write_stops_the_run(tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"n": 0}
-    real_write = cache.ShardStore.write
+    real_write = shards.ShardStore.write
 
     def write(self, rows):
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError(28, "No space left on device")
-        real_write(self, rows)
+        return real_write(self, rows)
 
-    monkeypatch.setattr(cache.ShardStore, "write", write)
+    monkeypatch.setattr(shards.ShardStore, "write", write)
     with pytest.raises(OSError, match="No space left"):
         extract(tiny_dataset, tmp_path / "c.h5", batch_size=4, **FAST)
     assert not (tmp_path / "c.h5").exists()
@@ -292,6 +292,6 @@ def test_a_failing_shard_write_stops_the_run(tiny_dataset: Path, tmp_path: Path,
 def test_cli_workers_sets_the_local_decoding_processes(tiny_dataset: Path, tmp_path: Path) -> None:
     args = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32", "-q"]
     ok = run_cli("extract", str(tiny_dataset), "--out", str(tmp_path / "c.h5"), "--workers", "1", *args)
-    assert ok.returncode == 0 and "computed 24" in ok.stdout, ok.stderr
+    assert ok.returncode == 0 and "24 attempted (24 embedded" in ok.stdout, ok.stderr
     bad = run_cli("extract", str(tiny_dataset), "--out", str(tmp_path / "d.h5"), "--workers", "0", *args)
     assert bad.returncode == 1 and bad.stderr.strip() == "error: --workers 0: must be at least 1"

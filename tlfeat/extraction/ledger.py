@@ -27,7 +27,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from tlfeat.cache import WRITE_CHUNK_ROWS, CacheKey, CacheReader, CacheWriter, Rows, ShardStore
+from tlfeat.cache import WRITE_CHUNK_ROWS, CacheKey, CacheReader, CacheWriter, Rows
+from tlfeat.shards import ShardStore
 from tlfeat.data.scan import SPLITS, ImageEntry, class_of
 
 NOWHERE, FAILED = -1, -2
