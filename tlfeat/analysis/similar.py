@@ -73,9 +73,9 @@ def _resolve(queries: Sequence[str | Path], data: CacheData) -> tuple[list[tuple
         if text in row_of and not Path(text).is_absolute():
             cached.append((text, row_of[text]))
             continue
-        found, missing = collect_images([Path(text)])
-        if missing:
+        if not Path(text).exists():
             raise TlfeatError(f"{text}: neither an image path stored in the cache nor an existing file or folder")
+        found = collect_images([Path(text)])
         if not found:
             raise TlfeatError(f"{text}: no image files in this folder")
         for path in found:
