@@ -105,7 +105,7 @@ def _key(dim: int) -> Any:
 
 
 def _write_shards(root: str, n: str, dim: str, batch: str) -> dict:
-    from tlfeat.shards import ShardStore
+    from tlfeat.extraction.shards import ShardStore
     from tlfeat.extraction.engines import batch_rows
 
     files, d, b = Files(int(n)), int(dim), int(batch)

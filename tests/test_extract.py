@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, extract_run_counts, make_dataset, make_image, run_cli
-from tlfeat import cache, shards
+from tlfeat import cache
+from tlfeat.extraction import shards
 from tlfeat.errors import TlfeatError
 from tlfeat.extraction.run import extract
 

@@ -50,7 +50,7 @@ KILLER = textwrap.dedent(
     """
     import os, signal, sys
     import numpy as np
-    import tlfeat.shards as cache_module
+    import tlfeat.extraction.shards as cache_module
 
     point, nth = sys.argv[1], int(sys.argv[2])
     calls = {"n": 0}

@@ -24,8 +24,8 @@ incremental run writes the same file as an uninterrupted one.
 Crash safety: the final file is only ever replaced atomically (written to a
 temporary name, fsynced, then renamed), so it is always either the previous
 complete cache or the new one. Work in progress lives in a sibling folder of
-shard files (``<out>.parts/``), each shard also written then renamed, so a
-killed run loses at most the batch in flight.
+shard files (``<out>.parts/``, tlfeat.extraction.shards), each shard also
+written then renamed, so a killed run loses at most the batch in flight.
 """
 
 from __future__ import annotations

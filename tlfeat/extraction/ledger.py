@@ -28,8 +28,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from tlfeat.cache import WRITE_CHUNK_ROWS, CacheKey, CacheReader, CacheWriter, Rows
-from tlfeat.shards import ShardStore
 from tlfeat.data.scan import SPLITS, ImageEntry, class_of
+from tlfeat.extraction.shards import ShardStore
 
 NOWHERE, FAILED = -1, -2
 OLD_CACHE = -1  # the source number of the old cache's rows (shards have their own numbers, from 0)

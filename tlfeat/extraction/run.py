@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Callable
 from tlfeat.backbones import get_backbone, weights_identity
 from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.cache import CacheKey, CacheReader, Rows, key_from_attrs, remove_stale_temporaries
-from tlfeat.shards import ShardStore
 from tlfeat.data.scan import DEFAULT_RATIOS, DatasetScan, scan_dataset
 from tlfeat.errors import TlfeatError
 from tlfeat.extraction.engines import make_engine
 from tlfeat.extraction.ledger import OLD_CACHE, PATH_CHUNK_ROWS, Ledger, same_as_file, write_final
+from tlfeat.extraction.shards import ShardStore
 from tlfeat.fileio import OutputLock
 from tlfeat.progress import progress_bar
 from tlfeat.runtime import check_tta

@@ -1,4 +1,10 @@
-"""Shards of an unfinished extraction: one .npz per finished batch in ``<out>.parts/``, read back on resume."""
+"""Shards: the batches an unfinished extraction run has finished, one .npz each in ``<out>.parts/``.
+
+Written as each batch completes (temporary name, fsync, rename), so a killed run
+loses at most the batch in flight; read back by the next run (the index of every
+shard first, the features of each only when the final write needs them), and
+removed once the final cache is written.
+"""
 
 from __future__ import annotations
 
