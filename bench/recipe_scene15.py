@@ -44,11 +44,6 @@ from tlfeat.runtime import CPU_BATCH_SIZE
 REPO = Path(__file__).resolve().parents[1]
 
 
-def parse_member(text: str) -> Member:
-    parts = text.split(":")
-    return Member(parts[0], int(parts[1]), parts[2] if len(parts) > 2 else "none")
-
-
 def extract_timed(data: Path, cache_dir: Path, member: Member) -> dict:
     """Extract (or reuse) one member; its timing from this run, or from the run that computed it."""
     cache = member_cache(data, cache_dir, member)
@@ -105,7 +100,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the report to this file as JSON")
     args = parser.parse_args()
 
-    members = [parse_member(m) for m in args.members]
+    members = [Member.parse(m) for m in args.members]
     timings = []
     for member in members:
         timing = extract_timed(args.data, args.cache_dir, member)

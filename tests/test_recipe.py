@@ -11,6 +11,7 @@ import pytest
 from conftest import run_cli
 from tlfeat import cache
 from tlfeat.apps.recipe import RECIPES, Member, member_cache, select_and_refit
+from tlfeat.errors import TlfeatError
 from tlfeat.heads.fit import load_features
 from tlfeat.heads.store import load_head
 
@@ -56,9 +57,12 @@ def test_fast_recipe_end_to_end_then_reuses_its_cache(subset: Path, tmp_path: Pa
 
 def test_members_share_extracts_default_cache_files(subset: Path, tmp_path: Path) -> None:
     assert member_cache(subset, None, Member("efficientnet_lite1", 240)) == Path("cache/subset-efficientnet_lite1.h5")
-    assert member_cache(subset, tmp_path, Member("efficientnet_lite1", 300, "flip")) == (
+    assert member_cache(subset, tmp_path, Member.parse("efficientnet_lite1:300:flip")) == (
         tmp_path / "subset-efficientnet_lite1-300-flip.h5"
     )
+    assert Member.parse("efficientnet_lite2:320") == Member("efficientnet_lite2", 320, "none")
+    with pytest.raises(TlfeatError, match="expected BACKBONE:SIZE"):
+        Member.parse("efficientnet_lite2@320")
 
 
 def test_choice_on_val_then_refit_on_train_and_val(tmp_path: Path) -> None:

@@ -37,6 +37,14 @@ class Member:
     image_size: int
     tta: str = NO_TTA
 
+    @classmethod
+    def parse(cls, text: str) -> "Member":
+        """BACKBONE:SIZE[:TTA], e.g. efficientnet_lite1:300:flip."""
+        parts = text.split(":")
+        if len(parts) not in (2, 3) or not parts[1].isdigit():
+            raise TlfeatError(f"{text!r}: expected BACKBONE:SIZE or BACKBONE:SIZE:TTA, e.g. efficientnet_lite1:300:flip")
+        return cls(parts[0], int(parts[1]), parts[2] if len(parts) == 3 else NO_TTA)
+
     @property
     def label(self) -> str:
         return f"{self.backbone}@{self.image_size}" + ("" if self.tta == NO_TTA else f"+{self.tta}")
