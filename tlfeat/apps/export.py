@@ -136,7 +136,10 @@ def _export_parquet(reader: CacheReader, out: Path, chunk_rows: int, rows_per_fi
         tmp = out / f".{target.name}.tmp-{os.getpid()}"
         try:
             # Features are random-looking floats: dictionary encoding only pays on the repetitive columns.
-            with pq.ParquetWriter(tmp, schema, use_dictionary=["class_name", "split"]) as writer:
+            # The system allocator, not Arrow's default mimalloc, which keeps freed pages from file to file
+            # (peak RSS 172 vs 119 MB over 300,000 rows of 1280-d).
+            with pq.ParquetWriter(tmp, schema, use_dictionary=["class_name", "split"],
+                                  memory_pool=pa.system_memory_pool()) as writer:
                 stop = min(start + rows_per_file, reader.n_rows)
                 for chunk in _chunks(reader, start, stop, chunk_rows):
                     writer.write_table(_parquet_table(pa, schema, chunk), row_group_size=chunk_rows)
