@@ -157,7 +157,7 @@ def embedding_map(
 ) -> MapResult:
     """Map a cache in 2-D; write ``map-<method>.png`` and ``map-<method>.csv`` to `out`.
 
-    Default out: ``<cache folder>/map/<cache stem>/``. With `head` (a fit-head .joblib
+    Default out: ``<cache folder>/map/<cache stem>/``. With `head` (a fit-head .skops
     fitted on this cache's features), the test images it gets wrong are marked.
     """
     cache = Path(cache)

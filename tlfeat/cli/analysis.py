@@ -73,7 +73,7 @@ def similar(
 def map_command(
     cache: Path = typer.Argument(..., help="A cache written by extract."),
     method: str = typer.Option("tsne", "--method", "-m", help="tsne (scikit-learn, the default), pca (scikit-learn, seconds) or umap (needs umap-learn)."),
-    head: Optional[Path] = typer.Option(None, "--head", help="A fit-head .joblib fitted on this cache's features: the test images it gets wrong are marked with crosses. Only load heads you made or trust (a .joblib is a pickle)."),
+    head: Optional[Path] = typer.Option(None, "--head", help="A fit-head .skops fitted on this cache's features: the test images it gets wrong are marked with crosses."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder. Default: map/<cache stem>/ beside the cache."),
     seed: int = typer.Option(0, "--seed", help="Seed of the projection and of the sample."),
     max_points: int = typer.Option(20000, "--max-points", help="Map a seeded random sample of this many images when the cache holds more."),
