@@ -17,6 +17,7 @@ in the head's notes (`tlfeat.heads.rows`).
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from contextlib import contextmanager
@@ -72,7 +73,9 @@ class Features:
         kept = CacheData(data.features[keep], data.labels[keep], data.paths[keep], data.split[keep], data.class_names)
         return kept, self.ids.take(keep), int(in_split.sum() - keep.sum())
 
+    @functools.cached_property
     def digest(self) -> str:
+        """Which images sit in which split (`tlfeat.heads.rows.rows_digest`)."""
         return rows_digest(self.data.split, self.ids)
 
     def split_counts(self) -> dict[str, int]:
@@ -282,7 +285,7 @@ def _fit_head(name: str, features: Features, search: bool, seed: int, out: Path)
     data = features.data
     meta = head_metadata(
         name, spec.description, estimator, data.class_names, int(data.features.shape[1]), features.sources,
-        features.label, {"digest": features.digest(), "counts": features.split_counts()},
+        features.label, {"digest": features.digest, "counts": features.split_counts()},
         params, trials, seed, fit_seconds, search_seconds,
     )
     return save_fitted_head(out, estimator, meta, metrics, seen, notes)
@@ -338,7 +341,7 @@ def fit_heads(
     _check_trainable(features, search)
     out = Path(out) if out is not None else default_out(caches)
     with locked_folder(out):
-        key = folder_key(features.sources, features.digest())
+        key = folder_key(features.sources, features.digest)
         check_same_data(out, key, features.ids, features.data.split, features.label)
         results, skipped = [], []
         for name in names:
