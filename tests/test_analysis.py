@@ -274,7 +274,7 @@ def test_map_marks_the_test_images_the_head_gets_wrong(tmp_path: Path) -> None:
     features, labels = gaussian_blobs(n_per_class=40, n_classes=3, dim=16, seed=0, spread=3.0)
     cache = write_synthetic_cache(tmp_path / "hard.h5", features=features, n_per_class=40, n_classes=3, dim=16)
     fitted = fit_heads([cache], head="logreg", out=tmp_path / "heads")
-    result = embedding_map(cache, method="pca", out=tmp_path / "map", head=tmp_path / "heads" / "logreg.joblib")
+    result = embedding_map(cache, method="pca", out=tmp_path / "map", head=tmp_path / "heads" / "logreg.skops")
     test = fitted.results[0].scores["test"]
     wrong = result.map.wrong(result.data.labels)
     assert wrong.sum() == round((1 - test["accuracy"]) * test["n"]) > 0
