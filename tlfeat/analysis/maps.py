@@ -81,15 +81,15 @@ def compute_map(
     return EmbeddingMap(rows, coords, method, None if predicted is None else predicted[rows], notes)
 
 
-def head_test_predictions(model: Path, cache: Path, data: CacheData) -> np.ndarray:
+def head_test_predictions(model: Path, cache: Path, data: CacheData, trust: bool = False) -> np.ndarray:
     """A fit-head model's predicted label for each test row of the cache, -1 for other rows.
 
     The model is checked against the cache (backbone, weights, classes, ...) as `evaluate` checks it,
-    which reads the whole cache into memory.
+    which reads the whole cache into memory; `trust` as for `tlfeat.heads.store.load_head`.
     """
     from tlfeat.apps.evaluate import checked_head
 
-    loaded, estimator, _ = checked_head(model, [cache], split="test")
+    loaded, estimator, _ = checked_head(model, [cache], split="test", trust=trust)
     if not np.array_equal(loaded.data.paths, data.paths):
         raise TlfeatError(f"{cache}: changed while it was being read; run again")
     predicted = np.full(len(data), -1, dtype=np.int64)
@@ -153,19 +153,20 @@ class MapResult:
 
 def embedding_map(
     cache: str | Path, method: str = "tsne", out: str | Path | None = None, head: str | Path | None = None,
-    seed: int = 0, max_points: int = MAX_POINTS,
+    seed: int = 0, max_points: int = MAX_POINTS, trust: bool = False,
 ) -> MapResult:
     """Map a cache in 2-D; write ``map-<method>.png`` and ``map-<method>.csv`` to `out`.
 
-    Default out: ``<cache folder>/map/<cache stem>/``. With `head` (a fit-head .skops
-    fitted on this cache's features), the test images it gets wrong are marked.
+    Default out: ``<cache folder>/map/<cache stem>/``. With `head` (a fit-head model
+    fitted on this cache's features), the test images it gets wrong are marked;
+    `trust` loads a head holding types tlfeat does not trust (`tlfeat.heads.store.load_head`).
     """
     cache = Path(cache)
     if method not in METHODS:
         raise parameter_error("method", method, f"use one of {', '.join(METHODS)}")
     with open_cache(cache) as (data, features):
         folder = output_folder(cache, out, "map", data)
-        predicted = head_test_predictions(Path(head), cache, data) if head is not None else None
+        predicted = head_test_predictions(Path(head), cache, data, trust) if head is not None else None
         result = compute_map(data, features, method, seed, max_points, predicted)
     folder.mkdir(parents=True, exist_ok=True)
     png, csv = folder / f"map-{method}.png", folder / f"map-{method}.csv"

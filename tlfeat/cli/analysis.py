@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from tlfeat.cli.common import app, user_errors
+from tlfeat.cli.heads import TRUST_HELP
 
 
 @app.command()
@@ -73,7 +74,8 @@ def similar(
 def map_command(
     cache: Path = typer.Argument(..., help="A cache written by extract."),
     method: str = typer.Option("tsne", "--method", "-m", help="tsne (scikit-learn, the default), pca (scikit-learn, seconds) or umap (needs umap-learn)."),
-    head: Optional[Path] = typer.Option(None, "--head", help="A fit-head .skops fitted on this cache's features: the test images it gets wrong are marked with crosses."),
+    head: Optional[Path] = typer.Option(None, "--head", help="A head written by fit-head on this cache's features: the test images it gets wrong are marked with crosses."),
+    trust: bool = typer.Option(False, "--trust", help=TRUST_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder. Default: map/<cache stem>/ beside the cache."),
     seed: int = typer.Option(0, "--seed", help="Seed of the projection and of the sample."),
     max_points: int = typer.Option(20000, "--max-points", help="Map a seeded random sample of this many images when the cache holds more."),
@@ -81,7 +83,7 @@ def map_command(
     """A 2-D map of the embeddings coloured by class (map-<method>.png) and the coordinates of every image (map-<method>.csv)."""
     from tlfeat.analysis import embedding_map
 
-    result = embedding_map(cache, method=method, out=out, head=head, seed=seed, max_points=max_points)
+    result = embedding_map(cache, method=method, out=out, head=head, seed=seed, max_points=max_points, trust=trust)
     for note in result.map.notes:
         typer.echo(f"note: {note}")
     if result.map.predicted is not None:
