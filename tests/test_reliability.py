@@ -213,5 +213,6 @@ def test_a_killed_run_still_unreaped_as_a_zombie_does_not_block_the_rerun(tmp_pa
     finally:
         proc.wait(timeout=60)
     assert rerun.returncode == 0, rerun.stderr
-    computed, reused = (int(n) for n in re.search(r"computed (\d+), reused (\d+)", rerun.stdout).groups())
+    computed, reused = (int(n) for n in re.search(r"(\d+) attempted \(\d+ embedded, \d+ skipped\), (\d+) reused",
+                                                    rerun.stdout).groups())
     assert reused >= 8 and computed + reused == 60  # resumed from the killed run's shards
