@@ -39,7 +39,7 @@ def test_fast_recipe_end_to_end_then_reuses_its_cache(subset: Path, tmp_path: Pa
     assert "  efficientnet_lite0@224 " in first and f" {member}: computed 24 (" in first
     assert "val accuracy by C (fitted on train): C=0.03" in first and "refitted on train+val: test " in first
 
-    head = tmp_path / "heads" / "recipe-fast" / "logreg.joblib"
+    head = tmp_path / "heads" / "recipe-fast" / "logreg.skops"
     estimator, meta = load_head(head)
     assert meta["params"]["C"] in RECIPES["fast"].c_grid and meta["sources"][0]["file"] == member.name
     # Refitted on train+val: it has seen every train and val row, and test is scored on the rest.

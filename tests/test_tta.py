@@ -91,7 +91,7 @@ def test_a_head_on_flip_features_embeds_new_images_with_flip(flipped: dict) -> N
     # evaluate refuses plain features for it, naming the setting
     result = run_cli("evaluate", str(head), str(flipped["plain"]), timeout=300)
     assert result.returncode == 1 and result.stderr.count("\n") == 1
-    assert "tta 'none', but logreg.joblib was fitted on tta 'flip'" in result.stderr
+    assert "tta 'none', but logreg.skops was fitted on tta 'flip'" in result.stderr
 
 
 def test_cli_rejects_an_unknown_tta(flipped: dict, tmp_path: Path) -> None:
