@@ -229,7 +229,7 @@ def test_import_tlfeat_from_the_folder_above_a_clone(tmp_path: Path) -> None:
     assert result.stdout.split() == [str(clone / "tlfeat" / "__init__.py"), str(clone / "tlfeat" / "cache.py")]
     backbones = subprocess.run([sys.executable, "-m", "tlfeat", "backbones"], cwd=tmp_path, capture_output=True,
                                text=True, env=env, timeout=120)
-    assert backbones.returncode == 0 and "efficientnet_lite0 (default)" in backbones.stdout, backbones.stderr
+    assert backbones.returncode == 0 and "default: efficientnet_lite0" in backbones.stdout, backbones.stderr
 
 
 # --- doctor --------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ def doctor() -> dict[str, str]:
     import tlfeat
     from tlfeat.backbones import list_backbones
     from tlfeat.backbones.lite_weights import tlfeat_home
-    from tlfeat.data.decode import default_workers
+    from tlfeat.data.cores import default_workers
     from tlfeat.runtime import accelerator_present, compute_policy, default_batch_size
 
     backend = keras.backend.backend()
@@ -38,7 +38,7 @@ def doctor() -> dict[str, str]:
         "keras backend": f"{backend} ({chosen})",
         "devices": ", ".join(_devices(backend)),
         "extraction": f"computes in {compute_policy(on_gpu)}, batch {default_batch_size(None, on_gpu)} by default",
-        "decoding": f"{default_workers()} threads ({os.cpu_count()} CPUs)",
+        "decoding": f"{default_workers()} worker processes ({os.cpu_count()} CPUs)",
     }
     if _nvidia_gpu_present() and not on_gpu:
         facts["GPU"] = _unused_gpu_reason(backend)

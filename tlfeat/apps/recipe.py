@@ -21,7 +21,8 @@ from sklearn.base import BaseEstimator
 from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.data.scan import DEFAULT_RATIOS
 from tlfeat.errors import TlfeatError
-from tlfeat.heads.fit import Features, HeadResult, load_features, save_fitted_head
+from tlfeat.heads.fit import Features, HeadResult, head_metadata, load_features
+from tlfeat.heads.folder import save_fitted_head
 from tlfeat.heads.registry import get_head
 from tlfeat.reports import split_metrics
 
@@ -208,11 +209,15 @@ def run_recipe(
     if out.exists() and not out.is_dir():
         raise TlfeatError(f"{out}: exists and is not a folder; `out` needs a folder")
     out.mkdir(parents=True, exist_ok=True)
-    head = save_fitted_head(
-        out, HEAD, f"recipe {spec.name}: {spec.description}; StandardScaler + logistic regression, "
+    refit_rows = features.data.split != "test"  # refitted on train+val: both are rows it has seen
+    seen = {"train": features.ids.take(refit_rows)}
+    counts = {name: int(n) for name, n in features.split_counts().items()}
+    meta = head_metadata(
+        HEAD, f"recipe {spec.name}: {spec.description}; StandardScaler + logistic regression, "
         "C chosen on val, refitted on train+val",
-        fitted.estimator, fitted.metrics, features.data.class_names, features.label, features.sources,
-        int(features.data.features.shape[1]), {"C": fitted.c}, fitted.trials or None, seed,
-        fitted.fit_seconds, fitted.search_seconds, fitted.notes,
+        fitted.estimator, features.data.class_names, int(features.data.features.shape[1]), features.sources,
+        features.label, {"digest": features.digest, "counts": counts}, {"C": fitted.c}, fitted.trials or None,
+        seed, fitted.fit_seconds, fitted.search_seconds,
     )
+    head = save_fitted_head(out, fitted.estimator, meta, fitted.metrics, seen, fitted.notes)
     return RecipeResult(spec, runs, fitted, head, out)
