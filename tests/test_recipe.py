@@ -69,13 +69,15 @@ def test_choice_on_val_then_refit_on_train_and_val(tmp_path: Path) -> None:
     """Every C is tried on val (fit on train); the kept one is refitted on train and val rows together."""
     from tlfeat.cache import CacheData
     from tlfeat.heads.fit import Features
+    from tlfeat.heads.rows import RowIds
 
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1], 30)
     features = rng.normal(size=(60, 4)).astype(np.float32) + labels[:, None] * 8
     split = np.array((["train"] * 18 + ["val"] * 6 + ["test"] * 6) * 2)
     data = CacheData(features, labels, np.array([f"{i}.png" for i in range(60)]), split, ["a", "b"], {})
-    fitted = select_and_refit(Features(data, [], "synthetic"), [0.1, 1.0])
+    ids = RowIds.of(list(data.paths), [100] * 60, features)
+    fitted = select_and_refit(Features(data, [], "synthetic", ids), [0.1, 1.0])
     assert [t["C"] for t in fitted.trials] == [0.1, 1.0] and fitted.c == 0.1  # tie: the earlier C
     assert set(fitted.metrics) == {"val", "test"} and fitted.metrics["test"]["accuracy"] == 1.0
     assert fitted.estimator.named_steps["standardscaler"].n_samples_seen_ == 48
