@@ -242,7 +242,7 @@ def test_doctor_reports_backend_devices_precision_workers_and_versions() -> None
     assert facts["tlfeat"].startswith("0.1.0 from ") and facts["keras backend"].startswith("tensorflow")
     assert "CPU:0" in facts["devices"]
     assert re.fullmatch(r"computes in (float32, batch 32|mixed_bfloat16, batch 256) by default", facts["extraction"])
-    assert re.fullmatch(r"\d+ threads \(\d+ CPUs\)", facts["decoding"])
+    assert re.fullmatch(r"\d+ worker processes \(\d+ CPUs\)", facts["decoding"])
     assert "keras " in facts["versions"] and "numpy " in facts["versions"]
     assert "resnet101" in facts["keras weights"] and "vgg16" in facts["keras weights"]
     assert not any(note in result.stderr for note in BANNER), result.stderr
