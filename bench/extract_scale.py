@@ -1,11 +1,15 @@
 """End-to-end extraction memory against dataset size: peak RSS of `tlfeat extract` on generated PNGs.
 
 Usage:
-    python bench/extract_scale.py [--images 10000 100000] [--image-size 32] [--classes 10] [--root DIR]
+    python bench/extract_scale.py [--images 10000 100000] [--image-size 32] [--classes 10] [--distinct 1000]
+        [--root DIR]
 
-Generates max(--images) 48x48 PNGs (``class_k/img_NNNNNNN.png``, the test
-suite's pictures: colour and stripes by class, noise by image), then for each
-size N extracts the first N of them (a folder of hard links per N: no copies)
+Generates max(--images) 48x48 PNG files (``class_k/img_NNNNNNN.png``, the test
+suite's pictures: colour and stripes by class, noise by image): `--distinct`
+different pictures, the other files hard links to them (same class), so that
+making 100,000 files takes seconds, not the hour that 2 busy cores take to
+encode them. Then for each size N extracts the first N files (a folder of hard
+links per N: no copies)
 with EfficientNet-Lite0's bundled ImageNet weights at ``--image-size``, each run
 in its own fresh process. Reports the whole process's peak RSS (``ru_maxrss``,
 TensorFlow included), seconds and images/s, and the ratio of the peaks.
@@ -39,16 +43,21 @@ def _child(kind: str, data: str, out: str, image_size: str) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def make_images(root: Path, n: int, classes: int) -> None:
+def make_images(root: Path, n: int, classes: int, distinct: int) -> None:
     from conftest import make_image  # the test suite's generated pictures
 
-    marker = root / f".made-{n}-{classes}"
+    marker = root / f".made-{n}-{classes}-{distinct}"
     if marker.exists():
         return
+    distinct -= distinct % classes  # picture i % distinct has the class of file i
     for i in range(n):
         path = root / f"class_{i % classes}" / f"img_{i:07d}.png"
-        if not path.exists():
+        if path.exists():
+            continue
+        if i < distinct:
             make_image(path, i % classes, i, size=(48, 48))
+        else:
+            os.link(root / f"class_{i % classes}" / f"img_{i % distinct:07d}.png", path)
     marker.touch()
 
 
@@ -67,6 +76,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--distinct", type=int, default=1000, help="different pictures; the other files link to them")
     parser.add_argument("--root", type=Path, help="where the images go (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="leave the generated images for the next run")
     args = parse_bench_args(parser, _child)
@@ -77,8 +87,8 @@ def main() -> None:
     report: dict = {"command": command, "image_size": args.image_size, "runs": []}
     try:
         started = time.perf_counter()
-        make_images(root / "all", max(args.images), args.classes)
-        print(f"{max(args.images)} PNGs made in {time.perf_counter() - started:.0f} s", flush=True)
+        make_images(root / "all", max(args.images), args.classes, args.distinct)
+        print(f"{max(args.images)} PNG files ({args.distinct} different) made in {time.perf_counter() - started:.0f} s", flush=True)
         for n in args.images:
             data = subset(root / "all", root / f"n{n}", n, args.classes)
             out = root / f"n{n}.h5"

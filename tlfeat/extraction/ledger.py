@@ -13,9 +13,9 @@ last one matched, and a binary search finds the others, so no table of paths is 
 record replaces an earlier one for the same path, and a record whose file identity (size, mtime)
 no longer matches the scan's sends its image back to be computed.
 
-`write_final` walks the scan in canonical order, a chunk of rows at a time, reads each chunk's
-features from the old cache (a slice, or just the rows when they are spread out) and the shards,
-and appends it to a CacheWriter: memory is one chunk whatever the number of rows.
+`write_final` walks the scan in canonical order, a chunk of rows at a time, copies each chunk's
+features from the old cache (run by run of consecutive rows, straight into the chunk) and from the
+shards, and appends it to a CacheWriter: memory is one chunk whatever the number of rows.
 """
 
 from __future__ import annotations
