@@ -189,6 +189,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path) -> None:
         ("empty-class", "class folder holds no images"),
         ("bad-backbone", "unknown backbone 'alexnet'"),
         ("bad-weights", "weights file not found"),
+        ("corrupt-weights", "cannot load as vgg16 weights"),  # fails once the decoding processes run
     ],
 )
 def test_cli_bad_input_is_one_line_error(tmp_path: Path, setup: str, message: str) -> None:
@@ -199,7 +200,7 @@ def test_cli_bad_input_is_one_line_error(tmp_path: Path, setup: str, message: st
         root = tmp_path / "image_000.png"
     elif setup != "missing":
         root.mkdir()
-    if setup in ("one-class", "empty-class", "bad-backbone", "bad-weights"):
+    if setup in ("one-class", "empty-class", "bad-backbone", "bad-weights", "corrupt-weights"):
         make_dataset(root, n_classes=1 if setup == "one-class" else 2, per_class=2)
     if setup == "empty-class":
         (root / "zz").mkdir()
@@ -207,6 +208,9 @@ def test_cli_bad_input_is_one_line_error(tmp_path: Path, setup: str, message: st
         extra = ["--backbone", "alexnet"]
     if setup == "bad-weights":
         extra = ["--backbone", "vgg16", "--weights", str(tmp_path / "nope.weights.h5")]
+    if setup == "corrupt-weights":
+        (tmp_path / "corrupt.h5").write_text("not HDF5")
+        extra = ["--backbone", "vgg16", "--weights", str(tmp_path / "corrupt.h5")]
     result = run_cli("extract", str(root), "--out", str(tmp_path / "o.h5"), *extra)
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
