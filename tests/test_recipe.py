@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ from tlfeat import cache
 from tlfeat.apps.recipe import RECIPES, Member, member_cache, select_and_refit
 from tlfeat.errors import TlfeatError
 from tlfeat.heads.fit import load_features
-from tlfeat.heads.store import load_head
+from tlfeat.heads.store import load_head, read_metadata
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +92,7 @@ def test_best_recipe_end_to_end(subset: Path, tmp_path: Path) -> None:
     out = _recipe(subset, "best", tmp_path)
     for member in RECIPES["best"].members:
         assert f"{member.label} " in out
-    head = tmp_path / "heads" / "recipe-best" / "logreg.json"
-    meta = json.loads(head.read_text())
+    meta = read_metadata(tmp_path / "heads" / "recipe-best" / "logreg.skops")
     assert [(s["backbone"], s["input_size"], s["tta"]) for s in meta["sources"]] == [
         (m.backbone, m.image_size, m.tta) for m in RECIPES["best"].members
     ]

@@ -40,9 +40,10 @@ def progress_bar(total: int, enabled: bool, desc: str, unit: str = "img", leave:
 class ProgressLines:
     """Progress as whole lines: `desc: 120/4485 images (3%), 25.1 images/s, about 2:54 left`."""
 
-    def __init__(self, total: int, desc: str, every_s: float = LINE_EVERY_S, stream: IO | None = None,
+    def __init__(self, total: int, desc: str, every_s: float | None = None, stream: IO | None = None,
                  unit: str = "images", leave: bool = True) -> None:
-        self.total, self.desc, self.every_s, self.unit, self.leave = total, desc, every_s, unit, leave
+        self.total, self.desc, self.unit, self.leave = total, desc, unit, leave
+        self.every_s = LINE_EVERY_S if every_s is None else every_s
         self.stream = stream if stream is not None else sys.stderr
         self.n = 0
         self.started = self.last_line = time.monotonic()
