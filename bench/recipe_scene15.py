@@ -3,7 +3,7 @@
 Usage:
     python bench/recipe_scene15.py [--data ../shared/data/scene15] [--cache-dir /tmp/tlfeat-recipe]
         [--members efficientnet_lite0:224 efficientnet_lite1:300:flip ...] [--combos 0+3 0+1+2 ...]
-        [--grid 0.01 0.03 0.1 0.3] [--json OUT]
+        [--grid 0.01 0.03 0.1 0.3 1.0] [--json OUT]
 
 Members are BACKBONE:SIZE[:flip]. Each is extracted with `tlfeat.extract.extract` into
 the file `tlfeat recipe` would use (local engine, 2 CPUs here), one after another;
@@ -96,7 +96,7 @@ def main() -> None:
         "efficientnet_lite0:288", "efficientnet_lite1:300", "efficientnet_lite2:320",
     ])
     parser.add_argument("--combos", nargs="*", default=["0+3", "0+1+2", "3+4+5", "0+1+2+4+5", "0+1+2+3+4+5"])
-    parser.add_argument("--grid", nargs="+", type=float, default=[0.01, 0.03, 0.1, 0.3])
+    parser.add_argument("--grid", nargs="+", type=float, default=[0.01, 0.03, 0.1, 0.3, 1.0])
     parser.add_argument("--decode-sample", type=int, default=600, help="images decoded per size (0: skip)")
     parser.add_argument("--json", type=Path, help="also write the report to this file as JSON")
     args = parser.parse_args()

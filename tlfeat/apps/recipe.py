@@ -74,13 +74,13 @@ RECIPES: dict[str, Recipe] = {
             "fast",
             "EfficientNet-Lite0 at 224 px: the cheapest offline features",
             (_lite(0, 224),),
-            (0.01, 0.03, 0.1, 0.3),
+            (0.01, 0.03, 0.1, 0.3, 1.0),
         ),
         Recipe(
             "best",
             "EfficientNet-Lite0 at 288 px, Lite1 at 300 px, Lite2 at 320 px, fused (offline weights)",
             (_lite(0, 288), _lite(1, 300), _lite(2, 320)),
-            (0.01, 0.03, 0.1, 0.3),
+            (0.01, 0.03, 0.1, 0.3, 1.0),
         ),
     )
 }
