@@ -3,7 +3,7 @@
 Usage:
     python bench/recipe_scene15.py [--data ../shared/data/scene15] [--cache-dir /tmp/tlfeat-recipe]
         [--members efficientnet_lite0:224 efficientnet_lite1:300:flip ...] [--combos 0+3 0+1+2 ...]
-        [--grid 0.01 0.03 0.1 0.3 1.0] [--json OUT]
+        [--grid 0.01 0.03 0.1 0.3 1.0] [--rates THROUGHPUT.json] [--json OUT]
 
 Members are BACKBONE:SIZE[:flip]. Each is extracted with `tlfeat.extract.extract` into
 the file `tlfeat recipe` would use (local engine, 2 CPUs here), one after another;
@@ -19,6 +19,11 @@ val splits), refitted on all of them and scored on the 2,985 test images; "C=x"
 columns give the cross-validated and the refitted test accuracy at each C, so
 the choice can be judged. --combos name fused sets by member index (0+3 = the
 first and fourth); every single member is always scored.
+
+--rates takes the JSON report of bench/offline_throughput.py (every member timed
+in interleaved rounds on a sample, in one run) and costs each member at that
+rate over Scene15's 4,485 images instead of the recorded extraction time: use it
+when the recorded times come from runs on a machine with different loads.
 
 Decoding alone (the extraction's own thread pool, no model) is timed on the first
 --decode-sample images at each member's size, in this run: its share of the
@@ -43,6 +48,7 @@ from tlfeat.heads.fit import load_features
 from tlfeat.runtime import CPU_BATCH_SIZE
 
 REPO = Path(__file__).resolve().parents[1]
+SCENE15_IMAGES = 4485
 
 
 def extract_timed(data: Path, cache_dir: Path, member: Member) -> dict:
@@ -98,13 +104,20 @@ def main() -> None:
     parser.add_argument("--combos", nargs="*", default=["0+3", "0+1+2", "3+4+5", "0+1+2+4+5", "0+1+2+3+4+5"])
     parser.add_argument("--grid", nargs="+", type=float, default=[0.01, 0.03, 0.1, 0.3, 1.0])
     parser.add_argument("--decode-sample", type=int, default=600, help="images decoded per size (0: skip)")
+    parser.add_argument("--rates", type=Path, help="offline_throughput.py's JSON: cost members at those rates")
     parser.add_argument("--json", type=Path, help="also write the report to this file as JSON")
     args = parser.parse_args()
 
     members = [Member.parse(m) for m in args.members]
+    rates = {}
+    if args.rates:
+        rates = {row["member"]: row["images_per_s"] for row in json.loads(args.rates.read_text())["rows"]}
     timings = []
     for member in members:
         timing = extract_timed(args.data, args.cache_dir, member)
+        if member.label in rates:
+            timing = {**timing, "images_per_s": rates[member.label], "seconds": SCENE15_IMAGES / rates[member.label],
+                      "measured": f"rate from {args.rates.name}"}
         timings.append(timing)
         rate = timing["images_per_s"]
         print(f"extract {member.label}: " + (f"{timing['seconds']:.0f} s, {rate:.1f} img/s" if rate else "reused"),
