@@ -298,3 +298,19 @@ def test_cli_workers_sets_the_local_decoding_processes(tiny_dataset: Path, tmp_p
     assert ok.returncode == 0 and "computed 24" in ok.stdout, ok.stderr
     bad = run_cli("extract", str(tiny_dataset), "--out", str(tmp_path / "d.h5"), "--workers", "0", *args)
     assert bad.returncode == 1 and bad.stderr.strip() == "error: --workers 0: must be at least 1"
+
+
+def test_another_split_is_refused_then_relabelled_with_overwrite(tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "c.h5"
+    extract(tiny_dataset, out, seed=0, **FAST)
+    before = cache.load(out)
+    with pytest.raises(TlfeatError, match=r"rows in another split \(seed 0 -> 1.*pass `overwrite` to re-label") as info:
+        extract(tiny_dataset, out, seed=1, **FAST)
+    assert "\n" not in str(info.value)
+    np.testing.assert_array_equal(cache.load(out).split, before.split)  # nothing re-labelled silently
+    relabelled = extract(tiny_dataset, out, seed=1, overwrite=True, **FAST)
+    assert relabelled.n_computed == 0  # the features are the same; only the split column changes
+    assert any(note.startswith("re-labelled ") and "seed 0 -> 1" in note for note in relabelled.notes)
+    after = cache.load(out)
+    assert after.attrs["seed"] == 1 and list(after.split) != list(before.split)
+    assert extract(tiny_dataset, out, seed=1, **FAST).up_to_date

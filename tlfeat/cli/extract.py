@@ -62,6 +62,8 @@ def extract(
         f"skipped {summary.n_skipped}; ignored {len(summary.ignored)} non-image files; "
         f"{summary.seconds:.1f} s" + (f", {summary.images_per_s:.1f} images/s" if summary.n_computed else "")
     )
+    for note in summary.notes:
+        typer.echo(f"note: {note}")
     for path, reason in summary.skipped[:20]:
         typer.echo(f"  skipped {path}: {reason}")
     if len(summary.skipped) > 20:

@@ -9,19 +9,23 @@ Two layouts are understood:
 * pre-split: ``ROOT/train/<class>/...``, optional ``ROOT/val/...``, optional
   ``ROOT/test/...``; without ``val/``, val is carved out of train the same way.
 
-The split is stable as well as deterministic: inside each class, files are
-ordered by a hash of (seed, relative path), and the first share goes to train,
-the next to val, the rest to test. Adding or removing one image moves at most a
-boundary image, never reshuffles the rest.
+An image's split is a function of the image alone: its relative path, the seed
+and the ratios map through SHA-256 to a number in [0, 1), compared with the
+cumulative shares (`split_of`). Adding, removing or failing images never moves
+any other image, and the same files and seed always give the same split. The
+price: per-class counts follow the ratios up to sampling noise (binomial), not
+exactly.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from tlfeat.errors import TlfeatError
 
@@ -29,7 +33,9 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 )
 SPLITS = ("train", "val", "test")
-DEFAULT_RATIOS = (0.5625, 0.1875, 0.25)  # the study's 270/90/120 of 480 per class
+DEFAULT_RATIOS = (0.5625, 0.1875, 0.25)  # the study's shares (270/90/120 of 480 per class, on average)
+# Recorded in caches: a cache split by another rule would be re-labelled by a rerun, so reruns compare it.
+SPLIT_RULE = "sha256(seed, path) vs cumulative shares"
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,7 @@ class DatasetScan:
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason)
     seed: int = 0
     ratios: tuple[float, float, float] = DEFAULT_RATIOS
+    notes: list[str] = field(default_factory=list)  # one line each: rescaled shares, classes with no train image
 
     @property
     def name(self) -> str:
@@ -70,34 +77,37 @@ class DatasetScan:
         self._label_index = {name: i for i, name in enumerate(self.class_names)}
 
 
-def _validate_ratios(ratios: tuple[float, float, float]) -> tuple[float, float, float]:
-    if len(ratios) != 3 or any(r < 0 for r in ratios) or ratios[0] <= 0:
-        raise TlfeatError(f"split ratios {ratios}: need three non-negative numbers with train > 0")
-    total = sum(ratios)
-    return (ratios[0] / total, ratios[1] / total, ratios[2] / total)
+def normalise_ratios(ratios: Sequence[float]) -> tuple[tuple[float, float, float], str | None]:
+    """Shares that sum to 1, and a note when the given ones summed to neither 1 nor 100 (rescaled)."""
+    if len(ratios) != 3 or not all(math.isfinite(r) and r >= 0 for r in ratios) or not ratios[0] > 0:
+        shown = ",".join(f"{r:g}" for r in ratios)
+        raise TlfeatError(f"`ratios={shown}`: need three finite, non-negative numbers with train > 0")
+    total = float(sum(ratios))
+    shares = (ratios[0] / total, ratios[1] / total, ratios[2] / total)
+    note = None
+    if not (math.isclose(total, 1.0, rel_tol=1e-6) or math.isclose(total, 100.0, rel_tol=1e-6)):
+        note = (
+            f"split shares {','.join(f'{r:g}' for r in ratios)} sum to {total:g}, not 100: rescaled to "
+            + ",".join(f"{100 * s:.4g}" for s in shares)
+        )
+    return shares, note
 
 
-def _stable_order(relpaths: list[str], seed: int) -> list[str]:
-    return sorted(relpaths, key=lambda p: hashlib.sha256(f"{seed}\0{p}".encode()).digest())
+def _unit_hash(relpath: str, seed: int) -> float:
+    digest = hashlib.sha256(f"{seed}\0{relpath}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def _assign(relpaths: list[str], shares: tuple[float, ...], names: tuple[str, ...], seed: int) -> dict[str, str]:
-    """Give each path one of `names`, in proportion to `shares`, by stable hash order."""
-    ordered = _stable_order(relpaths, seed)
-    n = len(ordered)
-    bounds, acc = [], 0.0
-    for share in shares:
-        acc += share
-        bounds.append(round(n * acc))
-    bounds[-1] = n
-    if n > 1 and bounds[0] == 0:
-        bounds[0] = 1  # every class keeps at least one training image
-    result, start = {}, 0
-    for name, stop in zip(names, bounds):
-        for path in ordered[start:stop]:
-            result[path] = name
-        start = max(start, stop)
-    return result
+def split_of(relpath: str, seed: int, ratios: Sequence[float]) -> str:
+    """The split ("train", "val" or "test") of a flat dataset's image at `relpath`, given seed and ratios."""
+    (train, val, _), _ = normalise_ratios(ratios)
+    u = _unit_hash(relpath, seed)
+    return "train" if u < train else "val" if u < train + val else "test"
+
+
+def _carved_split_of(relpath: str, seed: int, shares: tuple[float, float, float]) -> str:
+    """A pre-split dataset's train/ image without a val/ folder: train or val, in the ratio train:val."""
+    return "train" if _unit_hash(relpath, seed) < shares[0] / (shares[0] + shares[1]) else "val"
 
 
 def _is_hidden(name: str) -> bool:
@@ -159,7 +169,7 @@ def scan_dataset(
     if not root.is_dir():
         raise TlfeatError(f"{root}: not a folder (expected one sub-folder per class)")
     root = root.resolve()
-    train_share, val_share, test_share = _validate_ratios(ratios)
+    shares, ratio_note = normalise_ratios(ratios)
     ignored: list[tuple[str, str]] = []
     top = _class_dirs(root)
     split_dirs = {s: top[s] for s in SPLITS if s in top}
@@ -195,24 +205,23 @@ def scan_dataset(
     entries: list[ImageEntry] = []
     for class_name in class_names:
         if layout == "flat":
-            files = found["all"][class_name]
-            assignment = _assign(
-                [rel for rel, _ in files], (train_share, val_share, test_share), SPLITS, seed
-            )
-        else:
-            files = found["train"][class_name]
-            if "val" in found:
-                assignment = {rel: "train" for rel, _ in files}
-            else:
-                carve = val_share / (train_share + val_share)
-                assignment = _assign([rel for rel, _ in files], (1 - carve, carve), ("train", "val"), seed)
-            for split in ("val", "test"):
-                extra = found.get(split, {}).get(class_name, [])
-                files = files + extra
-                assignment.update({rel: split for rel, _ in extra})
-        for rel, st in files:
-            entries.append(ImageEntry(rel, class_name, assignment[rel], st.st_size, st.st_mtime_ns))
+            entries += [_entry(rel, st, class_name, split_of(rel, seed, shares)) for rel, st in found["all"][class_name]]
+            continue
+        for rel, st in found["train"][class_name]:
+            split = "train" if "val" in found else _carved_split_of(rel, seed, shares)
+            entries.append(_entry(rel, st, class_name, split))
+        for split in ("val", "test"):
+            entries += [_entry(rel, st, class_name, split) for rel, st in found.get(split, {}).get(class_name, [])]
 
     split_rank = {s: i for i, s in enumerate(SPLITS)}
     entries.sort(key=lambda e: (split_rank[e.split], e.class_name, e.relpath))
-    return DatasetScan(root, layout, class_names, entries, ignored, seed, (train_share, val_share, test_share))
+    notes = [ratio_note] if ratio_note else []
+    in_train = {e.class_name for e in entries if e.split == "train"}
+    if len(in_train) < len(class_names):
+        missing = ", ".join(c for c in class_names if c not in in_train)
+        notes.append(f"class(es) {missing} drew no train image (too few images for these shares)")
+    return DatasetScan(root, layout, class_names, entries, ignored, seed, shares, notes)
+
+
+def _entry(relpath: str, st: os.stat_result, class_name: str, split: str) -> ImageEntry:
+    return ImageEntry(relpath, class_name, split, st.st_size, st.st_mtime_ns)

@@ -18,13 +18,15 @@ import time
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tlfeat.backbones import get_backbone, weights_identity
-from tlfeat.cache import CacheKey, Rows, ShardStore, load, read_rows, remove_stale_temporaries, write_cache
-from tlfeat.data.scan import DEFAULT_RATIOS, DatasetScan, ImageEntry, scan_dataset
+from tlfeat.cache import (
+    CacheKey, Rows, ShardStore, load, open_rows, read_key, read_rows, remove_stale_temporaries, write_cache,
+)
+from tlfeat.data.scan import DEFAULT_RATIOS, SPLIT_RULE, DatasetScan, ImageEntry, scan_dataset
 from tlfeat.errors import TlfeatError
 from tlfeat.extraction.engines import make_engine
 from tlfeat.fileio import OutputLock
@@ -50,6 +52,7 @@ class ExtractSummary:
     images_per_s: float  # computed rows per second of this run
     split_counts: dict[str, int] = field(default_factory=dict)
     up_to_date: bool = False
+    notes: list[str] = field(default_factory=list)  # one line each: rescaled shares, re-labelled rows, ...
 
 
 class ShardWriter:
@@ -105,28 +108,61 @@ def _absorb(known: dict[str, tuple], rows: Rows) -> None:
 
 
 def _known_rows(key: CacheKey, out: Path, shards: ShardStore, overwrite: bool) -> dict[str, tuple]:
-    """relpath -> (size, mtime_ns, feature row | None, skip reason | None) from earlier work under `key`."""
+    """relpath -> (size, mtime_ns, feature row | None, skip reason | None) from earlier work under `key`.
+
+    With `overwrite`, work under another key is dropped; work under this key is always reused.
+    """
     known: dict[str, tuple] = {}
-    if out.exists() and not overwrite:
+    if out.exists():
         old_key, rows = read_rows(out)
-        if old_key != key:
+        if old_key == key:
+            _absorb(known, rows)
+        elif not overwrite:
             raise TlfeatError(
                 f"{out}: cache was made with other settings ({key.differences(old_key)} "
                 "[this run vs file]); pass `overwrite` to replace it or `out` for a new file"
             )
-        _absorb(known, rows)
     shard_key = shards.key()
-    if shard_key is not None and shard_key != key and not overwrite:
-        raise TlfeatError(
-            f"{shards.dir}: unfinished run with other settings ({key.differences(shard_key)} "
-            "[this run vs unfinished]); rerun that command to finish it, or pass `overwrite`"
-        )
-    if overwrite:
+    if shard_key is not None and shard_key != key:
+        if not overwrite:
+            raise TlfeatError(
+                f"{shards.dir}: unfinished run with other settings ({key.differences(shard_key)} "
+                "[this run vs unfinished]); rerun that command to finish it, or pass `overwrite`"
+            )
         shards.clear()
     elif shard_key == key:
         for rows in shards.read():
             _absorb(known, rows)
     return known
+
+
+def _check_split(out: Path, key: CacheKey, scan: DatasetScan, overwrite: bool) -> str | None:
+    """Refuse a run whose split would move rows of the existing cache; with `overwrite`, say that it does."""
+    if not out.exists() or read_key(out) != key:
+        return None
+    with open_rows(out) as (current, _):
+        was = dict(zip(current.paths, current.split))
+        old_seed, old_ratios = current.attrs.get("seed"), current.attrs.get("split_ratios")
+        rule = current.attrs.get("split_rule")
+    moved = sum(1 for e in scan.entries if e.relpath in was and was[e.relpath] != e.split)
+    if not moved:
+        return None
+    settings = f"seed {old_seed} -> {scan.seed}, shares {_shares(old_ratios)} -> {_shares(scan.ratios)}"
+    if rule != SPLIT_RULE:
+        settings += "; the cache was split by an earlier tlfeat's rule"
+    if not overwrite:
+        raise TlfeatError(
+            f"{out}: this run's split puts {moved} of its {len(was)} rows in another split ({settings}); "
+            "rerun with the cache's `seed` and `ratios`, or pass `overwrite` to re-label them"
+        )
+    return f"re-labelled {moved} of {len(was)} rows of {out} to this run's split ({settings})"
+
+
+def _shares(ratios: Any) -> str:
+    try:
+        return "/".join(f"{100 * float(r):.4g}" for r in ratios)
+    except (TypeError, ValueError):
+        return repr(ratios)
 
 
 def extract(
@@ -169,6 +205,9 @@ def extract(
         remove_stale_temporaries(out)
         shards = ShardStore(out)
         key = CacheKey(spec.name, weights_id, size, spec.preprocessing, dtype, runner.compute)
+        notes = list(scan.notes)
+        relabelled = _check_split(out, key, scan, overwrite)
+        notes += [relabelled] if relabelled else []
         known = _known_rows(key, out, shards, overwrite)
 
         todo = [e for e in scan.entries if _reusable(known.get(e.relpath), e) is None]
@@ -209,6 +248,7 @@ def extract(
         images_per_s=len(todo) / compute_seconds if todo and compute_seconds > 0 else 0.0,
         split_counts=_split_counts(scan, known),
         up_to_date=up_to_date,
+        notes=notes,
     )
 
 
@@ -237,6 +277,8 @@ def _same_as_file(out: Path, scan: DatasetScan, known: dict[str, tuple]) -> bool
         and list(current.paths) == [e.relpath for e in rows]
         and list(current.split) == [e.split for e in rows]
         and current.attrs.get("seed") == scan.seed
+        and current.attrs.get("split_ratios") == list(scan.ratios)
+        and current.attrs.get("split_rule") == SPLIT_RULE
     )
 
 
@@ -269,6 +311,7 @@ def _write_final(
             "layout": scan.layout,
             "seed": scan.seed,
             "split_ratios": list(scan.ratios),
+            "split_rule": SPLIT_RULE,
             "weights_source": weights_source,
             "resize": f"pillow-bilinear {size}x{size}, aspect not kept",
         },
