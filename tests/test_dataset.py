@@ -112,17 +112,73 @@ def test_presplit_with_val_folder_keeps_it(tmp_path: Path) -> None:
 def test_hidden_and_non_image_files_are_ignored_with_reasons(tmp_path: Path) -> None:
     _touch_files(tmp_path, 2, 3)
     (tmp_path / "c00" / ".DS_Store").write_bytes(b"x")
+    (tmp_path / "c00" / ".thumbnails").mkdir()
     (tmp_path / "c00" / "notes.txt").write_text("hello")
-    (tmp_path / "c01" / "folder.jpg").mkdir()  # a directory named like an image
-    os.symlink("/etc/hostname", tmp_path / "c01" / "outside.jpg")
+    (tmp_path / "c01" / "folder.jpg").mkdir()  # a directory named like an image: walked into
     os.symlink(tmp_path / "c01" / "loop.jpg", tmp_path / "c01" / "loop.jpg")
+    os.symlink(tmp_path / "c01" / "gone.jpg", tmp_path / "c01" / "dangling.jpg")
+    os.mkfifo(tmp_path / "c01" / "pipe.jpg")
+    (tmp_path / "README.md").write_text("about this set")
     scan = scan_dataset(tmp_path)
     assert len(scan.entries) == 6
-    reasons = dict(scan.ignored)
-    assert reasons["c00/.DS_Store"] == "hidden file"
-    assert reasons["c00/notes.txt"] == "not an image file extension"
-    assert reasons["c01/outside.jpg"] == "symlink points outside the dataset"
-    assert reasons["c01/loop.jpg"] == "broken or looping symlink"
+    assert dict(scan.ignored) == {
+        "c00/.DS_Store": "hidden file",
+        "c00/.thumbnails": "hidden folder",
+        "c00/notes.txt": "not an image file extension",
+        "c01/loop.jpg": "symlink loop",
+        "c01/dangling.jpg": "broken symlink (its target is missing)",
+        "c01/pipe.jpg": "not a regular file",
+        "README.md": "not in a class folder",
+    }
+
+
+def _write_bytes_name(folder: Path, name: bytes, payload: bytes = b"x") -> None:
+    with open(os.path.join(os.fsencode(folder), name), "wb") as handle:
+        handle.write(payload)
+
+
+def test_names_that_are_not_utf8_are_ignored_with_a_reason(tmp_path: Path) -> None:
+    # Before: the whole scan stopped with UnicodeEncodeError.
+    _touch_files(tmp_path, 2, 3)
+    _write_bytes_name(tmp_path / "c00", b"caf\xe9.jpg")
+    latin_class = os.path.join(os.fsencode(tmp_path), b"cl\xe4sse")
+    os.mkdir(latin_class)
+    _write_bytes_name(Path(os.fsdecode(latin_class)), b"a.jpg")
+    scan = scan_dataset(tmp_path)
+    assert len(scan.entries) == 6 and scan.class_names == ["c00", "c01"]
+    assert dict(scan.ignored) == {
+        "c00/caf\\xe9.jpg": "name is not valid UTF-8 (cannot be stored in the cache)",
+        "cl\\xe4sse": "name is not valid UTF-8 (cannot be stored in the cache)",
+    }
+
+
+def test_symlinks_are_followed_wherever_they_point_and_keep_their_path(tmp_path: Path) -> None:
+    # Before: symlinked class folders and test/ folders were dropped, and a subset made of symlinks
+    # into another dataset was refused ("class folder holds no images").
+    elsewhere = tmp_path / "elsewhere"
+    _touch_files(elsewhere / "train", 2, 4)
+    _touch_files(elsewhere / "test", 2, 2)
+    data = tmp_path / "data"
+    (data / "train" / "c00").mkdir(parents=True)
+    for i in range(3):  # a subset: symlinks to files of another dataset
+        os.symlink(elsewhere / "train" / "c00" / f"{i:04d}.jpg", data / "train" / "c00" / f"{i:04d}.jpg")
+    os.symlink(elsewhere / "train" / "c01", data / "train" / "c01")  # a symlinked class folder
+    os.symlink(elsewhere / "test", data / "test")  # a symlinked split folder
+    os.symlink(data / "train", data / "train" / "c01-loop")  # a folder that contains itself
+    os.symlink(".", elsewhere / "train" / "c01" / "self")  # reached through a symlink, loops too
+    scan = scan_dataset(data)
+    paths = {e.relpath: e.split for e in scan.entries}
+    assert scan.class_names == ["c00", "c01"]
+    assert {p for p, s in paths.items() if s == "test"} == {f"test/c0{c}/{i:04d}.jpg" for c in (0, 1) for i in range(2)}
+    assert {p for p in paths if p.startswith("train/")} == (
+        {f"train/c00/{i:04d}.jpg" for i in range(3)} | {f"train/c01/{i:04d}.jpg" for i in range(4)}
+    )
+    assert dict(scan.ignored) == {
+        "train/c01-loop": "symlink loop (a folder that contains itself)",
+        "train/c01/self": "symlink loop (a folder that contains itself)",
+    }
+    entry = next(e for e in scan.entries if e.relpath == "train/c00/0000.jpg")
+    assert entry.size == 1  # the target's identity, not the link's
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -59,7 +60,7 @@ def extract(
     )
     typer.echo(
         f"{summary.out}: {summary.n_images} images x {summary.feature_dim} dims ({splits}); {status}; "
-        f"skipped {summary.n_skipped}; ignored {len(summary.ignored)} non-image files; "
+        f"skipped {summary.n_skipped}; ignored {_counted_reasons(summary.ignored)}; "
         f"{summary.seconds:.1f} s" + (f", {summary.images_per_s:.1f} images/s" if summary.n_computed else "")
     )
     for note in summary.notes:
@@ -68,6 +69,12 @@ def extract(
         typer.echo(f"  skipped {path}: {reason}")
     if len(summary.skipped) > 20:
         typer.echo(f"  ... and {len(summary.skipped) - 20} more (listed in the cache's skipped_paths)")
+
+
+def _counted_reasons(items: list[tuple[str, str]]) -> str:
+    """'N (n1 reason1, n2 reason2)', most frequent reason first."""
+    counts = Counter(reason for _, reason in items)
+    return f"{len(items)}" + (f" ({', '.join(f'{n} {reason}' for reason, n in counts.most_common())})" if counts else "")
 
 
 @app.command("backbones")

@@ -20,8 +20,10 @@ exactly.
 from __future__ import annotations
 
 import hashlib
+import errno
 import math
 import os
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,49 +116,109 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _list_images(root: Path, class_dir: Path, ignored: list[tuple[str, str]]) -> list[tuple[str, os.stat_result]]:
-    """Image files under one class folder (recursively), with their stat; everything else is recorded in `ignored`."""
+def _utf8(name: str) -> bool:
+    """False for names the OS handed over with undecodable bytes (surrogate escapes): HDF5 cannot store them."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(relpath: str) -> str:
+    """A path for messages: undecodable bytes as \\xNN."""
+    return os.fsencode(relpath).decode("utf-8", "backslashreplace")
+
+
+Ignored = list[tuple[str, str]]  # (relpath as shown, reason)
+_LOOP = "symlink loop (a folder that contains itself)"
+
+
+def _stat(full: str, rel: str, ignored: Ignored) -> os.stat_result | None:
+    """The stat of what `full` leads to, symlinks followed; None (recorded in `ignored`) where it leads nowhere."""
+    try:
+        return os.stat(full)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            reason = "symlink loop"
+        elif os.path.islink(full):
+            reason = "broken symlink (its target is missing)"
+        else:
+            reason = f"cannot be read ({exc.strerror})"
+        ignored.append((_shown(rel), reason))
+        return None
+
+
+def _entries(folder: str, rel: str, ignored: Ignored) -> list[tuple[str, str, os.stat_result]]:
+    """(name, relpath, stat) of what a folder holds, hidden and unnamable entries recorded in `ignored`."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as exc:
+        ignored.append((_shown(rel), f"folder cannot be read ({exc.strerror})"))
+        return []
+    result = []
+    for name in names:
+        child = f"{rel}/{name}" if rel else name
+        full = os.path.join(folder, name)
+        if not _utf8(name):
+            ignored.append((_shown(child), "name is not valid UTF-8 (cannot be stored in the cache)"))
+            continue
+        st = _stat(full, child, ignored)
+        if st is None:
+            continue
+        if _is_hidden(name):
+            ignored.append((child, "hidden folder" if stat.S_ISDIR(st.st_mode) else "hidden file"))
+            continue
+        result.append((name, child, st))
+    return result
+
+
+def _list_images(
+    folder: str, rel: str, ancestors: frozenset[tuple[int, int]], ignored: Ignored
+) -> list[tuple[str, os.stat_result]]:
+    """Image files under one class folder (recursively, symlinks followed wherever they point), with their stat.
+
+    `ancestors` are the (device, inode) of the folders above, so a symlink back up is recorded, not walked.
+    """
     found = []
-    root_real = os.path.realpath(root)
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-        for name in sorted(filenames + [d for d in os.listdir(dirpath) if _is_symlinked_dir(dirpath, d)]):
-            full = os.path.join(dirpath, name)
-            rel = Path(os.path.relpath(full, root)).as_posix()
-            if _is_hidden(name):
-                ignored.append((rel, "hidden file"))
-                continue
-            if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
-                ignored.append((rel, "not an image file extension"))
-                continue
-            if os.path.islink(full):
-                target = os.path.realpath(full)
-                if not os.path.exists(target):
-                    ignored.append((rel, "broken or looping symlink"))
-                    continue
-                if os.path.commonpath([root_real, target]) != root_real:
-                    ignored.append((rel, "symlink points outside the dataset"))
-                    continue
-            if not os.path.isfile(full):
-                ignored.append((rel, "not a regular file"))
-                continue
-            found.append((rel, os.stat(full)))
+    for name, child, st in _entries(folder, rel, ignored):
+        full = os.path.join(folder, name)
+        if stat.S_ISDIR(st.st_mode):  # also a folder named like an image
+            if (st.st_dev, st.st_ino) in ancestors:
+                ignored.append((child, _LOOP))
+            else:
+                found += _list_images(full, child, ancestors | {(st.st_dev, st.st_ino)}, ignored)
+        elif Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+            ignored.append((child, "not an image file extension"))
+        elif not stat.S_ISREG(st.st_mode):
+            ignored.append((child, "not a regular file"))  # a pipe or device would block or never end
+        else:
+            found.append((child, st))
     return found
 
 
-def _is_symlinked_dir(dirpath: str, name: str) -> bool:
-    # os.walk(followlinks=False) lists symlinks to folders among dirnames and never
-    # visits them; surface them so they are reported instead of silently vanishing.
-    full = os.path.join(dirpath, name)
-    return os.path.islink(full) and os.path.isdir(full)
+def _class_dirs(
+    folder: str, rel: str, ancestors: frozenset[tuple[int, int]], ignored: Ignored, what: str
+) -> dict[str, tuple[str, str, frozenset[tuple[int, int]]]]:
+    """Sub-folders of `folder` (symlinks followed): name -> (path, relpath, ancestors for their walk).
+
+    Anything else there is recorded in `ignored`, saying it is not in a class folder (`what`).
+    """
+    dirs = {}
+    for name, child, st in _entries(folder, rel, ignored):
+        if not stat.S_ISDIR(st.st_mode):
+            ignored.append((child, what))
+        elif (st.st_dev, st.st_ino) in ancestors:
+            ignored.append((child, _LOOP))
+        else:
+            dirs[name] = (os.path.join(folder, name), child, ancestors | {(st.st_dev, st.st_ino)})
+    return dirs
 
 
-def _class_dirs(folder: Path) -> dict[str, Path]:
-    return {
-        p.name: p
-        for p in sorted(folder.iterdir())
-        if p.is_dir() and not p.is_symlink() and not _is_hidden(p.name)
-    }
+def _class_images(
+    folder: str, rel: str, ancestors: frozenset[tuple[int, int]], ignored: Ignored
+) -> dict[str, list[tuple[str, os.stat_result]]]:
+    return {name: _list_images(*where, ignored) for name, where in _class_dirs(folder, rel, ancestors, ignored, "not in a class folder").items()}
 
 
 def scan_dataset(
@@ -170,20 +232,25 @@ def scan_dataset(
         raise TlfeatError(f"{root}: not a folder (expected one sub-folder per class)")
     root = root.resolve()
     shares, ratio_note = normalise_ratios(ratios)
-    ignored: list[tuple[str, str]] = []
-    top = _class_dirs(root)
-    split_dirs = {s: top[s] for s in SPLITS if s in top}
+    ignored: Ignored = []
+    root_id = frozenset({(root.stat().st_dev, root.stat().st_ino)})
+    names = {name for name, _, st in _entries(str(root), "", []) if stat.S_ISDIR(st.st_mode)}
 
     # split -> class -> [(relpath, stat)]
     found: dict[str, dict[str, list[tuple[str, os.stat_result]]]] = {}
-    if split_dirs:
-        if "train" not in split_dirs:
-            raise TlfeatError(f"{root}: has {'/'.join(split_dirs)} folders but no train/ folder")
-        for split, folder in split_dirs.items():
-            found[split] = {c: _list_images(root, d, ignored) for c, d in _class_dirs(folder).items()}
+    if names & set(SPLITS):
+        if "train" not in names:
+            present = "/".join(s for s in SPLITS if s in names)
+            raise TlfeatError(f"{root}: has {present} folders but no train/ folder")
+        top = _class_dirs(str(root), "", root_id, ignored, "not in a train/val/test folder")
+        for name, (folder, rel, ancestors) in top.items():
+            if name in SPLITS:
+                found[name] = _class_images(folder, rel, ancestors, ignored)
+            else:
+                ignored.append((rel, "not a train/val/test folder of a pre-split dataset"))
         layout = "pre-split"
     else:
-        found["all"] = {c: _list_images(root, d, ignored) for c, d in top.items()}
+        found["all"] = _class_images(str(root), "", root_id, ignored)
         layout = "flat"
 
     class_names = sorted({c for per_class in found.values() for c in per_class})
