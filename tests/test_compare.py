@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import assert_one_line_error, fitted_parameters, make_dataset
+from conftest import TRAINABLE_SEED, assert_one_line_error, fitted_parameters, make_dataset
 from tlfeat.heads.registry import head_trainable_params
 from tlfeat.extraction.run import extract
 from tlfeat.finetuning import finetune
@@ -29,9 +29,10 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = make_dataset(root / "tiny")
     finetune(
         data, backbone="vgg16", weights="none", epochs1=1, epochs2=1, unfreeze_top=3, image_size=32, batch_size=4,
-        out=root / "results" / "run", progress=False, log=lambda line: None,
+        seed=TRAINABLE_SEED, out=root / "results" / "run", progress=False, log=lambda line: None,
     )
-    cache = extract(data, root / "tiny-vgg16.h5", backbone="vgg16", weights="none", image_size=32, progress=False).out
+    cache = extract(data, root / "tiny-vgg16.h5", backbone="vgg16", weights="none", image_size=32, seed=TRAINABLE_SEED,
+                    progress=False).out
     fit_heads([cache], head="all", out=root / "results" / "heads")
     return root / "results"
 

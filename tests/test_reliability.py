@@ -50,7 +50,7 @@ KILLER = textwrap.dedent(
     """
     import os, signal, sys
     import numpy as np
-    import tlfeat.cache as cache_module
+    import tlfeat.extraction.shards as shards_module
 
     point, nth = sys.argv[1], int(sys.argv[2])
     calls = {"n": 0}
@@ -70,14 +70,14 @@ KILLER = textwrap.dedent(
                 handle.flush()
                 die()
             real_savez(handle, **arrays)
-        cache_module.np.savez = savez
+        shards_module.np.savez = savez
     elif point == "before-shard-rename":
         real_replace = os.replace
         def replace(src, dst):
             if str(dst).endswith(".npz") and due():
                 die()
             real_replace(src, dst)
-        cache_module.os.replace = replace
+        shards_module.os.replace = replace
     elif point == "mid-final-write":
         import tlfeat.fileio as fileio_module
         def fsync_path(path):

@@ -2,7 +2,7 @@
 
 Layout (all datasets at the root of the file, N rows, D feature dims):
 
-    features        (N, D) float32 or float16, chunked by rows
+    features        (N, D) float32 or float16, chunked by rows, fletcher32 checksums
     labels          (N,)   int32, index into class_names
     paths           (N,)   UTF-8 str, relative to the dataset root, '/' separated
     split           (N,)   UTF-8 str, "train" | "val" | "test"
@@ -16,7 +16,11 @@ Layout (all datasets at the root of the file, N rows, D feature dims):
 
 Root attributes: format_version, backbone, weights, input_size, preprocessing,
 dtype, compute, decode, feature_dim, keras_backend, tlfeat_version, created,
-dataset_root, seed, split_ratios (JSON), n_skipped.
+dataset_root, seed, split_ratios (JSON), split_rule, n_skipped.
+
+Numeric columns carry HDF5 fletcher32 checksums; reading checks them, and the
+structure (format version, columns, row counts, key attributes, label range) on
+open, so a damaged file is a one-line error naming it, never data.
 
 Rows are in a canonical order (split, class, path) so that a resumed or
 incremental run writes the same file as an uninterrupted one.
@@ -24,15 +28,14 @@ incremental run writes the same file as an uninterrupted one.
 Crash safety: the final file is only ever replaced atomically (written to a
 temporary name, fsynced, then renamed), so it is always either the previous
 complete cache or the new one. Work in progress lives in a sibling folder of
-shard files (``<out>.parts/``), each shard also written then renamed, so a
-killed run loses at most the batch in flight.
+shard files (``<out>.parts/``, tlfeat.extraction.shards), each also written then
+renamed, so a killed run loses at most the batch in flight.
 """
 
 from __future__ import annotations
 
 import glob
 import json
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -46,7 +49,7 @@ from tlfeat import __version__
 from tlfeat.data.decode import DECODE
 from tlfeat.data.scan import SPLITS
 from tlfeat.errors import TlfeatError
-from tlfeat.fileio import atomic_path, atomic_write_bytes
+from tlfeat.fileio import atomic_path
 
 FORMAT_VERSION = 1
 OLD_DECODE = "pillow-bilinear"  # what caches and shards with no "decode" record were decoded with
@@ -114,7 +117,14 @@ class Rows:
     skipped_mtime_ns: list[int] = field(default_factory=list)
 
 
+_ROW_COLUMNS = ("labels", "paths", "split", "file_size", "file_mtime_ns")
+_SKIP_COLUMNS = ("skipped_paths", "skipped_reasons", "skipped_size", "skipped_mtime_ns")
+_KEY_ATTRS = ("backbone", "weights", "input_size", "preprocessing", "dtype")
+_REBUILD = "rebuild it with extract --overwrite"
+
+
 def _open_for_read(path: Path) -> h5py.File:
+    """Open a cache and check its structure (version, columns, row counts, key attributes): one-line errors."""
     path = Path(path)
     if not path.exists():
         raise TlfeatError(f"{path}: cache file not found")
@@ -122,14 +132,85 @@ def _open_for_read(path: Path) -> h5py.File:
         handle = h5py.File(path, "r")
     except OSError as exc:
         raise TlfeatError(f"{path}: not a readable HDF5 cache ({exc.__class__.__name__})") from None
-    if "format_version" not in handle.attrs or "features" not in handle:
+    try:
+        _check_structure(path, handle)
+    except BaseException:
         handle.close()
-        raise TlfeatError(f"{path}: HDF5 file is not a tlfeat cache (no features/format_version)")
+        raise
     return handle
 
 
-def _strings(dataset: h5py.Dataset) -> np.ndarray:
-    return np.array(dataset.asstr()[...], dtype=object) if len(dataset) else np.array([], dtype=object)
+def _check_structure(path: Path, handle: h5py.File) -> None:
+    try:
+        attrs = _decode_attrs(handle)
+        present = set(handle.keys())
+    except (OSError, RuntimeError, KeyError, ValueError) as exc:  # a damaged object header or attribute
+        raise TlfeatError(f"{path}: damaged cache: its attributes cannot be read ({exc.__class__.__name__}); {_REBUILD}") from None
+    if "format_version" not in attrs or "features" not in present:
+        raise TlfeatError(f"{path}: HDF5 file is not a tlfeat cache (no features/format_version)")
+    version = attrs["format_version"]
+    if not isinstance(version, int) or version < 1:
+        raise TlfeatError(f"{path}: damaged cache: format_version {version!r} is not a version number; {_REBUILD}")
+    if version > FORMAT_VERSION:
+        raise TlfeatError(
+            f"{path}: written by a newer tlfeat (cache format version {version}; this tlfeat reads up to "
+            f"{FORMAT_VERSION}): upgrade tlfeat to read it"
+        )
+    missing = [n for n in (*_ROW_COLUMNS, "class_names", *_SKIP_COLUMNS) if n not in present]
+    missing += [f"attribute {n}" for n in _KEY_ATTRS if n not in attrs]
+    if missing:
+        raise TlfeatError(f"{path}: damaged cache: {', '.join(missing)} missing; {_REBUILD}")
+    try:
+        key_from_attrs(attrs)
+    except (TypeError, ValueError):
+        raise TlfeatError(f"{path}: damaged cache: its key attributes do not parse; {_REBUILD}") from None
+    features = handle["features"]
+    if features.ndim != 2:
+        raise TlfeatError(f"{path}: damaged cache: features has shape {features.shape}, not (rows, dims); {_REBUILD}")
+    counts = {n: len(handle[n]) for n in (*_ROW_COLUMNS, *_SKIP_COLUMNS)}
+    wrong = [f"{n} {c}" for n, c in counts.items() if n in _ROW_COLUMNS and c != features.shape[0]]
+    wrong += [f"{n} {c}" for n, c in counts.items() if n in _SKIP_COLUMNS and c != counts["skipped_paths"]]
+    if wrong:
+        raise TlfeatError(
+            f"{path}: damaged cache: row counts disagree (features {features.shape[0]}, {', '.join(wrong)}); {_REBUILD}"
+        )
+    if attrs.get("feature_dim", features.shape[1]) != features.shape[1]:
+        raise TlfeatError(
+            f"{path}: damaged cache: feature_dim {attrs['feature_dim']} but features have {features.shape[1]} "
+            f"columns; {_REBUILD}"
+        )
+
+
+def _read_column(path: Path, dataset: h5py.Dataset, index: slice | np.ndarray = slice(None)) -> np.ndarray:
+    """Values of a dataset; damaged data (an HDF5 checksum or decoding failure) is a one-line error."""
+    try:
+        if h5py.check_string_dtype(dataset.dtype) is not None:
+            return np.array(dataset.asstr()[...], dtype=object)[index] if len(dataset) else np.array([], dtype=object)
+        return dataset[index]
+    except (OSError, RuntimeError, ValueError, UnicodeDecodeError) as exc:
+        raise TlfeatError(
+            f"{path}: damaged cache: {dataset.name.lstrip('/')} fails its checksum or cannot be read "
+            f"({_first_line(exc)}); {_REBUILD}"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).splitlines()
+    return lines[0][:120] if lines else exc.__class__.__name__
+
+
+def _checked_labels(path: Path, labels: np.ndarray, split: np.ndarray, n_classes: int) -> np.ndarray:
+    labels = np.asarray(labels, dtype=np.int64)
+    bad = np.flatnonzero((labels < 0) | (labels >= n_classes))
+    if len(bad):
+        raise TlfeatError(
+            f"{path}: damaged cache: label {labels[bad[0]]} at row {bad[0]} is outside its {n_classes} classes "
+            f"({len(bad)} such rows); {_REBUILD}"
+        )
+    unknown = sorted(set(split.tolist()) - set(SPLITS))
+    if unknown:
+        raise TlfeatError(f"{path}: damaged cache: split values {unknown} are not train/val/test; {_REBUILD}")
+    return labels
 
 
 def read_attrs(path: str | Path) -> dict:
@@ -158,10 +239,19 @@ def read_key(path: str | Path) -> CacheKey:
 
 def key_from_attrs(attrs: dict) -> CacheKey:
     return CacheKey(
-        backbone=attrs["backbone"], weights=attrs["weights"], input_size=int(attrs["input_size"]),
-        preprocessing=attrs["preprocessing"], dtype=attrs["dtype"], compute=attrs.get("compute", "float32"),
-        decode=attrs.get("decode", OLD_DECODE),
+        backbone=str(attrs["backbone"]), weights=str(attrs["weights"]), input_size=int(attrs["input_size"]),
+        preprocessing=str(attrs["preprocessing"]), dtype=str(attrs["dtype"]), compute=str(attrs.get("compute", "float32")),
+        decode=str(attrs.get("decode", OLD_DECODE)),
     )
+
+
+def _rows_meta(path: Path, handle: h5py.File, index: slice | np.ndarray = slice(None)) -> dict:
+    """labels, paths, split, class_names and attrs of (some) rows, checked."""
+    split = _read_column(path, handle["split"], index)
+    class_names = list(_read_column(path, handle["class_names"]))
+    labels = _checked_labels(path, _read_column(path, handle["labels"], index), split, len(class_names))
+    return dict(labels=labels, paths=_read_column(path, handle["paths"], index), split=split,
+                class_names=class_names, attrs=_decode_attrs(handle))
 
 
 def load(path: str | Path, split: str | None = None) -> CacheData:
@@ -171,54 +261,88 @@ def load(path: str | Path, split: str | None = None) -> CacheData:
     """
     if split is not None and split not in SPLITS:
         raise TlfeatError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
-    with _open_for_read(Path(path)) as handle:
-        split_col = _strings(handle["split"])
+    path = Path(path)
+    with _open_for_read(path) as handle:
+        split_col = _read_column(path, handle["split"])
         mask = slice(None) if split is None else np.flatnonzero(split_col == split)
-        data = CacheData(
-            features=np.asarray(handle["features"][mask], dtype=np.float32),
-            labels=np.asarray(handle["labels"][mask], dtype=np.int64),
-            paths=_strings(handle["paths"])[mask],
-            split=split_col[mask],
-            class_names=list(_strings(handle["class_names"])),
-            attrs=_decode_attrs(handle),
-        )
-    return data
+        meta = _rows_meta(path, handle, mask)
+        features = np.asarray(_read_column(path, handle["features"], mask), dtype=np.float32)
+    return CacheData(features=features, **meta)
+
+
+class CheckedFeatures:
+    """An open cache's `features`, read in slices; damaged data is a one-line error naming the file."""
+
+    def __init__(self, path: Path, dataset: h5py.Dataset) -> None:
+        self.path, self.dataset = path, dataset
+        self.shape, self.dtype = dataset.shape, dataset.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: slice | np.ndarray) -> np.ndarray:
+        return _read_column(self.path, self.dataset, index)
 
 
 @contextmanager
-def open_rows(path: str | Path) -> Iterator[tuple[CacheData, h5py.Dataset]]:
-    """A cache's rows without their features, and its open `features` dataset to read in chunks.
+def open_rows(path: str | Path) -> Iterator[tuple[CacheData, CheckedFeatures]]:
+    """A cache's rows without their features, and its open `features` to read in slices.
 
     For caches larger than memory: the returned CacheData holds labels, paths, split,
     class names and attributes, and an empty (0, D) features array.
     """
-    with _open_for_read(Path(path)) as handle:
+    path = Path(path)
+    with _open_for_read(path) as handle:
         features = handle["features"]
         yield CacheData(
-            features=np.empty((0, features.shape[1]), dtype=np.float32),
-            labels=np.asarray(handle["labels"][...], dtype=np.int64),
-            paths=_strings(handle["paths"]),
-            split=_strings(handle["split"]),
-            class_names=list(_strings(handle["class_names"])),
-            attrs=_decode_attrs(handle),
-        ), features
+            features=np.empty((0, features.shape[1]), dtype=np.float32), **_rows_meta(path, handle)
+        ), CheckedFeatures(path, features)
 
 
 def read_rows(path: str | Path) -> tuple[CacheKey, Rows]:
-    """Everything extraction needs to reuse an existing cache: its key and its rows."""
-    with _open_for_read(Path(path)) as handle:
+    """Everything extraction needs to reuse an existing cache: its key and its rows.
+
+    Rows whose features are not finite (a cache written before they were refused) come back as skipped.
+    """
+    path = Path(path)
+    with _open_for_read(path) as handle:
         key = key_from_attrs(_decode_attrs(handle))
+
+        def column(name: str) -> np.ndarray:
+            return _read_column(path, handle[name])
+
         rows = Rows(
-            paths=list(_strings(handle["paths"])),
-            features=np.asarray(handle["features"][...]),
-            file_size=[int(v) for v in handle["file_size"][...]],
-            file_mtime_ns=[int(v) for v in handle["file_mtime_ns"][...]],
-            skipped_paths=list(_strings(handle["skipped_paths"])),
-            skipped_reasons=list(_strings(handle["skipped_reasons"])),
-            skipped_size=[int(v) for v in handle["skipped_size"][...]],
-            skipped_mtime_ns=[int(v) for v in handle["skipped_mtime_ns"][...]],
+            paths=list(column("paths")),
+            features=np.asarray(column("features")),
+            file_size=[int(v) for v in column("file_size")],
+            file_mtime_ns=[int(v) for v in column("file_mtime_ns")],
+            skipped_paths=list(column("skipped_paths")),
+            skipped_reasons=list(column("skipped_reasons")),
+            skipped_size=[int(v) for v in column("skipped_size")],
+            skipped_mtime_ns=[int(v) for v in column("skipped_mtime_ns")],
         )
-    return key, rows
+    return key, without_non_finite(rows)
+
+
+def without_non_finite(rows: Rows) -> Rows:
+    """`rows` with every row whose features hold NaN or inf moved to the skipped files, with the reason."""
+    finite = np.isfinite(rows.features).all(axis=1) if len(rows.paths) else np.ones(0, dtype=bool)
+    if finite.all():
+        return rows
+    keep, drop = np.flatnonzero(finite), np.flatnonzero(~finite)
+    return Rows(
+        paths=[rows.paths[i] for i in keep],
+        features=rows.features[keep],
+        file_size=[rows.file_size[i] for i in keep],
+        file_mtime_ns=[rows.file_mtime_ns[i] for i in keep],
+        skipped_paths=rows.skipped_paths + [rows.paths[i] for i in drop],
+        skipped_reasons=rows.skipped_reasons + [NON_FINITE_REASON] * len(drop),
+        skipped_size=rows.skipped_size + [rows.file_size[i] for i in drop],
+        skipped_mtime_ns=rows.skipped_mtime_ns + [rows.file_mtime_ns[i] for i in drop],
+    )
+
+
+NON_FINITE_REASON = "the backbone gave NaN or inf features for this image"
 
 
 WRITE_CHUNK_ROWS = 1024
@@ -245,25 +369,24 @@ def write_cache(
     n, dim = len(features), len(features[0]) if len(features) else np.shape(features)[1]
     with atomic_path(path, durable=True) as tmp:
         with h5py.File(tmp, "w") as handle:
+            # fletcher32: HDF5 checks every chunk on read, so damaged numbers raise instead of passing as data.
             stored = handle.create_dataset(
-                "features", shape=(n, dim), dtype=key.dtype,
-                chunks=(max(1, min(n, WRITE_CHUNK_ROWS)), dim) if n else None, maxshape=(None, dim),
+                "features", shape=(n, dim), dtype=key.dtype, chunks=(max(1, min(n, WRITE_CHUNK_ROWS)), dim),
+                maxshape=(None, dim), fletcher32=True,
             )
             for start in range(0, n, WRITE_CHUNK_ROWS):  # numpy converts: HDF5's float16 rounding differs
                 chunk = np.asarray(features[start : start + WRITE_CHUNK_ROWS])
                 stored[start : start + WRITE_CHUNK_ROWS] = chunk.astype(key.dtype, copy=False)
-            handle.create_dataset("labels", data=np.asarray(labels, dtype=np.int32))
+            _numbers(handle, "labels", np.asarray(labels, dtype=np.int32))
             handle.create_dataset("paths", data=list(paths), dtype=_STR)
             handle.create_dataset("split", data=list(split), dtype=_STR)
-            handle.create_dataset("file_size", data=np.asarray(file_size, dtype=np.int64))
-            handle.create_dataset("file_mtime_ns", data=np.asarray(file_mtime_ns, dtype=np.int64))
+            _numbers(handle, "file_size", np.asarray(file_size, dtype=np.int64))
+            _numbers(handle, "file_mtime_ns", np.asarray(file_mtime_ns, dtype=np.int64))
             handle.create_dataset("class_names", data=list(class_names), dtype=_STR)
             handle.create_dataset("skipped_paths", data=[s[0] for s in skipped], dtype=_STR)
             handle.create_dataset("skipped_reasons", data=[s[1] for s in skipped], dtype=_STR)
-            handle.create_dataset("skipped_size", data=np.asarray([s[2] for s in skipped], dtype=np.int64))
-            handle.create_dataset(
-                "skipped_mtime_ns", data=np.asarray([s[3] for s in skipped], dtype=np.int64)
-            )
+            _numbers(handle, "skipped_size", np.asarray([s[2] for s in skipped], dtype=np.int64))
+            _numbers(handle, "skipped_mtime_ns", np.asarray([s[3] for s in skipped], dtype=np.int64))
             attrs = {
                 "format_version": FORMAT_VERSION,
                 **asdict(key),
@@ -277,95 +400,14 @@ def write_cache(
                 handle.attrs[name] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
 
 
+def _numbers(handle: h5py.File, name: str, values: np.ndarray) -> None:
+    """A 1-D numeric column with an HDF5 checksum (checksums need chunked storage)."""
+    handle.create_dataset(name, data=values, chunks=(max(1, min(len(values), 1 << 16)),), maxshape=(None,),
+                          fletcher32=True)
+
+
 def remove_stale_temporaries(path: Path) -> None:
     """Delete half-written files that a killed run left beside `path` (call while holding its lock)."""
     path = Path(path)
     for leftover in path.parent.glob(f".{glob.escape(path.stem)}.tmp-*{glob.escape(path.suffix)}"):
         leftover.unlink(missing_ok=True)
-
-
-class ShardStore:
-    """Batches finished by an unfinished run, in ``<out>.parts/``: one .npz per batch.
-
-    ``meta.json`` records the CacheKey; shards from another key are never read.
-    """
-
-    def __init__(self, out: Path) -> None:
-        self.dir = Path(str(out) + ".parts")
-        # Known after the first shard, so writing stays O(1) per shard over runs of many thousands.
-        self._next_index: int | None = None
-        self._started: CacheKey | None = None
-
-    def key(self) -> CacheKey | None:
-        meta = self.dir / "meta.json"
-        if not meta.exists():
-            return None
-        try:
-            return CacheKey(**{"decode": OLD_DECODE, **json.loads(meta.read_text())})
-        except (ValueError, TypeError):
-            return None
-
-    def start(self, key: CacheKey) -> None:
-        """Prepare for writing shards under `key`, discarding shards of any other key (cheap to repeat)."""
-        if self._started == key:
-            return
-        if self.dir.exists() and self.key() != key:
-            self.clear()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        meta = self.dir / "meta.json"
-        if not meta.exists():
-            atomic_write_bytes(meta, json.dumps(asdict(key)).encode())
-        self._started = key
-
-    def _shard_files(self) -> list[Path]:
-        return sorted(self.dir.glob("shard-*.npz")) if self.dir.exists() else []
-
-    def write(self, rows: Rows) -> None:
-        if self._next_index is None:
-            existing = self._shard_files()
-            self._next_index = int(existing[-1].stem.removeprefix("shard-")) + 1 if existing else 0
-        index = self._next_index
-        self._next_index += 1
-        target = self.dir / f"shard-{index:07d}.npz"
-        tmp = self.dir / f".tmp-{os.getpid()}-{index}.npz"
-        with open(tmp, "wb") as handle:
-            np.savez(
-                handle,
-                paths=np.array(rows.paths, dtype=str),
-                features=rows.features,
-                file_size=np.array(rows.file_size, dtype=np.int64),
-                file_mtime_ns=np.array(rows.file_mtime_ns, dtype=np.int64),
-                skipped_paths=np.array(rows.skipped_paths, dtype=str),
-                skipped_reasons=np.array(rows.skipped_reasons, dtype=str),
-                skipped_size=np.array(rows.skipped_size, dtype=np.int64),
-                skipped_mtime_ns=np.array(rows.skipped_mtime_ns, dtype=np.int64),
-            )
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-
-    def read(self) -> Iterator[Rows]:
-        """Every complete shard; a shard that cannot be read (torn by a crash) is ignored."""
-        for shard in self._shard_files():
-            try:
-                with np.load(shard, allow_pickle=False) as data:
-                    yield Rows(
-                        paths=[str(p) for p in data["paths"]],
-                        features=data["features"],
-                        file_size=[int(v) for v in data["file_size"]],
-                        file_mtime_ns=[int(v) for v in data["file_mtime_ns"]],
-                        skipped_paths=[str(p) for p in data["skipped_paths"]],
-                        skipped_reasons=[str(r) for r in data["skipped_reasons"]],
-                        skipped_size=[int(v) for v in data["skipped_size"]],
-                        skipped_mtime_ns=[int(v) for v in data["skipped_mtime_ns"]],
-                    )
-            except (OSError, ValueError, KeyError, EOFError):
-                continue
-
-    def clear(self) -> None:
-        self._next_index = self._started = None
-        if not self.dir.exists():
-            return
-        for item in self.dir.iterdir():
-            item.unlink()
-        self.dir.rmdir()

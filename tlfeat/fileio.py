@@ -63,10 +63,16 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def describe_exception(exc: BaseException, limit: int = 160) -> str:
-    """'ClassName: first line of the message' (cut to `limit`), for one-line errors."""
+def describe_exception(exc: BaseException, limit: int | None = 160) -> str:
+    """'ClassName: first line of the message' (cut to `limit`), for one-line errors.
+
+    limit=None: the whole message, its lines joined, where the cause sits at the end (a download's reason).
+    """
     lines = str(exc).splitlines()
-    detail = lines[0][:limit] if lines else "no detail"
+    if limit is None:
+        detail = " ".join(line.strip() for line in lines if line.strip()) or "no detail"
+    else:
+        detail = lines[0][:limit] if lines else "no detail"
     return f"{exc.__class__.__name__}: {detail}"
 
 

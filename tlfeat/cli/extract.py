@@ -21,13 +21,13 @@ def extract(
     data: Path = typer.Argument(..., help="Dataset folder: one sub-folder per class, or train/\\[val/]test/ folders of class folders."),
     backbone: str = typer.Option(DEFAULT_BACKBONE, "--backbone", "-b", help=f"One of: {BACKBONE_NAMES} (`tlfeat backbones` lists sizes and weight sources)."),
     weights: str = typer.Option("imagenet", "--weights", "-w", help="imagenet (Keras download for resnet101/vgg16; bundled for efficientnet_lite0), none (random, for smoke tests) or a path to a Keras weights file."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache file to write. Default: cache/<dataset>-<backbone>.h5"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass. Default: 32 on CPU, 256 on a GPU."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize images to this square size. Default: the backbone's (224)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache file to write. Default: cache/<dataset>-<backbone>.h5, or cache/<dataset>-<backbone>-<size>.h5 with another --image-size."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass. Default: 32 on CPU, 256 on a GPU. Refused when its decoded images would not fit in half the available memory."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize images to this square size, 32 to 1024. Default: the backbone's (224)."),
     dtype: str = typer.Option("float32", "--dtype", help="Storage type of the features: float32 or float16."),
     seed: int = typer.Option(0, "--seed", help="Seed of the stratified train/val/test split."),
     split: str = typer.Option(DEFAULT_SPLIT, "--split", help="train,val,test shares for a flat dataset (val carved from train when only train/test exist)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache made with other settings instead of refusing."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache made with other settings (or damaged) instead of refusing; re-label a cache split with another --seed/--split."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     # "\\[" keeps Rich from reading [data] as markup in --help.
     engine: str = typer.Option(ENGINES[0], "--engine", help="local (this process) or ray (a Ray Data pipeline: decoding tasks, one backbone per actor; needs pip install 'ray\\[data]')."),
@@ -58,6 +58,8 @@ def extract(
     status = "up to date, nothing computed" if summary.up_to_date else (
         f"computed {summary.n_computed}, reused {summary.n_reused}"
     )
+    if summary.n_retried:
+        status += f" (retried {summary.n_retried} previously skipped)"
     typer.echo(
         f"{summary.out}: {summary.n_images} images x {summary.feature_dim} dims ({splits}); {status}; "
         f"skipped {summary.n_skipped}; ignored {_counted_reasons(summary.ignored)}; "

@@ -22,13 +22,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tlfeat.backbones import get_backbone, weights_identity
+from tlfeat.backbones import get_backbone, resolve_image_size, weights_identity
 from tlfeat.cache import (
-    CacheKey, Rows, ShardStore, load, open_rows, read_key, read_rows, remove_stale_temporaries, write_cache,
+    CacheKey, Rows, load, open_rows, read_key, read_rows, remove_stale_temporaries, without_non_finite, write_cache,
 )
+from tlfeat.data.batches import bytes_in_flight
+from tlfeat.data.cores import available_memory
+from tlfeat.data.decode import DecodeError, decode_image
 from tlfeat.data.scan import DEFAULT_RATIOS, SPLIT_RULE, DatasetScan, ImageEntry, scan_dataset
 from tlfeat.errors import TlfeatError
 from tlfeat.extraction.engines import make_engine
+from tlfeat.extraction.shards import ShardStore
 from tlfeat.fileio import OutputLock
 from tlfeat.progress import progress_bar
 
@@ -53,6 +57,7 @@ class ExtractSummary:
     split_counts: dict[str, int] = field(default_factory=dict)
     up_to_date: bool = False
     notes: list[str] = field(default_factory=list)  # one line each: rescaled shares, re-labelled rows, ...
+    n_retried: int = 0  # previously skipped files tried again (every run)
 
 
 class ShardWriter:
@@ -94,8 +99,11 @@ class ShardWriter:
                     self.error = exc
 
 
-def default_output(data: Path, backbone: str) -> Path:
-    return Path("cache") / f"{Path(data).resolve().name}-{backbone}.h5"
+def default_output(data: Path, backbone: str, image_size: int | None = None) -> Path:
+    """cache/<dataset>-<backbone>.h5, or ...-<size>.h5 for an image size other than the backbone's own."""
+    spec = get_backbone(backbone)
+    suffix = f"-{image_size}" if image_size not in (None, spec.input_size) else ""
+    return Path("cache") / f"{Path(data).resolve().name}-{spec.name}{suffix}.h5"
 
 
 def _absorb(known: dict[str, tuple], rows: Rows) -> None:
@@ -107,17 +115,24 @@ def _absorb(known: dict[str, tuple], rows: Rows) -> None:
         known[path] = (size, mtime, None, reason)
 
 
-def _known_rows(key: CacheKey, out: Path, shards: ShardStore, overwrite: bool) -> dict[str, tuple]:
+def _known_rows(key: CacheKey, out: Path, shards: ShardStore, overwrite: bool, notes: list[str]) -> dict[str, tuple]:
     """relpath -> (size, mtime_ns, feature row | None, skip reason | None) from earlier work under `key`.
 
-    With `overwrite`, work under another key is dropped; work under this key is always reused.
+    With `overwrite`, work under another key, or in a damaged cache, is dropped (a note says so); work under
+    this key is always reused.
     """
     known: dict[str, tuple] = {}
     if out.exists():
-        old_key, rows = read_rows(out)
-        if old_key == key:
+        try:
+            old_key, rows = read_rows(out)
+        except TlfeatError as exc:
+            if not overwrite:
+                raise
+            notes.append(f"could not reuse {exc}: its images are computed again")
+            old_key, rows = None, None
+        if rows is not None and old_key == key:
             _absorb(known, rows)
-        elif not overwrite:
+        elif rows is not None and not overwrite:
             raise TlfeatError(
                 f"{out}: cache was made with other settings ({key.differences(old_key)} "
                 "[this run vs file]); pass `overwrite` to replace it or `out` for a new file"
@@ -138,12 +153,19 @@ def _known_rows(key: CacheKey, out: Path, shards: ShardStore, overwrite: bool) -
 
 def _check_split(out: Path, key: CacheKey, scan: DatasetScan, overwrite: bool) -> str | None:
     """Refuse a run whose split would move rows of the existing cache; with `overwrite`, say that it does."""
-    if not out.exists() or read_key(out) != key:
+    if not out.exists():
         return None
-    with open_rows(out) as (current, _):
-        was = dict(zip(current.paths, current.split))
-        old_seed, old_ratios = current.attrs.get("seed"), current.attrs.get("split_ratios")
-        rule = current.attrs.get("split_rule")
+    try:
+        if read_key(out) != key:
+            return None
+        with open_rows(out) as (current, _):
+            was = dict(zip(current.paths, current.split))
+            old_seed, old_ratios = current.attrs.get("seed"), current.attrs.get("split_ratios")
+            rule = current.attrs.get("split_rule")
+    except TlfeatError:
+        if overwrite:
+            return None  # a damaged cache is replaced whole
+        raise
     moved = sum(1 for e in scan.entries if e.relpath in was and was[e.relpath] != e.split)
     if not moved:
         return None
@@ -190,13 +212,11 @@ def extract(
     spec = get_backbone(backbone)
     if dtype not in DTYPES:
         raise TlfeatError(f"`dtype={dtype!r}`: use float32 or float16")
-    if batch_size is not None and batch_size < 1:
-        raise TlfeatError(f"`batch_size={batch_size!r}`: must be at least 1")
-    size = image_size or spec.input_size
-    if size < 32:
-        raise TlfeatError(f"`image_size={size!r}`: must be at least 32 pixels")
+    size = resolve_image_size(spec, image_size)
+    if batch_size is not None:
+        _check_batch_size(batch_size, size)
     scan = scan_dataset(data, seed=seed, ratios=ratios)
-    out = Path(out) if out is not None else default_output(scan.root, spec.name)
+    out = Path(out) if out is not None else default_output(scan.root, spec.name, size)
     if out.exists() and out.is_dir():
         raise TlfeatError(f"{out}: is a folder; `out` needs a file path such as {out / 'features.h5'}")
     weights_id = weights_identity(spec, weights)
@@ -208,9 +228,15 @@ def extract(
         notes = list(scan.notes)
         relabelled = _check_split(out, key, scan, overwrite)
         notes += [relabelled] if relabelled else []
-        known = _known_rows(key, out, shards, overwrite)
-
-        todo = [e for e in scan.entries if _reusable(known.get(e.relpath), e) is None]
+        known = _known_rows(key, out, shards, overwrite, notes)
+        notes += shards.notices
+        still_failing, reasons_changed = _recheck_skipped(scan, known, size)
+        todo = [
+            e for e in scan.entries
+            if (record := _reusable(known.get(e.relpath), e)) is None
+            or (record[2] is None and e.relpath not in still_failing)
+        ]
+        n_retried = len(still_failing) + sum(1 for e in todo if e.relpath in known and known[e.relpath][2] is None)
         n_reused = len(scan.entries) - len(todo)
         compute_seconds = 0.0
         if todo:
@@ -219,6 +245,7 @@ def extract(
                 with progress_bar(len(todo), progress, f"extract {spec.name}") as bar, \
                         ShardWriter(shards, key) as writer, closing(runner.embed(scan.root, todo, bar)) as batches:
                     for rows in batches:  # closed however the loop ends: the decoding pool is free again
+                        rows = without_non_finite(rows)  # a failure of those images, never features
                         writer.put(rows)
                         _absorb(known, rows)
             except KeyboardInterrupt:
@@ -228,7 +255,7 @@ def extract(
                 ) from None
             compute_seconds = time.perf_counter() - computed_before
 
-        up_to_date = not todo and _same_as_file(out, scan, known)
+        up_to_date = not todo and not reasons_changed and _same_as_file(out, scan, known)
         if not up_to_date:
             _write_final(out, key, scan, known, weights, size, runner.keras_backend())
         shards.clear()
@@ -249,7 +276,41 @@ def extract(
         split_counts=_split_counts(scan, known),
         up_to_date=up_to_date,
         notes=notes,
+        n_retried=n_retried,
     )
+
+
+def _check_batch_size(batch_size: int, size: int) -> None:
+    """At least 1, and its decoded images in flight within half the memory available now."""
+    if batch_size < 1:
+        raise TlfeatError(f"`batch_size={batch_size}`: must be at least 1")
+    need, free = bytes_in_flight(batch_size, size), available_memory()
+    if free is not None and need > free / 2:
+        fits = max(1, batch_size * free // (2 * need))
+        raise TlfeatError(
+            f"`batch_size={batch_size}` at {size} px holds {need / 2**30:.1f} GiB of decoded images at once; "
+            f"{free / 2**30:.1f} GiB of memory is available: use `batch_size={fits}` or less"
+        )
+
+
+def _recheck_skipped(scan: DatasetScan, known: dict[str, tuple], size: int) -> tuple[set[str], bool]:
+    """Retry every previously skipped, unchanged file (a chmod or mv can fix it without touching size or mtime).
+
+    Decoding needs no model, so it happens here: files that still fail keep a skip record with today's reason
+    (returned, with whether any reason changed); files that decode now are left for the engine.
+    """
+    still, changed = set(), False
+    for entry in scan.entries:
+        record = _reusable(known.get(entry.relpath), entry)
+        if record is None or record[2] is not None:
+            continue
+        try:
+            decode_image(scan.root / entry.relpath, size)
+        except DecodeError as exc:
+            still.add(entry.relpath)
+            changed = changed or str(exc) != record[3]
+            known[entry.relpath] = (entry.size, entry.mtime_ns, None, str(exc))
+    return still, changed
 
 
 def _reusable(record: tuple | None, entry: ImageEntry) -> tuple | None:
