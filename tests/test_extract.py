@@ -16,6 +16,7 @@ import pytest
 from conftest import REPO, make_dataset, make_image, run_cli
 from tlfeat import cache
 from tlfeat.errors import TlfeatError
+from tlfeat.fileio import OutputLock
 from tlfeat.backbones import build_model, get_backbone
 from tlfeat.extraction.run import default_output, extract
 from tlfeat.extraction.shards import ShardStore
@@ -133,17 +134,17 @@ def test_corrupt_files_are_skipped_and_recorded(tiny_dataset: Path, tmp_path: Pa
     assert extract(tiny_dataset, out, **FAST).n_computed == 0  # still bad: retried by decoding alone, no model
 
 
-def test_second_run_on_same_output_is_locked_out(tiny_dataset: Path, tmp_path: Path) -> None:
+def test_second_run_on_same_output_is_locked_out_and_a_stale_lock_file_never_blocks(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "c.h5"
     lock = Path(str(out) + ".lock")
-    lock.write_text(str(os.getppid()))  # a live process holds it
-    with pytest.raises(TlfeatError, match=rf"pid {os.getppid()}"):
-        extract(tiny_dataset, out, **FAST)
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    lock.write_text(str(dead.pid))  # left behind by a killed run
+    lock.write_text("1")  # before: a lock naming any live process (here pid 1: `echo 1 > out.lock`) blocked forever
     assert extract(tiny_dataset, out, **FAST).n_images == 24
     assert not lock.exists()
+    with OutputLock(out):  # a live run holds it
+        with pytest.raises(TlfeatError, match=rf"another tlfeat run \(pid {os.getpid()} on .+\) is writing this output"):
+            extract(tiny_dataset, out, **FAST)
 
 
 def _summary_counts(stdout: str) -> tuple[int, int]:

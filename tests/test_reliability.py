@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from conftest import REPO, child_env, make_dataset
+from conftest import REPO, child_env, make_dataset, run_cli
 from hostile import write_corpus
 from tlfeat import cache
 from tlfeat.extraction.run import extract
@@ -183,3 +185,33 @@ def test_concurrent_extract_on_same_output_stops_at_once(tmp_path: Path) -> None
     assert second.returncode == 1
     assert f"pid {first.pid}" in second.stderr and second.stderr.count("\n") == 1
     assert first_still_running
+
+
+def _state(pid: int) -> str:
+    """The process state letter from /proc (Z: a zombie, dead but not reaped by its parent)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_a_killed_run_still_unreaped_as_a_zombie_does_not_block_the_rerun(tmp_path: Path) -> None:
+    # Before: the lock was a pid checked with kill(pid, 0), which a zombie passes: every rerun refused
+    # with "another tlfeat run (pid N) is writing this output" until the zombie was reaped.
+    data = make_dataset(tmp_path / "data", n_classes=2, per_class=30)
+    out = tmp_path / "c.h5"
+    parts = Path(str(out) + ".parts")
+    proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"), *_extract_args(data, out)],
+                            env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(parts.glob("shard-*.npz"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)  # not proc.kill()/poll(): they would reap it
+        while _state(proc.pid) != "Z" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _state(proc.pid) == "Z" and Path(str(out) + ".lock").exists()
+        rerun = run_cli(*_extract_args(data, out))
+        assert _state(proc.pid) == "Z"  # still unreaped while the rerun took the lock
+    finally:
+        proc.wait(timeout=60)
+    assert rerun.returncode == 0, rerun.stderr
+    computed, reused = (int(n) for n in re.search(r"computed (\d+), reused (\d+)", rerun.stdout).groups())
+    assert reused >= 8 and computed + reused == 60  # resumed from the killed run's shards

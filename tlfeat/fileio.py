@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -98,51 +100,77 @@ def check_format(path: str | Path, document: dict, name: str, version: int, what
 
 
 class OutputLock:
-    """An exclusive lock file ``<out>.lock`` holding the owner's pid.
+    """One writer per output: an OS-level exclusive lock (flock) on ``<out>.lock``.
 
-    A second run on the same output stops at once; a lock left by a process that
-    no longer exists is taken over.
+    The kernel drops the lock when its holder dies, however it dies (a SIGKILLed run
+    still waiting to be reaped as a zombie included), so a leftover lock file never
+    blocks anyone; a second live run stops at once. The file's text ("pid N on host
+    H") only names the holder in that message. Reusable for any output path: a
+    cache file, a head folder, a fine-tune run folder.
     """
 
     def __init__(self, out: Path) -> None:
         self.path = Path(str(out) + ".lock")
+        self._fd: int | None = None
 
     def __enter__(self) -> "OutputLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
+        for _ in range(10):  # the holder may unlink the file between our open and our flock: open again
+            fd = _open_lock_file(self.path)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder is not None and _pid_alive(holder):
-                    raise TlfeatError(
-                        f"{self.path}: another tlfeat run (pid {holder}) is writing this output; "
-                        "wait for it or remove the lock if that process is gone"
-                    ) from None
-                self.path.unlink(missing_ok=True)  # stale: its owner died
-                continue
-            with os.fdopen(fd, "w") as handle:
-                handle.write(str(os.getpid()))
-            return self
-        raise TlfeatError(f"{self.path}: could not take the output lock")
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _lock_holder(fd)
+                os.close(fd)
+                raise TlfeatError(
+                    f"{self.path}: another tlfeat run ({holder}) is writing this output; wait for it to finish"
+                ) from None
+            if _is_current(fd, self.path):
+                self._fd = fd
+                self._record_holder()
+                return self
+            os.close(fd)
+        raise TlfeatError(f"{self.path}: could not take the output lock (the file kept being replaced)")
 
-    def _holder(self) -> int | None:
+    def _record_holder(self) -> None:
         try:
-            return int(self.path.read_text().strip() or "0") or None
-        except (OSError, ValueError):
-            return None
+            os.ftruncate(self._fd, 0)
+            os.write(self._fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        except OSError as exc:
+            self.__exit__()
+            raise TlfeatError(f"{self.path}: cannot write the output lock ({exc.strerror})") from None
 
     def __exit__(self, *exc: object) -> None:
-        if self._holder() == os.getpid():
-            self.path.unlink(missing_ok=True)
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # while still locked: a run waiting on this file sees it replaced
+        finally:
+            os.close(self._fd)
+            self._fd = None
 
 
-def _pid_alive(pid: int) -> bool:
+def _open_lock_file(path: Path) -> int:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except IsADirectoryError:
+        raise TlfeatError(f"{path}: is a folder; it is the lock of this output: move it away") from None
+    except OSError as exc:
+        raise TlfeatError(f"{path}: cannot create the output lock ({exc.strerror})") from None
 
+
+def _lock_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 200, 0).decode(errors="replace").strip()
+    except OSError:
+        text = ""
+    return text if text.startswith("pid ") else "a process that has not written its pid yet"
+
+
+def _is_current(fd: int, path: Path) -> bool:
+    """True when `path` still names the file open as `fd`."""
+    try:
+        mine, now = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (mine.st_dev, mine.st_ino) == (now.st_dev, now.st_ino)
