@@ -25,16 +25,13 @@ open, so a damaged file is a one-line error naming it, never data.
 Rows are in a canonical order (split, class, path) so that a resumed or
 incremental run writes the same file as an uninterrupted one.
 
-Crash safety: the final file is only ever replaced atomically (written to a
-temporary name, fsynced, then renamed), so it is always either the previous
-complete cache or the new one. Work in progress lives in a sibling folder of
-shard files (``<out>.parts/``, tlfeat.extraction.shards), each also written then
-renamed, so a killed run loses at most the batch in flight.
+Crash safety: the file is only replaced atomically (a temporary name, fsync,
+rename), after a check of the free space; a run's work in progress is in
+``<out>.parts/`` (tlfeat.extraction.shards).
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import time
 from contextlib import contextmanager
@@ -49,7 +46,7 @@ from tlfeat import __version__
 from tlfeat.data.decode import DECODE
 from tlfeat.data.scan import SPLITS
 from tlfeat.errors import TlfeatError
-from tlfeat.fileio import atomic_path
+from tlfeat.fileio import FirstErrorSink, atomic_path, check_free_space, os_reason
 
 FORMAT_VERSION = 1
 OLD_DECODE = "pillow-bilinear"  # what caches and shards with no "decode" record were decoded with
@@ -190,13 +187,8 @@ def _read_column(path: Path, dataset: h5py.Dataset, index: slice | np.ndarray = 
     except (OSError, RuntimeError, ValueError, UnicodeDecodeError) as exc:
         raise TlfeatError(
             f"{path}: damaged cache: {dataset.name.lstrip('/')} fails its checksum or cannot be read "
-            f"({_first_line(exc)}); {_REBUILD}"
+            f"({os_reason(exc)}); {_REBUILD}"
         ) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).splitlines()
-    return lines[0][:120] if lines else exc.__class__.__name__
 
 
 def _checked_labels(path: Path, labels: np.ndarray, split: np.ndarray, n_classes: int) -> np.ndarray:
@@ -366,9 +358,30 @@ def write_cache(
     `features` is an (N, D) array, or N rows of D (no (N, D) copy is made: a
     large run's rows are written a chunk at a time).
     """
+    path = Path(path)
     n, dim = len(features), len(features[0]) if len(features) else np.shape(features)[1]
-    with atomic_path(path, durable=True) as tmp:
-        with h5py.File(tmp, "w") as handle:
+    check_free_space(path.parent, _estimated_bytes(n, dim, np.dtype(key.dtype).itemsize, paths, skipped), path.name)
+    try:
+        _write(path, key, features, n, dim, labels, paths, split, file_size, file_mtime_ns, class_names, skipped,
+               extra_attrs)
+    except (OSError, RuntimeError, ValueError) as exc:  # h5py reports a full disk as OSError or RuntimeError
+        raise TlfeatError(f"{path}: cannot write the cache ({os_reason(exc)}); the previous file is unchanged") from None
+
+
+def _estimated_bytes(n: int, dim: int, itemsize: int, paths: list[str], skipped: list[tuple]) -> int:
+    """An upper estimate of a cache file's size: the features, the columns, the strings' heap entries."""
+    strings = sum(len(p.encode()) + 48 for p in paths) + sum(len(s[0].encode()) + len(s[1].encode()) + 96 for s in skipped)
+    return n * dim * itemsize + n * 24 + strings + (1 << 20)
+
+
+def _write(
+    path: Path, key: CacheKey, features: np.ndarray | Sequence[np.ndarray], n: int, dim: int, labels: np.ndarray,
+    paths: list[str], split: list[str], file_size: list[int], file_mtime_ns: list[int], class_names: list[str],
+    skipped: list[tuple[str, str, int, int]], extra_attrs: dict,
+) -> None:
+    with atomic_path(path, durable=True) as tmp, open(tmp, "wb+", buffering=0) as raw:
+        sink = FirstErrorSink(raw)  # HDF5 never sees a failed write: one leaves it in a state that crashes at exit
+        with h5py.File(sink, "w") as handle:
             # fletcher32: HDF5 checks every chunk on read, so damaged numbers raise instead of passing as data.
             stored = handle.create_dataset(
                 "features", shape=(n, dim), dtype=key.dtype, chunks=(max(1, min(n, WRITE_CHUNK_ROWS)), dim),
@@ -398,16 +411,11 @@ def write_cache(
             }
             for name, value in attrs.items():
                 handle.attrs[name] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
+        if sink.error is not None:
+            raise sink.error
 
 
 def _numbers(handle: h5py.File, name: str, values: np.ndarray) -> None:
     """A 1-D numeric column with an HDF5 checksum (checksums need chunked storage)."""
     handle.create_dataset(name, data=values, chunks=(max(1, min(len(values), 1 << 16)),), maxshape=(None,),
                           fletcher32=True)
-
-
-def remove_stale_temporaries(path: Path) -> None:
-    """Delete half-written files that a killed run left beside `path` (call while holding its lock)."""
-    path = Path(path)
-    for leftover in path.parent.glob(f".{glob.escape(path.stem)}.tmp-*{glob.escape(path.suffix)}"):
-        leftover.unlink(missing_ok=True)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+import glob
 import fcntl
 import hashlib
 import json
 import os
+import shutil
 import socket
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from tlfeat.errors import TlfeatError
 
@@ -24,7 +27,7 @@ def atomic_path(path: str | Path, durable: bool = False) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    tmp = path.with_name(temporary_name(path))
     try:
         yield tmp
         if durable:
@@ -34,6 +37,110 @@ def atomic_path(path: str | Path, durable: bool = False) -> Iterator[Path]:
             fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def temporary_name(path: Path, pid: int | str | None = None) -> str:
+    """The name `atomic_path` writes `path` under first: hidden, with the writer's pid, suffix kept."""
+    return f".{path.stem}.tmp-{os.getpid() if pid is None else pid}{path.suffix}"
+
+
+# Linux pids have at most 7 digits (pid_max <= 4194304): the longest temporary name a writer can use.
+_LONGEST_PID = 9_999_999
+
+
+def check_output_path(out: Path) -> None:
+    """Refuse, before any work, an output whose folder is a file or whose derived names the file system
+    cannot hold (the temporary name is the longest), and a folder squatting on its lock name."""
+    out = Path(out)
+    folder = next((p for p in (out.parent, *out.parent.parents) if p.exists()), Path("."))
+    if not folder.is_dir():
+        raise TlfeatError(f"{out}: {folder} is a file, not a folder")
+    try:
+        name_max = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    longest = len(os.fsencode(temporary_name(out, _LONGEST_PID)))
+    if longest > name_max:
+        raise TlfeatError(
+            f"{out}: file name too long for this file system ({len(os.fsencode(out.name))} bytes, and the "
+            f"temporary name written first takes {longest}; the limit is {name_max}): choose a shorter `out`"
+        )
+    lock = Path(str(out) + ".lock")
+    if lock.is_dir():
+        raise TlfeatError(f"{lock}: is a folder; it is the lock of this output: move it away")
+
+
+def no_space(exc: BaseException) -> bool:
+    """A full disk or quota, however it was reported (h5py puts errno 28 in its message, not in errno)."""
+    return getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc)
+
+
+def os_reason(exc: BaseException) -> str:
+    """The one-line cause of a failed file operation."""
+    if no_space(exc):
+        return "no space left on the device"
+    reason = getattr(exc, "strerror", None) or (str(exc).splitlines() or [exc.__class__.__name__])[0]
+    return reason[:160]
+
+
+def check_free_space(folder: Path, need: int, what: str) -> None:
+    """Refuse to start writing `what` (about `need` bytes) into `folder` when the file system has less free."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # cannot tell: the write itself will say
+    if free < need:
+        raise TlfeatError(
+            f"{folder}: writing {what} needs about {need / 1e6:.1f} MB, {free / 1e6:.1f} MB free: free space first"
+        )
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete half-written files that a killed writer left beside `path` (call while holding its lock)."""
+    path = Path(path)
+    for leftover in path.parent.glob(temporary_name(path.with_name(glob.escape(path.name)), pid="*")):
+        leftover.unlink(missing_ok=True)
+
+
+class FirstErrorSink:
+    """A binary file for HDF5 (h5py's file-object driver) whose writes never fail in HDF5's sight.
+
+    The first OSError (a full disk) is kept in `error` and every later write is dropped, so HDF5 finishes and
+    closes cleanly; the caller raises `error` and deletes the file. (A write failing inside HDF5 leaves the
+    library holding a broken file that segfaults the interpreter when it is collected or at exit.)
+    """
+
+    def __init__(self, raw: Any) -> None:
+        self.raw, self.error = raw, None
+
+    def write(self, data: bytes) -> int:
+        return self._guarded(self.raw.write, data, len(data))
+
+    def truncate(self, size: int | None = None) -> int | None:
+        return self._guarded(self.raw.truncate, size, size)
+
+    def flush(self) -> None:
+        self._guarded(lambda _: self.raw.flush(), None, None)
+
+    def _guarded(self, operation: Callable[[Any], Any], argument: Any, pretend: Any) -> Any:
+        if self.error is None:
+            try:
+                return operation(argument)
+            except OSError as exc:
+                self.error = exc
+        return pretend
+
+    def read(self, size: int = -1) -> bytes:
+        return self.raw.read(size)
+
+    def readinto(self, buffer: Any) -> int:
+        return self.raw.readinto(buffer)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
 
 
 def fsync_path(path: Path) -> None:
@@ -136,8 +243,8 @@ class OutputLock:
             os.ftruncate(self._fd, 0)
             os.write(self._fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
         except OSError as exc:
-            self.__exit__()
-            raise TlfeatError(f"{self.path}: cannot write the output lock ({exc.strerror})") from None
+            self.__exit__()  # no empty lock left behind
+            raise TlfeatError(f"{self.path}: cannot write the output lock ({os_reason(exc)})") from None
 
     def __exit__(self, *exc: object) -> None:
         if self._fd is None:
@@ -155,8 +262,8 @@ def _open_lock_file(path: Path) -> int:
         return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except IsADirectoryError:
         raise TlfeatError(f"{path}: is a folder; it is the lock of this output: move it away") from None
-    except OSError as exc:
-        raise TlfeatError(f"{path}: cannot create the output lock ({exc.strerror})") from None
+    except OSError as exc:  # a read-only folder, no permission, a full disk (creating the file)
+        raise TlfeatError(f"{path.parent}: cannot write here ({os_reason(exc)}): no output lock {path.name}") from None
 
 
 def _lock_holder(fd: int) -> str:

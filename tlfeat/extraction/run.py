@@ -24,7 +24,7 @@ import numpy as np
 
 from tlfeat.backbones import get_backbone, resolve_image_size, weights_identity
 from tlfeat.cache import (
-    CacheKey, Rows, load, open_rows, read_key, read_rows, remove_stale_temporaries, without_non_finite, write_cache,
+    CacheKey, Rows, load, open_rows, read_key, read_rows, without_non_finite, write_cache,
 )
 from tlfeat.data.batches import bytes_in_flight
 from tlfeat.data.cores import available_memory
@@ -33,7 +33,7 @@ from tlfeat.data.scan import DEFAULT_RATIOS, SPLIT_RULE, DatasetScan, ImageEntry
 from tlfeat.errors import TlfeatError
 from tlfeat.extraction.engines import make_engine
 from tlfeat.extraction.shards import ShardStore
-from tlfeat.fileio import OutputLock
+from tlfeat.fileio import OutputLock, check_output_path, remove_stale_temporaries
 from tlfeat.progress import progress_bar
 
 if TYPE_CHECKING:
@@ -215,50 +215,56 @@ def extract(
     size = resolve_image_size(spec, image_size)
     if batch_size is not None:
         _check_batch_size(batch_size, size)
-    scan = scan_dataset(data, seed=seed, ratios=ratios)
-    out = Path(out) if out is not None else default_output(scan.root, spec.name, size)
-    if out.exists() and out.is_dir():
-        raise TlfeatError(f"{out}: is a folder; `out` needs a file path such as {out / 'features.h5'}")
-    weights_id = weights_identity(spec, weights)
+    stage, parts = "scanning the dataset", None  # what a Ctrl-C interrupts; where finished batches are kept
+    try:
+        scan = scan_dataset(data, seed=seed, ratios=ratios)
+        out = Path(out) if out is not None else default_output(scan.root, spec.name, size)
+        if out.exists() and out.is_dir():
+            raise TlfeatError(f"{out}: is a folder; `out` needs a file path such as {out / 'features.h5'}")
+        check_output_path(out)
+        weights_id = weights_identity(spec, weights)
+        parts = ShardStore(out).dir
 
-    with OutputLock(out), make_engine(engine, spec, weights, size, batch_size, ray_options, workers) as runner:
-        remove_stale_temporaries(out)
-        shards = ShardStore(out)
-        key = CacheKey(spec.name, weights_id, size, spec.preprocessing, dtype, runner.compute)
-        notes = list(scan.notes)
-        relabelled = _check_split(out, key, scan, overwrite)
-        notes += [relabelled] if relabelled else []
-        known = _known_rows(key, out, shards, overwrite, notes)
-        notes += shards.notices
-        still_failing, reasons_changed = _recheck_skipped(scan, known, size)
-        todo = [
-            e for e in scan.entries
-            if (record := _reusable(known.get(e.relpath), e)) is None
-            or (record[2] is None and e.relpath not in still_failing)
-        ]
-        n_retried = len(still_failing) + sum(1 for e in todo if e.relpath in known and known[e.relpath][2] is None)
-        n_reused = len(scan.entries) - len(todo)
-        compute_seconds = 0.0
-        if todo:
-            computed_before = time.perf_counter()
-            try:
+        stage = "loading the model"
+        with OutputLock(out), make_engine(engine, spec, weights, size, batch_size, ray_options, workers) as runner:
+            remove_stale_temporaries(out)
+            shards = ShardStore(out)
+            key = CacheKey(spec.name, weights_id, size, spec.preprocessing, dtype, runner.compute)
+            notes = list(scan.notes)
+            relabelled = _check_split(out, key, scan, overwrite)
+            notes += [relabelled] if relabelled else []
+            known = _known_rows(key, out, shards, overwrite, notes)
+            notes += shards.notices
+            still_failing, reasons_changed = _recheck_skipped(scan, known, size)
+            todo = [
+                e for e in scan.entries
+                if (record := _reusable(known.get(e.relpath), e)) is None
+                or (record[2] is None and e.relpath not in still_failing)
+            ]
+            n_retried = len(still_failing) + sum(1 for e in todo if e.relpath in known and known[e.relpath][2] is None)
+            n_reused = len(scan.entries) - len(todo)
+            compute_seconds = 0.0
+            if todo:
+                computed_before = time.perf_counter()
                 with progress_bar(len(todo), progress, f"extract {spec.name}") as bar, \
                         ShardWriter(shards, key) as writer, closing(runner.embed(scan.root, todo, bar)) as batches:
                     for rows in batches:  # closed however the loop ends: the decoding pool is free again
+                        stage = "computing"
                         rows = without_non_finite(rows)  # a failure of those images, never features
                         writer.put(rows)
                         _absorb(known, rows)
-            except KeyboardInterrupt:
-                raise TlfeatError(
-                    f"interrupted: finished batches are kept in {shards.dir}; "
-                    "rerun the same command to resume"
-                ) from None
-            compute_seconds = time.perf_counter() - computed_before
+                compute_seconds = time.perf_counter() - computed_before
 
-        up_to_date = not todo and not reasons_changed and _same_as_file(out, scan, known)
-        if not up_to_date:
-            _write_final(out, key, scan, known, weights, size, runner.keras_backend())
-        shards.clear()
+            up_to_date = not todo and not reasons_changed and _same_as_file(out, scan, known)
+            if not up_to_date:
+                stage = "writing"
+                try:
+                    _write_final(out, key, scan, known, weights, size, runner.keras_backend())
+                except TlfeatError as exc:
+                    raise TlfeatError(f"{exc}; {_KEPT.format(parts=parts)} to finish") from None
+            shards.clear()
+    except KeyboardInterrupt:
+        raise TlfeatError(_interrupted(stage, out, parts)) from None
 
     skipped = [(e.relpath, known[e.relpath][3]) for e in scan.entries if known[e.relpath][2] is None]
     n_rows = len(scan.entries) - len(skipped)
@@ -278,6 +284,18 @@ def extract(
         notes=notes,
         n_retried=n_retried,
     )
+
+
+_KEPT = "finished batches are kept in {parts}: rerun the same command"
+
+
+def _interrupted(stage: str, out: Path | None, parts: Path | None) -> str:
+    """The one line for a Ctrl-C, by what it interrupted."""
+    if stage == "writing":
+        return f"interrupted while writing {out}: the previous cache is unchanged; {_KEPT.format(parts=parts)} to finish"
+    if stage == "computing":
+        return f"interrupted: {_KEPT.format(parts=parts)} to resume"
+    return f"interrupted while {stage}; nothing was written"
 
 
 def _check_batch_size(batch_size: int, size: int) -> None:

@@ -19,7 +19,8 @@ from typing import Iterator
 import numpy as np
 
 from tlfeat.cache import OLD_DECODE, CacheKey, Rows, without_non_finite
-from tlfeat.fileio import atomic_write_bytes, sha256_file
+from tlfeat.errors import TlfeatError
+from tlfeat.fileio import atomic_write_bytes, os_reason, sha256_file
 
 SHARD_DIGEST_CHARS = 32  # hex digits of SHA-256 in a shard's name: 128 bits
 _SHARD_NAME = re.compile(r"shard-(\d{7,})-([0-9a-f]{%d})\.npz" % SHARD_DIGEST_CHARS)
@@ -36,6 +37,8 @@ class ShardStore:
 
     def __init__(self, out: Path) -> None:
         self.dir = Path(str(out) + ".parts")
+        if self.dir.exists() and not self.dir.is_dir():  # found now, not after the first batch is computed
+            raise TlfeatError(f"{self.dir}: is a file; it is where this output's unfinished batches go: move it away")
         # Known after the first shard, so writing stays O(1) per shard over runs of many thousands.
         self._next_index: int | None = None
         self._started: CacheKey | None = None
@@ -56,10 +59,13 @@ class ShardStore:
             return
         if self.dir.exists() and self.key() != key:
             self.clear()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        meta = self.dir / "meta.json"
-        if not meta.exists():
-            atomic_write_bytes(meta, json.dumps(asdict(key)).encode())
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            meta = self.dir / "meta.json"
+            if not meta.exists():
+                atomic_write_bytes(meta, json.dumps(asdict(key)).encode())
+        except OSError as exc:
+            raise TlfeatError(f"{self.dir}: cannot write here ({os_reason(exc)})") from None
         self._started = key
 
     def _shard_files(self) -> list[Path]:
@@ -89,6 +95,11 @@ class ShardStore:
                 os.fsync(handle.fileno())
             digest = sha256_file(tmp)[:SHARD_DIGEST_CHARS]  # read back from the page cache: cheap
             os.replace(tmp, self.dir / f"shard-{index:07d}-{digest}.npz")
+        except OSError as exc:
+            raise TlfeatError(
+                f"{self.dir}: cannot write a shard ({os_reason(exc)}); the batches finished before it are kept: "
+                "make room and rerun the same command to resume"
+            ) from None
         finally:
             tmp.unlink(missing_ok=True)
 
