@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import glob
-import fcntl
 import hashlib
 import json
 import os
@@ -221,6 +220,10 @@ class OutputLock:
         self._fd: int | None = None
 
     def __enter__(self) -> "OutputLock":
+        try:
+            import fcntl  # POSIX only; imported here so that the rest of tlfeat imports anywhere
+        except ImportError:
+            raise TlfeatError(f"{self.path}: output locks need a POSIX system (no fcntl here)") from None
         for _ in range(10):  # the holder may unlink the file between our open and our flock: open again
             fd = _open_lock_file(self.path)
             try:
