@@ -388,6 +388,8 @@ def _write(
                 maxshape=(None, dim), fletcher32=True,
             )
             for start in range(0, n, WRITE_CHUNK_ROWS):  # numpy converts: HDF5's float16 rounding differs
+                if sink.error is not None:
+                    raise sink.error  # stop at once: the sink holds what HDF5 writes from here on in memory
                 chunk = np.asarray(features[start : start + WRITE_CHUNK_ROWS])
                 stored[start : start + WRITE_CHUNK_ROWS] = chunk.astype(key.dtype, copy=False)
             _numbers(handle, "labels", np.asarray(labels, dtype=np.int32))

@@ -11,7 +11,7 @@ import shutil
 import socket
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from tlfeat.errors import TlfeatError
 
@@ -104,42 +104,70 @@ def remove_stale_temporaries(path: Path) -> None:
 class FirstErrorSink:
     """A binary file for HDF5 (h5py's file-object driver) whose writes never fail in HDF5's sight.
 
-    The first OSError (a full disk) is kept in `error` and every later write is dropped, so HDF5 finishes and
-    closes cleanly; the caller raises `error` and deletes the file. (A write failing inside HDF5 leaves the
-    library holding a broken file that segfaults the interpreter when it is collected or at exit.)
+    A write failing inside HDF5 (a full disk) leaves the library holding a broken file that segfaults the
+    interpreter when it is collected or at exit. Here the first OSError is kept in `error`; that write and
+    every later one are held in memory instead, and reads see them, so HDF5 stays consistent and closes
+    cleanly. The caller stops writing as soon as `error` is set (what is held is then one chunk and the
+    metadata written on closing), raises it, and deletes the file.
     """
 
     def __init__(self, raw: Any) -> None:
-        self.raw, self.error = raw, None
+        self.raw, self.error = raw, None  # raw: unbuffered (FileIO), so nothing is left to flush on closing
+        self._pos = 0
+        self._held: list[tuple[int, bytes]] = []  # (offset, bytes) written after the error, in order
 
-    def write(self, data: bytes) -> int:
-        return self._guarded(self.raw.write, data, len(data))
-
-    def truncate(self, size: int | None = None) -> int | None:
-        return self._guarded(self.raw.truncate, size, size)
-
-    def flush(self) -> None:
-        self._guarded(lambda _: self.raw.flush(), None, None)
-
-    def _guarded(self, operation: Callable[[Any], Any], argument: Any, pretend: Any) -> Any:
+    def write(self, data: Any) -> int:
+        view, done = memoryview(data).cast("B"), 0
         if self.error is None:
             try:
-                return operation(argument)
+                self.raw.seek(self._pos)
+                while done < len(view):  # h5py ignores short writes: finish them here
+                    done += self.raw.write(view[done:]) or 0
             except OSError as exc:
                 self.error = exc
-        return pretend
-
-    def read(self, size: int = -1) -> bytes:
-        return self.raw.read(size)
+        if done < len(view):
+            self._held.append((self._pos + done, bytes(view[done:])))
+        self._pos += len(view)
+        return len(view)
 
     def readinto(self, buffer: Any) -> int:
-        return self.raw.readinto(buffer)
+        view = memoryview(buffer).cast("B")
+        self.raw.seek(self._pos)
+        got = self.raw.readinto(view) or 0
+        view[got:] = bytes(len(view) - got)  # past the end of the file: zeros, as HDF5 expects
+        for offset, data in self._held:
+            low, high = max(offset, self._pos), min(offset + len(data), self._pos + len(view))
+            if low < high:
+                view[low - self._pos : high - self._pos] = data[low - offset : high - offset]
+        self._pos += len(view)
+        return len(view)
+
+    def read(self, size: int = -1) -> bytes:
+        buffer = bytearray(max(0, self._end() - self._pos) if size < 0 else size)
+        self.readinto(buffer)
+        return bytes(buffer)
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        return self.raw.seek(offset, whence)
+        self._pos = offset + (0, self._pos, self._end())[whence]
+        return self._pos
 
     def tell(self) -> int:
-        return self.raw.tell()
+        return self._pos
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self._pos if size is None else size
+        if self.error is None:
+            try:
+                self.raw.truncate(size)
+            except OSError as exc:
+                self.error = exc
+        return size
+
+    def flush(self) -> None:
+        pass  # nothing buffered: `raw` is unbuffered and the held writes are discarded with the file
+
+    def _end(self) -> int:
+        return max([os.fstat(self.raw.fileno()).st_size] + [offset + len(data) for offset, data in self._held])
 
 
 def fsync_path(path: Path) -> None:
