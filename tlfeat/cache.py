@@ -9,10 +9,8 @@ Layout (all datasets at the root of the file, N rows, D feature dims):
     file_size       (N,)   int64, bytes of the image file when it was embedded
     file_mtime_ns   (N,)   int64, modification time of the image file (ns)
     class_names     (C,)   UTF-8 str, sorted
-    skipped_paths   (S,)   UTF-8 str, files that could not be decoded
-    skipped_reasons (S,)   UTF-8 str, why (one line each)
-    skipped_size    (S,)   int64
-    skipped_mtime_ns (S,)  int64
+    skipped_paths, skipped_reasons (S,) UTF-8 str: files that failed, and why (one line each)
+    skipped_size, skipped_mtime_ns (S,) int64
 
 Root attributes: format_version, backbone, weights, input_size, preprocessing,
 dtype, compute, decode, feature_dim, keras_backend, tlfeat_version, created,
@@ -20,10 +18,8 @@ dataset_root, seed, split_ratios (JSON), split_rule, n_skipped.
 
 Numeric columns carry HDF5 fletcher32 checksums; reading checks them, and the
 structure (format version, columns, row counts, key attributes, label range) on
-open, so a damaged file is a one-line error naming it, never data.
-
-Rows are in a canonical order (split, class, path) so that a resumed or
-incremental run writes the same file as an uninterrupted one.
+open, so a damaged file is a one-line error naming it, never data. Rows are in a
+canonical order (split, class, path): a resumed run writes an uninterrupted one's file.
 
 Crash safety: the file is only replaced atomically (a temporary name, fsync,
 rename), after a check of the free space; a run's work in progress is in
