@@ -13,7 +13,7 @@ from conftest import make_image, run_cli
 from tlfeat import cache
 from tlfeat.errors import TlfeatError
 from tlfeat.extraction.run import extract
-from tlfeat.runtime import FeatureExtractor
+from tlfeat.runtime import Pending
 
 FAST = dict(backbone="vgg16", weights="none", image_size=32, progress=False)
 
@@ -104,14 +104,14 @@ def test_damaged_structure_is_a_one_line_error_naming_the_file(
 
 
 def _nan_in_first_row(monkeypatch: pytest.MonkeyPatch) -> None:
-    original = FeatureExtractor.__call__
+    original = Pending.result
 
-    def call(self: FeatureExtractor, images: np.ndarray) -> np.ndarray:
-        features = original(self, images)
+    def result(self: Pending) -> np.ndarray:
+        features = original(self)
         features[0, 5] = np.nan  # as a model overflowing on one odd image would
         return features
 
-    monkeypatch.setattr(FeatureExtractor, "__call__", call)
+    monkeypatch.setattr(Pending, "result", result)
 
 
 def test_non_finite_features_are_a_failure_of_the_image_never_a_row(
@@ -156,15 +156,15 @@ def test_skipped_files_are_retried_on_every_run(tiny_dataset: Path, tmp_path: Pa
 
 
 def _interrupt_after(monkeypatch: pytest.MonkeyPatch, batches: int) -> None:
-    original, calls = FeatureExtractor.__call__, {"n": 0}
+    original, calls = Pending.result, {"n": 0}
 
-    def call(self: FeatureExtractor, images: np.ndarray) -> np.ndarray:
+    def result(self: Pending) -> np.ndarray:
         calls["n"] += 1
         if calls["n"] > batches:
             raise KeyboardInterrupt
-        return original(self, images)
+        return original(self)
 
-    monkeypatch.setattr(FeatureExtractor, "__call__", call)
+    monkeypatch.setattr(Pending, "result", result)
 
 
 def test_damaged_shards_are_discarded_with_a_notice_and_recomputed(

@@ -213,7 +213,7 @@ def test_unusable_output_names_are_refused_before_any_image_is_computed(
     def never(*args: object) -> None:
         raise AssertionError("an image was computed before the output was checked")
 
-    monkeypatch.setattr(FeatureExtractor, "__call__", never)
+    monkeypatch.setattr(FeatureExtractor, "submit", never)
     with pytest.raises(TlfeatError) as info:
         extract(tiny_dataset, out, **FAST)
     _one_line(info, *fragments)
