@@ -20,6 +20,7 @@ what JPEG compression itself changes.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,8 +28,10 @@ from statistics import median
 
 import numpy as np
 
-from isolated import bench_command, finish_report
-from photos import make_photos
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tlfeat, run from anywhere
+
+from isolated import bench_command, finish_report  # noqa: E402
+from photos import make_photos  # noqa: E402
 
 SCENE15 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "scene15"
 SIZE = 224

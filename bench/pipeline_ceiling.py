@@ -15,6 +15,9 @@ side finds them in the page cache:
                                each handed to a "model" returning zeros; the pool is started and has decoded one
                                small batch before the clock (as in extract, where it starts while the backbone
                                loads); pool_start_s is that start
+  ..._cpu_us_per_img           CPU time per image (single thread; workers + this process for the pipeline):
+                               on a busy shared machine the wall-clock rates say how much CPU the run got,
+                               these say what the pipeline costs
   threads_img_s[w]             the design not taken: w threads decoding each batch into one preallocated
                                uint8 buffer, one batch ahead (tlfeat.data.decode.decode_into, same files)
 
@@ -61,26 +64,38 @@ def plain_pillow(files: list[Path]) -> float:
     return len(files) / (time.perf_counter() - start)
 
 
-def single_tlfeat(files: list[Path]) -> float:
+def single_tlfeat(files: list[Path]) -> tuple[float, float]:
+    """(images/s, CPU microseconds per image)."""
     out = np.empty((SIZE, SIZE, 3), dtype=np.uint8)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for path in files:
         decode_into(path, out)
-    return len(files) / (time.perf_counter() - start)
+    return len(files) / (time.perf_counter() - start), (time.process_time() - cpu) / len(files) * 1e6
 
 
-def pipeline(files: list[Path], workers: int, batch_size: int) -> tuple[float, float]:
-    """(images/s, seconds the pool took to start and decode its first small batch)."""
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pipeline(files: list[Path], workers: int, batch_size: int) -> tuple[float, float, float]:
+    """(images/s, seconds the pool took to start and decode its first small batch, CPU microseconds per image
+    of the workers and this process together)."""
     started = time.perf_counter()
     with DecodePool(workers) as pool:
         for _ in pool.batches(files[:workers], SIZE, batch_size):
             pass
         ready = time.perf_counter()
+        pids = [w.process.pid for w in pool.workers]
+        cpu = time.process_time() + sum(_cpu_seconds(pid) for pid in pids)
         n = 0
         for batch in pool.batches(files, SIZE, batch_size):
             features = np.zeros((batch.length, FEATURE_DIM), dtype=np.float32)[batch.ok]
             n += len(features)
-        return n / (time.perf_counter() - ready), ready - started
+        seconds = time.perf_counter() - ready
+        cpu = time.process_time() + sum(_cpu_seconds(pid) for pid in pids) - cpu
+        return n / seconds, ready - started, cpu / n * 1e6
 
 
 def threads(files: list[Path], workers: int, batch_size: int) -> float:
@@ -109,14 +124,17 @@ def measure(name: str, files: list[Path], workers: list[int], batch_size: int, r
     distinct = list(dict.fromkeys(files))  # single-thread rates need each file once
     for path in distinct:  # into the page cache, for every side alike
         path.read_bytes()
-    runs: dict[str, list] = {"pillow": [], "tlfeat": []}
+    runs: dict[str, list] = {"pillow": [], "tlfeat": [], "tlfeat_cpu": []}
     for _ in range(repeats):
         runs["pillow"].append(plain_pillow(distinct))
-        runs["tlfeat"].append(single_tlfeat(distinct))
+        rate, cpu = single_tlfeat(distinct)
+        runs["tlfeat"].append(rate)
+        runs["tlfeat_cpu"].append(cpu)
         for w in workers:
-            rate, start = pipeline(files, w, batch_size)
+            rate, start, cpu = pipeline(files, w, batch_size)
             runs.setdefault(f"pipeline{w}", []).append(rate)
             runs.setdefault(f"start{w}", []).append(start)
+            runs.setdefault(f"cpu{w}", []).append(cpu)
             if with_threads:
                 runs.setdefault(f"threads{w}", []).append(threads(files, w, batch_size))
     report = {
@@ -126,6 +144,8 @@ def measure(name: str, files: list[Path], workers: list[int], batch_size: int, r
         "single_thread_tlfeat_img_s": median(runs["tlfeat"]),
         "pipeline_img_s": {str(w): median(runs[f"pipeline{w}"]) for w in workers},
         "pool_start_s": {str(w): median(runs[f"start{w}"]) for w in workers},
+        "single_thread_tlfeat_cpu_us_per_img": median(runs["tlfeat_cpu"]),
+        "pipeline_cpu_us_per_img": {str(w): median(runs[f"cpu{w}"]) for w in workers},
     }
     if with_threads:
         report["threads_img_s"] = {str(w): median(runs[f"threads{w}"]) for w in workers}
@@ -138,12 +158,14 @@ def print_table(report: dict) -> None:
           f"{report['repeats']}; 1-min load average at the end {report['load_average_1m']:.1f} "
           f"on {report['cores']} cores")
     print(f"  single thread, plain Pillow: {pillow:8.0f} img/s")
-    print(f"  single thread, tlfeat decode: {report['single_thread_tlfeat_img_s']:7.0f} img/s")
+    print(f"  single thread, tlfeat decode: {report['single_thread_tlfeat_img_s']:7.0f} img/s, "
+          f"{report['single_thread_tlfeat_cpu_us_per_img']:.0f} CPU us/img")
     one = report["pipeline_img_s"][next(iter(report["pipeline_img_s"]))]
-    print("  workers  pipeline img/s  x 1 worker  x Pillow  pool start s" +
+    print("  workers  pipeline img/s  x 1 worker  x Pillow  CPU us/img  pool start s" +
           ("  threads img/s" if "threads_img_s" in report else ""))
     for w, rate in report["pipeline_img_s"].items():
-        line = f"  {w:>7}  {rate:14.0f}  {rate / one:10.2f}  {rate / pillow:8.2f}  {report['pool_start_s'][w]:12.2f}"
+        line = (f"  {w:>7}  {rate:14.0f}  {rate / one:10.2f}  {rate / pillow:8.2f}  "
+                f"{report['pipeline_cpu_us_per_img'][w]:10.0f}  {report['pool_start_s'][w]:12.2f}")
         if "threads_img_s" in report:
             line += f"  {report['threads_img_s'][w]:13.0f}"
         print(line)

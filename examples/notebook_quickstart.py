@@ -35,7 +35,7 @@ def main() -> None:
     for result in fitted.results:
         print(result.head, {split: round(s["accuracy"], 3) for split, s in result.scores.items()})
 
-    model = fitted.out / "logreg.joblib"
+    model = fitted.out / "logreg.skops"
     some_image = args.data / train.paths[0]
     prediction = tlfeat.predict(model, [some_image], top=2)
     print("predicted", prediction.predictions[0].path, prediction.predictions[0].top)

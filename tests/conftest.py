@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,13 @@ def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python cli.py ARGS` in a child process, output captured as text."""
     return subprocess.run([sys.executable, str(REPO / "cli.py"), *args], capture_output=True, text=True,
                           timeout=timeout, env=child_env())
+
+
+def extract_run_counts(stdout: str) -> tuple[int, int, int, int]:
+    """(attempted, embedded, skipped, reused) from the summary line `extract` prints."""
+    match = re.search(r"this run: (\d+) attempted \((\d+) embedded, (\d+) skipped\), (\d+) reused", stdout)
+    assert match, stdout
+    return tuple(int(n) for n in match.groups())  # type: ignore[return-value]
 
 
 def make_image(path: Path, class_index: int, variant: int, size: tuple[int, int] = (48, 40)) -> None:
@@ -112,6 +120,7 @@ def write_synthetic_cache(
     features: np.ndarray | None = None,
     class_names: list[str] | None = None,
     path_prefix: str = "",
+    dataset_root: str = "/synthetic",
 ) -> Path:
     """A tlfeat cache of gaussian blobs; row paths look like '<class>/img_<i>.png'."""
     blob_features, labels = gaussian_blobs(n_per_class, n_classes, dim, seed)
@@ -129,7 +138,7 @@ def write_synthetic_cache(
         features=features, labels=labels, paths=paths, split=split,
         file_size=[100] * len(labels), file_mtime_ns=[0] * len(labels),
         class_names=class_names, skipped=[],
-        extra_attrs={"weights_source": "none", "dataset_root": "/synthetic", "seed": seed},
+        extra_attrs={"weights_source": "none", "dataset_root": dataset_root, "seed": seed},
     )
     return path
 

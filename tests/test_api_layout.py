@@ -11,12 +11,12 @@ import pytest
 
 from conftest import REPO, child_env, make_dataset
 
-PUBLIC = ["TlfeatError", "compare", "evaluate", "extract", "finetune", "fit_heads", "list_backbones",
-          "list_heads", "load", "predict"]
+PUBLIC = ["TlfeatError", "audit", "compare", "doctor", "embedding_map", "evaluate", "export", "extract", "finetune",
+          "fit_heads", "list_backbones", "list_heads", "load", "predict", "recipe", "similar"]
 
 # The data flow, lowest first: a module may import its own stage and lower ones, never a higher one.
 STAGES = [
-    ("tlfeat.errors", "tlfeat.fileio", "tlfeat.progress"),
+    ("tlfeat.errors", "tlfeat.fileio", "tlfeat.progress", "tlfeat.quiet_import"),
     ("tlfeat.data",),
     ("tlfeat.backbones",),
     ("tlfeat.runtime",),
@@ -24,7 +24,7 @@ STAGES = [
     ("tlfeat.extraction",),
     ("tlfeat.reports",),
     ("tlfeat.heads", "tlfeat.finetuning"),
-    ("tlfeat.apps",),
+    ("tlfeat.apps", "tlfeat.analysis"),
     ("tlfeat.cli",),
 ]
 
@@ -106,7 +106,8 @@ def test_no_module_is_over_about_400_lines() -> None:
 def test_every_entry_point_runs_the_same_app(command: list[str]) -> None:
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=child_env(), timeout=120)
     assert result.returncode == 0, result.stderr
-    for name in ("extract", "fit-head", "finetune", "predict", "evaluate", "compare", "demo", "backbones"):
+    for name in ("extract", "fit-head", "finetune", "predict", "evaluate", "compare", "demo", "backbones", "audit",
+                 "similar", "map", "export", "recipe", "doctor"):
         assert name in result.stdout
 
 

@@ -11,7 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import TRAINABLE_SEED, assert_one_line_error, fitted_parameters, make_dataset
+from conftest import TRAINABLE_SEED, assert_one_line_error, fitted_parameters, gaussian_blobs, make_dataset, write_synthetic_cache
+from tlfeat.apps import compare as compare_module
 from tlfeat.heads.registry import head_trainable_params
 from tlfeat.extraction.run import extract
 from tlfeat.finetuning import finetune
@@ -43,7 +44,7 @@ def test_compare_builds_one_table_from_runs_and_heads(results: Path, tmp_path: P
     out_csv, out_png = tmp_path / "table.csv", tmp_path / "bars.png"
     result = runner.invoke(app, ["compare", str(results), "--csv", str(out_csv), "--png", str(out_png)])
     assert result.exit_code == 0, result.output
-    assert result.output.startswith("| model | backbone | weights | method | trainable params |")
+    assert result.output.startswith("| dataset | rank | model | backbone | weights | method | trainable params |")
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     with open(out_csv, newline="") as handle:
@@ -51,6 +52,8 @@ def test_compare_builds_one_table_from_runs_and_heads(results: Path, tmp_path: P
     assert set(rows) == {"run"} | {f"heads/{h}" for h in HEAD_NAMES}
     vals = [float(row["val acc"]) for row in rows.values()]
     assert vals == sorted(vals, reverse=True)  # ranked by val accuracy
+    assert {row["dataset"] for row in rows.values()} == {"tiny (seed 0, split 56.25/18.75/25)"}  # one dataset
+    assert sorted(int(row["rank"]) for row in rows.values()) == list(range(1, len(rows) + 1))
 
     summary = json.loads((results / "run" / "summary.json").read_text())
     run = rows["run"]
@@ -63,7 +66,7 @@ def test_compare_builds_one_table_from_runs_and_heads(results: Path, tmp_path: P
 
     for head in HEAD_NAMES:
         row = rows[f"heads/{head}"]
-        estimator, meta = load_head(results / "heads" / f"{head}.joblib")
+        estimator, meta = load_head(results / "heads" / f"{head}.skops")
         assert row["method"] == f"frozen + {head}" and row["backbone"] == "vgg16"
         counted = fitted_parameters(estimator)
         assert row["trainable params"] == ("" if counted is None else str(counted))
@@ -79,12 +82,12 @@ def test_compare_takes_files_once_each_and_skips_checkpoints(results: Path, tmp_
     shutil.copy(results / "run" / "summary.json", messy / "run" / "checkpoints" / "summary.json")
     (messy / "notes.json").write_text('{"format": "something else"}')
     result = runner.invoke(app, [
-        "compare", str(messy), str(messy / "run" / "model.keras"), str(results / "heads" / "logreg.joblib"),
-        str(results / "heads" / "logreg.json"),
+        "compare", str(messy), str(messy / "run" / "model.keras"), str(results / "heads" / "logreg.skops"),
+        str(results / "heads" / "logreg.skops"),
     ])
     assert result.exit_code == 0, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("| ")]
-    assert len(lines) == 3 and {line.split(" | ")[0] for line in lines[1:]} == {"| run", "| heads/logreg"}
+    assert len(lines) == 3 and {line.split(" | ")[2] for line in lines[1:]} == {"run", "heads/logreg"}
 
 
 def test_compare_refuses_nothing_found_and_foreign_files(tmp_path: Path) -> None:
@@ -95,3 +98,38 @@ def test_compare_refuses_nothing_found_and_foreign_files(tmp_path: Path) -> None
     (tmp_path / "notes.txt").write_text("hello")
     assert_one_line_error(runner.invoke(app, ["compare", str(tmp_path / "notes.txt")]), "neither a fit-head model")
     assert_one_line_error(runner.invoke(app, ["compare", str(tmp_path / "missing")]), "not found")
+
+
+def test_compare_never_ranks_across_datasets(tmp_path: Path) -> None:
+    scenes = write_synthetic_cache(tmp_path / "scenes.h5", dataset_root="/data/scenes")
+    digits = write_synthetic_cache(tmp_path / "digits.h5", dataset_root="/data/digits", seed=1)
+    for cache in (scenes, digits):
+        for head in ("logreg", "knn"):
+            fit_heads([cache], head=head, out=tmp_path / cache.stem)
+    out_csv = tmp_path / "table.csv"
+    result = runner.invoke(app, ["compare", str(tmp_path / "scenes"), str(tmp_path / "digits"), "--csv", str(out_csv)])
+    assert result.exit_code == 0, result.output
+    with open(out_csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    by_dataset: dict[str, list[dict]] = {}
+    for row in rows:
+        by_dataset.setdefault(row["dataset"], []).append(row)
+    assert set(by_dataset) == {"digits (seed 1, split ?)", "scenes (seed 0, split ?)"}
+    for members in by_dataset.values():  # each dataset ranked on its own, its rows together
+        assert [int(r["rank"]) for r in members] == [1, 2]
+        assert [float(r["val acc"]) for r in members] == sorted((float(r["val acc"]) for r in members), reverse=True)
+    assert [r["dataset"] for r in rows] == sorted(r["dataset"] for r in rows)
+
+
+def test_the_bar_chart_zooms_to_the_scores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    features, _ = gaussian_blobs(40, 3, 16, seed=0, spread=2.5)  # scores between 0.8 and 1, not spread over 0-1
+    cache = write_synthetic_cache(tmp_path / "close.h5", features=features)
+    for head in ("logreg", "knn"):
+        fit_heads([cache], head=head, out=tmp_path / "heads")
+    figures = []
+    monkeypatch.setattr(compare_module, "save_png", lambda fig, path: figures.append(fig))
+    table = compare_module.compare([tmp_path / "heads"], png=tmp_path / "bars.png")
+    scores = [v for r in table.rows for v in (*(r.accuracy(s) for s in ("train", "val", "test")), r.macro_f1())]
+    assert min(scores) > 0.5
+    low, high = figures[0].axes[0].get_ylim()
+    assert min(scores) - 0.1 <= low <= min(scores) and max(scores) <= high  # not the fixed 0-1.15 axis

@@ -185,7 +185,7 @@ def test_symlinks_are_followed_wherever_they_point_and_keep_their_path(tmp_path:
     "layout, message",
     [
         ("missing", "dataset folder not found"),
-        ("file", "not a folder"),
+        ("file", "is a file, not a dataset folder"),
         ("empty", "no class folders found"),
         ("one-class", "need at least 2 classes"),
         ("empty-class", "class folder holds no images"),

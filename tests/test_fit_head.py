@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 
 from cli import app
 from conftest import assert_one_line_error, gaussian_blobs, summary_rows, write_synthetic_cache
-from tlfeat.fileio import sha256_file
 from tlfeat.errors import TlfeatError
 from tlfeat.heads.fit import fit_heads, load_features
-from tlfeat.heads.registry import HEAD_NAMES, HEADS, get_head
+from tlfeat.heads.registry import HEAD_NAMES, HEADS, fit_estimator, get_head
+from tlfeat.heads.store import read_metadata
 
 runner = CliRunner()
 
@@ -45,8 +45,7 @@ def test_fit_all_heads_writes_models_reports_and_a_ranked_table(tmp_path: Path) 
     assert table[0].startswith("| head | params | train acc") and len(table) == 1 + len(HEAD_NAMES)
 
     for name in HEAD_NAMES:
-        meta = json.loads((out / f"{name}.json").read_text())
-        assert meta["model_sha256"] == sha256_file(out / f"{name}.joblib")
+        meta = read_metadata(out / f"{name}.skops")
         assert meta["classes"] == ["class_0", "class_1", "class_2"]
         source = meta["sources"][0]
         assert source["path"] == str(cache.resolve()) and source["backbone"] == "efficientnet_lite0"
@@ -64,7 +63,7 @@ def test_default_output_folder_sits_beside_the_cache(tmp_path: Path) -> None:
     cache = write_synthetic_cache(tmp_path / "cache" / "blobs.h5")
     result = fit_head_cli(cache, "--head", "knn")
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "cache" / "heads" / "blobs" / "knn.joblib").is_file()
+    assert (tmp_path / "cache" / "heads" / "blobs" / "knn.skops").is_file()
 
 
 def test_search_picks_the_best_value_on_val_and_records_it(tmp_path: Path) -> None:
@@ -73,7 +72,7 @@ def test_search_picks_the_best_value_on_val_and_records_it(tmp_path: Path) -> No
         result = fit_head_cli(cache, "--head", name, "--search", "--out", tmp_path / "out")
         assert result.exit_code == 0, result.output
         spec = get_head(name)
-        meta = json.loads((tmp_path / "out" / f"{name}.json").read_text())
+        meta = read_metadata(tmp_path / "out" / f"{name}.skops")
         trials = meta["search"]
         assert [t[spec.label] for t in trials] == list(spec.grid)
         best = max(t["val_accuracy"] for t in trials)
@@ -113,7 +112,7 @@ def test_fusion_aligns_rows_by_path_and_beats_each_cache_alone(tmp_path: Path) -
     both = fit_heads([a, b], head="logreg", out=tmp_path / "fused").results[0]
     assert max(r.scores["test"]["accuracy"] for r in single.values()) < 0.8
     assert both.scores["test"]["accuracy"] > 0.9
-    meta = json.loads((tmp_path / "fused" / "logreg.json").read_text())
+    meta = read_metadata(tmp_path / "fused" / "logreg.skops")
     assert [s["backbone"] for s in meta["sources"]] == ["resnet101", "vgg16"]
     assert meta["feature_dim"] == 14
 
@@ -197,3 +196,34 @@ def test_data_too_small_for_a_head_is_a_user_error(tmp_path: Path, monkeypatch: 
     )
     with pytest.raises(TlfeatError, match="small.h5: knn head cannot be fitted: Expected n_neighbors <= n_samples"):
         fit_heads([cache], head="knn", out=tmp_path / "out")
+
+
+def test_a_head_that_cannot_fit_is_skipped_and_the_others_are_summarised(tmp_path: Path) -> None:
+    # 12 classes of 2 training images: linear-svm's 3-fold calibration needs 3 a class.
+    cache = write_synthetic_cache(tmp_path / "pairs.h5", n_per_class=4, n_classes=12, dim=8)
+    out = tmp_path / "heads"
+    result = fit_head_cli(cache, "--head", "all", "--out", out)
+    assert result.exit_code == 0, result.output
+    skipped = [line for line in result.stdout.splitlines() if line.startswith("linear-svm") and "skipped" in line]
+    assert len(skipped) == 1 and "3-fold cross-validation" in skipped[0]
+    assert set(summary_rows(out)) == set(HEAD_NAMES) - {"linear-svm"}
+    assert "linear-svm: not fitted:" in (out / "summary.md").read_text()
+    assert_one_line_error(fit_head_cli(cache, "--head", "linear-svm", "--out", out), "linear-svm head cannot be fitted")
+
+
+def test_the_report_heads_search_changes_the_model() -> None:
+    """Each value a search tries must give another model: the report head's early stopping restored the same
+    best epoch whatever the epoch budget, so searching the epoch count chose between identical models."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(60) % 3
+    noisy = rng.normal(size=(120, 256)).astype(np.float32) + 0.3 * np.tile(labels, 2)[:, None]
+    X, y, X_val, y_val = noisy[:60], labels, noisy[60:], labels  # the report head's val loss bottoms out by epoch 3
+    spec = HEADS["report"]
+    probabilities = []
+    for value in spec.grid:
+        estimator = spec.build(0).set_params(**{spec.param: value})
+        fit_estimator(estimator, X, y, (X_val, y_val))
+        probabilities.append(estimator.predict_proba(X_val))
+    same = [(a, b) for i, a in enumerate(spec.grid) for j, b in enumerate(spec.grid)
+            if i < j and np.allclose(probabilities[i], probabilities[j])]
+    assert not same, f"{spec.label} values {same} give the same model"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import joblib
 import numpy as np
 import pytest
 from sklearn.base import clone
@@ -16,7 +15,7 @@ from conftest import gaussian_blobs
 from tlfeat.errors import TlfeatError
 from tlfeat.heads.keras_head import KerasReportHead
 from tlfeat.heads.registry import HEAD_NAMES, get_head
-from tlfeat.heads.store import load_head, metadata_path, save_head
+from tlfeat.heads.store import load_head, save_head
 
 
 
@@ -61,10 +60,10 @@ def test_every_head_is_accurate_on_separable_data(name: str, fitted: dict, blobs
 
 
 @pytest.mark.parametrize("name", HEAD_NAMES)
-def test_joblib_round_trip_predicts_identically(name: str, fitted: dict, blobs: dict, tmp_path: Path) -> None:
+def test_head_file_round_trip_predicts_identically(name: str, fitted: dict, blobs: dict, tmp_path: Path) -> None:
     X_test, _ = blobs["test"]
-    joblib.dump(fitted[name], tmp_path / "head.joblib")
-    loaded = joblib.load(tmp_path / "head.joblib")
+    save_head(fitted[name], tmp_path / "head.skops", {"head": name, "classes": list("abcd"), "feature_dim": 24}, {})
+    loaded, _ = load_head(tmp_path / "head.skops")
     np.testing.assert_array_equal(loaded.predict(X_test), fitted[name].predict(X_test))
     np.testing.assert_allclose(loaded.predict_proba(X_test), fitted[name].predict_proba(X_test), rtol=0, atol=1e-6)
 
@@ -113,16 +112,15 @@ def test_report_head_keeps_string_labels(blobs: dict) -> None:
     assert set(head.predict(blobs["test"][0])) <= set(names)
 
 
-def test_save_and_load_head_checks_the_sha256(fitted: dict, blobs: dict, tmp_path: Path) -> None:
-    model = tmp_path / "logreg.joblib"
-    meta = save_head(fitted["logreg"], model, {"head": "logreg", "classes": ["a", "b", "c", "d"]})
-    assert metadata_path(model).is_file() and len(meta["model_sha256"]) == 64
+def test_save_and_load_head_checks_the_model_against_its_metadata(fitted: dict, blobs: dict, tmp_path: Path) -> None:
+    model = tmp_path / "logreg.skops"
+    save_head(fitted["logreg"], model, {"head": "logreg", "classes": ["a", "b", "c", "d"], "feature_dim": 24}, {})
     loaded, loaded_meta = load_head(model)
-    assert loaded_meta["classes"] == ["a", "b", "c", "d"]
+    assert loaded_meta["classes"] == ["a", "b", "c", "d"] and loaded_meta["format_version"] == 2
     np.testing.assert_array_equal(loaded.predict(blobs["test"][0]), fitted["logreg"].predict(blobs["test"][0]))
 
-    joblib.dump(fitted["knn"], model)  # a different (still valid) pickle under the same name
-    with pytest.raises(TlfeatError, match="model file changed since it was written; refusing to unpickle"):
+    save_head(fitted["knn"], model, {"head": "knn", "classes": ["a", "b", "c"], "feature_dim": 24}, {})
+    with pytest.raises(TlfeatError, match=r"model \(4 classes, 24 features\) does not match its metadata \(3 classes"):
         load_head(model)
 
 

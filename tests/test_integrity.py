@@ -13,6 +13,7 @@ from conftest import make_image, run_cli
 from tlfeat import cache
 from tlfeat.errors import TlfeatError
 from tlfeat.extraction.run import extract
+from tlfeat.extraction.shards import NON_FINITE_REASON
 from tlfeat.runtime import Pending
 
 FAST = dict(backbone="vgg16", weights="none", image_size=32, progress=False)
@@ -123,15 +124,16 @@ def test_non_finite_features_are_a_failure_of_the_image_never_a_row(
         _nan_in_first_row(patch)
         summary = extract(tiny_dataset, out, batch_size=8, **FAST)
     assert summary.n_images == 21 and summary.n_skipped == 3
-    assert {reason for _, reason in summary.skipped} == {cache.NON_FINITE_REASON}
+    assert {reason for _, reason in summary.skipped} == {NON_FINITE_REASON}
     stored = cache.load(out)
     assert len(stored) == 21 and np.isfinite(stored.features).all()
     again = extract(tiny_dataset, out, batch_size=8, **FAST)  # the model is well again: they are retried
     assert again.n_computed == 3 and again.n_images == 24 and again.n_retried == 3
 
-    # A cache written before non-finite rows were refused: its NaN rows are recomputed, not kept.
+    # A cache written before non-finite rows were refused (no `rows_finite`): its NaN rows are recomputed.
     with h5py.File(out, "r+") as handle:
         handle["features"][4, 0] = np.inf
+        del handle.attrs["rows_finite"]
     healed = extract(tiny_dataset, out, batch_size=8, **FAST)
     assert healed.n_computed == 1 and np.isfinite(cache.load(out).features).all()
 

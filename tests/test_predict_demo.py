@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
+import zipfile
 from pathlib import Path
 
-import joblib
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import assert_one_line_error, make_dataset, summary_rows
+from conftest import assert_one_line_error, extract_run_counts, make_dataset, summary_rows
 from tlfeat.cache import load
 from tlfeat.apps.demo import write_digits
 from tlfeat.extraction.run import extract
 from tlfeat.heads.fit import fit_heads, load_features
 from tlfeat.heads.registry import HEAD_NAMES
-from tlfeat.heads.store import load_head
+from tlfeat.heads.store import load_head, read_metadata, save_head
 from tlfeat.apps.predict import predict_images
 
 runner = CliRunner()
@@ -74,8 +73,7 @@ def test_predict_cli_prints_top_k_lists_skipped_and_writes_csv(trained: dict, tm
     (folder / ".hidden.png").write_bytes(b"")
     out_csv = tmp_path / "pred.csv"
     result = runner.invoke(
-        app, ["predict", str(trained["single"]), str(folder), str(tmp_path / "absent.jpg"),
-              "--top", "2", "--csv", str(out_csv), "-q"],
+        app, ["predict", str(trained["single"]), str(folder), "--top", "2", "--csv", str(out_csv), "-q"],
     )
     assert result.exit_code == 0, result.output
     lines = result.stdout.strip().splitlines()
@@ -85,57 +83,45 @@ def test_predict_cli_prints_top_k_lists_skipped_and_writes_csv(trained: dict, tm
         assert Path(path).name.split("-")[0] == first.split(" ")[0]
         assert float(first.split(" ")[1]) >= float(second.split(" ")[1])
     assert "skipped " + str(folder / "broken.png") + ": corrupt or truncated image data" in result.stderr
-    assert f"skipped {tmp_path / 'absent.jpg'}: not found" in result.stderr
     assert "notes.txt" not in result.output and ".hidden" not in result.output
 
     with open(out_csv, newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == ["path", "class", "probability", "class_2", "probability_2", "skipped"]
-    assert len(rows) == 8 and sum(1 for r in rows if r["skipped"]) == 2
+    assert len(rows) == 7 and sum(1 for r in rows if r["skipped"]) == 1
     assert all(r["class"] == Path(r["path"]).name.split("-")[0] for r in rows if not r["skipped"])
 
 
-def test_predict_refuses_a_model_changed_after_it_was_written(trained: dict, tmp_path: Path) -> None:
-    model = tmp_path / "logreg.joblib"
-    model.write_bytes(trained["single"].read_bytes() + b"\0")
-    (tmp_path / "logreg.json").write_text(trained["single"].with_suffix(".json").read_text())
-    assert_one_line_error(
-        runner.invoke(app, ["predict", str(model), str(trained["data"])]),
-        "logreg.joblib", "model file changed since it was written; refusing to unpickle",
-    )
+def test_predict_names_a_path_that_does_not_exist(trained: dict, tmp_path: Path) -> None:
+    good = str(next(trained["data"].glob("class_0/*.png")))
+    absent = tmp_path / "absent.jpg"
+    for images in ([good, str(absent)], [str(absent)]):
+        result = runner.invoke(app, ["predict", str(trained["single"]), *images, "-q"])
+        assert_one_line_error(result, str(absent), "not found")
+        assert not result.stdout
 
 
 def test_predict_refuses_unreadable_or_foreign_model_files(trained: dict, tmp_path: Path) -> None:
     image = str(next(trained["data"].glob("class_0/*.png")))
-    lone = tmp_path / "lone.joblib"
-    lone.write_bytes(trained["single"].read_bytes())
-    assert_one_line_error(runner.invoke(app, ["predict", str(lone), image]), "lone.joblib", "no metadata lone.json")
+    truncated = tmp_path / "truncated.skops"
+    truncated.write_bytes(trained["single"].read_bytes()[:-100])
+    assert_one_line_error(runner.invoke(app, ["predict", str(truncated), image]), "truncated.skops")
 
-    foreign = tmp_path / "foreign.joblib"
-    joblib.dump({"not": "a head"}, foreign)
-    (tmp_path / "foreign.json").write_text(json.dumps({"classes": ["a"]}))
-    assert_one_line_error(runner.invoke(app, ["predict", str(foreign), image]), "foreign.json", "not tlfeat head metadata")
-
-    # Metadata that vouches for the file (sha256 matches), but the file is no pickle at all.
-    garbage = tmp_path / "garbage.joblib"
-    garbage.write_bytes(b"this is not a pickle")
-    meta = json.loads(trained["single"].with_suffix(".json").read_text())
-    meta["model_sha256"] = hashlib.sha256(b"this is not a pickle").hexdigest()
-    (tmp_path / "garbage.json").write_text(json.dumps(meta))
-    assert_one_line_error(runner.invoke(app, ["predict", str(garbage), image]), "garbage.joblib", "cannot load the head")
-
-    assert_one_line_error(runner.invoke(app, ["predict", str(tmp_path / "none.joblib"), image]), "none.joblib", "not found")
+    foreign = tmp_path / "foreign.skops"
+    with zipfile.ZipFile(foreign, "w") as archive:
+        archive.writestr("schema.json", "{}")
+    assert_one_line_error(runner.invoke(app, ["predict", str(foreign), image]), "foreign.skops", "not a tlfeat head")
+    assert_one_line_error(runner.invoke(app, ["predict", str(tmp_path / "none.skops"), image]), "none.skops", "not found")
 
 
 def test_predict_refuses_features_from_other_weights(trained: dict, tmp_path: Path) -> None:
-    model = tmp_path / "logreg.joblib"
-    model.write_bytes(trained["single"].read_bytes())
-    meta = json.loads(trained["single"].with_suffix(".json").read_text())
+    estimator, meta = load_head(trained["single"])
     meta["sources"][0]["weights"] = "sha256:0123"  # as if fitted on features from another weights file
-    (tmp_path / "logreg.json").write_text(json.dumps(meta))
+    model = tmp_path / "logreg.skops"
+    save_head(estimator, model, meta, {})
     image = str(next(trained["data"].glob("class_0/*.png")))
     assert_one_line_error(
-        runner.invoke(app, ["predict", str(model), image]), "logreg.joblib", "weights sha256:0123", "refusing to mix"
+        runner.invoke(app, ["predict", str(model), image]), "logreg.skops", "weights sha256:0123", "refusing to mix"
     )
 
 
@@ -155,7 +141,7 @@ def test_evaluate_scores_a_head_on_caches_as_fit_head_did(trained: dict, tmp_pat
         out_json = tmp_path / f"{kind}.json"
         result = runner.invoke(app, ["evaluate", str(trained[kind]), *map(str, caches), "--json", str(out_json)])
         assert result.exit_code == 0, result.output
-        recorded = json.loads(trained[kind].with_suffix(".json").read_text())["scores"]
+        recorded = read_metadata(trained[kind])["scores"]
         written = json.loads(out_json.read_text())["splits"]
         assert {s: written[s]["n"] for s in written} == {s: recorded[s]["n"] for s in recorded}
         for split, scores in recorded.items():
@@ -184,11 +170,28 @@ def test_evaluate_refuses_caches_the_head_was_not_fitted_on(trained: dict, tmp_p
     )
 
 
+def test_evaluate_on_a_re_split_extraction_scores_only_unseen_images(trained: dict, tmp_path: Path) -> None:
+    """The issue's case: the same images extracted again with another split seed; most "val" rows were trained on."""
+    resplit = extract(trained["data"], out=tmp_path / "seed5.h5", weights="none", image_size=32, seed=5,
+                      progress=False).out
+    original, other = load(trained["caches"][0]), load(resplit)
+    trained_paths = set(original.paths[original.split == "train"])
+    unseen = {s: int(sum(p not in trained_paths for p in other.paths[other.split == s])) for s in ("val", "test")}
+    assert unseen["val"] < int(np.sum(other.split == "val"))  # the re-split put training images into val
+    result = runner.invoke(app, ["evaluate", str(trained["single"]), str(resplit)])
+    assert result.exit_code == 0, result.output
+    for split, n in unseen.items():
+        assert f"| {split} | {n} |" in result.stdout
+    assert "note: val: " in result.stderr and "rows are rows logreg.skops was fitted on" in result.stderr
+
+
 def test_demo_runs_offline_end_to_end_and_reruns_from_the_cache(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     result = runner.invoke(app, ["demo", "--out", str(out), "-q"])
     assert result.exit_code == 0, result.output
-    assert "1797 PNGs written" in result.stdout and "computed 1797, reused 0" in result.stdout
+    lines = result.stdout.splitlines()
+    assert "1797 PNGs written" in lines[0] and extract_run_counts(lines[1]) == (1797, 1797, 0, 0)
+    assert lines[3].startswith("logreg")  # the dataset and its cache come first, then one line per head
     assert len(list((out / "digits").glob("*/*.png"))) == 1797
     assert sorted(p.name for p in (out / "digits").iterdir()) == [str(d) for d in range(10)]
 

@@ -6,7 +6,6 @@ These tests start private local Ray instances (2 CPUs on the CI machine), a few 
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, child_env, make_dataset, run_cli
+from conftest import REPO, child_env, extract_run_counts, make_dataset, run_cli
 from tlfeat import cache
 from tlfeat.errors import TlfeatError
 from tlfeat.extraction.run import extract
@@ -81,8 +80,8 @@ def test_killed_ray_run_resumes_and_matches_the_local_engine(tmp_path: Path) -> 
 
     resumed = run_cli("extract", str(data), "--out", str(out), "--engine", "ray", *args)
     assert resumed.returncode == 0, resumed.stderr
-    computed, reused = (int(n) for n in re.search(r"computed (\d+), reused (\d+)", resumed.stdout).groups())
-    assert reused >= rows_in_shards and computed + reused == 120 and computed < 120
+    attempted, _, _, reused = extract_run_counts(resumed.stdout)
+    assert reused >= rows_in_shards and attempted + reused == 120 and attempted < 120
     assert not parts.exists()
 
     local = run_cli("extract", str(data), "--out", str(tmp_path / "local.h5"), *args)

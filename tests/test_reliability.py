@@ -15,7 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from conftest import REPO, child_env, make_dataset, run_cli
+from conftest import REPO, child_env, extract_run_counts, make_dataset, run_cli
 from hostile import write_corpus
 from tlfeat import cache
 from tlfeat.extraction.run import extract
@@ -52,7 +52,7 @@ KILLER = textwrap.dedent(
     """
     import os, signal, sys
     import numpy as np
-    import tlfeat.extraction.shards as shards_module
+    import tlfeat.extraction.shards as cache_module
 
     point, nth = sys.argv[1], int(sys.argv[2])
     calls = {"n": 0}
@@ -72,14 +72,14 @@ KILLER = textwrap.dedent(
                 handle.flush()
                 die()
             real_savez(handle, **arrays)
-        shards_module.np.savez = savez
+        cache_module.np.savez = savez
     elif point == "before-shard-rename":
         real_replace = os.replace
         def replace(src, dst):
             if str(dst).endswith(".npz") and due():
                 die()
             real_replace(src, dst)
-        shards_module.os.replace = replace
+        cache_module.os.replace = replace
     elif point == "mid-final-write":
         import tlfeat.fileio as fileio_module
         def fsync_path(path):
@@ -151,7 +151,7 @@ def test_cache_survives_sigkill_at_many_points(tmp_path: Path) -> None:
     resumed = subprocess.run([sys.executable, str(REPO / "cli.py"), *_extract_args(data, out)],
                              env=child_env(), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert "computed 0, reused 61" in resumed.stdout  # the late image's shard survived the crash
+    assert extract_run_counts(resumed.stdout) == (0, 0, 0, 61)  # the late image's shard survived the crash
     assert not list(out.parent.glob(f".{out.stem}.tmp-*{out.suffix}")) and not parts.exists()
 
     clean_out = tmp_path / "clean.h5"
@@ -213,5 +213,6 @@ def test_a_killed_run_still_unreaped_as_a_zombie_does_not_block_the_rerun(tmp_pa
     finally:
         proc.wait(timeout=60)
     assert rerun.returncode == 0, rerun.stderr
-    computed, reused = (int(n) for n in re.search(r"computed (\d+), reused (\d+)", rerun.stdout).groups())
+    computed, reused = (int(n) for n in re.search(r"(\d+) attempted \(\d+ embedded, \d+ skipped\), (\d+) reused",
+                                                    rerun.stdout).groups())
     assert reused >= 8 and computed + reused == 60  # resumed from the killed run's shards

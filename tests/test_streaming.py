@@ -15,7 +15,7 @@ from conftest import assert_one_line_error, fitted_parameters, write_synthetic_c
 from tlfeat.cache import load
 from tlfeat.apps.compare import head_trainable_params
 from tlfeat.heads.fit import fit_heads
-from tlfeat.heads.store import load_head
+from tlfeat.heads.store import load_head, read_metadata
 from tlfeat.heads.streaming import fit_streaming
 
 runner = CliRunner()
@@ -60,8 +60,8 @@ def test_streaming_head_is_saved_like_any_other_and_evaluate_agrees(tmp_path: Pa
                                  "--passes", "3", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "linear-svm-streaming" in result.stdout and (out / "summary.md").is_file()
-    model = out / "linear-svm-streaming.joblib"
-    recorded = json.loads(model.with_suffix(".json").read_text())["scores"]
+    model = out / "linear-svm-streaming.skops"
+    recorded = read_metadata(model)["scores"]
     scored = runner.invoke(app, ["evaluate", str(model), str(cache), "--json", str(tmp_path / "e.json")])
     assert scored.exit_code == 0, scored.output
     for split, metrics in json.loads((tmp_path / "e.json").read_text())["splits"].items():

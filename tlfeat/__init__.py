@@ -7,7 +7,9 @@ The Python API, for notebooks and scripts (each name is the function the CLI com
     summary = tlfeat.extract("data/scenes")                 # -> ExtractSummary; cache/scenes-efficientnet_lite0.h5
     data = tlfeat.load(summary.out, split="train")          # -> CacheData: features, labels, paths, class_names
     fitted = tlfeat.fit_heads([summary.out], head="all")    # -> FitSummary: per-head scores, files written
-    result = tlfeat.predict(fitted.out / "logreg.joblib", ["photo.jpg"])
+    result = tlfeat.predict(fitted.out / "logreg.skops", ["photo.jpg"])
+    report = tlfeat.audit(summary.out)                      # -> AuditResult: duplicate pairs, label issues, files
+    tlfeat.export(summary.out, format="parquet", out="exports/scenes")  # Parquet for pandas, DuckDB, Ray Data
 
 Importing tlfeat (and calling `tlfeat.load`) imports neither Keras nor TensorFlow: every name below is
 resolved on first use, so a notebook pays only for what it calls.
@@ -18,7 +20,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from tlfeat import quiet_import
+
 __version__ = "0.1.0"
+
+# TensorFlow's C++ start-up banner (oneDNN, CPU features, absl) is filtered out of stderr when it is imported.
+quiet_import.install()
 
 # public name -> (module, attribute)
 _API: dict[str, tuple[str, str]] = {
@@ -29,17 +36,29 @@ _API: dict[str, tuple[str, str]] = {
     "predict": ("tlfeat.apps.predict", "predict_images"),
     "evaluate": ("tlfeat.apps.evaluate", "evaluate_on_caches"),
     "compare": ("tlfeat.apps.compare", "compare"),
+    "recipe": ("tlfeat.apps.recipe", "run_recipe"),
+    "export": ("tlfeat.apps.export", "export"),
+    "doctor": ("tlfeat.apps.doctor", "doctor"),
     "list_backbones": ("tlfeat.backbones.registry", "list_backbones"),
     "list_heads": ("tlfeat.heads.registry", "list_heads"),
+    "audit": ("tlfeat.analysis.audit", "audit"),
+    "similar": ("tlfeat.analysis.similar", "similar"),
+    "embedding_map": ("tlfeat.analysis.maps", "embedding_map"),
     "TlfeatError": ("tlfeat.errors", "TlfeatError"),
 }
 
 __all__ = sorted(_API)
 
 if TYPE_CHECKING:  # what static tools and IDEs see; at run time `__getattr__` imports on first use
+    from tlfeat.analysis.audit import audit
+    from tlfeat.analysis.maps import embedding_map
+    from tlfeat.analysis.similar import similar
     from tlfeat.apps.compare import compare
+    from tlfeat.apps.doctor import doctor
     from tlfeat.apps.evaluate import evaluate_on_caches as evaluate
+    from tlfeat.apps.export import export
     from tlfeat.apps.predict import predict_images as predict
+    from tlfeat.apps.recipe import run_recipe as recipe
     from tlfeat.backbones.registry import list_backbones
     from tlfeat.cache import load
     from tlfeat.errors import TlfeatError

@@ -1,7 +1,6 @@
 """The embedding cache: one HDF5 file per (dataset, backbone), readable without Keras.
 
-Layout (all datasets at the root of the file, N rows, D feature dims):
-
+Layout (datasets at the root, N rows, D feature dims):
     features        (N, D) float32 or float16, chunked by rows, fletcher32 checksums
     labels          (N,)   int32, index into class_names
     paths           (N,)   UTF-8 str, relative to the dataset root, '/' separated
@@ -13,24 +12,20 @@ Layout (all datasets at the root of the file, N rows, D feature dims):
     skipped_size, skipped_mtime_ns (S,) int64
 
 Root attributes: format_version, backbone, weights, input_size, preprocessing,
-dtype, compute, decode, feature_dim, keras_backend, tlfeat_version, created,
-dataset_root, seed, split_ratios (JSON), split_rule, n_skipped.
+dtype, compute, decode, tta, feature_dim, keras_backend, tlfeat_version, created,
+dataset_root, seed, split_ratios (JSON), split_rule, rows_finite, n_skipped.
 
-Numeric columns carry HDF5 fletcher32 checksums; reading checks them, and the
-structure (format version, columns, row counts, key attributes, label range) on
-open, so a damaged file is a one-line error naming it, never data. Rows are in a
-canonical order (split, class, path): a resumed run writes an uninterrupted one's file.
-
-Crash safety: the file is only replaced atomically (a temporary name, fsync,
-rename), after a check of the free space; a run's work in progress is in
-``<out>.parts/`` (tlfeat.extraction.shards).
+Numeric columns carry fletcher32 checksums, checked on every read, and the structure is checked on
+open (tlfeat.cache_checks): damage is a one-line error naming the file. Rows are in canonical order
+(split, class, path). The file is replaced atomically (temporary name, fsync, rename) after a check of
+the free space; HDF5 writes through a FirstErrorSink (a full disk is an error, not a crash).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -40,7 +35,9 @@ import numpy as np
 
 from tlfeat import __version__
 from tlfeat.data.decode import DECODE
+from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.data.scan import SPLITS
+from tlfeat.cache_checks import CheckedFeatures, check_structure, checked_labels, read_column, reading, rows_meta
 from tlfeat.errors import TlfeatError
 from tlfeat.fileio import FirstErrorSink, atomic_path, check_free_space, os_reason
 
@@ -60,12 +57,13 @@ class CacheKey:
     dtype: str = "float32"  # how features are stored
     compute: str = "float32"  # how they were computed: "float32", or "mixed_bfloat16" on a GPU
     decode: str = DECODE  # how files became pixels (tlfeat.data.decode)
+    tta: str = NO_TTA  # test-time augmentation: "flip" = mean of the image's and its mirror's features
 
     def describe(self) -> str:
         return (
             f"backbone={self.backbone} weights={self.weights} "
             f"input_size={self.input_size} preprocessing={self.preprocessing} dtype={self.dtype} "
-            f"compute={self.compute} decode={self.decode}"
+            f"compute={self.compute} decode={self.decode} tta={self.tta}"
         )
 
     def differences(self, other: "CacheKey") -> str:
@@ -110,14 +108,8 @@ class Rows:
     skipped_mtime_ns: list[int] = field(default_factory=list)
 
 
-_ROW_COLUMNS = ("labels", "paths", "split", "file_size", "file_mtime_ns")
-_SKIP_COLUMNS = ("skipped_paths", "skipped_reasons", "skipped_size", "skipped_mtime_ns")
-_KEY_ATTRS = ("backbone", "weights", "input_size", "preprocessing", "dtype")
-_REBUILD = "rebuild it with extract --overwrite"
-
-
 def _open_for_read(path: Path) -> h5py.File:
-    """Open a cache and check its structure (version, columns, row counts, key attributes): one-line errors."""
+    """Open a cache, its structure checked (tlfeat.cache_checks)."""
     path = Path(path)
     if not path.exists():
         raise TlfeatError(f"{path}: cache file not found")
@@ -126,79 +118,11 @@ def _open_for_read(path: Path) -> h5py.File:
     except OSError as exc:
         raise TlfeatError(f"{path}: not a readable HDF5 cache ({exc.__class__.__name__})") from None
     try:
-        _check_structure(path, handle)
+        check_structure(path, handle, _decode_attrs, key_from_attrs, FORMAT_VERSION)
     except BaseException:
         handle.close()
         raise
     return handle
-
-
-def _check_structure(path: Path, handle: h5py.File) -> None:
-    try:
-        attrs = _decode_attrs(handle)
-        present = set(handle.keys())
-    except (OSError, RuntimeError, KeyError, ValueError) as exc:  # a damaged object header or attribute
-        raise TlfeatError(f"{path}: damaged cache: its attributes cannot be read ({exc.__class__.__name__}); {_REBUILD}") from None
-    if "format_version" not in attrs or "features" not in present:
-        raise TlfeatError(f"{path}: HDF5 file is not a tlfeat cache (no features/format_version)")
-    version = attrs["format_version"]
-    if not isinstance(version, int) or version < 1:
-        raise TlfeatError(f"{path}: damaged cache: format_version {version!r} is not a version number; {_REBUILD}")
-    if version > FORMAT_VERSION:
-        raise TlfeatError(
-            f"{path}: written by a newer tlfeat (cache format version {version}; this tlfeat reads up to "
-            f"{FORMAT_VERSION}): upgrade tlfeat to read it"
-        )
-    missing = [n for n in (*_ROW_COLUMNS, "class_names", *_SKIP_COLUMNS) if n not in present]
-    missing += [f"attribute {n}" for n in _KEY_ATTRS if n not in attrs]
-    if missing:
-        raise TlfeatError(f"{path}: damaged cache: {', '.join(missing)} missing; {_REBUILD}")
-    try:
-        key_from_attrs(attrs)
-    except (TypeError, ValueError):
-        raise TlfeatError(f"{path}: damaged cache: its key attributes do not parse; {_REBUILD}") from None
-    features = handle["features"]
-    if features.ndim != 2:
-        raise TlfeatError(f"{path}: damaged cache: features has shape {features.shape}, not (rows, dims); {_REBUILD}")
-    counts = {n: len(handle[n]) for n in (*_ROW_COLUMNS, *_SKIP_COLUMNS)}
-    wrong = [f"{n} {c}" for n, c in counts.items() if n in _ROW_COLUMNS and c != features.shape[0]]
-    wrong += [f"{n} {c}" for n, c in counts.items() if n in _SKIP_COLUMNS and c != counts["skipped_paths"]]
-    if wrong:
-        raise TlfeatError(
-            f"{path}: damaged cache: row counts disagree (features {features.shape[0]}, {', '.join(wrong)}); {_REBUILD}"
-        )
-    if attrs.get("feature_dim", features.shape[1]) != features.shape[1]:
-        raise TlfeatError(
-            f"{path}: damaged cache: feature_dim {attrs['feature_dim']} but features have {features.shape[1]} "
-            f"columns; {_REBUILD}"
-        )
-
-
-def _read_column(path: Path, dataset: h5py.Dataset, index: slice | np.ndarray = slice(None)) -> np.ndarray:
-    """Values of a dataset; damaged data (an HDF5 checksum or decoding failure) is a one-line error."""
-    try:
-        if h5py.check_string_dtype(dataset.dtype) is not None:
-            return np.array(dataset.asstr()[...], dtype=object)[index] if len(dataset) else np.array([], dtype=object)
-        return dataset[index]
-    except (OSError, RuntimeError, ValueError, UnicodeDecodeError) as exc:
-        raise TlfeatError(
-            f"{path}: damaged cache: {dataset.name.lstrip('/')} fails its checksum or cannot be read "
-            f"({os_reason(exc)}); {_REBUILD}"
-        ) from None
-
-
-def _checked_labels(path: Path, labels: np.ndarray, split: np.ndarray, n_classes: int) -> np.ndarray:
-    labels = np.asarray(labels, dtype=np.int64)
-    bad = np.flatnonzero((labels < 0) | (labels >= n_classes))
-    if len(bad):
-        raise TlfeatError(
-            f"{path}: damaged cache: label {labels[bad[0]]} at row {bad[0]} is outside its {n_classes} classes "
-            f"({len(bad)} such rows); {_REBUILD}"
-        )
-    unknown = sorted(set(split.tolist()) - set(SPLITS))
-    if unknown:
-        raise TlfeatError(f"{path}: damaged cache: split values {unknown} are not train/val/test; {_REBUILD}")
-    return labels
 
 
 def read_attrs(path: str | Path) -> dict:
@@ -228,18 +152,10 @@ def read_key(path: str | Path) -> CacheKey:
 def key_from_attrs(attrs: dict) -> CacheKey:
     return CacheKey(
         backbone=str(attrs["backbone"]), weights=str(attrs["weights"]), input_size=int(attrs["input_size"]),
-        preprocessing=str(attrs["preprocessing"]), dtype=str(attrs["dtype"]), compute=str(attrs.get("compute", "float32")),
-        decode=str(attrs.get("decode", OLD_DECODE)),
+        preprocessing=str(attrs["preprocessing"]), dtype=str(attrs["dtype"]),
+        compute=str(attrs.get("compute", "float32")), decode=str(attrs.get("decode", OLD_DECODE)),
+        tta=str(attrs.get("tta", NO_TTA)),
     )
-
-
-def _rows_meta(path: Path, handle: h5py.File, index: slice | np.ndarray = slice(None)) -> dict:
-    """labels, paths, split, class_names and attrs of (some) rows, checked."""
-    split = _read_column(path, handle["split"], index)
-    class_names = list(_read_column(path, handle["class_names"]))
-    labels = _checked_labels(path, _read_column(path, handle["labels"], index), split, len(class_names))
-    return dict(labels=labels, paths=_read_column(path, handle["paths"], index), split=split,
-                class_names=class_names, attrs=_decode_attrs(handle))
 
 
 def load(path: str | Path, split: str | None = None) -> CacheData:
@@ -251,25 +167,11 @@ def load(path: str | Path, split: str | None = None) -> CacheData:
         raise TlfeatError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     path = Path(path)
     with _open_for_read(path) as handle:
-        split_col = _read_column(path, handle["split"])
+        split_col = read_column(path, handle["split"])
         mask = slice(None) if split is None else np.flatnonzero(split_col == split)
-        meta = _rows_meta(path, handle, mask)
-        features = np.asarray(_read_column(path, handle["features"], mask), dtype=np.float32)
+        meta = rows_meta(path, handle, _decode_attrs(handle), mask)
+        features = np.asarray(read_column(path, handle["features"], mask), dtype=np.float32)
     return CacheData(features=features, **meta)
-
-
-class CheckedFeatures:
-    """An open cache's `features`, read in slices; damaged data is a one-line error naming the file."""
-
-    def __init__(self, path: Path, dataset: h5py.Dataset) -> None:
-        self.path, self.dataset = path, dataset
-        self.shape, self.dtype = dataset.shape, dataset.dtype
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, index: slice | np.ndarray) -> np.ndarray:
-        return _read_column(self.path, self.dataset, index)
 
 
 @contextmanager
@@ -283,54 +185,102 @@ def open_rows(path: str | Path) -> Iterator[tuple[CacheData, CheckedFeatures]]:
     with _open_for_read(path) as handle:
         features = handle["features"]
         yield CacheData(
-            features=np.empty((0, features.shape[1]), dtype=np.float32), **_rows_meta(path, handle)
+            features=np.empty((0, features.shape[1]), dtype=np.float32), **rows_meta(path, handle, _decode_attrs(handle))
         ), CheckedFeatures(path, features)
 
 
-def read_rows(path: str | Path) -> tuple[CacheKey, Rows]:
-    """Everything extraction needs to reuse an existing cache: its key and its rows.
+class CacheReader:
+    """A cache open for reading a range of rows at a time: memory bounded by the range.
 
-    Rows whose features are not finite (a cache written before they were refused) come back as skipped.
+    `n_rows`, `feature_dim`, `class_names` and `attrs` are known on opening; `rows(start, stop)`
+    reads only those rows of every per-row column (features as float32, like `load`).
     """
-    path = Path(path)
-    with _open_for_read(path) as handle:
-        key = key_from_attrs(_decode_attrs(handle))
 
-        def column(name: str) -> np.ndarray:
-            return _read_column(path, handle[name])
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._handle = _open_for_read(self.path)
+        self.n_rows, self.feature_dim = (int(v) for v in self._handle["features"].shape)
+        self.class_names = list(read_column(self.path, self._handle["class_names"]))
+        self.attrs = _decode_attrs(self._handle)
 
-        rows = Rows(
-            paths=list(column("paths")),
-            features=np.asarray(column("features")),
-            file_size=[int(v) for v in column("file_size")],
-            file_mtime_ns=[int(v) for v in column("file_mtime_ns")],
-            skipped_paths=list(column("skipped_paths")),
-            skipped_reasons=list(column("skipped_reasons")),
-            skipped_size=[int(v) for v in column("skipped_size")],
-            skipped_mtime_ns=[int(v) for v in column("skipped_mtime_ns")],
+    def features(self, start: int, stop: int) -> np.ndarray:
+        """Rows start:stop of the features, float32."""
+        return np.asarray(read_column(self.path, self._handle["features"], np.s_[start:stop]), dtype=np.float32)
+
+    def verify(self) -> None:
+        """Read every chunk of the features once (one chunk in memory): HDF5 checks each one's checksum."""
+        for start in range(0, self.n_rows, WRITE_CHUNK_ROWS):
+            self.features(start, start + WRITE_CHUNK_ROWS)
+
+    def non_finite_rows(self, chunk_rows: int = 1 << 13) -> np.ndarray:
+        """Rows whose features hold NaN or inf (a cache from before such rows were refused: see `rows_finite`)."""
+        if self.attrs.get("rows_finite"):
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([np.zeros(0, dtype=np.int64)] + [
+            start + np.flatnonzero(~np.isfinite(self.features(start, start + chunk_rows)).all(axis=1))
+            for start in range(0, self.n_rows, chunk_rows)
+        ])
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The features of distinct `rows`, in the order given, float32: one slice when they lie close
+        together (at most twice their number), else just those rows."""
+        order = np.argsort(rows, kind="stable")
+        ascending = rows[order]
+        lo, hi = int(ascending[0]), int(ascending[-1]) + 1
+        features = self._handle["features"]
+        with reading(self.path, "features"):
+            found = features[lo:hi][ascending - lo] if hi - lo <= 2 * len(rows) else features[ascending]
+        result = np.empty(found.shape, dtype=np.float32)
+        result[order] = found
+        return result
+
+    def copy_rows(self, start: int, stop: int, out: np.ndarray, at: int) -> None:
+        """Copy feature rows start:stop into out[at : at + stop - start] (out: float32, C order).
+
+        float32 caches are read straight into `out` (no buffer); others through numpy's conversion
+        (HDF5's own float16 conversion is many times slower).
+        """
+        features = self._handle["features"]
+        with reading(self.path, "features"):
+            if features.dtype == out.dtype and out.flags.c_contiguous:
+                features.read_direct(out, np.s_[start:stop], np.s_[at : at + stop - start])
+            else:
+                out[at : at + stop - start] = features[start:stop]
+
+    def rows(self, start: int, stop: int, with_features: bool = True) -> CacheData:
+        """Rows start:stop; without features, an empty (0, D) array stands in for them."""
+        handle, path = self._handle, self.path
+        with reading(path, "paths, split and labels"):
+            paths = np.array(handle["paths"].asstr()[start:stop], dtype=object)
+            split = np.array(handle["split"].asstr()[start:stop], dtype=object)
+            labels = handle["labels"][start:stop]
+        return CacheData(
+            features=self.features(start, stop if with_features else start),
+            labels=checked_labels(path, labels, split, len(self.class_names)),
+            paths=paths, split=split, class_names=self.class_names, attrs=self.attrs,
         )
-    return key, without_non_finite(rows)
 
+    def identities(self, start: int, stop: int) -> tuple[list[str], list[int], list[int]]:
+        """Rows start:stop's paths and file identities (size, mtime_ns): what tells a reusable row."""
+        handle = self._handle
+        with reading(self.path, "paths and file identities"):
+            return (list(handle["paths"].asstr()[start:stop]), handle["file_size"][start:stop].tolist(),
+                    handle["file_mtime_ns"][start:stop].tolist())
 
-def without_non_finite(rows: Rows) -> Rows:
-    """`rows` with every row whose features hold NaN or inf moved to the skipped files, with the reason."""
-    finite = np.isfinite(rows.features).all(axis=1) if len(rows.paths) else np.ones(0, dtype=bool)
-    if finite.all():
-        return rows
-    keep, drop = np.flatnonzero(finite), np.flatnonzero(~finite)
-    return Rows(
-        paths=[rows.paths[i] for i in keep],
-        features=rows.features[keep],
-        file_size=[rows.file_size[i] for i in keep],
-        file_mtime_ns=[rows.file_mtime_ns[i] for i in keep],
-        skipped_paths=rows.skipped_paths + [rows.paths[i] for i in drop],
-        skipped_reasons=rows.skipped_reasons + [NON_FINITE_REASON] * len(drop),
-        skipped_size=rows.skipped_size + [rows.file_size[i] for i in drop],
-        skipped_mtime_ns=rows.skipped_mtime_ns + [rows.file_mtime_ns[i] for i in drop],
-    )
+    def skipped(self) -> tuple[list[str], list[str], list[int], list[int]]:
+        """The skipped files: paths, reasons, sizes, mtimes (few: read whole)."""
+        column = lambda name: read_column(self.path, self._handle[name])  # noqa: E731
+        return (list(column("skipped_paths")), list(column("skipped_reasons")), column("skipped_size").tolist(),
+                column("skipped_mtime_ns").tolist())
 
+    def close(self) -> None:
+        self._handle.close()
 
-NON_FINITE_REASON = "the backbone gave NaN or inf features for this image"
+    def __enter__(self) -> "CacheReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 WRITE_CHUNK_ROWS = 1024
@@ -354,63 +304,114 @@ def write_cache(
     `features` is an (N, D) array, or N rows of D (no (N, D) copy is made: a
     large run's rows are written a chunk at a time).
     """
-    path = Path(path)
     n, dim = len(features), len(features[0]) if len(features) else np.shape(features)[1]
-    check_free_space(path.parent, _estimated_bytes(n, dim, np.dtype(key.dtype).itemsize, paths, skipped), path.name)
-    try:
-        _write(path, key, features, n, dim, labels, paths, split, file_size, file_mtime_ns, class_names, skipped,
-               extra_attrs)
-    except (OSError, RuntimeError, ValueError) as exc:  # h5py reports a full disk as OSError or RuntimeError
-        raise TlfeatError(f"{path}: cannot write the cache ({os_reason(exc)}); the previous file is unchanged") from None
+    with CacheWriter(path, key, n, dim) as writer:
+        for start in range(0, n, WRITE_CHUNK_ROWS):
+            stop = start + WRITE_CHUNK_ROWS
+            writer.append(np.asarray(features[start:stop]), labels[start:stop], paths[start:stop],
+                          split[start:stop], file_size[start:stop], file_mtime_ns[start:stop])
+        writer.commit(class_names, skipped, extra_attrs)
 
 
-def _estimated_bytes(n: int, dim: int, itemsize: int, paths: list[str], skipped: list[tuple]) -> int:
-    """An upper estimate of a cache file's size: the features, the columns, the strings' heap entries."""
-    strings = sum(len(p.encode()) + 48 for p in paths) + sum(len(s[0].encode()) + len(s[1].encode()) + 96 for s in skipped)
-    return n * dim * itemsize + n * 24 + strings + (1 << 20)
+class CacheWriter:
+    """A cache of `n_rows` rows written a chunk at a time, in row order, then committed atomically.
 
+    Nothing but the chunk in hand is held, so a cache of any size is written in bounded memory. Use
+    as a context manager: the file appears under its name (`atomic_path`, durable) only when the block
+    ends after `commit`; otherwise the temporary file is removed.
+    """
 
-def _write(
-    path: Path, key: CacheKey, features: np.ndarray | Sequence[np.ndarray], n: int, dim: int, labels: np.ndarray,
-    paths: list[str], split: list[str], file_size: list[int], file_mtime_ns: list[int], class_names: list[str],
-    skipped: list[tuple[str, str, int, int]], extra_attrs: dict,
-) -> None:
-    with atomic_path(path, durable=True) as tmp, open(tmp, "wb+", buffering=0) as raw:
-        sink = FirstErrorSink(raw)  # HDF5 never sees a failed write: one leaves it in a state that crashes at exit
-        with h5py.File(sink, "w") as handle:
-            # fletcher32: HDF5 checks every chunk on read, so damaged numbers raise instead of passing as data.
-            stored = handle.create_dataset(
-                "features", shape=(n, dim), dtype=key.dtype, chunks=(max(1, min(n, WRITE_CHUNK_ROWS)), dim),
-                maxshape=(None, dim), fletcher32=True,
-            )
-            for start in range(0, n, WRITE_CHUNK_ROWS):  # numpy converts: HDF5's float16 rounding differs
-                if sink.error is not None:
-                    raise sink.error  # stop at once: the sink holds what HDF5 writes from here on in memory
-                chunk = np.asarray(features[start : start + WRITE_CHUNK_ROWS])
-                stored[start : start + WRITE_CHUNK_ROWS] = chunk.astype(key.dtype, copy=False)
-            _numbers(handle, "labels", np.asarray(labels, dtype=np.int32))
-            handle.create_dataset("paths", data=list(paths), dtype=_STR)
-            handle.create_dataset("split", data=list(split), dtype=_STR)
-            _numbers(handle, "file_size", np.asarray(file_size, dtype=np.int64))
-            _numbers(handle, "file_mtime_ns", np.asarray(file_mtime_ns, dtype=np.int64))
-            handle.create_dataset("class_names", data=list(class_names), dtype=_STR)
-            handle.create_dataset("skipped_paths", data=[s[0] for s in skipped], dtype=_STR)
-            handle.create_dataset("skipped_reasons", data=[s[1] for s in skipped], dtype=_STR)
-            _numbers(handle, "skipped_size", np.asarray([s[2] for s in skipped], dtype=np.int64))
-            _numbers(handle, "skipped_mtime_ns", np.asarray([s[3] for s in skipped], dtype=np.int64))
-            attrs = {
-                "format_version": FORMAT_VERSION,
-                **asdict(key),
-                "feature_dim": dim,
-                "tlfeat_version": __version__,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "n_skipped": len(skipped),
-                **extra_attrs,
-            }
-            for name, value in attrs.items():
-                handle.attrs[name] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
-        if sink.error is not None:
-            raise sink.error
+    def __init__(self, path: str | Path, key: CacheKey, n_rows: int, dim: int) -> None:
+        self.path, self.key, self.n_rows, self.dim, self.written = Path(path), key, n_rows, dim, 0
+        self._committed = False
+        self._stack = ExitStack()
+
+    def __enter__(self) -> "CacheWriter":
+        n, dim = self.n_rows, self.dim
+        # An upper estimate: the features, the numeric columns, the strings' heap entries, HDF5's own.
+        check_free_space(self.path.parent, n * (dim * np.dtype(self.key.dtype).itemsize + 184) + (1 << 20),
+                         self.path.name)
+        try:
+            self._open(n, dim)
+        except BaseException as exc:  # a full disk already: cleaned up (and said) as at the end
+            self.__exit__(type(exc), exc, None)
+            raise
+        return self
+
+    def _open(self, n: int, dim: int) -> None:
+        tmp = self._stack.enter_context(atomic_path(self.path, durable=True))
+        raw = self._stack.enter_context(open(tmp, "wb+", buffering=0))
+        self._sink = FirstErrorSink(raw)  # a write failing inside HDF5 would crash the interpreter later
+        self._handle = handle = h5py.File(self._sink, "w")
+        # fletcher32: HDF5 checks every chunk on read, so damaged numbers raise instead of passing as data.
+        handle.create_dataset("features", shape=(n, dim), dtype=self.key.dtype, maxshape=(None, dim),
+                              chunks=(max(1, min(n, WRITE_CHUNK_ROWS)), dim), fletcher32=True)
+        for name, dtype in (("labels", np.int32), ("file_size", np.int64), ("file_mtime_ns", np.int64)):
+            _numbers(handle, name, np.zeros(n, dtype=dtype))
+        handle.create_dataset("paths", shape=(n,), dtype=_STR)
+        handle.create_dataset("split", shape=(n,), dtype=_STR)
+
+    def append(
+        self, features: np.ndarray, labels: Sequence[int], paths: Sequence[str], split: Sequence[str],
+        file_size: Sequence[int], file_mtime_ns: Sequence[int],
+    ) -> None:
+        """The next rows (chunks of WRITE_CHUNK_ROWS rows keep the writes aligned with the file's chunks)."""
+        start, stop = self.written, self.written + len(features)
+        if stop > self.n_rows:
+            raise ValueError(f"{stop} rows written to a cache of {self.n_rows}")
+        if stop == start:
+            return
+        if self._sink.error is not None:
+            raise self._sink.error  # stop at once: the sink holds what HDF5 writes from here on in memory
+        if not np.isfinite(features).all():
+            raise ValueError("non-finite features given to CacheWriter (extraction skips those images)")
+        handle = self._handle
+        # numpy converts: HDF5's float16 rounding differs
+        handle["features"][start:stop] = np.asarray(features).astype(self.key.dtype, copy=False)
+        handle["labels"][start:stop] = np.asarray(labels, dtype=np.int32)
+        handle["paths"][start:stop] = list(paths)
+        handle["split"][start:stop] = list(split)
+        handle["file_size"][start:stop] = np.asarray(file_size, dtype=np.int64)
+        handle["file_mtime_ns"][start:stop] = np.asarray(file_mtime_ns, dtype=np.int64)
+        self.written = stop
+
+    def commit(self, class_names: list[str], skipped: list[tuple[str, str, int, int]], extra_attrs: dict) -> None:
+        """Finish the file (every row written); it replaces `path` when the `with` block ends."""
+        if self.written != self.n_rows:
+            raise ValueError(f"{self.written} of {self.n_rows} rows written")
+        handle = self._handle
+        handle.create_dataset("class_names", data=list(class_names), dtype=_STR)
+        handle.create_dataset("skipped_paths", data=[s[0] for s in skipped], dtype=_STR)
+        handle.create_dataset("skipped_reasons", data=[s[1] for s in skipped], dtype=_STR)
+        _numbers(handle, "skipped_size", np.asarray([s[2] for s in skipped], dtype=np.int64))
+        _numbers(handle, "skipped_mtime_ns", np.asarray([s[3] for s in skipped], dtype=np.int64))
+        attrs = {
+            "format_version": FORMAT_VERSION,
+            **asdict(self.key),
+            "feature_dim": self.dim,
+            "tlfeat_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "n_skipped": len(skipped),
+            "rows_finite": True,  # `append` refuses NaN and inf: a rerun need not look for them
+            **extra_attrs,
+        }
+        for name, value in attrs.items():
+            handle.attrs[name] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
+        self._committed = True
+
+    def __exit__(self, *exc: object) -> None:
+        if hasattr(self, "_handle"):
+            self._handle.close()
+        if exc[0] is None and (self._sink.error is not None or not self._committed):
+            failure = self._sink.error or RuntimeError("cache not committed")
+            exc = (type(failure), failure, None)
+        try:
+            self._stack.__exit__(*exc)  # renames the finished file into place, or removes it
+        except (OSError, RuntimeError) as failure:  # a failed fsync or rename
+            exc = (type(failure), failure, None)
+        if exc[0] is not None and issubclass(exc[0], (OSError, RuntimeError)):  # a full disk, mostly
+            raise TlfeatError(f"{self.path}: cannot write the cache ({os_reason(exc[1])}); "
+                              "the previous file is unchanged") from None
 
 
 def _numbers(handle: h5py.File, name: str, values: np.ndarray) -> None:

@@ -20,6 +20,8 @@ import numpy as np
 from tlfeat.backbones import Backbone, build_model, get_backbone
 from tlfeat.backbones.uint8_input import with_uint8_input
 from tlfeat.data.batches import DecodedBatch, DecodePool, iter_batches, shared_pool
+from tlfeat.backbones.preprocessing import NO_TTA, TTA_MODES
+from tlfeat.errors import TlfeatError
 from tlfeat.progress import progress_bar
 
 CPU_BATCH_SIZE = 32
@@ -59,6 +61,11 @@ def compute_policy(on_gpu: bool) -> str:
 def default_batch_size(requested: int | None, on_gpu: bool) -> int:
     """`requested`, or the default for the device: 256 images on a GPU, 32 on a CPU."""
     return requested or (GPU_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE)
+
+
+def check_tta(tta: str) -> None:
+    if tta not in TTA_MODES:
+        raise TlfeatError(f"`tta={tta!r}`: use {' or '.join(TTA_MODES)}")
 
 
 @dataclass
@@ -130,14 +137,32 @@ class CompiledModel:
         return self.submit(pixels).result()
 
 
-class FeatureExtractor(CompiledModel):
-    """A backbone ready for inference: uint8 in, bfloat16 compute on a GPU, float32 features out."""
+@dataclass
+class PendingMean:
+    """Two batches' outputs in flight whose mean is wanted (test-time augmentation)."""
 
-    def __init__(self, backbone: Backbone, weights: str, image_size: int, batch_size: int | None = None) -> None:
+    first: Pending
+    second: Pending
+
+    def result(self) -> np.ndarray:
+        return (self.first.result() + self.second.result()) / np.float32(2.0)
+
+
+class FeatureExtractor(CompiledModel):
+    """A backbone ready for inference: uint8 in, bfloat16 compute on a GPU, float32 features out.
+
+    tta="flip" returns the mean of each image's features and its left-right mirror's (two passes).
+    """
+
+    def __init__(
+        self, backbone: Backbone, weights: str, image_size: int, batch_size: int | None = None, tta: str = NO_TTA
+    ) -> None:
         import keras
 
+        check_tta(tta)
         self.backbone = backbone
         self.image_size = image_size
+        self.tta = tta
         self.on_gpu = accelerator_present()
         self.compute = compute_policy(self.on_gpu)
         previous = keras.config.dtype_policy()
@@ -148,15 +173,23 @@ class FeatureExtractor(CompiledModel):
             keras.config.set_dtype_policy(previous)
         super().__init__(model, backbone.preprocessing, image_size, default_batch_size(batch_size, self.on_gpu))
 
+    def submit(self, pixels: np.ndarray) -> Pending | PendingMean:
+        """As CompiledModel.submit; with tta "flip" also the mirrored batch, whose mean `result()` gives."""
+        if self.tta != "flip":
+            return super().submit(pixels)
+        return PendingMean(super().submit(pixels), super().submit(np.ascontiguousarray(pixels[:, :, ::-1])))
+
 
 _EXTRACTORS: OrderedDict[tuple, FeatureExtractor] = OrderedDict()
 
 
-def get_extractor(backbone: Backbone, weights: str, image_size: int, batch_size: int | None) -> FeatureExtractor:
+def get_extractor(
+    backbone: Backbone, weights: str, image_size: int, batch_size: int | None, tta: str = NO_TTA
+) -> FeatureExtractor:
     """Build or reuse (per process, two at most) the extractor for these settings."""
-    key = (backbone.name, weights, image_size, batch_size)
+    key = (backbone.name, weights, image_size, batch_size, tta)
     if key not in _EXTRACTORS:
-        _EXTRACTORS[key] = FeatureExtractor(backbone, weights, image_size, batch_size)
+        _EXTRACTORS[key] = FeatureExtractor(backbone, weights, image_size, batch_size, tta)
         while len(_EXTRACTORS) > 2:
             _EXTRACTORS.popitem(last=False)
     _EXTRACTORS.move_to_end(key)
@@ -223,11 +256,12 @@ def embed_files(
     image_size: int | None = None,
     batch_size: int | None = None,
     progress: bool = False,
+    tta: str = NO_TTA,
 ) -> BatchOutputs:
     """Embed loose image files (no cache), e.g. for `predict`: `outputs` are the features."""
     spec = get_backbone(backbone)
     size = image_size or spec.input_size
-    extractor = get_extractor(spec, weights, size, batch_size)
+    extractor = get_extractor(spec, weights, size, batch_size, tta)
     return apply_to_files(
         files, size, extractor.batch_size, extractor.submit, spec.feature_dim, progress, f"embed {spec.name}"
     )

@@ -1,9 +1,14 @@
 """compare: one table across fit-head models and fine-tune runs, from the files they wrote.
 
-A fit-head model is read from its ``<head>.json`` metadata (tlfeat/fit.py), a
-fine-tune run from its ``summary.json`` (tlfeat/finetune.py); nothing is
-unpickled or loaded into Keras, so comparing is fast and runs no code from
-the files. Folders are searched recursively for both.
+A fit-head model is read from the metadata inside its ``.skops`` file (or a
+tlfeat 0.1 head's ``.json``), a fine-tune run from its ``summary.json``; no
+model is loaded, so comparing is fast and runs no code from the files. Folders
+are searched recursively for both.
+
+Scores only compare on the same images in the same splits: every row names its
+dataset (folder, split seed and shares), rows are grouped by it and ranked by val
+accuracy within their dataset only; the bar chart draws one panel per dataset,
+its axis zoomed to the scores shown.
 
 Trainable parameters of a head are counted from its shape (feature dim D,
 classes C) and the fitted parts that learn: linear maps, hidden layers and the
@@ -25,17 +30,25 @@ from tlfeat.errors import TlfeatError
 from tlfeat.data.scan import SPLITS
 from tlfeat.finetuning.runs import RUN_FORMAT, SUMMARY_NAME, read_run_summary
 from tlfeat.heads.registry import head_trainable_params
-from tlfeat.heads.store import MODEL_FORMAT, read_metadata
+from tlfeat.heads.store import HEAD_SUFFIX, LEGACY_SUFFIX, MODEL_FORMAT, read_metadata
 from tlfeat.reports import markdown_table, save_png, write_csv
 
 HEADERS = (
-    "model", "backbone", "weights", "method", "trainable params",
+    "dataset", "rank", "model", "backbone", "weights", "method", "trainable params",
     "train acc", "val acc", "test acc", "test macro-F1", "train s",
 )
 
 
+def dataset_label(root: str | None, seed: object, ratios: object) -> tuple[tuple, str]:
+    """(grouping key, label) of a dataset as split: its folder, split seed and shares."""
+    shares = "/".join(f"{100 * float(r):g}" for r in ratios) if isinstance(ratios, (list, tuple)) else "?"
+    key = (str(root), str(seed), shares)
+    return key, f"{Path(str(root)).name or root} (seed {seed}, split {shares})"
+
+
 @dataclass
 class Row:
+    dataset: tuple[tuple, str]  # (grouping key, label): rows rank only against rows of the same key
     name: str
     backbone: str
     weights: str
@@ -51,9 +64,9 @@ class Row:
     def macro_f1(self) -> float | None:
         return self.scores["test"]["macro_f1"] if "test" in self.scores else None
 
-    def cells(self) -> list:
+    def cells(self, rank: int) -> list:
         return [
-            self.name, self.backbone, self.weights, self.method, self.trainable_params,
+            self.dataset[1], rank, self.name, self.backbone, self.weights, self.method, self.trainable_params,
             *(self.accuracy(s) for s in SPLITS), self.macro_f1(), round(self.seconds, 2),
         ]
 
@@ -74,7 +87,9 @@ def head_row(model_path: Path) -> Row:
     meta = read_metadata(model_path)
     sources = meta.get("sources") or []
     searched = meta.get("search_seconds")
+    first = sources[0] if sources else {}
     return Row(
+        dataset=dataset_label(first.get("dataset_root"), first.get("seed"), first.get("split_ratios")),
         name=f"{model_path.parent.name}/{meta['head']}",
         backbone="+".join(str(s.get("backbone")) for s in sources),
         weights="+".join(_weights_label(s.get("weights_source") or s.get("weights")) for s in sources),
@@ -89,6 +104,7 @@ def head_row(model_path: Path) -> Row:
 def run_row(run_dir: Path) -> Row:
     summary = read_run_summary(run_dir)
     return Row(
+        dataset=dataset_label(summary.get("dataset_root"), summary.get("seed"), summary.get("split_ratios")),
         name=run_dir.name,
         backbone=summary["backbone"],
         weights=_weights_label(summary.get("weights")),
@@ -113,7 +129,7 @@ def _json_format(path: Path) -> str | None:
 
 def _classify(path: Path) -> tuple[str, Path] | None:
     """("head", model path) or ("run", run folder) for a file that describes one, else None."""
-    if path.suffix == ".joblib":
+    if path.suffix in (HEAD_SUFFIX, LEGACY_SUFFIX):
         return "head", path
     if path.suffix == ".keras" and (path.parent / SUMMARY_NAME).is_file():
         return "run", path.parent
@@ -122,8 +138,8 @@ def _classify(path: Path) -> tuple[str, Path] | None:
     fmt = _json_format(path)
     if path.name == SUMMARY_NAME and fmt == RUN_FORMAT:
         return "run", path.parent
-    if fmt == MODEL_FORMAT:
-        return "head", path.with_suffix(".joblib")
+    if fmt == MODEL_FORMAT:  # a tlfeat 0.1 head's metadata
+        return "head", path.with_suffix(LEGACY_SUFFIX)
     return None
 
 
@@ -138,7 +154,7 @@ def find_results(inputs: Sequence[Path]) -> list[tuple[str, Path]]:
                 # checkpoints/ holds a run's resume files, not results
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "checkpoints")
                 for name in sorted(filenames):
-                    if name.endswith(".json") and not name.startswith("."):
+                    if name.endswith((".json", HEAD_SUFFIX)) and not name.startswith("."):
                         hit = _classify(Path(dirpath) / name)
                         if hit is not None:
                             found.append(hit)
@@ -146,7 +162,7 @@ def find_results(inputs: Sequence[Path]) -> list[tuple[str, Path]]:
             hit = _classify(item)
             if hit is None:
                 raise TlfeatError(
-                    f"{item}: neither a fit-head model (.joblib or its .json) nor a fine-tune run "
+                    f"{item}: neither a fit-head model ({HEAD_SUFFIX}, or a tlfeat 0.1 .joblib or its .json) nor a fine-tune run "
                     f"(its folder, model.keras or {SUMMARY_NAME})"
                 )
             found.append(hit)
@@ -156,43 +172,61 @@ def find_results(inputs: Sequence[Path]) -> list[tuple[str, Path]]:
     return list(unique)
 
 
+def score_limits(values: Sequence[float | None]) -> tuple[float, float]:
+    """A score axis zoomed to `values`: 0.90 and 0.93 must look different, with headroom for the legend."""
+    shown = [v for v in values if v is not None]
+    if not shown:
+        return 0.0, 1.0
+    low, high = min(shown), max(shown)
+    pad = max(0.02, 0.15 * (high - low))
+    return max(0.0, low - pad), min(1.0, high) + 3 * pad
+
+
 def plot_bars(rows: Sequence[Row], path: Path) -> None:
-    """Grouped bars per model: train / val / test accuracy and test macro-F1."""
+    """Grouped bars per model, one panel per dataset: train / val / test accuracy and test macro-F1."""
     import numpy as np
     from matplotlib.figure import Figure
 
-    series = [(f"{s} acc", [r.accuracy(s) for r in rows]) for s in SPLITS]
-    series.append(("test macro-F1", [r.macro_f1() for r in rows]))
-    x = np.arange(len(rows))
-    width = 0.8 / len(series)
-    fig = Figure(figsize=(max(6.0, 1.1 * len(rows) + 2), 4.8))
-    ax = fig.add_subplot()
-    for i, (label, values) in enumerate(series):
-        heights = [np.nan if v is None else v for v in values]  # a split a model lacks leaves a gap
-        ax.bar(x + (i - (len(series) - 1) / 2) * width, heights, width, label=label)
-    crowded = len(rows) > 4
-    ax.set_xticks(
-        x, labels=[f"{r.name}\n{r.method}" for r in rows], rotation=30 if crowded else 0,
-        ha="right" if crowded else "center", fontsize=8,
-    )
-    ax.set_ylim(0, 1.15)  # headroom for the legend above the bars
-    ax.set_ylabel("score")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="upper center", ncol=len(series), fontsize=8)
-    ax.set_title("frozen-feature heads vs fine-tuning")
+    groups: dict[tuple, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(row.dataset[0], []).append(row)
+    widest = max(len(g) for g in groups.values())
+    fig = Figure(figsize=(max(6.0, 1.1 * widest + 2), 4.8 * len(groups)))
+    for panel, members in enumerate(groups.values()):
+        ax = fig.add_subplot(len(groups), 1, panel + 1)
+        series = [(f"{s} acc", [r.accuracy(s) for r in members]) for s in SPLITS]
+        series.append(("test macro-F1", [r.macro_f1() for r in members]))
+        x = np.arange(len(members))
+        width = 0.8 / len(series)
+        for i, (label, values) in enumerate(series):
+            heights = [np.nan if v is None else v for v in values]  # a split a model lacks leaves a gap
+            ax.bar(x + (i - (len(series) - 1) / 2) * width, heights, width, label=label)
+        crowded = len(members) > 4
+        ax.set_xticks(
+            x, labels=[f"{r.name}\n{r.method}" for r in members], rotation=30 if crowded else 0,
+            ha="right" if crowded else "center", fontsize=8,
+        )
+        ax.set_ylim(*score_limits([v for _, values in series for v in values]))
+        ax.set_ylabel("score")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(loc="upper center", ncol=len(series), fontsize=8)
+        ax.set_title(f"{members[0].dataset[1]}: frozen-feature heads vs fine-tuning")
     fig.tight_layout()
     save_png(fig, path)
 
 
 def compare(inputs: Sequence[Path], csv: Path | None = None, png: Path | None = None) -> CompareResult:
-    """Build the comparison table (ranked by val accuracy) and write the optional CSV and PNG."""
+    """Build the comparison table (grouped by dataset, ranked by val accuracy within each) and the optional CSV and PNG."""
     results = find_results(inputs)
     if not results:
         where = ", ".join(str(p) for p in inputs)
         raise TlfeatError(f"{where}: no fit-head models or fine-tune runs found")
     rows = [head_row(path) if kind == "head" else run_row(path) for kind, path in results]
-    rows.sort(key=lambda r: (r.accuracy("val") is None, -(r.accuracy("val") or 0.0), r.name))
-    cells = [r.cells() for r in rows]
+    rows.sort(key=lambda r: (r.dataset[1], r.dataset[0], r.accuracy("val") is None, -(r.accuracy("val") or 0.0), r.name))
+    cells, ranks = [], {}
+    for row in rows:
+        ranks[row.dataset[0]] = ranks.get(row.dataset[0], 0) + 1
+        cells.append(row.cells(ranks[row.dataset[0]]))
     params, seconds = HEADERS.index("trainable params"), HEADERS.index("train s")
     shown = []
     for row in cells:

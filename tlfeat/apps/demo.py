@@ -63,13 +63,22 @@ def write_digits(root: Path, size: int = DIGIT_PIXELS) -> int:
 
 
 def run_demo(
-    out: Path = Path("cache"), progress: bool = True, on_result: Callable[[HeadResult], None] | None = None
+    out: Path = Path("cache"),
+    progress: bool = True,
+    on_result: Callable[[HeadResult], None] | None = None,
+    on_extract: Callable[[Path, int, ExtractSummary], None] | None = None,
 ) -> DemoResult:
-    """Digits -> ``out/digits/``, features -> ``out/digits-<backbone>.h5``, heads -> ``out/heads/digits-<backbone>/``."""
+    """Digits -> ``out/digits/``, features -> ``out/digits-<backbone>.h5``, heads -> ``out/heads/digits-<backbone>/``.
+
+    `on_extract(dataset, n_written, summary)` runs once the features are cached, before any head is fitted;
+    `on_result` after each head.
+    """
     started = time.perf_counter()
     out = Path(out)
     dataset = out / "digits"
     n_written = write_digits(dataset)
     extracted = extract(dataset, out=out / f"digits-{DEFAULT_BACKBONE}.h5", progress=progress)
+    if on_extract is not None:
+        on_extract(dataset, n_written, extracted)
     fitted = fit_heads([extracted.out], head="all", on_result=on_result)
     return DemoResult(dataset, n_written, extracted, fitted, time.perf_counter() - started)

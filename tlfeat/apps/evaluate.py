@@ -1,17 +1,24 @@
-"""evaluate: score a fitted head on labelled caches, refusing caches made with other settings."""
+"""evaluate: score a fitted head on labelled caches, refusing caches made with other settings.
+
+No score is inflated by rows the head has seen: rows of the scored caches that the
+head was fitted on (or selected on, for test) are found by image and by features
+(`tlfeat.heads.rows`), whatever the caches' split settings, left out and counted.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from sklearn.base import BaseEstimator
+
 from tlfeat.errors import TlfeatError
 from tlfeat.heads.fit import Features, load_features
-from tlfeat.heads.store import load_head, read_metadata
+from tlfeat.heads.folder import FEATURE_DEFAULTS, FEATURE_KEY
+from tlfeat.heads.rows import RowIds
+from tlfeat.heads.store import load_head, read_fitted_rows, read_metadata
 from tlfeat.reports import split_metrics
-
-FEATURE_KEY = ("backbone", "weights", "input_size", "preprocessing", "feature_dim")
 
 
 @dataclass
@@ -19,7 +26,9 @@ class Evaluation:
     model: Path
     meta: dict
     caches: list[Path]
-    metrics: dict[str, dict]  # split -> tlfeat.reports.split_metrics
+    metrics: dict[str, dict]  # split -> tlfeat.reports.split_metrics, over the rows the head never saw
+    left_out: dict[str, int] = field(default_factory=dict)  # split -> rows left out: the head saw them
+    notes: list[str] = field(default_factory=list)  # one line each: what was left out, or could not be checked
 
 
 def _check_caches_fit_model(model: Path, meta: dict, caches: Sequence[Path], features: Features) -> None:
@@ -33,10 +42,11 @@ def _check_caches_fit_model(model: Path, meta: dict, caches: Sequence[Path], fea
         )
     for path, source, given in zip(caches, sources, features.sources):
         for name in FEATURE_KEY:
-            if given.get(name) != source.get(name):
+            fitted = source.get(name, FEATURE_DEFAULTS.get(name))
+            if given.get(name) != fitted:
                 raise TlfeatError(
                     f"{path}: {name} {given.get(name)!r}, but {model.name} was fitted on {name} "
-                    f"{source.get(name)!r} ({source['file']}); extract with the same settings"
+                    f"{fitted!r} ({source['file']}); extract with the same settings"
                 )
     mine, theirs = features.data.class_names, list(meta["classes"])
     if mine != theirs:
@@ -51,11 +61,48 @@ def _check_caches_fit_model(model: Path, meta: dict, caches: Sequence[Path], fea
         )
 
 
-def evaluate_on_caches(model: Path, caches: Sequence[Path], split: str | None = None) -> Evaluation:
+def evaluate_on_caches(
+    model: Path, caches: Sequence[Path], split: str | None = None, trust: bool = False
+) -> Evaluation:
     """Score a fit-head model on labelled caches: accuracy, macro-F1, per-class scores, confusion matrix per split.
 
     A fused head takes one cache per source, in its order (matched by image path).
-    Everything is checked against the model's metadata before the model is unpickled.
+    Everything is checked against the model's metadata before the model is loaded;
+    rows the head was fitted on are left out of val and test (and selection rows out
+    of test), counted in `left_out`. A split left with no rows is not scored.
+    `trust` loads a head holding types tlfeat does not trust (`tlfeat.heads.store.load_head`).
+    """
+    model, caches = Path(model), [Path(c) for c in caches]
+    features, estimator, meta = checked_head(model, caches, split, trust)
+    recorded = read_fitted_rows(model)
+    result = Evaluation(model, meta, caches, {})
+    seen = RowIds.from_arrays(recorded) if recorded is not None else {}
+    if recorded is None:
+        result.notes.append(f"{model.name} does not record the rows it was fitted on (tlfeat 0.1); refit it to have "
+                            "them left out of the scores")
+    for name in [split] if split else list(features.split_counts()):
+        rows, _, left_out = features.rows(name, seen)
+        if left_out:
+            result.left_out[name] = left_out
+            result.notes.append(
+                f"{name}: {left_out} of {left_out + len(rows)} rows are rows {model.name} was "
+                f"{'fitted' if name == 'val' else 'fitted or selected'} on; "
+                + (f"scored the other {len(rows)}" if len(rows) else "nothing left to score")
+            )
+        if len(rows):
+            result.metrics[name] = split_metrics(rows.labels, estimator.predict(rows.features), meta["classes"])
+    if not result.metrics:
+        raise TlfeatError(f"{caches[0]}: {result.notes[-1]}; score {model.name} on images it has not seen")
+    return result
+
+
+def checked_head(
+    model: Path, caches: Sequence[Path], split: str | None = None, trust: bool = False
+) -> tuple[Features, BaseEstimator, dict]:
+    """The caches' rows and the fit-head model, loaded once every check has passed: (features, estimator, meta).
+
+    The model is loaded last, after its metadata was checked against the caches
+    (and against `split`, which the caches must hold when given); `trust` as for `load_head`.
     """
     model, caches = Path(model), [Path(c) for c in caches]
     meta = read_metadata(model)
@@ -64,9 +111,5 @@ def evaluate_on_caches(model: Path, caches: Sequence[Path], split: str | None = 
     present = list(features.split_counts())
     if split is not None and split not in present:
         raise TlfeatError(f"{caches[0]}: no {split!r} rows (splits here: {', '.join(present)})")
-    estimator, meta = load_head(model)
-    metrics = {}
-    for name in [split] if split else present:
-        rows = features.select(name)
-        metrics[name] = split_metrics(rows.labels, estimator.predict(rows.features), meta["classes"])
-    return Evaluation(model, meta, caches, metrics)
+    estimator, meta = load_head(model, trust=trust)
+    return features, estimator, meta

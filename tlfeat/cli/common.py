@@ -9,17 +9,61 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable
+from typing import Any, Callable
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from tlfeat.data.scan import DEFAULT_RATIOS
 from tlfeat.errors import TlfeatError, cli_terms
 
-# TensorFlow's C++ start-up chatter (CPU feature notes, oneDNN banner) is not for users.
+# TensorFlow's C++ info and warning logs are not for CLI users (its start-up banner, printed before this
+# setting applies, is filtered by tlfeat.quiet_import).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-app = typer.Typer(
+
+class _FlagsWithoutPlaceholder:
+    """Typer 0.29 gives flags (--help included) a `<bool>` value placeholder, although `--quiet true` is
+    refused: flags here show none."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+        return params
+
+
+class PlainHelpCommand(_FlagsWithoutPlaceholder, TyperCommand):
+    """A command whose --help shows what its parser accepts, in every typer version tlfeat supports.
+
+    Typer 0.27+ writes required arguments as `{data}` in usage lines: here they read `[OPTIONS] DATA`
+    (`[NAME]` when optional, `NAME...` when repeated), as click writes them.
+    """
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = (param.name or "").upper()
+                name = name if param.required else f"[{name}]"
+                pieces.append(name + ("..." if param.nargs == -1 else ""))
+        return pieces
+
+
+class PlainHelpGroup(_FlagsWithoutPlaceholder, TyperGroup):
+    """The command list, its --help without a placeholder."""
+
+
+class _App(typer.Typer):
+    """The typer app, every command a PlainHelpCommand unless it names another class."""
+
+    def command(self, *args: Any, cls: type | None = None, **kwargs: Any) -> Callable:  # type: ignore[override]
+        return super().command(*args, cls=cls or PlainHelpCommand, **kwargs)
+
+
+app = _App(
+    cls=PlainHelpGroup,
     help="Transfer learning with cached ImageNet CNN embeddings: extract once, fit heads in seconds.",
     no_args_is_help=True,
     add_completion=False,
@@ -42,6 +86,12 @@ def user_errors(command: Callable) -> Callable:
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def program_name(ctx: typer.Context) -> str:
+    """How the user started this CLI, to echo in hints: `tlfeat`, `python cli.py` or `python -m tlfeat`."""
+    name = ctx.find_root().info_name or "tlfeat"
+    return f"python {name}" if name.endswith(".py") else name
 
 
 def format_ratios(ratios: tuple[float, ...]) -> str:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from tlfeat.backbones import DEFAULT_BACKBONE, list_backbones
+from tlfeat.backbones.preprocessing import TTA_MODES
 from tlfeat.cli.common import DEFAULT_SPLIT, app, parse_ratios, user_errors
 from tlfeat.extraction.engines import ENGINES
+
+if TYPE_CHECKING:
+    from tlfeat.extraction.run import ExtractSummary
 
 BACKBONE_NAMES = ", ".join(b.name for b in list_backbones())
 
@@ -20,10 +24,11 @@ BACKBONE_NAMES = ", ".join(b.name for b in list_backbones())
 def extract(
     data: Path = typer.Argument(..., help="Dataset folder: one sub-folder per class, or train/\\[val/]test/ folders of class folders."),
     backbone: str = typer.Option(DEFAULT_BACKBONE, "--backbone", "-b", help=f"One of: {BACKBONE_NAMES} (`tlfeat backbones` lists sizes and weight sources)."),
-    weights: str = typer.Option("imagenet", "--weights", "-w", help="imagenet (Keras download for resnet101/vgg16; bundled for efficientnet_lite0), none (random, for smoke tests) or a path to a Keras weights file."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache file to write. Default: cache/<dataset>-<backbone>.h5, or cache/<dataset>-<backbone>-<size>.h5 with another --image-size."),
+    weights: str = typer.Option("imagenet", "--weights", "-w", help="imagenet (bundled for the offline backbones, a Keras download for the others), none (random, for smoke tests) or a path to a Keras weights file."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache file to write. Default: cache/<dataset>-<backbone>[-<size>][-flip].h5 (size when not the backbone's own)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass. Default: 32 on CPU, 256 on a GPU. Refused when its decoded images would not fit in half the available memory."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize images to this square size, 32 to 1024. Default: the backbone's (224)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize images to this square size, 32 to 1024. Default: the backbone's (`tlfeat backbones`)."),
+    tta: str = typer.Option(TTA_MODES[0], "--tta", help="Test-time augmentation: none, or flip (the mean of the features of each image and its mirror; twice the compute)."),
     dtype: str = typer.Option("float32", "--dtype", help="Storage type of the features: float32 or float16."),
     seed: int = typer.Option(0, "--seed", help="Seed of the stratified train/val/test split."),
     split: str = typer.Option(DEFAULT_SPLIT, "--split", help="train,val,test shares for a flat dataset (val carved from train when only train/test exist)."),
@@ -51,26 +56,35 @@ def extract(
     summary = run_extract(
         data, out=out, backbone=backbone, weights=weights, image_size=image_size,
         batch_size=batch_size, dtype=dtype, seed=seed, ratios=parse_ratios(split),
-        overwrite=overwrite, progress=not quiet, engine=engine, ray_options=ray_options,
+        overwrite=overwrite, progress=not quiet, engine=engine, ray_options=ray_options, tta=tta,
         workers=None if engine == "ray" else workers,
     )
-    splits = ", ".join(f"{k} {v}" for k, v in summary.split_counts.items())
-    status = "up to date, nothing computed" if summary.up_to_date else (
-        f"computed {summary.n_computed}, reused {summary.n_reused}"
-    )
-    if summary.n_retried:
-        status += f" (retried {summary.n_retried} previously skipped)"
-    typer.echo(
-        f"{summary.out}: {summary.n_images} images x {summary.feature_dim} dims ({splits}); {status}; "
-        f"skipped {summary.n_skipped}; ignored {_counted_reasons(summary.ignored)}; "
-        f"{summary.seconds:.1f} s" + (f", {summary.images_per_s:.1f} images/s" if summary.n_computed else "")
-    )
+    typer.echo(summary_line(summary))
     for note in summary.notes:
         typer.echo(f"note: {note}")
     for path, reason in summary.skipped[:20]:
         typer.echo(f"  skipped {path}: {reason}")
     if len(summary.skipped) > 20:
         typer.echo(f"  ... and {len(summary.skipped) - 20} more (listed in the cache's skipped_paths)")
+
+
+def summary_line(summary: ExtractSummary) -> str:
+    """The cache, then this run's work, in counts that add up: rows + skipped = attempted + reused."""
+    splits = ", ".join(f"{k} {v}" for k, v in summary.split_counts.items())
+    if summary.up_to_date:
+        work = f"up to date, {summary.n_reused} reused, nothing attempted"
+    else:
+        skipped_now = summary.n_computed - summary.n_embedded
+        work = (f"{summary.n_computed} attempted ({summary.n_embedded} embedded, {skipped_now} skipped), "
+                f"{summary.n_reused} reused")
+    if summary.n_retried:
+        work += f" ({summary.n_retried} previously skipped retried)"
+    rate = f", {summary.images_per_s:.1f} images/s" if summary.n_computed else ""
+    return (
+        f"{summary.out}: {summary.n_images} images x {summary.feature_dim} dims ({splits}), "
+        f"{summary.n_skipped} image files skipped; this run: {work}; {_counted_reasons(summary.ignored)} ignored; "
+        f"{summary.seconds:.1f} s{rate}"
+    )
 
 
 def _counted_reasons(items: list[tuple[str, str]]) -> str:
@@ -81,10 +95,17 @@ def _counted_reasons(items: list[tuple[str, str]]) -> str:
 
 @app.command("backbones")
 def backbones() -> None:
-    """List the registered backbones."""
-    for spec in list_backbones():
-        default = " (default)" if spec.name == DEFAULT_BACKBONE else ""
+    """List the registered backbones: native input size, feature dimension, parameters, preprocessing, weights.
+
+    weights "offline": ImageNet weights ship with an installed package; "download": Keras fetches them
+    on first use (network needed), or pass --weights FILE.
+    """
+    specs = list_backbones()
+    width = max(len(spec.name) for spec in specs)
+    typer.echo(f"{'name':<{width}}  {'size':>4}  {'dim':>4}  {'parameters':>10}  {'preprocessing':<13}  weights")
+    for spec in specs:
         typer.echo(
-            f"{spec.name}{default}: {spec.feature_dim}-d, {spec.input_size}px, "
-            f"preprocessing {spec.preprocessing}; weights: {spec.weight_source}"
+            f"{spec.name:<{width}}  {spec.input_size:>4}  {spec.feature_dim:>4}  "
+            f"{spec.parameters / 1e6:>9.2f}M  {spec.preprocessor.mode:<13}  {spec.weight_source}"
         )
+    typer.echo(f"\ndefault: {DEFAULT_BACKBONE} ({specs[0].weight_source})")

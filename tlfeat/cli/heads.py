@@ -7,12 +7,13 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from tlfeat.cli.common import app, user_errors
+from tlfeat.cli.common import app, program_name, user_errors
 from tlfeat.errors import TlfeatError
 from tlfeat.heads.registry import HEADS
 from tlfeat.heads.streaming import DEFAULT_CHUNK_ROWS, DEFAULT_PASSES
 
 if TYPE_CHECKING:  # the real imports stay inside the commands, so --help stays fast
+    from tlfeat.extraction.run import ExtractSummary
     from tlfeat.heads.fit import FitSummary, HeadResult
 
 HEAD_CHOICES = ", ".join(HEADS)
@@ -20,11 +21,19 @@ SEARCHED = ", ".join(f"{spec.label} ({name})" for name, spec in HEADS.items())
 STREAMABLE = " or ".join(name for name, spec in HEADS.items() if spec.streaming_loss)
 
 
+TRUST_HELP = (
+    "Load a head holding types tlfeat does not trust, or a tlfeat 0.1 .joblib pickle: loading them can run "
+    "code from the file. Only for files you made or whose maker you trust."
+)
+
+
 def _echo_head(result: HeadResult) -> None:
-    """One line per fitted head as it finishes, then its search trials and warnings."""
+    """One line per fitted head as it finishes, then what it replaced, its search trials and notes."""
     scores = "  ".join(f"{split} {s['accuracy']:.3f}" for split, s in result.scores.items())
     params = ", ".join(f"{k}={v}" for k, v in result.params.items())
     typer.echo(f"{result.head:<10} {params:<12} acc: {scores}  (fit {result.fit_seconds:.1f} s)")
+    if result.replaced:
+        typer.echo(f"{'':<10} replaced {result.files['model'].name} (was {result.replaced})")
     if result.search:
         label = next(iter(result.params))
         trials = ", ".join(f"{t[label]}: {t['val_accuracy']:.3f}" for t in result.search)
@@ -33,13 +42,18 @@ def _echo_head(result: HeadResult) -> None:
         typer.echo(f"{'':<10} note: {note}")
 
 
+def _echo_skip(head: str, reason: str) -> None:
+    typer.echo(f"{head:<10} skipped: {reason}")
+
+
 def _echo_fit_summary(summary: FitSummary) -> None:
     typer.echo("")
     typer.echo(summary.table)
     names = ", ".join(r.head for r in summary.results)
+    kept = [h for h in summary.heads if h not in {r.head for r in summary.results}]
     typer.echo(
-        f"wrote {summary.out}/: <head>.joblib (+ .json metadata, .metrics.json, .confusion.png) for {names}; "
-        f"summary.md, summary.csv"
+        f"wrote {summary.out}/: <head>.skops (+ .metrics.json, .confusion.png) for {names}; summary.md, summary.csv "
+        f"over every head there" + (f" (kept from earlier runs: {', '.join(kept)})" if kept else "")
     )
 
 
@@ -66,27 +80,30 @@ def fit_head(
     else:
         from tlfeat.heads.fit import fit_heads
 
-        summary = fit_heads(caches, head=head, search=search, out=out, seed=seed, on_result=_echo_head)
+        summary = fit_heads(
+            caches, head=head, search=search, out=out, seed=seed, on_result=_echo_head, on_skip=_echo_skip
+        )
     _echo_fit_summary(summary)
 
 
 @app.command()
 @user_errors
 def predict(
-    model: Path = typer.Argument(..., help="A head's .joblib written by fit-head (its .json metadata beside it), or a fine-tune run folder / its model.keras."),
+    model: Path = typer.Argument(..., help="A head's .skops written by fit-head, or a fine-tune run folder / its model.keras."),
     images: list[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively for images)."),
     csv: Optional[Path] = typer.Option(None, "--csv", help="Also write the predictions (and skipped files) to this CSV."),
     top: int = typer.Option(1, "--top", help="Show the K most probable classes per image."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    trust: bool = typer.Option(False, "--trust", help=TRUST_HELP),
 ) -> None:
     """Classify images with a fitted head (embedding them exactly as its training cache was) or a fine-tuned model.
 
-    Only load heads you made or trust: a .joblib is a pickle, and loading it runs code.
+    A path that does not exist is an error; files that cannot be decoded are listed as skipped.
     """
     from tlfeat.apps.predict import predict_images, write_predictions_csv
 
-    result = predict_images(model, images, top=top, batch_size=batch_size, progress=not quiet)
+    result = predict_images(model, images, top=top, batch_size=batch_size, progress=not quiet, trust=trust)
     for p in result.predictions:
         typer.echo(f"{p.path}\t" + "\t".join(f"{name} {prob:.3f}" for name, prob in p.top))
     for path, reason in result.skipped:
@@ -101,43 +118,51 @@ def predict(
 @app.command()
 @user_errors
 def evaluate(
-    model: Path = typer.Argument(..., help="A head's .joblib written by fit-head."),
+    model: Path = typer.Argument(..., help="A head's .skops written by fit-head."),
     caches: list[Path] = typer.Argument(..., help="Labelled cache(s) extracted with the head's settings; a fused head takes one per backbone, in its order."),
     split: Optional[str] = typer.Option(None, "--split", help="Score only this split (train, val or test). Default: every split present."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write per-class scores and confusion matrices to this JSON file."),
+    trust: bool = typer.Option(False, "--trust", help=TRUST_HELP),
 ) -> None:
     """Score a fitted head on cached features, e.g. a new labelled set extracted with the same backbone.
 
     Refuses a cache whose class list, backbone, weights, image size or preprocessing
-    differ from what the head was fitted on.
+    differ from what the head was fitted on. Rows the head was fitted on (found by
+    image and by features, whatever the cache's split) are left out of val and test, and counted.
     """
     from tlfeat.apps.evaluate import evaluate_on_caches
     from tlfeat.reports import markdown_table, write_json
 
-    result = evaluate_on_caches(model, caches, split=split)
+    result = evaluate_on_caches(model, caches, split=split, trust=trust)
+    for note in result.notes:
+        typer.echo(f"note: {note}", err=True)
     rows = [[name, m["n"], m["accuracy"], m["macro_f1"]] for name, m in result.metrics.items()]
     typer.echo(markdown_table(["split", "images", "accuracy", "macro-F1"], rows), nl=False)
     if json_out is not None:
         write_json(json_out, {"model": str(model), "caches": [str(c) for c in caches], "classes": result.meta["classes"],
-                              "splits": result.metrics})
+                              "splits": result.metrics, "left_out": result.left_out})
         typer.echo(f"wrote {json_out}")
 
 
 @app.command()
 @user_errors
 def demo(
+    ctx: typer.Context,
     out: Path = typer.Option(Path("cache"), "--out", "-o", help="Folder for the digits dataset, its cache and the heads."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Offline end-to-end demo on scikit-learn's 1,797 handwritten digits: write PNGs, extract, fit every head."""
     from tlfeat.apps.demo import run_demo
+    from tlfeat.cli.extract import summary_line
 
-    result = run_demo(out, progress=not quiet, on_result=_echo_head)
-    extracted = result.extract
-    typer.echo(
-        f"dataset {result.dataset}/ ({result.n_written} PNGs written); cache {extracted.out}: "
-        f"{extracted.n_images} images, computed {extracted.n_computed}, reused {extracted.n_reused}"
-    )
+    def echo_dataset(dataset: Path, n_written: int, extracted: ExtractSummary) -> None:
+        typer.echo(f"dataset {dataset}/ ({n_written} PNGs written)")
+        typer.echo(summary_line(extracted))
+        typer.echo("")
+
+    result = run_demo(out, progress=not quiet, on_result=_echo_head, on_extract=echo_dataset)
     _echo_fit_summary(result.fit)
     example = next(iter(sorted((result.dataset / "3").glob("*.png"))), result.dataset)
-    typer.echo(f"demo took {result.seconds:.0f} s; try: python cli.py predict {result.fit.out / 'logreg.joblib'} {example}")
+    typer.echo(
+        f"demo took {result.seconds:.0f} s; try: {program_name(ctx)} predict {result.fit.out / 'logreg.skops'} {example}"
+    )

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
 import numpy as np
 
 from tlfeat.backbones import Backbone
+from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.cache import Rows
 from tlfeat.data.scan import ImageEntry
 from tlfeat.errors import TlfeatError, parameter_error
@@ -48,10 +49,12 @@ class LocalEngine:
     """This process: worker processes decode ahead of the backbone; batches in canonical order."""
 
     def __init__(
-        self, backbone: Backbone, weights: str, image_size: int, batch_size: int | None, workers: int | None = None
+        self, backbone: Backbone, weights: str, image_size: int, batch_size: int | None, workers: int | None = None,
+        tta: str = NO_TTA,
     ) -> None:
         self.backbone, self.weights, self.image_size, self.batch_size = backbone, weights, image_size, batch_size
         self.workers = workers  # decoding processes; None: one per available core
+        self.tta = tta
         self.compute = compute_policy(accelerator_present())
 
     def __enter__(self) -> "LocalEngine":
@@ -62,7 +65,7 @@ class LocalEngine:
 
     def embed(self, root: Path, todo: list[ImageEntry], bar: Any) -> Iterator[Rows]:
         pool = shared_pool(self.workers)  # a new pool's processes start while the backbone loads
-        extractor = get_extractor(self.backbone, self.weights, self.image_size, self.batch_size)
+        extractor = get_extractor(self.backbone, self.weights, self.image_size, self.batch_size, self.tta)
         files = [root / e.relpath for e in todo]
         for batch, features in map_batches(files, self.image_size, extractor.batch_size, extractor.submit, bar, pool):
             entries = todo[batch.start : batch.start + batch.length]
@@ -94,7 +97,7 @@ def batch_rows(
 
 def make_engine(
     engine: str, backbone: Backbone, weights: str, image_size: int, batch_size: int | None,
-    ray_options: RayOptions | None, workers: int | None = None,
+    ray_options: RayOptions | None, workers: int | None = None, tta: str = NO_TTA,
 ) -> Engine:
     """The engine named `engine`; `workers` are the local engine's decoding processes (Ray's are `ray_options`')."""
     if engine not in ENGINES:
@@ -107,7 +110,7 @@ def make_engine(
                               "RayOptions(workers=...)")
         from tlfeat.extraction.ray_engine import RayEngine, RayOptions
 
-        return RayEngine(backbone, weights, image_size, batch_size, ray_options or RayOptions())
+        return RayEngine(backbone, weights, image_size, batch_size, ray_options or RayOptions(), tta)
     if workers is not None and workers < 1:
         raise parameter_error("workers", workers, "must be at least 1")
-    return LocalEngine(backbone, weights, image_size, batch_size, workers)
+    return LocalEngine(backbone, weights, image_size, batch_size, workers, tta)

@@ -129,10 +129,12 @@ class RayEngine:
     """
 
     def __init__(
-        self, backbone: Backbone, weights: str, image_size: int, batch_size: int | None, options: RayOptions
+        self, backbone: Backbone, weights: str, image_size: int, batch_size: int | None, options: RayOptions,
+        tta: str = "none",
     ) -> None:
         options.validate()
         self.backbone, self.weights, self.image_size, self.options = backbone, weights, image_size, options
+        self.tta = tta
         self.requested_batch_size = batch_size
         self.ray: Any = None
         self.joined = False
@@ -208,7 +210,9 @@ class RayEngine:
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")  # Ray's own advice
             return dataset.map_batches(
                 EmbedWorker,
-                fn_constructor_args=(self.backbone.name, self.weights, self.image_size, self.batch_size, self.compute),
+                fn_constructor_args=(
+                    self.backbone.name, self.weights, self.image_size, self.batch_size, self.compute, self.tta,
+                ),
                 batch_size=self.batch_size, batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=self.workers),
                 num_gpus=self.gpus_per_worker or None, num_cpus=1 if self.gpus_per_worker else 0.5,
@@ -243,12 +247,14 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.
 class EmbedWorker:
     """Ray Data actor: one backbone per actor, built once; uint8 pixels -> pooled features."""
 
-    def __init__(self, backbone: str, weights: str, image_size: int, batch_size: int, compute: str) -> None:
+    def __init__(
+        self, backbone: str, weights: str, image_size: int, batch_size: int, compute: str, tta: str = "none"
+    ) -> None:
         import keras
 
         self.keras_backend = keras.backend.backend()
         spec = get_backbone(backbone)
-        self.extractor = FeatureExtractor(spec, weights, image_size, batch_size)
+        self.extractor = FeatureExtractor(spec, weights, image_size, batch_size, tta)
         if self.extractor.compute != compute:
             raise TlfeatError(
                 f"a Ray worker computes in {self.extractor.compute} but the run needs {compute}: "

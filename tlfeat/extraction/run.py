@@ -15,26 +15,25 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Callable
 
 from tlfeat.backbones import get_backbone, resolve_image_size, weights_identity
-from tlfeat.cache import (
-    CacheKey, Rows, load, open_rows, read_key, read_rows, without_non_finite, write_cache,
-)
+from tlfeat.backbones.preprocessing import NO_TTA
+from tlfeat.cache import CacheKey, CacheReader, Rows, key_from_attrs
 from tlfeat.data.batches import bytes_in_flight
 from tlfeat.data.cores import available_memory
 from tlfeat.data.decode import DecodeError, decode_image
-from tlfeat.data.scan import DEFAULT_RATIOS, SPLIT_RULE, DatasetScan, ImageEntry, scan_dataset
+from tlfeat.data.scan import DEFAULT_RATIOS, SPLIT_RULE, DatasetScan, scan_dataset
 from tlfeat.errors import TlfeatError
 from tlfeat.extraction.engines import make_engine
-from tlfeat.extraction.shards import ShardStore
+from tlfeat.extraction.ledger import FAILED, NOWHERE, OLD_CACHE, PATH_CHUNK_ROWS, Ledger, same_as_file, write_final
+from tlfeat.extraction.shards import ShardStore, without_non_finite
 from tlfeat.fileio import OutputLock, check_output_path, remove_stale_temporaries
 from tlfeat.progress import progress_bar
+from tlfeat.runtime import check_tta
 
 if TYPE_CHECKING:
     from tlfeat.extraction.ray_engine import RayOptions
@@ -46,9 +45,10 @@ DTYPES = ("float32", "float16")
 class ExtractSummary:
     out: Path
     n_images: int  # rows in the cache
-    n_computed: int  # rows computed by this run
-    n_reused: int  # rows taken from the previous cache or shards
-    n_skipped: int
+    n_computed: int  # images this run tried to embed: n_embedded of them were, the others are skipped
+    n_embedded: int  # rows this run added to the cache
+    n_reused: int  # images whose row (or skip record) came from the previous cache or shards
+    n_skipped: int  # images in no row (unreadable), whichever run tried them
     skipped: list[tuple[str, str]]  # (relative path, reason)
     ignored: list[tuple[str, str]]  # non-image files seen by the scan
     feature_dim: int
@@ -68,8 +68,10 @@ class ShardWriter:
     writes every batch still queued first, after Ctrl-C too: finished batches are kept.
     """
 
-    def __init__(self, shards: ShardStore, key: CacheKey, depth: int = 2) -> None:
-        self.shards, self.key = shards, key
+    def __init__(
+        self, shards: ShardStore, key: CacheKey, on_written: Callable[[int, Rows], None], depth: int = 2
+    ) -> None:
+        self.shards, self.key, self.on_written = shards, key, on_written
         self.queue: queue.Queue[Rows | None] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._write, name="tlfeat-shard-writer", daemon=True)
@@ -94,49 +96,57 @@ class ShardWriter:
             if self.error is None:
                 try:
                     self.shards.start(self.key)  # at the first finished batch: a model that fails to load leaves none
-                    self.shards.write(rows)
+                    # The run reads its ledger only after this thread has ended.
+                    self.on_written(self.shards.write(rows), rows)
                 except BaseException as exc:  # raised in the run's thread
                     self.error = exc
 
 
-def default_output(data: Path, backbone: str, image_size: int | None = None) -> Path:
-    """cache/<dataset>-<backbone>.h5, or ...-<size>.h5 for an image size other than the backbone's own."""
-    spec = get_backbone(backbone)
-    suffix = f"-{image_size}" if image_size not in (None, spec.input_size) else ""
-    return Path("cache") / f"{Path(data).resolve().name}-{spec.name}{suffix}.h5"
+def default_output(data: Path, backbone: str, image_size: int | None = None, tta: str = NO_TTA) -> Path:
+    """cache/<dataset>-<backbone>[-<size> when not native][-flip].h5: one file per setting that changes features."""
+    size = f"-{image_size}" if image_size and image_size != get_backbone(backbone).input_size else ""
+    flip = f"-{tta}" if tta != NO_TTA else ""
+    return Path("cache") / f"{Path(data).resolve().name}-{backbone}{size}{flip}.h5"
 
 
-def _absorb(known: dict[str, tuple], rows: Rows) -> None:
-    for i, path in enumerate(rows.paths):
-        known[path] = (rows.file_size[i], rows.file_mtime_ns[i], rows.features[i], None)
-    for path, reason, size, mtime in zip(
-        rows.skipped_paths, rows.skipped_reasons, rows.skipped_size, rows.skipped_mtime_ns
-    ):
-        known[path] = (size, mtime, None, reason)
+def _record_earlier_work(
+    key: CacheKey, out: Path, shards: ShardStore, overwrite: bool, ledger: Ledger, scan: DatasetScan, notes: list[str],
+) -> bool:
+    """Enter in the ledger the rows of earlier work under `key`: the finished cache, then unfinished shards.
 
-
-def _known_rows(key: CacheKey, out: Path, shards: ShardStore, overwrite: bool, notes: list[str]) -> dict[str, tuple]:
-    """relpath -> (size, mtime_ns, feature row | None, skip reason | None) from earlier work under `key`.
-
-    With `overwrite`, work under another key, or in a damaged cache, is dropped (a note says so); work under
-    this key is always reused.
+    Only their paths and file identities are read, never their features (except, once, in a cache written
+    before non-finite rows were refused). With `overwrite`, work under another key, or in a damaged cache,
+    is dropped (a note says so); work under this key is reused, re-labelled if the split moved (said too).
+    Returns whether the finished cache's rows are in the ledger.
     """
-    known: dict[str, tuple] = {}
+    reused = False
     if out.exists():
         try:
-            old_key, rows = read_rows(out)
-        except TlfeatError as exc:
+            with CacheReader(out) as old:
+                old_key = key_from_attrs(old.attrs)
+                if old_key == key:
+                    if overwrite:
+                        old.verify()  # a damaged cache asked to be overwritten is recomputed, not copied from
+                    _check_split(old, ledger, scan, overwrite, notes)
+                    base = ledger.add_source(OLD_CACHE, old.n_rows)
+                    for start in range(0, old.n_rows, PATH_CHUNK_ROWS):
+                        ledger.record(base + start, *old.identities(start, start + PATH_CHUNK_ROWS))
+                    paths, reasons, sizes, mtimes = old.skipped()
+                    ledger.record(0, paths, sizes, mtimes, failed=reasons)
+                    ledger.forget([old.identities(int(r), int(r) + 1)[0][0] for r in old.non_finite_rows()])
+                    reused = True
+                elif not overwrite:
+                    raise TlfeatError(
+                        f"{out}: cache was made with other settings ({key.differences(old_key)} "
+                        "[this run vs file]); pass `overwrite` to replace it or `out` for a new file"
+                    )
+        except TlfeatError as exc:  # with `overwrite`, only an unreadable or damaged cache gets here
             if not overwrite:
                 raise
             notes.append(f"could not reuse {exc}: its images are computed again")
-            old_key, rows = None, None
-        if rows is not None and old_key == key:
-            _absorb(known, rows)
-        elif rows is not None and not overwrite:
-            raise TlfeatError(
-                f"{out}: cache was made with other settings ({key.differences(old_key)} "
-                "[this run vs file]); pass `overwrite` to replace it or `out` for a new file"
-            )
+            ledger.where[:] = NOWHERE
+            ledger.reasons.clear()
+            reused = False
     shard_key = shards.key()
     if shard_key is not None and shard_key != key:
         if not overwrite:
@@ -146,38 +156,33 @@ def _known_rows(key: CacheKey, out: Path, shards: ShardStore, overwrite: bool, n
             )
         shards.clear()
     elif shard_key == key:
-        for rows in shards.read():
-            _absorb(known, rows)
-    return known
+        for number, rows in shards.read_index():
+            ledger.record_rows(number, rows)
+    return reused
 
 
-def _check_split(out: Path, key: CacheKey, scan: DatasetScan, overwrite: bool) -> str | None:
-    """Refuse a run whose split would move rows of the existing cache; with `overwrite`, say that it does."""
-    if not out.exists():
-        return None
-    try:
-        if read_key(out) != key:
-            return None
-        with open_rows(out) as (current, _):
-            was = dict(zip(current.paths, current.split))
-            old_seed, old_ratios = current.attrs.get("seed"), current.attrs.get("split_ratios")
-            rule = current.attrs.get("split_rule")
-    except TlfeatError:
-        if overwrite:
-            return None  # a damaged cache is replaced whole
-        raise
-    moved = sum(1 for e in scan.entries if e.relpath in was and was[e.relpath] != e.split)
+def _check_split(old: CacheReader, ledger: Ledger, scan: DatasetScan, overwrite: bool, notes: list[str]) -> None:
+    """Refuse a run whose split would move rows of the cache `old`; with `overwrite`, say that it does."""
+    moved, hint = 0, 0
+    for start in range(0, old.n_rows, PATH_CHUNK_ROWS):
+        stored = old.rows(start, start + PATH_CHUNK_ROWS, with_features=False)
+        for path, split in zip(stored.paths, stored.split):
+            i = ledger.locate(path, hint)
+            if i >= 0:
+                hint = i + 1
+                moved += ledger.entries[i].split != split
     if not moved:
-        return None
-    settings = f"seed {old_seed} -> {scan.seed}, shares {_shares(old_ratios)} -> {_shares(scan.ratios)}"
-    if rule != SPLIT_RULE:
+        return
+    settings = (f"seed {old.attrs.get('seed')} -> {scan.seed}, shares {_shares(old.attrs.get('split_ratios'))} -> "
+                f"{_shares(scan.ratios)}")
+    if old.attrs.get("split_rule") != SPLIT_RULE:
         settings += "; the cache was split by an earlier tlfeat's rule"
     if not overwrite:
         raise TlfeatError(
-            f"{out}: this run's split puts {moved} of its {len(was)} rows in another split ({settings}); "
+            f"{old.path}: this run's split puts {moved} of its {old.n_rows} rows in another split ({settings}); "
             "rerun with the cache's `seed` and `ratios`, or pass `overwrite` to re-label them"
         )
-    return f"re-labelled {moved} of {len(was)} rows of {out} to this run's split ({settings})"
+    notes.append(f"re-labelled {moved} of {old.n_rows} rows of {old.path} to this run's split ({settings})")
 
 
 def _shares(ratios: Any) -> str:
@@ -202,76 +207,82 @@ def extract(
     engine: str = "local",
     ray_options: RayOptions | None = None,
     workers: int | None = None,
+    tta: str = NO_TTA,
 ) -> ExtractSummary:
     """Embed every image of a dataset with `backbone` into the HDF5 cache at `out`.
 
     engine "local" runs in this process, decoding in `workers` processes (default: one per available
     core); "ray" runs on a Ray cluster (`ray_options`), importing Ray only then.
+    tta "flip" stores the mean of each image's features and its mirror's (twice the compute).
     """
     started = time.perf_counter()
     spec = get_backbone(backbone)
     if dtype not in DTYPES:
         raise TlfeatError(f"`dtype={dtype!r}`: use float32 or float16")
+    check_tta(tta)
     size = resolve_image_size(spec, image_size)
     if batch_size is not None:
         _check_batch_size(batch_size, size)
     stage, parts = "scanning the dataset", None  # what a Ctrl-C interrupts; where finished batches are kept
     try:
         scan = scan_dataset(data, seed=seed, ratios=ratios)
-        out = Path(out) if out is not None else default_output(scan.root, spec.name, size)
+        out = Path(out) if out is not None else default_output(scan.root, spec.name, size, tta)
         if out.exists() and out.is_dir():
             raise TlfeatError(f"{out}: is a folder; `out` needs a file path such as {out / 'features.h5'}")
         check_output_path(out)
         weights_id = weights_identity(spec, weights)
-        parts = ShardStore(out).dir
+        parts = ShardStore(out).dir  # a file squatting on its name is refused here, before any work
 
         stage = "loading the model"
-        with OutputLock(out), make_engine(engine, spec, weights, size, batch_size, ray_options, workers) as runner:
+        with OutputLock(out), make_engine(engine, spec, weights, size, batch_size, ray_options, workers, tta) as runner:
             remove_stale_temporaries(out)
             shards = ShardStore(out)
-            key = CacheKey(spec.name, weights_id, size, spec.preprocessing, dtype, runner.compute)
+            key = CacheKey(spec.name, weights_id, size, spec.preprocessing, dtype, runner.compute, tta=tta)
+            ledger = Ledger(scan.entries, scan.layout)
             notes = list(scan.notes)
-            relabelled = _check_split(out, key, scan, overwrite)
-            notes += [relabelled] if relabelled else []
-            known = _known_rows(key, out, shards, overwrite, notes)
+            reuse_old = _record_earlier_work(key, out, shards, overwrite, ledger, scan, notes)
             notes += shards.notices
-            still_failing, reasons_changed = _recheck_skipped(scan, known, size)
-            todo = [
-                e for e in scan.entries
-                if (record := _reusable(known.get(e.relpath), e)) is None
-                or (record[2] is None and e.relpath not in still_failing)
-            ]
-            n_retried = len(still_failing) + sum(1 for e in todo if e.relpath in known and known[e.relpath][2] is None)
+            n_retried, reasons_changed = _recheck_skipped(scan, ledger, size)
+
+            todo = ledger.todo()
             n_reused = len(scan.entries) - len(todo)
             compute_seconds = 0.0
             if todo:
                 computed_before = time.perf_counter()
                 with progress_bar(len(todo), progress, f"extract {spec.name}") as bar, \
-                        ShardWriter(shards, key) as writer, closing(runner.embed(scan.root, todo, bar)) as batches:
+                        ShardWriter(shards, key, ledger.record_rows) as writer, \
+                        closing(runner.embed(scan.root, todo, bar)) as batches:
                     for rows in batches:  # closed however the loop ends: the decoding pool is free again
                         stage = "computing"
-                        rows = without_non_finite(rows)  # a failure of those images, never features
-                        writer.put(rows)
-                        _absorb(known, rows)
+                        writer.put(without_non_finite(rows))  # a failure of those images, never features
                 compute_seconds = time.perf_counter() - computed_before
 
-            up_to_date = not todo and not reasons_changed and _same_as_file(out, scan, known)
-            if not up_to_date:
-                stage = "writing"
-                try:
-                    _write_final(out, key, scan, known, weights, size, runner.keras_backend())
-                except TlfeatError as exc:
-                    raise TlfeatError(f"{exc}; {_KEPT.format(parts=parts)} to finish") from None
+            with CacheReader(out) if reuse_old else nullcontext() as old:
+                up_to_date = (
+                    not todo and not reasons_changed and old is not None
+                    and old.attrs.get("split_ratios") == list(scan.ratios) and old.attrs.get("split_rule") == SPLIT_RULE
+                    and same_as_file(old, ledger, scan.class_names, scan.seed)
+                )
+                if up_to_date:
+                    old.verify()  # "up to date" is said of a file whose every feature still passes its checksum
+                if not up_to_date:
+                    stage = "writing"
+                    try:
+                        write_final(out, key, ledger, scan.class_names, old, shards, spec.feature_dim,
+                                    _final_attrs(scan, weights, size, runner.keras_backend()))
+                    except TlfeatError as exc:
+                        raise TlfeatError(f"{exc}; {_KEPT.format(parts=parts)} to finish") from None
             shards.clear()
     except KeyboardInterrupt:
         raise TlfeatError(_interrupted(stage, out, parts)) from None
 
-    skipped = [(e.relpath, known[e.relpath][3]) for e in scan.entries if known[e.relpath][2] is None]
-    n_rows = len(scan.entries) - len(skipped)
+    skipped = [(e.relpath, reason) for e, reason in ledger.failures()]
+    failed = {path for path, _ in skipped}
     return ExtractSummary(
         out=out,
-        n_images=n_rows,
+        n_images=ledger.n_rows(),
         n_computed=len(todo),
+        n_embedded=sum(e.relpath not in failed for e in todo),
         n_reused=n_reused,
         n_skipped=len(skipped),
         skipped=skipped,
@@ -279,7 +290,7 @@ def extract(
         feature_dim=spec.feature_dim,
         seconds=time.perf_counter() - started,
         images_per_s=len(todo) / compute_seconds if todo and compute_seconds > 0 else 0.0,
-        split_counts=_split_counts(scan, known),
+        split_counts=ledger.split_counts(),
         up_to_date=up_to_date,
         notes=notes,
         n_retried=n_retried,
@@ -311,87 +322,35 @@ def _check_batch_size(batch_size: int, size: int) -> None:
         )
 
 
-def _recheck_skipped(scan: DatasetScan, known: dict[str, tuple], size: int) -> tuple[set[str], bool]:
+def _recheck_skipped(scan: DatasetScan, ledger: Ledger, size: int) -> tuple[int, bool]:
     """Retry every previously skipped, unchanged file (a chmod or mv can fix it without touching size or mtime).
 
-    Decoding needs no model, so it happens here: files that still fail keep a skip record with today's reason
-    (returned, with whether any reason changed); files that decode now are left for the engine.
+    Decoding needs no model, so it happens here: a file that still fails keeps its skip with today's reason;
+    one that decodes now goes back to be computed. Returns how many were retried, and whether a reason changed.
     """
-    still, changed = set(), False
-    for entry in scan.entries:
-        record = _reusable(known.get(entry.relpath), entry)
-        if record is None or record[2] is not None:
-            continue
+    retried, changed = 0, False
+    for i in [i for i in ledger.reasons if ledger.where[i] == FAILED]:
+        retried += 1
         try:
-            decode_image(scan.root / entry.relpath, size)
+            decode_image(scan.root / ledger.entries[i].relpath, size)
         except DecodeError as exc:
-            still.add(entry.relpath)
-            changed = changed or str(exc) != record[3]
-            known[entry.relpath] = (entry.size, entry.mtime_ns, None, str(exc))
-    return still, changed
+            changed = changed or str(exc) != ledger.reasons[i]
+            ledger.reasons[i] = str(exc)
+            continue
+        ledger.where[i] = NOWHERE
+        del ledger.reasons[i]
+    return retried, changed
 
 
-def _reusable(record: tuple | None, entry: ImageEntry) -> tuple | None:
-    if record is None or record[0] != entry.size or record[1] != entry.mtime_ns:
-        return None
-    return record
-
-
-def _split_counts(scan: DatasetScan, known: dict[str, tuple]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for e in scan.entries:
-        if known[e.relpath][2] is not None:
-            counts[e.split] = counts.get(e.split, 0) + 1
-    return counts
-
-
-def _same_as_file(out: Path, scan: DatasetScan, known: dict[str, tuple]) -> bool:
-    """True when `out` already holds exactly these rows, splits and classes (nothing to write)."""
-    if not out.exists():
-        return False
-    current = load(out)
-    rows = [e for e in scan.entries if known[e.relpath][2] is not None]
-    return (
-        current.class_names == scan.class_names
-        and list(current.paths) == [e.relpath for e in rows]
-        and list(current.split) == [e.split for e in rows]
-        and current.attrs.get("seed") == scan.seed
-        and current.attrs.get("split_ratios") == list(scan.ratios)
-        and current.attrs.get("split_rule") == SPLIT_RULE
-    )
-
-
-def _write_final(
-    out: Path, key: CacheKey, scan: DatasetScan, known: dict[str, tuple], weights: str, size: int,
-    keras_backend: str,
-) -> None:
-    rows = [e for e in scan.entries if known[e.relpath][2] is not None]
-    skipped = [
-        (e.relpath, known[e.relpath][3], e.size, e.mtime_ns) for e in scan.entries if known[e.relpath][2] is None
-    ]
-    spec = get_backbone(key.backbone)
-    # Rows, not one stacked matrix: the run already holds every feature once, and need not hold them twice.
-    features = [known[e.relpath][2] for e in rows] if rows else np.zeros((0, spec.feature_dim), dtype=np.float32)
+def _final_attrs(scan: DatasetScan, weights: str, size: int, keras_backend: str) -> dict:
     weights_source = weights if weights in ("imagenet", "none") else str(Path(weights).resolve())
-    write_cache(
-        out,
-        key,
-        features=features,
-        labels=np.array([scan.label_of(e) for e in rows], dtype=np.int32),
-        paths=[e.relpath for e in rows],
-        split=[e.split for e in rows],
-        file_size=[e.size for e in rows],
-        file_mtime_ns=[e.mtime_ns for e in rows],
-        class_names=scan.class_names,
-        skipped=skipped,
-        extra_attrs={
-            "keras_backend": keras_backend,
-            "dataset_root": str(scan.root),
-            "layout": scan.layout,
-            "seed": scan.seed,
-            "split_ratios": list(scan.ratios),
-            "split_rule": SPLIT_RULE,
-            "weights_source": weights_source,
-            "resize": f"pillow-bilinear {size}x{size}, aspect not kept",
-        },
-    )
+    return {
+        "keras_backend": keras_backend,
+        "dataset_root": str(scan.root),
+        "layout": scan.layout,
+        "seed": scan.seed,
+        "split_ratios": list(scan.ratios),
+        "split_rule": SPLIT_RULE,
+        "weights_source": weights_source,
+        "resize": f"pillow-bilinear {size}x{size}, aspect not kept",
+    }

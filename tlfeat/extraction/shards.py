@@ -1,9 +1,13 @@
-"""Work in progress of an extraction run: one shard file per finished batch, in ``<out>.parts/``.
+"""Shards: the batches an unfinished extraction run has finished, one .npz each in ``<out>.parts/``.
 
-A killed run loses at most the batch in flight: each shard is written to a
-temporary name, fsynced and renamed, and carries the SHA-256 of its bytes in its
-name, so a shard damaged on disk later is found, discarded and recomputed
-rather than read as data or left to block every resume.
+Written as each batch completes (temporary name, fsync, rename), so a killed run
+loses at most the batch in flight; read back by the next run (the index of every
+shard first, the features of each only when the final write needs them), and
+removed once the final cache is written. Each shard's name carries the SHA-256
+of its bytes, so a shard damaged on disk is found, discarded with a notice and
+its images computed again, rather than read as data or left to block every
+resume. Rows whose features hold NaN or inf never become shard rows: they are
+failures of those images (`without_non_finite`).
 """
 
 from __future__ import annotations
@@ -18,21 +22,39 @@ from typing import Iterator
 
 import numpy as np
 
-from tlfeat.cache import OLD_DECODE, CacheKey, Rows, without_non_finite
+from tlfeat.cache import OLD_DECODE, CacheKey, Rows
 from tlfeat.errors import TlfeatError
 from tlfeat.fileio import atomic_write_bytes, os_reason, sha256_file
 
 SHARD_DIGEST_CHARS = 32  # hex digits of SHA-256 in a shard's name: 128 bits
 _SHARD_NAME = re.compile(r"shard-(\d{7,})-([0-9a-f]{%d})\.npz" % SHARD_DIGEST_CHARS)
+NON_FINITE_REASON = "the backbone gave NaN or inf features for this image"
+
+
+def without_non_finite(rows: Rows) -> Rows:
+    """`rows` with every row whose features hold NaN or inf moved to the skipped files, with the reason."""
+    finite = np.isfinite(rows.features).all(axis=1) if len(rows.paths) else np.ones(0, dtype=bool)
+    if finite.all():
+        return rows
+    keep, drop = np.flatnonzero(finite), np.flatnonzero(~finite)
+    return Rows(
+        paths=[rows.paths[i] for i in keep],
+        features=rows.features[keep],
+        file_size=[rows.file_size[i] for i in keep],
+        file_mtime_ns=[rows.file_mtime_ns[i] for i in keep],
+        skipped_paths=rows.skipped_paths + [rows.paths[i] for i in drop],
+        skipped_reasons=rows.skipped_reasons + [NON_FINITE_REASON] * len(drop),
+        skipped_size=rows.skipped_size + [rows.file_size[i] for i in drop],
+        skipped_mtime_ns=rows.skipped_mtime_ns + [rows.file_mtime_ns[i] for i in drop],
+    )
 
 
 class ShardStore:
     """Batches finished by an unfinished run, in ``<out>.parts/``: one .npz per batch.
 
-    ``meta.json`` records the CacheKey; shards from another key are never read. Each
-    shard's name carries the SHA-256 of its bytes (``shard-<index>-<digest>.npz``); a
-    shard that fails it, or does not load, is deleted and noted in `notices`, and its
-    images are simply computed again.
+    ``meta.json`` records the CacheKey; shards from another key are never read. A shard is named
+    ``shard-<number>-<sha256 of its bytes>.npz``; one that fails that check or does not load is deleted
+    and noted in `notices` (its images are simply computed again).
     """
 
     def __init__(self, out: Path) -> None:
@@ -42,6 +64,7 @@ class ShardStore:
         # Known after the first shard, so writing stays O(1) per shard over runs of many thousands.
         self._next_index: int | None = None
         self._started: CacheKey | None = None
+        self._files: dict[int, Path] = {}  # number -> file, for the shards read or written by this run
         self.notices: list[str] = []  # one line per discarded shard
 
     def key(self) -> CacheKey | None:
@@ -71,7 +94,8 @@ class ShardStore:
     def _shard_files(self) -> list[Path]:
         return sorted(self.dir.glob("shard-*.npz")) if self.dir.exists() else []
 
-    def write(self, rows: Rows) -> None:
+    def write(self, rows: Rows) -> int:
+        """Store one batch's rows as the next shard; returns its number."""
         if self._next_index is None:
             existing = [_SHARD_NAME.fullmatch(p.name) for p in self._shard_files()]
             self._next_index = max((int(m[1]) + 1 for m in existing if m), default=0)
@@ -94,7 +118,8 @@ class ShardStore:
                 handle.flush()
                 os.fsync(handle.fileno())
             digest = sha256_file(tmp)[:SHARD_DIGEST_CHARS]  # read back from the page cache: cheap
-            os.replace(tmp, self.dir / f"shard-{index:07d}-{digest}.npz")
+            target = self.dir / f"shard-{index:07d}-{digest}.npz"
+            os.replace(tmp, target)
         except OSError as exc:
             raise TlfeatError(
                 f"{self.dir}: cannot write a shard ({os_reason(exc)}); the batches finished before it are kept: "
@@ -102,41 +127,61 @@ class ShardStore:
             ) from None
         finally:
             tmp.unlink(missing_ok=True)
+        self._files[index] = target
+        return index
 
-    def read(self) -> Iterator[Rows]:
-        """Every intact shard (rows with non-finite features moved to skipped); damaged ones are discarded."""
+    def read_index(self) -> Iterator[tuple[int, Rows]]:
+        """(number, rows) of every complete shard, without its features (`features(number)` reads them).
+
+        A shard that fails its checksum or cannot be read is deleted, with a line in `notices`.
+        """
         for shard in self._shard_files():
-            rows, problem = self._load(shard)
-            if rows is None:
-                self.notices.append(f"{shard.name} in {self.dir} {problem}: discarded; its images are computed again")
-                shard.unlink(missing_ok=True)
+            match = _SHARD_NAME.fullmatch(shard.name)
+            problem = "has no checksum in its name (written by an older tlfeat)" if match is None else ""
+            try:
+                if match is not None and sha256_file(shard)[:SHARD_DIGEST_CHARS] != match[2]:
+                    problem = "fails its checksum (damaged on disk)"
+            except OSError as exc:
+                problem = f"cannot be read ({os_reason(exc)})"
+            if problem:
+                self._discard(shard, problem)
                 continue
-            yield without_non_finite(rows)
+            try:
+                with np.load(shard, allow_pickle=False) as data:  # an .npz reads only the members asked for
+                    rows = Rows(
+                        paths=[str(p) for p in data["paths"]],
+                        features=np.empty((0, 0), dtype=np.float32),
+                        file_size=[int(v) for v in data["file_size"]],
+                        file_mtime_ns=[int(v) for v in data["file_mtime_ns"]],
+                        skipped_paths=[str(p) for p in data["skipped_paths"]],
+                        skipped_reasons=[str(r) for r in data["skipped_reasons"]],
+                        skipped_size=[int(v) for v in data["skipped_size"]],
+                        skipped_mtime_ns=[int(v) for v in data["skipped_mtime_ns"]],
+                    )
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+                self._discard(shard, f"cannot be read ({exc.__class__.__name__})")
+                continue
+            self._files[int(match[1])] = shard
+            yield int(match[1]), rows
 
-    @staticmethod
-    def _load(shard: Path) -> tuple[Rows | None, str]:
-        match = _SHARD_NAME.fullmatch(shard.name)
-        if match is None:
-            return None, "has no checksum in its name (written by an older tlfeat)"
+    def _discard(self, shard: Path, problem: str) -> None:
+        self.notices.append(f"{shard.name} in {self.dir} {problem}: discarded; its images are computed again")
+        shard.unlink(missing_ok=True)
+
+    def features(self, number: int) -> np.ndarray:
+        """The feature rows of shard `number` (one this run read the index of, or wrote)."""
+        path = self._files[number]
         try:
-            if sha256_file(shard)[:SHARD_DIGEST_CHARS] != match[2]:
-                return None, "fails its checksum (damaged on disk)"
-            with np.load(shard, allow_pickle=False) as data:
-                return Rows(
-                    paths=[str(p) for p in data["paths"]],
-                    features=data["features"],
-                    file_size=[int(v) for v in data["file_size"]],
-                    file_mtime_ns=[int(v) for v in data["file_mtime_ns"]],
-                    skipped_paths=[str(p) for p in data["skipped_paths"]],
-                    skipped_reasons=[str(r) for r in data["skipped_reasons"]],
-                    skipped_size=[int(v) for v in data["skipped_size"]],
-                    skipped_mtime_ns=[int(v) for v in data["skipped_mtime_ns"]],
-                ), ""
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-            return None, f"cannot be read ({exc.__class__.__name__})"
+            with np.load(path, allow_pickle=False) as data:
+                return data["features"]
+        except (OSError, ValueError, KeyError, EOFError) as exc:
+            raise TlfeatError(
+                f"{path}: shard unreadable ({exc.__class__.__name__}); delete it and rerun to compute its rows again"
+            ) from None
 
     def clear(self) -> None:
         self._next_index = self._started = None
+        self._files.clear()
         if not self.dir.exists():
             return
         for item in self.dir.iterdir():

@@ -17,6 +17,8 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from tlfeat.fileio import atomic_path
 from tlfeat.heads.keras_head import study_head
 
@@ -110,3 +112,19 @@ def save_model_atomically(model: Any, path: Path) -> None:
     """Save a Keras model (and its optimizer) so that a kill leaves the old file or the new one."""
     with atomic_path(path) as tmp:
         model.save(tmp)
+
+
+def reseed(model: Any, seed: int, epoch: int) -> None:
+    """Start epoch `epoch`'s random draws from (seed, epoch): dropout masks and anything seeded globally.
+
+    Keras saves no seed generator state in a checkpoint: a resumed model would draw other dropout masks
+    than the uninterrupted one did. Setting every generator of the model at each epoch's start makes the
+    draws a function of the epoch alone, so both runs draw the same.
+    """
+    import keras
+
+    keras.utils.set_random_seed(int(np.random.SeedSequence((seed, epoch)).generate_state(1)[0]))
+    states = [v for v in model.variables if v.name == "seed_generator_state"]
+    for index, state in enumerate(states):
+        start = int(np.random.SeedSequence((seed, epoch, index + 1)).generate_state(1)[0])
+        state.assign(np.array([start, 0], dtype=state.dtype))

@@ -46,24 +46,23 @@ def read_run_summary(path: Path) -> dict:
     return summary
 
 
-def load_finetuned(path: Path, summary_required: bool = True) -> tuple[Any, dict]:
-    """(Keras model, summary dict) of a fine-tune run: its folder, model.keras or summary.json.
+def load_finetuned(path: Path) -> tuple[Any, dict]:
+    """(Keras model, summary dict) of a finished fine-tune run: its folder, model.keras or summary.json.
 
-    `summary_required=False` loads a run's model before summary.json exists (the run itself scoring it).
+    Keras' safe mode stays on: a .keras file runs no code of its own (no lambda layers).
     """
     import keras
 
     model_path, _ = _run_files(path)
-    summary = read_run_summary(path) if summary_required else {}
+    summary = read_run_summary(path)
     if not model_path.is_file():
         raise TlfeatError(f"{model_path}: model file not found")
-    if summary:
-        spec = get_backbone(summary["backbone"])
-        if spec.preprocessing != summary["preprocessing"]:
-            raise TlfeatError(
-                f"{model_path}: trained with preprocessing {summary['preprocessing']!r}, "
-                f"this tlfeat's {spec.name} uses {spec.preprocessing!r}"
-            )
+    spec = get_backbone(summary["backbone"])
+    if spec.preprocessing != summary["preprocessing"]:
+        raise TlfeatError(
+            f"{model_path}: trained with preprocessing {summary['preprocessing']!r}, "
+            f"this tlfeat's {spec.name} uses {spec.preprocessing!r}"
+        )
     from tlfeat.finetuning.model import inference_mode_layer
 
     inference_mode_layer()  # registered for loading

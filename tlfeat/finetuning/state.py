@@ -1,15 +1,19 @@
-"""A fine-tune run folder: its config, its state (history, best epoch, per-stage progress) and files.
+"""A fine-tune run folder: its config and state as typed records, and the bookkeeping after every epoch.
 
+``state.json`` holds the config (`RunConfig`) and the state (`RunState`: history,
+best epoch, per-stage progress, skipped files), both plain JSON a person can read.
 While running, ``checkpoints/`` holds the best epoch so far and the latest one
-(model and optimizer, ``.keras``) and ``state.json`` names them; all are
-replaced atomically after every epoch, so ``--resume`` after Ctrl-C or a kill
-continues from the last finished epoch.
+(model and optimizer, ``.keras``) and the state names them; all are replaced
+atomically after every epoch, so ``--resume`` after Ctrl-C or a kill continues
+from the last finished epoch. A finished run keeps no checkpoints, so it cannot
+be extended: `open_run` refuses larger epoch counts for it.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,24 +24,127 @@ from tlfeat.finetuning.model import save_model_atomically
 from tlfeat.finetuning.runs import RUN_FORMAT, RUNS_DIR, STATE_NAME
 from tlfeat.reports import write_csv, write_json
 
-HISTORY_FIELDS = (
-    "global_epoch", "stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds",
-)
-# Settings that may differ on resume (to extend a run); everything else in the config must match.
+STATE_FORMAT = RUN_FORMAT + "-state"
+# Settings that may differ on resume of an unfinished run (to extend it); everything else must match.
 RESUMABLE_CHANGES = ("epochs1", "epochs2", "patience")
 
 Log = Callable[[str], None]
 
 
-class Run:
-    """One run folder: its config, state (history, best epoch, per-stage progress) and files."""
+@dataclass
+class RunConfig:
+    """What a run was started with; `base_layers` is known once the model is built."""
 
-    def __init__(self, out: Path, config: dict, state: dict, log: Log) -> None:
+    backbone: str
+    weights: str  # "imagenet", "none" or a resolved weights file
+    weights_identity: str
+    preprocessing: str
+    image_size: int
+    unfreeze_top: int | str  # layers of the base stage 2 trains, or "all"
+    epochs1: int
+    epochs2: int
+    lr1: float
+    lr2: float
+    batch_size: int
+    augment: bool
+    patience: int
+    seed: int
+    split_ratios: list[float]
+    dataset_root: str
+    dataset_fingerprint: str
+    classes: list[str]
+    base_layers: int | None = None
+
+    def epochs(self, stage: int) -> int:
+        return self.epochs1 if stage == 1 else self.epochs2
+
+    def method(self) -> str:
+        k = self.unfreeze_top
+        if self.epochs2 == 0 or k == 0:
+            return "head on frozen base"
+        return "fine-tuned, whole base" if k == "all" or k == self.base_layers else f"fine-tuned, top {k} layers"
+
+
+@dataclass
+class EpochRecord:
+    """One finished epoch, as history.csv and history.json list it."""
+
+    global_epoch: int
+    stage: int
+    epoch: int
+    loss: float
+    accuracy: float
+    val_loss: float
+    val_accuracy: float
+    learning_rate: float
+    seconds: float
+
+
+@dataclass
+class BestEpoch:
+    """The best epoch so far (by val accuracy, then val loss) and its checkpoint file."""
+
+    global_epoch: int
+    stage: int
+    epoch: int
+    val_accuracy: float
+    val_loss: float
+    file: str
+
+
+@dataclass
+class StageState:
+    epochs_run: int = 0
+    stopped_early: bool = False
+    seconds: float = 0.0
+    trainable_params: int | None = None
+    non_trainable_params: int | None = None
+    learning_rate: float | None = None
+    best_val_loss: float | None = None  # early stopping watches val loss
+    wait: int = 0  # epochs since it last improved
+
+
+@dataclass
+class RunState:
+    history: list[EpochRecord] = field(default_factory=list)
+    best: BestEpoch | None = None
+    seconds: float = 0.0
+    finished: bool = False
+    last_checkpoint: str | None = None
+    stages: dict[int, StageState] = field(default_factory=lambda: {1: StageState(), 2: StageState()})
+    skipped: dict[str, str] = field(default_factory=dict)  # relative path -> why it could not be decoded
+
+    def to_json(self, config: RunConfig) -> dict:
+        return {
+            "format": STATE_FORMAT, "config": asdict(config),
+            **{f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("history", "best", "stages")},
+            "history": [asdict(e) for e in self.history],
+            "best": asdict(self.best) if self.best else None,
+            "stages": {str(k): asdict(v) for k, v in self.stages.items()},
+        }
+
+    @classmethod
+    def from_json(cls, document: dict) -> "RunState":
+        return cls(
+            history=[EpochRecord(**e) for e in document["history"]],
+            best=BestEpoch(**document["best"]) if document.get("best") else None,
+            seconds=float(document["seconds"]),
+            finished=bool(document["finished"]),
+            last_checkpoint=document.get("last_checkpoint"),
+            stages={int(k): StageState(**v) for k, v in document["stages"].items()},
+            skipped=dict(document.get("skipped") or {}),
+        )
+
+
+class Run:
+    """One run folder: its config, state and files."""
+
+    def __init__(self, out: Path, config: RunConfig, state: RunState, log: Log) -> None:
         self.out = out
         self.config = config
         self.state = state
         self.log = log
-        self.failures: dict[str, str] = dict(state.get("skipped", {}))
+        self.failures: dict[str, str] = dict(state.skipped)
         self._failure_lock = threading.Lock()
 
     @property
@@ -45,24 +152,24 @@ class Run:
         return self.out / "checkpoints"
 
     def last_checkpoint(self) -> Path | None:
-        name = self.state.get("last_checkpoint")
+        name = self.state.last_checkpoint
         return self.checkpoints / name if name else None
 
     def remove_stale_checkpoints(self) -> None:
         """Delete checkpoint files the state no longer names (older epochs, or left by a kill)."""
-        keep = {self.state.get("last_checkpoint"), (self.state.get("best") or {}).get("file")}
+        keep = {self.state.last_checkpoint, self.state.best.file if self.state.best else None}
         for path in self.checkpoints.glob("*.keras"):
             if path.name not in keep:
                 path.unlink(missing_ok=True)
 
     def global_epochs(self) -> int:
-        return len(self.state["history"])
+        return len(self.state.history)
 
-    def stage_state(self, stage: int) -> dict:
-        return self.state["stages"][str(stage)]
+    def stage_state(self, stage: int) -> StageState:
+        return self.state.stages[stage]
 
     def note_failure(self, path: Path, reason: str) -> None:
-        relpath = Path(path).relative_to(self.config["dataset_root"]).as_posix()
+        relpath = Path(path).relative_to(self.config.dataset_root).as_posix()
         with self._failure_lock:
             if relpath in self.failures:
                 return
@@ -71,47 +178,43 @@ class Run:
 
     def save_state(self) -> None:
         with self._failure_lock:  # decoding threads may be adding failures right now
-            self.state["skipped"] = dict(self.failures)
-        write_json(self.out / STATE_NAME, {"config": self.config, **self.state})
+            self.state.skipped = dict(self.failures)
+        write_json(self.out / STATE_NAME, self.state.to_json(self.config))
 
     def record_epoch(self, model: Any, stage: int, epoch: int, logs: dict, seconds: float) -> bool:
         """Record one finished epoch, save checkpoints and state; True when early stopping says stop."""
         stage_state = self.stage_state(stage)
-        entry = {
-            "global_epoch": self.global_epochs() + 1,
-            "stage": stage,
-            "epoch": epoch,
+        entry = EpochRecord(
+            global_epoch=self.global_epochs() + 1, stage=stage, epoch=epoch,
             **{k: float(logs[k]) for k in ("loss", "accuracy", "val_loss", "val_accuracy")},
-            "learning_rate": stage_state["learning_rate"],
-            "seconds": seconds,
-        }
-        self.state["history"].append(entry)
-        stage_state["epochs_run"] = epoch
-        stage_state["seconds"] += seconds
-        self.state["seconds"] += seconds
+            learning_rate=stage_state.learning_rate, seconds=seconds,
+        )
+        self.state.history.append(entry)
+        stage_state.epochs_run = epoch
+        stage_state.seconds += seconds
+        self.state.seconds += seconds
 
         notes = []
-        best = self.state.get("best")
+        best = self.state.best
         # On a small val split accuracy ties are common; the lower val loss breaks them.
-        is_best = best is None or (entry["val_accuracy"], -entry["val_loss"]) > (
-            best["val_accuracy"], -best["val_loss"]
-        )
+        is_best = best is None or (entry.val_accuracy, -entry.val_loss) > (best.val_accuracy, -best.val_loss)
         if is_best:
-            best_name = f"best-e{entry['global_epoch']:04d}.keras"
+            best_name = f"best-e{entry.global_epoch:04d}.keras"
             save_model_atomically(model, self.checkpoints / best_name)
-            self.state["best"] = {k: entry[k] for k in ("global_epoch", "stage", "epoch", "val_accuracy", "val_loss")}
-            self.state["best"]["file"] = best_name
+            self.state.best = BestEpoch(
+                entry.global_epoch, entry.stage, entry.epoch, entry.val_accuracy, entry.val_loss, best_name
+            )
             notes.append("best so far")
 
         # Early stopping watches val loss, which keeps moving after accuracy saturates on a small val set.
         stop = False
-        patience = self.config["patience"]
-        if stage_state["best_val_loss"] is None or entry["val_loss"] < stage_state["best_val_loss"]:
-            stage_state["best_val_loss"], stage_state["wait"] = entry["val_loss"], 0
+        patience = self.config.patience
+        if stage_state.best_val_loss is None or entry.val_loss < stage_state.best_val_loss:
+            stage_state.best_val_loss, stage_state.wait = entry.val_loss, 0
         else:
-            stage_state["wait"] += 1
-            if patience and stage_state["wait"] >= patience:
-                stage_state["stopped_early"] = stop = True
+            stage_state.wait += 1
+            if patience and stage_state.wait >= patience:
+                stage_state.stopped_early = stop = True
                 notes.append(f"no val loss improvement for {patience} epochs, stopping stage {stage}")
 
         # Checkpoints get fresh names, and the state points at them only once they are complete,
@@ -119,46 +222,39 @@ class Run:
         if is_best:
             last_name = best_name  # the same model and optimizer state: one file serves both
         else:
-            last_name = f"last-e{entry['global_epoch']:04d}.keras"
+            last_name = f"last-e{entry.global_epoch:04d}.keras"
             save_model_atomically(model, self.checkpoints / last_name)
-        self.state["last_checkpoint"] = last_name
+        self.state.last_checkpoint = last_name
         self.write_history()
         self.save_state()
         self.remove_stale_checkpoints()
 
-        planned = self.config[f"epochs{stage}"]
         self.log(
-            f"stage {stage} epoch {epoch}/{planned}: loss {entry['loss']:.4f} acc {entry['accuracy']:.3f}  "
-            f"val loss {entry['val_loss']:.4f} val acc {entry['val_accuracy']:.3f}  {seconds:.1f} s"
+            f"stage {stage} epoch {epoch}/{self.config.epochs(stage)}: loss {entry.loss:.4f} acc {entry.accuracy:.3f}  "
+            f"val loss {entry.val_loss:.4f} val acc {entry.val_accuracy:.3f}  {seconds:.1f} s"
             + (f"  ({'; '.join(notes)})" if notes else "")
         )
         return stop
 
     def write_history(self) -> None:
-        history = self.state["history"]
+        history = [asdict(e) for e in self.state.history]
+        names = [f.name for f in fields(EpochRecord)]
         write_json(self.out / "history.json", {"stage2_starts_at": self.stage2_start(), "epochs": history})
-        write_csv(self.out / "history.csv", HISTORY_FIELDS, [[e[k] for k in HISTORY_FIELDS] for e in history])
+        write_csv(self.out / "history.csv", names, [[e[k] for k in names] for e in history])
 
     def stage2_start(self) -> int | None:
-        return next((e["global_epoch"] for e in self.state["history"] if e["stage"] == 2), None)
+        return next((e.global_epoch for e in self.state.history if e.stage == 2), None)
 
 
-def _new_state() -> dict:
-    stage = {
-        "epochs_run": 0, "stopped_early": False, "seconds": 0.0, "trainable_params": None,
-        "non_trainable_params": None, "learning_rate": None, "best_val_loss": None, "wait": 0,
-    }
-    return {
-        "format": RUN_FORMAT + "-state", "history": [], "best": None, "seconds": 0.0, "finished": False,
-        "last_checkpoint": None, "stages": {"1": dict(stage), "2": dict(stage)}, "skipped": {},
-    }
+def open_run(out: Path | None, resume: bool, config: RunConfig, scan: DatasetScan, log: Log) -> Run:
+    """The run to write: a new, empty folder, or with `resume` a run of the same settings.
 
-
-def open_run(out: Path | None, resume: bool, config: dict, scan: DatasetScan, log: Log) -> Run:
-    """The run to write: a new, empty folder, or with `resume` an unfinished run of the same settings."""
+    An unfinished run may be resumed with other `RESUMABLE_CHANGES` (to extend it); a finished one kept
+    no checkpoints to continue from, so any such change is refused.
+    """
     if out is None:
-        k = config["unfreeze_top"]
-        prefix = f"{scan.name}-{config['backbone']}-{'all' if k == 'all' else f'top{k}'}-"
+        k = config.unfreeze_top
+        prefix = f"{scan.name}-{config.backbone}-{'all' if k == 'all' else f'top{k}'}-"
         out = _find_resumable(prefix) if resume else RUNS_DIR / f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -167,26 +263,40 @@ def open_run(out: Path | None, resume: bool, config: dict, scan: DatasetScan, lo
         if out.exists() and any(out.iterdir()):
             what = "holds a fine-tune run" if (out / STATE_NAME).exists() else "is not empty"
             raise TlfeatError(f"{out}: {what}; pass `resume` to continue it, or choose another `out`")
-        return Run(out, config, _new_state(), log)
+        return Run(out, config, RunState(), log)
 
     if not (out / STATE_NAME).is_file():
         raise TlfeatError(f"{out}: not a fine-tune run to resume (no {STATE_NAME})")
     saved = read_json_object(out / STATE_NAME)
-    if saved.get("format") != RUN_FORMAT + "-state" or not isinstance(saved.get("config"), dict):
-        raise TlfeatError(f"{out / STATE_NAME}: not a tlfeat fine-tune state file")
-    old = saved.pop("config")
+    try:
+        if saved.get("format") != STATE_FORMAT:
+            raise TypeError
+        old, state = RunConfig(**saved["config"]), RunState.from_json(saved)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise TlfeatError(f"{out / STATE_NAME}: not a tlfeat fine-tune state file") from None
+    new, before = asdict(config), asdict(old)
     # The dataset may have moved: its fingerprint (images, classes, splits) is what must match.
     differs = [
-        f"{k} {_short(config[k])} vs {_short(old.get(k))}"
-        for k in config
-        if k not in RESUMABLE_CHANGES and k != "dataset_root" and config[k] != old.get(k)
+        f"{k} {_short(new[k])} vs {_short(before[k])}"
+        for k in new
+        if k not in (*RESUMABLE_CHANGES, "dataset_root", "base_layers") and new[k] != before[k]
     ]
     if differs:
         raise TlfeatError(
             f"{out}: was started with other settings ({'; '.join(differs)} [now vs run]); "
             "resume with the original options or start a new `out`"
         )
-    return Run(out, config, saved, log)
+    if state.finished:
+        extended = [f"{k}={new[k]!r}" for k in RESUMABLE_CHANGES if new[k] != before[k]]
+        if extended:
+            ran = ", ".join(f"{k}={before[k]!r}" for k in RESUMABLE_CHANGES)
+            raise TlfeatError(
+                f"`{'` `'.join(extended)}`: {out} finished with {ran} and kept no checkpoints to continue from; "
+                "start a new run (another `out`) to train longer"
+            )
+        config = old
+    config.base_layers = old.base_layers
+    return Run(out, config, state, log)
 
 
 def _short(value: Any, limit: int = 24) -> str:

@@ -4,19 +4,24 @@ Several caches over the same images (say ResNet101 and VGG16 features) are
 fused column-wise, rows aligned by image path, in the order given; the fused
 model records every cache so `predict` can rebuild the same feature vector.
 
-Per head, the output folder receives ``<head>.joblib`` (the fitted estimator),
-``<head>.json`` (classes, caches, hyperparameters, scores, the joblib's sha256),
+Per head, the output folder receives ``<head>.skops`` (the fitted estimator, its
+metadata and the identities of the rows it saw: `tlfeat.heads.store`), then
 ``<head>.metrics.json`` (per split: per-class precision/recall/F1 and the
-confusion matrix) and ``<head>.confusion.png``; every run also writes
-``summary.md`` and ``summary.csv`` with one row per head fitted.
+confusion matrix) and ``<head>.confusion.png``; ``summary.md`` and
+``summary.csv`` rank every head in the folder (`tlfeat.heads.folder`).
+
+No score counts a row twice: val and test rows that are copies of training rows
+(the same features under another name) are left out of every score and counted
+in the head's notes (`tlfeat.heads.rows`).
 """
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -26,18 +31,23 @@ import sklearn
 from sklearn.base import BaseEstimator, clone
 
 from tlfeat import __version__
+from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.cache import CacheData, load
 from tlfeat.data.scan import SPLITS
 from tlfeat.errors import TlfeatError
-from tlfeat.heads.registry import HEAD_NAMES, HeadSpec, fit_estimator, get_head
-from tlfeat.heads.store import save_head
-from tlfeat.fileio import atomic_write_bytes
-from tlfeat.reports import markdown_table, plot_confusion, split_metrics, write_csv, write_json
+from tlfeat.heads.folder import (
+    FitSummary, HeadResult, check_same_data, folder_key, locked_folder, save_fitted_head, write_summary,
+)
+from tlfeat.heads.registry import HEAD_NAMES, HeadSpec, fit_estimator, get_head, uses_validation
+from tlfeat.heads.rows import RowIds, rows_digest, seen_rows
+from tlfeat.reports import split_metrics
+
+__all__ = ["FitSummary", "HeadResult", "fit_heads", "load_features"]
 
 # What a model records about each cache it was fitted on: enough for predict to
 # recompute the features, and to tell which cache (and which weights) it was.
 SOURCE_ATTRS = (
-    "backbone", "weights", "weights_source", "input_size", "preprocessing", "dtype", "compute", "decode",
+    "backbone", "weights", "weights_source", "input_size", "preprocessing", "dtype", "compute", "decode", "tta",
     "feature_dim", "keras_backend", "created", "tlfeat_version", "dataset_root", "seed", "split_ratios",
 )
 
@@ -49,34 +59,27 @@ class Features:
     data: CacheData
     sources: list[dict]  # one per cache, in column order
     label: str  # the cache file name(s), for messages
+    ids: RowIds  # each row's identities (image and features), to keep seen rows out of scores
 
     def select(self, split: str) -> CacheData:
         return self.data.select(split)
 
+    def rows(self, split: str, seen: dict[str, RowIds]) -> tuple[CacheData, RowIds, int]:
+        """Split `split` without the rows `seen` in an earlier role: (rows, their ids, how many were left out)."""
+        in_split = self.data.split == split
+        keep = in_split.copy()
+        keep[in_split] = ~seen_rows(split, self.ids.take(in_split), seen)
+        data = self.data
+        kept = CacheData(data.features[keep], data.labels[keep], data.paths[keep], data.split[keep], data.class_names)
+        return kept, self.ids.take(keep), int(in_split.sum() - keep.sum())
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """Which images sit in which split (`tlfeat.heads.rows.rows_digest`)."""
+        return rows_digest(self.data.split, self.ids)
+
     def split_counts(self) -> dict[str, int]:
         return {s: int(np.sum(self.data.split == s)) for s in SPLITS if np.any(self.data.split == s)}
-
-
-@dataclass
-class HeadResult:
-    head: str
-    params: dict  # the tuned hyperparameter's label -> value used
-    search: list[dict] | None  # [{label: value, "val_accuracy": a}, ...] when `search` ran
-    scores: dict[str, dict]  # split -> {"n", "accuracy", "macro_f1"}
-    fit_seconds: float  # fitting the kept model
-    search_seconds: float | None  # all fits of the search, the kept one included
-    notes: list[str]  # warnings raised while fitting (e.g. no convergence), one line each
-    files: dict[str, Path]
-
-
-@dataclass
-class FitSummary:
-    out: Path
-    sources: list[dict]  # the caches fitted on, as recorded in each model's metadata
-    split_counts: dict[str, int]
-    results: list[HeadResult] = field(default_factory=list)
-    table: str = ""  # markdown, sorted by val accuracy when there is a val split
-    table_files: tuple[Path, Path] | None = None  # (summary.md, summary.csv)
 
 
 def resolve_heads(head: str) -> list[str]:
@@ -99,6 +102,7 @@ def source_record(path: Path, attrs: dict, n_rows: int, feature_dim: int) -> dic
         "file": Path(path).name,
         "n_rows": n_rows,
         **{name: attrs.get(name) for name in SOURCE_ATTRS},
+        "tta": attrs.get("tta", NO_TTA),
         "feature_dim": feature_dim,
     }
 
@@ -181,7 +185,8 @@ def load_features(caches: Sequence[Path]) -> Features:
         labels=first.labels, paths=first.paths, split=first.split, class_names=first.class_names,
         attrs={},
     )
-    return Features(fused, sources, " + ".join(p.name for p in paths))
+    ids = RowIds.of(first.paths, _file_sizes(paths[0]), fused.features)
+    return Features(fused, sources, " + ".join(p.name for p in paths), ids)
 
 
 def _check_trainable(features: Features, search: bool) -> None:
@@ -243,8 +248,14 @@ def _search(
 
 def _fit_head(name: str, features: Features, search: bool, seed: int, out: Path) -> HeadResult:
     spec = get_head(name)
-    train = features.select("train")
-    val = features.select("val") if "val" in features.split_counts() else None
+    train, train_ids, _ = features.rows("train", {})
+    seen = {"train": train_ids}
+    val = None
+    if "val" in features.split_counts():
+        val, val_ids, _ = features.rows("val", seen)  # copies of training images never choose anything
+        val = val if len(val) else None
+    if search and val is None:
+        raise TlfeatError(f"{features.label}: every val row is a copy of a training row; `search` has nothing to choose on")
     class_names = features.data.class_names
     with _data_errors(features.label, name), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -255,73 +266,58 @@ def _fit_head(name: str, features: Features, search: bool, seed: int, out: Path)
             validation = (val.features, val.labels) if val is not None else None
             fit_seconds = _fit_timed(estimator, train, validation)
             params, trials, search_seconds = {spec.label: estimator.get_params()[spec.param]}, None, None
-        metrics = {}
+        if val is not None and (search or uses_validation(estimator)):
+            seen["val"] = val_ids
+        metrics, notes = {}, []
         for split in features.split_counts():
-            rows = features.select(split)
-            metrics[split] = split_metrics(rows.labels, estimator.predict(rows.features), class_names)
+            rows, _, left_out = features.rows(split, seen)
+            if left_out:
+                notes.append(
+                    f"{split}: {left_out} rows left out of the score, copies of rows this head "
+                    f"was {'fitted' if split == 'val' else 'fitted or selected'} on"
+                )
+            if len(rows):
+                metrics[split] = split_metrics(rows.labels, estimator.predict(rows.features), class_names)
     # UserWarnings (ConvergenceWarning among them) speak about this fit; deprecation chatter from libraries does not.
-    notes = sorted(
+    notes += sorted(
         {f"{w.category.__name__}: {str(w.message).splitlines()[0]}" for w in caught if issubclass(w.category, UserWarning)}
     )
-    return save_fitted_head(
-        out, name, spec.description, estimator, metrics, class_names, features.label, features.sources,
-        int(features.data.features.shape[1]), params, trials, seed, fit_seconds, search_seconds, notes,
+    data = features.data
+    meta = head_metadata(
+        name, spec.description, estimator, data.class_names, int(data.features.shape[1]), features.sources,
+        features.label, {"digest": features.digest, "counts": features.split_counts()},
+        params, trials, seed, fit_seconds, search_seconds,
     )
+    return save_fitted_head(out, estimator, meta, metrics, seen, notes)
 
 
-def save_fitted_head(
-    out: Path, name: str, description: str, estimator: BaseEstimator, metrics: dict[str, dict],
-    class_names: list[str], label: str, sources: list[dict], feature_dim: int, params: dict,
-    trials: list[dict] | None, seed: int, fit_seconds: float, search_seconds: float | None, notes: list[str],
-) -> HeadResult:
-    """Write a fitted head's files: the model with its metadata, per-split metrics, a confusion-matrix PNG."""
-    scores = {s: {k: m[k] for k in ("n", "accuracy", "macro_f1")} for s, m in metrics.items()}
-    files = {
-        "model": out / f"{name}.joblib",
-        "metrics": out / f"{name}.metrics.json",
-        "confusion": out / f"{name}.confusion.png",
-    }
-    shown = "test" if "test" in metrics else list(metrics)[-1]
-    plot_confusion(
-        np.array(metrics[shown]["confusion_matrix"]), class_names,
-        f"{name} on {label}: {shown} accuracy {metrics[shown]['accuracy']:.3f}", files["confusion"],
-    )
-    write_json(files["metrics"], {"head": name, "classes": class_names, "splits": metrics})
-    save_head(estimator, files["model"], {
+def head_metadata(
+    name: str, description: str, estimator: BaseEstimator, class_names: list[str], feature_dim: int,
+    sources: list[dict], label: str, rows: dict, params: dict, trials: list[dict] | None, seed: int,
+    fit_seconds: float, search_seconds: float | None,
+) -> dict:
+    """What a head file records besides its model, scores and row identities (`tlfeat.heads.folder.save_fitted_head`).
+
+    `rows`: {"digest": which images sit in which split (`tlfeat.heads.rows.rows_digest`), "counts": rows per split}.
+    """
+    return {
         "head": name,
         "description": description,
         "estimator": repr(estimator),
         "classes": class_names,
         "feature_dim": feature_dim,
         "sources": sources,
+        "label": label,
+        "rows": rows,
         "params": params,
         "search": trials,
         "seed": seed,
-        "scores": scores,
         "fit_seconds": fit_seconds,
         "search_seconds": search_seconds,
-        "notes": notes,
         "tlfeat_version": __version__,
         "sklearn_version": sklearn.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    })
-    files["metadata"] = out / f"{name}.json"
-    return HeadResult(name, params, trials, scores, fit_seconds, search_seconds, notes, files)
-
-
-def results_table(results: Sequence[HeadResult], splits: Sequence[str]) -> tuple[list[str], list[list]]:
-    """Headers and rows (one per head): hyperparameters, accuracy and macro-F1 per split, fit seconds."""
-    headers = ["head", "params"]
-    for split in splits:
-        headers += [f"{split} acc", f"{split} macro-F1"]
-    headers.append("fit s")
-    rows = []
-    for r in results:
-        row = [r.head, ", ".join(f"{k}={v}" for k, v in r.params.items())]
-        for split in splits:
-            row += [r.scores[split]["accuracy"], r.scores[split]["macro_f1"]]
-        rows.append(row + [f"{r.fit_seconds:.2f}"])
-    return headers, rows
+    }
 
 
 def fit_heads(
@@ -331,42 +327,36 @@ def fit_heads(
     out: Path | None = None,
     seed: int = 0,
     on_result: Callable[[HeadResult], None] | None = None,
+    on_skip: Callable[[str, str], None] | None = None,
 ) -> FitSummary:
     """Fit the named head (or all) on the caches' train split; score every split present; save.
 
-    `on_result` is called after each head, so a caller can report progress.
+    With several heads, one that cannot be fitted on this data (say, linear-svm's 3-fold
+    calibration on 2 images a class) is skipped with its reason and the others go on;
+    if none can, that is an error. `on_result` / `on_skip` are called after each head,
+    so a caller can report progress.
     """
     names = resolve_heads(head)
     features = load_features(caches)
     _check_trainable(features, search)
     out = Path(out) if out is not None else default_out(caches)
-    if out.exists() and not out.is_dir():
-        raise TlfeatError(f"{out}: exists and is not a folder; `out` needs a folder")
-    out.mkdir(parents=True, exist_ok=True)
-
-    results = []
-    for name in names:
-        result = _fit_head(name, features, search, seed, out)
-        results.append(result)
-        if on_result is not None:
-            on_result(result)
-    return write_summary(out, results, features.sources, features.split_counts(), seed, search)
-
-
-def write_summary(
-    out: Path, results: list[HeadResult], sources: list[dict], split_counts: dict[str, int], seed: int, search: bool
-) -> FitSummary:
-    """The run's comparison table (sorted by val accuracy when there is val) as summary.md and summary.csv."""
-    summary = FitSummary(out, sources, split_counts, results)
-    splits = list(split_counts)
-    ranked = sorted(results, key=lambda r: -r.scores["val"]["accuracy"]) if "val" in splits else results
-    headers, rows = results_table(ranked, splits)
-    summary.table = markdown_table(headers, rows)
-    summary.table_files = (out / "summary.md", out / "summary.csv")
-    described = ", ".join(f"{s['file']} ({s['backbone']}, {s['feature_dim']}-d)" for s in sources)
-    counts = ", ".join(f"{k} {v}" for k, v in split_counts.items())
-    searched = ", hyperparameters searched on val" if search else ""
-    heading = f"# Heads on {described}\n\nRows: {counts}. Seed {seed}{searched}.\n\n"
-    atomic_write_bytes(summary.table_files[0], (heading + summary.table).encode())
-    write_csv(summary.table_files[1], headers, rows)
-    return summary
+    with locked_folder(out):
+        key = folder_key(features.sources, features.digest)
+        check_same_data(out, key, features.ids, features.data.split, features.label)
+        results, skipped = [], []
+        for name in names:
+            try:
+                result = _fit_head(name, features, search, seed, out)
+            except TlfeatError as exc:
+                if len(names) == 1:
+                    raise
+                skipped.append((name, str(exc)))
+                if on_skip is not None:
+                    on_skip(name, str(exc))
+                continue
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+        if not results:
+            raise TlfeatError(f"{features.label}: no head could be fitted ({'; '.join(r for _, r in skipped)})")
+        return write_summary(out, results, features.sources, features.split_counts(), skipped)

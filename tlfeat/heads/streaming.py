@@ -11,7 +11,8 @@ per-row columns (labels, split, paths), which are small next to the features.
 Huber loss, the hinge made smooth so that the head has probabilities
 (`predict_proba`), as every tlfeat head does. The fitted head is an ordinary
 scikit-learn pipeline saved like any other, so predict, evaluate and compare
-take it as they are.
+take it as they are. Like fit-head, it holds the output folder's lock, records
+the rows it saw and leaves copies of training rows out of the val/test scores.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ from sklearn.preprocessing import StandardScaler
 from tlfeat.cache import open_rows
 from tlfeat.data.scan import SPLITS
 from tlfeat.errors import TlfeatError
+from tlfeat.heads.fit import default_out, head_metadata, source_record
+from tlfeat.heads.folder import FitSummary, check_same_data, folder_key, locked_folder, save_fitted_head, write_summary
 from tlfeat.heads.registry import HEADS, STREAMING_SUFFIX
-from tlfeat.heads.fit import FitSummary, default_out, save_fitted_head, source_record, write_summary
+from tlfeat.heads.rows import RowIds, rows_digest, seen_rows
 from tlfeat.reports import split_metrics
 
 DEFAULT_CHUNK_ROWS = 4096
@@ -49,9 +52,17 @@ def _read(features: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
     return np.asarray(features[rows], dtype=np.float32)
 
 
-def _check_finite(path: Path, block: np.ndarray) -> None:
-    if not np.isfinite(block).all():
-        raise TlfeatError(f"{path}: NaN or inf feature values; re-extract this cache (extract `overwrite`)")
+def _row_ids(path: Path, index: object, features: h5py.Dataset, chunk_rows: int) -> RowIds:
+    """Every row's identities (`tlfeat.heads.rows`), in one pass that also refuses NaN or inf values."""
+    with h5py.File(path, "r") as handle:
+        sizes = handle["file_size"][...]
+    parts = []
+    for chunk in _chunks(np.arange(len(index.labels)), chunk_rows):
+        block = _read(features, chunk)
+        if not np.isfinite(block).all():
+            raise TlfeatError(f"{path}: NaN or inf feature values; re-extract this cache (extract `overwrite`)")
+        parts.append(RowIds.of(index.paths[chunk], sizes[chunk], block))
+    return RowIds.concat(parts)
 
 
 def fit_streaming(
@@ -71,23 +82,25 @@ def fit_streaming(
         raise TlfeatError(f"`chunk_rows={chunk_rows!r}` `passes={passes!r}`: both must be at least 1")
     cache = Path(cache)
     out = Path(out) if out is not None else default_out([cache])
-    out.mkdir(parents=True, exist_ok=True)
-    with open_rows(cache) as (index, features):
-        attrs, labels, class_names = index.attrs, index.labels, index.class_names
-        rows = {s: np.flatnonzero(index.split == s) for s in SPLITS if np.any(index.split == s)}
+    with open_rows(cache) as (index, features), locked_folder(out):
+        attrs, labels, class_names, split = index.attrs, index.labels, index.class_names, index.split
+        rows = {s: np.flatnonzero(split == s) for s in SPLITS if np.any(split == s)}
         if "train" not in rows:
             raise TlfeatError(f"{cache}: no train split rows; nothing to fit on")
         missing = sorted(set(range(len(class_names))) - set(labels[rows["train"]].tolist()))
         if missing:
             raise TlfeatError(f"{cache}: class {class_names[missing[0]]!r} has no images in the train split")
+        feature_dim = int(features.shape[1])
+        sources = [source_record(cache, attrs, len(labels), feature_dim)]
+        ids = _row_ids(cache, index, features, chunk_rows)
+        digest = rows_digest(split, ids)
+        check_same_data(out, folder_key(sources, digest), ids, split, cache.name)
 
         started = time.perf_counter()
         scaler = StandardScaler()
         train_chunks = _chunks(rows["train"], chunk_rows)
         for chunk in train_chunks:
-            block = _read(features, chunk)
-            _check_finite(cache, block)
-            scaler.partial_fit(block)
+            scaler.partial_fit(_read(features, chunk))
         classifier = SGDClassifier(loss=loss, alpha=ALPHA, random_state=seed)
         rng = np.random.default_rng(seed)
         classes = np.arange(len(class_names))
@@ -102,17 +115,22 @@ def fit_streaming(
         fit_seconds = time.perf_counter() - started
         estimator = Pipeline([("standardscaler", scaler), ("sgdclassifier", classifier)])
 
-        metrics = {}
+        seen = {"train": ids.take(split == "train")}
+        metrics, notes = {}, []
         for name, split_rows in rows.items():
-            predicted = np.concatenate([estimator.predict(_read(features, c)) for c in _chunks(split_rows, chunk_rows)])
-            metrics[name] = split_metrics(labels[split_rows], predicted, class_names)
-        feature_dim = int(features.shape[1])
+            kept = split_rows[~seen_rows(name, ids.take(split == name), seen)]
+            if len(kept) < len(split_rows):
+                notes.append(f"{name}: {len(split_rows) - len(kept)} rows left out of the score, copies of rows "
+                             "this head was fitted on")
+            if len(kept):
+                predicted = np.concatenate([estimator.predict(_read(features, c)) for c in _chunks(kept, chunk_rows)])
+                metrics[name] = split_metrics(labels[kept], predicted, class_names)
 
-    sources = [source_record(cache, attrs, len(labels), feature_dim)]
-    params = {"alpha": ALPHA, "passes": passes, "chunk_rows": chunk_rows}
-    description = f"streaming {head}: StandardScaler (one pass) + SGDClassifier({loss})"
-    result = save_fitted_head(
-        out, head + STREAMING_SUFFIX, description, estimator, metrics, class_names, cache.name, sources, feature_dim,
-        params, None, seed, fit_seconds, None, [],
-    )
-    return write_summary(out, [result], sources, {s: len(r) for s, r in rows.items()}, seed, search=False)
+        counts = {s: len(r) for s, r in rows.items()}
+        meta = head_metadata(
+            head + STREAMING_SUFFIX, f"streaming {head}: StandardScaler (one pass) + SGDClassifier({loss})",
+            estimator, class_names, feature_dim, sources, cache.name, {"digest": digest, "counts": counts},
+            {"alpha": ALPHA, "passes": passes, "chunk_rows": chunk_rows}, None, seed, fit_seconds, None,
+        )
+        result = save_fitted_head(out, estimator, meta, metrics, seen, notes)
+        return write_summary(out, [result], sources, counts)

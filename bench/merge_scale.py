@@ -1,0 +1,216 @@
+"""Extraction's driver at scale, without a model or images: peak RSS and seconds of each step.
+
+Usage:
+    python bench/merge_scale.py [--rows 100000 1000000] [--dim 1280] [--batch 256] [--grow 0.01] [--root DIR]
+
+For each size N: synthetic shards of N random `dim`-d rows (batches of `batch`
+rows, as an interrupted run leaves them) are written first (not measured); then,
+each in its own fresh process, `tlfeat.extraction.run.extract` runs with two
+stand-ins:
+
+* the scan: a generated description of N files in canonical order (100 class
+  folders, splits in thirds) replaces `scan_dataset`, whose own cost at a million
+  files is `bench/scan_scale.py`'s;
+* the engine: rows of random features, and no Keras (`keras_backend` answers
+  "bench"), so the process holds only what the driver holds.
+
+Steps:
+
+* ``merge N``: the resumed run: every row is in the shards; the final file is
+  gathered from them;
+* ``grow N`` (largest N only): the dataset grows by `grow` (new files between
+  the old ones); the run computes the new rows and merges them with the N rows
+  of the cache;
+* ``rerun N`` (largest N only): the same dataset again: up to date, nothing written.
+
+Peak RSS is the whole process's, as the OS counts it (``ru_maxrss``), Python and
+its libraries included. Every cache is checked: rows in canonical order, and a
+sample of rows (each shard's first) equal to the features the shards were made with.
+Files live under ROOT (a temporary folder by default) and are deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from isolated import bench_command, finish_report, parse_bench_args, run_isolated
+
+CLASSES = 100
+SPLIT_NAMES = ("train", "val", "test")
+BACKBONE = "efficientnet_lite0"  # 1280-d, like the issue's figures; only its name and key are used
+
+
+class Files:
+    """N generated files in canonical order (split, class, path), as `scan_dataset` would list them.
+
+    Every `every`-th file of each (split, class) group is one that `grow` adds ("...a.png", which sorts
+    after the file before it); `every=0` leaves them out.
+    """
+
+    def __init__(self, n: int, every: int = 0) -> None:
+        self.group = -(-n // (len(SPLIT_NAMES) * CLASSES))  # old files per (split, class)
+        self.every = every
+        self.size = self.group + (self.group // (every - 1) if every else 0)
+        self.n = self.size * len(SPLIT_NAMES) * CLASSES
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        from tlfeat.data.scan import ImageEntry
+
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        group, k = divmod(i, self.size)
+        split, class_index = divmod(group, CLASSES)
+        added = False
+        if self.every:
+            block, rest = divmod(k, self.every)
+            added = rest == self.every - 1
+            k = block * (self.every - 1) + (rest - 1 if added else rest)
+        name = f"c{class_index:02d}/{SPLIT_NAMES[split]}{k:08d}{'a' if added else ''}.png"
+        return ImageEntry(name, f"c{class_index:02d}", SPLIT_NAMES[split], 1000 + k, 1_700_000_000 * 10**9 + k)
+
+    def old_count(self) -> int:
+        return self.group * len(SPLIT_NAMES) * CLASSES
+
+    def position_of_old(self, j: int) -> int:
+        """Where the j-th file of the dataset before growth stands in this one."""
+        group, k = divmod(j, self.group)
+        if self.every:
+            block, rest = divmod(k, self.every - 1)
+            k = block * self.every + rest
+        return group * self.size + k
+
+
+def _features(seed: int, rows: int, dim: int) -> Any:
+    import numpy as np
+
+    return np.random.default_rng(seed).standard_normal((rows, dim), dtype=np.float32)
+
+
+def _key(dim: int) -> Any:
+    from tlfeat.backbones import get_backbone
+    from tlfeat.cache import CacheKey
+
+    spec = get_backbone(BACKBONE)
+    assert spec.feature_dim == dim, f"--dim {dim}: {BACKBONE} is {spec.feature_dim}-d"
+    return CacheKey(spec.name, "none", 32, spec.preprocessing, "float32", "float32")
+
+
+def _write_shards(root: str, n: str, dim: str, batch: str) -> dict:
+    from tlfeat.extraction.shards import ShardStore
+    from tlfeat.extraction.engines import batch_rows
+
+    files, d, b = Files(int(n)), int(dim), int(batch)
+    start = time.perf_counter()
+    shards = ShardStore(Path(root) / "cache.h5")
+    shards.start(_key(d))
+    for first in range(0, len(files), b):
+        entries = [files[i] for i in range(first, min(first + b, len(files)))]
+        shards.write(batch_rows(entries, _features(first, len(entries), d), range(len(entries)), []))
+    return {"rows": len(files), "seconds": time.perf_counter() - start}
+
+
+class StandInEngine:
+    """Random rows for every file it is given, batch by batch (the seed: the batch's first entry index)."""
+
+    compute = "float32"
+
+    def __init__(self, dim: int, batch: int) -> None:
+        self.dim, self.batch = dim, batch
+
+    def __enter__(self) -> "StandInEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def keras_backend(self) -> str:
+        return "bench"
+
+    def embed(self, root: Path, todo: list, bar: Any) -> Iterator[Any]:
+        from tlfeat.extraction.engines import batch_rows
+
+        for first in range(0, len(todo), self.batch):
+            entries = todo[first : first + self.batch]
+            yield batch_rows(entries, _features(10**9 + first, len(entries), self.dim), range(len(entries)), [])
+
+
+def _run(root: str, n: str, every: str, dim: str, batch: str) -> dict:
+    import numpy as np
+
+    import tlfeat.extraction.run as run_module
+    from tlfeat.cache import CacheReader
+    from tlfeat.data.scan import DatasetScan
+
+    files = Files(int(n), int(every))
+    scan = DatasetScan(Path(root), "flat", [f"c{c:02d}" for c in range(CLASSES)], files)  # type: ignore[arg-type]
+    run_module.scan_dataset = lambda data, seed, ratios: scan
+    run_module.make_engine = lambda *args: StandInEngine(int(dim), int(batch))
+    start = time.perf_counter()
+    summary = run_module.extract(root, Path(root) / "cache.h5", backbone=BACKBONE, weights="none", image_size=32,
+                                 progress=False)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with CacheReader(Path(root) / "cache.h5") as cache:  # checked after the peak is taken
+        assert cache.n_rows == len(files)
+        for shard in range(0, files.old_count(), int(batch) * max(1, files.old_count() // int(batch) // 50)):
+            position = files.position_of_old(shard)  # the first row of a shard
+            row = cache.rows(position, position + 1)
+            assert row.paths[0] == files[position].relpath
+            assert np.array_equal(row.features[0], _features(shard, 1, int(dim))[0]), position
+    return {"rows": len(files), "computed": summary.n_computed, "reused": summary.n_reused,
+            "up_to_date": summary.up_to_date, "seconds": seconds, "peak_rss_mb": peak}
+
+
+def _child(kind: str, *args: str) -> dict:
+    return _write_shards(*args) if kind == "shards" else _run(*args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--dim", type=int, default=1280)
+    parser.add_argument("--batch", type=int, default=256, help="rows per shard (the engine's batch)")
+    parser.add_argument("--grow", type=float, default=0.01, help="share of new files in the growth step")
+    parser.add_argument("--root", type=Path, help="where the shards and caches go (default: a temporary folder)")
+    args = parse_bench_args(parser, _child)
+    if args is None:
+        return
+    command = bench_command()
+    root = args.root or Path(tempfile.mkdtemp(prefix="tlfeat-merge-"))
+    every = str(round(1 / args.grow) + 1)  # one new file after each 1/grow old ones
+    report: dict = {"command": command, "dim": args.dim, "batch": args.batch, "steps": []}
+    try:
+        for n in args.rows:
+            folder = root / str(n)
+            folder.mkdir(parents=True, exist_ok=True)
+            made = run_isolated(__file__, "shards", str(folder), str(n), str(args.dim), str(args.batch))
+            print(f"{made['rows']} rows of shards written in {made['seconds']:.0f} s", flush=True)
+            steps = [("merge", "0")] + ([("grow", every), ("rerun", every)] if n == max(args.rows) else [])
+            for name, growth in steps:
+                result = run_isolated(__file__, name, str(folder), str(n), growth, str(args.dim), str(args.batch))
+                report["steps"].append({"step": f"{name} {n}", **result})
+                print(f"{name} {n}: {result['rows']} rows (computed {result['computed']}, reused "
+                      f"{result['reused']}{', up to date' if result['up_to_date'] else ''}): "
+                      f"{result['seconds']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
+            shutil.rmtree(folder)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    peaks = {s["step"]: s["peak_rss_mb"] for s in report["steps"]}
+    small, large = min(args.rows), max(args.rows)
+    if small != large:
+        print(f"peak RSS, merge {large} / merge {small}: {peaks[f'merge {large}'] / peaks[f'merge {small}']:.2f}x; "
+              f"grow {large} / merge {small}: {peaks[f'grow {large}'] / peaks[f'merge {small}']:.2f}x")
+    finish_report(command, report, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Export of a cache to Parquet and to .npy + CSV: round trips equal tlfeat.cache.load, memory bounded by a chunk."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from tlfeat import cache
+from tlfeat.apps.export import export
+from tlfeat.errors import TlfeatError
+
+try:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+except ImportError:
+    pa = pq = None
+needs_pyarrow = pytest.mark.skipif(pa is None, reason="pyarrow not installed (pip install -e '.[export]')")
+
+
+def synthetic_cache(path: Path, n: int, dim: int, dtype: str = "float32", seed: int = 0) -> Path:
+    """A cache of n random rows over 3 classes, with awkward paths (comma, quote, non-ASCII)."""
+    rng = np.random.default_rng(seed)
+    classes = ["a,b", "caf\u00e9", "z"]
+    labels = rng.integers(0, len(classes), n).astype(np.int32)
+    features = rng.standard_normal((n, dim)).astype(np.float32)
+    paths = [f'{classes[c]}/img "{i}",x.png' for i, c in enumerate(labels)]
+    split = [("train", "val", "test")[i % 3] for i in range(n)]
+    key = cache.CacheKey("vgg16", "none", 32, "caffe:BGR-mean", dtype=dtype)
+    zeros = [0] * n
+    cache.write_cache(path, key, features, labels, paths, split, zeros, zeros, classes, [], {"seed": 0})
+    return path
+
+
+def read_parquet(files: list[Path]) -> dict:
+    table = pa.concat_tables([pq.read_table(f) for f in files])
+    dim = table.schema.field("features").type.list_size
+    return {
+        "features": table.column("features").combine_chunks().flatten().to_numpy().reshape(-1, dim),
+        "labels": table.column("label").to_numpy(),
+        "paths": table.column("path").to_pylist(),
+        "split": table.column("split").to_pylist(),
+        "class_name": table.column("class_name").to_pylist(),
+        "meta": json.loads(table.schema.metadata[b"tlfeat"]),
+        "schema": table.schema,
+    }
+
+
+@needs_pyarrow
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_parquet_round_trip_equals_load(tmp_path: Path, dtype: str) -> None:
+    source = synthetic_cache(tmp_path / "c.h5", n=1000, dim=24, dtype=dtype)
+    summary = export(source, "parquet", tmp_path / "pq", chunk_rows=64, rows_per_file=300)
+    assert [f.name for f in summary.files] == [f"part-{i:05d}.parquet" for i in range(4)]
+    assert [pq.ParquetFile(f).metadata.num_rows for f in summary.files] == [300, 300, 300, 100]
+    assert pq.ParquetFile(summary.files[0]).metadata.num_row_groups == 5  # 64-row chunks, cut at the file's end
+    got, expected = read_parquet(summary.files), cache.load(source)
+    kind = got["schema"].field("features").type
+    assert pa.types.is_fixed_size_list(kind) and kind.list_size == 24 and kind.value_type == pa.float32()
+    assert got["features"].dtype == np.float32
+    np.testing.assert_array_equal(got["features"], expected.features)
+    np.testing.assert_array_equal(got["labels"], expected.labels)
+    assert got["paths"] == list(expected.paths) and got["split"] == list(expected.split)
+    assert got["class_name"] == [expected.class_names[i] for i in expected.labels]
+    assert got["meta"]["class_names"] == expected.class_names and got["meta"]["attrs"]["dtype"] == dtype
+
+
+@needs_pyarrow
+def test_parquet_directory_reads_as_one_dataset(tmp_path: Path) -> None:
+    """What pandas / Ray Data / DuckDB do: point at the folder, get every row in order."""
+    source = synthetic_cache(tmp_path / "c.h5", n=500, dim=8)
+    export(source, "parquet", tmp_path / "pq", rows_per_file=128)
+    table = pq.read_table(tmp_path / "pq")
+    assert table.column("path").to_pylist() == list(cache.load(source).paths)
+
+
+def test_npy_round_trip_equals_load(tmp_path: Path) -> None:
+    source = synthetic_cache(tmp_path / "c.h5", n=777, dim=16, dtype="float16")
+    summary = export(source, "npy", tmp_path / "np", chunk_rows=50)
+    expected = cache.load(source)
+    features = np.load(tmp_path / "np" / "features.npy")
+    assert features.dtype == np.float32
+    np.testing.assert_array_equal(features, expected.features)
+    with open(tmp_path / "np" / "rows.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["path"] for r in rows] == list(expected.paths)
+    assert [int(r["label"]) for r in rows] == list(expected.labels)
+    assert [r["split"] for r in rows] == list(expected.split)
+    assert [r["class_name"] for r in rows] == [expected.class_names[i] for i in expected.labels]
+    meta = json.loads((tmp_path / "np" / "meta.json").read_text())
+    assert meta["class_names"] == expected.class_names and meta["n_rows"] == 777
+    assert [f.name for f in summary.files] == ["features.npy", "rows.csv", "meta.json"]
+
+
+@needs_pyarrow
+def test_empty_cache_exports_its_schema(tmp_path: Path) -> None:
+    source = synthetic_cache(tmp_path / "c.h5", n=0, dim=8)
+    summary = export(source, "parquet", tmp_path / "pq")
+    table = pq.read_table(summary.files[0])
+    assert table.num_rows == 0 and table.schema.field("features").type.list_size == 8
+    export(source, "npy", tmp_path / "np")
+    assert np.load(tmp_path / "np" / "features.npy").shape == (0, 8)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "npy"])
+def test_export_memory_is_bounded_by_a_chunk(tmp_path: Path, fmt: str) -> None:
+    if fmt == "parquet" and pa is None:
+        pytest.skip("pyarrow not installed (pip install -e '.[export]')")
+    n, dim = 40000, 512  # 78 MB of features, read 1024 rows (2 MB) at a time
+    source = synthetic_cache(tmp_path / "big.h5", n=n, dim=dim)
+    features_mb = n * dim * 4 / 2**20
+    if fmt == "npy":
+        pool = previous = None
+    else:
+        previous = pa.default_memory_pool()
+        pool = pa.proxy_memory_pool(previous)  # Arrow's buffers are not seen by tracemalloc: count them apart
+        pa.set_memory_pool(pool)
+    tracemalloc.start()
+    try:
+        export(source, fmt, tmp_path / "out", chunk_rows=1024, rows_per_file=n // 2)
+        traced_mb = tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+        if previous is not None:
+            pa.set_memory_pool(previous)
+    arrow_mb = pool.max_memory() / 2**20 if pool is not None else 0.0
+    assert traced_mb < features_mb / 8, f"export held {traced_mb:.1f} MB for {features_mb:.0f} MB of features"
+    assert arrow_mb < features_mb / 8, f"Arrow held {arrow_mb:.1f} MB for {features_mb:.0f} MB of features"
+
+
+@needs_pyarrow
+def test_earlier_export_is_refused_then_overwritten(tmp_path: Path) -> None:
+    source = synthetic_cache(tmp_path / "c.h5", n=10, dim=4)
+    out = tmp_path / "pq"
+    export(source, "parquet", out, rows_per_file=3)
+    (out / "mine.txt").write_text("keep")
+    with pytest.raises(TlfeatError, match="earlier export"):
+        export(source, "parquet", out)
+    summary = export(source, "parquet", out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt", "part-00000.parquet"]
+    assert len(summary.files) == 1
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [("missing", "cache file not found"), ("format", "`format='csv'`: use parquet or npy"),
+     ("out-file", "is a file"), ("not-h5", "not a readable HDF5 cache")],
+)
+def test_bad_input_is_one_line_error(tmp_path: Path, setup: str, message: str) -> None:
+    source = tmp_path / "c.h5"
+    if setup in ("format", "out-file"):
+        synthetic_cache(source, n=4, dim=4)
+    if setup == "not-h5":
+        source.write_text("hello")
+    out = tmp_path / "out"
+    if setup == "out-file":
+        out.write_text("x")
+    with pytest.raises(TlfeatError, match=message):
+        export(source, "csv" if setup == "format" else "npy", out)
+
+
+def test_missing_pyarrow_is_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = synthetic_cache(tmp_path / "c.h5", n=4, dim=4)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(TlfeatError, match=r"`format='parquet'` needs pyarrow.*pip install"):
+        export(source, "parquet", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    export(source, "npy", tmp_path / "out")  # npy needs no pyarrow
+
+
+def test_cli_export_and_its_one_line_errors(tmp_path: Path) -> None:
+    source = synthetic_cache(tmp_path / "c.h5", n=30, dim=4)
+    result = run_cli("export", str(source), "--format", "npy", "--out", str(tmp_path / "np"))
+    assert result.returncode == 0, result.stderr
+    assert f"{tmp_path / 'np'}: 30 rows x 4 dims as npy in 3 files" in result.stdout
+    for args, message in [(["--format", "csv"], "error: --format csv: use parquet or npy"),
+                          (["--format", "npy", "--chunk-rows", "0"], "error: --chunk-rows 0: must be at least 1"),
+                          (["--format", "npy"], "holds an earlier export (features.npy); pass --overwrite")]:
+        result = run_cli("export", str(source), "--out", str(tmp_path / "np"), *args)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and message in lines[0], result.stderr

@@ -1,0 +1,213 @@
+"""Head files you can trust: nothing runs from a model file without --trust, no side file to drift,
+one writer per folder, a kill leaves every head whole, and the summary covers every head."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from typer.testing import CliRunner
+
+from cli import app
+from conftest import assert_one_line_error, child_env, gaussian_blobs, summary_rows, write_synthetic_cache
+from tlfeat.fileio import sha256_file
+from tlfeat.heads.fit import fit_heads
+from tlfeat.heads.registry import HEADS, STREAMING_SUFFIX, fit_estimator
+from tlfeat.heads.store import load_head, save_head
+
+runner = CliRunner()
+
+
+class Trap(LogisticRegression):
+    """A classifier whose loading runs code: it touches the file named by TLFEAT_TRAP."""
+
+    def __setstate__(self, state: dict) -> None:
+        Path(os.environ["TLFEAT_TRAP"]).touch()
+        super().__setstate__(state)
+
+
+class Exploit:
+    """A pickle that runs code when loaded (what a shared .joblib can carry)."""
+
+    def __reduce__(self) -> tuple:
+        return os.system, (f"touch {os.environ['TLFEAT_TRAP']}",)
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Path:
+    return write_synthetic_cache(tmp_path / "blobs.h5")
+
+
+@pytest.fixture
+def trap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    marker = tmp_path / "PWNED"
+    monkeypatch.setenv("TLFEAT_TRAP", str(marker))
+    return marker
+
+
+def legacy_head(path: Path, estimator: object, cache: Path) -> Path:
+    """A head as tlfeat 0.1 wrote it: a pickle, and a JSON beside it vouching for its sha256."""
+    joblib.dump(estimator, path)
+    meta = {
+        "format": "tlfeat-head", "format_version": 1, "model_file": path.name, "model_sha256": sha256_file(path),
+        "head": "logreg", "classes": ["class_0", "class_1", "class_2"], "feature_dim": 16,
+        "sources": [{"path": str(cache), "file": cache.name, "backbone": "efficientnet_lite0", "weights": "none",
+                     "weights_source": "none", "input_size": 32, "preprocessing": "synthetic", "feature_dim": 16}],
+        "params": {"C": 0.1}, "scores": {}, "fit_seconds": 0.1, "search_seconds": None,
+    }
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    return path
+
+
+def test_a_pickle_with_matching_sha256_runs_nothing_and_loads_only_with_trust(
+    cache: Path, trap: Path, tmp_path: Path
+) -> None:
+    model = legacy_head(tmp_path / "logreg.joblib", Exploit(), cache)
+    for command in (["evaluate", str(model), str(cache)], ["predict", str(model), str(cache)]):
+        result = runner.invoke(app, command)
+        assert not trap.exists()
+        assert_one_line_error(result, "logreg.joblib", "refit it", "--trust")
+
+    # A tlfeat 0.1 head you made yourself still loads, with --trust.
+    X, y = gaussian_blobs(40, 3, 16)
+    mine = legacy_head(tmp_path / "mine.joblib", LogisticRegression().fit(X, y), cache)
+    result = runner.invoke(app, ["evaluate", str(mine), str(cache), "--trust"])
+    assert result.exit_code == 0, result.output
+    assert "| test | 30 |" in result.stdout
+    # compare reads its JSON only; fit-head does not write new heads beside it.
+    listed = runner.invoke(app, ["compare", str(mine)])
+    assert listed.exit_code == 0 and "frozen + logreg" in listed.stdout and not trap.exists()
+    assert_one_line_error(runner.invoke(app, ["fit-head", str(cache), "--out", str(tmp_path)]), "tlfeat 0.1")
+
+
+def test_a_head_file_with_an_untrusted_type_is_refused_by_name_unless_trusted(
+    cache: Path, trap: Path, tmp_path: Path
+) -> None:
+    good = fit_heads([cache], head="logreg", out=tmp_path / "heads").results[0].files["model"]
+    estimator, meta = load_head(good)
+    X, y = gaussian_blobs(40, 3, 16)
+    model = tmp_path / "trap.skops"
+    save_head(Trap().fit(X, y), model, meta, {})
+    result = runner.invoke(app, ["evaluate", str(model), str(cache)])
+    assert_one_line_error(result, "trap.skops", f"{__name__}.Trap", "--trust")
+    assert not trap.exists()
+
+    trusted = runner.invoke(app, ["evaluate", str(model), str(cache), "--trust"])
+    assert trusted.exit_code == 0, trusted.output
+    assert trap.exists()  # what --trust allows: the file's own code ran
+
+
+def test_the_class_list_lives_in_the_model_file_and_an_edit_is_refused(cache: Path, tmp_path: Path) -> None:
+    model = fit_heads([cache], head="logreg", out=tmp_path / "heads").results[0].files["model"]
+    original = model.read_bytes()
+    assert original.count(b'"class_0"') and original.count(b'"class_2"')  # the names predict prints are inside
+    swapped = original.replace(b'"class_0"', b'"class_X"').replace(b'"class_2"', b'"class_0"')
+    model.write_bytes(swapped.replace(b'"class_X"', b'"class_2"'))
+    assert_one_line_error(runner.invoke(app, ["evaluate", str(model), str(cache)]), model.name, "Bad CRC-32")
+
+
+def test_every_head_loads_without_trust(tmp_path: Path) -> None:
+    X, y = gaussian_blobs(20, 3, 8)
+    for name, spec in HEADS.items():
+        estimator = spec.build(0)
+        fit_estimator(estimator, X, y, (X, y))
+        path = tmp_path / f"{name}.skops"
+        save_head(estimator, path, {"head": name, "classes": ["a", "b", "c"], "feature_dim": 8}, {})
+        loaded, _ = load_head(path)
+        np.testing.assert_allclose(loaded.predict_proba(X), estimator.predict_proba(X), atol=1e-6)
+
+
+def test_a_second_fit_head_on_the_same_folder_stops_at_once(cache: Path, tmp_path: Path) -> None:
+    out = tmp_path / "heads"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from tlfeat.fileio import OutputLock
+            with OutputLock({str(out)!r}):
+                print("locked", flush=True)
+                time.sleep(60)
+        """)],
+        stdout=subprocess.PIPE, text=True, env=child_env(),
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = runner.invoke(app, ["fit-head", str(cache), "--head", "logreg", "--out", str(out)])
+        assert_one_line_error(result, "heads.lock", "another tlfeat run")
+        assert not out.exists() or not any(out.iterdir())
+    finally:
+        holder.kill()
+        holder.wait()
+    assert runner.invoke(app, ["fit-head", str(cache), "--head", "logreg", "--out", str(out)]).exit_code == 0
+
+
+KILLER = """
+import os, signal, sys
+from pathlib import Path
+from tlfeat.heads.fit import fit_heads
+
+calls, kill_at = 0, int(sys.argv[3])
+real_replace = os.replace
+
+def replace(src, dst):
+    global calls
+    calls += 1
+    if calls == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst)
+
+os.replace = replace
+fit_heads([Path(sys.argv[1])], head="knn", search=True, out=Path(sys.argv[2]))
+print(calls)
+"""
+
+
+def test_a_kill_at_any_write_leaves_every_head_whole(cache: Path, tmp_path: Path) -> None:
+    out = tmp_path / "heads"
+    first = fit_heads([cache], head="knn", out=out).results[0]  # k=10; the searched run below picks k=20
+    model = first.files["model"]
+    kept = {p.name: p.read_bytes() for p in out.iterdir()}
+    script = tmp_path / "kill.py"
+    script.write_text(KILLER)
+
+    def run(kill_at: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), str(cache), str(out), str(kill_at)],
+                              capture_output=True, text=True, env=child_env(), timeout=300)
+
+    writes = int(run(0).stdout.split()[-1])
+    estimator, meta = load_head(model)
+    assert writes >= 3 and meta["params"] == {"k": 20}
+    for kill_at in range(1, writes + 1):
+        for name, payload in kept.items():  # back to the k=10 head before every kill
+            (out / name).write_bytes(payload)
+        assert run(kill_at).returncode == -signal.SIGKILL
+        estimator, meta = load_head(model)  # the old head or the new one, never a mix
+        assert estimator.get_params()["kneighborsclassifier__n_neighbors"] == meta["params"]["k"] in (10, 20)
+
+
+def test_the_summary_covers_every_head_and_a_replaced_head_is_reported(cache: Path, tmp_path: Path) -> None:
+    out = tmp_path / "heads"
+    for head in ("logreg", "knn"):
+        assert runner.invoke(app, ["fit-head", str(cache), "--head", head, "--out", str(out)]).exit_code == 0
+    result = runner.invoke(app, ["fit-head", str(cache), "--head", "knn", "--search", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "replaced knn" in result.stdout and "k=10" in result.stdout
+    rows = summary_rows(out)
+    assert set(rows) == {"logreg", "knn"} and rows["knn"]["params"].startswith("k=20")
+    assert "| logreg |" in (out / "summary.md").read_text()
+
+
+def test_streaming_heads_share_the_folder_and_its_summary(cache: Path, tmp_path: Path) -> None:
+    out = tmp_path / "heads"
+    fit_heads([cache], head="logreg", out=out)
+    result = runner.invoke(app, ["fit-head", str(cache), "--streaming", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert set(summary_rows(out)) == {"logreg", "logreg" + STREAMING_SUFFIX}

@@ -1,0 +1,102 @@
+"""`tlfeat recipe`: extract the members, fuse, choose C on val, refit on train+val, score test, save the head."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from tlfeat import cache
+from tlfeat.apps.recipe import RECIPES, Member, member_cache, select_and_refit
+from tlfeat.errors import TlfeatError
+from tlfeat.heads.fit import load_features
+from tlfeat.heads.store import load_head
+
+
+@pytest.fixture(scope="module")
+def subset(scene15: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 Scene15 classes x 8 real images, flat, so the split gives train, val and test rows."""
+    root = tmp_path_factory.mktemp("recipe") / "subset"
+    for class_dir in sorted((scene15 / "train").iterdir())[:3]:
+        (root / class_dir.name).mkdir(parents=True)
+        for image in sorted(class_dir.iterdir())[:8]:
+            (root / class_dir.name / image.name).write_bytes(image.read_bytes())
+    return root
+
+
+def _recipe(subset: Path, name: str, cache_dir: Path) -> str:
+    result = run_cli("recipe", str(subset), "--recipe", name, "--cache-dir", str(cache_dir), "-q", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_fast_recipe_end_to_end_then_reuses_its_cache(subset: Path, tmp_path: Path) -> None:
+    first = _recipe(subset, "fast", tmp_path)
+    member = tmp_path / "subset-efficientnet_lite0.h5"  # the file `tlfeat extract` writes by default
+    assert "  efficientnet_lite0@224 " in first and f" {member}: computed 24 (" in first
+    assert "val accuracy by C (fitted on train): C=0.03" in first and "refitted on train+val: test " in first
+
+    head = tmp_path / "heads" / "recipe-fast" / "logreg.skops"
+    estimator, meta = load_head(head)
+    assert meta["params"]["C"] in RECIPES["fast"].c_grid and meta["sources"][0]["file"] == member.name
+    # Refitted on train+val: it has seen every train and val row, and test is scored on the rest.
+    data = cache.load(member)
+    assert estimator.named_steps["standardscaler"].n_samples_seen_ == int(np.sum(data.split != "test"))
+    assert meta["scores"]["test"]["n"] == int(np.sum(data.split == "test"))
+
+    again = _recipe(subset, "fast", tmp_path)
+    assert f"{member}: up to date" in again and "extraction this run 0 s" in again
+
+    predicted = run_cli("predict", str(head), str(subset / data.paths[0]), timeout=300)
+    assert predicted.returncode == 0, predicted.stderr
+    assert predicted.stdout.split("\t")[1].split()[0] == data.class_names[data.labels[0]]
+
+
+def test_members_share_extracts_default_cache_files(subset: Path, tmp_path: Path) -> None:
+    assert member_cache(subset, None, Member("efficientnet_lite1", 240)) == Path("cache/subset-efficientnet_lite1.h5")
+    assert member_cache(subset, tmp_path, Member.parse("efficientnet_lite1:300:flip")) == (
+        tmp_path / "subset-efficientnet_lite1-300-flip.h5"
+    )
+    assert Member.parse("efficientnet_lite2:320") == Member("efficientnet_lite2", 320, "none")
+    with pytest.raises(TlfeatError, match="expected BACKBONE:SIZE"):
+        Member.parse("efficientnet_lite2@320")
+
+
+def test_choice_on_val_then_refit_on_train_and_val(tmp_path: Path) -> None:
+    """Every C is tried on val (fit on train); the kept one is refitted on train and val rows together."""
+    from tlfeat.cache import CacheData
+    from tlfeat.heads.fit import Features
+    from tlfeat.heads.rows import RowIds
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 30)
+    features = rng.normal(size=(60, 4)).astype(np.float32) + labels[:, None] * 8
+    split = np.array((["train"] * 18 + ["val"] * 6 + ["test"] * 6) * 2)
+    data = CacheData(features, labels, np.array([f"{i}.png" for i in range(60)]), split, ["a", "b"], {})
+    ids = RowIds.of(list(data.paths), [100] * 60, features)
+    fitted = select_and_refit(Features(data, [], "synthetic", ids), [0.1, 1.0])
+    assert [t["C"] for t in fitted.trials] == [0.1, 1.0] and fitted.c == 0.1  # tie: the earlier C
+    assert set(fitted.metrics) == {"val", "test"} and fitted.metrics["test"]["accuracy"] == 1.0
+    assert fitted.estimator.named_steps["standardscaler"].n_samples_seen_ == 48
+
+
+def test_unknown_recipe_is_a_one_line_error(tmp_path: Path) -> None:
+    result = run_cli("recipe", str(tmp_path), "--recipe", "huge", timeout=120)
+    assert result.returncode == 1 and result.stderr.strip() == "error: --recipe huge: unknown; choose one of fast, best"
+
+
+@pytest.mark.slow
+def test_best_recipe_end_to_end(subset: Path, tmp_path: Path) -> None:
+    out = _recipe(subset, "best", tmp_path)
+    for member in RECIPES["best"].members:
+        assert f"{member.label} " in out
+    head = tmp_path / "heads" / "recipe-best" / "logreg.json"
+    meta = json.loads(head.read_text())
+    assert [(s["backbone"], s["input_size"], s["tta"]) for s in meta["sources"]] == [
+        (m.backbone, m.image_size, m.tta) for m in RECIPES["best"].members
+    ]
+    assert meta["feature_dim"] == 1280 * len(RECIPES["best"].members)
+    assert load_features([Path(s["path"]) for s in meta["sources"]]).data.features.shape[1] == meta["feature_dim"]

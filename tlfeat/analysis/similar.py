@@ -1,0 +1,175 @@
+"""`similar`: the cached images most similar to query images, by cosine similarity of their embeddings.
+
+A query is a path stored in the cache (``train/Coast/img_1.jpg``), an image file
+or a folder of them. Files inside the cache's dataset folder that the cache
+holds use their cached row; other files are embedded exactly as the cache was
+(backbone, weights, image size, preprocessing, stored dtype), refusing a cache
+whose weights or preprocessing can no longer be reproduced, as `predict` does.
+A query that is a cached image never returns itself.
+
+The cache's features are read from the HDF5 file a block at a time (exact
+search, up to EXACT_MAX_ROWS rows, memory bounded by the block), or searched
+through the faiss index saved beside it (`index="faiss"`, or above EXACT_MAX_ROWS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from tlfeat.analysis.common import dataset_root, open_cache, output_folder
+from tlfeat.analysis.contact_sheet import Tile, draw_sheet, shorten
+from tlfeat.analysis.search import Neighbours, exact_top_k, index_top_k, open_index, rescore
+from tlfeat.cache import CacheData, open_rows
+from tlfeat.errors import TlfeatError, parameter_error
+from tlfeat.reports import write_csv
+
+EXACT_MAX_ROWS = 4_000_000  # 1,000 queries over 4M x 1280 rows: ~4 min of matrix products on 2 cores
+INDEXES = ("auto", "exact", "faiss")
+SHEET_QUERIES = 12  # rows of the contact sheet; the CSV has every query
+
+
+@dataclass
+class Match:
+    rank: int
+    row: int
+    path: str
+    split: str
+    label: str
+    similarity: float
+
+
+@dataclass
+class QueryMatches:
+    query: str  # as given (a cached path or a file)
+    row: int | None  # the query's own cached row, if it has one
+    image: Path  # the query's image file, for pictures
+    matches: list[Match] = field(default_factory=list)
+
+
+@dataclass
+class SimilarResult:
+    cache: Path
+    queries: list[QueryMatches]
+    skipped: list[tuple[str, str]]  # (file, why it could not be embedded)
+    search: str  # "exact", or the faiss index used
+    root: Path | None  # the dataset folder the cached paths are relative to
+    index_built: bool = False  # a faiss index was built (and saved) by this call
+
+
+def _resolve(queries: Sequence[str | Path], data: CacheData) -> tuple[list[tuple[str, int]], list[Path]]:
+    """Split queries into cached rows [(query, row)] and files to embed."""
+    from tlfeat.apps.predict import collect_images
+
+    row_of = {str(p): r for r, p in enumerate(data.paths)}
+    root = dataset_root(data)
+    root = root.resolve() if root is not None else None
+    cached, files = [], []
+    for query in queries:
+        text = str(query)
+        if text in row_of and not Path(text).is_absolute():
+            cached.append((text, row_of[text]))
+            continue
+        if not Path(text).exists():
+            raise TlfeatError(f"{text}: neither an image path stored in the cache nor an existing file or folder")
+        found = collect_images([Path(text)])
+        if not found:
+            raise TlfeatError(f"{text}: no image files in this folder")
+        for path in found:
+            resolved = path.resolve()
+            rel = resolved.relative_to(root).as_posix() if root and resolved.is_relative_to(root) else None
+            if rel in row_of:
+                cached.append((str(path), row_of[rel]))
+            else:
+                files.append(path)
+    return cached, files
+
+
+def _embed(cache: Path, data: CacheData, files: list[Path], batch_size: int | None, progress: bool):
+    """(features, indices of `files` embedded, failures) with the cache's own backbone and settings."""
+    from tlfeat.apps.predict import embed_for_head
+    from tlfeat.heads.fit import source_record
+
+    dim = int(data.features.shape[1])  # `features` is empty here, but has the cache's width
+    meta = {"sources": [source_record(cache, data.attrs, len(data), dim)], "feature_dim": dim}
+    return embed_for_head(cache, meta, files, batch_size, progress)
+
+
+def similar(
+    cache: str | Path, queries: Sequence[str | Path], top: int = 10, index: str = "auto", nprobe: int = 16,
+    batch_size: int | None = None, progress: bool = False,
+) -> SimilarResult:
+    """The `top` most similar cached images for each query (see the module docstring for what a query is).
+
+    index: "exact", "faiss" (approximate; the index is built once and saved as ``<cache>.faiss``)
+    or "auto" (exact up to EXACT_MAX_ROWS rows).
+    """
+    cache = Path(cache)
+    if index not in INDEXES:
+        raise parameter_error("index", index, f"use one of {', '.join(INDEXES)}")
+    if top < 1:
+        raise parameter_error("top", top, "must be at least 1")
+    if not queries:
+        raise TlfeatError("give at least one query: a path stored in the cache, an image file or a folder")
+    with open_cache(cache, min_rows=1) as (data, features):
+        cached, files = _resolve(queries, data)
+        root = dataset_root(data)
+        vectors, owners, skipped = [], [], []
+        if cached:
+            vectors += list(features.rows(np.array([row for _, row in cached])))
+            owners += [(query, row, root / data.paths[row] if root else Path(query)) for query, row in cached]
+        if files:
+            embedded, ok, skipped = _embed(cache, data, files, batch_size, progress)
+            vectors += list(embedded)
+            owners += [(str(files[i]), None, files[i]) for i in ok]
+        if not vectors:
+            raise TlfeatError(f"none of the {len(skipped)} query files could be read as an image")
+        queries_matrix = np.stack(vectors)
+        exclude = np.array([-1 if row is None else row for _, row, _ in owners], dtype=np.int64)
+        k = min(top, len(data))
+        built = False
+        if index == "exact" or (index == "auto" and len(data) <= EXACT_MAX_ROWS):
+            found: Neighbours = exact_top_k(queries_matrix, features, k, exclude=exclude)
+            search = "exact"
+        else:
+            faiss_index, built = open_index(cache, features)
+            # The index's similarities are approximate: rank twice the candidates by their exact ones.
+            candidates = index_top_k(faiss_index, queries_matrix, min(2 * k, len(data)), exclude=exclude,
+                                     nprobe=nprobe)
+            found = rescore(queries_matrix, candidates, features, k)
+            search = f"faiss IVF-SQ8, nprobe {nprobe} (approximate)"
+    results = []
+    for q, (query, row, image) in enumerate(owners):
+        matches = [
+            Match(rank, int(r), str(data.paths[r]), str(data.split[r]), data.class_names[data.labels[r]], float(s))
+            for rank, (r, s) in enumerate(zip(found.indices[q], found.similarities[q]), start=1) if r >= 0
+        ]
+        results.append(QueryMatches(query, row, image, matches))
+    return SimilarResult(cache, results, skipped, search, root, built)
+
+
+def write_similar(result: SimilarResult, out: Path) -> list[Path]:
+    """similar.csv (every query) and similar.png (the first SHEET_QUERIES queries) in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [[q.query, m.rank, m.path, m.split, m.label, round(m.similarity, 6)] for q in result.queries
+            for m in q.matches]
+    write_csv(out / "similar.csv", ["query", "rank", "path", "split", "label", "similarity"], rows)
+    shown = result.queries[:SHEET_QUERIES]
+    columns = 1 + max((len(q.matches) for q in shown), default=0)
+    tiles = []
+    for q in shown:
+        tiles.append(Tile(q.image, f"query\n{shorten(q.query)}", "royalblue"))
+        tiles += [Tile(result.root / m.path if result.root else None,
+                       f"#{m.rank} sim {m.similarity:.3f}\n{m.split}: {shorten(m.path)}") for m in q.matches]
+        tiles += [None] * (columns - 1 - len(q.matches))
+    draw_sheet(tiles, columns, f"{result.cache.name}: most similar images ({result.search})", out / "similar.png")
+    return [out / "similar.csv", out / "similar.png"]
+
+
+def similar_output(cache: str | Path, out: str | Path | None) -> Path:
+    """The folder `similar` writes to (default ``<cache folder>/similar/<cache stem>/``), never the dataset's."""
+    with open_rows(cache) as (data, _):
+        return output_folder(cache, out, "similar", data)

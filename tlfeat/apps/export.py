@@ -1,0 +1,219 @@
+"""Export a cache for the tools that read embeddings at scale: Parquet files, or .npy features plus a CSV.
+
+Parquet (`format="parquet"`): ``part-00000.parquet``, ``part-00001.parquet``, ...
+in row order, each at most `rows_per_file` rows (by default about 256 MiB of
+features), written one row group of `chunk_rows` rows at a time. Columns:
+
+    path        string    image path relative to the dataset root, '/'-separated
+    label       int32     index into the class names
+    class_name  string    the class folder's name
+    split       string    "train" | "val" | "test"
+    features    fixed_size_list<float32>[D]
+
+The schema's key-value metadata holds ``tlfeat`` (JSON: the cache's attributes
+and its class names in label order), so pandas, DuckDB, Spark and Ray Data read
+the files without tlfeat.
+
+npy (`format="npy"`): ``features.npy`` (N, D) float32, ``rows.csv`` (header
+``path,label,class_name,split``; line i describes row i) and ``meta.json`` (the
+same JSON as the Parquet metadata).
+
+Both stream: one chunk of rows is read from the HDF5 cache, written, and let go,
+so memory is bounded by the chunk whatever the cache's size. Features are
+float32 whatever the cache stores (as `tlfeat.cache.load` returns them). Each
+file is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from tlfeat.cache import CacheData, CacheReader
+from tlfeat.errors import TlfeatError, parameter_error
+
+FORMATS = ("parquet", "npy")
+CHUNK_BYTES = 4 * 2**20  # features per chunk (one Parquet row group)
+FILE_BYTES = 256 * 2**20  # features per Parquet file
+PYARROW_HINT = "pip install pyarrow (tlfeat's extra: pip install -e '.[export]')"
+# Names an export writes: only these are replaced by `overwrite`, nothing else in the folder is touched.
+_OUTPUT_PATTERNS = ("part-*.parquet", "features.npy", "rows.csv", "meta.json")
+
+
+@dataclass
+class ExportSummary:
+    out: Path
+    format: str
+    files: list[Path]
+    n_rows: int
+    feature_dim: int
+    seconds: float
+
+
+def _chunk_rows(dim: int, requested: int | None) -> int:
+    if requested is not None:
+        if requested < 1:
+            raise parameter_error("chunk_rows", requested, "must be at least 1")
+        return requested
+    return max(1, CHUNK_BYTES // (4 * max(dim, 1)))
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise TlfeatError(f"{out}: is a file; `out` needs a folder for the exported files")
+    out.mkdir(parents=True, exist_ok=True)
+    earlier = [p for pattern in _OUTPUT_PATTERNS for p in out.glob(pattern)]
+    if earlier and not overwrite:
+        raise TlfeatError(f"{out}: holds an earlier export ({earlier[0].name}); pass `overwrite` to replace it")
+    for path in earlier:
+        path.unlink()
+
+
+def _metadata(reader: CacheReader) -> dict[str, Any]:
+    return {"source": str(reader.path), "class_names": reader.class_names, "attrs": reader.attrs,
+            "n_rows": reader.n_rows, "feature_dim": reader.feature_dim}
+
+
+def _chunks(reader: CacheReader, start: int, stop: int, chunk_rows: int) -> Iterator[CacheData]:
+    for begin in range(start, stop, chunk_rows):
+        yield reader.rows(begin, min(begin + chunk_rows, stop))
+
+
+def _import_pyarrow() -> tuple[Any, Any]:
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise TlfeatError(f"`format='parquet'` needs pyarrow, which is not installed: {PYARROW_HINT}") from None
+    return pyarrow, pyarrow.parquet
+
+
+def _parquet_schema(pa: Any, dim: int, metadata: dict) -> Any:
+    return pa.schema(
+        [("path", pa.string()), ("label", pa.int32()), ("class_name", pa.string()), ("split", pa.string()),
+         ("features", pa.list_(pa.float32(), dim))],
+        metadata={"tlfeat": json.dumps(metadata)},
+    )
+
+
+def _arrow_numbers(pa: Any, kind: Any, values: np.ndarray) -> Any:
+    # Arrays from buffers, not pa.array: that one imports pandas (40 MB) to ask whether it was given pandas data.
+    return pa.Array.from_buffers(kind, len(values), [None, pa.py_buffer(np.ascontiguousarray(values))])
+
+
+def _arrow_strings(pa: Any, values: Any) -> Any:
+    encoded = [value.encode() for value in values]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int32)
+    np.cumsum([len(e) for e in encoded], out=offsets[1:])
+    return pa.Array.from_buffers(pa.string(), len(encoded), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))])
+
+
+def _parquet_table(pa: Any, schema: Any, chunk: CacheData) -> Any:
+    dim = schema.field("features").type.list_size
+    values = _arrow_numbers(pa, pa.float32(), chunk.features.reshape(-1))
+    return pa.Table.from_arrays(
+        [_arrow_strings(pa, chunk.paths), _arrow_numbers(pa, pa.int32(), chunk.labels.astype(np.int32)),
+         _arrow_strings(pa, (chunk.class_names[i] for i in chunk.labels)), _arrow_strings(pa, chunk.split),
+         pa.FixedSizeListArray.from_arrays(values, dim)],
+        schema=schema,
+    )
+
+
+def _export_parquet(reader: CacheReader, out: Path, chunk_rows: int, rows_per_file: int) -> list[Path]:
+    pa, pq = _import_pyarrow()
+    schema = _parquet_schema(pa, reader.feature_dim, _metadata(reader))
+    files = []
+    # An empty cache still gets one (empty) file, so readers find the schema.
+    for index, start in enumerate(range(0, max(reader.n_rows, 1), rows_per_file)):
+        target = out / f"part-{index:05d}.parquet"
+        tmp = out / f".{target.name}.tmp-{os.getpid()}"
+        try:
+            # Features are random-looking floats: dictionary encoding only pays on the repetitive columns.
+            # The system allocator, not Arrow's default mimalloc, which keeps freed pages from file to file
+            # (peak RSS 172 vs 119 MB over 300,000 rows of 1280-d).
+            with pq.ParquetWriter(tmp, schema, use_dictionary=["class_name", "split"],
+                                  memory_pool=pa.system_memory_pool()) as writer:
+                stop = min(start + rows_per_file, reader.n_rows)
+                for chunk in _chunks(reader, start, stop, chunk_rows):
+                    writer.write_table(_parquet_table(pa, schema, chunk), row_group_size=chunk_rows)
+                if start >= stop:
+                    writer.write_table(schema.empty_table())
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        files.append(target)
+    return files
+
+
+def _write_npy_features(reader: CacheReader, path: Path, chunk_rows: int) -> None:
+    dtype = np.dtype("<f4")
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+              "shape": (reader.n_rows, reader.feature_dim)}
+    with open(path, "wb") as handle:
+        np.lib.format.write_array_header_2_0(handle, header)
+        for begin in range(0, reader.n_rows, chunk_rows):  # features only: the string columns are not read here
+            stop = min(begin + chunk_rows, reader.n_rows)
+            handle.write(np.asarray(reader.features(begin, stop), dtype=dtype).tobytes())
+
+
+def _export_npy(reader: CacheReader, out: Path, chunk_rows: int) -> list[Path]:
+    targets = [out / "features.npy", out / "rows.csv", out / "meta.json"]
+    tmps = [out / f".{t.name}.tmp-{os.getpid()}" for t in targets]
+    try:
+        _write_npy_features(reader, tmps[0], chunk_rows)
+        with open(tmps[1], "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(["path", "label", "class_name", "split"])
+            for begin in range(0, reader.n_rows, chunk_rows):
+                chunk = reader.rows(begin, min(begin + chunk_rows, reader.n_rows), with_features=False)
+                writer.writerows(
+                    zip(chunk.paths, chunk.labels.tolist(), (chunk.class_names[i] for i in chunk.labels), chunk.split)
+                )
+        tmps[2].write_text(json.dumps(_metadata(reader), indent=1))
+        for tmp, target in zip(tmps, targets):
+            os.replace(tmp, target)
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+    return targets
+
+
+def export(
+    cache: str | Path,
+    format: str = "parquet",
+    out: str | Path | None = None,
+    chunk_rows: int | None = None,
+    rows_per_file: int | None = None,
+    overwrite: bool = False,
+) -> ExportSummary:
+    """Write the rows of `cache` to the folder `out` as Parquet files or .npy + CSV (see the module doc).
+
+    `chunk_rows` (default: about 4 MiB of features) bounds memory; `rows_per_file` (Parquet only,
+    default: about 256 MiB of features) bounds each file. `out` defaults to ``<cache without .h5>-<format>/``.
+    """
+    started = time.perf_counter()
+    if format not in FORMATS:
+        raise parameter_error("format", format, "use parquet or npy")
+    if rows_per_file is not None and rows_per_file < 1:
+        raise parameter_error("rows_per_file", rows_per_file, "must be at least 1")
+    if format == "parquet":
+        _import_pyarrow()  # before any file is touched
+    cache = Path(cache)
+    out = Path(out) if out is not None else cache.with_name(f"{cache.stem}-{format}")
+    with CacheReader(cache) as reader:
+        rows = _chunk_rows(reader.feature_dim, chunk_rows)
+        _prepare_out(out, overwrite)
+        if format == "parquet":
+            per_file = rows_per_file or max(rows, FILE_BYTES // (4 * max(reader.feature_dim, 1)))
+            files = _export_parquet(reader, out, rows, per_file)
+        else:
+            files = _export_npy(reader, out, rows)
+        n_rows, dim = reader.n_rows, reader.feature_dim
+    return ExportSummary(out, format, files, n_rows, dim, time.perf_counter() - started)

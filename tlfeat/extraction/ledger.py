@@ -1,0 +1,214 @@
+"""Where each image's feature row lives during an extraction run, and the final write that gathers them.
+
+A run's driver (with the local engine and the Ray engine alike) never holds feature rows. For each
+image of the scan it keeps one int32: the global number of the row holding its features (the old
+cache's rows first, then each shard's rows in turn), NOWHERE (to compute) or FAILED (a file that
+could not be decoded; the reasons, few, are kept aside). That is 4 bytes per image, plus a few
+per shard.
+
+Records (path, size, mtime) from the old cache, the shards and this run's batches are matched with
+the scan's entries by canonical position (split, class, path), the order in which the scan lists
+them and every cache and shard stores them: the next record is nearly always the entry after the
+last one matched, and a binary search finds the others, so no table of paths is built. A later
+record replaces an earlier one for the same path, and a record whose file identity (size, mtime)
+no longer matches the scan's sends its image back to be computed.
+
+`write_final` walks the scan in canonical order, a chunk of rows at a time, copies each chunk's
+features from the old cache (run by run of consecutive rows, straight into the chunk) and from the
+shards, and appends it to a CacheWriter: memory is one chunk whatever the number of rows.
+"""
+
+from __future__ import annotations
+
+from array import array
+from bisect import bisect_left
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from tlfeat.cache import WRITE_CHUNK_ROWS, CacheKey, CacheReader, CacheWriter, Rows
+from tlfeat.data.scan import SPLITS, ImageEntry, class_of
+from tlfeat.extraction.shards import ShardStore
+
+NOWHERE, FAILED = -1, -2
+OLD_CACHE = -1  # the source number of the old cache's rows (shards have their own numbers, from 0)
+_RANK = {split: rank for rank, split in enumerate(SPLITS)}
+SCAN_BLOCK = 1 << 16  # entries of the ledger looked at per step of the final write
+PATH_CHUNK_ROWS = 1 << 13  # paths read (or compared) at a time from a cache
+
+
+def _canonical(entry: ImageEntry) -> tuple[int, str, str]:
+    return _RANK[entry.split], entry.class_name, entry.relpath
+
+
+class Ledger:
+    """For each of `entries` (a scan's, in canonical order), where its row lives; see the module doc."""
+
+    def __init__(self, entries: Sequence[ImageEntry], layout: str) -> None:
+        self.entries, self.layout = entries, layout
+        self.where = np.full(len(entries), NOWHERE, dtype=np.int32)
+        self.reasons: dict[int, str] = {}  # entry index -> why its file failed
+        self._bases = array("q")  # first global row of each source
+        self._sources = array("q")  # OLD_CACHE or a shard number, per source
+        self._rows = 0
+        bounds = [bisect_left(entries, rank, key=lambda e: _RANK[e.split]) for rank in range(len(SPLITS))]
+        # (split rank, first entry, end) of each split present
+        self._sections = [(rank, lo, hi) for rank, (lo, hi) in enumerate(zip(bounds, bounds[1:] + [len(entries)]))
+                          if hi > lo]
+
+    def add_source(self, source: int, n_rows: int) -> int:
+        """Number a source's rows (OLD_CACHE or a shard number); returns the global number of its first."""
+        base = self._rows
+        if base + n_rows > np.iinfo(np.int32).max:
+            raise OverflowError("more than 2**31 rows in one run")
+        self._bases.append(base)
+        self._sources.append(source)
+        self._rows += n_rows
+        return base
+
+    def locate(self, path: str, hint: int = 0) -> int:
+        """The index of the entry with this path (trying `hint` first), or -1 when the scan has none."""
+        entries = self.entries
+        if hint < len(entries) and entries[hint].relpath == path:
+            return hint
+        class_name = class_of(path, self.layout)
+        for rank, lo, hi in self._sections:
+            i = bisect_left(entries, (rank, class_name, path), lo, hi, key=_canonical)
+            if i < hi and entries[i].relpath == path:
+                return i
+        return -1
+
+    def record(
+        self, base: int, paths: Sequence[str], sizes: Sequence[int], mtimes: Sequence[int],
+        failed: Sequence[str] | None = None,
+    ) -> None:
+        """Rows base, base+1, ... hold the features of `paths` (or, with `failed`, those files failed for
+        those reasons), as of the files' `sizes` and `mtimes`."""
+        where, entries, reasons, hint = self.where, self.entries, self.reasons, 0
+        for k, (path, size, mtime) in enumerate(zip(paths, sizes, mtimes)):
+            i = self.locate(path, hint)
+            if i < 0:
+                continue  # a file no longer in the dataset
+            hint = i + 1
+            entry = entries[i]
+            if entry.size != size or entry.mtime_ns != mtime:
+                where[i] = NOWHERE
+                reasons.pop(i, None)
+            elif failed is None:
+                where[i] = base + k
+                reasons.pop(i, None)
+            else:
+                where[i] = FAILED
+                reasons[i] = failed[k]
+
+    def record_rows(self, source: int, rows: Rows) -> None:
+        """A shard's or a batch's Rows: its rows, then its failures."""
+        self.record(self.add_source(source, len(rows.paths)), rows.paths, rows.file_size, rows.file_mtime_ns)
+        self.record(0, rows.skipped_paths, rows.skipped_size, rows.skipped_mtime_ns, failed=rows.skipped_reasons)
+
+    def forget(self, paths: Sequence[str]) -> None:
+        """Send these paths' images back to be computed (rows found unusable after they were recorded)."""
+        hint = 0
+        for path in paths:
+            i = self.locate(path, hint)
+            if i >= 0:
+                self.where[i], hint = NOWHERE, i + 1
+
+    def todo(self) -> list[ImageEntry]:
+        """The entries to compute, in canonical order."""
+        return [self.entries[i] for i in np.flatnonzero(self.where == NOWHERE)]
+
+    def failures(self) -> list[tuple[ImageEntry, str]]:
+        return [(self.entries[i], self.reasons[i]) for i in sorted(self.reasons) if self.where[i] == FAILED]
+
+    def n_rows(self) -> int:
+        return int(np.count_nonzero(self.where >= 0))
+
+    def split_counts(self) -> dict[str, int]:
+        """Rows per split (splits without rows left out)."""
+        counts = {SPLITS[rank]: int(np.count_nonzero(self.where[lo:hi] >= 0)) for rank, lo, hi in self._sections}
+        return {split: n for split, n in counts.items() if n}
+
+    def chunks(self, chunk_rows: int = WRITE_CHUNK_ROWS) -> Iterator[np.ndarray]:
+        """Entry indices of the rows, in canonical order, `chunk_rows` at a time."""
+        pending: list[np.ndarray] = []
+        waiting = 0
+        for start in range(0, len(self.where), SCAN_BLOCK):
+            found = np.flatnonzero(self.where[start : start + SCAN_BLOCK] >= 0) + start
+            pending.append(found)
+            waiting += len(found)
+            while waiting >= chunk_rows:
+                joined = np.concatenate(pending)
+                yield joined[:chunk_rows]
+                pending, waiting = [joined[chunk_rows:]], waiting - chunk_rows
+        if waiting:
+            yield np.concatenate(pending)
+
+    def sources_of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(source, row within the source) of global row numbers."""
+        bases = np.frombuffer(self._bases, dtype=np.int64)
+        which = np.searchsorted(bases, rows, side="right") - 1
+        return np.frombuffer(self._sources, dtype=np.int64)[which], rows - bases[which]
+
+
+def same_as_file(old: CacheReader, ledger: Ledger, class_names: list[str], seed: int) -> bool:
+    """True when the cache `old` already holds exactly the ledger's rows, splits and classes (nothing to
+    write). Reads its paths and splits a chunk at a time, never its features."""
+    if old.class_names != class_names or old.attrs.get("seed") != seed or old.n_rows != ledger.n_rows():
+        return False
+    start = 0
+    for indices in ledger.chunks(PATH_CHUNK_ROWS):
+        stored = old.rows(start, start + len(indices), with_features=False)
+        entries = [ledger.entries[i] for i in indices]
+        if list(stored.paths) != [e.relpath for e in entries] or list(stored.split) != [e.split for e in entries]:
+            return False
+        start += len(indices)
+    return True
+
+
+def _copy_old_rows(old: CacheReader, rows: np.ndarray, positions: np.ndarray, out: np.ndarray) -> None:
+    """out[positions] = the old cache's feature rows `rows`: run by run where both advance together (an
+    incremental run's usual case: no buffer for float32 caches), else all at once."""
+    cuts = np.flatnonzero((np.diff(rows) != 1) | (np.diff(positions) != 1)) + 1
+    if len(cuts) > len(rows) // 16:  # scattered: a few large reads beat many small ones
+        out[positions] = old.take(rows)
+        return
+    for first, end in zip([0, *cuts.tolist()], [*cuts.tolist(), len(rows)]):
+        old.copy_rows(int(rows[first]), int(rows[end - 1]) + 1, out, int(positions[first]))
+
+
+def _feature_dim(ledger: Ledger, old: CacheReader | None, shards: ShardStore, default: int) -> int:
+    first = next(ledger.chunks(1), None)
+    if first is None:
+        return default
+    source, _ = ledger.sources_of(ledger.where[first])
+    return old.feature_dim if source[0] == OLD_CACHE else shards.features(int(source[0])).shape[1]
+
+
+def write_final(
+    out: Path, key: CacheKey, ledger: Ledger, class_names: list[str], old: CacheReader | None,
+    shards: ShardStore, default_dim: int, extra_attrs: dict,
+) -> None:
+    """Write the ledger's rows to `out` (atomically), gathering their features a chunk at a time from
+    the old cache `old` and the shards. `default_dim` is the feature width when there are no rows."""
+    label_of = {name: i for i, name in enumerate(class_names)}
+    dim = _feature_dim(ledger, old, shards, default_dim)
+    with CacheWriter(out, key, ledger.n_rows(), dim) as writer:
+        for indices in ledger.chunks():
+            sources, rows = ledger.sources_of(ledger.where[indices])
+            features = np.empty((len(indices), dim), dtype=np.float32)
+            for source in np.unique(sources):
+                mine = np.flatnonzero(sources == source)
+                if source == OLD_CACHE:
+                    _copy_old_rows(old, rows[mine], mine, features)
+                else:
+                    features[mine] = shards.features(int(source))[rows[mine]]
+            entries = [ledger.entries[i] for i in indices]
+            writer.append(
+                features, [label_of[e.class_name] for e in entries], [e.relpath for e in entries],
+                [e.split for e in entries], [e.size for e in entries], [e.mtime_ns for e in entries],
+            )
+        failures = ledger.failures()
+        skipped = [(e.relpath, reason, e.size, e.mtime_ns) for e, reason in failures]
+        writer.commit(class_names, skipped, extra_attrs)

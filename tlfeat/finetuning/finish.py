@@ -1,0 +1,112 @@
+"""The end of a fine-tune run: score the best epoch, write the reports, then mark the run finished.
+
+The steps run in an order that a kill at any point leaves a run `--resume` completes:
+the best checkpoint is scored where it lies and only *copied* to ``model.keras``;
+``summary.json`` (what predict and compare read) comes after every other file;
+the state says "finished" after that, and only then are the checkpoints removed.
+Until the state says finished, resuming reruns these steps from the checkpoints,
+which are still there; each step replaces its file atomically.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tlfeat import __version__
+from tlfeat.backbones import Backbone
+from tlfeat.data.scan import SPLITS, DatasetScan
+from tlfeat.errors import TlfeatError
+from tlfeat.fileio import atomic_path
+from tlfeat.finetuning.data import CROP_SCALE
+from tlfeat.finetuning.model import inference_mode_layer
+from tlfeat.finetuning.runs import MODEL_NAME, RUN_FORMAT, RUN_FORMAT_VERSION, SUMMARY_NAME, predict_with_model
+from tlfeat.finetuning.state import Run
+from tlfeat.reports import plot_confusion, plot_history, split_metrics, write_json
+from tlfeat.runtime import compute_policy
+
+
+def finish_run(run: Run, scan: DatasetScan, spec: Backbone, on_gpu: bool, jit_compile: Any) -> dict:
+    """Score the best model on every split, write the reports, model.keras and summary.json, drop the checkpoints."""
+    import keras
+
+    config, best = run.config, run.state.best
+    best_file = run.checkpoints / best.file
+    if not best_file.is_file():
+        raise TlfeatError(f"{run.out}: its state names {best_file.name}, which is missing; cannot finish this run")
+    inference_mode_layer()  # registered for loading
+    model = keras.saving.load_model(best_file, compile=False)
+    run.log(
+        f"best epoch: stage {best.stage} epoch {best.epoch} (val acc {best.val_accuracy:.3f}); scoring every split"
+    )
+    metrics = {}
+    for split in SPLITS:
+        entries = [e for e in scan.entries if e.split == split]
+        if not entries:
+            continue
+        files = [scan.root / e.relpath for e in entries]
+        predicted = predict_with_model(model, files, config.image_size, spec, config.batch_size)
+        for path, reason in predicted.failures:
+            run.note_failure(Path(path), reason)
+        labels = np.array([scan.label_of(entries[i]) for i in predicted.ok], dtype=np.int64)
+        metrics[split] = split_metrics(labels, np.argmax(predicted.outputs, axis=1), scan.class_names)
+    write_json(run.out / "metrics.json", {"model": MODEL_NAME, "classes": scan.class_names, "splits": metrics})
+    shown = "test" if "test" in metrics else list(metrics)[-1]
+    plot_confusion(
+        np.array(metrics[shown]["confusion_matrix"]), scan.class_names,
+        f"{spec.name} fine-tuned ({config.method()}): {shown} accuracy {metrics[shown]['accuracy']:.3f}",
+        run.out / "confusion.png",
+    )
+    history = [vars(e) for e in run.state.history]
+    plot_history(history, run.stage2_start(), run.out / "training.png", f"{scan.name}: {spec.name} {config.method()}")
+    with atomic_path(run.out / MODEL_NAME) as tmp:  # a copy: the checkpoint stays until the run is finished
+        shutil.copyfile(best_file, tmp)
+
+    summary = run_summary(run, scan, metrics, on_gpu, jit_compile, keras.backend.backend())
+    write_json(run.out / SUMMARY_NAME, summary)
+    run.state.finished = True
+    run.state.last_checkpoint = None
+    run.save_state()
+    shutil.rmtree(run.checkpoints, ignore_errors=True)
+    return summary
+
+
+def run_summary(run: Run, scan: DatasetScan, metrics: dict, on_gpu: bool, jit_compile: Any, backend: str) -> dict:
+    """What summary.json holds: the config, method, per-stage record, best epoch, scores and environment."""
+    config, state = run.config, run.state
+    kept = ("epochs_run", "stopped_early", "trainable_params", "non_trainable_params", "learning_rate", "seconds")
+    stages = {
+        str(stage): {"epochs_planned": config.epochs(stage), **{k: getattr(recorded, k) for k in kept}}
+        for stage, recorded in state.stages.items()
+    }
+    return {
+        "format": RUN_FORMAT,
+        "format_version": RUN_FORMAT_VERSION,
+        **{k: v for k, v in vars(config).items() if k not in ("epochs1", "epochs2")},
+        "method": config.method(),
+        "dataset": scan.name,
+        "split_counts": scan.split_counts(),
+        "stages": stages,
+        "trainable_params": max((s["trainable_params"] or 0) for s in stages.values()),
+        "best_epoch": {k: v for k, v in vars(state.best).items() if k != "file"},
+        "seconds": state.seconds,
+        "scores": {s: {k: m[k] for k in ("n", "accuracy", "macro_f1")} for s, m in metrics.items()},
+        "batchnorm": (
+            "inference mode throughout: moving statistics stay the pretrained ones; "
+            "gamma/beta of unfrozen BatchNorm layers train"
+        ),
+        "augmentation": (
+            f"train only: random crop of {CROP_SCALE[0]:g}-{CROP_SCALE[1]:g} of the side, resized back; "
+            "horizontal flip" if config.augment else None
+        ),
+        "compute": compute_policy(on_gpu),
+        "jit_compile": jit_compile,
+        "keras_backend": backend,
+        "skipped": dict(sorted(run.failures.items())),
+        "tlfeat_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

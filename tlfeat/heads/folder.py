@@ -1,0 +1,181 @@
+"""fit-head's output folder: one writer at a time, one kind of data, every head in its summary.
+
+- One writer: the folder is held under `tlfeat.fileio.OutputLock` (``<out>.lock``)
+  for the whole run, as extract holds its cache.
+- One kind of data: every head in a folder was fitted on the same images in the
+  same splits, from caches with the same feature settings (`folder_key`), so
+  their scores compare; a run on other data is refused before it writes anything.
+- Every head: ``summary.md``/``summary.csv`` are rebuilt from the head files present
+  after each run (not only the heads just fitted); replacing a head is reported.
+- A head is one file (`tlfeat.heads.store`), replaced by one rename. Its views,
+  ``<head>.metrics.json`` and ``<head>.confusion.png``, are drawn from it right after.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from tlfeat.data.scan import SPLITS
+from tlfeat.errors import TlfeatError
+from tlfeat.fileio import OutputLock, atomic_write_bytes
+from tlfeat.heads.rows import RowIds, seen_rows
+from tlfeat.heads.store import HEAD_SUFFIX, LEGACY_SUFFIX, head_path, read_fitted_rows, read_metadata, save_head
+from tlfeat.reports import markdown_table, plot_confusion, write_csv, write_json
+
+# The cache settings a head's features depend on: heads sharing a folder, and a cache a head is scored on, agree on each.
+FEATURE_KEY = ("backbone", "weights", "input_size", "preprocessing", "tta", "feature_dim")
+# Heads fitted before a setting existed recorded nothing for it: they had its default.
+FEATURE_DEFAULTS = {"tta": "none"}
+
+
+@dataclass
+class HeadResult:
+    head: str
+    params: dict  # the tuned hyperparameter's label -> value used
+    search: list[dict] | None  # [{label: value, "val_accuracy": a}, ...] when `search` ran
+    scores: dict[str, dict]  # split -> {"n", "accuracy", "macro_f1"}
+    fit_seconds: float  # fitting the kept model
+    search_seconds: float | None  # all fits of the search, the kept one included
+    notes: list[str]  # warnings raised while fitting, rows left out of a score: one line each
+    files: dict[str, Path]
+    replaced: str | None = None  # what the head file held before this run replaced it
+
+
+@dataclass
+class FitSummary:
+    out: Path
+    sources: list[dict]  # the caches fitted on, as recorded in each model's metadata
+    split_counts: dict[str, int]
+    results: list[HeadResult] = field(default_factory=list)  # the heads fitted by this run
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (head, why it could not be fitted)
+    heads: list[str] = field(default_factory=list)  # every head in the folder, as ranked in the table
+    table: str = ""  # markdown, every head in the folder, sorted by val accuracy when there is val
+    table_files: tuple[Path, Path] | None = None  # (summary.md, summary.csv)
+
+
+def folder_key(sources: Sequence[dict], digest: str) -> tuple:
+    """What heads sharing a folder must agree on: the images in each split, and each cache's feature settings."""
+    return digest, tuple(tuple(s.get(k, FEATURE_DEFAULTS.get(k)) for k in FEATURE_KEY) for s in sources)
+
+
+def describe_sources(sources: Sequence[dict]) -> str:
+    return ", ".join(f"{s['file']} ({s['backbone']}, {s['feature_dim']}-d)" for s in sources)
+
+
+@contextmanager
+def locked_folder(out: Path) -> Iterator[Path]:
+    """The output folder, created and held by this process until the block ends."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise TlfeatError(f"{out}: exists and is not a folder; `out` needs a folder")
+    with OutputLock(out):
+        out.mkdir(parents=True, exist_ok=True)
+        yield out
+
+
+def existing_heads(out: Path) -> dict[str, dict]:
+    """Metadata of every head file in `out`, by head name; a folder with tlfeat 0.1 heads is refused."""
+    legacy = sorted(p.name for p in Path(out).glob(f"*{LEGACY_SUFFIX}"))
+    if legacy:
+        raise TlfeatError(
+            f"{out}: holds heads from tlfeat 0.1 ({', '.join(legacy)}), whose summary this run cannot keep; "
+            "choose another `out`, or move them away"
+        )
+    heads = {}
+    for path in sorted(Path(out).glob(f"*{HEAD_SUFFIX}")):
+        meta = read_metadata(path)
+        heads[meta["head"]] = meta
+    return heads
+
+
+def check_same_data(out: Path, key: tuple, ids: RowIds, split: np.ndarray, label: str) -> dict[str, dict]:
+    """Refuse to add heads to a folder whose heads were fitted on other data; returns the heads there."""
+    heads = existing_heads(out)
+    for name, meta in heads.items():
+        if folder_key(meta["sources"], meta["rows"]["digest"]) == key:
+            continue
+        seen = RowIds.from_arrays(read_fitted_rows(head_path(out, name)) or {})
+        leaked = sum(int(seen_rows(s, ids.take(split == s), seen).sum()) for s in ("val", "test"))
+        raise TlfeatError(
+            f"{out}: holds heads fitted on other data ({name}: {describe_sources(meta['sources'])}, rows "
+            f"{', '.join(f'{k} {v}' for k, v in meta['rows']['counts'].items())}); {leaked} val/test rows of "
+            f"{label} are rows it was fitted on, and one summary would rank scores that do not compare; "
+            "choose another `out`"
+        )
+    return heads
+
+
+def save_fitted_head(
+    out: Path, estimator: object, metadata: dict, metrics: dict[str, dict], seen: dict[str, RowIds], notes: list[str],
+) -> HeadResult:
+    """Replace head `metadata["head"]` in `out` (one file, one rename), then draw its views."""
+    name, class_names = metadata["head"], metadata["classes"]
+    scores = {s: {k: m[k] for k in ("n", "accuracy", "macro_f1")} for s, m in metrics.items()}
+    files = {
+        "model": head_path(out, name),
+        "metrics": out / f"{name}.metrics.json",
+        "confusion": out / f"{name}.confusion.png",
+    }
+    replaced = None
+    if files["model"].exists():
+        before = read_metadata(files["model"])
+        val = before.get("scores", {}).get("val")
+        replaced = _params_text(before) + (f", val acc {val['accuracy']:.3f}" if val else "")
+    rows = {k: v for role, ids in seen.items() for k, v in ids.to_arrays(role).items()}
+    save_head(estimator, files["model"], {**metadata, "scores": scores, "metrics": metrics, "notes": notes}, rows)
+    write_json(files["metrics"], {"head": name, "classes": class_names, "splits": metrics})
+    shown = "test" if "test" in metrics else list(metrics)[-1]
+    plot_confusion(
+        np.array(metrics[shown]["confusion_matrix"]), class_names,
+        f"{name} on {metadata['label']}: {shown} accuracy {metrics[shown]['accuracy']:.3f}", files["confusion"],
+    )
+    return HeadResult(
+        name, metadata["params"], metadata["search"], scores, metadata["fit_seconds"], metadata["search_seconds"],
+        notes, files, replaced,
+    )
+
+
+def _params_text(meta: dict) -> str:
+    text = ", ".join(f"{k}={v}" for k, v in meta["params"].items())
+    return text + (" (searched on val)" if meta.get("search") else "")
+
+
+def write_summary(
+    out: Path, results: list[HeadResult], sources: list[dict], split_counts: dict[str, int],
+    skipped: Sequence[tuple[str, str]] = (),
+) -> FitSummary:
+    """summary.md and summary.csv over every head in `out`, sorted by val accuracy when there is val."""
+    heads = existing_heads(out)
+    splits = [s for s in SPLITS if s in split_counts]
+    ranked = sorted(
+        heads.values(), key=lambda m: -(m["scores"].get("val", {}).get("accuracy", -1.0)) if "val" in splits else 0
+    )
+    headers = ["head", "params"]
+    for split in splits:
+        headers += [f"{split} acc", f"{split} macro-F1"]
+    headers.append("fit s")
+    rows = []
+    for meta in ranked:
+        row = [meta["head"], _params_text(meta)]
+        for split in splits:
+            score = meta["scores"].get(split)
+            row += [score["accuracy"], score["macro_f1"]] if score else [None, None]
+        seconds = meta["search_seconds"] if meta.get("search_seconds") is not None else meta["fit_seconds"]
+        rows.append(row + [f"{seconds:.2f}"])
+    summary = FitSummary(out, sources, split_counts, results, list(skipped), [m["head"] for m in ranked])
+    summary.table = markdown_table(headers, rows)
+    summary.table_files = (out / "summary.md", out / "summary.csv")
+    counts = ", ".join(f"{k} {v}" for k, v in split_counts.items())
+    notes = [f"- {m['head']}: {note}" for m in ranked for note in m.get("notes", [])]
+    notes += [f"- {head}: not fitted: {reason}" for head, reason in skipped]
+    text = f"# Heads on {describe_sources(sources)}\n\nRows: {counts}. Every head in this folder.\n\n{summary.table}"
+    if notes:
+        text += "\n" + "\n".join(notes) + "\n"
+    atomic_write_bytes(summary.table_files[0], text.encode())
+    write_csv(summary.table_files[1], headers, rows)
+    return summary

@@ -1,0 +1,113 @@
+"""TensorFlow's native start-up notes, kept off the terminal without hiding anything else.
+
+Importing TensorFlow 2.16+ prints from C++, before its logging is initialised (so `TF_CPP_MIN_LOG_LEVEL`
+cannot hide them, tensorflow/tensorflow#100442), twice because two of its shared libraries log them::
+
+    WARNING: All log messages before absl::InitializeLog() is called are written to STDERR
+    I0000 00:00:1795718807.346596   14019 port.cc:153] oneDNN custom operations are on. You may see ...
+    I0000 00:00:1795718807.474507   14019 cpu_feature_guard.cc:227] This TensorFlow binary is optimized ...
+    To enable the following instructions: AVX2 AVX512F FMA, in other operations, rebuild TensorFlow ...
+
+`install()` (run by `import tlfeat`) makes the first import of tensorflow, whoever triggers it (Keras,
+tlfeat or the user's own code), run with file descriptor 2 pointed at a temporary file. Afterwards the
+captured text goes to the real stderr without those notes: warnings, errors and tracebacks stay visible.
+Nothing is switched off: oneDNN stays on, so results and speed are TensorFlow's defaults. Setting
+TF_CPP_MIN_LOG_LEVEL=0 shows the notes again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.abc
+import importlib.util
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
+from importlib.machinery import ModuleSpec
+from types import ModuleType
+from typing import Any
+
+NOTES = re.compile(
+    r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR$"
+    r"|I\d{4} \d\d:\d\d:[\d.]+ +\d+ \S+:\d+\] "  # absl's INFO lines (oneDNN banner, CPU features, ...)
+    r"|\d{4}-\d\d-\d\d \d\d:\d\d:[\d.]+: I "  # TensorFlow's own INFO lines, older format
+    r"|To enable the following instructions: .*rebuild TensorFlow with the appropriate compiler flags\.$"
+    # CUDA builds: each library registers the CUDA plugins again and complains, harmlessly
+    r"|E\d{4} .*Unable to register cu\w+ factory: Attempting to register factory for plugin \w+ when one "
+    r"has already been registered$"
+)
+
+
+def without_notes(text: str) -> str:
+    """`text` minus the lines TensorFlow's start-up notes consist of."""
+    return "".join(line for line in text.splitlines(keepends=True) if not NOTES.match(line.rstrip("\r\n")))
+
+
+@contextlib.contextmanager
+def native_notes_filtered() -> Iterator[None]:
+    """Send what anything in this process writes to fd 2 to a temporary file, then replay it minus the notes."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all (a GUI launcher): nothing to keep clean
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()  # Python-level writes made meanwhile are in the file too
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = without_notes(captured.read().decode(errors="replace")).encode()
+            while kept:
+                kept = kept[os.write(2, kept):]
+
+
+class _QuietLoader(importlib.abc.Loader):
+    """Runs the real loader of `tensorflow` inside `native_notes_filtered`."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def create_module(self, spec: ModuleSpec) -> ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        # The module keeps its real loader: resources, reloads and introspection never see this wrapper.
+        module.__loader__ = self.loader
+        if module.__spec__ is not None:
+            module.__spec__.loader = self.loader
+        with native_notes_filtered():
+            self.loader.exec_module(module)
+
+
+class _QuietTensorflowFinder(importlib.abc.MetaPathFinder):
+    """Finds `tensorflow` once, as the other finders would, and wraps its loader."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> ModuleSpec | None:
+        if fullname != "tensorflow":
+            return None
+        uninstall()  # one import: its submodules, and any later import, go the usual way
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _QuietLoader(spec.loader)
+        return spec
+
+
+def install() -> None:
+    """Filter the notes out of the first `import tensorflow` of this process (no-op when it already happened,
+    or when TF_CPP_MIN_LOG_LEVEL=0 asks for every log line)."""
+    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
+        return
+    if not any(isinstance(f, _QuietTensorflowFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietTensorflowFinder())
+
+
+def uninstall() -> None:
+    """Let `import tensorflow` print everything again."""
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _QuietTensorflowFinder)]
