@@ -2,7 +2,7 @@
 
 Usage:
     python bench/device_throughput.py --data DIR [--copies 8] [--backbones resnet101 vgg16 efficientnet_lite0]
-                                      [--batch-sizes 256 512] [--image-size N] [--limit N]
+                                      [--batch-sizes 256 512] [--workers N ...] [--image-size N] [--limit N]
 
 DIR holds class folders of images (Scene15's train/). `--copies` K makes a
 dataset of K hard-linked (or copied) versions of every file (distinct paths, the same bytes),
@@ -19,7 +19,10 @@ backbone and batch size, one JSON line:
                         decoding pool already warm (a first extract of the same data, reported as
                         extract_first_img_s, started the pool); wall time from the call to its return:
                         scan, decoding, compute, shards, final write
+  extract_loop_img_s    the same run's decode-compute-shard loop alone (ExtractSummary.images_per_s):
+                        what the scan and the final write, which run before and after it, cost
   ratio                 extract_img_s / compute_alone_img_s
+With --workers N ..., one line per decoding pool size (default: one per core).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tlfeat, run from anywhere
 
@@ -50,11 +54,15 @@ def linked_copies(data: Path, dest: Path, copies: int, limit: int | None) -> Pat
     return dest
 
 
-def measure(backbone: str, batch_size: int, image_size: int | None, data: Path, work: Path) -> dict:
+def measure(
+    backbone: str, batch_size: int, image_size: int | None, data: Path, work: Path, workers: list[int | None]
+) -> Iterator[dict]:
+    """One result per decoding pool size, each as soon as it is measured (a time limit keeps the earlier ones)."""
     import keras
 
     from tlfeat.backbones import get_backbone
     from tlfeat.data.batches import iter_batches
+    from tlfeat.data.cores import default_workers
     from tlfeat.data.scan import scan_dataset
     from tlfeat.extraction.run import extract
     from tlfeat.runtime import get_extractor
@@ -76,21 +84,23 @@ def measure(backbone: str, batch_size: int, image_size: int | None, data: Path, 
     compute_rate = n / (time.perf_counter() - start)
     del batches, pending
 
-    rates = []
-    for run in ("first", "warm"):
-        out = work / f"{backbone}-{batch_size}-{run}.h5"
-        start = time.perf_counter()
-        summary = extract(data, out, backbone=backbone, weights=weights, image_size=size, batch_size=batch_size,
-                          progress=False)
-        rates.append(summary.n_computed / (time.perf_counter() - start))
-        out.unlink()
-    return {
-        "backbone": backbone, "weights": weights, "batch_size": batch_size, "image_size": size,
-        "compute": extractor.compute, "keras_backend": keras.backend.backend(), "images": n,
-        "build_s": built - started, "compile_s": compiled - built,
-        "compute_alone_img_s": compute_rate, "extract_first_img_s": rates[0], "extract_img_s": rates[1],
-        "ratio": rates[1] / compute_rate,
-    }
+    for pool_size in workers:
+        rates = []
+        for run in ("first", "warm"):
+            out = work / f"{backbone}-{batch_size}-{run}.h5"
+            start = time.perf_counter()
+            summary = extract(data, out, backbone=backbone, weights=weights, image_size=size,
+                              batch_size=batch_size, progress=False, workers=pool_size)
+            rates.append(summary.n_computed / (time.perf_counter() - start))
+            out.unlink()
+        yield {
+            "backbone": backbone, "weights": weights, "batch_size": batch_size, "image_size": size,
+            "workers": pool_size or default_workers(), "compute": extractor.compute,
+            "keras_backend": keras.backend.backend(), "images": n,
+            "build_s": built - started, "compile_s": compiled - built, "compute_alone_img_s": compute_rate,
+            "extract_first_img_s": rates[0], "extract_img_s": rates[1],
+            "extract_loop_img_s": summary.images_per_s, "ratio": rates[1] / compute_rate,
+        }
 
 
 def main() -> None:
@@ -100,13 +110,15 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="only the first N files of each class")
     parser.add_argument("--backbones", nargs="+", default=["resnet101", "vgg16", "efficientnet_lite0"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--workers", type=int, nargs="+", help="decoding pool sizes (default: one per core)")
     parser.add_argument("--image-size", type=int, help="default: each backbone's own")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data = linked_copies(args.data, Path(tmp) / "data", args.copies, args.limit)
         for backbone in args.backbones:
             for batch_size in args.batch_sizes:
-                print(json.dumps(measure(backbone, batch_size, args.image_size, data, Path(tmp))), flush=True)
+                for result in measure(backbone, batch_size, args.image_size, data, Path(tmp), args.workers or [None]):
+                    print(json.dumps(result), flush=True)
     print(f"command: python bench/device_throughput.py {' '.join(sys.argv[1:])}", file=sys.stderr)
 
 

@@ -195,6 +195,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path) -> None:
         ("image-size-huge", "--image-size 100000: vgg16 takes 32 to 1024 pixels"),  # before: tens of GB
         ("batch-huge", "--batch-size 100000 at 224 px holds 112.2 GiB of decoded images at once"),
         ("split-nan", "--split nan,1,1: need three finite"),  # before: a ValueError traceback
+        ("corrupt-weights", "cannot load as vgg16 weights"),  # fails once the decoding processes run
     ],
 )
 def test_cli_bad_input_is_one_line_error(tmp_path: Path, setup: str, message: str) -> None:
@@ -205,7 +206,7 @@ def test_cli_bad_input_is_one_line_error(tmp_path: Path, setup: str, message: st
         root = tmp_path / "image_000.png"
     elif setup != "missing":
         root.mkdir()
-    if setup in ("one-class", "empty-class", "bad-backbone", "bad-weights"):
+    if setup in ("one-class", "empty-class", "bad-backbone", "bad-weights", "corrupt-weights"):
         make_dataset(root, n_classes=1 if setup == "one-class" else 2, per_class=2)
     if setup == "empty-class":
         (root / "zz").mkdir()
@@ -219,6 +220,9 @@ def test_cli_bad_input_is_one_line_error(tmp_path: Path, setup: str, message: st
             "image-size-0": ["--image-size", "0"], "image-size-huge": ["--image-size", "100000"],
             "batch-huge": ["--batch-size", "100000"], "split-nan": ["--split", "nan,1,1"],
         }[setup]
+    if setup == "corrupt-weights":
+        (tmp_path / "corrupt.h5").write_text("not HDF5")
+        extra = ["--backbone", "vgg16", "--weights", str(tmp_path / "corrupt.h5")]
     result = run_cli("extract", str(root), "--out", str(tmp_path / "o.h5"), *extra)
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]

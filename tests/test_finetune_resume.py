@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from conftest import assert_one_line_error, make_dataset
+from tlfeat import progress
 from tlfeat.errors import TlfeatError
 from tlfeat.finetuning import train as ft
 from tlfeat.finetuning.state import Run
@@ -142,7 +143,9 @@ def test_resume_of_a_finished_run_refuses_more_epochs_in_one_line(data: Path, un
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_one_clean_line_per_epoch_with_the_progress_bar_on(data: Path, tmp_path: Path) -> None:
+def test_one_clean_line_per_epoch_with_the_progress_bar_on(data: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.0)  # a progress line at every batch, however fast the machine
     result = resume_cli(data, tmp_path / "run", "--epochs2", "1")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
@@ -151,4 +154,4 @@ def test_one_clean_line_per_epoch_with_the_progress_bar_on(data: Path, tmp_path:
     assert all(re.fullmatch(r"stage \d epoch \d/\d: loss [\d.]+ acc [\d.]+  val loss [\d.]+ val acc [\d.]+  "
                             r"[\d.]+ s(  \(.*\))?", line) for line in epoch_lines), epoch_lines
     assert "loss" not in result.stderr  # the bar shows progress; the numbers are printed once, on the epoch's line
-    assert "stage 1 epoch 1/2" in result.stderr  # the bar was on
+    assert "stage 1 epoch 1/2: 1/" in result.stderr  # the bar was on

@@ -125,16 +125,13 @@ def test_extract_to_a_log_file_writes_no_carriage_returns(tmp_path: Path) -> Non
     assert not any(note in result.stderr for note in BANNER), result.stderr
 
 
-def test_finetune_draws_no_keras_step_bar_into_a_file(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen = {}
-
-    def fake_finetune(data: Path, **kwargs: object) -> None:
-        seen.update(kwargs)
-        raise SystemExit(0)
-
-    monkeypatch.setattr("tlfeat.finetuning.finetune", fake_finetune)
-    runner.invoke(app, ["finetune", "data"])  # CliRunner's stdout is not a terminal
-    assert seen["progress"] is False
+def test_progress_lines_name_their_unit_and_can_leave_the_last_line_to_the_caller() -> None:
+    out = io.StringIO()
+    with ProgressLines(3, "stage 1 epoch 2/20", every_s=0, stream=out, unit="batches", leave=False) as bar:
+        bar.update(2)
+        bar.update(1)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stage 1 epoch 2/20: 2/3 batches (67%), ")
 
 
 # --- help and messages ---------------------------------------------------------------------------------
@@ -242,9 +239,9 @@ def test_doctor_reports_backend_devices_precision_workers_and_versions() -> None
     assert facts["tlfeat"].startswith("0.1.0 from ") and facts["keras backend"].startswith("tensorflow")
     assert "CPU:0" in facts["devices"]
     assert re.fullmatch(r"computes in (float32, batch 32|mixed_bfloat16, batch 256) by default", facts["extraction"])
-    assert re.fullmatch(r"\d+ worker processes \(\d+ CPUs\)", facts["decoding"])
+    assert re.fullmatch(r"\d+ processes by default \(\d+ of \d+ CPUs available to this process\)", facts["decoding"])
     assert "keras " in facts["versions"] and "numpy " in facts["versions"]
-    assert "resnet101" in facts["keras weights"] and "vgg16" in facts["keras weights"]
+    assert "models (" in facts["keras weights"]  # $KERAS_HOME/models and what is downloaded there
     assert not any(note in result.stderr for note in BANNER), result.stderr
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ from tlfeat import cache
 from tlfeat.apps.recipe import RECIPES, Member, member_cache, select_and_refit
 from tlfeat.errors import TlfeatError
 from tlfeat.heads.fit import load_features
-from tlfeat.heads.store import load_head
+from tlfeat.heads.store import load_head, read_metadata
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +36,8 @@ def test_fast_recipe_end_to_end_then_reuses_its_cache(subset: Path, tmp_path: Pa
     first = _recipe(subset, "fast", tmp_path)
     member = tmp_path / "subset-efficientnet_lite0.h5"  # the file `tlfeat extract` writes by default
     assert "  efficientnet_lite0@224 " in first and f" {member}: computed 24 (" in first
-    assert "val accuracy by C (fitted on train): C=0.03" in first and "refitted on train+val: test " in first
+    assert "cross-validated accuracy by C (5 folds over train+val): C=" in first
+    assert "refitted on train+val: test " in first
 
     head = tmp_path / "heads" / "recipe-fast" / "logreg.skops"
     estimator, meta = load_head(head)
@@ -65,8 +65,8 @@ def test_members_share_extracts_default_cache_files(subset: Path, tmp_path: Path
         Member.parse("efficientnet_lite2@320")
 
 
-def test_choice_on_val_then_refit_on_train_and_val(tmp_path: Path) -> None:
-    """Every C is tried on val (fit on train); the kept one is refitted on train and val rows together."""
+def test_c_by_cross_validation_then_refit_on_train_and_val(tmp_path: Path) -> None:
+    """Every C is cross-validated over train+val; the kept one is refitted on all those rows, scored on test."""
     from tlfeat.cache import CacheData
     from tlfeat.heads.fit import Features
     from tlfeat.heads.rows import RowIds
@@ -79,8 +79,12 @@ def test_choice_on_val_then_refit_on_train_and_val(tmp_path: Path) -> None:
     ids = RowIds.of(list(data.paths), [100] * 60, features)
     fitted = select_and_refit(Features(data, [], "synthetic", ids), [0.1, 1.0])
     assert [t["C"] for t in fitted.trials] == [0.1, 1.0] and fitted.c == 0.1  # tie: the earlier C
-    assert set(fitted.metrics) == {"val", "test"} and fitted.metrics["test"]["accuracy"] == 1.0
+    assert fitted.folds == 5 and [t["cv_accuracy"] for t in fitted.trials] == [1.0, 1.0]
+    assert fitted.metrics["cv"]["n"] == 48 and fitted.metrics["test"]["accuracy"] == 1.0
     assert fitted.estimator.named_steps["standardscaler"].n_samples_seen_ == 48
+
+    one = select_and_refit(Features(data, [], "synthetic", ids), [0.3])  # nothing to choose: no cross-validation
+    assert one.folds == 0 and not one.trials and set(one.metrics) == {"test"} and one.c == 0.3
 
 
 def test_unknown_recipe_is_a_one_line_error(tmp_path: Path) -> None:
@@ -93,8 +97,7 @@ def test_best_recipe_end_to_end(subset: Path, tmp_path: Path) -> None:
     out = _recipe(subset, "best", tmp_path)
     for member in RECIPES["best"].members:
         assert f"{member.label} " in out
-    head = tmp_path / "heads" / "recipe-best" / "logreg.json"
-    meta = json.loads(head.read_text())
+    meta = read_metadata(tmp_path / "heads" / "recipe-best" / "logreg.skops")
     assert [(s["backbone"], s["input_size"], s["tta"]) for s in meta["sources"]] == [
         (m.backbone, m.image_size, m.tta) for m in RECIPES["best"].members
     ]

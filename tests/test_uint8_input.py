@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from tlfeat.backbones import get_backbone
-from tlfeat.backbones.uint8_input import mode_of, scale, scaling_layer
+from tlfeat.backbones.preprocessing import PREPROCESSING
+from tlfeat.backbones.registry import REGISTRY
+from tlfeat.backbones.uint8_input import scale, scaling_layer
 from tlfeat.data.batches import iter_batches
 from tlfeat.runtime import FeatureExtractor
 
@@ -18,8 +20,10 @@ def _pixels(folder: Path, n: int = 6) -> np.ndarray:
     return np.concatenate([b.pixels.copy() for b in iter_batches(files, 224, batch_size=n, workers=2)])
 
 
-@pytest.mark.parametrize("backbone, weights", [("resnet101", "none"), ("vgg16", "none"),
-                                               ("efficientnet_lite0", "imagenet")])
+@pytest.mark.parametrize("backbone, weights", [
+    ("resnet101", "none"), ("vgg16", "none"), ("efficientnet_lite0", "imagenet"),  # caffe, caffe, lite
+    ("densenet121", "none"), ("mobilenet_v2", "none"),  # torch, tf: one of each other keras.applications mode
+])
 def test_uint8_in_graph_features_match_the_float32_preprocessed_path(
     scene15_subset: Path, backbone: str, weights: str
 ) -> None:
@@ -43,18 +47,24 @@ def test_scaling_modes_equal_keras_applications_preprocess_input(mode: str) -> N
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-5)
 
 
-def test_lite_scaling_and_mode_names() -> None:
+@pytest.mark.parametrize("mode", sorted(PREPROCESSING))
+def test_every_registry_mode_scales_in_graph_as_its_numpy_function(mode: str) -> None:
     import keras
 
-    from tlfeat.backbones.efficientnet_lite import preprocess_input
+    pixels = np.arange(256, dtype=np.uint8).reshape(1, 4, 64, 1).repeat(3, axis=-1)
+    pixels[..., 1] = pixels[..., 1][:, ::-1]  # channels differ, so a flip of RGB shows
+    got = keras.ops.convert_to_numpy(scale(keras.ops.convert_to_tensor(pixels.astype(np.float32)), mode))
+    np.testing.assert_allclose(got, PREPROCESSING[mode].apply(pixels), rtol=1e-6, atol=1e-6)
 
-    pixels = np.arange(256, dtype=np.float32).reshape(1, 4, 64, 1).repeat(3, axis=-1)
-    got = keras.ops.convert_to_numpy(scale(keras.ops.convert_to_tensor(pixels), "lite"))
-    np.testing.assert_array_equal(got, preprocess_input(pixels))
-    assert [mode_of(get_backbone(n).preprocessing) for n in ("resnet101", "vgg16", "efficientnet_lite0")] == [
-        "caffe", "caffe", "lite"]
+
+def test_every_registered_backbone_has_an_in_graph_scaling() -> None:
+    import keras
+
+    x = keras.ops.zeros((1, 2, 2, 3))
+    for spec in REGISTRY.values():
+        scale(x, spec.preprocessor.mode)  # raises for a mode without one
     with pytest.raises(ValueError, match="no in-graph scaling"):
-        scale(keras.ops.convert_to_tensor(pixels), "unknown")
+        scale(x, "unknown")
 
 
 def test_scaling_stays_float32_under_a_mixed_bfloat16_policy() -> None:

@@ -1,7 +1,8 @@
 """Progress reporting for long work: a live bar on a terminal or in a notebook, plain lines in a log file.
 
 A bar redraws itself with carriage returns many times a second; written to a file or a pipe that is one
-endless line. There a line is printed every `LINE_EVERY_S` seconds instead, and one at the end.
+endless line. There a line is printed every `LINE_EVERY_S` seconds instead, and one at the end
+(unless the caller prints its own, `leave=False`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import time
 from typing import IO, Any
 
 LINE_EVERY_S = 10.0
+UNIT_WORDS = {"img": "images", "batch": "batches"}  # tqdm's unit -> the word in a progress line
 
 
 def is_terminal(stream: IO | None) -> bool:
@@ -24,21 +26,24 @@ def is_terminal(stream: IO | None) -> bool:
 def progress_bar(total: int, enabled: bool, desc: str, unit: str = "img", leave: bool = True) -> Any:
     """A context-managed progress report over `total` items; `update(n)` advances it.
 
-    `leave=False` erases a terminal bar when it closes, so a line printed after it starts clean.
+    `leave=False` erases a terminal bar when it closes (and drops the closing line in a log file), so a line
+    the caller prints after it starts clean.
     """
     from tqdm.auto import tqdm  # a widget in a notebook (its class then derives from tqdm.notebook's)
 
     notebook = any(cls.__module__ == "tqdm.notebook" for cls in tqdm.__mro__)
     if enabled and not notebook and not is_terminal(sys.stderr):
-        return ProgressLines(total, desc)
+        return ProgressLines(total, desc, unit=UNIT_WORDS.get(unit, unit), leave=leave)
     return tqdm(total=total, unit=unit, desc=desc, disable=not enabled, dynamic_ncols=True, smoothing=0.1, leave=leave)
 
 
 class ProgressLines:
     """Progress as whole lines: `desc: 120/4485 images (3%), 25.1 images/s, about 2:54 left`."""
 
-    def __init__(self, total: int, desc: str, every_s: float = LINE_EVERY_S, stream: IO | None = None) -> None:
-        self.total, self.desc, self.every_s = total, desc, every_s
+    def __init__(self, total: int, desc: str, every_s: float | None = None, stream: IO | None = None,
+                 unit: str = "images", leave: bool = True) -> None:
+        self.total, self.desc, self.unit, self.leave = total, desc, unit, leave
+        self.every_s = LINE_EVERY_S if every_s is None else every_s
         self.stream = stream if stream is not None else sys.stderr
         self.n = 0
         self.started = self.last_line = time.monotonic()
@@ -51,7 +56,8 @@ class ProgressLines:
             self._line(now, done=False)
 
     def close(self) -> None:
-        self._line(time.monotonic(), done=True)
+        if self.leave:
+            self._line(time.monotonic(), done=True)
 
     def __enter__(self) -> ProgressLines:
         return self
@@ -70,5 +76,5 @@ class ProgressLines:
             tail = f"about {left // 60}:{left % 60:02d} left"
         else:
             tail = "starting"
-        print(f"{self.desc}: {self.n}/{self.total} images{percent}, {rate:.1f} images/s, {tail}",
+        print(f"{self.desc}: {self.n}/{self.total} {self.unit}{percent}, {rate:.1f} {self.unit}/s, {tail}",
               file=self.stream, flush=True)

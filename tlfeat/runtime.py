@@ -115,13 +115,13 @@ def compiled_forward(model: Any) -> Callable[[np.ndarray], Any]:
 class CompiledModel:
     """A Keras model fed uint8 pixels: its input scaling inside the compiled graph, one fixed batch shape.
 
-    `model` takes the `preprocessing` mode's float input (a backbone, a fine-tuned classifier);
+    `model` takes float input scaled in preprocessing `mode` (a backbone, a fine-tuned classifier);
     this wraps it behind a uint8 input (tlfeat.backbones.uint8_input), so the host ships bytes.
     """
 
-    def __init__(self, model: Any, preprocessing: str, image_size: int, batch_size: int) -> None:
+    def __init__(self, model: Any, mode: str, image_size: int, batch_size: int) -> None:
         self.inner = model
-        self.model = with_uint8_input(model, preprocessing, image_size)
+        self.model = with_uint8_input(model, mode, image_size)
         self.batch_size = batch_size
         self.forward = compiled_forward(self.model)
 
@@ -171,7 +171,7 @@ class FeatureExtractor(CompiledModel):
             model = build_model(backbone, weights, image_size)
         finally:
             keras.config.set_dtype_policy(previous)
-        super().__init__(model, backbone.preprocessing, image_size, default_batch_size(batch_size, self.on_gpu))
+        super().__init__(model, backbone.preprocessor.mode, image_size, default_batch_size(batch_size, self.on_gpu))
 
     def submit(self, pixels: np.ndarray) -> Pending | PendingMean:
         """As CompiledModel.submit; with tta "flip" also the mirrored batch, whose mean `result()` gives."""

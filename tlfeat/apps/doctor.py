@@ -1,7 +1,7 @@
 """doctor: what tlfeat sees on this machine, for "is my GPU used?" and for bug reports.
 
 The Keras backend and the devices it sees, the precision and batch size extraction will use, the decoding
-threads, where weights are cached, and the versions of the libraries that shape the numbers.
+processes, where weights are cached, and the versions of the libraries that shape the numbers.
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ def doctor() -> dict[str, str]:
     import keras
 
     import tlfeat
-    from tlfeat.backbones import list_backbones
     from tlfeat.backbones.lite_weights import tlfeat_home
-    from tlfeat.data.cores import default_workers
+    from tlfeat.data.cores import available_cores, default_workers
     from tlfeat.runtime import accelerator_present, compute_policy, default_batch_size
 
     backend = keras.backend.backend()
@@ -38,7 +37,8 @@ def doctor() -> dict[str, str]:
         "keras backend": f"{backend} ({chosen})",
         "devices": ", ".join(_devices(backend)),
         "extraction": f"computes in {compute_policy(on_gpu)}, batch {default_batch_size(None, on_gpu)} by default",
-        "decoding": f"{default_workers()} worker processes ({os.cpu_count()} CPUs)",
+        "decoding": f"{default_workers()} processes by default ({available_cores()} of {os.cpu_count()} CPUs "
+                    "available to this process)",
     }
     if _nvidia_gpu_present() and not on_gpu:
         facts["GPU"] = _unused_gpu_reason(backend)
@@ -47,9 +47,8 @@ def doctor() -> dict[str, str]:
     converted = len(list(home.glob("*.h5"))) if home.is_dir() else 0
     facts["tlfeat weights"] = f"{home} ({converted} converted; $TLFEAT_HOME moves it)"
     keras_models = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras") / "models"
-    cached = [f"{b.name} {'present' if (keras_models / b.keras_weights_file).is_file() else 'missing'}"
-              for b in list_backbones() if b.keras_weights_file]
-    facts["keras weights"] = f"{keras_models} ({', '.join(cached)})"
+    downloaded = sorted(p.name for p in keras_models.glob("*.h5")) if keras_models.is_dir() else []
+    facts["keras weights"] = f"{keras_models} ({', '.join(downloaded) or 'no ImageNet files downloaded yet'})"
     return facts
 
 

@@ -45,10 +45,6 @@ class Backbone:
     imagenet_identity: Callable[[], str] = lambda: "imagenet"
     # Base layers `finetune` unfreezes in stage 2 by default (counted from the end); None: no default.
     unfreeze_top: int | None = None
-    # The ImageNet file keras.applications downloads (to $KERAS_HOME/models, default ~/.keras/models) and the
-    # URL it comes from; None for backbones whose weights ship with a package.
-    keras_weights_file: str | None = None
-    keras_weights_url: str | None = None
 
     @property
     def preprocess(self) -> Callable[[np.ndarray], np.ndarray]:
@@ -171,9 +167,10 @@ def build_model(backbone: Backbone, weights: str, image_size: int | None = None)
         except TlfeatError:
             raise
         except Exception as exc:  # keras.utils.get_file raises a bare Exception on network failure
+            # Keras' message names the URL it tried: that file, copied into its cache, is all it needs.
             hint = (
-                f"; offline, download {backbone.keras_weights_url}{backbone.keras_weights_file} elsewhere and "
-                "copy it into ~/.keras/models/, or pass `weights=PATH`" if backbone.keras_weights_file else ""
+                "; offline, download that file on a machine with network and copy it into ~/.keras/models/, "
+                "or pass `weights=PATH`" if backbone.weight_source == "download" else ""
             )
             raise TlfeatError(
                 f"could not get ImageNet weights for {backbone.name} ({describe_exception(exc, limit=None)}){hint}"

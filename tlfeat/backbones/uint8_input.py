@@ -2,12 +2,10 @@
 
 The host then ships uint8 (a quarter of float32's bytes) and does no per-pixel
 arithmetic; the scaling runs in the compiled graph beside the first
-convolution. Each registry preprocessing mode has its formula here in
+convolution. Each mode of tlfeat.backbones.preprocessing has its formula here in
 `keras.ops`, computed in float32 whatever the model's dtype policy, in the
-same operation order as the registry's numpy function, so features match
-feeding the model the numpy-preprocessed float32 batch (tests/test_uint8_input.py).
-The mode is the part of a backbone's `preprocessing` key before the colon
-("caffe:BGR-mean" -> "caffe").
+same operation order as the mode's numpy function, so features match feeding
+the model the numpy-preprocessed float32 batch (tests/test_uint8_input.py).
 """
 
 from __future__ import annotations
@@ -19,11 +17,6 @@ from typing import Any
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 TORCH_MEAN_RGB = (0.485, 0.456, 0.406)
 TORCH_STD_RGB = (0.229, 0.224, 0.225)
-
-
-def mode_of(preprocessing: str) -> str:
-    """The mode of a registry `preprocessing` key: "caffe:BGR-mean" -> "caffe"."""
-    return preprocessing.split(":", 1)[0]
 
 
 def scale(x: Any, mode: str) -> Any:
@@ -39,7 +32,7 @@ def scale(x: Any, mode: str) -> Any:
         return x / 127.5 - 1.0
     if mode == "lite":
         return (x - 127.0) / 128.0
-    if mode in ("included", "none"):  # the model scales its input itself
+    if mode == "included":  # the model scales its input itself
         return x
     raise ValueError(f"no in-graph scaling for preprocessing mode {mode!r}")
 
@@ -70,10 +63,10 @@ def scaling_layer() -> Any:
     return InputScaling
 
 
-def with_uint8_input(model: Any, preprocessing: str, image_size: int) -> Any:
-    """`model` (which takes preprocessed float input) behind a uint8 input and its scaling layer."""
+def with_uint8_input(model: Any, mode: str, image_size: int) -> Any:
+    """`model` (which takes input preprocessed in `mode`) behind a uint8 input and its scaling layer."""
     import keras
 
     inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="pixels")
-    scaled = scaling_layer()(mode_of(preprocessing), name="input_scaling")(inputs)
+    scaled = scaling_layer()(mode, name="input_scaling")(inputs)
     return keras.Model(inputs, model(scaled), name=f"{model.name}_uint8")

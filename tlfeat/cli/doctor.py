@@ -10,7 +10,7 @@ from tlfeat.cli.common import app, user_errors
 @app.command()
 @user_errors
 def doctor() -> None:
-    """Show what tlfeat sees: Keras backend, devices, compute precision, decoding threads, weight caches, versions."""
+    """Show what tlfeat sees: Keras backend, devices, compute precision, decoding processes, weight caches, versions."""
     from tlfeat.apps.doctor import doctor as environment
 
     facts = environment()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -10,7 +9,6 @@ import typer
 
 from tlfeat.backbones import DEFAULT_BACKBONE, list_backbones
 from tlfeat.cli.common import DEFAULT_SPLIT, app, parse_ratios, user_errors
-from tlfeat.progress import is_terminal
 
 UNFREEZE_DEFAULTS = ", ".join(f"{b.unfreeze_top} ({b.name})" for b in list_backbones() if b.unfreeze_top is not None)
 BACKBONE_NAMES = ", ".join(b.name for b in list_backbones())
@@ -36,7 +34,7 @@ def finetune(
     split: str = typer.Option(DEFAULT_SPLIT, "--split", help="train,val,test shares for a flat dataset, as for extract."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder. Default: runs/<dataset>-<backbone>-top<K>-<timestamp>/"),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out (default: the newest matching one in runs/)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-step progress bar (there is none when the output goes to a file or pipe)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-step progress bar."),
 ) -> None:
     """Fine-tune a backbone with the study's head: train the head on the frozen base, then unfreeze the top layers.
 
@@ -46,13 +44,10 @@ def finetune(
     """
     from tlfeat.finetuning import finetune as run_finetune
 
-    # Keras draws its step bar with carriage returns wherever stdout goes (it treats every POSIX system as
-    # a terminal): into a log file only the epoch lines go.
-    progress = not quiet and is_terminal(sys.stdout)
     result = run_finetune(
         data, backbone=backbone, weights=weights, epochs1=epochs1, epochs2=epochs2, unfreeze_top=unfreeze_top,
         unfreeze_all=unfreeze_all, lr1=lr1, lr2=lr2, batch_size=batch_size, image_size=image_size, augment=augment,
-        seed=seed, ratios=parse_ratios(split), patience=patience, out=out, resume=resume, progress=progress,
+        seed=seed, ratios=parse_ratios(split), patience=patience, out=out, resume=resume, progress=not quiet,
         log=typer.echo,
     )
     summary = result.summary

@@ -206,7 +206,7 @@ def _serve(fd: int) -> None:
     while True:
         try:
             message = channel.recv()
-        except EOFError:  # the parent stopped or died
+        except (EOFError, ConnectionResetError):  # the parent stopped or died (reset: with our message unread)
             return
         if message[0] == "buffer":
             shape = message[1]
@@ -226,7 +226,10 @@ def _serve(fd: int) -> None:
                 failures.append((row, f"decoder error ({exc.__class__.__name__}: {exc})".splitlines()[0]))
                 pixels[slot, row] = 0
             done[slot, row] = 1
-        channel.send((slot, first, len(chunk), failures))
+        try:
+            channel.send((slot, first, len(chunk), failures))
+        except (BrokenPipeError, ConnectionResetError):  # the parent died while we decoded
+            return
 
 
 def _nbytes(shape: tuple[int, ...]) -> int:

@@ -87,5 +87,5 @@ def predict_with_model(model: Any, files: Sequence[str | Path], image_size: int,
     """Class probabilities of the decodable files (`tlfeat.runtime.BatchOutputs`)."""
     from tlfeat.runtime import CompiledModel, apply_to_files
 
-    compiled = CompiledModel(model, spec.preprocessing, image_size, batch_size)
+    compiled = CompiledModel(model, spec.preprocessor.mode, image_size, batch_size)
     return apply_to_files(files, image_size, batch_size, compiled.submit, int(model.output.shape[-1]))
