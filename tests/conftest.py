@@ -10,6 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from PIL import Image
@@ -106,6 +107,15 @@ def gaussian_blobs(
     labels = np.repeat(np.arange(n_classes), n_per_class)
     features = centres[labels] + rng.normal(0, spread, size=(len(labels), dim))
     return np.abs(features).astype(np.float32), labels
+
+
+def plant_features(cache: Path, *values: tuple[tuple, float]) -> Path:
+    """Overwrite feature values in a written cache, as damage or another program would (tlfeat refuses to
+    write NaN or inf rows itself). `values`: (h5py index, value) pairs, e.g. ((7, slice(0, 2)), np.inf)."""
+    with h5py.File(cache, "r+") as handle:
+        for index, value in values:
+            handle["features"][index] = value
+    return cache
 
 
 def write_synthetic_cache(

@@ -20,7 +20,7 @@ STAGES = [
     ("tlfeat.data",),
     ("tlfeat.backbones",),
     ("tlfeat.runtime",),
-    ("tlfeat.cache",),
+    ("tlfeat.cache", "tlfeat.cache_checks"),
     ("tlfeat.extraction",),
     ("tlfeat.reports",),
     ("tlfeat.heads", "tlfeat.finetuning"),

@@ -52,7 +52,7 @@ def test_compare_builds_one_table_from_runs_and_heads(results: Path, tmp_path: P
     assert set(rows) == {"run"} | {f"heads/{h}" for h in HEAD_NAMES}
     vals = [float(row["val acc"]) for row in rows.values()]
     assert vals == sorted(vals, reverse=True)  # ranked by val accuracy
-    assert {row["dataset"] for row in rows.values()} == {"tiny (seed 0, split 56.25/18.75/25)"}  # one dataset
+    assert {row["dataset"] for row in rows.values()} == {f"tiny (seed {TRAINABLE_SEED}, split 56.25/18.75/25)"}  # one dataset
     assert sorted(int(row["rank"]) for row in rows.values()) == list(range(1, len(rows) + 1))
 
     summary = json.loads((results / "run" / "summary.json").read_text())

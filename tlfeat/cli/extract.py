@@ -82,15 +82,15 @@ def summary_line(summary: ExtractSummary) -> str:
     rate = f", {summary.images_per_s:.1f} images/s" if summary.n_computed else ""
     return (
         f"{summary.out}: {summary.n_images} images x {summary.feature_dim} dims ({splits}), "
-        f"{summary.n_skipped} image files skipped; this run: {work}; {_counted_reasons(summary.ignored)} ignored; "
+        f"{summary.n_skipped} image files skipped; this run: {work}; {_counted_reasons(summary.ignored, 'ignored')}; "
         f"{summary.seconds:.1f} s{rate}"
     )
 
 
-def _counted_reasons(items: list[tuple[str, str]]) -> str:
-    """'N (n1 reason1, n2 reason2)', most frequent reason first."""
+def _counted_reasons(items: list[tuple[str, str]], what: str) -> str:
+    """'N what (n1 reason1, n2 reason2)', most frequent reason first."""
     counts = Counter(reason for _, reason in items)
-    return f"{len(items)}" + (f" ({', '.join(f'{n} {reason}' for reason, n in counts.most_common())})" if counts else "")
+    return f"{len(items)} {what}" + (f" ({', '.join(f'{n} {reason}' for reason, n in counts.most_common())})" if counts else "")
 
 
 @app.command("backbones")

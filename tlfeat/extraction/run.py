@@ -30,7 +30,7 @@ from tlfeat.data.scan import DEFAULT_RATIOS, SPLIT_RULE, DatasetScan, scan_datas
 from tlfeat.errors import TlfeatError
 from tlfeat.extraction.engines import make_engine
 from tlfeat.extraction.ledger import FAILED, NOWHERE, OLD_CACHE, PATH_CHUNK_ROWS, Ledger, same_as_file, write_final
-from tlfeat.extraction.shards import ShardStore, without_non_finite
+from tlfeat.extraction.shards import NON_FINITE_REASON, ShardStore, without_non_finite
 from tlfeat.fileio import OutputLock, check_output_path, remove_stale_temporaries
 from tlfeat.progress import progress_bar
 from tlfeat.runtime import check_tta
@@ -326,10 +326,12 @@ def _recheck_skipped(scan: DatasetScan, ledger: Ledger, size: int) -> tuple[int,
     """Retry every previously skipped, unchanged file (a chmod or mv can fix it without touching size or mtime).
 
     Decoding needs no model, so it happens here: a file that still fails keeps its skip with today's reason;
-    one that decodes now goes back to be computed. Returns how many were retried, and whether a reason changed.
+    one that decodes now goes back to be computed. Images the backbone gave NaN or inf for are not retried:
+    the same file through the same model gives the same features. Returns how many were retried, and
+    whether a reason changed.
     """
     retried, changed = 0, False
-    for i in [i for i in ledger.reasons if ledger.where[i] == FAILED]:
+    for i in [i for i, reason in ledger.reasons.items() if ledger.where[i] == FAILED and reason != NON_FINITE_REASON]:
         retried += 1
         try:
             decode_image(scan.root / ledger.entries[i].relpath, size)
