@@ -10,6 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from PIL import Image
@@ -58,6 +59,12 @@ def make_image(path: Path, class_index: int, variant: int, size: tuple[int, int]
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path)
 
 
+# A split seed under which every class of make_dataset's sets (4 or 8 images a class) draws train and val
+# images. The split is per image, so small classes vary with the seed: under seed 0, class_1 of 8 images
+# draws no train image, and training on it is refused.
+TRAINABLE_SEED = 5
+
+
 def make_dataset(root: Path, n_classes: int = 3, per_class: int = 8, ext: str = "png") -> Path:
     for c in range(n_classes):
         for v in range(per_class):
@@ -100,6 +107,15 @@ def gaussian_blobs(
     labels = np.repeat(np.arange(n_classes), n_per_class)
     features = centres[labels] + rng.normal(0, spread, size=(len(labels), dim))
     return np.abs(features).astype(np.float32), labels
+
+
+def plant_features(cache: Path, *values: tuple[tuple, float]) -> Path:
+    """Overwrite feature values in a written cache, as damage or another program would (tlfeat refuses to
+    write NaN or inf rows itself). `values`: (h5py index, value) pairs, e.g. ((7, slice(0, 2)), np.inf)."""
+    with h5py.File(cache, "r+") as handle:
+        for index, value in values:
+            handle["features"][index] = value
+    return cache
 
 
 def write_synthetic_cache(

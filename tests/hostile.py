@@ -80,9 +80,13 @@ def write_corpus(root: Path, class_name: str = "hostile") -> list[Expectation]:
     _photo(seed=7).save(add("UPPER.JPEG", "ok"))
     _photo(seed=8).save(add("webp_image.webp", "ok"))
     _photo(seed=9).save(add("tiff_image.tif", "ok"))
-    os.symlink(folder / "loop.jpg", add("loop.jpg", "ignored", "symlink"))
-    os.symlink("/etc/hostname", add("outside.jpg", "ignored", "outside the dataset"))
-    os.symlink(folder / "does_not_exist.png", add("dangling.png", "ignored", "symlink"))
+    os.symlink(folder / "loop.jpg", add("loop.jpg", "ignored", "symlink loop"))
+    os.symlink("/etc/hostname", add("outside.jpg", "skipped", "not an image"))  # followed, like any symlink
+    os.symlink(folder / "does_not_exist.png", add("dangling.png", "ignored", "broken symlink"))
+    os.symlink(".", add("self_folder", "ignored", "symlink loop"))
+    with open(os.path.join(os.fsencode(folder), b"latin1_caf\xe9.png"), "wb") as handle:
+        _photo(seed=12).save(handle, format="PNG")
+    expected.append(Expectation(rel("latin1_caf\\xe9.png"), "ignored", "not valid UTF-8"))
     (folder / "folder_named.jpg").mkdir()  # a folder is walked into, never decoded
     _photo(seed=10).save(add("folder_named.jpg/inside.png", "ok"))
     os.mkfifo(add("named_pipe.jpg", "ignored", "not a regular file"))  # opening it would block forever

@@ -20,7 +20,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import assert_one_line_error, gaussian_blobs, write_synthetic_cache
+from conftest import assert_one_line_error, gaussian_blobs, plant_features, write_synthetic_cache
 from tlfeat.analysis import audit, choose_threshold, embedding_map, exact_top_k, find_duplicates, review_labels, similar
 from tlfeat.analysis.common import open_cache
 from tlfeat.analysis.duplicates import KIND_ORDER
@@ -248,9 +248,8 @@ def test_one_class_gets_no_label_review_but_duplicates(tmp_path: Path) -> None:
 
 
 def test_bad_caches_are_refused_in_one_line(tmp_path: Path) -> None:
-    features, _ = gaussian_blobs(n_per_class=10, n_classes=2, dim=8)
-    features[3, 2] = np.nan
-    nan_cache = write_synthetic_cache(tmp_path / "nan.h5", features=features, n_per_class=10, n_classes=2, dim=8)
+    nan_cache = plant_features(write_synthetic_cache(tmp_path / "nan.h5", n_per_class=10, n_classes=2, dim=8),
+                               ((3, 2), np.nan))
     for analysis in (lambda: audit(nan_cache, out=tmp_path / "a"), lambda: similar(nan_cache, ["class_0/img_0001.png"]),
                      lambda: similar(nan_cache, ["class_0/img_0001.png"], index="faiss"),
                      lambda: embedding_map(nan_cache, method="pca", out=tmp_path / "m")):

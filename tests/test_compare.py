@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import assert_one_line_error, fitted_parameters, gaussian_blobs, make_dataset, write_synthetic_cache
+from conftest import TRAINABLE_SEED, assert_one_line_error, fitted_parameters, gaussian_blobs, make_dataset, write_synthetic_cache
 from tlfeat.apps import compare as compare_module
 from tlfeat.heads.registry import head_trainable_params
 from tlfeat.extraction.run import extract
@@ -30,9 +30,10 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = make_dataset(root / "tiny")
     finetune(
         data, backbone="vgg16", weights="none", epochs1=1, epochs2=1, unfreeze_top=3, image_size=32, batch_size=4,
-        out=root / "results" / "run", progress=False, log=lambda line: None,
+        seed=TRAINABLE_SEED, out=root / "results" / "run", progress=False, log=lambda line: None,
     )
-    cache = extract(data, root / "tiny-vgg16.h5", backbone="vgg16", weights="none", image_size=32, progress=False).out
+    cache = extract(data, root / "tiny-vgg16.h5", backbone="vgg16", weights="none", image_size=32, seed=TRAINABLE_SEED,
+                    progress=False).out
     fit_heads([cache], head="all", out=root / "results" / "heads")
     return root / "results"
 
@@ -51,7 +52,7 @@ def test_compare_builds_one_table_from_runs_and_heads(results: Path, tmp_path: P
     assert set(rows) == {"run"} | {f"heads/{h}" for h in HEAD_NAMES}
     vals = [float(row["val acc"]) for row in rows.values()]
     assert vals == sorted(vals, reverse=True)  # ranked by val accuracy
-    assert {row["dataset"] for row in rows.values()} == {"tiny (seed 0, split 56.25/18.75/25)"}  # one dataset
+    assert {row["dataset"] for row in rows.values()} == {f"tiny (seed {TRAINABLE_SEED}, split 56.25/18.75/25)"}  # one dataset
     assert sorted(int(row["rank"]) for row in rows.values()) == list(range(1, len(rows) + 1))
 
     summary = json.loads((results / "run" / "summary.json").read_text())

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -15,7 +16,8 @@ from conftest import REPO, extract_run_counts, make_dataset, make_image, run_cli
 from tlfeat import cache
 from tlfeat.extraction import shards
 from tlfeat.errors import TlfeatError
-from tlfeat.extraction.run import extract
+from tlfeat.backbones import build_model, get_backbone
+from tlfeat.extraction.run import default_output, extract
 from tlfeat.fileio import OutputLock
 
 FAST = dict(backbone="vgg16", weights="none", image_size=32, progress=False)
@@ -128,7 +130,7 @@ def test_corrupt_files_are_skipped_and_recorded(tiny_dataset: Path, tmp_path: Pa
     with h5py.File(out, "r") as handle:
         assert set(handle["skipped_paths"].asstr()[...]) == set(reasons)
         assert handle.attrs["n_skipped"] == 4
-    assert extract(tiny_dataset, out, **FAST).n_computed == 0  # unchanged bad files are not retried
+    assert extract(tiny_dataset, out, **FAST).n_computed == 0  # still bad: retried by decoding alone, no model
 
 
 def test_second_run_on_same_output_is_locked_out_and_a_stale_lock_file_never_blocks(
@@ -189,6 +191,10 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path) -> None:
         ("empty-class", "class folder holds no images"),
         ("bad-backbone", "unknown backbone 'alexnet'"),
         ("bad-weights", "weights file not found"),
+        ("image-size-0", "--image-size 0: vgg16 takes 32 to 1024 pixels"),  # before: silently 224
+        ("image-size-huge", "--image-size 100000: vgg16 takes 32 to 1024 pixels"),  # before: tens of GB
+        ("batch-huge", "--batch-size 100000 at 224 px holds 112.2 GiB of decoded images at once"),
+        ("split-nan", "--split nan,1,1: need three finite"),  # before: a ValueError traceback
         ("corrupt-weights", "cannot load as vgg16 weights"),  # fails once the decoding processes run
     ],
 )
@@ -208,6 +214,12 @@ def test_cli_bad_input_is_one_line_error(tmp_path: Path, setup: str, message: st
         extra = ["--backbone", "alexnet"]
     if setup == "bad-weights":
         extra = ["--backbone", "vgg16", "--weights", str(tmp_path / "nope.weights.h5")]
+    if setup in ("image-size-0", "image-size-huge", "batch-huge", "split-nan"):
+        make_dataset(root, n_classes=2, per_class=2)
+        extra = ["--backbone", "vgg16", "--weights", "none", "-q"] + {
+            "image-size-0": ["--image-size", "0"], "image-size-huge": ["--image-size", "100000"],
+            "batch-huge": ["--batch-size", "100000"], "split-nan": ["--split", "nan,1,1"],
+        }[setup]
     if setup == "corrupt-weights":
         (tmp_path / "corrupt.h5").write_text("not HDF5")
         extra = ["--backbone", "vgg16", "--weights", str(tmp_path / "corrupt.h5")]
@@ -301,3 +313,54 @@ def test_cli_workers_sets_the_local_decoding_processes(tiny_dataset: Path, tmp_p
     assert ok.returncode == 0 and "24 attempted (24 embedded" in ok.stdout, ok.stderr
     bad = run_cli("extract", str(tiny_dataset), "--out", str(tmp_path / "d.h5"), "--workers", "0", *args)
     assert bad.returncode == 1 and bad.stderr.strip() == "error: --workers 0: must be at least 1"
+
+
+def test_another_split_is_refused_then_relabelled_with_overwrite(tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "c.h5"
+    extract(tiny_dataset, out, seed=0, **FAST)
+    before = cache.load(out)
+    with pytest.raises(TlfeatError, match=r"rows in another split \(seed 0 -> 1.*pass `overwrite` to re-label") as info:
+        extract(tiny_dataset, out, seed=1, **FAST)
+    assert "\n" not in str(info.value)
+    np.testing.assert_array_equal(cache.load(out).split, before.split)  # nothing re-labelled silently
+    relabelled = extract(tiny_dataset, out, seed=1, overwrite=True, **FAST)
+    assert relabelled.n_computed == 0  # the features are the same; only the split column changes
+    assert any(note.startswith("re-labelled ") and "seed 0 -> 1" in note for note in relabelled.notes)
+    after = cache.load(out)
+    assert after.attrs["seed"] == 1 and list(after.split) != list(before.split)
+    assert extract(tiny_dataset, out, seed=1, **FAST).up_to_date
+
+
+def test_default_cache_name_carries_a_non_default_image_size() -> None:
+    assert default_output(Path("data/scene15"), "efficientnet_lite0") == Path("cache/scene15-efficientnet_lite0.h5")
+    assert default_output(Path("data/scene15"), "efficientnet_lite0", 224) == Path("cache/scene15-efficientnet_lite0.h5")
+    assert default_output(Path("data/scene15"), "efficientnet_lite0", 288) == Path("cache/scene15-efficientnet_lite0-288.h5")
+
+
+def test_offline_imagenet_error_keeps_the_whole_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+    import urllib.error
+
+    from keras.src.utils import file_utils
+
+    def offline(url: str, *args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(file_utils, "urlretrieve", offline)
+    monkeypatch.setattr(file_utils, "get_file", _uncached(file_utils.get_file))
+    with pytest.raises(TlfeatError) as info:
+        build_model(get_backbone("vgg16"), "imagenet", 32)
+    message = str(info.value)
+    assert "[Errno -3] Temporary failure in name resolution); offline, download" in message, message
+    assert "\n" not in message
+
+
+def _uncached(get_file: Any) -> Any:
+    """keras' get_file with its cache in a fresh folder, so no weights file on this machine short-cuts it."""
+    import tempfile
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        kwargs["cache_dir"] = tempfile.mkdtemp(prefix="tlfeat-no-weights-")
+        return get_file(*args, **kwargs)
+
+    return wrapper

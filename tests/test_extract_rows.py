@@ -22,6 +22,7 @@ import pytest
 
 import tlfeat.extraction.run as run_module
 from tlfeat.cache import Rows
+from tlfeat.data.decode import DecodeError, decode_image
 from tlfeat.errors import TlfeatError
 from tlfeat.extraction.engines import batch_rows
 from tlfeat.extraction.run import extract
@@ -67,10 +68,20 @@ class StandInEngine:
             entries = todo[start : start + self.batch]
             payloads = [(root / e.relpath).read_bytes() for e in entries]
             ok = [i for i, p in enumerate(payloads) if not p.startswith(b"bad")]
-            failures = [(i, "stand-in: unreadable") for i, p in enumerate(payloads) if p.startswith(b"bad")]
+            # The real decoder's reason: a rerun retries skipped files with it (run._recheck_skipped).
+            failures = [(i, decode_failure(root / entries[i].relpath)) for i, p in enumerate(payloads)
+                        if p.startswith(b"bad")]
             features = np.stack([self.features(payloads[i]) for i in ok]) if ok else np.zeros((0, self.dim), np.float32)
             self.computed.extend(e.relpath for e in entries)
             yield batch_rows(entries, features, ok, failures)
+
+
+def decode_failure(path: Path) -> str:
+    try:
+        decode_image(path, 32)
+    except DecodeError as exc:
+        return str(exc)
+    raise AssertionError(f"{path} decodes")
 
 
 def run(monkeypatch: pytest.MonkeyPatch, data: Path, out: Path, engine: StandInEngine | None = None, **kwargs: Any):
@@ -122,7 +133,7 @@ def test_fresh_run_writes_the_scan_rows_with_their_features(monkeypatch: pytest.
     out = tmp_path / "c.h5"
     summary, engine = run(monkeypatch, data, out)
     assert summary.n_computed == 31 and summary.n_images == 30 and summary.skipped == [
-        ("class_1/broken.png", "stand-in: unreadable")]
+        ("class_1/broken.png", "not an image Pillow can read")]
     with h5py.File(out, "r") as handle:
         paths = list(handle["paths"].asstr()[...])
         split = list(handle["split"].asstr()[...])
@@ -196,8 +207,10 @@ def test_up_to_date_rerun_leaves_the_file_alone(monkeypatch: pytest.MonkeyPatch,
     summary, engine = run(monkeypatch, data, out)
     assert summary.up_to_date and engine.computed == [] and summary.n_skipped == 1
     assert (out.stat().st_mtime_ns, contents(out)) == before
-    summary, _ = run(monkeypatch, data, out, seed=1)  # another split: rewritten, nothing computed
-    assert not summary.up_to_date and summary.n_computed == 0
+    with pytest.raises(TlfeatError, match="rows in another split"):  # another split moves cached rows: refused
+        run(monkeypatch, data, out, seed=1)
+    summary, _ = run(monkeypatch, data, out, seed=1, overwrite=True)  # re-labelled, said, nothing computed
+    assert not summary.up_to_date and summary.n_computed == 0 and "re-labelled" in summary.notes[0]
     assert_same_file(out, fresh(monkeypatch, data, tmp_path / "fresh.h5", seed=1))
 
 

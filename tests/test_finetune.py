@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import REPO, assert_one_line_error, make_dataset
+from conftest import REPO, TRAINABLE_SEED, assert_one_line_error, make_dataset
 from tlfeat.finetuning import runs as ft_runs
 from tlfeat.finetuning import train as ft
 from tlfeat.finetuning.data import image_batches_class
@@ -38,7 +38,7 @@ def finetune_cli(*args: str | Path) -> object:
 def vgg16_args(data: Path, out: Path, *extra: str) -> list[str | Path]:
     """Small, fast settings: random VGG16 at 32 px, early stopping off."""
     return [data, "--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--batch-size", "4",
-            "--patience", "0", "-q", "--out", out, *extra]
+            "--patience", "0", "--seed", str(TRAINABLE_SEED), "-q", "--out", out, *extra]
 
 
 def array(variable: object) -> np.ndarray:
@@ -83,6 +83,7 @@ def test_stages_train_the_right_layers_and_never_touch_batchnorm_statistics(
     monkeypatch.setattr(Run, "record_epoch", spy)
     result = ft.finetune(
         tiny_dataset, backbone="efficientnet_lite0", weights="imagenet", epochs1=2, epochs2=2, unfreeze_top=k,
+        seed=TRAINABLE_SEED,
         image_size=32, batch_size=4, augment=True, patience=0, out=tmp_path / "run", **QUIET,
     )
 
@@ -131,6 +132,7 @@ def test_stage_2_starts_from_the_best_stage_1_epoch(
     lines: list[str] = []
     ft.finetune(
         tiny_dataset, backbone="vgg16", weights="none", epochs1=3, epochs2=1, unfreeze_top=2, image_size=32,
+        seed=TRAINABLE_SEED,
         batch_size=4, patience=0, out=tmp_path / "run", progress=False, log=lines.append,
     )
     after_epoch_2, after_epoch_3, stage_2_start = head_kernels[1], head_kernels[2], head_kernels[3]
@@ -164,7 +166,7 @@ def test_run_writes_every_output_skips_unreadable_images_and_predicts(tmp_path: 
     assert [summary["stages"][s]["epochs_run"] for s in ("1", "2")] == [2, 2]
     assert summary["classes"] == ["class_0", "class_1", "class_2"] and summary["image_size"] == 32
     assert list(summary["skipped"]) == ["class_0/broken.png"]
-    scan = scan_dataset(data, seed=0)  # the split extract makes
+    scan = scan_dataset(data, seed=TRAINABLE_SEED)  # the split extract makes
     readable = scan.split_counts()
     readable[next(e.split for e in scan.entries if e.relpath == "class_0/broken.png")] -= 1
     assert {s: v["n"] for s, v in summary["scores"].items()} == readable
@@ -308,7 +310,7 @@ def test_ctrl_c_in_stage_2_then_resume_keeps_unfrozen_layers_and_optimizer_state
 ) -> None:
     data = make_dataset(tmp_path / "tiny")
     settings = dict(backbone="vgg16", weights="none", epochs1=1, epochs2=3, unfreeze_top=3, image_size=32,
-                    batch_size=4, patience=0, out=tmp_path / "run", **QUIET)
+                    batch_size=4, patience=0, seed=TRAINABLE_SEED, out=tmp_path / "run", **QUIET)
     original_record = Run.record_epoch
     seen = []
 
@@ -331,7 +333,7 @@ def test_ctrl_c_in_stage_2_then_resume_keeps_unfrozen_layers_and_optimizer_state
 
     monkeypatch.setattr(Run, "record_epoch", spy)
     result = ft.finetune(data, resume=True, **settings)
-    steps = 3  # 12 training images in batches of 4
+    steps = 3  # 10 training images in batches of 4
     stage2 = HEAD_PARAMS_VGG16 + 2359808
     assert result.resumed_from == (2, 1)
     # The checkpoint's optimizer carries on: its step count continues from stage 2 epoch 1.

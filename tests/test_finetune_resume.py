@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import assert_one_line_error, make_dataset
+from conftest import TRAINABLE_SEED, assert_one_line_error, make_dataset
 from tlfeat import progress
 from tlfeat.errors import TlfeatError
 from tlfeat.finetuning import train as ft
@@ -20,7 +20,7 @@ from tlfeat.finetuning.state import Run
 
 runner = CliRunner()
 SETTINGS = dict(backbone="vgg16", weights="none", epochs1=2, epochs2=2, unfreeze_top=2, image_size=32, batch_size=4,
-                patience=0, augment=True, progress=False, log=lambda line: None)
+                patience=0, augment=True, seed=TRAINABLE_SEED, progress=False, log=lambda line: None)
 MEASURED = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 
@@ -127,7 +127,8 @@ def resume_cli(data: Path, out: Path, *extra: str) -> object:
     """The CLI spelling of SETTINGS."""
     return runner.invoke(app, [
         "finetune", str(data), "--backbone", "vgg16", "--weights", "none", "--epochs1", "2", "--unfreeze-top", "2",
-        "--image-size", "32", "--batch-size", "4", "--patience", "0", "--augment", "--out", str(out), *extra,
+        "--image-size", "32", "--batch-size", "4", "--patience", "0", "--augment", "--seed", str(TRAINABLE_SEED),
+        "--out", str(out), *extra,
     ])
 
 

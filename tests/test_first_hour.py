@@ -185,7 +185,7 @@ def test_the_extract_summary_counts_add_up() -> None:
 
     assert summary_line(_summary()) == (
         "c.h5: 36 images x 512 dims (train 20, val 6, test 10), 3 image files skipped; this run: 39 attempted "
-        "(36 embedded, 3 skipped), 0 reused; 1 non-image files ignored; 2.0 s, 19.5 images/s"
+        "(36 embedded, 3 skipped), 0 reused; 1 ignored (1 x); 2.0 s, 19.5 images/s"
     )
     resumed = summary_line(_summary(n_computed=10, n_embedded=9, n_reused=29))
     assert extract_run_counts(resumed) == (10, 9, 1, 29)  # 36 rows + 3 skipped = 10 attempted + 29 reused

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import assert_one_line_error, gaussian_blobs, summary_rows, write_synthetic_cache
+from conftest import assert_one_line_error, plant_features, summary_rows, write_synthetic_cache
 from tlfeat.errors import TlfeatError
 from tlfeat.heads.fit import fit_heads, load_features
 from tlfeat.heads.registry import HEAD_NAMES, HEADS, fit_estimator, get_head
@@ -143,10 +143,7 @@ def test_class_missing_from_train_is_refused(tmp_path: Path) -> None:
 
 
 def test_nan_or_inf_features_are_refused_with_file_and_count(tmp_path: Path) -> None:
-    features, _ = gaussian_blobs()
-    features[3, 2] = np.nan
-    features[7, :2] = np.inf
-    cache = write_synthetic_cache(tmp_path / "broken.h5", features=features)
+    cache = plant_features(write_synthetic_cache(tmp_path / "broken.h5"), ((3, 2), np.nan), ((7, slice(0, 2)), np.inf))
     assert_one_line_error(fit_head_cli(cache), "broken.h5", "3 feature values are NaN or inf, in 2 of 120 rows")
 
 

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import assert_one_line_error, fitted_parameters, write_synthetic_cache
+from conftest import assert_one_line_error, fitted_parameters, plant_features, write_synthetic_cache
 from tlfeat.cache import load
 from tlfeat.apps.compare import head_trainable_params
 from tlfeat.heads.fit import fit_heads
@@ -90,7 +90,5 @@ def test_streaming_refuses_two_caches_and_nan_features(tmp_path: Path) -> None:
     assert_one_line_error(
         runner.invoke(app, ["fit-head", str(first), str(second), "--streaming"]), "--streaming fits one cache"
     )
-    features = np.ones((120, 16), dtype=np.float32)
-    features[5, 3] = np.nan
-    broken = write_synthetic_cache(tmp_path / "nan.h5", features=features)
+    broken = plant_features(write_synthetic_cache(tmp_path / "nan.h5"), ((5, 3), np.nan))
     assert_one_line_error(runner.invoke(app, ["fit-head", str(broken), "--streaming"]), "nan.h5", "NaN or inf")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_dataset, run_cli
+from conftest import TRAINABLE_SEED, make_dataset, run_cli
 from tlfeat import cache
 from tlfeat.backbones import get_backbone
 from tlfeat.apps.predict import embed_for_head
@@ -20,7 +20,7 @@ from tlfeat.runtime import FeatureExtractor
 
 SIZE = 32
 # Random VGG16 features are of order one (random Lite0's vanish to ~1e-12, too small to compare).
-SETTINGS = dict(backbone="vgg16", weights="none", image_size=SIZE, progress=False)
+SETTINGS = dict(backbone="vgg16", weights="none", image_size=SIZE, seed=TRAINABLE_SEED, progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -1,36 +1,28 @@
 """The embedding cache: one HDF5 file per (dataset, backbone), readable without Keras.
 
-Layout (all datasets at the root of the file, N rows, D feature dims):
-
-    features        (N, D) float32 or float16, chunked by rows
+Layout (datasets at the root, N rows, D feature dims):
+    features        (N, D) float32 or float16, chunked by rows, fletcher32 checksums
     labels          (N,)   int32, index into class_names
     paths           (N,)   UTF-8 str, relative to the dataset root, '/' separated
     split           (N,)   UTF-8 str, "train" | "val" | "test"
     file_size       (N,)   int64, bytes of the image file when it was embedded
     file_mtime_ns   (N,)   int64, modification time of the image file (ns)
     class_names     (C,)   UTF-8 str, sorted
-    skipped_paths   (S,)   UTF-8 str, files that could not be decoded
-    skipped_reasons (S,)   UTF-8 str, why (one line each)
-    skipped_size    (S,)   int64
-    skipped_mtime_ns (S,)  int64
+    skipped_paths, skipped_reasons (S,) UTF-8 str: files that failed, and why (one line each)
+    skipped_size, skipped_mtime_ns (S,) int64
 
 Root attributes: format_version, backbone, weights, input_size, preprocessing,
 dtype, compute, decode, tta, feature_dim, keras_backend, tlfeat_version, created,
-dataset_root, seed, split_ratios (JSON), n_skipped.
+dataset_root, seed, split_ratios (JSON), split_rule, rows_finite, n_skipped.
 
-Rows are in a canonical order (split, class, path) so that a resumed or
-incremental run writes the same file as an uninterrupted one.
-
-Crash safety: the final file is only ever replaced atomically (written to a
-temporary name, fsynced, then renamed), so it is always either the previous
-complete cache or the new one. Work in progress lives in a sibling folder of
-shard files (``<out>.parts/``, tlfeat.extraction.shards), each shard also
-written then renamed, so a killed run loses at most the batch in flight.
+Numeric columns carry fletcher32 checksums, checked on every read, and the structure is checked on
+open (tlfeat.cache_checks): damage is a one-line error naming the file. Rows are in canonical order
+(split, class, path). The file is replaced atomically (temporary name, fsync, rename) after a check of
+the free space; HDF5 writes through a FirstErrorSink (a full disk is an error, not a crash).
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import time
 from contextlib import ExitStack, contextmanager
@@ -45,8 +37,9 @@ from tlfeat import __version__
 from tlfeat.data.decode import DECODE
 from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.data.scan import SPLITS
+from tlfeat.cache_checks import CheckedFeatures, check_structure, checked_labels, read_column, reading, rows_meta
 from tlfeat.errors import TlfeatError
-from tlfeat.fileio import atomic_path
+from tlfeat.fileio import FirstErrorSink, atomic_path, check_free_space, os_reason
 
 FORMAT_VERSION = 1
 OLD_DECODE = "pillow-bilinear"  # what caches and shards with no "decode" record were decoded with
@@ -116,6 +109,7 @@ class Rows:
 
 
 def _open_for_read(path: Path) -> h5py.File:
+    """Open a cache, its structure checked (tlfeat.cache_checks)."""
     path = Path(path)
     if not path.exists():
         raise TlfeatError(f"{path}: cache file not found")
@@ -123,14 +117,12 @@ def _open_for_read(path: Path) -> h5py.File:
         handle = h5py.File(path, "r")
     except OSError as exc:
         raise TlfeatError(f"{path}: not a readable HDF5 cache ({exc.__class__.__name__})") from None
-    if "format_version" not in handle.attrs or "features" not in handle:
+    try:
+        check_structure(path, handle, _decode_attrs, key_from_attrs, FORMAT_VERSION)
+    except BaseException:
         handle.close()
-        raise TlfeatError(f"{path}: HDF5 file is not a tlfeat cache (no features/format_version)")
+        raise
     return handle
-
-
-def _strings(dataset: h5py.Dataset) -> np.ndarray:
-    return np.array(dataset.asstr()[...], dtype=object) if len(dataset) else np.array([], dtype=object)
 
 
 def read_attrs(path: str | Path) -> dict:
@@ -159,10 +151,10 @@ def read_key(path: str | Path) -> CacheKey:
 
 def key_from_attrs(attrs: dict) -> CacheKey:
     return CacheKey(
-        backbone=attrs["backbone"], weights=attrs["weights"], input_size=int(attrs["input_size"]),
-        preprocessing=attrs["preprocessing"], dtype=attrs["dtype"], compute=attrs.get("compute", "float32"),
-        decode=attrs.get("decode", OLD_DECODE),
-        tta=attrs.get("tta", NO_TTA),
+        backbone=str(attrs["backbone"]), weights=str(attrs["weights"]), input_size=int(attrs["input_size"]),
+        preprocessing=str(attrs["preprocessing"]), dtype=str(attrs["dtype"]),
+        compute=str(attrs.get("compute", "float32")), decode=str(attrs.get("decode", OLD_DECODE)),
+        tta=str(attrs.get("tta", NO_TTA)),
     )
 
 
@@ -173,37 +165,28 @@ def load(path: str | Path, split: str | None = None) -> CacheData:
     """
     if split is not None and split not in SPLITS:
         raise TlfeatError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
-    with _open_for_read(Path(path)) as handle:
-        split_col = _strings(handle["split"])
+    path = Path(path)
+    with _open_for_read(path) as handle:
+        split_col = read_column(path, handle["split"])
         mask = slice(None) if split is None else np.flatnonzero(split_col == split)
-        data = CacheData(
-            features=np.asarray(handle["features"][mask], dtype=np.float32),
-            labels=np.asarray(handle["labels"][mask], dtype=np.int64),
-            paths=_strings(handle["paths"])[mask],
-            split=split_col[mask],
-            class_names=list(_strings(handle["class_names"])),
-            attrs=_decode_attrs(handle),
-        )
-    return data
+        meta = rows_meta(path, handle, _decode_attrs(handle), mask)
+        features = np.asarray(read_column(path, handle["features"], mask), dtype=np.float32)
+    return CacheData(features=features, **meta)
 
 
 @contextmanager
-def open_rows(path: str | Path) -> Iterator[tuple[CacheData, h5py.Dataset]]:
-    """A cache's rows without their features, and its open `features` dataset to read in chunks.
+def open_rows(path: str | Path) -> Iterator[tuple[CacheData, CheckedFeatures]]:
+    """A cache's rows without their features, and its open `features` to read in slices.
 
     For caches larger than memory: the returned CacheData holds labels, paths, split,
     class names and attributes, and an empty (0, D) features array.
     """
-    with _open_for_read(Path(path)) as handle:
+    path = Path(path)
+    with _open_for_read(path) as handle:
         features = handle["features"]
         yield CacheData(
-            features=np.empty((0, features.shape[1]), dtype=np.float32),
-            labels=np.asarray(handle["labels"][...], dtype=np.int64),
-            paths=_strings(handle["paths"]),
-            split=_strings(handle["split"]),
-            class_names=list(_strings(handle["class_names"])),
-            attrs=_decode_attrs(handle),
-        ), features
+            features=np.empty((0, features.shape[1]), dtype=np.float32), **rows_meta(path, handle, _decode_attrs(handle))
+        ), CheckedFeatures(path, features)
 
 
 class CacheReader:
@@ -217,12 +200,26 @@ class CacheReader:
         self.path = Path(path)
         self._handle = _open_for_read(self.path)
         self.n_rows, self.feature_dim = (int(v) for v in self._handle["features"].shape)
-        self.class_names = list(_strings(self._handle["class_names"]))
+        self.class_names = list(read_column(self.path, self._handle["class_names"]))
         self.attrs = _decode_attrs(self._handle)
 
     def features(self, start: int, stop: int) -> np.ndarray:
         """Rows start:stop of the features, float32."""
-        return np.asarray(self._handle["features"][start:stop], dtype=np.float32)
+        return np.asarray(read_column(self.path, self._handle["features"], np.s_[start:stop]), dtype=np.float32)
+
+    def verify(self) -> None:
+        """Read every chunk of the features once (one chunk in memory): HDF5 checks each one's checksum."""
+        for start in range(0, self.n_rows, WRITE_CHUNK_ROWS):
+            self.features(start, start + WRITE_CHUNK_ROWS)
+
+    def non_finite_rows(self, chunk_rows: int = 1 << 13) -> np.ndarray:
+        """Rows whose features hold NaN or inf (a cache from before such rows were refused: see `rows_finite`)."""
+        if self.attrs.get("rows_finite"):
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([np.zeros(0, dtype=np.int64)] + [
+            start + np.flatnonzero(~np.isfinite(self.features(start, start + chunk_rows)).all(axis=1))
+            for start in range(0, self.n_rows, chunk_rows)
+        ])
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """The features of distinct `rows`, in the order given, float32: one slice when they lie close
@@ -231,7 +228,8 @@ class CacheReader:
         ascending = rows[order]
         lo, hi = int(ascending[0]), int(ascending[-1]) + 1
         features = self._handle["features"]
-        found = features[lo:hi][ascending - lo] if hi - lo <= 2 * len(rows) else features[ascending]
+        with reading(self.path, "features"):
+            found = features[lo:hi][ascending - lo] if hi - lo <= 2 * len(rows) else features[ascending]
         result = np.empty(found.shape, dtype=np.float32)
         result[order] = found
         return result
@@ -243,34 +241,37 @@ class CacheReader:
         (HDF5's own float16 conversion is many times slower).
         """
         features = self._handle["features"]
-        if features.dtype == out.dtype and out.flags.c_contiguous:
-            features.read_direct(out, np.s_[start:stop], np.s_[at : at + stop - start])
-        else:
-            out[at : at + stop - start] = features[start:stop]
+        with reading(self.path, "features"):
+            if features.dtype == out.dtype and out.flags.c_contiguous:
+                features.read_direct(out, np.s_[start:stop], np.s_[at : at + stop - start])
+            else:
+                out[at : at + stop - start] = features[start:stop]
 
     def rows(self, start: int, stop: int, with_features: bool = True) -> CacheData:
         """Rows start:stop; without features, an empty (0, D) array stands in for them."""
-        handle = self._handle
+        handle, path = self._handle, self.path
+        with reading(path, "paths, split and labels"):
+            paths = np.array(handle["paths"].asstr()[start:stop], dtype=object)
+            split = np.array(handle["split"].asstr()[start:stop], dtype=object)
+            labels = handle["labels"][start:stop]
         return CacheData(
             features=self.features(start, stop if with_features else start),
-            labels=np.asarray(handle["labels"][start:stop], dtype=np.int64),
-            paths=np.array(handle["paths"].asstr()[start:stop], dtype=object),
-            split=np.array(handle["split"].asstr()[start:stop], dtype=object),
-            class_names=self.class_names,
-            attrs=self.attrs,
+            labels=checked_labels(path, labels, split, len(self.class_names)),
+            paths=paths, split=split, class_names=self.class_names, attrs=self.attrs,
         )
 
     def identities(self, start: int, stop: int) -> tuple[list[str], list[int], list[int]]:
         """Rows start:stop's paths and file identities (size, mtime_ns): what tells a reusable row."""
         handle = self._handle
-        return (list(handle["paths"].asstr()[start:stop]), handle["file_size"][start:stop].tolist(),
-                handle["file_mtime_ns"][start:stop].tolist())
+        with reading(self.path, "paths and file identities"):
+            return (list(handle["paths"].asstr()[start:stop]), handle["file_size"][start:stop].tolist(),
+                    handle["file_mtime_ns"][start:stop].tolist())
 
     def skipped(self) -> tuple[list[str], list[str], list[int], list[int]]:
         """The skipped files: paths, reasons, sizes, mtimes (few: read whole)."""
-        handle = self._handle
-        return (list(_strings(handle["skipped_paths"])), list(_strings(handle["skipped_reasons"])),
-                handle["skipped_size"][...].tolist(), handle["skipped_mtime_ns"][...].tolist())
+        column = lambda name: read_column(self.path, self._handle[name])  # noqa: E731
+        return (list(column("skipped_paths")), list(column("skipped_reasons")), column("skipped_size").tolist(),
+                column("skipped_mtime_ns").tolist())
 
     def close(self) -> None:
         self._handle.close()
@@ -326,19 +327,29 @@ class CacheWriter:
         self._stack = ExitStack()
 
     def __enter__(self) -> "CacheWriter":
-        tmp = self._stack.enter_context(atomic_path(self.path, durable=True))
-        self._handle = handle = h5py.File(tmp, "w")
         n, dim = self.n_rows, self.dim
-        handle.create_dataset(
-            "features", shape=(n, dim), dtype=self.key.dtype,
-            chunks=(max(1, min(n, WRITE_CHUNK_ROWS)), dim) if n else None, maxshape=(None, dim),
-        )
-        handle.create_dataset("labels", shape=(n,), dtype=np.int32)
+        # An upper estimate: the features, the numeric columns, the strings' heap entries, HDF5's own.
+        check_free_space(self.path.parent, n * (dim * np.dtype(self.key.dtype).itemsize + 184) + (1 << 20),
+                         self.path.name)
+        try:
+            self._open(n, dim)
+        except BaseException as exc:  # a full disk already: cleaned up (and said) as at the end
+            self.__exit__(type(exc), exc, None)
+            raise
+        return self
+
+    def _open(self, n: int, dim: int) -> None:
+        tmp = self._stack.enter_context(atomic_path(self.path, durable=True))
+        raw = self._stack.enter_context(open(tmp, "wb+", buffering=0))
+        self._sink = FirstErrorSink(raw)  # a write failing inside HDF5 would crash the interpreter later
+        self._handle = handle = h5py.File(self._sink, "w")
+        # fletcher32: HDF5 checks every chunk on read, so damaged numbers raise instead of passing as data.
+        handle.create_dataset("features", shape=(n, dim), dtype=self.key.dtype, maxshape=(None, dim),
+                              chunks=(max(1, min(n, WRITE_CHUNK_ROWS)), dim), fletcher32=True)
+        for name, dtype in (("labels", np.int32), ("file_size", np.int64), ("file_mtime_ns", np.int64)):
+            _numbers(handle, name, np.zeros(n, dtype=dtype))
         handle.create_dataset("paths", shape=(n,), dtype=_STR)
         handle.create_dataset("split", shape=(n,), dtype=_STR)
-        handle.create_dataset("file_size", shape=(n,), dtype=np.int64)
-        handle.create_dataset("file_mtime_ns", shape=(n,), dtype=np.int64)
-        return self
 
     def append(
         self, features: np.ndarray, labels: Sequence[int], paths: Sequence[str], split: Sequence[str],
@@ -350,6 +361,10 @@ class CacheWriter:
             raise ValueError(f"{stop} rows written to a cache of {self.n_rows}")
         if stop == start:
             return
+        if self._sink.error is not None:
+            raise self._sink.error  # stop at once: the sink holds what HDF5 writes from here on in memory
+        if not np.isfinite(features).all():
+            raise ValueError("non-finite features given to CacheWriter (extraction skips those images)")
         handle = self._handle
         # numpy converts: HDF5's float16 rounding differs
         handle["features"][start:stop] = np.asarray(features).astype(self.key.dtype, copy=False)
@@ -368,8 +383,8 @@ class CacheWriter:
         handle.create_dataset("class_names", data=list(class_names), dtype=_STR)
         handle.create_dataset("skipped_paths", data=[s[0] for s in skipped], dtype=_STR)
         handle.create_dataset("skipped_reasons", data=[s[1] for s in skipped], dtype=_STR)
-        handle.create_dataset("skipped_size", data=np.asarray([s[2] for s in skipped], dtype=np.int64))
-        handle.create_dataset("skipped_mtime_ns", data=np.asarray([s[3] for s in skipped], dtype=np.int64))
+        _numbers(handle, "skipped_size", np.asarray([s[2] for s in skipped], dtype=np.int64))
+        _numbers(handle, "skipped_mtime_ns", np.asarray([s[3] for s in skipped], dtype=np.int64))
         attrs = {
             "format_version": FORMAT_VERSION,
             **asdict(self.key),
@@ -377,6 +392,7 @@ class CacheWriter:
             "tlfeat_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "n_skipped": len(skipped),
+            "rows_finite": True,  # `append` refuses NaN and inf: a rerun need not look for them
             **extra_attrs,
         }
         for name, value in attrs.items():
@@ -384,14 +400,21 @@ class CacheWriter:
         self._committed = True
 
     def __exit__(self, *exc: object) -> None:
-        self._handle.close()
-        if exc[0] is None and not self._committed:
-            exc = (RuntimeError, RuntimeError("cache not committed"), None)
-        self._stack.__exit__(*exc)  # renames the finished file into place, or removes it
+        if hasattr(self, "_handle"):
+            self._handle.close()
+        if exc[0] is None and (self._sink.error is not None or not self._committed):
+            failure = self._sink.error or RuntimeError("cache not committed")
+            exc = (type(failure), failure, None)
+        try:
+            self._stack.__exit__(*exc)  # renames the finished file into place, or removes it
+        except (OSError, RuntimeError) as failure:  # a failed fsync or rename
+            exc = (type(failure), failure, None)
+        if exc[0] is not None and issubclass(exc[0], (OSError, RuntimeError)):  # a full disk, mostly
+            raise TlfeatError(f"{self.path}: cannot write the cache ({os_reason(exc[1])}); "
+                              "the previous file is unchanged") from None
 
 
-def remove_stale_temporaries(path: Path) -> None:
-    """Delete half-written files that a killed run left beside `path` (call while holding its lock)."""
-    path = Path(path)
-    for leftover in path.parent.glob(f".{glob.escape(path.stem)}.tmp-*{glob.escape(path.suffix)}"):
-        leftover.unlink(missing_ok=True)
+def _numbers(handle: h5py.File, name: str, values: np.ndarray) -> None:
+    """A 1-D numeric column with an HDF5 checksum (checksums need chunked storage)."""
+    handle.create_dataset(name, data=values, chunks=(max(1, min(len(values), 1 << 16)),), maxshape=(None,),
+                          fletcher32=True)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import fcntl
+import errno
+import glob
 import hashlib
 import json
 import os
+import shutil
 import socket
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from tlfeat.errors import TlfeatError
 
@@ -24,7 +26,7 @@ def atomic_path(path: str | Path, durable: bool = False) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    tmp = path.with_name(temporary_name(path))
     try:
         yield tmp
         if durable:
@@ -34,6 +36,138 @@ def atomic_path(path: str | Path, durable: bool = False) -> Iterator[Path]:
             fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def temporary_name(path: Path, pid: int | str | None = None) -> str:
+    """The name `atomic_path` writes `path` under first: hidden, with the writer's pid, suffix kept."""
+    return f".{path.stem}.tmp-{os.getpid() if pid is None else pid}{path.suffix}"
+
+
+# Linux pids have at most 7 digits (pid_max <= 4194304): the longest temporary name a writer can use.
+_LONGEST_PID = 9_999_999
+
+
+def check_output_path(out: Path) -> None:
+    """Refuse, before any work, an output whose folder is a file or whose derived names the file system
+    cannot hold (the temporary name is the longest), and a folder squatting on its lock name."""
+    out = Path(out)
+    folder = next((p for p in (out.parent, *out.parent.parents) if p.exists()), Path("."))
+    if not folder.is_dir():
+        raise TlfeatError(f"{out}: {folder} is a file, not a folder")
+    try:
+        name_max = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    longest = len(os.fsencode(temporary_name(out, _LONGEST_PID)))
+    if longest > name_max:
+        raise TlfeatError(
+            f"{out}: file name too long for this file system ({len(os.fsencode(out.name))} bytes, and the "
+            f"temporary name written first takes {longest}; the limit is {name_max}): choose a shorter `out`"
+        )
+    lock = Path(str(out) + ".lock")
+    if lock.is_dir():
+        raise TlfeatError(f"{lock}: is a folder; it is the lock of this output: move it away")
+
+
+def no_space(exc: BaseException) -> bool:
+    """A full disk or quota, however it was reported (h5py puts errno 28 in its message, not in errno)."""
+    return getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc)
+
+
+def os_reason(exc: BaseException) -> str:
+    """The one-line cause of a failed file operation."""
+    if no_space(exc):
+        return "no space left on the device"
+    reason = getattr(exc, "strerror", None) or (str(exc).splitlines() or [exc.__class__.__name__])[0]
+    return reason[:160]
+
+
+def check_free_space(folder: Path, need: int, what: str) -> None:
+    """Refuse to start writing `what` (about `need` bytes) into `folder` when the file system has less free."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # cannot tell: the write itself will say
+    if free < need:
+        raise TlfeatError(
+            f"{folder}: writing {what} needs about {need / 1e6:.1f} MB, {free / 1e6:.1f} MB free: free space first"
+        )
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete half-written files that a killed writer left beside `path` (call while holding its lock)."""
+    path = Path(path)
+    for leftover in path.parent.glob(temporary_name(path.with_name(glob.escape(path.name)), pid="*")):
+        leftover.unlink(missing_ok=True)
+
+
+class FirstErrorSink:
+    """A binary file for HDF5 (h5py's file-object driver) whose writes never fail in HDF5's sight.
+
+    A write failing inside HDF5 (a full disk) leaves the library holding a broken file that segfaults the
+    interpreter when it is collected or at exit. Here the first OSError is kept in `error`; that write and
+    every later one are held in memory instead, and reads see them, so HDF5 stays consistent and closes
+    cleanly. The caller stops writing as soon as `error` is set (what is held is then one chunk and the
+    metadata written on closing), raises it, and deletes the file.
+    """
+
+    def __init__(self, raw: Any) -> None:
+        self.raw, self.error = raw, None  # raw: unbuffered (FileIO), so nothing is left to flush on closing
+        self._pos = 0
+        self._held: list[tuple[int, bytes]] = []  # (offset, bytes) written after the error, in order
+
+    def write(self, data: Any) -> int:
+        view, done = memoryview(data).cast("B"), 0
+        if self.error is None:
+            try:
+                self.raw.seek(self._pos)
+                while done < len(view):  # h5py ignores short writes: finish them here
+                    done += self.raw.write(view[done:]) or 0
+            except OSError as exc:
+                self.error = exc
+        if done < len(view):
+            self._held.append((self._pos + done, bytes(view[done:])))
+        self._pos += len(view)
+        return len(view)
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        self.raw.seek(self._pos)
+        got = self.raw.readinto(view) or 0
+        view[got:] = bytes(len(view) - got)  # past the end of the file: zeros, as HDF5 expects
+        for offset, data in self._held:
+            low, high = max(offset, self._pos), min(offset + len(data), self._pos + len(view))
+            if low < high:
+                view[low - self._pos : high - self._pos] = data[low - offset : high - offset]
+        self._pos += len(view)
+        return len(view)
+
+    def read(self, size: int = -1) -> bytes:
+        buffer = bytearray(max(0, self._end() - self._pos) if size < 0 else size)
+        self.readinto(buffer)
+        return bytes(buffer)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = offset + (0, self._pos, self._end())[whence]
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self._pos if size is None else size
+        if self.error is None:
+            try:
+                self.raw.truncate(size)
+            except OSError as exc:
+                self.error = exc
+        return size
+
+    def flush(self) -> None:
+        pass  # nothing buffered: `raw` is unbuffered and the held writes are discarded with the file
+
+    def _end(self) -> int:
+        return max([os.fstat(self.raw.fileno()).st_size] + [offset + len(data) for offset, data in self._held])
 
 
 def fsync_path(path: Path) -> None:
@@ -65,10 +199,16 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def describe_exception(exc: BaseException, limit: int = 160) -> str:
-    """'ClassName: first line of the message' (cut to `limit`), for one-line errors."""
+def describe_exception(exc: BaseException, limit: int | None = 160) -> str:
+    """'ClassName: first line of the message' (cut to `limit`), for one-line errors.
+
+    limit=None: the whole message, its lines joined, where the cause sits at the end (a download's reason).
+    """
     lines = str(exc).splitlines()
-    detail = lines[0][:limit] if lines else "no detail"
+    if limit is None:
+        detail = " ".join(line.strip() for line in lines if line.strip()) or "no detail"
+    else:
+        detail = lines[0][:limit] if lines else "no detail"
     return f"{exc.__class__.__name__}: {detail}"
 
 
@@ -108,6 +248,10 @@ class OutputLock:
         self._fd: int | None = None
 
     def __enter__(self) -> "OutputLock":
+        try:
+            import fcntl  # POSIX only; imported here so that the rest of tlfeat imports anywhere
+        except ImportError:
+            raise TlfeatError(f"{self.path}: output locks need a POSIX system (no fcntl here)") from None
         for _ in range(10):  # the holder may unlink the file between our open and our flock: open again
             fd = _open_lock_file(self.path)
             try:
@@ -130,8 +274,8 @@ class OutputLock:
             os.ftruncate(self._fd, 0)
             os.write(self._fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
         except OSError as exc:
-            self.__exit__()
-            raise TlfeatError(f"{self.path}: cannot write the output lock ({exc.strerror})") from None
+            self.__exit__()  # no empty lock left behind
+            raise TlfeatError(f"{self.path}: cannot write the output lock ({os_reason(exc)})") from None
 
     def __exit__(self, *exc: object) -> None:
         if self._fd is None:
@@ -149,8 +293,8 @@ def _open_lock_file(path: Path) -> int:
         return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except IsADirectoryError:
         raise TlfeatError(f"{path}: is a folder; it is the lock of this output: move it away") from None
-    except OSError as exc:
-        raise TlfeatError(f"{path}: cannot create the output lock ({exc.strerror})") from None
+    except OSError as exc:  # a read-only folder, no permission, a full disk (creating the file)
+        raise TlfeatError(f"{path.parent}: cannot write here ({os_reason(exc)}): no output lock {path.name}") from None
 
 
 def _lock_holder(fd: int) -> str:

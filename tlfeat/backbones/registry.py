@@ -21,6 +21,9 @@ from tlfeat.backbones.preprocessing import PREPROCESSING, Preprocessing
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 RANDOM_WEIGHTS_SEED = 0
+# Every registered backbone halves the image five times, so 32 px is the least it can take. Above 1024 px
+# (21x the 224 px they were trained at) one image's activations run into gigabytes for no gain in features.
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1024
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,18 @@ def get_backbone(name: str) -> Backbone:
         ) from None
 
 
+def resolve_image_size(backbone: Backbone, requested: int | None) -> int:
+    """The square input size: the backbone's own when None, else `requested` if the backbone can take it."""
+    if requested is None:
+        return backbone.input_size
+    if not MIN_IMAGE_SIZE <= requested <= MAX_IMAGE_SIZE:
+        raise TlfeatError(
+            f"`image_size={requested}`: {backbone.name} takes {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels "
+            f"(default {backbone.input_size})"
+        )
+    return requested
+
+
 def weights_identity(backbone: Backbone, weights: str) -> str:
     """What the cache records for these weights: "none", the ImageNet identity, or a file's sha256."""
     if weights == "none":
@@ -158,7 +173,7 @@ def build_model(backbone: Backbone, weights: str, image_size: int | None = None)
                 "or pass `weights=PATH`" if backbone.weight_source == "download" else ""
             )
             raise TlfeatError(
-                f"could not get ImageNet weights for {backbone.name} ({describe_exception(exc)}){hint}"
+                f"could not get ImageNet weights for {backbone.name} ({describe_exception(exc, limit=None)}){hint}"
             ) from None
     path = Path(weights)
     if not path.is_file():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -25,13 +26,13 @@ def extract(
     backbone: str = typer.Option(DEFAULT_BACKBONE, "--backbone", "-b", help=f"One of: {BACKBONE_NAMES} (`tlfeat backbones` lists sizes and weight sources)."),
     weights: str = typer.Option("imagenet", "--weights", "-w", help="imagenet (bundled for the offline backbones, a Keras download for the others), none (random, for smoke tests) or a path to a Keras weights file."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache file to write. Default: cache/<dataset>-<backbone>[-<size>][-flip].h5 (size when not the backbone's own)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass. Default: 32 on CPU, 256 on a GPU."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize images to this square size. Default: the backbone's (`tlfeat backbones`)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass. Default: 32 on CPU, 256 on a GPU. Refused when its decoded images would not fit in half the available memory."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize images to this square size, 32 to 1024. Default: the backbone's (`tlfeat backbones`)."),
     tta: str = typer.Option(TTA_MODES[0], "--tta", help="Test-time augmentation: none, or flip (the mean of the features of each image and its mirror; twice the compute)."),
     dtype: str = typer.Option("float32", "--dtype", help="Storage type of the features: float32 or float16."),
     seed: int = typer.Option(0, "--seed", help="Seed of the stratified train/val/test split."),
     split: str = typer.Option(DEFAULT_SPLIT, "--split", help="train,val,test shares for a flat dataset (val carved from train when only train/test exist)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache made with other settings instead of refusing."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache made with other settings (or damaged) instead of refusing; re-label a cache split with another --seed/--split."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     # "\\[" keeps Rich from reading [data] as markup in --help.
     engine: str = typer.Option(ENGINES[0], "--engine", help="local (this process) or ray (a Ray Data pipeline: decoding tasks, one backbone per actor; needs pip install 'ray\\[data]')."),
@@ -59,6 +60,8 @@ def extract(
         workers=None if engine == "ray" else workers,
     )
     typer.echo(summary_line(summary))
+    for note in summary.notes:
+        typer.echo(f"note: {note}")
     for path, reason in summary.skipped[:20]:
         typer.echo(f"  skipped {path}: {reason}")
     if len(summary.skipped) > 20:
@@ -74,12 +77,20 @@ def summary_line(summary: ExtractSummary) -> str:
         skipped_now = summary.n_computed - summary.n_embedded
         work = (f"{summary.n_computed} attempted ({summary.n_embedded} embedded, {skipped_now} skipped), "
                 f"{summary.n_reused} reused")
+    if summary.n_retried:
+        work += f" ({summary.n_retried} previously skipped retried)"
     rate = f", {summary.images_per_s:.1f} images/s" if summary.n_computed else ""
     return (
         f"{summary.out}: {summary.n_images} images x {summary.feature_dim} dims ({splits}), "
-        f"{summary.n_skipped} image files skipped; this run: {work}; {len(summary.ignored)} non-image files ignored; "
+        f"{summary.n_skipped} image files skipped; this run: {work}; {_counted_reasons(summary.ignored, 'ignored')}; "
         f"{summary.seconds:.1f} s{rate}"
     )
+
+
+def _counted_reasons(items: list[tuple[str, str]], what: str) -> str:
+    """'N what (n1 reason1, n2 reason2)', most frequent reason first."""
+    counts = Counter(reason for _, reason in items)
+    return f"{len(items)} {what}" + (f" ({', '.join(f'{n} {reason}' for reason, n in counts.most_common())})" if counts else "")
 
 
 @app.command("backbones")

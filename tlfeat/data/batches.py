@@ -87,6 +87,13 @@ def iter_batches(
         yield from pool.batches(paths, size, batch_size, prefetch_batches)
 
 
+def bytes_in_flight(batch_size: int, size: int, prefetch_batches: int = 2) -> int:
+    """The most memory a run's decoded images take at once: the shared buffer's batch slots (uint8), and
+    the batch the model takes in as float32."""
+    batch = batch_size * size * size * 3
+    return (prefetch_batches + 2) * batch + 4 * batch
+
+
 _SHARED: list[DecodePool] = []  # at most one
 
 

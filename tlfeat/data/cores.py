@@ -1,4 +1,4 @@
-"""How many CPUs this process may use, the default number of decoding workers."""
+"""How many CPUs this process may use, the default number of decoding workers, and the memory available."""
 
 from __future__ import annotations
 
@@ -54,3 +54,18 @@ def _quota(quota_file: Path, period_file: Path | None = None) -> float | None:
 def default_workers() -> int:
     """Decoding processes when none are asked for: one per available core."""
     return available_cores()
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can give without swapping (MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None

@@ -9,22 +9,27 @@ Two layouts are understood:
 * pre-split: ``ROOT/train/<class>/...``, optional ``ROOT/val/...``, optional
   ``ROOT/test/...``; without ``val/``, val is carved out of train the same way.
 
-The split is stable as well as deterministic: inside each class, files are
-ordered by a hash of (seed, relative path), and the first share goes to train,
-the next to val, the rest to test. Adding or removing one image moves at most a
-boundary image, never reshuffles the rest.
+An image's split is a function of the image alone: its relative path, the seed
+and the ratios map through SHA-256 to a number in [0, 1), compared with the
+cumulative shares (`split_of`). Adding, removing or failing images never moves
+any other image, and the same files and seed always give the same split. The
+price: per-class counts follow the ratios up to sampling noise (binomial), not
+exactly.
 """
 
 from __future__ import annotations
 
+import errno
 import gc
 import hashlib
+import math
 import os
+import stat
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from tlfeat.errors import TlfeatError
 
@@ -32,7 +37,9 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 )
 SPLITS = ("train", "val", "test")
-DEFAULT_RATIOS = (0.5625, 0.1875, 0.25)  # the study's 270/90/120 of 480 per class
+DEFAULT_RATIOS = (0.5625, 0.1875, 0.25)  # the study's shares (270/90/120 of 480 per class, on average)
+# Recorded in caches: a cache split by another rule would be re-labelled by a rerun, so reruns compare it.
+SPLIT_RULE = "sha256(seed, path) vs cumulative shares"
 
 
 @dataclass(frozen=True, slots=True)  # slots: a million entries take a third of the memory
@@ -57,6 +64,7 @@ class DatasetScan:
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason)
     seed: int = 0
     ratios: tuple[float, float, float] = DEFAULT_RATIOS
+    notes: list[str] = field(default_factory=list)  # one line each: rescaled shares, classes with no train image
 
     @property
     def name(self) -> str:
@@ -81,99 +89,157 @@ def class_of(relpath: str, layout: str) -> str:
     return parts[position] if len(parts) > position + 1 else ""
 
 
-def _validate_ratios(ratios: tuple[float, float, float]) -> tuple[float, float, float]:
-    if len(ratios) != 3 or any(r < 0 for r in ratios) or ratios[0] <= 0:
-        raise TlfeatError(f"split ratios {ratios}: need three non-negative numbers with train > 0")
-    total = sum(ratios)
-    return (ratios[0] / total, ratios[1] / total, ratios[2] / total)
+def normalise_ratios(ratios: Sequence[float]) -> tuple[tuple[float, float, float], str | None]:
+    """Shares that sum to 1, and a note when the given ones summed to neither 1 nor 100 (rescaled)."""
+    if len(ratios) != 3 or not all(math.isfinite(r) and r >= 0 for r in ratios) or not ratios[0] > 0:
+        shown = ",".join(f"{r:g}" for r in ratios)
+        raise TlfeatError(f"`ratios={shown}`: need three finite, non-negative numbers with train > 0")
+    total = float(sum(ratios))
+    shares = (ratios[0] / total, ratios[1] / total, ratios[2] / total)
+    note = None
+    if not (math.isclose(total, 1.0, rel_tol=1e-6) or math.isclose(total, 100.0, rel_tol=1e-6)):
+        note = (
+            f"split shares {','.join(f'{r:g}' for r in ratios)} sum to {total:g}, not 100: rescaled to "
+            + ",".join(f"{100 * s:.4g}" for s in shares)
+        )
+    return shares, note
 
 
-def _stable_order(relpaths: list[str], seed: int) -> list[str]:
-    return sorted(relpaths, key=lambda p: hashlib.sha256(f"{seed}\0{p}".encode()).digest())
+def _unit_hash(relpath: str, seed: int) -> float:
+    digest = hashlib.sha256(f"{seed}\0{relpath}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def _assign(relpaths: list[str], shares: tuple[float, ...], names: tuple[str, ...], seed: int) -> dict[str, str]:
-    """Give each path one of `names`, in proportion to `shares`, by stable hash order."""
-    ordered = _stable_order(relpaths, seed)
-    n = len(ordered)
-    bounds, acc = [], 0.0
-    for share in shares:
-        acc += share
-        bounds.append(round(n * acc))
-    bounds[-1] = n
-    if n > 1 and bounds[0] == 0:
-        bounds[0] = 1  # every class keeps at least one training image
-    result, start = {}, 0
-    for name, stop in zip(names, bounds):
-        for path in ordered[start:stop]:
-            result[path] = name
-        start = max(start, stop)
-    return result
+def split_of(relpath: str, seed: int, ratios: Sequence[float]) -> str:
+    """The split ("train", "val" or "test") of a flat dataset's image at `relpath`, given seed and ratios."""
+    return _flat_split_of(relpath, seed, normalise_ratios(ratios)[0])
+
+
+def _flat_split_of(relpath: str, seed: int, shares: tuple[float, float, float]) -> str:
+    u = _unit_hash(relpath, seed)
+    return "train" if u < shares[0] else "val" if u < shares[0] + shares[1] else "test"
+
+
+def _carved_split_of(relpath: str, seed: int, shares: tuple[float, float, float]) -> str:
+    """A pre-split dataset's train/ image without a val/ folder: train or val, in the ratio train:val."""
+    return "train" if _unit_hash(relpath, seed) < shares[0] / (shares[0] + shares[1]) else "val"
 
 
 def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _list_images(root: Path, class_dir: Path, ignored: list[tuple[str, str]]) -> list[tuple[str, int, int]]:
-    """Image files under one class folder (recursively) as (relpath, size, mtime_ns); everything else
-    is recorded in `ignored`.
+def _utf8(name: str) -> bool:
+    """False for names the OS handed over with undecodable bytes (surrogate escapes): HDF5 cannot store them."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
-    One `stat` per regular file (from `os.scandir`, which already knows the file type) and no path
+
+def _shown(relpath: str) -> str:
+    """A path for messages: undecodable bytes as \\xNN."""
+    return os.fsencode(relpath).decode("utf-8", "backslashreplace")
+
+
+Ignored = list[tuple[str, str]]  # (relpath as shown, reason)
+_LOOP = "symlink loop (a folder that contains itself)"
+
+
+def _stat(entry: os.DirEntry, rel: str, ignored: Ignored) -> os.stat_result | None:
+    """The stat of what `entry` leads to, symlinks followed; None (recorded in `ignored`) where it leads nowhere."""
+    try:
+        return entry.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            reason = "symlink loop"
+        elif entry.is_symlink():
+            reason = "broken symlink (its target is missing)"
+        else:
+            reason = f"cannot be read ({exc.strerror})"
+        ignored.append((_shown(rel), reason))
+        return None
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _entries(folder: str, rel: str, ignored: Ignored) -> list[tuple[str, str, os.stat_result]]:
+    """(name, relpath, stat) of what a folder holds, hidden and unnamable entries recorded in `ignored`.
+
+    One `stat` per entry, symlinks followed (`os.scandir` knows a hidden folder without one); no path
     objects: at a million files the scan costs little more than the stats themselves.
     """
-    found: list[tuple[str, int, int]] = []
-    root_real = os.path.realpath(root)
-    folders = [(str(class_dir), Path(os.path.relpath(class_dir, root)).as_posix())]
-    while folders:
-        folder, rel_folder = folders.pop()
-        try:
-            listing = sorted(os.scandir(folder), key=lambda entry: entry.name)
-        except OSError:  # unreadable: skipped, as os.walk did
-            continue
-        subfolders = []
-        for entry in listing:
-            name, rel = entry.name, f"{rel_folder}/{entry.name}"
-            if entry.is_dir(follow_symlinks=False):
-                if not _is_hidden(name):
-                    subfolders.append((entry.path, rel))
-                continue
-            if _is_hidden(name):
-                ignored.append((rel, "hidden file"))
-            elif name[name.rfind(".") :].lower() not in IMAGE_EXTENSIONS:  # no dot: the last letter, never listed
-                ignored.append((rel, "not an image file extension"))
-            elif entry.is_file(follow_symlinks=False):
-                st = entry.stat(follow_symlinks=False)
-                found.append((rel, st.st_size, st.st_mtime_ns))
-            elif entry.is_symlink():
-                _add_symlink(entry.path, rel, root_real, found, ignored)
+    try:
+        with os.scandir(folder) as listing:
+            found = sorted(listing, key=lambda entry: entry.name)
+    except OSError as exc:
+        ignored.append((_shown(rel), f"folder cannot be read ({exc.strerror})"))
+        return []
+    result = []
+    for entry in found:
+        name = entry.name
+        child = f"{rel}/{name}" if rel else name
+        if not _utf8(name):
+            ignored.append((_shown(child), "name is not valid UTF-8 (cannot be stored in the cache)"))
+        elif _is_hidden(name):
+            ignored.append((child, "hidden folder" if _is_folder(entry) else "hidden file"))
+        elif (st := _stat(entry, child, ignored)) is not None:
+            result.append((name, child, st))
+    return result
+
+
+def _list_images(
+    folder: str, rel: str, ancestors: frozenset[tuple[int, int]], ignored: Ignored
+) -> list[tuple[str, os.stat_result]]:
+    """Image files under one class folder (recursively, symlinks followed wherever they point), with their stat.
+
+    `ancestors` are the (device, inode) of the folders above, so a symlink back up is recorded, not walked.
+    """
+    found = []
+    for name, child, st in _entries(folder, rel, ignored):
+        full = os.path.join(folder, name)
+        if stat.S_ISDIR(st.st_mode):  # also a folder named like an image
+            if (st.st_dev, st.st_ino) in ancestors:
+                ignored.append((child, _LOOP))
             else:
-                ignored.append((rel, "not a regular file"))
-        folders.extend(reversed(subfolders))  # visited in name order, each after this folder's files
+                found += _list_images(full, child, ancestors | {(st.st_dev, st.st_ino)}, ignored)
+        elif name[name.rfind(".") :].lower() not in IMAGE_EXTENSIONS:  # no dot: the last letter, never listed
+            ignored.append((child, "not an image file extension"))
+        elif not stat.S_ISREG(st.st_mode):
+            ignored.append((child, "not a regular file"))  # a pipe or device would block or never end
+        else:
+            found.append((child, st))
     return found
 
 
-def _add_symlink(
-    full: str, rel: str, root_real: str, found: list[tuple[str, int, int]], ignored: list[tuple[str, str]]
-) -> None:
-    target = os.path.realpath(full)
-    if not os.path.exists(target):
-        ignored.append((rel, "broken or looping symlink"))
-    elif os.path.commonpath([root_real, target]) != root_real:
-        ignored.append((rel, "symlink points outside the dataset"))
-    elif not os.path.isfile(target):
-        ignored.append((rel, "not a regular file"))
-    else:
-        st = os.stat(target)
-        found.append((rel, st.st_size, st.st_mtime_ns))
+def _class_dirs(
+    folder: str, rel: str, ancestors: frozenset[tuple[int, int]], ignored: Ignored, what: str
+) -> dict[str, tuple[str, str, frozenset[tuple[int, int]]]]:
+    """Sub-folders of `folder` (symlinks followed): name -> (path, relpath, ancestors for their walk).
+
+    Anything else there is recorded in `ignored`, saying it is not in a class folder (`what`).
+    """
+    dirs = {}
+    for name, child, st in _entries(folder, rel, ignored):
+        if not stat.S_ISDIR(st.st_mode):
+            ignored.append((child, what))
+        elif (st.st_dev, st.st_ino) in ancestors:
+            ignored.append((child, _LOOP))
+        else:
+            dirs[name] = (os.path.join(folder, name), child, ancestors | {(st.st_dev, st.st_ino)})
+    return dirs
 
 
-def _class_dirs(folder: Path) -> dict[str, Path]:
-    return {
-        p.name: p
-        for p in sorted(folder.iterdir())
-        if p.is_dir() and not p.is_symlink() and not _is_hidden(p.name)
-    }
+def _class_images(
+    folder: str, rel: str, ancestors: frozenset[tuple[int, int]], ignored: Ignored
+) -> dict[str, list[tuple[str, os.stat_result]]]:
+    return {name: _list_images(*where, ignored) for name, where in _class_dirs(folder, rel, ancestors, ignored, "not in a class folder").items()}
 
 
 @contextmanager
@@ -204,21 +270,27 @@ def _scan(root: Path, seed: int, ratios: tuple[float, float, float]) -> DatasetS
         raise TlfeatError(f"{root}: is a file, not a dataset folder (expected a folder with one sub-folder of images "
                           "per class)")
     root = root.resolve()
-    train_share, val_share, test_share = _validate_ratios(ratios)
-    ignored: list[tuple[str, str]] = []
-    top = _class_dirs(root)
-    split_dirs = {s: top[s] for s in SPLITS if s in top}
+    shares, ratio_note = normalise_ratios(ratios)
+    ignored: Ignored = []
+    root_stat = root.stat()
+    root_id = frozenset({(root_stat.st_dev, root_stat.st_ino)})
+    names = {name for name, _, st in _entries(str(root), "", []) if stat.S_ISDIR(st.st_mode)}
 
-    # split -> class -> [(relpath, size, mtime_ns)]
-    found: dict[str, dict[str, list[tuple[str, int, int]]]] = {}
-    if split_dirs:
-        if "train" not in split_dirs:
-            raise TlfeatError(f"{root}: has {'/'.join(split_dirs)} folders but no train/ folder")
-        for split, folder in split_dirs.items():
-            found[split] = {c: _list_images(root, d, ignored) for c, d in _class_dirs(folder).items()}
+    # split -> class -> [(relpath, stat)]
+    found: dict[str, dict[str, list[tuple[str, os.stat_result]]]] = {}
+    if names & set(SPLITS):
+        if "train" not in names:
+            present = "/".join(s for s in SPLITS if s in names)
+            raise TlfeatError(f"{root}: has {present} folders but no train/ folder")
+        top = _class_dirs(str(root), "", root_id, ignored, "not in a train/val/test folder")
+        for name, (folder, rel, ancestors) in top.items():
+            if name in SPLITS:
+                found[name] = _class_images(folder, rel, ancestors, ignored)
+            else:
+                ignored.append((rel, "not a train/val/test folder of a pre-split dataset"))
         layout = "pre-split"
     else:
-        found["all"] = {c: _list_images(root, d, ignored) for c, d in top.items()}
+        found["all"] = _class_images(str(root), "", root_id, ignored)
         layout = "flat"
 
     class_names = sorted({c for per_class in found.values() for c in per_class})
@@ -240,26 +312,20 @@ def _scan(root: Path, seed: int, ratios: tuple[float, float, float]) -> DatasetS
     by_split: dict[str, list[ImageEntry]] = {split: [] for split in SPLITS}
     for class_name in class_names:  # each class's listing is let go once its entries exist
         if layout == "flat":
-            files = found["all"].pop(class_name)
-            assignment = _assign(
-                [rel for rel, _, _ in files], (train_share, val_share, test_share), SPLITS, seed
-            )
+            files = [(rel, st, _flat_split_of(rel, seed, shares)) for rel, st in found["all"].pop(class_name)]
         else:
-            files = found["train"].pop(class_name)
-            if "val" in found:
-                assignment = {rel: "train" for rel, _, _ in files}
-            else:
-                carve = val_share / (train_share + val_share)
-                assignment = _assign([rel for rel, _, _ in files], (1 - carve, carve), ("train", "val"), seed)
-            for split in ("val", "test"):
-                extra = found.get(split, {}).pop(class_name, [])
-                files = files + extra
-                assignment.update({rel: split for rel, _, _ in extra})
-        files.sort()  # by relpath: the order inside (split, class)
-        for rel, size, mtime_ns in files:
-            split = assignment[rel]
-            by_split[split].append(ImageEntry(rel, class_name, split, size, mtime_ns))
+            files = [(rel, st, "train" if "val" in found else _carved_split_of(rel, seed, shares))
+                     for rel, st in found["train"].pop(class_name)]
+            files += [(rel, st, split) for split in ("val", "test") for rel, st in found.get(split, {}).pop(class_name, [])]
+        files.sort(key=lambda item: item[0])  # by relpath: the order inside (split, class)
+        for rel, st, split in files:
+            by_split[split].append(ImageEntry(rel, class_name, split, st.st_size, st.st_mtime_ns))
 
     # Canonical order (split, class, path), from classes taken in order: no million sort keys.
     entries = [entry for split in SPLITS for entry in by_split[split]]
-    return DatasetScan(root, layout, class_names, entries, ignored, seed, (train_share, val_share, test_share))
+    notes = [ratio_note] if ratio_note else []
+    in_train = {e.class_name for e in entries if e.split == "train"}
+    if len(in_train) < len(class_names):
+        missing = ", ".join(c for c in class_names if c not in in_train)
+        notes.append(f"class(es) {missing} drew no train image (too few images for these shares)")
+    return DatasetScan(root, layout, class_names, entries, ignored, seed, shares, notes)

@@ -107,6 +107,14 @@ class Ledger:
         self.record(self.add_source(source, len(rows.paths)), rows.paths, rows.file_size, rows.file_mtime_ns)
         self.record(0, rows.skipped_paths, rows.skipped_size, rows.skipped_mtime_ns, failed=rows.skipped_reasons)
 
+    def forget(self, paths: Sequence[str]) -> None:
+        """Send these paths' images back to be computed (rows found unusable after they were recorded)."""
+        hint = 0
+        for path in paths:
+            i = self.locate(path, hint)
+            if i >= 0:
+                self.where[i], hint = NOWHERE, i + 1
+
     def todo(self) -> list[ImageEntry]:
         """The entries to compute, in canonical order."""
         return [self.entries[i] for i in np.flatnonzero(self.where == NOWHERE)]

@@ -18,18 +18,20 @@ import time
 from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-
-from tlfeat.backbones import get_backbone, weights_identity
+from tlfeat.backbones import get_backbone, resolve_image_size, weights_identity
 from tlfeat.backbones.preprocessing import NO_TTA
-from tlfeat.cache import CacheKey, CacheReader, Rows, key_from_attrs, remove_stale_temporaries
-from tlfeat.data.scan import DEFAULT_RATIOS, DatasetScan, scan_dataset
+from tlfeat.cache import CacheKey, CacheReader, Rows, key_from_attrs
+from tlfeat.data.batches import bytes_in_flight
+from tlfeat.data.cores import available_memory
+from tlfeat.data.decode import DecodeError, decode_image
+from tlfeat.data.scan import DEFAULT_RATIOS, SPLIT_RULE, DatasetScan, scan_dataset
 from tlfeat.errors import TlfeatError
 from tlfeat.extraction.engines import make_engine
-from tlfeat.extraction.ledger import OLD_CACHE, PATH_CHUNK_ROWS, Ledger, same_as_file, write_final
-from tlfeat.extraction.shards import ShardStore
-from tlfeat.fileio import OutputLock
+from tlfeat.extraction.ledger import FAILED, NOWHERE, OLD_CACHE, PATH_CHUNK_ROWS, Ledger, same_as_file, write_final
+from tlfeat.extraction.shards import NON_FINITE_REASON, ShardStore, without_non_finite
+from tlfeat.fileio import OutputLock, check_output_path, remove_stale_temporaries
 from tlfeat.progress import progress_bar
 from tlfeat.runtime import check_tta
 
@@ -54,6 +56,8 @@ class ExtractSummary:
     images_per_s: float  # computed rows per second of this run
     split_counts: dict[str, int] = field(default_factory=dict)
     up_to_date: bool = False
+    notes: list[str] = field(default_factory=list)  # one line each: rescaled shares, re-labelled rows, ...
+    n_retried: int = 0  # previously skipped files tried again (every run)
 
 
 class ShardWriter:
@@ -105,35 +109,87 @@ def default_output(data: Path, backbone: str, image_size: int | None = None, tta
     return Path("cache") / f"{Path(data).resolve().name}-{backbone}{size}{flip}.h5"
 
 
-def _record_earlier_work(key: CacheKey, out: Path, shards: ShardStore, overwrite: bool, ledger: Ledger) -> None:
+def _record_earlier_work(
+    key: CacheKey, out: Path, shards: ShardStore, overwrite: bool, ledger: Ledger, scan: DatasetScan, notes: list[str],
+) -> bool:
     """Enter in the ledger the rows of earlier work under `key`: the finished cache, then unfinished shards.
 
-    Only their paths and file identities are read, never their features.
+    Only their paths and file identities are read, never their features (except, once, in a cache written
+    before non-finite rows were refused). With `overwrite`, work under another key, or in a damaged cache,
+    is dropped (a note says so); work under this key is reused, re-labelled if the split moved (said too).
+    Returns whether the finished cache's rows are in the ledger.
     """
-    if out.exists() and not overwrite:
-        with CacheReader(out) as old:
-            old_key = key_from_attrs(old.attrs)
-            if old_key != key:
-                raise TlfeatError(
-                    f"{out}: cache was made with other settings ({key.differences(old_key)} "
-                    "[this run vs file]); pass `overwrite` to replace it or `out` for a new file"
-                )
-            base = ledger.add_source(OLD_CACHE, old.n_rows)
-            for start in range(0, old.n_rows, PATH_CHUNK_ROWS):
-                ledger.record(base + start, *old.identities(start, start + PATH_CHUNK_ROWS))
-            paths, reasons, sizes, mtimes = old.skipped()
-            ledger.record(0, paths, sizes, mtimes, failed=reasons)
+    reused = False
+    if out.exists():
+        try:
+            with CacheReader(out) as old:
+                old_key = key_from_attrs(old.attrs)
+                if old_key == key:
+                    if overwrite:
+                        old.verify()  # a damaged cache asked to be overwritten is recomputed, not copied from
+                    _check_split(old, ledger, scan, overwrite, notes)
+                    base = ledger.add_source(OLD_CACHE, old.n_rows)
+                    for start in range(0, old.n_rows, PATH_CHUNK_ROWS):
+                        ledger.record(base + start, *old.identities(start, start + PATH_CHUNK_ROWS))
+                    paths, reasons, sizes, mtimes = old.skipped()
+                    ledger.record(0, paths, sizes, mtimes, failed=reasons)
+                    ledger.forget([old.identities(int(r), int(r) + 1)[0][0] for r in old.non_finite_rows()])
+                    reused = True
+                elif not overwrite:
+                    raise TlfeatError(
+                        f"{out}: cache was made with other settings ({key.differences(old_key)} "
+                        "[this run vs file]); pass `overwrite` to replace it or `out` for a new file"
+                    )
+        except TlfeatError as exc:  # with `overwrite`, only an unreadable or damaged cache gets here
+            if not overwrite:
+                raise
+            notes.append(f"could not reuse {exc}: its images are computed again")
+            ledger.where[:] = NOWHERE
+            ledger.reasons.clear()
+            reused = False
     shard_key = shards.key()
-    if shard_key is not None and shard_key != key and not overwrite:
-        raise TlfeatError(
-            f"{shards.dir}: unfinished run with other settings ({key.differences(shard_key)} "
-            "[this run vs unfinished]); rerun that command to finish it, or pass `overwrite`"
-        )
-    if overwrite:
+    if shard_key is not None and shard_key != key:
+        if not overwrite:
+            raise TlfeatError(
+                f"{shards.dir}: unfinished run with other settings ({key.differences(shard_key)} "
+                "[this run vs unfinished]); rerun that command to finish it, or pass `overwrite`"
+            )
         shards.clear()
     elif shard_key == key:
         for number, rows in shards.read_index():
             ledger.record_rows(number, rows)
+    return reused
+
+
+def _check_split(old: CacheReader, ledger: Ledger, scan: DatasetScan, overwrite: bool, notes: list[str]) -> None:
+    """Refuse a run whose split would move rows of the cache `old`; with `overwrite`, say that it does."""
+    moved, hint = 0, 0
+    for start in range(0, old.n_rows, PATH_CHUNK_ROWS):
+        stored = old.rows(start, start + PATH_CHUNK_ROWS, with_features=False)
+        for path, split in zip(stored.paths, stored.split):
+            i = ledger.locate(path, hint)
+            if i >= 0:
+                hint = i + 1
+                moved += ledger.entries[i].split != split
+    if not moved:
+        return
+    settings = (f"seed {old.attrs.get('seed')} -> {scan.seed}, shares {_shares(old.attrs.get('split_ratios'))} -> "
+                f"{_shares(scan.ratios)}")
+    if old.attrs.get("split_rule") != SPLIT_RULE:
+        settings += "; the cache was split by an earlier tlfeat's rule"
+    if not overwrite:
+        raise TlfeatError(
+            f"{old.path}: this run's split puts {moved} of its {old.n_rows} rows in another split ({settings}); "
+            "rerun with the cache's `seed` and `ratios`, or pass `overwrite` to re-label them"
+        )
+    notes.append(f"re-labelled {moved} of {old.n_rows} rows of {old.path} to this run's split ({settings})")
+
+
+def _shares(ratios: Any) -> str:
+    try:
+        return "/".join(f"{100 * float(r):.4g}" for r in ratios)
+    except (TypeError, ValueError):
+        return repr(ratios)
 
 
 def extract(
@@ -163,49 +219,62 @@ def extract(
     spec = get_backbone(backbone)
     if dtype not in DTYPES:
         raise TlfeatError(f"`dtype={dtype!r}`: use float32 or float16")
-    if batch_size is not None and batch_size < 1:
-        raise TlfeatError(f"`batch_size={batch_size!r}`: must be at least 1")
     check_tta(tta)
-    size = image_size or spec.input_size
-    if size < 32:
-        raise TlfeatError(f"`image_size={size!r}`: must be at least 32 pixels")
-    scan = scan_dataset(data, seed=seed, ratios=ratios)
-    out = Path(out) if out is not None else default_output(scan.root, spec.name, size, tta)
-    if out.exists() and out.is_dir():
-        raise TlfeatError(f"{out}: is a folder; `out` needs a file path such as {out / 'features.h5'}")
-    weights_id = weights_identity(spec, weights)
+    size = resolve_image_size(spec, image_size)
+    if batch_size is not None:
+        _check_batch_size(batch_size, size)
+    stage, parts = "scanning the dataset", None  # what a Ctrl-C interrupts; where finished batches are kept
+    try:
+        scan = scan_dataset(data, seed=seed, ratios=ratios)
+        out = Path(out) if out is not None else default_output(scan.root, spec.name, size, tta)
+        if out.exists() and out.is_dir():
+            raise TlfeatError(f"{out}: is a folder; `out` needs a file path such as {out / 'features.h5'}")
+        check_output_path(out)
+        weights_id = weights_identity(spec, weights)
+        parts = ShardStore(out).dir  # a file squatting on its name is refused here, before any work
 
-    with OutputLock(out), make_engine(engine, spec, weights, size, batch_size, ray_options, workers, tta) as runner:
-        remove_stale_temporaries(out)
-        shards = ShardStore(out)
-        key = CacheKey(spec.name, weights_id, size, spec.preprocessing, dtype, runner.compute, tta=tta)
-        ledger = Ledger(scan.entries, scan.layout)
-        _record_earlier_work(key, out, shards, overwrite, ledger)
+        stage = "loading the model"
+        with OutputLock(out), make_engine(engine, spec, weights, size, batch_size, ray_options, workers, tta) as runner:
+            remove_stale_temporaries(out)
+            shards = ShardStore(out)
+            key = CacheKey(spec.name, weights_id, size, spec.preprocessing, dtype, runner.compute, tta=tta)
+            ledger = Ledger(scan.entries, scan.layout)
+            notes = list(scan.notes)
+            reuse_old = _record_earlier_work(key, out, shards, overwrite, ledger, scan, notes)
+            notes += shards.notices
+            n_retried, reasons_changed = _recheck_skipped(scan, ledger, size)
 
-        todo = ledger.todo()
-        n_reused = len(scan.entries) - len(todo)
-        compute_seconds = 0.0
-        if todo:
-            computed_before = time.perf_counter()
-            try:
+            todo = ledger.todo()
+            n_reused = len(scan.entries) - len(todo)
+            compute_seconds = 0.0
+            if todo:
+                computed_before = time.perf_counter()
                 with progress_bar(len(todo), progress, f"extract {spec.name}") as bar, \
                         ShardWriter(shards, key, ledger.record_rows) as writer, \
                         closing(runner.embed(scan.root, todo, bar)) as batches:
                     for rows in batches:  # closed however the loop ends: the decoding pool is free again
-                        writer.put(rows)
-            except KeyboardInterrupt:
-                raise TlfeatError(
-                    f"interrupted: finished batches are kept in {shards.dir}; "
-                    "rerun the same command to resume"
-                ) from None
-            compute_seconds = time.perf_counter() - computed_before
+                        stage = "computing"
+                        writer.put(without_non_finite(rows))  # a failure of those images, never features
+                compute_seconds = time.perf_counter() - computed_before
 
-        with CacheReader(out) if out.exists() and not overwrite else nullcontext() as old:
-            up_to_date = not todo and old is not None and same_as_file(old, ledger, scan.class_names, scan.seed)
-            if not up_to_date:
-                write_final(out, key, ledger, scan.class_names, old, shards, spec.feature_dim,
-                            _final_attrs(scan, weights, size, runner.keras_backend()))
-        shards.clear()
+            with CacheReader(out) if reuse_old else nullcontext() as old:
+                up_to_date = (
+                    not todo and not reasons_changed and old is not None
+                    and old.attrs.get("split_ratios") == list(scan.ratios) and old.attrs.get("split_rule") == SPLIT_RULE
+                    and same_as_file(old, ledger, scan.class_names, scan.seed)
+                )
+                if up_to_date:
+                    old.verify()  # "up to date" is said of a file whose every feature still passes its checksum
+                if not up_to_date:
+                    stage = "writing"
+                    try:
+                        write_final(out, key, ledger, scan.class_names, old, shards, spec.feature_dim,
+                                    _final_attrs(scan, weights, size, runner.keras_backend()))
+                    except TlfeatError as exc:
+                        raise TlfeatError(f"{exc}; {_KEPT.format(parts=parts)} to finish") from None
+            shards.clear()
+    except KeyboardInterrupt:
+        raise TlfeatError(_interrupted(stage, out, parts)) from None
 
     skipped = [(e.relpath, reason) for e, reason in ledger.failures()]
     failed = {path for path, _ in skipped}
@@ -223,7 +292,56 @@ def extract(
         images_per_s=len(todo) / compute_seconds if todo and compute_seconds > 0 else 0.0,
         split_counts=ledger.split_counts(),
         up_to_date=up_to_date,
+        notes=notes,
+        n_retried=n_retried,
     )
+
+
+_KEPT = "finished batches are kept in {parts}: rerun the same command"
+
+
+def _interrupted(stage: str, out: Path | None, parts: Path | None) -> str:
+    """The one line for a Ctrl-C, by what it interrupted."""
+    if stage == "writing":
+        return f"interrupted while writing {out}: the previous cache is unchanged; {_KEPT.format(parts=parts)} to finish"
+    if stage == "computing":
+        return f"interrupted: {_KEPT.format(parts=parts)} to resume"
+    return f"interrupted while {stage}; nothing was written"
+
+
+def _check_batch_size(batch_size: int, size: int) -> None:
+    """At least 1, and its decoded images in flight within half the memory available now."""
+    if batch_size < 1:
+        raise TlfeatError(f"`batch_size={batch_size}`: must be at least 1")
+    need, free = bytes_in_flight(batch_size, size), available_memory()
+    if free is not None and need > free / 2:
+        fits = max(1, batch_size * free // (2 * need))
+        raise TlfeatError(
+            f"`batch_size={batch_size}` at {size} px holds {need / 2**30:.1f} GiB of decoded images at once; "
+            f"{free / 2**30:.1f} GiB of memory is available: use `batch_size={fits}` or less"
+        )
+
+
+def _recheck_skipped(scan: DatasetScan, ledger: Ledger, size: int) -> tuple[int, bool]:
+    """Retry every previously skipped, unchanged file (a chmod or mv can fix it without touching size or mtime).
+
+    Decoding needs no model, so it happens here: a file that still fails keeps its skip with today's reason;
+    one that decodes now goes back to be computed. Images the backbone gave NaN or inf for are not retried:
+    the same file through the same model gives the same features. Returns how many were retried, and
+    whether a reason changed.
+    """
+    retried, changed = 0, False
+    for i in [i for i, reason in ledger.reasons.items() if ledger.where[i] == FAILED and reason != NON_FINITE_REASON]:
+        retried += 1
+        try:
+            decode_image(scan.root / ledger.entries[i].relpath, size)
+        except DecodeError as exc:
+            changed = changed or str(exc) != ledger.reasons[i]
+            ledger.reasons[i] = str(exc)
+            continue
+        ledger.where[i] = NOWHERE
+        del ledger.reasons[i]
+    return retried, changed
 
 
 def _final_attrs(scan: DatasetScan, weights: str, size: int, keras_backend: str) -> dict:
@@ -234,6 +352,7 @@ def _final_attrs(scan: DatasetScan, weights: str, size: int, keras_backend: str)
         "layout": scan.layout,
         "seed": scan.seed,
         "split_ratios": list(scan.ratios),
+        "split_rule": SPLIT_RULE,
         "weights_source": weights_source,
         "resize": f"pillow-bilinear {size}x{size}, aspect not kept",
     }

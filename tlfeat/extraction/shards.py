@@ -3,13 +3,19 @@
 Written as each batch completes (temporary name, fsync, rename), so a killed run
 loses at most the batch in flight; read back by the next run (the index of every
 shard first, the features of each only when the final write needs them), and
-removed once the final cache is written.
+removed once the final cache is written. Each shard's name carries the SHA-256
+of its bytes, so a shard damaged on disk is found, discarded with a notice and
+its images computed again, rather than read as data or left to block every
+resume. Rows whose features hold NaN or inf never become shard rows: they are
+failures of those images (`without_non_finite`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
@@ -18,20 +24,48 @@ import numpy as np
 
 from tlfeat.cache import OLD_DECODE, CacheKey, Rows
 from tlfeat.errors import TlfeatError
-from tlfeat.fileio import atomic_write_bytes
+from tlfeat.fileio import atomic_write_bytes, os_reason, sha256_file
+
+SHARD_DIGEST_CHARS = 32  # hex digits of SHA-256 in a shard's name: 128 bits
+_SHARD_NAME = re.compile(r"shard-(\d{7,})-([0-9a-f]{%d})\.npz" % SHARD_DIGEST_CHARS)
+NON_FINITE_REASON = "the backbone gave NaN or inf features for this image"
+
+
+def without_non_finite(rows: Rows) -> Rows:
+    """`rows` with every row whose features hold NaN or inf moved to the skipped files, with the reason."""
+    finite = np.isfinite(rows.features).all(axis=1) if len(rows.paths) else np.ones(0, dtype=bool)
+    if finite.all():
+        return rows
+    keep, drop = np.flatnonzero(finite), np.flatnonzero(~finite)
+    return Rows(
+        paths=[rows.paths[i] for i in keep],
+        features=rows.features[keep],
+        file_size=[rows.file_size[i] for i in keep],
+        file_mtime_ns=[rows.file_mtime_ns[i] for i in keep],
+        skipped_paths=rows.skipped_paths + [rows.paths[i] for i in drop],
+        skipped_reasons=rows.skipped_reasons + [NON_FINITE_REASON] * len(drop),
+        skipped_size=rows.skipped_size + [rows.file_size[i] for i in drop],
+        skipped_mtime_ns=rows.skipped_mtime_ns + [rows.file_mtime_ns[i] for i in drop],
+    )
 
 
 class ShardStore:
     """Batches finished by an unfinished run, in ``<out>.parts/``: one .npz per batch.
 
-    ``meta.json`` records the CacheKey; shards from another key are never read.
+    ``meta.json`` records the CacheKey; shards from another key are never read. A shard is named
+    ``shard-<number>-<sha256 of its bytes>.npz``; one that fails that check or does not load is deleted
+    and noted in `notices` (its images are simply computed again).
     """
 
     def __init__(self, out: Path) -> None:
         self.dir = Path(str(out) + ".parts")
+        if self.dir.exists() and not self.dir.is_dir():  # found now, not after the first batch is computed
+            raise TlfeatError(f"{self.dir}: is a file; it is where this output's unfinished batches go: move it away")
         # Known after the first shard, so writing stays O(1) per shard over runs of many thousands.
         self._next_index: int | None = None
         self._started: CacheKey | None = None
+        self._files: dict[int, Path] = {}  # number -> file, for the shards read or written by this run
+        self.notices: list[str] = []  # one line per discarded shard
 
     def key(self) -> CacheKey | None:
         meta = self.dir / "meta.json"
@@ -48,10 +82,13 @@ class ShardStore:
             return
         if self.dir.exists() and self.key() != key:
             self.clear()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        meta = self.dir / "meta.json"
-        if not meta.exists():
-            atomic_write_bytes(meta, json.dumps(asdict(key)).encode())
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            meta = self.dir / "meta.json"
+            if not meta.exists():
+                atomic_write_bytes(meta, json.dumps(asdict(key)).encode())
+        except OSError as exc:
+            raise TlfeatError(f"{self.dir}: cannot write here ({os_reason(exc)})") from None
         self._started = key
 
     def _shard_files(self) -> list[Path]:
@@ -60,38 +97,55 @@ class ShardStore:
     def write(self, rows: Rows) -> int:
         """Store one batch's rows as the next shard; returns its number."""
         if self._next_index is None:
-            existing = self._shard_files()
-            self._next_index = int(existing[-1].stem.removeprefix("shard-")) + 1 if existing else 0
+            existing = [_SHARD_NAME.fullmatch(p.name) for p in self._shard_files()]
+            self._next_index = max((int(m[1]) + 1 for m in existing if m), default=0)
         index = self._next_index
         self._next_index += 1
-        target = self._path(index)
         tmp = self.dir / f".tmp-{os.getpid()}-{index}.npz"
-        with open(tmp, "wb") as handle:
-            np.savez(
-                handle,
-                paths=np.array(rows.paths, dtype=str),
-                features=rows.features,
-                file_size=np.array(rows.file_size, dtype=np.int64),
-                file_mtime_ns=np.array(rows.file_mtime_ns, dtype=np.int64),
-                skipped_paths=np.array(rows.skipped_paths, dtype=str),
-                skipped_reasons=np.array(rows.skipped_reasons, dtype=str),
-                skipped_size=np.array(rows.skipped_size, dtype=np.int64),
-                skipped_mtime_ns=np.array(rows.skipped_mtime_ns, dtype=np.int64),
-            )
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
+        try:
+            with open(tmp, "wb") as handle:
+                np.savez(
+                    handle,
+                    paths=np.array(rows.paths, dtype=str),
+                    features=rows.features,
+                    file_size=np.array(rows.file_size, dtype=np.int64),
+                    file_mtime_ns=np.array(rows.file_mtime_ns, dtype=np.int64),
+                    skipped_paths=np.array(rows.skipped_paths, dtype=str),
+                    skipped_reasons=np.array(rows.skipped_reasons, dtype=str),
+                    skipped_size=np.array(rows.skipped_size, dtype=np.int64),
+                    skipped_mtime_ns=np.array(rows.skipped_mtime_ns, dtype=np.int64),
+                )
+                handle.flush()
+                os.fsync(handle.fileno())
+            digest = sha256_file(tmp)[:SHARD_DIGEST_CHARS]  # read back from the page cache: cheap
+            target = self.dir / f"shard-{index:07d}-{digest}.npz"
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise TlfeatError(
+                f"{self.dir}: cannot write a shard ({os_reason(exc)}); the batches finished before it are kept: "
+                "make room and rerun the same command to resume"
+            ) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._files[index] = target
         return index
-
-    def _path(self, number: int) -> Path:
-        return self.dir / f"shard-{number:07d}.npz"
 
     def read_index(self) -> Iterator[tuple[int, Rows]]:
         """(number, rows) of every complete shard, without its features (`features(number)` reads them).
 
-        A shard that cannot be read (torn by a crash) is ignored.
+        A shard that fails its checksum or cannot be read is deleted, with a line in `notices`.
         """
         for shard in self._shard_files():
+            match = _SHARD_NAME.fullmatch(shard.name)
+            problem = "has no checksum in its name (written by an older tlfeat)" if match is None else ""
+            try:
+                if match is not None and sha256_file(shard)[:SHARD_DIGEST_CHARS] != match[2]:
+                    problem = "fails its checksum (damaged on disk)"
+            except OSError as exc:
+                problem = f"cannot be read ({os_reason(exc)})"
+            if problem:
+                self._discard(shard, problem)
+                continue
             try:
                 with np.load(shard, allow_pickle=False) as data:  # an .npz reads only the members asked for
                     rows = Rows(
@@ -104,13 +158,19 @@ class ShardStore:
                         skipped_size=[int(v) for v in data["skipped_size"]],
                         skipped_mtime_ns=[int(v) for v in data["skipped_mtime_ns"]],
                     )
-            except (OSError, ValueError, KeyError, EOFError):
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+                self._discard(shard, f"cannot be read ({exc.__class__.__name__})")
                 continue
-            yield int(shard.stem.removeprefix("shard-")), rows
+            self._files[int(match[1])] = shard
+            yield int(match[1]), rows
+
+    def _discard(self, shard: Path, problem: str) -> None:
+        self.notices.append(f"{shard.name} in {self.dir} {problem}: discarded; its images are computed again")
+        shard.unlink(missing_ok=True)
 
     def features(self, number: int) -> np.ndarray:
-        """The feature rows of shard `number`."""
-        path = self._path(number)
+        """The feature rows of shard `number` (one this run read the index of, or wrote)."""
+        path = self._files[number]
         try:
             with np.load(path, allow_pickle=False) as data:
                 return data["features"]
@@ -121,6 +181,7 @@ class ShardStore:
 
     def clear(self) -> None:
         self._next_index = self._started = None
+        self._files.clear()
         if not self.dir.exists():
             return
         for item in self.dir.iterdir():
