@@ -193,6 +193,43 @@ def test_a_kill_at_any_write_leaves_every_head_whole(cache: Path, tmp_path: Path
         assert estimator.get_params()["kneighborsclassifier__n_neighbors"] == meta["params"]["k"] in (10, 20)
 
 
+HALF_WRITER = """
+import os, signal, sys
+from pathlib import Path
+from tlfeat.heads.fit import fit_heads
+
+real_write = Path.write_bytes
+
+def write_bytes(self, data):
+    if self.name.startswith(".knn.tmp-"):  # half of the new head on disk, then the kill
+        real_write(self, data[: len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_write(self, data)
+
+Path.write_bytes = write_bytes
+fit_heads([Path(sys.argv[1])], head="knn", search=True, out=Path(sys.argv[2]))
+"""
+
+
+def test_a_kill_in_the_middle_of_a_head_write_leaves_a_folder_fit_head_still_writes(cache: Path, tmp_path: Path) -> None:
+    # Before: the half-written .knn.tmp-<pid>.skops was read as a head, and every later fit-head into the folder
+    # stopped with "not a readable head file".
+    out = tmp_path / "heads"
+    fit_heads([cache], head="knn", out=out)
+    script = tmp_path / "half.py"
+    script.write_text(HALF_WRITER)
+    killed = subprocess.run([sys.executable, str(script), str(cache), str(out)], capture_output=True, text=True,
+                            env=child_env(), timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert list(out.glob(".knn.tmp-*.skops")), "the kill left its half-written head"
+    assert load_head(out / "knn.skops")[1]["params"] == {"k": 10}  # the old head, whole
+
+    result = runner.invoke(app, ["fit-head", str(cache), "--head", "knn", "--search", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert load_head(out / "knn.skops")[1]["params"] == {"k": 20} and set(summary_rows(out)) == {"knn"}
+    assert not list(out.glob(".*"))  # the leftover is gone
+
+
 def test_the_summary_covers_every_head_and_a_replaced_head_is_reported(cache: Path, tmp_path: Path) -> None:
     out = tmp_path / "heads"
     for head in ("logreg", "knn"):
