@@ -18,7 +18,10 @@ from sklearn.linear_model import LogisticRegression
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import assert_one_line_error, child_env, gaussian_blobs, summary_rows, write_synthetic_cache
+from conftest import (
+    assert_one_line_error, child_env, gaussian_blobs, make_dataset, summary_rows, write_synthetic_cache,
+)
+from tlfeat.extraction.run import extract
 from tlfeat.fileio import sha256_file
 from tlfeat.heads.fit import fit_heads
 from tlfeat.heads.registry import HEADS, STREAMING_SUFFIX, fit_estimator
@@ -106,13 +109,19 @@ def test_a_head_file_with_an_untrusted_type_is_refused_by_name_unless_trusted(
     assert trap.exists()  # what --trust allows: the file's own code ran
 
 
-def test_the_class_list_lives_in_the_model_file_and_an_edit_is_refused(cache: Path, tmp_path: Path) -> None:
+def test_the_class_list_lives_in_the_model_file_and_an_edit_is_refused(tmp_path: Path) -> None:
+    # Before: reversing the class list in logreg.json made predict print wrong class names, exit 0.
+    data = make_dataset(tmp_path / "data", n_classes=3, per_class=6)
+    cache = extract(data, tmp_path / "small.h5", weights="none", image_size=32, progress=False).out
     model = fit_heads([cache], head="logreg", out=tmp_path / "heads").results[0].files["model"]
     original = model.read_bytes()
     assert original.count(b'"class_0"') and original.count(b'"class_2"')  # the names predict prints are inside
     swapped = original.replace(b'"class_0"', b'"class_X"').replace(b'"class_2"', b'"class_0"')
     model.write_bytes(swapped.replace(b'"class_X"', b'"class_2"'))
     assert_one_line_error(runner.invoke(app, ["evaluate", str(model), str(cache)]), model.name, "Bad CRC-32")
+    # predict has no cache whose class list could disagree: the check on the file itself is what stops it.
+    predicted = runner.invoke(app, ["predict", str(model), str(data / "class_0" / "img_000.png")])
+    assert_one_line_error(predicted, model.name, "Bad CRC-32")
 
 
 def test_every_head_loads_without_trust(tmp_path: Path) -> None:
