@@ -18,7 +18,10 @@ from sklearn.linear_model import LogisticRegression
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import assert_one_line_error, child_env, gaussian_blobs, summary_rows, write_synthetic_cache
+from conftest import (
+    assert_one_line_error, child_env, gaussian_blobs, make_dataset, summary_rows, write_synthetic_cache,
+)
+from tlfeat.extraction.run import extract
 from tlfeat.fileio import sha256_file
 from tlfeat.heads.fit import fit_heads
 from tlfeat.heads.registry import HEADS, STREAMING_SUFFIX, fit_estimator
@@ -106,13 +109,19 @@ def test_a_head_file_with_an_untrusted_type_is_refused_by_name_unless_trusted(
     assert trap.exists()  # what --trust allows: the file's own code ran
 
 
-def test_the_class_list_lives_in_the_model_file_and_an_edit_is_refused(cache: Path, tmp_path: Path) -> None:
+def test_the_class_list_lives_in_the_model_file_and_an_edit_is_refused(tmp_path: Path) -> None:
+    # Before: reversing the class list in logreg.json made predict print wrong class names, exit 0.
+    data = make_dataset(tmp_path / "data", n_classes=3, per_class=6)
+    cache = extract(data, tmp_path / "small.h5", weights="none", image_size=32, progress=False).out
     model = fit_heads([cache], head="logreg", out=tmp_path / "heads").results[0].files["model"]
     original = model.read_bytes()
     assert original.count(b'"class_0"') and original.count(b'"class_2"')  # the names predict prints are inside
     swapped = original.replace(b'"class_0"', b'"class_X"').replace(b'"class_2"', b'"class_0"')
     model.write_bytes(swapped.replace(b'"class_X"', b'"class_2"'))
     assert_one_line_error(runner.invoke(app, ["evaluate", str(model), str(cache)]), model.name, "Bad CRC-32")
+    # predict has no cache whose class list could disagree: the check on the file itself is what stops it.
+    predicted = runner.invoke(app, ["predict", str(model), str(data / "class_0" / "img_000.png")])
+    assert_one_line_error(predicted, model.name, "Bad CRC-32")
 
 
 def test_every_head_loads_without_trust(tmp_path: Path) -> None:
@@ -191,6 +200,43 @@ def test_a_kill_at_any_write_leaves_every_head_whole(cache: Path, tmp_path: Path
         assert run(kill_at).returncode == -signal.SIGKILL
         estimator, meta = load_head(model)  # the old head or the new one, never a mix
         assert estimator.get_params()["kneighborsclassifier__n_neighbors"] == meta["params"]["k"] in (10, 20)
+
+
+HALF_WRITER = """
+import os, signal, sys
+from pathlib import Path
+from tlfeat.heads.fit import fit_heads
+
+real_write = Path.write_bytes
+
+def write_bytes(self, data):
+    if self.name.startswith(".knn.tmp-"):  # half of the new head on disk, then the kill
+        real_write(self, data[: len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_write(self, data)
+
+Path.write_bytes = write_bytes
+fit_heads([Path(sys.argv[1])], head="knn", search=True, out=Path(sys.argv[2]))
+"""
+
+
+def test_a_kill_in_the_middle_of_a_head_write_leaves_a_folder_fit_head_still_writes(cache: Path, tmp_path: Path) -> None:
+    # Before: the half-written .knn.tmp-<pid>.skops was read as a head, and every later fit-head into the folder
+    # stopped with "not a readable head file".
+    out = tmp_path / "heads"
+    fit_heads([cache], head="knn", out=out)
+    script = tmp_path / "half.py"
+    script.write_text(HALF_WRITER)
+    killed = subprocess.run([sys.executable, str(script), str(cache), str(out)], capture_output=True, text=True,
+                            env=child_env(), timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert list(out.glob(".knn.tmp-*.skops")), "the kill left its half-written head"
+    assert load_head(out / "knn.skops")[1]["params"] == {"k": 10}  # the old head, whole
+
+    result = runner.invoke(app, ["fit-head", str(cache), "--head", "knn", "--search", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert load_head(out / "knn.skops")[1]["params"] == {"k": 20} and set(summary_rows(out)) == {"knn"}
+    assert not list(out.glob(".*"))  # the leftover is gone
 
 
 def test_the_summary_covers_every_head_and_a_replaced_head_is_reported(cache: Path, tmp_path: Path) -> None:

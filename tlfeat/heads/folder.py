@@ -75,6 +75,9 @@ def locked_folder(out: Path) -> Iterator[Path]:
         raise TlfeatError(f"{out}: exists and is not a folder; `out` needs a folder")
     with OutputLock(out):
         out.mkdir(parents=True, exist_ok=True)
+        # Half-written temporaries of a killed run (`tlfeat.fileio.atomic_path`): nobody else writes here now.
+        for leftover in out.glob(".*.tmp-*"):
+            leftover.unlink(missing_ok=True)
         yield out
 
 
@@ -87,7 +90,7 @@ def existing_heads(out: Path) -> dict[str, dict]:
             "choose another `out`, or move them away"
         )
     heads = {}
-    for path in sorted(Path(out).glob(f"*{HEAD_SUFFIX}")):
+    for path in sorted(Path(out).glob(f"[!.]*{HEAD_SUFFIX}")):  # not the hidden temporaries of atomic writes
         meta = read_metadata(path)
         heads[meta["head"]] = meta
     return heads
