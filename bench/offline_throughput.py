@@ -51,17 +51,16 @@ def main() -> None:
     members = [Member.parse(m) for m in args.members]
     extractors = []
     for member in members:
-        spec = get_backbone(member.backbone)
-        extractor = FeatureExtractor(spec, "imagenet", member.image_size, tta=member.tta)
-        for _ in map_batches(files[: extractor.batch_size], member.image_size, spec.preprocess,
-                             extractor.batch_size, extractor):
+        extractor = FeatureExtractor(get_backbone(member.backbone), "imagenet", member.image_size, tta=member.tta)
+        warm_up = files[: extractor.batch_size]
+        for _ in map_batches(warm_up, member.image_size, extractor.batch_size, extractor.submit):
             pass  # warm-up: the first call traces the model
-        extractors.append((member, spec, extractor))
+        extractors.append((member, extractor))
     rates: dict[str, list[float]] = {m.label: [] for m in members}
     for _ in range(args.rounds):
-        for member, spec, extractor in extractors:
+        for member, extractor in extractors:
             started = time.perf_counter()
-            for _ in map_batches(files, member.image_size, spec.preprocess, extractor.batch_size, extractor):
+            for _ in map_batches(files, member.image_size, extractor.batch_size, extractor.submit):
                 pass
             rates[member.label].append(len(files) / (time.perf_counter() - started))
     base = median(rates[members[0].label])
