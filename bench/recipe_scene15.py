@@ -41,7 +41,7 @@ from pathlib import Path
 from isolated import bench_command, finish_report
 
 from tlfeat.apps.recipe import Member, member_cache, select_and_refit
-from tlfeat.data.decode import iter_batches
+from tlfeat.data.batches import iter_batches
 from tlfeat.data.scan import scan_dataset
 from tlfeat.extraction.run import extract
 from tlfeat.heads.fit import load_features
@@ -74,7 +74,7 @@ def decode_rate(data: Path, size: int, sample: int) -> float:
     scan = scan_dataset(data)
     files = [scan.root / e.relpath for e in scan.entries[:sample]]
     started = time.perf_counter()
-    for _ in iter_batches(files, size, lambda images: images, CPU_BATCH_SIZE):
+    for _ in iter_batches(files, size, CPU_BATCH_SIZE):
         pass
     return len(files) / (time.perf_counter() - started)
 
