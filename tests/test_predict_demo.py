@@ -125,6 +125,22 @@ def test_predict_refuses_features_from_other_weights(trained: dict, tmp_path: Pa
     )
 
 
+@pytest.mark.parametrize("recorded", ["pillow-bilinear", None])  # the old decoding, or none recorded (older)
+def test_predict_refuses_a_head_fitted_on_features_decoded_the_old_way(
+    trained: dict, tmp_path: Path, recorded: str | None
+) -> None:
+    # Before: predict decoded large JPEGs at reduced scale for a head fitted on full-scale decodes, silently.
+    estimator, meta = load_head(trained["single"])
+    meta["sources"][0]["decode"] = recorded
+    model = tmp_path / "logreg.skops"
+    save_head(estimator, model, meta, {})
+    image = str(next(trained["data"].glob("class_0/*.png")))
+    assert_one_line_error(
+        runner.invoke(app, ["predict", str(model), image]), "logreg.skops", "decoded as 'pillow-bilinear'",
+        "extract (and fit) again",
+    )
+
+
 def test_predict_with_nothing_readable_is_an_error(trained: dict, tmp_path: Path) -> None:
     junk = tmp_path / "junk.jpg"
     junk.write_bytes(b"\xff\xd8 not really a jpeg")

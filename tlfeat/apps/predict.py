@@ -24,6 +24,8 @@ import numpy as np
 
 from tlfeat.backbones import get_backbone, weights_identity
 from tlfeat.backbones.preprocessing import NO_TTA
+from tlfeat.cache import OLD_DECODE
+from tlfeat.data.decode import DECODE
 from tlfeat.data.scan import IMAGE_EXTENSIONS
 from tlfeat.errors import TlfeatError
 from tlfeat.heads.store import load_head
@@ -77,6 +79,13 @@ def _check_sources(model: Path, sources: list[dict]) -> None:
             raise TlfeatError(
                 f"{model}: made from {source['backbone']} features with preprocessing "
                 f"{source['preprocessing']!r}, this tlfeat uses {spec.preprocessing!r}; extract (and fit) again"
+            )
+        decode = source.get("decode") or OLD_DECODE  # not recorded: a cache from before the record existed
+        if decode != DECODE:
+            raise TlfeatError(
+                f"{model}: made from features of images decoded as {decode!r}; this tlfeat decodes as "
+                f"{DECODE!r} (images at least twice the input size are decoded at reduced scale), so new "
+                f"images would not be embedded the way its training images were: extract (and fit) again"
             )
         weights_source = source.get("weights_source")
         if not weights_source:
