@@ -254,6 +254,8 @@ def test_resume_after_a_kill_continues_from_the_saved_epoch(tmp_path: Path) -> N
         (["--unfreeze-top", "21"], ["--unfreeze-top 21", "only 20 layers"]),
         (["--unfreeze-top", "2", "--unfreeze-all"], ["exclude each other"]),
         (["--image-size", "16"], ["--image-size 16"]),
+        # 4 images a class: under seed 0 class_1 draws no train image; the message says what to do
+        (["--seed", "0"], ["class(es) class_1 have no images in the train split", "another --seed"]),
     ],
 )
 def test_bad_options_are_refused_in_one_line(tmp_path: Path, extra: list[str], fragments: list[str]) -> None:

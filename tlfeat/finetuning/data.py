@@ -114,4 +114,8 @@ def check_trainable_split(scan: DatasetScan) -> None:
     in_train = {e.class_name for e in scan.entries if e.split == "train"}
     missing = [c for c in scan.class_names if c not in in_train]
     if missing:
-        raise TlfeatError(f"{scan.root}: class(es) {', '.join(missing)} have no images in the train split")
+        raise TlfeatError(
+            f"{scan.root}: class(es) {', '.join(missing)} have no images in the train split (each image's split "
+            "is drawn on its own: with few images a class can draw none; use another `seed`, or train/ and test/ "
+            "folders)"
+        )

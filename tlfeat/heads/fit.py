@@ -199,7 +199,9 @@ def _check_trainable(features: Features, search: bool) -> None:
         if present[i] == 0:
             raise TlfeatError(
                 f"{features.label}: class {name!r} has no images in the train split "
-                f"({total[i]} in val/test); every class needs training images"
+                f"({total[i]} in val/test); every class needs training images (each image's split is drawn on its "
+                "own: with few images a class can draw none; extract with another `seed`, or use train/ and "
+                "test/ folders)"
             )
     if search and "val" not in features.split_counts():
         raise TlfeatError(
