@@ -103,6 +103,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.slow
 def test_audit_finds_planted_duplicates_test_leaks_first_and_label_errors(planted: Planted, tmp_path: Path) -> None:
     before = dataset_files(planted.root)
     result = audit(planted.cache, out=tmp_path / "audit")

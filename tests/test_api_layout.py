@@ -128,6 +128,7 @@ def test_library_errors_name_parameters_and_the_cli_names_options(tmp_path: Path
     )
 
 
+@pytest.mark.slow
 def test_the_notebook_example_runs_on_a_small_dataset(tmp_path: Path) -> None:
     # 12 a class: with 8, seed 0's per-image split draws no train image for class_1 (fit-head refuses that).
     data = make_dataset(tmp_path / "shapes", n_classes=3, per_class=12)

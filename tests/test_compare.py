@@ -40,6 +40,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 
+@pytest.mark.slow
 def test_compare_builds_one_table_from_runs_and_heads(results: Path, tmp_path: Path) -> None:
     out_csv, out_png = tmp_path / "table.csv", tmp_path / "bars.png"
     result = runner.invoke(app, ["compare", str(results), "--csv", str(out_csv), "--png", str(out_png)])
@@ -75,6 +76,7 @@ def test_compare_builds_one_table_from_runs_and_heads(results: Path, tmp_path: P
     assert "| n/a |" in result.output  # k-NN learns no parameters
 
 
+@pytest.mark.slow
 def test_compare_takes_files_once_each_and_skips_checkpoints(results: Path, tmp_path: Path) -> None:
     messy = tmp_path / "messy"
     shutil.copytree(results / "run", messy / "run")

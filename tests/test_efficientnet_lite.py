@@ -96,6 +96,7 @@ def test_block_counts_and_widths_are_read_from_the_weights() -> None:
         convert_state_dict(lite2, "efficientnet_lite1")
 
 
+@pytest.mark.slow
 def test_feature_model_outputs(features: np.ndarray, photos: np.ndarray) -> None:
     assert features.shape == (2, 1280)
     assert np.all(features >= 0) and np.all(features <= 6)  # averaged ReLU6 activations
@@ -238,6 +239,7 @@ np.save(sys.argv[2], model.predict(np.load(sys.argv[1]), verbose=0))
 # tensorflow and jax are both installed by the dev extras; torch is not (its CPU build
 # is large and a plain `pip install torch` pulls CUDA), so it is not exercised here.
 @pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+@pytest.mark.slow
 def test_same_features_under_each_keras_backend(
     backend: str, photos: np.ndarray, features: np.ndarray, tmp_path: Path
 ) -> None:

@@ -175,6 +175,7 @@ def test_missing_pyarrow_is_one_line_error(tmp_path: Path, monkeypatch: pytest.M
     export(source, "npy", tmp_path / "out")  # npy needs no pyarrow
 
 
+@pytest.mark.slow
 def test_cli_export_and_its_one_line_errors(tmp_path: Path) -> None:
     source = synthetic_cache(tmp_path / "c.h5", n=30, dim=4)
     result = run_cli("export", str(source), "--format", "npy", "--out", str(tmp_path / "np"))

@@ -24,6 +24,7 @@ FAST = dict(backbone="vgg16", weights="none", image_size=32, progress=False)
 
 
 @pytest.mark.parametrize("backbone, dim", [("resnet101", 2048), ("vgg16", 512)])
+@pytest.mark.slow
 def test_keras_backbones_give_their_feature_dims(scene15_subset: Path, tmp_path: Path, backbone: str, dim: int) -> None:
     out = tmp_path / f"{backbone}.h5"
     summary = extract(scene15_subset, out, backbone=backbone, weights="none", progress=False)
@@ -146,6 +147,7 @@ def test_second_run_on_same_output_is_locked_out_and_a_stale_lock_file_never_blo
             extract(tiny_dataset, out, **FAST)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data", n_classes=3, per_class=40)
     args = ["--backbone", "vgg16", "--weights", "none", "--image-size", "96", "--batch-size", "4", "-q"]
@@ -198,6 +200,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path) -> None:
         ("corrupt-weights", "cannot load as vgg16 weights"),  # fails once the decoding processes run
     ],
 )
+@pytest.mark.slow
 def test_cli_bad_input_is_one_line_error(tmp_path: Path, setup: str, message: str) -> None:
     root = tmp_path / "data"
     extra: list[str] = []
@@ -230,6 +233,7 @@ def test_cli_bad_input_is_one_line_error(tmp_path: Path, setup: str, message: st
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_extract_prints_summary(tiny_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "c.h5"
     result = run_cli("extract", str(tiny_dataset), "--backbone", "vgg16", "--weights", "none",
@@ -274,6 +278,7 @@ def _embed_then(tail: BaseException):
     return embed
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_every_finished_batch_including_those_still_queued_for_writing(
     tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -307,6 +312,7 @@ def test_a_failing_shard_write_stops_the_run(tiny_dataset: Path, tmp_path: Path,
     assert calls["n"] <= 4  # the run stopped soon after, not at the end
 
 
+@pytest.mark.slow
 def test_cli_workers_sets_the_local_decoding_processes(tiny_dataset: Path, tmp_path: Path) -> None:
     args = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32", "-q"]
     ok = run_cli("extract", str(tiny_dataset), "--out", str(tmp_path / "c.h5"), "--workers", "1", *args)

@@ -240,6 +240,7 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return many_files(tmp_path_factory.mktemp("big") / "data")
 
 
+@pytest.mark.slow
 def test_incremental_run_never_holds_the_rows(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, big: Path) -> None:
     out = tmp_path / "c.h5"
     run(monkeypatch, big, out, StandInEngine(dim=DIM, batch=64))
@@ -255,6 +256,7 @@ def test_incremental_run_never_holds_the_rows(monkeypatch: pytest.MonkeyPatch, t
     assert peak < FEATURES_MB / 3, f"incremental run held {peak:.1f} MB for {FEATURES_MB:.0f} MB of features"
 
 
+@pytest.mark.slow
 def test_up_to_date_rerun_reads_no_features(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, big: Path) -> None:
     out = tmp_path / "c.h5"
     run(monkeypatch, big, out, StandInEngine(dim=DIM, batch=64))
@@ -263,6 +265,7 @@ def test_up_to_date_rerun_reads_no_features(monkeypatch: pytest.MonkeyPatch, tmp
     assert peak < FEATURES_MB / 3, f"up-to-date rerun held {peak:.1f} MB for {FEATURES_MB:.0f} MB of features"
 
 
+@pytest.mark.slow
 def test_fresh_and_resumed_runs_never_hold_the_rows(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, big: Path) -> None:
     out = tmp_path / "c.h5"
     with pytest.raises(TlfeatError, match="interrupted"):

@@ -52,6 +52,7 @@ def bn_statistics(base: object) -> dict[str, list[np.ndarray]]:
     }
 
 
+@pytest.mark.slow
 def test_stages_train_the_right_layers_and_never_touch_batchnorm_statistics(
     tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -110,6 +111,7 @@ def test_stages_train_the_right_layers_and_never_touch_batchnorm_statistics(
     assert result.summary["augment"] is True and result.summary["augmentation"]
 
 
+@pytest.mark.slow
 def test_stage_2_starts_from_the_best_stage_1_epoch(
     tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -141,6 +143,7 @@ def test_stage_2_starts_from_the_best_stage_1_epoch(
     assert "stage 2 starts from stage 1's best epoch 2 (val acc 0.900" in "\n".join(lines)
 
 
+@pytest.mark.slow
 def test_run_writes_every_output_skips_unreadable_images_and_predicts(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "tiny")
     (data / "class_0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
@@ -197,6 +200,7 @@ def test_run_writes_every_output_skips_unreadable_images_and_predicts(tmp_path: 
     assert all(abs(shown_proba[n] - proba[0, i]) < 1e-3 for i, n in enumerate(names))
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_continues_from_the_saved_epoch(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "tiny")
     out = tmp_path / "run"
@@ -307,6 +311,7 @@ def test_batches_shuffle_per_epoch_with_the_seed_and_augment_only_training(tiny_
     np.testing.assert_array_equal(batch_labels, labels[20:])
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_stage_2_then_resume_keeps_unfrozen_layers_and_optimizer_state(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -41,6 +41,7 @@ def uninterrupted(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("stop_after", [(1, 1), (2, 1)], ids=["in-stage-1", "in-stage-2"])
+@pytest.mark.slow
 def test_a_run_resumed_at_an_epoch_boundary_matches_an_uninterrupted_one(
     data: Path, uninterrupted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop_after: tuple[int, int]
 ) -> None:
@@ -78,6 +79,7 @@ FINAL_STEPS = ("predict_with_model", "write_json", "plot_confusion", "plot_histo
                "save_state", "rmtree")
 
 
+@pytest.mark.slow
 def test_a_kill_at_any_final_step_leaves_a_run_that_resume_finishes(
     data: Path, uninterrupted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -132,6 +134,7 @@ def resume_cli(data: Path, out: Path, *extra: str) -> object:
     ])
 
 
+@pytest.mark.slow
 def test_resume_of_a_finished_run_refuses_more_epochs_in_one_line(data: Path, uninterrupted: Path,
                                                                    tmp_path: Path) -> None:
     out = tmp_path / "run"
@@ -144,6 +147,7 @@ def test_resume_of_a_finished_run_refuses_more_epochs_in_one_line(data: Path, un
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+@pytest.mark.slow
 def test_one_clean_line_per_epoch_with_the_progress_bar_on(data: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(progress, "LINE_EVERY_S", 0.0)  # a progress line at every batch, however fast the machine

@@ -35,6 +35,7 @@ def _env_without_log_level() -> dict[str, str]:
 # --- the TensorFlow banner ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_importing_keras_after_tlfeat_prints_no_tensorflow_banner() -> None:
     result = subprocess.run([sys.executable, "-c", "import tlfeat, keras, tensorflow; print(tensorflow.__loader__)"],
                             capture_output=True, text=True, env=_env_without_log_level(), timeout=300)
@@ -116,6 +117,7 @@ def test_progress_lines_are_whole_lines_every_few_seconds(monkeypatch: pytest.Mo
     ]
 
 
+@pytest.mark.slow
 def test_extract_to_a_log_file_writes_no_carriage_returns(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "d", n_classes=2, per_class=6)
     result = run_cli("extract", str(data), "--out", str(tmp_path / "c.h5"), *FAST, "--batch-size", "4")
@@ -193,6 +195,7 @@ def test_the_extract_summary_counts_add_up() -> None:
         _summary(n_computed=0, n_embedded=0, n_reused=39, up_to_date=True))
 
 
+@pytest.mark.slow
 def test_extract_with_unreadable_files_reports_counts_that_add_up(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "d", n_classes=2, per_class=5)
     (data / "class_0" / "broken.png").write_bytes(b"not a png")
@@ -232,6 +235,7 @@ def test_import_tlfeat_from_the_folder_above_a_clone(tmp_path: Path) -> None:
 # --- doctor --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_doctor_reports_backend_devices_precision_workers_and_versions() -> None:
     result = run_cli("doctor")
     assert result.returncode == 0, result.stderr

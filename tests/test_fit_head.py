@@ -29,6 +29,7 @@ def fit_head_cli(*args: str | Path) -> object:
 
 
 
+@pytest.mark.slow
 def test_fit_all_heads_writes_models_reports_and_a_ranked_table(tmp_path: Path) -> None:
     cache = write_synthetic_cache(tmp_path / "blobs.h5", n_per_class=40, n_classes=3)
     out = tmp_path / "heads"
@@ -82,6 +83,7 @@ def test_search_picks_the_best_value_on_val_and_records_it(tmp_path: Path) -> No
         assert f"val accuracy by {spec.label}" in result.stdout
 
 
+@pytest.mark.slow
 def test_report_head_reruns_give_the_same_scores(tmp_path: Path) -> None:
     cache = write_synthetic_cache(tmp_path / "blobs.h5")
     runs = [fit_heads([cache], head="report", out=tmp_path / f"run{i}", seed=5) for i in range(2)]
@@ -152,6 +154,7 @@ def test_search_without_val_split_is_refused(tmp_path: Path) -> None:
     assert_one_line_error(fit_head_cli(cache, "--search"), "noval.h5", "--search", "val split", "train, test")
 
 
+@pytest.mark.slow
 def test_missing_val_and_test_splits_report_what_exists(tmp_path: Path) -> None:
     cache = write_synthetic_cache(tmp_path / "trainonly.h5", splits=("train",), shares=(1.0,))
     result = fit_head_cli(cache, "--head", "all", "--out", tmp_path / "out")
@@ -195,6 +198,7 @@ def test_data_too_small_for_a_head_is_a_user_error(tmp_path: Path, monkeypatch: 
         fit_heads([cache], head="knn", out=tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_a_head_that_cannot_fit_is_skipped_and_the_others_are_summarised(tmp_path: Path) -> None:
     # 12 classes of 2 training images: linear-svm's 3-fold calibration needs 3 a class.
     cache = write_synthetic_cache(tmp_path / "pairs.h5", n_per_class=4, n_classes=12, dim=8)
@@ -208,6 +212,7 @@ def test_a_head_that_cannot_fit_is_skipped_and_the_others_are_summarised(tmp_pat
     assert_one_line_error(fit_head_cli(cache, "--head", "linear-svm", "--out", out), "linear-svm head cannot be fitted")
 
 
+@pytest.mark.slow
 def test_the_report_heads_search_changes_the_model() -> None:
     """Each value a search tries must give another model: the report head's early stopping restored the same
     best epoch whatever the epoch budget, so searching the epoch count chose between identical models."""

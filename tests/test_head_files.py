@@ -109,6 +109,7 @@ def test_a_head_file_with_an_untrusted_type_is_refused_by_name_unless_trusted(
     assert trap.exists()  # what --trust allows: the file's own code ran
 
 
+@pytest.mark.slow
 def test_the_class_list_lives_in_the_model_file_and_an_edit_is_refused(tmp_path: Path) -> None:
     # Before: reversing the class list in logreg.json made predict print wrong class names, exit 0.
     data = make_dataset(tmp_path / "data", n_classes=3, per_class=6)
@@ -125,6 +126,7 @@ def test_the_class_list_lives_in_the_model_file_and_an_edit_is_refused(tmp_path:
     assert_one_line_error(predicted, model.name, "Bad CRC-32")
 
 
+@pytest.mark.slow
 def test_every_head_loads_without_trust(tmp_path: Path) -> None:
     X, y = gaussian_blobs(20, 3, 8)
     for name, spec in HEADS.items():
@@ -180,6 +182,7 @@ print(calls)
 """
 
 
+@pytest.mark.slow
 def test_a_kill_at_any_write_leaves_every_head_whole(cache: Path, tmp_path: Path) -> None:
     out = tmp_path / "heads"
     first = fit_heads([cache], head="knn", out=out).results[0]  # k=10; the searched run below picks k=20

@@ -49,6 +49,7 @@ def fitted(blobs: dict) -> dict:
 
 
 @pytest.mark.parametrize("name", HEAD_NAMES)
+@pytest.mark.slow
 def test_every_head_is_accurate_on_separable_data(name: str, fitted: dict, blobs: dict) -> None:
     estimator = fitted[name]
     X_test, y_test = blobs["test"]
@@ -75,6 +76,7 @@ def test_heads_clone_with_their_search_parameter(name: str) -> None:
     assert estimator.get_params()[spec.param] == spec.grid[0]
 
 
+@pytest.mark.slow
 def test_report_head_reproduces_itself_with_the_same_seed(blobs: dict) -> None:
     X, y = blobs["train"]
     X_test, _ = blobs["test"]
@@ -85,6 +87,7 @@ def test_report_head_reproduces_itself_with_the_same_seed(blobs: dict) -> None:
     assert not np.allclose(other.predict_proba(X_test), runs[0].predict_proba(X_test))
 
 
+@pytest.mark.slow
 def test_report_head_early_stopping_keeps_the_best_epoch(blobs: dict) -> None:
     X, y = blobs["train"]
     head = KerasReportHead(epochs=60, patience=3).fit(X, y, validation_data=blobs["val"])
@@ -129,6 +132,7 @@ def test_unknown_head_is_a_user_error() -> None:
         get_head("svm")
 
 
+@pytest.mark.slow
 def test_report_head_passes_scikit_learn_estimator_checks() -> None:
     from sklearn.utils.estimator_checks import check_estimator
 

@@ -155,6 +155,7 @@ def tiny_tmpfs(tmp_path: Path) -> Path:
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.slow
 def test_a_real_full_disk_is_one_line_and_the_run_finishes_elsewhere(tmp_path: Path, tiny_tmpfs: Path) -> None:
     # Before: a long h5py traceback (and, on the machine, a segfault) when the final write hit ENOSPC.
     data = tmp_path / "data"

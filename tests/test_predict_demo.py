@@ -50,6 +50,7 @@ def _expected_proba(model: Path, caches: list[Path]) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("kind", ["single", "fused"])
+@pytest.mark.slow
 def test_predict_reproduces_the_cached_features(trained: dict, kind: str) -> None:
     caches = trained["caches"][:1] if kind == "single" else trained["caches"]
     expected = _expected_proba(trained[kind], caches)
@@ -201,6 +202,7 @@ def test_evaluate_on_a_re_split_extraction_scores_only_unseen_images(trained: di
     assert "note: val: " in result.stderr and "rows are rows logreg.skops was fitted on" in result.stderr
 
 
+@pytest.mark.slow
 def test_demo_runs_offline_end_to_end_and_reruns_from_the_cache(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     result = runner.invoke(app, ["demo", "--out", str(out), "-q"])

@@ -36,6 +36,7 @@ def _assert_same_cache(a: Path, b: Path) -> None:
     assert x.attrs["keras_backend"] == y.attrs["keras_backend"]
 
 
+@pytest.mark.slow
 def test_ray_engine_writes_the_local_engines_cache(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data", n_classes=3, per_class=8)
     (data / "class_1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
@@ -60,6 +61,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_killed_ray_run_resumes_and_matches_the_local_engine(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data", n_classes=3, per_class=40)
     args = ["--backbone", "vgg16", "--weights", "none", "--image-size", "96", "--batch-size", "4", "-q"]
@@ -89,6 +91,7 @@ def test_killed_ray_run_resumes_and_matches_the_local_engine(tmp_path: Path) -> 
     _assert_same_cache(out, tmp_path / "local.h5")
 
 
+@pytest.mark.slow
 def test_a_worker_that_cannot_load_the_model_fails_the_run_in_one_line(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data", n_classes=2, per_class=2)
     weights = tmp_path / "broken.weights.h5"
@@ -132,6 +135,7 @@ def test_without_ray_installed_the_ray_engine_says_how_to_get_it(tmp_path: Path)
     assert "error: --engine ray needs Ray Data, which is not installed: pip install" in result.stderr
 
 
+@pytest.mark.slow
 def test_the_local_engine_never_imports_ray(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data", n_classes=2, per_class=2)
     script = (

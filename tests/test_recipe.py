@@ -33,6 +33,7 @@ def _recipe(subset: Path, name: str, cache_dir: Path) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_fast_recipe_end_to_end_then_reuses_its_cache(subset: Path, tmp_path: Path) -> None:
     first = _recipe(subset, "fast", tmp_path)
     member = tmp_path / "subset-efficientnet_lite0.h5"  # the file `tlfeat extract` writes by default

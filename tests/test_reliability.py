@@ -14,6 +14,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 
 from conftest import REPO, child_env, extract_run_counts, make_dataset, run_cli
 from hostile import write_corpus
@@ -104,6 +105,7 @@ def _assert_cache_opens_cleanly(out: Path) -> None:
         assert len(data) == len(data.features) and np.isfinite(data.features).all()
 
 
+@pytest.mark.slow
 def test_cache_survives_sigkill_at_many_points(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data", n_classes=3, per_class=20)
     out = tmp_path / "killed.h5"
@@ -169,6 +171,7 @@ def test_cache_survives_sigkill_at_many_points(tmp_path: Path) -> None:
     np.testing.assert_allclose(a.features[late], b.features[late], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_concurrent_extract_on_same_output_stops_at_once(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data", n_classes=2, per_class=60)
     out = tmp_path / "c.h5"
@@ -192,6 +195,7 @@ def _state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
+@pytest.mark.slow
 def test_a_killed_run_still_unreaped_as_a_zombie_does_not_block_the_rerun(tmp_path: Path) -> None:
     # Before: the lock was a pid checked with kill(pid, 0), which a zombie passes: every rerun refused
     # with "another tlfeat run (pid N) is writing this output" until the zombie was reaped.

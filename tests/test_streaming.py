@@ -32,6 +32,7 @@ def test_streaming_fit_over_many_chunks_is_close_to_the_in_memory_fit(tmp_path: 
     assert streamed.scores["test"]["accuracy"] > 0.9  # and both are well above chance (0.25)
 
 
+@pytest.mark.slow
 def test_streaming_memory_stays_near_the_chunk_not_the_cache(tmp_path: Path) -> None:
     rows, dim = 16000, 512
     cache = write_synthetic_cache(tmp_path / "big.h5", n_per_class=rows // 4, n_classes=4, dim=dim)

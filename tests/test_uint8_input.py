@@ -24,6 +24,7 @@ def _pixels(folder: Path, n: int = 6) -> np.ndarray:
     ("resnet101", "none"), ("vgg16", "none"), ("efficientnet_lite0", "imagenet"),  # caffe, caffe, lite
     ("densenet121", "none"), ("mobilenet_v2", "none"),  # torch, tf: one of each other keras.applications mode
 ])
+@pytest.mark.slow
 def test_uint8_in_graph_features_match_the_float32_preprocessed_path(
     scene15_subset: Path, backbone: str, weights: str
 ) -> None:
