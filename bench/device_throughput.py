@@ -22,6 +22,8 @@ backbone and batch size, one JSON line:
   extract_loop_img_s    the same run's decode-compute-shard loop alone (ExtractSummary.images_per_s):
                         what the scan and the final write, which run before and after it, cost
   ratio                 extract_img_s / compute_alone_img_s
+  extract_s, loop_s     the warm run's seconds, and its loop's; scan_s: one scan of the dataset alone, so
+                        extract_s - loop_s - scan_s is about what the final write costs
 With --workers N ..., one line per decoding pool size (default: one per core).
 """
 
@@ -73,7 +75,9 @@ def measure(
     started = time.perf_counter()
     extractor = get_extractor(spec, weights, size, batch_size)
     built = time.perf_counter()
+    scan_started = time.perf_counter()
     scan = scan_dataset(data)
+    scan_s = time.perf_counter() - scan_started  # the serial step before extract's loop (warm page cache)
     files = [scan.root / e.relpath for e in scan.entries]
     batches = [b.pixels[b.ok].copy() for b in iter_batches(files, size, batch_size)]  # copied: buffers are reused
     extractor(batches[0])  # compiles
@@ -100,6 +104,8 @@ def measure(
             "build_s": built - started, "compile_s": compiled - built, "compute_alone_img_s": compute_rate,
             "extract_first_img_s": rates[0], "extract_img_s": rates[1],
             "extract_loop_img_s": summary.images_per_s, "ratio": rates[1] / compute_rate,
+            "extract_s": summary.n_computed / rates[1], "loop_s": summary.n_computed / summary.images_per_s,
+            "scan_s": scan_s,
         }
 
 
