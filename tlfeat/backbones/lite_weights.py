@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tlfeat.backbones.efficientnet_lite import (
+from tlfeat.backbones.lite_architecture import (
     HEAD_CHANNELS, NUM_CLASSES, STEM_CHANNELS, VARIANTS, LiteVariant, block_specs, get_variant, stage_plan,
 )
 from tlfeat.errors import TlfeatError

@@ -78,7 +78,7 @@ _UNFREEZE_TOP = {"efficientnet_lite0": 47, "resnet101": 146, "vgg16": 10}
 
 
 def _lite_records() -> list[Backbone]:
-    from tlfeat.backbones.efficientnet_lite import HEAD_CHANNELS, VARIANTS
+    from tlfeat.backbones.lite_architecture import HEAD_CHANNELS, VARIANTS
 
     return [
         Backbone(

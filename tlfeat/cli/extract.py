@@ -11,7 +11,7 @@ import typer
 from tlfeat.backbones import DEFAULT_BACKBONE, list_backbones
 from tlfeat.backbones.preprocessing import TTA_MODES
 from tlfeat.cli.common import DEFAULT_SPLIT, app, parse_ratios, user_errors
-from tlfeat.extraction.engines import ENGINES
+from tlfeat.extraction.run import ENGINES
 
 if TYPE_CHECKING:
     from tlfeat.extraction.run import ExtractSummary

@@ -1,4 +1,4 @@
-"""Extraction engines: where the backbone runs. A small table maps each engine name to its class.
+"""Extraction engines: where the backbone runs (`tlfeat.extraction.run.make_engine` picks one by name).
 
 An engine is entered around a run and yields one `Rows` per finished batch;
 `tlfeat.extraction.run` keys, shards, resumes and writes those rows the same way
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -18,15 +18,8 @@ from tlfeat.backbones import Backbone
 from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.cache import Rows
 from tlfeat.data.scan import ImageEntry
-from tlfeat.errors import TlfeatError, parameter_error
 from tlfeat.data.batches import shared_pool
 from tlfeat.runtime import accelerator_present, compute_policy, get_extractor, map_batches
-
-if TYPE_CHECKING:
-    from tlfeat.extraction.ray_engine import RayOptions
-
-ENGINES = ("local", "ray")
-
 
 class Engine(Protocol):
     """Where the backbone runs. Entered around a run; `compute` is known on entry, before any image."""
@@ -95,24 +88,3 @@ def batch_rows(
         skipped_size=[e.size for e, _ in failed],
         skipped_mtime_ns=[e.mtime_ns for e, _ in failed],
     )
-
-
-def make_engine(
-    engine: str, backbone: Backbone, weights: str, image_size: int, batch_size: int | None,
-    ray_options: RayOptions | None, workers: int | None = None, tta: str = NO_TTA,
-) -> Engine:
-    """The engine named `engine`; `workers` are the local engine's decoding processes (Ray's are `ray_options`')."""
-    if engine not in ENGINES:
-        raise TlfeatError(f"`engine={engine!r}`: use {' or '.join(ENGINES)}")
-    if ray_options is not None and engine != "ray":
-        raise TlfeatError("`address`, `num_gpus_per_worker` and Ray's actors need `engine='ray'`")
-    if engine == "ray":
-        if workers is not None:
-            raise TlfeatError("`workers` sets the local engine's decoding processes; Ray's actors are "
-                              "RayOptions(workers=...)")
-        from tlfeat.extraction.ray_engine import RayEngine, RayOptions
-
-        return RayEngine(backbone, weights, image_size, batch_size, ray_options or RayOptions(), tta)
-    if workers is not None and workers < 1:
-        raise parameter_error("workers", workers, "must be at least 1")
-    return LocalEngine(backbone, weights, image_size, batch_size, workers, tta)

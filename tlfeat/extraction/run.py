@@ -20,15 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from tlfeat.backbones import get_backbone, resolve_image_size, weights_identity
+from tlfeat.backbones import Backbone, get_backbone, resolve_image_size, weights_identity
 from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.cache import CacheKey, CacheReader, Rows, key_from_attrs
 from tlfeat.data.batches import bytes_in_flight
 from tlfeat.data.cores import available_memory
 from tlfeat.data.decode import DecodeError, decode_image
 from tlfeat.data.scan import DEFAULT_RATIOS, SPLIT_RULE, DatasetScan, scan_dataset
-from tlfeat.errors import TlfeatError
-from tlfeat.extraction.engines import make_engine
+from tlfeat.errors import TlfeatError, parameter_error
+from tlfeat.extraction.engines import Engine, LocalEngine
 from tlfeat.extraction.ledger import FAILED, NOWHERE, OLD_CACHE, PATH_CHUNK_ROWS, Ledger, same_as_file, write_final
 from tlfeat.extraction.shards import NON_FINITE_REASON, ShardStore, without_non_finite
 from tlfeat.fileio import OutputLock, check_output_path, remove_stale_temporaries
@@ -190,6 +190,30 @@ def _shares(ratios: Any) -> str:
         return "/".join(f"{100 * float(r):.4g}" for r in ratios)
     except (TypeError, ValueError):
         return repr(ratios)
+
+
+ENGINES = ("local", "ray")
+
+
+def make_engine(
+    engine: str, backbone: Backbone, weights: str, image_size: int, batch_size: int | None,
+    ray_options: RayOptions | None, workers: int | None = None, tta: str = NO_TTA,
+) -> Engine:
+    """The engine named `engine`; `workers` are the local engine's decoding processes (Ray's are `ray_options`')."""
+    if engine not in ENGINES:
+        raise TlfeatError(f"`engine={engine!r}`: use {' or '.join(ENGINES)}")
+    if ray_options is not None and engine != "ray":
+        raise TlfeatError("`address`, `num_gpus_per_worker` and Ray's actors need `engine='ray'`")
+    if engine == "ray":
+        if workers is not None:
+            raise TlfeatError("`workers` sets the local engine's decoding processes; Ray's actors are "
+                              "RayOptions(workers=...)")
+        from tlfeat.extraction.ray_engine import RayEngine, RayOptions
+
+        return RayEngine(backbone, weights, image_size, batch_size, ray_options or RayOptions(), tta)
+    if workers is not None and workers < 1:
+        raise parameter_error("workers", workers, "must be at least 1")
+    return LocalEngine(backbone, weights, image_size, batch_size, workers, tta)
 
 
 def extract(
