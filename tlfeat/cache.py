@@ -260,12 +260,14 @@ class CacheReader:
             paths=paths, split=split, class_names=self.class_names, attrs=self.attrs,
         )
 
-    def identities(self, start: int, stop: int) -> tuple[list[str], list[int], list[int]]:
-        """Rows start:stop's paths and file identities (size, mtime_ns): what tells a reusable row."""
+    def identities(self, start: int, stop: int) -> tuple[list[str], list[int], list[int], list[str]]:
+        """Rows start:stop's paths, file identities (size, mtime_ns) and splits: what tells a reusable row."""
         handle = self._handle
-        with reading(self.path, "paths and file identities"):
+        with reading(self.path, "paths, file identities and split"):
+            split = list(handle["split"].asstr()[start:stop])
+            checked_labels(self.path, handle["labels"][start:stop], split, len(self.class_names))  # damage: 1 line
             return (list(handle["paths"].asstr()[start:stop]), handle["file_size"][start:stop].tolist(),
-                    handle["file_mtime_ns"][start:stop].tolist())
+                    handle["file_mtime_ns"][start:stop].tolist(), split)
 
     def skipped(self) -> tuple[list[str], list[str], list[int], list[int]]:
         """The skipped files: paths, reasons, sizes, mtimes (few: read whole)."""
@@ -287,17 +289,9 @@ WRITE_CHUNK_ROWS = 1024
 
 
 def write_cache(
-    path: Path,
-    key: CacheKey,
-    features: np.ndarray | Sequence[np.ndarray],
-    labels: np.ndarray,
-    paths: list[str],
-    split: list[str],
-    file_size: list[int],
-    file_mtime_ns: list[int],
-    class_names: list[str],
-    skipped: list[tuple[str, str, int, int]],
-    extra_attrs: dict,
+    path: Path, key: CacheKey, features: np.ndarray | Sequence[np.ndarray], labels: np.ndarray, paths: list[str],
+    split: list[str], file_size: list[int], file_mtime_ns: list[int], class_names: list[str],
+    skipped: list[tuple[str, str, int, int]], extra_attrs: dict,
 ) -> None:
     """Write a complete cache atomically (temporary file, fsync, rename).
 

@@ -102,6 +102,16 @@ class Ledger:
                 where[i] = FAILED
                 reasons[i] = failed[k]
 
+    def moved(self, paths: Sequence[str], splits: Sequence[str]) -> int:
+        """How many of `paths` (stored in `splits`) the scan puts in another split."""
+        count, hint = 0, 0
+        for path, split in zip(paths, splits):
+            i = self.locate(path, hint)
+            if i >= 0:
+                hint = i + 1
+                count += self.entries[i].split != split
+        return count
+
     def record_rows(self, source: int, rows: Rows) -> None:
         """A shard's or a batch's Rows: its rows, then its failures."""
         self.record(self.add_source(source, len(rows.paths)), rows.paths, rows.file_size, rows.file_mtime_ns)

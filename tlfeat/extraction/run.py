@@ -127,10 +127,12 @@ def _record_earlier_work(
                 if old_key == key:
                     if overwrite:
                         old.verify()  # a damaged cache asked to be overwritten is recomputed, not copied from
-                    _check_split(old, ledger, scan, overwrite, notes)
-                    base = ledger.add_source(OLD_CACHE, old.n_rows)
-                    for start in range(0, old.n_rows, PATH_CHUNK_ROWS):
-                        ledger.record(base + start, *old.identities(start, start + PATH_CHUNK_ROWS))
+                    base, moved = ledger.add_source(OLD_CACHE, old.n_rows), 0
+                    for start in range(0, old.n_rows, PATH_CHUNK_ROWS):  # the paths column read once
+                        paths, sizes, mtimes, splits = old.identities(start, start + PATH_CHUNK_ROWS)
+                        ledger.record(base + start, paths, sizes, mtimes)
+                        moved += ledger.moved(paths, splits)
+                    _check_split(old, moved, scan, overwrite, notes)
                     paths, reasons, sizes, mtimes = old.skipped()
                     ledger.record(0, paths, sizes, mtimes, failed=reasons)
                     ledger.forget([old.identities(int(r), int(r) + 1)[0][0] for r in old.non_finite_rows()])
@@ -161,16 +163,8 @@ def _record_earlier_work(
     return reused
 
 
-def _check_split(old: CacheReader, ledger: Ledger, scan: DatasetScan, overwrite: bool, notes: list[str]) -> None:
-    """Refuse a run whose split would move rows of the cache `old`; with `overwrite`, say that it does."""
-    moved, hint = 0, 0
-    for start in range(0, old.n_rows, PATH_CHUNK_ROWS):
-        stored = old.rows(start, start + PATH_CHUNK_ROWS, with_features=False)
-        for path, split in zip(stored.paths, stored.split):
-            i = ledger.locate(path, hint)
-            if i >= 0:
-                hint = i + 1
-                moved += ledger.entries[i].split != split
+def _check_split(old: CacheReader, moved: int, scan: DatasetScan, overwrite: bool, notes: list[str]) -> None:
+    """Refuse a run whose split moves `moved` rows of the cache `old`; with `overwrite`, say that it does."""
     if not moved:
         return
     settings = (f"seed {old.attrs.get('seed')} -> {scan.seed}, shares {_shares(old.attrs.get('split_ratios'))} -> "

@@ -12,6 +12,8 @@ failures of those images (`without_non_finite`).
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import re
@@ -103,21 +105,24 @@ class ShardStore:
         self._next_index += 1
         tmp = self.dir / f".tmp-{os.getpid()}-{index}.npz"
         try:
+            buffer = io.BytesIO()  # built in memory so that it is hashed as written, not read back
+            np.savez(
+                buffer,
+                paths=np.array(rows.paths, dtype=str),
+                features=rows.features,
+                file_size=np.array(rows.file_size, dtype=np.int64),
+                file_mtime_ns=np.array(rows.file_mtime_ns, dtype=np.int64),
+                skipped_paths=np.array(rows.skipped_paths, dtype=str),
+                skipped_reasons=np.array(rows.skipped_reasons, dtype=str),
+                skipped_size=np.array(rows.skipped_size, dtype=np.int64),
+                skipped_mtime_ns=np.array(rows.skipped_mtime_ns, dtype=np.int64),
+            )
+            payload = buffer.getbuffer()
+            digest = hashlib.sha256(payload).hexdigest()[:SHARD_DIGEST_CHARS]
             with open(tmp, "wb") as handle:
-                np.savez(
-                    handle,
-                    paths=np.array(rows.paths, dtype=str),
-                    features=rows.features,
-                    file_size=np.array(rows.file_size, dtype=np.int64),
-                    file_mtime_ns=np.array(rows.file_mtime_ns, dtype=np.int64),
-                    skipped_paths=np.array(rows.skipped_paths, dtype=str),
-                    skipped_reasons=np.array(rows.skipped_reasons, dtype=str),
-                    skipped_size=np.array(rows.skipped_size, dtype=np.int64),
-                    skipped_mtime_ns=np.array(rows.skipped_mtime_ns, dtype=np.int64),
-                )
+                handle.write(payload)
                 handle.flush()
                 os.fsync(handle.fileno())
-            digest = sha256_file(tmp)[:SHARD_DIGEST_CHARS]  # read back from the page cache: cheap
             target = self.dir / f"shard-{index:07d}-{digest}.npz"
             os.replace(tmp, target)
         except OSError as exc:
