@@ -247,7 +247,9 @@ def test_ctrl_c_while_the_model_loads_is_one_line(tiny_dataset: Path, tmp_path: 
     out = tmp_path / "c.h5"
     proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "extract", str(tiny_dataset), "--out", str(out),
                              "--backbone", "vgg16", "--weights", "none", "--image-size", "32", "-q"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+                            # Ctrl-C as in a terminal: a runner started in the background hands down SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not Path(str(out) + ".lock").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
