@@ -261,7 +261,7 @@ def test_final_write_takes_rows_without_stacking_them(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert peak < n * dim * 4 / 4, f"the write held {peak / 2**20:.1f} MB for {n * dim * 4 / 2**20:.1f} MB of rows"
     with h5py.File(tmp_path / "c.h5", "r") as handle:
-        assert handle["features"].dtype == np.float16 and handle["features"].chunks[0] == 1024
+        assert handle["features"].dtype == np.float16 and handle["features"].chunks[0] == cache.FILE_CHUNK_ROWS
         np.testing.assert_array_equal(handle["features"][...], np.stack(rows).astype(np.float16))
 
 

@@ -114,7 +114,7 @@ def _open_for_read(path: Path) -> h5py.File:
     if not path.exists():
         raise TlfeatError(f"{path}: cache file not found")
     try:
-        handle = h5py.File(path, "r")
+        handle = h5py.File(path, "r", rdcc_nbytes=READ_CHUNK_CACHE_BYTES)
     except OSError as exc:
         raise TlfeatError(f"{path}: not a readable HDF5 cache ({exc.__class__.__name__})") from None
     try:
@@ -285,7 +285,13 @@ class CacheReader:
         self.close()
 
 
-WRITE_CHUNK_ROWS = 1024
+WRITE_CHUNK_ROWS = 1024  # rows handed to HDF5 per write: whole chunks of the features
+# Rows per HDF5 chunk of the features (1 MiB at 1280-d float32). HDF5 filters (fletcher32) a whole chunk
+# at a time through buffers of its size, which its free lists keep: 5 MiB chunks cost a writer 16 MB.
+FILE_CHUNK_ROWS = 256
+# Per dataset: holds a chunk of the features up to 4096-d float32, so runs of rows read one after another
+# from the same chunk (an incremental run's reused rows) decode it once instead of once per run.
+READ_CHUNK_CACHE_BYTES = 4 << 20
 
 
 def write_cache(
@@ -339,7 +345,7 @@ class CacheWriter:
         self._handle = handle = h5py.File(self._sink, "w")
         # fletcher32: HDF5 checks every chunk on read, so damaged numbers raise instead of passing as data.
         handle.create_dataset("features", shape=(n, dim), dtype=self.key.dtype, maxshape=(None, dim),
-                              chunks=(max(1, min(n, WRITE_CHUNK_ROWS)), dim), fletcher32=True)
+                              chunks=(max(1, min(n, FILE_CHUNK_ROWS)), dim), fletcher32=True)
         for name, dtype in (("labels", np.int32), ("file_size", np.int64), ("file_mtime_ns", np.int64)):
             _numbers(handle, name, np.zeros(n, dtype=dtype))
         handle.create_dataset("paths", shape=(n,), dtype=_STR)
