@@ -1,7 +1,8 @@
 """Extraction's driver at scale, without a model or images: peak RSS and seconds of each step.
 
 Usage:
-    python bench/merge_scale.py [--rows 100000 1000000] [--dim 1280] [--batch 256] [--grow 0.01] [--root DIR]
+    python bench/merge_scale.py [--rows 100000 1000000] [--dim 1280] [--batch 256] [--grow 0.01] [--rate 15000]
+                                [--root DIR]
 
 For each size N: synthetic shards of N random `dim`-d rows (batches of `batch`
 rows, as an interrupted run leaves them) are written first (not measured); then,
@@ -16,6 +17,11 @@ stand-ins:
 
 Steps:
 
+* ``fresh N`` (smallest N only): nothing on disk yet; the engine computes every
+  row at `rate` images/s (a device's pace) and the final file is written while it
+  does; its tail (last batch to finished file) is compared with ``merge N``, the
+  time to write the same file from shards alone, which is what the tail was when
+  the final write followed the compute;
 * ``merge N``: the resumed run: every row is in the shards; the final file is
   gathered from them;
 * ``grow N`` (largest N only): the dataset grows by `grow` (new files between
@@ -119,12 +125,16 @@ def _write_shards(root: str, n: str, dim: str, batch: str) -> dict:
 
 
 class StandInEngine:
-    """Random rows for every file it is given, batch by batch (the seed: the batch's first entry index)."""
+    """Random rows for every file it is given, batch by batch (the seed: the batch's first entry index).
+
+    With `rate` (images/s), batches come no faster than a device computing at that rate would give them.
+    """
 
     compute = "float32"
 
-    def __init__(self, dim: int, batch: int) -> None:
-        self.dim, self.batch = dim, batch
+    def __init__(self, dim: int, batch: int, rate: float = 0.0) -> None:
+        self.dim, self.batch, self.rate = dim, batch, rate
+        self.last_batch_at = 0.0  # when the last batch was handed over
 
     def __enter__(self) -> "StandInEngine":
         return self
@@ -138,12 +148,17 @@ class StandInEngine:
     def embed(self, root: Path, todo: list, bar: Any) -> Iterator[Any]:
         from tlfeat.extraction.engines import batch_rows
 
+        start = time.perf_counter()
         for first in range(0, len(todo), self.batch):
             entries = todo[first : first + self.batch]
-            yield batch_rows(entries, _features(10**9 + first, len(entries), self.dim), range(len(entries)), [])
+            rows = batch_rows(entries, _features(10**9 + first, len(entries), self.dim), range(len(entries)), [])
+            if self.rate:
+                time.sleep(max(0.0, start + (first + len(entries)) / self.rate - time.perf_counter()))
+            self.last_batch_at = time.perf_counter()
+            yield rows
 
 
-def _run(root: str, n: str, every: str, dim: str, batch: str) -> dict:
+def _run(root: str, n: str, every: str, dim: str, batch: str, rate: str = "0") -> dict:
     import numpy as np
 
     import tlfeat.extraction.run as run_module
@@ -153,25 +168,39 @@ def _run(root: str, n: str, every: str, dim: str, batch: str) -> dict:
     files = Files(int(n), int(every))
     scan = DatasetScan(Path(root), "flat", [f"c{c:02d}" for c in range(CLASSES)], files)  # type: ignore[arg-type]
     run_module.scan_dataset = lambda data, seed, ratios: scan
-    run_module.make_engine = lambda *args: StandInEngine(int(dim), int(batch))
+    engine = StandInEngine(int(dim), int(batch), float(rate))
+    run_module.make_engine = lambda *args: engine
     start = time.perf_counter()
     summary = run_module.extract(root, Path(root) / "cache.h5", backbone=BACKBONE, weights="none", image_size=32,
                                  progress=False)
-    seconds = time.perf_counter() - start
+    end = time.perf_counter()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with CacheReader(Path(root) / "cache.h5") as cache:  # checked after the peak is taken
         assert cache.n_rows == len(files)
+        fresh = summary.n_computed == len(files)
         for shard in range(0, files.old_count(), int(batch) * max(1, files.old_count() // int(batch) // 50)):
-            position = files.position_of_old(shard)  # the first row of a shard
+            position = files.position_of_old(shard)  # the first row of a shard (or, fresh, of a batch)
             row = cache.rows(position, position + 1)
             assert row.paths[0] == files[position].relpath
-            assert np.array_equal(row.features[0], _features(shard, 1, int(dim))[0]), position
+            seed = 10**9 + shard if fresh else shard
+            assert np.array_equal(row.features[0], _features(seed, 1, int(dim))[0]), position
+    computed = {"tail_seconds": end - engine.last_batch_at} if summary.n_computed else {}
     return {"rows": len(files), "computed": summary.n_computed, "reused": summary.n_reused,
-            "up_to_date": summary.up_to_date, "seconds": seconds, "peak_rss_mb": peak}
+            "up_to_date": summary.up_to_date, "seconds": end - start, "peak_rss_mb": peak, **computed}
 
 
 def _child(kind: str, *args: str) -> dict:
     return _write_shards(*args) if kind == "shards" else _run(*args)
+
+
+def _step(report: dict, folder: Path, name: str, n: int, growth: str, args: argparse.Namespace) -> None:
+    rate = "0" if name in ("merge", "rerun") else str(args.rate)
+    result = run_isolated(__file__, name, str(folder), str(n), growth, str(args.dim), str(args.batch), rate)
+    report["steps"].append({"step": f"{name} {n}", **result})
+    tail = f", {result['tail_seconds']:.2f} s after the last batch" if "tail_seconds" in result else ""
+    print(f"{name} {n}: {result['rows']} rows (computed {result['computed']}, reused "
+          f"{result['reused']}{', up to date' if result['up_to_date'] else ''}): "
+          f"{result['seconds']:.1f} s{tail}, peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
 
 
 def main() -> None:
@@ -180,6 +209,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=1280)
     parser.add_argument("--batch", type=int, default=256, help="rows per shard (the engine's batch)")
     parser.add_argument("--grow", type=float, default=0.01, help="share of new files in the growth step")
+    parser.add_argument("--rate", type=float, default=15000.0,
+                        help="images/s of the stand-in engine where it computes (fresh and grow steps): a device's pace")
     parser.add_argument("--root", type=Path, help="where the shards and caches go (default: a temporary folder)")
     args = parse_bench_args(parser, _child)
     if args is None:
@@ -187,25 +218,29 @@ def main() -> None:
     command = bench_command()
     root = args.root or Path(tempfile.mkdtemp(prefix="tlfeat-merge-"))
     every = str(round(1 / args.grow) + 1)  # one new file after each 1/grow old ones
-    report: dict = {"command": command, "dim": args.dim, "batch": args.batch, "steps": []}
+    report: dict = {"command": command, "dim": args.dim, "batch": args.batch, "rate": args.rate, "steps": []}
     try:
         for n in args.rows:
             folder = root / str(n)
             folder.mkdir(parents=True, exist_ok=True)
+            if n == min(args.rows):
+                _step(report, folder, "fresh", n, "0", args)
+                (folder / "cache.h5").unlink()
             made = run_isolated(__file__, "shards", str(folder), str(n), str(args.dim), str(args.batch))
             print(f"{made['rows']} rows of shards written in {made['seconds']:.0f} s", flush=True)
-            steps = [("merge", "0")] + ([("grow", every), ("rerun", every)] if n == max(args.rows) else [])
-            for name, growth in steps:
-                result = run_isolated(__file__, name, str(folder), str(n), growth, str(args.dim), str(args.batch))
-                report["steps"].append({"step": f"{name} {n}", **result})
-                print(f"{name} {n}: {result['rows']} rows (computed {result['computed']}, reused "
-                      f"{result['reused']}{', up to date' if result['up_to_date'] else ''}): "
-                      f"{result['seconds']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
+            _step(report, folder, "merge", n, "0", args)
+            if n == max(args.rows):
+                _step(report, folder, "grow", n, every, args)
+                _step(report, folder, "rerun", n, every, args)
             shutil.rmtree(folder)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     peaks = {s["step"]: s["peak_rss_mb"] for s in report["steps"]}
     small, large = min(args.rows), max(args.rows)
+    fresh, merge = (next(s for s in report["steps"] if s["step"] == f"{kind} {small}") for kind in ("fresh", "merge"))
+    print(f"fresh {small}: {fresh['tail_seconds']:.2f} s from the last batch to the finished file, against "
+          f"{merge['seconds']:.2f} s to write the same file from shards alone (merge {small}): "
+          f"{fresh['tail_seconds'] / merge['seconds']:.2f}x")
     if small != large:
         print(f"peak RSS, merge {large} / merge {small}: {peaks[f'merge {large}'] / peaks[f'merge {small}']:.2f}x; "
               f"grow {large} / merge {small}: {peaks[f'grow {large}'] / peaks[f'merge {small}']:.2f}x")

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import tlfeat.extraction.run as run_module
-from tlfeat.cache import Rows
+from tlfeat.cache import CacheWriter, Rows
 from tlfeat.data.decode import DecodeError, decode_image
 from tlfeat.errors import TlfeatError
 from tlfeat.extraction.engines import batch_rows
@@ -134,15 +134,46 @@ def test_fresh_run_writes_the_scan_rows_with_their_features(monkeypatch: pytest.
     summary, engine = run(monkeypatch, data, out)
     assert summary.n_computed == 31 and summary.n_images == 30 and summary.skipped == [
         ("class_1/broken.png", "not an image Pillow can read")]
+    assert_rows_are_the_files(out, data, engine, ["class_1/broken.png"])
+
+
+def assert_rows_are_the_files(out: Path, data: Path, engine: StandInEngine, skipped: list[str]) -> None:
+    """`out` holds the engine's features of every file but `skipped`, in canonical order, with their labels."""
     with h5py.File(out, "r") as handle:
         paths = list(handle["paths"].asstr()[...])
         split = list(handle["split"].asstr()[...])
         rank = {"train": 0, "val": 1, "test": 2}
         assert [(rank[s], p) for s, p in zip(split, paths)] == sorted((rank[s], p) for s, p in zip(split, paths))
+        assert sorted(paths + skipped) == sorted(str(p.relative_to(data)) for p in data.rglob("*.png"))
         expected = np.stack([engine.features((data / p).read_bytes()) for p in paths])
         assert handle["features"][...].tobytes() == expected.tobytes()
-        assert list(handle["skipped_paths"].asstr()[...]) == ["class_1/broken.png"]
+        assert list(handle["skipped_paths"].asstr()[...]) == skipped
         np.testing.assert_array_equal(handle["labels"][...], [int(p.split("/")[0][-1]) for p in paths])
+
+
+@pytest.mark.parametrize("order", ["canonical", "shuffled"])
+def test_final_file_is_written_while_the_run_computes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, order: str
+) -> None:
+    """Whole chunks of rows go to the final file once their images are settled, not after the last batch;
+    in whatever order batches finish, the file holds every row in canonical order."""
+    data = dataset(tmp_path / "data", n_classes=2, per_class=1100)
+    write(data / "class_0" / "broken.png", "bad bytes")  # a failure among the first chunk's images
+    engine = StandInEngine(batch=100, order=order)
+    computed_at_write: list[int] = []
+    append = CacheWriter.append
+
+    def counting_append(writer: CacheWriter, *args: Any) -> None:
+        computed_at_write.append(len(engine.computed))
+        append(writer, *args)
+
+    monkeypatch.setattr(CacheWriter, "append", counting_append)
+    out = tmp_path / "c.h5"
+    summary, _ = run(monkeypatch, data, out, engine)
+    assert summary.n_images == 2200 and summary.n_computed == 2201
+    if order == "canonical":  # the first 1,024 rows are settled after 11 of the 23 batches
+        assert computed_at_write[0] <= 1500, computed_at_write
+    assert_rows_are_the_files(out, data, engine, ["class_0/broken.png"])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

@@ -313,24 +313,32 @@ def write_cache(
         writer.commit(class_names, skipped, extra_attrs)
 
 
+class CacheWriteError(TlfeatError):
+    """The cache file could not be written (a full disk, mostly); the previous file is unchanged."""
+
+
 class CacheWriter:
-    """A cache of `n_rows` rows written a chunk at a time, in row order, then committed atomically.
+    """A cache of at most `max_rows` rows written a chunk at a time, in row order, then committed atomically.
 
     Nothing but the chunk in hand is held, so a cache of any size is written in bounded memory. Use
     as a context manager: the file appears under its name (`atomic_path`, durable) only when the block
-    ends after `commit`; otherwise the temporary file is removed.
+    ends after `commit`; otherwise the temporary file is removed. A run that does not know yet how many
+    of its images will have rows gives an upper bound; `commit` trims the columns to the rows written.
     """
 
-    def __init__(self, path: str | Path, key: CacheKey, n_rows: int, dim: int) -> None:
-        self.path, self.key, self.n_rows, self.dim, self.written = Path(path), key, n_rows, dim, 0
+    def __init__(self, path: str | Path, key: CacheKey, max_rows: int, dim: int) -> None:
+        self.path, self.key, self.max_rows, self.dim, self.written = Path(path), key, max_rows, dim, 0
         self._committed = False
         self._stack = ExitStack()
 
     def __enter__(self) -> "CacheWriter":
-        n, dim = self.n_rows, self.dim
+        n, dim = self.max_rows, self.dim
         # An upper estimate: the features, the numeric columns, the strings' heap entries, HDF5's own.
-        check_free_space(self.path.parent, n * (dim * np.dtype(self.key.dtype).itemsize + 184) + (1 << 20),
-                         self.path.name)
+        try:
+            check_free_space(self.path.parent, n * (dim * np.dtype(self.key.dtype).itemsize + 184) + (1 << 20),
+                             self.path.name)
+        except TlfeatError as exc:
+            raise CacheWriteError(str(exc)) from None
         try:
             self._open(n, dim)
         except BaseException as exc:  # a full disk already: cleaned up (and said) as at the end
@@ -347,9 +355,11 @@ class CacheWriter:
         handle.create_dataset("features", shape=(n, dim), dtype=self.key.dtype, maxshape=(None, dim),
                               chunks=(max(1, min(n, FILE_CHUNK_ROWS)), dim), fletcher32=True)
         for name, dtype in (("labels", np.int32), ("file_size", np.int64), ("file_mtime_ns", np.int64)):
-            _numbers(handle, name, np.zeros(n, dtype=dtype))
-        handle.create_dataset("paths", shape=(n,), dtype=_STR)
-        handle.create_dataset("split", shape=(n,), dtype=_STR)
+            _numbers(handle, name, np.zeros(0, dtype=dtype), n)
+        for name in _STRING_COLUMNS:  # chunked, so that `commit` can trim them; a chunk per append (HDF5
+            # rewrites a partly written chunk of strings whole, each string anew)
+            handle.create_dataset(name, shape=(n,), dtype=_STR, maxshape=(None,),
+                                  chunks=(max(1, min(n, WRITE_CHUNK_ROWS)),))
 
     def append(
         self, features: np.ndarray, labels: Sequence[int], paths: Sequence[str], split: Sequence[str],
@@ -357,8 +367,8 @@ class CacheWriter:
     ) -> None:
         """The next rows (chunks of WRITE_CHUNK_ROWS rows keep the writes aligned with the file's chunks)."""
         start, stop = self.written, self.written + len(features)
-        if stop > self.n_rows:
-            raise ValueError(f"{stop} rows written to a cache of {self.n_rows}")
+        if stop > self.max_rows:
+            raise ValueError(f"{stop} rows written to a cache of at most {self.max_rows}")
         if stop == start:
             return
         if self._sink.error is not None:
@@ -376,10 +386,11 @@ class CacheWriter:
         self.written = stop
 
     def commit(self, class_names: list[str], skipped: list[tuple[str, str, int, int]], extra_attrs: dict) -> None:
-        """Finish the file (every row written); it replaces `path` when the `with` block ends."""
-        if self.written != self.n_rows:
-            raise ValueError(f"{self.written} of {self.n_rows} rows written")
+        """Finish the file with the rows written so far; it replaces `path` when the `with` block ends."""
         handle = self._handle
+        if self.written != self.max_rows:
+            for name in ("features", "labels", "file_size", "file_mtime_ns", *_STRING_COLUMNS):
+                handle[name].resize(self.written, axis=0)
         handle.create_dataset("class_names", data=list(class_names), dtype=_STR)
         handle.create_dataset("skipped_paths", data=[s[0] for s in skipped], dtype=_STR)
         handle.create_dataset("skipped_reasons", data=[s[1] for s in skipped], dtype=_STR)
@@ -410,11 +421,20 @@ class CacheWriter:
         except (OSError, RuntimeError) as failure:  # a failed fsync or rename
             exc = (type(failure), failure, None)
         if exc[0] is not None and issubclass(exc[0], (OSError, RuntimeError)):  # a full disk, mostly
-            raise TlfeatError(f"{self.path}: cannot write the cache ({os_reason(exc[1])}); "
-                              "the previous file is unchanged") from None
+            raise CacheWriteError(f"{self.path}: cannot write the cache ({os_reason(exc[1])}); "
+                                  "the previous file is unchanged") from None
 
 
-def _numbers(handle: h5py.File, name: str, values: np.ndarray) -> None:
-    """A 1-D numeric column with an HDF5 checksum (checksums need chunked storage)."""
-    handle.create_dataset(name, data=values, chunks=(max(1, min(len(values), 1 << 16)),), maxshape=(None,),
-                          fletcher32=True)
+_STRING_COLUMNS = ("paths", "split")
+
+
+def _column_chunk(n: int) -> int:
+    return max(1, min(n, 1 << 16))
+
+
+def _numbers(handle: h5py.File, name: str, values: np.ndarray, n: int | None = None) -> None:
+    """A 1-D numeric column with an HDF5 checksum (checksums need chunked storage): `values`, or `n`
+    zeros to be written later (HDF5's fill value: nothing is held for them)."""
+    n = len(values) if n is None else n
+    handle.create_dataset(name, shape=(n,), dtype=values.dtype, data=values if len(values) == n else None,
+                          chunks=(_column_chunk(n),), maxshape=(None,), fletcher32=True)

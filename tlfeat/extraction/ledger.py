@@ -13,9 +13,11 @@ last one matched, and a binary search finds the others, so no table of paths is 
 record replaces an earlier one for the same path, and a record whose file identity (size, mtime)
 no longer matches the scan's sends its image back to be computed.
 
-`write_final` walks the scan in canonical order, a chunk of rows at a time, copies each chunk's
+`FinalWriter` walks the scan in canonical order, a chunk of rows at a time, copies each chunk's
 features from the old cache (run by run of consecutive rows, straight into the chunk) and from the
-shards, and appends it to a CacheWriter: memory is one chunk whatever the number of rows.
+shards, and appends it to a CacheWriter: memory is one chunk whatever the number of rows. It writes
+while the run computes, each chunk once every image up to its end is settled, so the final write
+overlaps the compute instead of following it.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ NOWHERE, FAILED = -1, -2
 OLD_CACHE = -1  # the source number of the old cache's rows (shards have their own numbers, from 0)
 _RANK = {split: rank for rank, split in enumerate(SPLITS)}
 SCAN_BLOCK = 1 << 16  # entries of the ledger looked at per step of the final write
-PATH_CHUNK_ROWS = 1 << 13  # paths read (or compared) at a time from a cache
+PATH_CHUNK_ROWS = 1 << 10  # paths read (or compared) at a time from a cache
 
 
 def _canonical(entry: ImageEntry) -> tuple[int, str, str]:
@@ -140,7 +142,7 @@ class Ledger:
         counts = {SPLITS[rank]: int(np.count_nonzero(self.where[lo:hi] >= 0)) for rank, lo, hi in self._sections}
         return {split: n for split, n in counts.items() if n}
 
-    def chunks(self, chunk_rows: int = WRITE_CHUNK_ROWS) -> Iterator[np.ndarray]:
+    def chunks(self, chunk_rows: int) -> Iterator[np.ndarray]:
         """Entry indices of the rows, in canonical order, `chunk_rows` at a time."""
         pending: list[np.ndarray] = []
         waiting = 0
@@ -196,29 +198,96 @@ def _feature_dim(ledger: Ledger, old: CacheReader | None, shards: ShardStore, de
     return old.feature_dim if source[0] == OLD_CACHE else shards.features(int(source[0])).shape[1]
 
 
-def write_final(
-    out: Path, key: CacheKey, ledger: Ledger, class_names: list[str], old: CacheReader | None,
-    shards: ShardStore, default_dim: int, extra_attrs: dict,
-) -> None:
-    """Write the ledger's rows to `out` (atomically), gathering their features a chunk at a time from
-    the old cache `old` and the shards. `default_dim` is the feature width when there are no rows."""
-    label_of = {name: i for i, name in enumerate(class_names)}
-    dim = _feature_dim(ledger, old, shards, default_dim)
-    with CacheWriter(out, key, ledger.n_rows(), dim) as writer:
-        for indices in ledger.chunks():
-            sources, rows = ledger.sources_of(ledger.where[indices])
-            features = np.empty((len(indices), dim), dtype=np.float32)
-            for source in np.unique(sources):
-                mine = np.flatnonzero(sources == source)
-                if source == OLD_CACHE:
-                    _copy_old_rows(old, rows[mine], mine, features)
-                else:
-                    features[mine] = shards.features(int(source))[rows[mine]]
-            entries = [ledger.entries[i] for i in indices]
-            writer.append(
-                features, [label_of[e.class_name] for e in entries], [e.relpath for e in entries],
-                [e.split for e in entries], [e.size for e in entries], [e.mtime_ns for e in entries],
-            )
-        failures = ledger.failures()
-        skipped = [(e.relpath, reason, e.size, e.mtime_ns) for e, reason in failures]
-        writer.commit(class_names, skipped, extra_attrs)
+class FinalWriter:
+    """The final cache, written while the run still computes: each chunk of rows goes out, in canonical
+    order, as soon as every image up to its end is settled (its row reused, computed, or failed).
+
+    `advance` (after each batch is recorded in the ledger) writes what is ready; `commit` writes the rest
+    and finishes the file, which replaces `out` when the `with` block ends (atomically: until then the
+    previous file stays, and the shards keep every finished batch). Rows are gathered a chunk at a time
+    from the old cache `old` and the shards, so memory is one chunk whatever the number of rows; an
+    uninterrupted run's last batch leaves little but its own rows to write.
+    """
+
+    def __init__(
+        self, out: Path, key: CacheKey, ledger: Ledger, class_names: list[str], old: CacheReader | None,
+        shards: ShardStore, default_dim: int,
+    ) -> None:
+        self.ledger, self.old, self.shards = ledger, old, shards
+        self.label_of = {name: i for i, name in enumerate(class_names)}
+        self.class_names, self.out, self.key, self.default_dim = class_names, out, key, default_dim
+        self._next = 0  # the first entry not yet looked at
+        self._pending: list[np.ndarray] = []  # entries with rows, looked at but not yet written
+        self._waiting = 0
+        self._writer: CacheWriter | None = None  # opened at the first rows: their width is the file's
+        self._features = np.empty((0, 0), dtype=np.float32)
+
+    def __enter__(self) -> "FinalWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._writer is not None:
+            self._writer.__exit__(*exc)
+
+    def _open(self) -> CacheWriter:
+        if self._writer is None:
+            dim = _feature_dim(self.ledger, self.old, self.shards, self.default_dim)
+            most = int(np.count_nonzero((self.ledger.where >= 0) | (self.ledger.where == NOWHERE)))  # some may fail
+            writer = CacheWriter(self.out, self.key, most, dim)
+            writer.__enter__()
+            self._writer, self._features = writer, np.empty((WRITE_CHUNK_ROWS, dim), dtype=np.float32)
+        return self._writer
+
+    def advance(self) -> None:
+        """Write every whole chunk of rows before the first image still to compute."""
+        self._write_settled(self._settled_end())
+
+    def commit(self, extra_attrs: dict) -> None:
+        """Write the remaining rows (every image settled by now) and finish the file."""
+        self._write_settled(len(self.ledger.where))
+        if self._waiting:
+            self._write(self._waiting)
+        skipped = [(e.relpath, reason, e.size, e.mtime_ns) for e, reason in self.ledger.failures()]
+        self._open().commit(self.class_names, skipped, extra_attrs)
+
+    def _settled_end(self) -> int:
+        """The first entry at or after the cursor that is still to compute (or the end)."""
+        where, start = self.ledger.where, self._next
+        while start < len(where):
+            waiting = np.flatnonzero(where[start : start + SCAN_BLOCK] == NOWHERE)
+            if len(waiting):
+                return start + int(waiting[0])
+            start += SCAN_BLOCK
+        return len(where)
+
+    def _write_settled(self, end: int) -> None:
+        """Look at the entries up to `end` a block at a time, writing each whole chunk of rows found."""
+        for start in range(self._next, end, SCAN_BLOCK):
+            stop = min(start + SCAN_BLOCK, end)
+            found = np.flatnonzero(self.ledger.where[start:stop] >= 0) + start
+            self._pending.append(found)
+            self._waiting += len(found)
+            self._next = stop
+            while self._waiting >= WRITE_CHUNK_ROWS:
+                self._write(WRITE_CHUNK_ROWS)
+
+    def _write(self, n: int) -> None:
+        joined = np.concatenate(self._pending)
+        indices, self._pending = joined[:n], [joined[n:]]
+        self._waiting -= n
+        ledger = self.ledger
+        writer = self._open()
+        sources, rows = ledger.sources_of(ledger.where[indices])
+        features = self._features[: len(indices)]  # one buffer for every chunk: no allocation per chunk
+        for source in np.unique(sources):
+            mine = np.flatnonzero(sources == source)
+            if source == OLD_CACHE:
+                _copy_old_rows(self.old, rows[mine], mine, features)
+            else:
+                features[mine] = self.shards.features(int(source))[rows[mine]]
+        entries = [ledger.entries[i] for i in indices]
+        writer.append(
+            features, [self.label_of[e.class_name] for e in entries], [e.relpath for e in entries],
+            [e.split for e in entries], [e.size for e in entries], [e.mtime_ns for e in entries],
+        )
+

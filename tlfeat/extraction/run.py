@@ -22,14 +22,16 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from tlfeat.backbones import Backbone, get_backbone, resolve_image_size, weights_identity
 from tlfeat.backbones.preprocessing import NO_TTA
-from tlfeat.cache import CacheKey, CacheReader, Rows, key_from_attrs
+from tlfeat.cache import CacheKey, CacheReader, CacheWriteError, Rows, key_from_attrs
 from tlfeat.data.batches import bytes_in_flight
 from tlfeat.data.cores import available_memory
 from tlfeat.data.decode import DecodeError, decode_image
 from tlfeat.data.scan import DEFAULT_RATIOS, SPLIT_RULE, DatasetScan, scan_dataset
 from tlfeat.errors import TlfeatError, parameter_error
 from tlfeat.extraction.engines import Engine, LocalEngine
-from tlfeat.extraction.ledger import FAILED, NOWHERE, OLD_CACHE, PATH_CHUNK_ROWS, Ledger, same_as_file, write_final
+from tlfeat.extraction.ledger import (
+    FAILED, NOWHERE, OLD_CACHE, PATH_CHUNK_ROWS, FinalWriter, Ledger, same_as_file,
+)
 from tlfeat.extraction.shards import NON_FINITE_REASON, ShardStore, without_non_finite
 from tlfeat.fileio import OutputLock, check_output_path, remove_stale_temporaries
 from tlfeat.progress import progress_bar
@@ -163,6 +165,22 @@ def _record_earlier_work(
     return reused
 
 
+def _same_as_cache(old: CacheReader | None, ledger: Ledger, scan: DatasetScan) -> bool:
+    """Whether the cache `old` already holds exactly this run's rows, split and classes."""
+    return (
+        old is not None and old.attrs.get("split_ratios") == list(scan.ratios)
+        and old.attrs.get("split_rule") == SPLIT_RULE and same_as_file(old, ledger, scan.class_names, scan.seed)
+    )
+
+
+def _recorder(ledger: Ledger, final: FinalWriter) -> Callable[[int, Rows], None]:
+    """What the shard writer does with each written shard: enter its rows, then write what is now ready."""
+    def record(number: int, rows: Rows) -> None:
+        ledger.record_rows(number, rows)
+        final.advance()
+    return record
+
+
 def _check_split(old: CacheReader, moved: int, scan: DatasetScan, overwrite: bool, notes: list[str]) -> None:
     """Refuse a run whose split moves `moved` rows of the cache `old`; with `overwrite`, say that it does."""
     if not moved:
@@ -265,30 +283,25 @@ def extract(
             todo = ledger.todo()
             n_reused = len(scan.entries) - len(todo)
             compute_seconds = 0.0
-            if todo:
-                computed_before = time.perf_counter()
-                with progress_bar(len(todo), progress, f"extract {spec.name}") as bar, \
-                        ShardWriter(shards, key, ledger.record_rows) as writer, \
-                        closing(runner.embed(scan.root, todo, bar)) as batches:
-                    for rows in batches:  # closed however the loop ends: the decoding pool is free again
-                        stage = "computing"
-                        writer.put(without_non_finite(rows))  # a failure of those images, never features
-                compute_seconds = time.perf_counter() - computed_before
-
             with CacheReader(out) if reuse_old else nullcontext() as old:
-                up_to_date = (
-                    not todo and not reasons_changed and old is not None
-                    and old.attrs.get("split_ratios") == list(scan.ratios) and old.attrs.get("split_rule") == SPLIT_RULE
-                    and same_as_file(old, ledger, scan.class_names, scan.seed)
-                )
+                up_to_date = not todo and not reasons_changed and _same_as_cache(old, ledger, scan)
                 if up_to_date:
                     old.verify()  # "up to date" is said of a file whose every feature still passes its checksum
-                if not up_to_date:
-                    stage = "writing"
+                else:
                     try:
-                        write_final(out, key, ledger, scan.class_names, old, shards, spec.feature_dim,
-                                    _final_attrs(scan, weights, size, runner.keras_backend()))
-                    except TlfeatError as exc:
+                        with FinalWriter(out, key, ledger, scan.class_names, old, shards, spec.feature_dim) as final:
+                            if todo:
+                                computed_before = time.perf_counter()
+                                with progress_bar(len(todo), progress, f"extract {spec.name}") as bar, \
+                                        ShardWriter(shards, key, _recorder(ledger, final)) as writer, \
+                                        closing(runner.embed(scan.root, todo, bar)) as batches:
+                                    for rows in batches:  # closed however the loop ends: the decoding pool is free
+                                        stage = "computing"
+                                        writer.put(without_non_finite(rows))  # failures of those images, not rows
+                                compute_seconds = time.perf_counter() - computed_before
+                            stage = "writing"
+                            final.commit(_final_attrs(scan, weights, size, runner.keras_backend()))
+                    except CacheWriteError as exc:
                         raise TlfeatError(f"{exc}; {_KEPT.format(parts=parts)} to finish") from None
             shards.clear()
     except KeyboardInterrupt:
