@@ -65,17 +65,21 @@ class ExtractSummary:
 class ShardWriter:
     """Writes each finished batch's shard on a thread, so the next batch computes while one is fsynced.
 
-    At most `depth` batches wait to be written (memory stays bounded, and a killed run loses at most
-    those and the batch in flight). A failed write stops the run at the next `put`; leaving the block
-    writes every batch still queued first, after Ctrl-C too: finished batches are kept.
+    After each shard, `on_written(number, rows)` (the ledger), then `then()` (the final file's next
+    chunks), both on this thread. At most `depth` batches wait to be written (memory stays bounded, and a
+    killed run loses at most those and the batch in flight). A failed write stops the run at the next
+    `put`; leaving the block writes every batch still queued first, after Ctrl-C too: finished batches
+    are kept (but `then` is skipped once the run is failing: its file will not be kept).
     """
 
     def __init__(
-        self, shards: ShardStore, key: CacheKey, on_written: Callable[[int, Rows], None], depth: int = 2
+        self, shards: ShardStore, key: CacheKey, on_written: Callable[[int, Rows], None],
+        then: Callable[[], None], depth: int = 2,
     ) -> None:
-        self.shards, self.key, self.on_written = shards, key, on_written
+        self.shards, self.key, self.on_written, self.then = shards, key, on_written, then
         self.queue: queue.Queue[Rows | None] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
+        self.failing = False
         self.thread = threading.Thread(target=self._write, name="tlfeat-shard-writer", daemon=True)
         self.thread.start()
 
@@ -83,6 +87,7 @@ class ShardWriter:
         return self
 
     def __exit__(self, kind: type | None, *exc: object) -> None:
+        self.failing = kind is not None
         self.queue.put(None)
         self.thread.join()
         if self.error is not None and kind is None:
@@ -100,6 +105,8 @@ class ShardWriter:
                     self.shards.start(self.key)  # at the first finished batch: a model that fails to load leaves none
                     # The run reads its ledger only after this thread has ended.
                     self.on_written(self.shards.write(rows), rows)
+                    if not self.failing:
+                        self.then()
                 except BaseException as exc:  # raised in the run's thread
                     self.error = exc
 
@@ -171,14 +178,6 @@ def _same_as_cache(old: CacheReader | None, ledger: Ledger, scan: DatasetScan) -
         old is not None and old.attrs.get("split_ratios") == list(scan.ratios)
         and old.attrs.get("split_rule") == SPLIT_RULE and same_as_file(old, ledger, scan.class_names, scan.seed)
     )
-
-
-def _recorder(ledger: Ledger, final: FinalWriter) -> Callable[[int, Rows], None]:
-    """What the shard writer does with each written shard: enter its rows, then write what is now ready."""
-    def record(number: int, rows: Rows) -> None:
-        ledger.record_rows(number, rows)
-        final.advance()
-    return record
 
 
 def _check_split(old: CacheReader, moved: int, scan: DatasetScan, overwrite: bool, notes: list[str]) -> None:
@@ -293,7 +292,7 @@ def extract(
                             if todo:
                                 computed_before = time.perf_counter()
                                 with progress_bar(len(todo), progress, f"extract {spec.name}") as bar, \
-                                        ShardWriter(shards, key, _recorder(ledger, final)) as writer, \
+                                        ShardWriter(shards, key, ledger.record_rows, final.advance) as writer, \
                                         closing(runner.embed(scan.root, todo, bar)) as batches:
                                     for rows in batches:  # closed however the loop ends: the decoding pool is free
                                         stage = "computing"
