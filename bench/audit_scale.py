@@ -93,7 +93,8 @@ def _labels(n: int) -> np.ndarray:
 
 
 def make_synthetic(path: Path, n: int) -> None:
-    from tlfeat.cache import CacheKey, write_cache
+    from tlfeat.cache import CacheKey
+    from tlfeat.cache_writer import write_cache
 
     split = _split(n)
     write_cache(

@@ -3,7 +3,7 @@
 Usage:
     python bench/cache_sink.py [--rows 20000] [--dim 1280] [--repeats 3] [--json OUT]
 
-`tlfeat.cache.write_cache` hands HDF5 a Python file object that keeps the first
+`tlfeat.cache_writer.write_cache` hands HDF5 a Python file object that keeps the first
 write error (a full disk) instead of raising it inside HDF5, which used to leave
 the library in a state that segfaulted the interpreter. This times the same
 features dataset (chunks of 1,024 rows, fletcher32 checksums) written through

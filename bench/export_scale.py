@@ -38,7 +38,8 @@ def _peak_rss_mb() -> float:
 def _synthetic(path: str, rows: str, dim: str) -> dict:
     import numpy as np
 
-    from tlfeat.cache import WRITE_CHUNK_ROWS, CacheKey, CacheWriter
+    from tlfeat.cache import WRITE_CHUNK_ROWS, CacheKey
+    from tlfeat.cache_writer import CacheWriter
 
     n, d = int(rows), int(dim)
     start = time.perf_counter()

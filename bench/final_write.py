@@ -4,7 +4,7 @@ Usage:
     python bench/final_write.py [--rows 20000] [--dim 1280] [--json OUT]
 
 A run holds its features as rows (views into the batches it computed or
-reused). `tlfeat.cache.write_cache` takes those rows and writes them a chunk at
+reused). `tlfeat.cache_writer.write_cache` takes those rows and writes them a chunk at
 a time; the way before it stacked them into one (N, D) matrix and cast it
 (`np.stack(rows).astype(np.float32)`). Each side runs in its own process and
 reports the peak of Python-traced memory (tracemalloc: numpy arrays included)
@@ -28,7 +28,7 @@ SIDES = ("rows", "stacked")
 def _child(side: str, rows: str, dim: str, out: str) -> dict:
     import numpy as np
 
-    from tlfeat import cache
+    from tlfeat import cache, cache_writer
 
     n, d = int(rows), int(dim)
     batches = [np.random.default_rng(i).standard_normal((32, d)).astype(np.float32) for i in range(-(-n // 32))]
@@ -38,7 +38,7 @@ def _child(side: str, rows: str, dim: str, out: str) -> dict:
     tracemalloc.start()
     start = time.perf_counter()
     given = np.stack(features).astype(np.float32) if side == "stacked" else features
-    cache.write_cache(Path(out), key, given, labels, paths, split, zeros, zeros, ["c"], [], {})
+    cache_writer.write_cache(Path(out), key, given, labels, paths, split, zeros, zeros, ["c"], [], {})
     seconds = time.perf_counter() - start
     peak = tracemalloc.get_traced_memory()[1] / 2**20
     tracemalloc.stop()

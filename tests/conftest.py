@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlfeat.cache import CacheKey, write_cache
+from tlfeat.cache import CacheKey
+from tlfeat.cache_writer import write_cache
 from tlfeat.heads.keras_head import KerasReportHead
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,7 +26,8 @@ from tlfeat.analysis.common import open_cache
 from tlfeat.analysis.duplicates import KIND_ORDER
 from tlfeat.analysis.search import index_path
 from tlfeat.analysis.similar import write_similar
-from tlfeat.cache import CacheKey, load, write_cache
+from tlfeat.cache import CacheKey, load
+from tlfeat.cache_writer import write_cache
 from tlfeat.errors import TlfeatError
 from tlfeat.extraction.run import extract
 from tlfeat.heads.fit import fit_heads

@@ -20,7 +20,7 @@ STAGES = [
     ("tlfeat.data",),
     ("tlfeat.backbones",),
     ("tlfeat.runtime",),
-    ("tlfeat.cache", "tlfeat.cache_checks"),
+    ("tlfeat.cache", "tlfeat.cache_checks", "tlfeat.cache_writer"),
     ("tlfeat.extraction",),
     ("tlfeat.reports",),
     ("tlfeat.heads", "tlfeat.finetuning"),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from tlfeat import cache
+from tlfeat import cache, cache_writer
 from tlfeat.apps.export import export
 from tlfeat.errors import TlfeatError
 
@@ -34,7 +34,7 @@ def synthetic_cache(path: Path, n: int, dim: int, dtype: str = "float32", seed: 
     split = [("train", "val", "test")[i % 3] for i in range(n)]
     key = cache.CacheKey("vgg16", "none", 32, "caffe:BGR-mean", dtype=dtype)
     zeros = [0] * n
-    cache.write_cache(path, key, features, labels, paths, split, zeros, zeros, classes, [], {"seed": 0})
+    cache_writer.write_cache(path, key, features, labels, paths, split, zeros, zeros, classes, [], {"seed": 0})
     return path
 
 

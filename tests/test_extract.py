@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, extract_run_counts, make_dataset, make_image, run_cli
-from tlfeat import cache
+from tlfeat import cache, cache_writer
 from tlfeat.extraction import shards
 from tlfeat.errors import TlfeatError
 from tlfeat.backbones import build_model, get_backbone
@@ -254,7 +254,7 @@ def test_final_write_takes_rows_without_stacking_them(tmp_path: Path) -> None:
     key = cache.CacheKey("vgg16", "none", 32, "caffe:BGR-mean", dtype="float16")
     tracemalloc.start()
     try:
-        cache.write_cache(tmp_path / "c.h5", key, rows, np.zeros(n, np.int32), paths, split, zeros, zeros,
+        cache_writer.write_cache(tmp_path / "c.h5", key, rows, np.zeros(n, np.int32), paths, split, zeros, zeros,
                           ["c"], [], {})
         peak = tracemalloc.get_traced_memory()[1]
     finally:

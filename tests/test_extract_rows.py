@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 import tlfeat.extraction.run as run_module
-from tlfeat.cache import CacheWriter, Rows
+from tlfeat.cache import Rows
+from tlfeat.cache_writer import CacheWriter
 from tlfeat.data.decode import DecodeError, decode_image
 from tlfeat.errors import TlfeatError
 from tlfeat.extraction.engines import batch_rows

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, child_env, make_image
-from tlfeat import cache
+from tlfeat import cache, cache_writer
 from tlfeat.errors import TlfeatError
 from tlfeat.extraction import engines, shards as shards_module
 from tlfeat.extraction.run import extract
@@ -100,7 +100,7 @@ def test_disk_full_during_the_final_write(tiny_dataset: Path, tmp_path: Path, mo
     def full(*args: object, **kwargs: object) -> None:
         raise ENOSPC
 
-    monkeypatch.setattr(cache, "_numbers", full)
+    monkeypatch.setattr(cache_writer, "_numbers", full)
     with pytest.raises(TlfeatError) as info:
         extract(tiny_dataset, out, **FAST)
     _one_line(info, f"{out}: cannot write the cache (no space left on the device)", "rerun")
@@ -178,7 +178,7 @@ def test_a_real_full_disk_inside_the_hdf5_write(
         free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
         (tiny_tmpfs / "filler").write_bytes(b"\0" * (free - 8192))
 
-    monkeypatch.setattr(cache, "check_free_space", passed_then_filled)
+    monkeypatch.setattr(cache_writer, "check_free_space", passed_then_filled)
     with pytest.raises(TlfeatError) as info:
         extract(tiny_dataset, out, **FAST)
     _one_line(info, f"{out}: cannot write the cache (no space left on the device)")

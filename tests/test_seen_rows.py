@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from cli import app
 from conftest import assert_one_line_error, gaussian_blobs
-from tlfeat.cache import CacheKey, write_cache
+from tlfeat.cache import CacheKey
+from tlfeat.cache_writer import write_cache
 from tlfeat.heads.fit import fit_heads
 
 runner = CliRunner()

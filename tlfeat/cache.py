@@ -1,7 +1,7 @@
 """The embedding cache: one HDF5 file per (dataset, backbone), readable without Keras.
 
 Layout (datasets at the root, N rows, D feature dims):
-    features        (N, D) float32 or float16, chunked by rows, fletcher32 checksums
+    features        (N, D) float32 or float16, HDF5 chunks of 256 rows, fletcher32 checksums
     labels          (N,)   int32, index into class_names
     paths           (N,)   UTF-8 str, relative to the dataset root, '/' separated
     split           (N,)   UTF-8 str, "train" | "val" | "test"
@@ -17,33 +17,37 @@ dataset_root, seed, split_ratios (JSON), split_rule, rows_finite, n_skipped.
 
 Numeric columns carry fletcher32 checksums, checked on every read, and the structure is checked on
 open (tlfeat.cache_checks): damage is a one-line error naming the file. Rows are in canonical order
-(split, class, path). The file is replaced atomically (temporary name, fsync, rename) after a check of
-the free space; HDF5 writes through a FirstErrorSink (a full disk is an error, not a crash).
+(split, class, path). tlfeat.cache_writer writes the file: atomically (temporary name, fsync, rename)
+after a check of the free space, through a FirstErrorSink (a full disk is an error, not a crash).
 """
 
 from __future__ import annotations
 
 import json
-import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import h5py
 import numpy as np
 
-from tlfeat import __version__
 from tlfeat.data.decode import DECODE
 from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.data.scan import SPLITS
 from tlfeat.cache_checks import CheckedFeatures, check_structure, checked_labels, read_column, reading, rows_meta
 from tlfeat.errors import TlfeatError
-from tlfeat.fileio import FirstErrorSink, atomic_path, check_free_space, os_reason
 
 FORMAT_VERSION = 1
 OLD_DECODE = "pillow-bilinear"  # what caches and shards with no "decode" record were decoded with
-_STR = h5py.string_dtype(encoding="utf-8")
+STRING_DTYPE = h5py.string_dtype(encoding="utf-8")
+WRITE_CHUNK_ROWS = 1024  # rows handed to HDF5 per write: whole chunks of the features
+# Rows per HDF5 chunk of the features (1 MiB at 1280-d float32). HDF5 filters (fletcher32) a whole chunk
+# at a time through buffers of its size, which its free lists keep: 5 MiB chunks cost a writer 16 MB.
+FILE_CHUNK_ROWS = 256
+# Per dataset: holds one chunk of the features up to 2048-d float32, so runs of rows read one after another
+# from the same chunk (an incremental run's reused rows) decode it once instead of once per run.
+READ_CHUNK_CACHE_BYTES = FILE_CHUNK_ROWS * 2048 * 4
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,7 @@ def _open_for_read(path: Path) -> h5py.File:
         raise TlfeatError(f"{path}: cache file not found")
     try:
         handle = h5py.File(path, "r", rdcc_nbytes=READ_CHUNK_CACHE_BYTES)
-        _small_metadata_cache(handle)
+        small_metadata_cache(handle)
     except OSError as exc:
         raise TlfeatError(f"{path}: not a readable HDF5 cache ({exc.__class__.__name__})") from None
     try:
@@ -126,7 +130,7 @@ def _open_for_read(path: Path) -> h5py.File:
     return handle
 
 
-def _small_metadata_cache(handle: h5py.File) -> None:
+def small_metadata_cache(handle: h5py.File) -> None:
     """Cap HDF5's metadata cache (32 MiB by default) at 2 MiB: strings' heap blocks pass through it, and
     a cache reads and writes them in one pass, in order; the cap saves a writer or reader ~4 MB each."""
     config = handle.id.get_mdc_config()
@@ -293,159 +297,3 @@ class CacheReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-WRITE_CHUNK_ROWS = 1024  # rows handed to HDF5 per write: whole chunks of the features
-# Rows per HDF5 chunk of the features (1 MiB at 1280-d float32). HDF5 filters (fletcher32) a whole chunk
-# at a time through buffers of its size, which its free lists keep: 5 MiB chunks cost a writer 16 MB.
-FILE_CHUNK_ROWS = 256
-# Per dataset: holds a chunk of the features up to 4096-d float32, so runs of rows read one after another
-# from the same chunk (an incremental run's reused rows) decode it once instead of once per run.
-READ_CHUNK_CACHE_BYTES = FILE_CHUNK_ROWS * 2048 * 4
-
-
-def write_cache(
-    path: Path, key: CacheKey, features: np.ndarray | Sequence[np.ndarray], labels: np.ndarray, paths: list[str],
-    split: list[str], file_size: list[int], file_mtime_ns: list[int], class_names: list[str],
-    skipped: list[tuple[str, str, int, int]], extra_attrs: dict,
-) -> None:
-    """Write a complete cache atomically (temporary file, fsync, rename).
-
-    `features` is an (N, D) array, or N rows of D (no (N, D) copy is made: a
-    large run's rows are written a chunk at a time).
-    """
-    n, dim = len(features), len(features[0]) if len(features) else np.shape(features)[1]
-    with CacheWriter(path, key, n, dim) as writer:
-        for start in range(0, n, WRITE_CHUNK_ROWS):
-            stop = start + WRITE_CHUNK_ROWS
-            writer.append(np.asarray(features[start:stop]), labels[start:stop], paths[start:stop],
-                          split[start:stop], file_size[start:stop], file_mtime_ns[start:stop])
-        writer.commit(class_names, skipped, extra_attrs)
-
-
-class CacheWriteError(TlfeatError):
-    """The cache file could not be written (a full disk, mostly); the previous file is unchanged."""
-
-
-class CacheWriter:
-    """A cache of at most `max_rows` rows written a chunk at a time, in row order, then committed atomically.
-
-    Nothing but the chunk in hand is held, so a cache of any size is written in bounded memory. Use
-    as a context manager: the file appears under its name (`atomic_path`, durable) only when the block
-    ends after `commit`; otherwise the temporary file is removed. A run that does not know yet how many
-    of its images will have rows gives an upper bound; `commit` trims the columns to the rows written.
-    """
-
-    def __init__(self, path: str | Path, key: CacheKey, max_rows: int, dim: int) -> None:
-        self.path, self.key, self.max_rows, self.dim, self.written = Path(path), key, max_rows, dim, 0
-        self._committed = False
-        self._stack = ExitStack()
-
-    def __enter__(self) -> "CacheWriter":
-        n, dim = self.max_rows, self.dim
-        # An upper estimate: the features, the numeric columns, the strings' heap entries, HDF5's own.
-        try:
-            check_free_space(self.path.parent, n * (dim * np.dtype(self.key.dtype).itemsize + 184) + (1 << 20),
-                             self.path.name)
-        except TlfeatError as exc:
-            raise CacheWriteError(str(exc)) from None
-        try:
-            self._open(n, dim)
-        except BaseException as exc:  # a full disk already: cleaned up (and said) as at the end
-            self.__exit__(type(exc), exc, None)
-            raise
-        return self
-
-    def _open(self, n: int, dim: int) -> None:
-        tmp = self._stack.enter_context(atomic_path(self.path, durable=True))
-        raw = self._stack.enter_context(open(tmp, "wb+", buffering=0))
-        self._sink = FirstErrorSink(raw)  # a write failing inside HDF5 would crash the interpreter later
-        self._handle = handle = h5py.File(self._sink, "w")
-        _small_metadata_cache(handle)
-        # fletcher32: HDF5 checks every chunk on read, so damaged numbers raise instead of passing as data.
-        handle.create_dataset("features", shape=(n, dim), dtype=self.key.dtype, maxshape=(None, dim),
-                              chunks=(max(1, min(n, FILE_CHUNK_ROWS)), dim), fletcher32=True)
-        for name, dtype in (("labels", np.int32), ("file_size", np.int64), ("file_mtime_ns", np.int64)):
-            _numbers(handle, name, np.zeros(0, dtype=dtype), n)
-        for name in _STRING_COLUMNS:  # chunked, so that `commit` can trim them; a chunk per append (HDF5
-            # rewrites a partly written chunk of strings whole, each string anew)
-            handle.create_dataset(name, shape=(n,), dtype=_STR, maxshape=(None,),
-                                  chunks=(max(1, min(n, WRITE_CHUNK_ROWS)),))
-
-    def append(
-        self, features: np.ndarray, labels: Sequence[int], paths: Sequence[str], split: Sequence[str],
-        file_size: Sequence[int], file_mtime_ns: Sequence[int],
-    ) -> None:
-        """The next rows (chunks of WRITE_CHUNK_ROWS rows keep the writes aligned with the file's chunks)."""
-        start, stop = self.written, self.written + len(features)
-        if stop > self.max_rows:
-            raise ValueError(f"{stop} rows written to a cache of at most {self.max_rows}")
-        if stop == start:
-            return
-        if self._sink.error is not None:
-            raise self._sink.error  # stop at once: the sink holds what HDF5 writes from here on in memory
-        if not np.isfinite(features).all():
-            raise ValueError("non-finite features given to CacheWriter (extraction skips those images)")
-        handle = self._handle
-        # numpy converts: HDF5's float16 rounding differs
-        handle["features"][start:stop] = np.asarray(features).astype(self.key.dtype, copy=False)
-        handle["labels"][start:stop] = np.asarray(labels, dtype=np.int32)
-        handle["paths"][start:stop] = list(paths)
-        handle["split"][start:stop] = list(split)
-        handle["file_size"][start:stop] = np.asarray(file_size, dtype=np.int64)
-        handle["file_mtime_ns"][start:stop] = np.asarray(file_mtime_ns, dtype=np.int64)
-        self.written = stop
-
-    def commit(self, class_names: list[str], skipped: list[tuple[str, str, int, int]], extra_attrs: dict) -> None:
-        """Finish the file with the rows written so far; it replaces `path` when the `with` block ends."""
-        handle = self._handle
-        if self.written != self.max_rows:
-            for name in ("features", "labels", "file_size", "file_mtime_ns", *_STRING_COLUMNS):
-                handle[name].resize(self.written, axis=0)
-        handle.create_dataset("class_names", data=list(class_names), dtype=_STR)
-        handle.create_dataset("skipped_paths", data=[s[0] for s in skipped], dtype=_STR)
-        handle.create_dataset("skipped_reasons", data=[s[1] for s in skipped], dtype=_STR)
-        _numbers(handle, "skipped_size", np.asarray([s[2] for s in skipped], dtype=np.int64))
-        _numbers(handle, "skipped_mtime_ns", np.asarray([s[3] for s in skipped], dtype=np.int64))
-        attrs = {
-            "format_version": FORMAT_VERSION,
-            **asdict(self.key),
-            "feature_dim": self.dim,
-            "tlfeat_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "n_skipped": len(skipped),
-            "rows_finite": True,  # `append` refuses NaN and inf: a rerun need not look for them
-            **extra_attrs,
-        }
-        for name, value in attrs.items():
-            handle.attrs[name] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
-        self._committed = True
-
-    def __exit__(self, *exc: object) -> None:
-        if hasattr(self, "_handle"):
-            self._handle.close()
-        if exc[0] is None and (self._sink.error is not None or not self._committed):
-            failure = self._sink.error or RuntimeError("cache not committed")
-            exc = (type(failure), failure, None)
-        try:
-            self._stack.__exit__(*exc)  # renames the finished file into place, or removes it
-        except (OSError, RuntimeError) as failure:  # a failed fsync or rename
-            exc = (type(failure), failure, None)
-        if exc[0] is not None and issubclass(exc[0], (OSError, RuntimeError)):  # a full disk, mostly
-            raise CacheWriteError(f"{self.path}: cannot write the cache ({os_reason(exc[1])}); "
-                                  "the previous file is unchanged") from None
-
-
-_STRING_COLUMNS = ("paths", "split")
-
-
-def _column_chunk(n: int) -> int:
-    return max(1, min(n, 1 << 16))
-
-
-def _numbers(handle: h5py.File, name: str, values: np.ndarray, n: int | None = None) -> None:
-    """A 1-D numeric column with an HDF5 checksum (checksums need chunked storage): `values`, or `n`
-    zeros to be written later (HDF5's fill value: nothing is held for them)."""
-    n = len(values) if n is None else n
-    handle.create_dataset(name, shape=(n,), dtype=values.dtype, data=values if len(values) == n else None,
-                          chunks=(_column_chunk(n),), maxshape=(None,), fletcher32=True)

@@ -29,7 +29,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from tlfeat.cache import WRITE_CHUNK_ROWS, CacheKey, CacheReader, CacheWriter, Rows
+from tlfeat.cache import WRITE_CHUNK_ROWS, CacheKey, CacheReader, Rows
+from tlfeat.cache_writer import CacheWriter
 from tlfeat.data.scan import SPLITS, ImageEntry, class_of
 from tlfeat.extraction.shards import ShardStore
 

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from tlfeat.backbones import Backbone, get_backbone, resolve_image_size, weights_identity
 from tlfeat.backbones.preprocessing import NO_TTA
-from tlfeat.cache import CacheKey, CacheReader, CacheWriteError, Rows, key_from_attrs
+from tlfeat.cache import CacheKey, CacheReader, Rows, key_from_attrs
+from tlfeat.cache_writer import CacheWriteError
 from tlfeat.data.batches import bytes_in_flight
 from tlfeat.data.cores import available_memory
 from tlfeat.data.decode import DecodeError, decode_image
