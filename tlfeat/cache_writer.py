@@ -84,7 +84,7 @@ class CacheWriter:
         handle.create_dataset("features", shape=(n, dim), dtype=self.key.dtype, maxshape=(None, dim),
                               chunks=(max(1, min(n, FILE_CHUNK_ROWS)), dim), fletcher32=True)
         for name, dtype in (("labels", np.int32), ("file_size", np.int64), ("file_mtime_ns", np.int64)):
-            _numbers(handle, name, np.zeros(0, dtype=dtype), n)
+            _numbers(handle, name, dtype, n)  # written by `append`
         for name in _STRING_COLUMNS:  # chunked, so that `commit` can trim them; a chunk per append (HDF5
             # rewrites a partly written chunk of strings whole, each string anew)
             handle.create_dataset(name, shape=(n,), dtype=STRING_DTYPE, maxshape=(None,),
@@ -123,8 +123,8 @@ class CacheWriter:
         handle.create_dataset("class_names", data=list(class_names), dtype=STRING_DTYPE)
         handle.create_dataset("skipped_paths", data=[s[0] for s in skipped], dtype=STRING_DTYPE)
         handle.create_dataset("skipped_reasons", data=[s[1] for s in skipped], dtype=STRING_DTYPE)
-        _numbers(handle, "skipped_size", np.asarray([s[2] for s in skipped], dtype=np.int64))
-        _numbers(handle, "skipped_mtime_ns", np.asarray([s[3] for s in skipped], dtype=np.int64))
+        _numbers(handle, "skipped_size", np.int64, len(skipped), [s[2] for s in skipped])
+        _numbers(handle, "skipped_mtime_ns", np.int64, len(skipped), [s[3] for s in skipped])
         attrs = {
             "format_version": FORMAT_VERSION,
             **asdict(self.key),
@@ -157,13 +157,8 @@ class CacheWriter:
 _STRING_COLUMNS = ("paths", "split")
 
 
-def _column_chunk(n: int) -> int:
-    return max(1, min(n, 1 << 16))
-
-
-def _numbers(handle: h5py.File, name: str, values: np.ndarray, n: int | None = None) -> None:
-    """A 1-D numeric column with an HDF5 checksum (checksums need chunked storage): `values`, or `n`
-    zeros to be written later (HDF5's fill value: nothing is held for them)."""
-    n = len(values) if n is None else n
-    handle.create_dataset(name, shape=(n,), dtype=values.dtype, data=values if len(values) == n else None,
-                          chunks=(_column_chunk(n),), maxshape=(None,), fletcher32=True)
+def _numbers(handle: h5py.File, name: str, dtype: type, n: int, values: Sequence[int] | None = None) -> None:
+    """A 1-D numeric column of `n` with an HDF5 checksum (checksums need chunked storage): `values`, or
+    none yet (HDF5's fill value stands in for them: nothing is held)."""
+    handle.create_dataset(name, shape=(n,), dtype=dtype, data=None if values is None else np.asarray(values, dtype),
+                          chunks=(max(1, min(n, 1 << 16)),), maxshape=(None,), fletcher32=True)

@@ -145,24 +145,45 @@ class Ledger:
 
     def chunks(self, chunk_rows: int) -> Iterator[np.ndarray]:
         """Entry indices of the rows, in canonical order, `chunk_rows` at a time."""
-        pending: list[np.ndarray] = []
-        waiting = 0
-        for start in range(0, len(self.where), SCAN_BLOCK):
-            found = np.flatnonzero(self.where[start : start + SCAN_BLOCK] >= 0) + start
-            pending.append(found)
-            waiting += len(found)
-            while waiting >= chunk_rows:
-                joined = np.concatenate(pending)
-                yield joined[:chunk_rows]
-                pending, waiting = [joined[chunk_rows:]], waiting - chunk_rows
-        if waiting:
-            yield np.concatenate(pending)
+        rows = RowQueue(self.where)
+        yield from rows.take(len(self.where), chunk_rows)
+        if rows.size:
+            yield rows.pop(rows.size)
 
     def sources_of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(source, row within the source) of global row numbers."""
         bases = np.frombuffer(self._bases, dtype=np.int64)
         which = np.searchsorted(bases, rows, side="right") - 1
         return np.frombuffer(self._sources, dtype=np.int64)[which], rows - bases[which]
+
+
+class RowQueue:
+    """Walks a ledger's `where` in canonical order, a block of entries at a time, and hands out the
+    entry indices of rows (where >= 0) in groups: memory is a block of indices whatever the rows."""
+
+    def __init__(self, where: np.ndarray) -> None:
+        self.where = where
+        self.next = 0  # the first entry not yet looked at
+        self.size = 0  # rows looked at, not yet handed out
+        self._parts: list[np.ndarray] = []
+
+    def take(self, end: int, n: int) -> Iterator[np.ndarray]:
+        """Every whole group of `n` rows among the entries up to `end`, which the walk then has passed."""
+        for start in range(self.next, end, SCAN_BLOCK):
+            stop = min(start + SCAN_BLOCK, end)
+            found = np.flatnonzero(self.where[start:stop] >= 0) + start
+            self._parts.append(found)
+            self.size += len(found)
+            self.next = stop
+            while self.size >= n:
+                yield self.pop(n)
+
+    def pop(self, n: int) -> np.ndarray:
+        """The next `n` rows (at most `size`)."""
+        # One part is the usual case: slicing it copies nothing, where joining would copy the block per group.
+        joined = self._parts[0] if len(self._parts) == 1 else np.concatenate(self._parts)
+        self._parts, self.size = [joined[n:]], self.size - min(n, len(joined))
+        return joined[:n]
 
 
 def same_as_file(old: CacheReader, ledger: Ledger, class_names: list[str], seed: int) -> bool:
@@ -217,9 +238,7 @@ class FinalWriter:
         self.ledger, self.old, self.shards = ledger, old, shards
         self.label_of = {name: i for i, name in enumerate(class_names)}
         self.class_names, self.out, self.key, self.default_dim = class_names, out, key, default_dim
-        self._next = 0  # the first entry not yet looked at
-        self._pending: list[np.ndarray] = []  # entries with rows, looked at but not yet written
-        self._waiting = 0
+        self._rows = RowQueue(ledger.where)
         self._writer: CacheWriter | None = None  # opened at the first rows: their width is the file's
         self._features = np.empty((0, 0), dtype=np.float32)
 
@@ -241,19 +260,21 @@ class FinalWriter:
 
     def advance(self) -> None:
         """Write every whole chunk of rows before the first image still to compute."""
-        self._write_settled(self._settled_end())
+        for indices in self._rows.take(self._settled_end(), WRITE_CHUNK_ROWS):
+            self._write(indices)
 
     def commit(self, extra_attrs: dict) -> None:
         """Write the remaining rows (every image settled by now) and finish the file."""
-        self._write_settled(len(self.ledger.where))
-        if self._waiting:
-            self._write(self._waiting)
+        for indices in self._rows.take(len(self.ledger.where), WRITE_CHUNK_ROWS):
+            self._write(indices)
+        if self._rows.size:
+            self._write(self._rows.pop(self._rows.size))
         skipped = [(e.relpath, reason, e.size, e.mtime_ns) for e, reason in self.ledger.failures()]
         self._open().commit(self.class_names, skipped, extra_attrs)
 
     def _settled_end(self) -> int:
-        """The first entry at or after the cursor that is still to compute (or the end)."""
-        where, start = self.ledger.where, self._next
+        """The first entry at or after the walk's position that is still to compute (or the end)."""
+        where, start = self.ledger.where, self._rows.next
         while start < len(where):
             waiting = np.flatnonzero(where[start : start + SCAN_BLOCK] == NOWHERE)
             if len(waiting):
@@ -261,21 +282,8 @@ class FinalWriter:
             start += SCAN_BLOCK
         return len(where)
 
-    def _write_settled(self, end: int) -> None:
-        """Look at the entries up to `end` a block at a time, writing each whole chunk of rows found."""
-        for start in range(self._next, end, SCAN_BLOCK):
-            stop = min(start + SCAN_BLOCK, end)
-            found = np.flatnonzero(self.ledger.where[start:stop] >= 0) + start
-            self._pending.append(found)
-            self._waiting += len(found)
-            self._next = stop
-            while self._waiting >= WRITE_CHUNK_ROWS:
-                self._write(WRITE_CHUNK_ROWS)
-
-    def _write(self, n: int) -> None:
-        joined = np.concatenate(self._pending)
-        indices, self._pending = joined[:n], [joined[n:]]
-        self._waiting -= n
+    def _write(self, indices: np.ndarray) -> None:
+        """Append the rows of these entries (a chunk, in canonical order) to the file."""
         ledger = self.ledger
         writer = self._open()
         sources, rows = ledger.sources_of(ledger.where[indices])
