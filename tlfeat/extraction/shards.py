@@ -20,7 +20,7 @@ import re
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import numpy as np
 
@@ -49,6 +49,28 @@ def without_non_finite(rows: Rows) -> Rows:
         skipped_size=rows.skipped_size + [rows.file_size[i] for i in drop],
         skipped_mtime_ns=rows.skipped_mtime_ns + [rows.file_mtime_ns[i] for i in drop],
     )
+
+
+class _HashedFile:
+    """A file opened for writing that hashes what goes through it. It has no `seek`, so a zip (np.savez)
+    is written in one pass, each member's sizes after its data, and the shard is never held whole."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw, self.sha256, self._written = raw, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self._written += len(data)
+        return self.raw.write(data)
+
+    def tell(self) -> int:
+        return self._written
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def read(self, size: int = -1) -> bytes:  # np.savez takes only objects with `read` for open files
+        raise io.UnsupportedOperation("write-only")
 
 
 class ShardStore:
@@ -105,24 +127,22 @@ class ShardStore:
         self._next_index += 1
         tmp = self.dir / f".tmp-{os.getpid()}-{index}.npz"
         try:
-            buffer = io.BytesIO()  # built in memory so that it is hashed as written, not read back
-            np.savez(
-                buffer,
-                paths=np.array(rows.paths, dtype=str),
-                features=rows.features,
-                file_size=np.array(rows.file_size, dtype=np.int64),
-                file_mtime_ns=np.array(rows.file_mtime_ns, dtype=np.int64),
-                skipped_paths=np.array(rows.skipped_paths, dtype=str),
-                skipped_reasons=np.array(rows.skipped_reasons, dtype=str),
-                skipped_size=np.array(rows.skipped_size, dtype=np.int64),
-                skipped_mtime_ns=np.array(rows.skipped_mtime_ns, dtype=np.int64),
-            )
-            payload = buffer.getbuffer()
-            digest = hashlib.sha256(payload).hexdigest()[:SHARD_DIGEST_CHARS]
             with open(tmp, "wb") as handle:
-                handle.write(payload)
+                hashed = _HashedFile(handle)  # hashed as written, not read back
+                np.savez(
+                    hashed,
+                    paths=np.array(rows.paths, dtype=str),
+                    features=rows.features,
+                    file_size=np.array(rows.file_size, dtype=np.int64),
+                    file_mtime_ns=np.array(rows.file_mtime_ns, dtype=np.int64),
+                    skipped_paths=np.array(rows.skipped_paths, dtype=str),
+                    skipped_reasons=np.array(rows.skipped_reasons, dtype=str),
+                    skipped_size=np.array(rows.skipped_size, dtype=np.int64),
+                    skipped_mtime_ns=np.array(rows.skipped_mtime_ns, dtype=np.int64),
+                )
                 handle.flush()
                 os.fsync(handle.fileno())
+            digest = hashed.sha256.hexdigest()[:SHARD_DIGEST_CHARS]
             target = self.dir / f"shard-{index:07d}-{digest}.npz"
             os.replace(tmp, target)
         except OSError as exc:
