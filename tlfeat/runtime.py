@@ -208,7 +208,7 @@ def map_batches(
     `bar`, if given, advances once a batch is computed.
     """
     previous: tuple[DecodedBatch, Pending] | None = None
-    for batch in iter_batches(list(files), image_size, batch_size, pool=pool or shared_pool()):
+    for batch in iter_batches(files, image_size, batch_size, pool=pool or shared_pool()):
         pending = compute(batch.pixels)  # the pipeline keeps these pixels until two more batches are taken
         if previous is not None:
             yield _finished(*previous, bar)

@@ -78,7 +78,7 @@ def iter_batches(
     Uses `pool`, or a pool of `workers` processes (default: one per available core)
     started for this call; decodes up to `prefetch_batches` batches ahead of the consumer.
     """
-    if not paths:
+    if len(paths) == 0:
         return
     if pool is None:
         with DecodePool(min(workers or default_workers(), len(paths))) as own:
@@ -160,7 +160,7 @@ class DecodePool:
         if not self.busy.acquire(blocking=False):
             raise RuntimeError("a DecodePool decodes one sequence of files at a time")
         try:
-            run = _Run(self, [os.fspath(p) for p in paths], size, batch_size, prefetch_batches)
+            run = _Run(self, paths, size, batch_size, prefetch_batches)
             try:
                 yield from run.batches()
             finally:
@@ -257,7 +257,7 @@ def _anonymous_file(nbytes: int) -> int:
 class _Run:
     """One `batches` call: its buffer, and a feeder thread that keeps the pool's workers busy."""
 
-    def __init__(self, pool: DecodePool, paths: list[str], size: int, batch_size: int, prefetch: int) -> None:
+    def __init__(self, pool: DecodePool, paths: Sequence[str | Path], size: int, batch_size: int, prefetch: int) -> None:
         self.pool, self.paths, self.batch_size = pool, paths, batch_size
         self.n_batches = math.ceil(len(paths) / batch_size)
         slots = min(prefetch + 2, self.n_batches)
@@ -331,7 +331,7 @@ class _Run:
             while next_batch < self.n_batches and not self.free.empty():
                 slot = self.free.get()
                 start = next_batch * self.batch_size
-                batch = self.paths[start : start + self.batch_size]
+                batch = [os.fspath(p) for p in self.paths[start : start + self.batch_size]]
                 self.done[slot] = 0
                 self.remaining[slot], self.failures[slot] = len(batch), []
                 order.append(slot)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence, overload
 
 import numpy as np
 
@@ -60,8 +60,7 @@ class LocalEngine:
     def embed(self, root: Path, todo: list[ImageEntry], bar: Any) -> Iterator[Rows]:
         pool = shared_pool(self.workers)  # a new pool's processes start while the backbone loads
         extractor = get_extractor(self.backbone, self.weights, self.image_size, self.batch_size, self.tta)
-        base = str(root)
-        files = [os.path.join(base, e.relpath) for e in todo]  # strings: a million Path objects cost seconds
+        files = FilePaths(str(root), todo)
         for batch, features in map_batches(files, self.image_size, extractor.batch_size, extractor.submit, bar, pool):
             entries = todo[batch.start : batch.start + batch.length]
             yield batch_rows(entries, features, batch.ok, batch.failures)
@@ -70,6 +69,28 @@ class LocalEngine:
         import keras
 
         return keras.backend.backend()
+
+
+class FilePaths(Sequence[str]):
+    """The files of `entries` under `root`, as strings made a batch at a time when sliced: the whole list
+    would cost about 100 bytes per file (100 MB for a million), beside the scan's own entries."""
+
+    def __init__(self, root: str, entries: Sequence[ImageEntry]) -> None:
+        self.root, self.entries = root, entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        if isinstance(index, slice):
+            return [os.path.join(self.root, e.relpath) for e in self.entries[index]]
+        return os.path.join(self.root, self.entries[index].relpath)
 
 
 def batch_rows(
