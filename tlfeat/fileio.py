@@ -47,15 +47,28 @@ def temporary_name(path: Path, pid: int | str | None = None) -> str:
 _LONGEST_PID = 9_999_999
 
 
-def check_output_path(out: Path) -> None:
-    """Refuse, before any work, an output whose folder is a file or whose derived names the file system
-    cannot hold (the temporary name is the longest), and a folder squatting on its lock name."""
+def check_output_path(out: Path, folder: bool = False) -> None:
+    """Refuse, before any work, an output file (or with `folder`, an output folder) that cannot be
+    written: under a file, the wrong kind of thing already there, in a folder this process may not write
+    (read-only or not permitted), a file name the file system cannot hold (the temporary name is the
+    longest), or a folder squatting on its lock name."""
     out = Path(out)
-    folder = next((p for p in (out.parent, *out.parent.parents) if p.exists()), Path("."))
-    if not folder.is_dir():
-        raise TlfeatError(f"{out}: {folder} is a file, not a folder")
+    existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if existing == out:
+        if folder and not out.is_dir():
+            raise TlfeatError(f"{out}: is a file; `out` needs a folder")
+        if not folder and out.is_dir():
+            raise TlfeatError(f"{out}: is a folder; `out` needs a file path such as {out / 'output'}")
+        existing = out if folder else out.parent
+    elif not existing.is_dir():
+        raise TlfeatError(f"{out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+        raise TlfeatError(f"{out}: cannot write here ({os.strerror(errno.EROFS if read_only else errno.EACCES)})")
+    if folder:
+        return
     try:
-        name_max = os.pathconf(folder, "PC_NAME_MAX")
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
     except (OSError, ValueError):
         name_max = 255
     longest = len(os.fsencode(temporary_name(out, _LONGEST_PID)))
@@ -67,6 +80,16 @@ def check_output_path(out: Path) -> None:
     lock = Path(str(out) + ".lock")
     if lock.is_dir():
         raise TlfeatError(f"{lock}: is a folder; it is the lock of this output: move it away")
+
+
+def check_outside_dataset(out: Path, dataset_root: str | Path | None) -> None:
+    """Refuse an output inside the dataset folder `dataset_root` (None: not known): the next scan would
+    take its folder for a class of images."""
+    if dataset_root and Path(out).resolve().is_relative_to(Path(dataset_root).resolve()):
+        raise TlfeatError(
+            f"{out}: inside the dataset folder {dataset_root}, where the next scan would take it for a class; "
+            "tlfeat never writes there: pass `out` elsewhere (or run from outside the dataset)"
+        )
 
 
 def no_space(exc: BaseException) -> bool:

@@ -18,6 +18,7 @@ import numpy as np
 
 from tlfeat.cache import CacheData, open_rows
 from tlfeat.errors import TlfeatError
+from tlfeat.fileio import check_output_path, check_outside_dataset
 
 # The extra that installs every optional library an analysis may import.
 EXTRA = "tlfeat[analysis]"
@@ -108,11 +109,6 @@ def output_folder(cache: str | Path, out: str | Path | None, topic: str, data: C
     """`out`, or ``<cache folder>/<topic>/<cache stem>/``; never a folder inside the dataset."""
     cache = Path(cache)
     folder = Path(out) if out is not None else cache.parent / topic / cache.stem
-    root = dataset_root(data)
-    if root is not None and folder.resolve().is_relative_to(root.resolve()):
-        raise TlfeatError(
-            f"{folder}: inside the dataset folder {root}; analyses never write there, pass `out` elsewhere"
-        )
-    if folder.exists() and not folder.is_dir():
-        raise TlfeatError(f"{folder}: exists and is not a folder; pass `out` as a folder path")
+    check_outside_dataset(folder, dataset_root(data))
+    check_output_path(folder, folder=True)
     return folder

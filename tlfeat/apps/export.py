@@ -38,6 +38,7 @@ import numpy as np
 
 from tlfeat.cache import CacheData, CacheReader
 from tlfeat.errors import TlfeatError, parameter_error
+from tlfeat.fileio import check_output_path
 
 FORMATS = ("parquet", "npy")
 CHUNK_BYTES = 4 * 2**20  # features per chunk (one Parquet row group)
@@ -66,8 +67,6 @@ def _chunk_rows(dim: int, requested: int | None) -> int:
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise TlfeatError(f"{out}: is a file; `out` needs a folder for the exported files")
     out.mkdir(parents=True, exist_ok=True)
     earlier = [p for pattern in _OUTPUT_PATTERNS for p in out.glob(pattern)]
     if earlier and not overwrite:
@@ -207,6 +206,7 @@ def export(
         _import_pyarrow()  # before any file is touched
     cache = Path(cache)
     out = Path(out) if out is not None else cache.with_name(f"{cache.stem}-{format}")
+    check_output_path(out, folder=True)
     with CacheReader(cache) as reader:
         rows = _chunk_rows(reader.feature_dim, chunk_rows)
         _prepare_out(out, overwrite)

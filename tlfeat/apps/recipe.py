@@ -23,6 +23,7 @@ from sklearn.model_selection import StratifiedKFold
 from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.data.scan import DEFAULT_RATIOS
 from tlfeat.errors import TlfeatError
+from tlfeat.fileio import check_output_path
 from tlfeat.heads.fit import Features, HeadResult, head_metadata, load_features
 from tlfeat.heads.folder import save_fitted_head
 from tlfeat.heads.registry import get_head
@@ -162,11 +163,14 @@ def select_and_refit(features: Features, c_grid: Sequence[float], seed: int = 0,
         started = time.perf_counter()
         estimator = _logreg(c, seed).fit(x, y)
         fit_seconds = time.perf_counter() - started
-    test = data.split == "test"
-    if test.any():
-        metrics["test"] = split_metrics(data.labels[test], estimator.predict(data.features[test]), data.class_names)
-    notes = sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0]}" for w in caught
-                    if issubclass(w.category, UserWarning)})
+    # Test rows that are copies of fitted rows (the same image, or the same features under another name) are
+    # left out, as fit-head and evaluate leave them out: the score is on images the head has not seen.
+    test, _, left_out = features.rows("test", {"train": features.ids.take(rows)})
+    if len(test):
+        metrics["test"] = split_metrics(test.labels, estimator.predict(test.features), data.class_names)
+    notes = [f"test: {left_out} rows left out of the score, copies of rows this head was fitted on"] if left_out else []
+    notes += sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0]}" for w in caught
+                     if issubclass(w.category, UserWarning)})
     return Fitted(estimator, c, folds, trials, metrics, fit_seconds, search_seconds, notes)
 
 
@@ -204,6 +208,9 @@ def run_recipe(
     from tlfeat.extraction.run import extract
 
     spec = get_recipe(recipe)
+    first_cache = member_cache(data, cache_dir, spec.members[0])
+    out = Path(out) if out is not None else first_cache.parent / "heads" / f"recipe-{spec.name}"
+    check_output_path(out, folder=True)  # before minutes of extraction, not after
     runs: list[MemberRun] = []
     for member in spec.members:
         cache = member_cache(data, cache_dir, member)
@@ -220,9 +227,6 @@ def run_recipe(
     fitted = select_and_refit(features, spec.c_grid, seed)
     if not fitted.metrics:
         raise TlfeatError(f"{data}: nothing to score the recipe on: no test split, and too few images to cross-validate")
-    out = Path(out) if out is not None else caches[0].parent / "heads" / f"recipe-{spec.name}"
-    if out.exists() and not out.is_dir():
-        raise TlfeatError(f"{out}: exists and is not a folder; `out` needs a folder")
     out.mkdir(parents=True, exist_ok=True)
     refit_rows = features.data.split != "test"  # refitted on train+val: both are rows it has seen
     seen = {"train": features.ids.take(refit_rows)}

@@ -16,6 +16,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from tlfeat.data.scan import DEFAULT_RATIOS
 from tlfeat.errors import TlfeatError, cli_terms
+from tlfeat.fileio import os_reason
 
 # TensorFlow's C++ info and warning logs are not for CLI users (its start-up banner, printed before this
 # setting applies, is filtered by tlfeat.quiet_import).
@@ -75,7 +76,8 @@ PARAMETER_OPTIONS = {"ratios": "--split", "data": "DATA", "caches": "CACHES", "i
 
 
 def user_errors(command: Callable) -> Callable:
-    """Print a TlfeatError as one line on stderr (in the CLI's option names) and exit 1, with no traceback."""
+    """Print a TlfeatError as one line on stderr (in the CLI's option names) and exit 1, with no traceback;
+    likewise a Ctrl-C and a failed file operation that the command did not turn into a TlfeatError."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -83,6 +85,14 @@ def user_errors(command: Callable) -> Callable:
             return command(*args, **kwargs)
         except TlfeatError as exc:
             typer.secho(f"error: {cli_terms(str(exc), PARAMETER_OPTIONS)}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:  # commands with work to resume say more (TlfeatError, above)
+            typer.secho("error: interrupted; the files already written are kept", err=True, fg=typer.colors.RED)
+            raise typer.Exit(1) from None
+        except OSError as exc:  # a file that failed after the checks made before the work (a full disk, mostly)
+            where = exc.filename2 or exc.filename  # a rename's target, or the file itself
+            typer.secho(f"error: {where}: {os_reason(exc)}" if where else f"error: {os_reason(exc)}", err=True,
+                        fg=typer.colors.RED)
             raise typer.Exit(1) from None
 
     return wrapper

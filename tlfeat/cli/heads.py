@@ -9,6 +9,7 @@ import typer
 
 from tlfeat.cli.common import app, program_name, user_errors
 from tlfeat.errors import TlfeatError
+from tlfeat.fileio import check_output_path
 from tlfeat.heads.registry import HEADS
 from tlfeat.heads.streaming import DEFAULT_CHUNK_ROWS, DEFAULT_PASSES
 
@@ -103,6 +104,8 @@ def predict(
     """
     from tlfeat.apps.predict import predict_images, write_predictions_csv
 
+    if csv is not None:
+        check_output_path(csv)  # before the images are embedded
     result = predict_images(model, images, top=top, batch_size=batch_size, progress=not quiet, trust=trust)
     for p in result.predictions:
         typer.echo(f"{p.path}\t" + "\t".join(f"{name} {prob:.3f}" for name, prob in p.top))
@@ -133,6 +136,8 @@ def evaluate(
     from tlfeat.apps.evaluate import evaluate_on_caches
     from tlfeat.reports import markdown_table, write_json
 
+    if json_out is not None:
+        check_output_path(json_out)
     result = evaluate_on_caches(model, caches, split=split, trust=trust)
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)

@@ -34,7 +34,7 @@ from tlfeat.extraction.ledger import (
     FAILED, NOWHERE, OLD_CACHE, PATH_CHUNK_ROWS, FinalWriter, Ledger, same_as_file,
 )
 from tlfeat.extraction.shards import NON_FINITE_REASON, ShardStore, without_non_finite
-from tlfeat.fileio import OutputLock, check_output_path, remove_stale_temporaries
+from tlfeat.fileio import OutputLock, check_output_path, check_outside_dataset, remove_stale_temporaries
 from tlfeat.progress import progress_bar
 from tlfeat.runtime import check_tta
 
@@ -265,6 +265,7 @@ def extract(
         out = Path(out) if out is not None else default_output(scan.root, spec.name, size, tta)
         if out.exists() and out.is_dir():
             raise TlfeatError(f"{out}: is a folder; `out` needs a file path such as {out / 'features.h5'}")
+        check_outside_dataset(out, scan.root)
         check_output_path(out)
         weights_id = weights_identity(spec, weights)
         parts = ShardStore(out).dir  # a file squatting on its name is refused here, before any work

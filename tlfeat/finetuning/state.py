@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from tlfeat.data.scan import DatasetScan
 from tlfeat.errors import TlfeatError
-from tlfeat.fileio import read_json_object
+from tlfeat.fileio import check_output_path, check_outside_dataset, read_json_object
 from tlfeat.finetuning.model import save_model_atomically
 from tlfeat.finetuning.runs import RUN_FORMAT, RUNS_DIR, STATE_NAME
 from tlfeat.reports import write_csv, write_json
@@ -257,8 +257,8 @@ def open_run(out: Path | None, resume: bool, config: RunConfig, scan: DatasetSca
         prefix = f"{scan.name}-{config.backbone}-{'all' if k == 'all' else f'top{k}'}-"
         out = _find_resumable(prefix) if resume else RUNS_DIR / f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise TlfeatError(f"{out}: exists and is not a folder; `out` needs a run folder")
+    check_outside_dataset(out, scan.root)
+    check_output_path(out, folder=True)
     if not resume:
         if out.exists() and any(out.iterdir()):
             what = "holds a fine-tune run" if (out / STATE_NAME).exists() else "is not empty"

@@ -35,6 +35,7 @@ from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.cache import CacheData, load
 from tlfeat.data.scan import SPLITS
 from tlfeat.errors import TlfeatError
+from tlfeat.fileio import check_output_path, check_outside_dataset
 from tlfeat.heads.folder import (
     FitSummary, HeadResult, check_same_data, folder_key, locked_folder, save_fitted_head, write_summary,
 )
@@ -339,9 +340,12 @@ def fit_heads(
     so a caller can report progress.
     """
     names = resolve_heads(head)
-    features = load_features(caches)
-    _check_trainable(features, search)
     out = Path(out) if out is not None else default_out(caches)
+    check_output_path(out, folder=True)
+    features = load_features(caches)
+    for source in features.sources:
+        check_outside_dataset(out, source.get("dataset_root"))
+    _check_trainable(features, search)
     with locked_folder(out):
         key = folder_key(features.sources, features.digest)
         check_same_data(out, key, features.ids, features.data.split, features.label)

@@ -1,0 +1,84 @@
+"""Outputs: one that cannot be written is a one-line error before the work starts (not a traceback after
+it), a write that fails later is one line too, and nothing is ever written inside the dataset."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import assert_one_line_error, write_synthetic_cache
+from tlfeat import reports
+from tlfeat.cli import app
+from tlfeat.errors import TlfeatError
+from tlfeat.heads.fit import fit_heads
+
+runner = CliRunner()
+FAST = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32", "-q"]
+
+
+def test_extract_refuses_an_output_inside_the_dataset(tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: run from inside the dataset, extract wrote cache/ there (exit 0); every later scan then failed
+    # on "cache: class folder holds no images", or read tlfeat's own files as a class.
+    before = sorted(tiny_dataset.rglob("*"))
+    monkeypatch.chdir(tiny_dataset)
+    result = runner.invoke(app, ["extract", ".", *FAST])
+    assert_one_line_error(result, "inside the dataset folder", "pass --out elsewhere")
+    result = runner.invoke(app, ["extract", str(tiny_dataset), "--out", str(tiny_dataset / "c" / "x.h5"), *FAST])
+    assert_one_line_error(result, "inside the dataset folder")
+    assert sorted(tiny_dataset.rglob("*")) == before
+
+
+def test_fit_head_refuses_an_output_inside_the_dataset(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    cache = write_synthetic_cache(tmp_path / "c.h5", dataset_root=str(data))
+    with pytest.raises(TlfeatError, match="inside the dataset folder"):
+        fit_heads([cache], head="logreg", out=data / "heads")
+    assert list(data.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("fitted")
+    cache = write_synthetic_cache(root / "c.h5")
+    fit_heads([cache], head="logreg", out=root / "heads")
+    return cache, root / "heads" / "logreg.skops"
+
+
+@pytest.mark.parametrize("command", ["export", "evaluate", "compare", "map", "fit-head"])
+def test_an_output_that_cannot_be_written_is_one_line_before_the_work(
+    command: str, fitted: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # Before: export, evaluate --json, compare --csv and map ended in a traceback (NotADirectoryError,
+    # IsADirectoryError), after the work.
+    cache, head = fitted
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    a_folder = tmp_path / "a-folder"
+    a_folder.mkdir()
+    args = {
+        "export": ["export", cache, "--format", "npy", "--out", a_file / "sub"],
+        "evaluate": ["evaluate", head, cache, "--json", a_folder],
+        "compare": ["compare", head.parent, "--csv", a_folder],
+        "map": ["map", cache, "--method", "pca", "--out", a_file],
+        "fit-head": ["fit-head", cache, "--head", "logreg", "--out", a_file],
+    }[command]
+    result = runner.invoke(app, [str(a) for a in args])
+    assert_one_line_error(result, str(a_file if command in ("export", "map", "fit-head") else a_folder))
+    assert sorted(tmp_path.iterdir()) == [a_file, a_folder] and list(a_folder.iterdir()) == []
+    assert "table" not in result.stdout and "| test |" not in result.stdout  # refused before the work
+
+
+def test_a_write_that_fails_after_the_checks_is_one_line(
+    fitted: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A full disk found only while writing: the OSError reached the user as a traceback.
+    def full_disk(path: Path, payload: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(reports, "atomic_write_bytes", full_disk)
+    result = runner.invoke(app, ["compare", str(fitted[1].parent), "--csv", str(tmp_path / "table.csv")])
+    assert_one_line_error(result, f"{tmp_path / 'table.csv'}: no space left on the device")
