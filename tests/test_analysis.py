@@ -7,6 +7,7 @@ the offline EfficientNet-Lite0 ImageNet weights.
 
 from __future__ import annotations
 
+import re
 import csv
 import shutil
 import sys
@@ -169,6 +170,15 @@ def test_similar_refuses_to_embed_for_a_cache_whose_weights_differ(planted: Plan
 def test_similar_query_must_exist(planted: Planted) -> None:
     with pytest.raises(TlfeatError, match="neither an image path stored in the cache nor an existing file"):
         similar(planted.cache, ["train/class_9/nothing.png"])
+
+
+def test_an_unreadable_query_names_its_file_and_why(planted: Planted, tmp_path: Path) -> None:
+    # Before: "none of the 1 query files could be read as an image", neither the file nor the reason.
+    broken = tmp_path / "broken.png"
+    broken.write_bytes((planted.root / "train/class_0/img_004.png").read_bytes()[:40])
+    expected = rf"^{re.escape(str(broken))}: not an image Pillow can read; no query image to search with$"
+    with pytest.raises(TlfeatError, match=expected):
+        similar(planted.cache, [broken])
 
 
 def test_exact_top_k_blocked_equals_brute_force() -> None:

@@ -89,6 +89,24 @@ def test_c_by_cross_validation_then_refit_on_train_and_val(tmp_path: Path) -> No
     assert one.folds == 0 and not one.trials and set(one.metrics) == {"test"} and one.c == 0.3
 
 
+def test_test_rows_that_copy_fitted_rows_are_left_out_of_the_recipe_score() -> None:
+    # Before: the recipe scored every test row, copies of its train+val rows included (Scene15's fast recipe:
+    # n=2985, where `evaluate` of the same head scores 2974 and says why), so its test score could be inflated.
+    from tlfeat.cache import CacheData
+    from tlfeat.heads.fit import Features
+    from tlfeat.heads.rows import RowIds
+
+    rng = np.random.default_rng(1)
+    labels = np.repeat([0, 1], 30)
+    features = rng.normal(size=(60, 4)).astype(np.float32) + labels[:, None] * 2
+    split = np.array((["train"] * 20 + ["test"] * 10) * 2)
+    features[[20, 21, 50]] = features[[0, 1, 30]]  # 3 test rows: the features of train rows, under other names
+    data = CacheData(features, labels, np.array([f"{i}.png" for i in range(60)]), split, ["a", "b"], {})
+    fitted = select_and_refit(Features(data, [], "synthetic", RowIds.of(list(data.paths), [100] * 60, features)), [1.0])
+    assert fitted.metrics["test"]["n"] == 17
+    assert fitted.notes[0] == "test: 3 rows left out of the score, copies of rows this head was fitted on"
+
+
 def test_unknown_recipe_is_a_one_line_error(tmp_path: Path) -> None:
     result = run_cli("recipe", str(tmp_path), "--recipe", "huge", timeout=120)
     assert result.returncode == 1 and result.stderr.strip() == "error: --recipe huge: unknown; choose one of fast, best"

@@ -126,7 +126,9 @@ def similar(
             vectors += list(embedded)
             owners += [(str(files[i]), None, files[i]) for i in ok]
         if not vectors:
-            raise TlfeatError(f"none of the {len(skipped)} query files could be read as an image")
+            first, reason = skipped[0]
+            others = f" (nor could the {len(skipped) - 1} other query files)" if len(skipped) > 1 else ""
+            raise TlfeatError(f"{first}: {reason}; no query image to search with{others}")
         queries_matrix = np.stack(vectors)
         exclude = np.array([-1 if row is None else row for _, row, _ in owners], dtype=np.int64)
         k = min(top, len(data))

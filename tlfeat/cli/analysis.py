@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from tlfeat.analysis.duplicates import EXACT_MAX_ROWS
 from tlfeat.cli.common import app, user_errors
 from tlfeat.cli.heads import TRUST_HELP
 
@@ -17,7 +18,7 @@ def audit(
     cache: Path = typer.Argument(..., help="A cache written by extract."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder. Default: audit/<cache stem>/ beside the cache (never inside the dataset)."),
     dup_threshold: Optional[float] = typer.Option(None, "--dup-threshold", help="Cosine similarity from which two images count as near-duplicates. Default: chosen from the distribution of nearest-neighbour similarities, and printed."),
-    index: str = typer.Option("auto", "--index", help="Duplicate search: exact (blocked matrix products), faiss (approximate; an index saved beside the cache, needs faiss-cpu) or auto (exact up to 50,000 images)."),
+    index: str = typer.Option("auto", "--index", help=f"Duplicate search: exact (blocked matrix products), faiss (approximate; an index saved beside the cache, needs faiss-cpu) or auto (exact up to {EXACT_MAX_ROWS:,} images)."),
     folds: int = typer.Option(5, "--folds", help="Cross-validation folds of the out-of-fold predictions behind the label review."),
     seed: int = typer.Option(0, "--seed", help="Seed of the folds and of the linear head."),
     no_sheets: bool = typer.Option(False, "--no-sheets", help="No PNG contact sheets (they read the images from the dataset folder)."),

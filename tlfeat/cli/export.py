@@ -33,5 +33,5 @@ def export(
                          overwrite=overwrite)
     typer.echo(
         f"{summary.out}: {summary.n_rows} rows x {summary.feature_dim} dims as {summary.format} "
-        f"in {len(summary.files)} files; {summary.seconds:.1f} s"
+        f"in {len(summary.files)} file{'' if len(summary.files) == 1 else 's'}; {summary.seconds:.1f} s"
     )

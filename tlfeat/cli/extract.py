@@ -30,7 +30,7 @@ def extract(
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize images to this square size, 32 to 1024. Default: the backbone's (`tlfeat backbones`)."),
     tta: str = typer.Option(TTA_MODES[0], "--tta", help="Test-time augmentation: none, or flip (the mean of the features of each image and its mirror; twice the compute)."),
     dtype: str = typer.Option("float32", "--dtype", help="Storage type of the features: float32 or float16."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the stratified train/val/test split."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the train/val/test split (each image is placed by a hash of its path and this seed)."),
     split: str = typer.Option(DEFAULT_SPLIT, "--split", help="train,val,test shares for a flat dataset (val carved from train when only train/test exist)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache made with other settings (or damaged) instead of refusing; re-label a cache split with another --seed/--split."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),

@@ -50,7 +50,10 @@ def recipe(
                    + "  ".join(f"C={t['C']} {t['cv_accuracy']:.4f}" for t in fitted.trials))
     test = fitted.metrics.get("test")
     scored = f": test {test['accuracy']:.4f} (macro-F1 {test['macro_f1']:.4f}, n={test['n']})" if test else ""
-    typer.echo(f"logreg C={fitted.c} on {len(result.members)} fused caches, refitted on train+val{scored}")
+    caches = "1 cache" if len(result.members) == 1 else f"{len(result.members)} fused caches"
+    typer.echo(f"logreg C={fitted.c} on {caches}, refitted on train+val{scored}")
+    for note in fitted.notes:
+        typer.echo(f"note: {note}", err=True)
     seconds = sum(run.seconds for run in result.members if run.computed)
     typer.echo(f"extraction this run {seconds:.0f} s; head fit {fitted.fit_seconds + fitted.search_seconds:.1f} s")
     model = result.head.files["model"]
