@@ -2,7 +2,7 @@
 
 Usage:
     python bench/merge_scale.py [--rows 100000 1000000] [--dim 1280] [--batch 256] [--grow 0.01] [--rate 15000]
-                                [--root DIR]
+                                [--root DIR] [--trace]
 
 For each size N: synthetic shards of N random `dim`-d rows (batches of `batch`
 rows, as an interrupted run leaves them) are written first (not measured); then,
@@ -158,7 +158,37 @@ class StandInEngine:
             yield rows
 
 
-def _run(root: str, n: str, every: str, dim: str, batch: str, rate: str = "0") -> dict:
+class TracedPeak:
+    """Python's allocations (numpy arrays among them) at the highest traced total seen, by the place in
+    tlfeat or this bench that made them; polled, so a short-lived peak may be missed."""
+
+    def __init__(self) -> None:
+        import threading
+        import tracemalloc
+
+        self.tracemalloc, self.best, self.snapshot = tracemalloc, 0, None
+        tracemalloc.start(8)
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        while True:
+            current = self.tracemalloc.get_traced_memory()[0]
+            if current > self.best + (1 << 19):
+                self.best, self.snapshot = current, self.tracemalloc.take_snapshot()
+            time.sleep(0.05)
+
+    def report(self, top: int = 8) -> dict:
+        sites: dict[str, int] = {}
+        for stat in self.snapshot.statistics("traceback") if self.snapshot else []:
+            ours = [f for f in reversed(stat.traceback) if "/tlfeat/" in f.filename or "merge_scale" in f.filename]
+            frame = ours[0] if ours else stat.traceback[-1]
+            site = f"{frame.filename.split('/tlfeat/')[-1].split('/')[-1]}:{frame.lineno}"
+            sites[site] = sites.get(site, 0) + stat.size
+        largest = sorted(sites.items(), key=lambda item: -item[1])[:top]
+        return {"traced_peak_mb": self.best / 2**20, "traced_sites_mb": [[s, b / 2**20] for s, b in largest]}
+
+
+def _run(root: str, n: str, every: str, dim: str, batch: str, rate: str = "0", trace: str = "0") -> dict:
     import numpy as np
 
     import tlfeat.extraction.run as run_module
@@ -166,15 +196,18 @@ def _run(root: str, n: str, every: str, dim: str, batch: str, rate: str = "0") -
     from tlfeat.data.scan import DatasetScan
 
     files = Files(int(n), int(every))
-    scan = DatasetScan(Path(root), "flat", [f"c{c:02d}" for c in range(CLASSES)], files)  # type: ignore[arg-type]
+    # The files are never read: any folder beside the cache (not around it: nothing is written in a dataset).
+    scan = DatasetScan(Path(root) / "data", "flat", [f"c{c:02d}" for c in range(CLASSES)], files)  # type: ignore[arg-type]
     run_module.scan_dataset = lambda data, seed, ratios: scan
     engine = StandInEngine(int(dim), int(batch), float(rate))
     run_module.make_engine = lambda *args: engine
+    traced = TracedPeak() if trace == "1" else None
     start = time.perf_counter()
     summary = run_module.extract(root, Path(root) / "cache.h5", backbone=BACKBONE, weights="none", image_size=32,
                                  progress=False)
     end = time.perf_counter()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    traced_report = traced.report() if traced else {}
     with CacheReader(Path(root) / "cache.h5") as cache:  # checked after the peak is taken
         assert cache.n_rows == len(files)
         fresh = summary.n_computed == len(files)
@@ -186,7 +219,7 @@ def _run(root: str, n: str, every: str, dim: str, batch: str, rate: str = "0") -
             assert np.array_equal(row.features[0], _features(seed, 1, int(dim))[0]), position
     computed = {"tail_seconds": end - engine.last_batch_at} if summary.n_computed else {}
     return {"rows": len(files), "computed": summary.n_computed, "reused": summary.n_reused,
-            "up_to_date": summary.up_to_date, "seconds": end - start, "peak_rss_mb": peak, **computed}
+            "up_to_date": summary.up_to_date, "seconds": end - start, "peak_rss_mb": peak, **computed, **traced_report}
 
 
 def _child(kind: str, *args: str) -> dict:
@@ -195,12 +228,16 @@ def _child(kind: str, *args: str) -> dict:
 
 def _step(report: dict, folder: Path, name: str, n: int, growth: str, args: argparse.Namespace) -> None:
     rate = "0" if name in ("merge", "rerun") else str(args.rate)
-    result = run_isolated(__file__, name, str(folder), str(n), growth, str(args.dim), str(args.batch), rate)
+    result = run_isolated(__file__, name, str(folder), str(n), growth, str(args.dim), str(args.batch), rate,
+                          "1" if args.trace else "0")
     report["steps"].append({"step": f"{name} {n}", **result})
     tail = f", {result['tail_seconds']:.2f} s after the last batch" if "tail_seconds" in result else ""
     print(f"{name} {n}: {result['rows']} rows (computed {result['computed']}, reused "
           f"{result['reused']}{', up to date' if result['up_to_date'] else ''}): "
           f"{result['seconds']:.1f} s{tail}, peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
+    if "traced_peak_mb" in result:
+        sites = ", ".join(f"{site} {mb:.1f}" for site, mb in result["traced_sites_mb"])
+        print(f"  traced by Python at its peak: {result['traced_peak_mb']:.1f} MB; largest (MB): {sites}", flush=True)
 
 
 def main() -> None:
@@ -212,6 +249,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=15000.0,
                         help="images/s of the stand-in engine where it computes (fresh and grow steps): a device's pace")
     parser.add_argument("--root", type=Path, help="where the shards and caches go (default: a temporary folder)")
+    parser.add_argument("--trace", action="store_true",
+                        help="also trace Python's allocations (slow: use with --rows of 300,000 at most) and print, "
+                             "at the traced peak of each step, the places holding the most")
     args = parse_bench_args(parser, _child)
     if args is None:
         return
