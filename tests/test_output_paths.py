@@ -1,5 +1,5 @@
 """Outputs: one that cannot be written is a one-line error before the work starts (not a traceback after
-it), a write that fails later is one line too, and nothing is ever written inside the dataset."""
+it), a write that fails later is one line too, as is a Ctrl-C, and nothing is ever written inside the dataset."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from conftest import assert_one_line_error, write_synthetic_cache
 from tlfeat import reports
 from tlfeat.cli import app
 from tlfeat.errors import TlfeatError
+from tlfeat.heads import fit as heads_fit
 from tlfeat.heads.fit import fit_heads
 
 runner = CliRunner()
@@ -82,3 +83,15 @@ def test_a_write_that_fails_after_the_checks_is_one_line(
     monkeypatch.setattr(reports, "atomic_write_bytes", full_disk)
     result = runner.invoke(app, ["compare", str(fitted[1].parent), "--csv", str(tmp_path / "table.csv")])
     assert_one_line_error(result, f"{tmp_path / 'table.csv'}: no space left on the device")
+
+
+def test_ctrl_c_in_a_command_without_its_own_message_is_one_line(
+    fitted: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: fit-head and predict ended with exit 130 and nothing said.
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(heads_fit, "fit_heads", interrupted)
+    result = runner.invoke(app, ["fit-head", str(fitted[0]), "--out", str(tmp_path / "heads")])
+    assert_one_line_error(result, "interrupted; the files already written are kept")
