@@ -20,7 +20,8 @@ from tlfeat.cache_writer import write_cache
 from tlfeat.heads.keras_head import KerasReportHead
 
 REPO = Path(__file__).resolve().parents[1]
-SCENE15 = (REPO / ".." / "shared" / "data" / "scene15").resolve()
+# The shared data folder beside the repository, or where TLFEAT_SCENE15 says (a clone elsewhere).
+SCENE15 = Path(os.environ.get("TLFEAT_SCENE15") or REPO / ".." / "shared" / "data" / "scene15").resolve()
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Converted weights go to one folder per test session, never the user's ~/.cache. Set at
@@ -81,7 +82,7 @@ def tiny_dataset(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def scene15() -> Path:
     if not (SCENE15 / "train").is_dir():
-        pytest.skip(f"Scene15 not found at {SCENE15} (the shared data folder beside the repo)")
+        pytest.skip(f"Scene15 not found at {SCENE15} (the shared data folder beside the repo; TLFEAT_SCENE15 sets another)")
     return SCENE15
 
 
