@@ -73,7 +73,7 @@ class LocalEngine:
 
 class FilePaths(Sequence[str]):
     """The files of `entries` under `root`, as strings made a batch at a time when sliced: the whole list
-    would cost about 100 bytes per file (100 MB for a million), beside the scan's own entries."""
+    costs a string per file (27 MB for 200,000 files in its test), beside the scan's own entries."""
 
     def __init__(self, root: str, entries: Sequence[ImageEntry]) -> None:
         self.root, self.entries = root, entries
