@@ -145,10 +145,7 @@ class Ledger:
 
     def chunks(self, chunk_rows: int) -> Iterator[np.ndarray]:
         """Entry indices of the rows, in canonical order, `chunk_rows` at a time."""
-        rows = RowQueue(self.where)
-        yield from rows.take(len(self.where), chunk_rows)
-        if rows.size:
-            yield rows.pop(rows.size)
+        yield from RowQueue(self.where).rest(chunk_rows)
 
     def sources_of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(source, row within the source) of global row numbers."""
@@ -177,6 +174,12 @@ class RowQueue:
             self.next = stop
             while self.size >= n:
                 yield self.pop(n)
+
+    def rest(self, n: int) -> Iterator[np.ndarray]:
+        """Every row not yet handed out, `n` at a time (the last group may be shorter)."""
+        yield from self.take(len(self.where), n)
+        if self.size:
+            yield self.pop(self.size)
 
     def pop(self, n: int) -> np.ndarray:
         """The next `n` rows (at most `size`)."""
@@ -265,10 +268,8 @@ class FinalWriter:
 
     def commit(self, extra_attrs: dict) -> None:
         """Write the remaining rows (every image settled by now) and finish the file."""
-        for indices in self._rows.take(len(self.ledger.where), WRITE_CHUNK_ROWS):
+        for indices in self._rows.rest(WRITE_CHUNK_ROWS):
             self._write(indices)
-        if self._rows.size:
-            self._write(self._rows.pop(self._rows.size))
         skipped = [(e.relpath, reason, e.size, e.mtime_ns) for e, reason in self.ledger.failures()]
         self._open().commit(self.class_names, skipped, extra_attrs)
 

@@ -263,8 +263,6 @@ def extract(
     try:
         scan = scan_dataset(data, seed=seed, ratios=ratios)
         out = Path(out) if out is not None else default_output(scan.root, spec.name, size, tta)
-        if out.exists() and out.is_dir():
-            raise TlfeatError(f"{out}: is a folder; `out` needs a file path such as {out / 'features.h5'}")
         check_outside_dataset(out, scan.root)
         check_output_path(out)
         weights_id = weights_identity(spec, weights)
