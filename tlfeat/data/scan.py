@@ -25,32 +25,25 @@ import hashlib
 import math
 import os
 import stat
-from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
+import numpy as np
+
+from tlfeat.data.entries import SPLITS, EntrySubset, ImageEntry, ImageTable, split_bounds
 from tlfeat.errors import TlfeatError
+
+__all__ = ["SPLITS", "DEFAULT_RATIOS", "SPLIT_RULE", "DatasetScan", "EntrySubset", "ImageEntry", "ImageTable",
+           "class_of", "normalise_ratios", "scan_dataset", "split_bounds", "split_of"]
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 )
-SPLITS = ("train", "val", "test")
 DEFAULT_RATIOS = (0.5625, 0.1875, 0.25)  # the study's shares (270/90/120 of 480 per class, on average)
 # Recorded in caches: a cache split by another rule would be re-labelled by a rerun, so reruns compare it.
 SPLIT_RULE = "sha256(seed, path) vs cumulative shares"
-
-
-@dataclass(frozen=True, slots=True)  # slots: a million entries take a third of the memory
-class ImageEntry:
-    """One image file: where it is, what it is, and its identity for cache reuse."""
-
-    relpath: str  # relative to the dataset root, '/'-separated
-    class_name: str
-    split: str
-    size: int
-    mtime_ns: int
 
 
 @dataclass
@@ -60,7 +53,7 @@ class DatasetScan:
     root: Path
     layout: str  # "flat" | "pre-split"
     class_names: list[str]
-    entries: list[ImageEntry]
+    entries: Sequence[ImageEntry]  # an ImageTable from `scan_dataset`
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason)
     seed: int = 0
     ratios: tuple[float, float, float] = DEFAULT_RATIOS
@@ -71,8 +64,7 @@ class DatasetScan:
         return self.root.name
 
     def split_counts(self) -> dict[str, int]:
-        counts = Counter(e.split for e in self.entries)
-        return {s: counts[s] for s in SPLITS if counts[s]}
+        return {split: hi - lo for split, lo, hi in split_bounds(self.entries)}
 
     def label_of(self, entry: ImageEntry) -> int:
         return self._label_index[entry.class_name]
@@ -112,17 +104,18 @@ def _unit_hash(relpath: str, seed: int) -> float:
 
 def split_of(relpath: str, seed: int, ratios: Sequence[float]) -> str:
     """The split ("train", "val" or "test") of a flat dataset's image at `relpath`, given seed and ratios."""
-    return _flat_split_of(relpath, seed, normalise_ratios(ratios)[0])
+    return SPLITS[_flat_split_of(relpath, seed, normalise_ratios(ratios)[0])]
 
 
-def _flat_split_of(relpath: str, seed: int, shares: tuple[float, float, float]) -> str:
+def _flat_split_of(relpath: str, seed: int, shares: tuple[float, float, float]) -> int:
+    """The split, as an index in SPLITS, of a flat dataset's image."""
     u = _unit_hash(relpath, seed)
-    return "train" if u < shares[0] else "val" if u < shares[0] + shares[1] else "test"
+    return 0 if u < shares[0] else 1 if u < shares[0] + shares[1] else 2
 
 
-def _carved_split_of(relpath: str, seed: int, shares: tuple[float, float, float]) -> str:
-    """A pre-split dataset's train/ image without a val/ folder: train or val, in the ratio train:val."""
-    return "train" if _unit_hash(relpath, seed) < shares[0] / (shares[0] + shares[1]) else "val"
+def _carved_split_of(relpath: str, seed: int, shares: tuple[float, float, float]) -> int:
+    """A pre-split dataset's train/ image without a val/ folder: train or val (0 or 1), in the ratio train:val."""
+    return 0 if _unit_hash(relpath, seed) < shares[0] / (shares[0] + shares[1]) else 1
 
 
 def _is_hidden(name: str) -> bool:
@@ -169,20 +162,22 @@ def _is_folder(entry: os.DirEntry) -> bool:
         return False
 
 
-def _entries(folder: str, rel: str, ignored: Ignored) -> list[tuple[str, str, os.stat_result]]:
-    """(name, relpath, stat) of what a folder holds, hidden and unnamable entries recorded in `ignored`.
+def _entries(folder: str, rel: str, ignored: Ignored) -> Iterator[tuple[str, str, os.stat_result]]:
+    """(name, relpath, stat) of what a folder holds, in name order, hidden and unnamable entries recorded in
+    `ignored`.
 
     One `stat` per entry, symlinks followed (`os.scandir` knows a hidden folder without one); no path
-    objects: at a million files the scan costs little more than the stats themselves.
+    objects: at a million files the scan costs little more than the stats themselves. Each entry, with the
+    stat it caches (about 0.5 KB), is let go once handed over, so a folder of many files is not held twice.
     """
     try:
         with os.scandir(folder) as listing:
-            found = sorted(listing, key=lambda entry: entry.name)
+            found = sorted(listing, key=lambda entry: entry.name, reverse=True)
     except OSError as exc:
         ignored.append((_shown(rel), f"folder cannot be read ({exc.strerror})"))
-        return []
-    result = []
-    for entry in found:
+        return
+    while found:
+        entry = found.pop()
         name = entry.name
         child = f"{rel}/{name}" if rel else name
         if not _utf8(name):
@@ -190,8 +185,7 @@ def _entries(folder: str, rel: str, ignored: Ignored) -> list[tuple[str, str, os
         elif _is_hidden(name):
             ignored.append((child, "hidden folder" if _is_folder(entry) else "hidden file"))
         elif (st := _stat(entry, child, ignored)) is not None:
-            result.append((name, child, st))
-    return result
+            yield name, child, st
 
 
 def _list_images(
@@ -237,10 +231,43 @@ def _class_dirs(
     return dirs
 
 
-def _class_images(
-    folder: str, rel: str, ancestors: frozenset[tuple[int, int]], ignored: Ignored
-) -> dict[str, list[tuple[str, int, int]]]:
-    return {name: _list_images(*where, ignored) for name, where in _class_dirs(folder, rel, ancestors, ignored, "not in a class folder").items()}
+class _Walk:
+    """A dataset's walk: each class folder's images, once listed, go into one ImageTable per split (class
+    indices in order of first sight until the walk ends), so the walk holds one folder's listing at a time."""
+
+    def __init__(self, ignored: Ignored) -> None:
+        self.ignored = ignored
+        self.tables = {split: ImageTable([]) for split in SPLITS}
+        self.class_ids: dict[str, int] = {}
+        self.class_folders: dict[str, set[str]] = {}  # top folder ("all" when flat) -> its class folders
+        self.empty: list[str] = []  # class folders holding no image
+
+    def classes_in(
+        self, top: str, folder: str, rel: str, ancestors: frozenset[tuple[int, int]], split_of: Callable[[str], int]
+    ) -> None:
+        """Walk the class folders in `folder`; `split_of` gives each image's split (an index in SPLITS)."""
+        dirs = _class_dirs(folder, rel, ancestors, self.ignored, "not in a class folder")
+        self.class_folders[top] = set(dirs)
+        for name, where in dirs.items():
+            files = _list_images(*where, self.ignored)
+            if not files:
+                self.empty.append(where[0])
+                continue
+            class_id = self.class_ids.setdefault(name, len(self.class_ids))
+            files.sort(key=lambda item: item[0])  # by relpath: the order inside (split, class)
+            for relpath, size, mtime_ns in files:
+                self.tables[SPLITS[split := split_of(relpath)]].append(relpath, class_id, split, size, mtime_ns)
+
+    def table(self, class_names: list[str]) -> ImageTable:
+        """The entries in canonical order (split, class, path): train's table, the others appended to it
+        and let go (never a second copy of the largest)."""
+        index = {name: i for i, name in enumerate(class_names)}
+        class_map = np.array([index[name] for name in self.class_ids], dtype=np.int32)
+        entries = self.tables.pop("train")
+        entries.rename_classes(class_map, class_names)
+        for split in SPLITS[1:]:
+            entries.extend(self.tables.pop(split), class_map)
+        return entries
 
 
 @contextmanager
@@ -277,55 +304,43 @@ def _scan(root: Path, seed: int, ratios: tuple[float, float, float]) -> DatasetS
     root_id = frozenset({(root_stat.st_dev, root_stat.st_ino)})
     names = {name for name, _, st in _entries(str(root), "", []) if stat.S_ISDIR(st.st_mode)}
 
-    # split -> class -> [(relpath, stat)]
-    found: dict[str, dict[str, list[tuple[str, int, int]]]] = {}
+    walk = _Walk(ignored)
     if names & set(SPLITS):
         if "train" not in names:
             present = "/".join(s for s in SPLITS if s in names)
             raise TlfeatError(f"{root}: has {present} folders but no train/ folder")
         top = _class_dirs(str(root), "", root_id, ignored, "not in a train/val/test folder")
+        carve = "val" not in top
         for name, (folder, rel, ancestors) in top.items():
-            if name in SPLITS:
-                found[name] = _class_images(folder, rel, ancestors, ignored)
+            if name == "train":
+                walk.classes_in(name, folder, rel, ancestors,
+                                lambda path: _carved_split_of(path, seed, shares) if carve else 0)
+            elif name in SPLITS:
+                walk.classes_in(name, folder, rel, ancestors, lambda path, split=SPLITS.index(name): split)
             else:
                 ignored.append((rel, "not a train/val/test folder of a pre-split dataset"))
         layout = "pre-split"
     else:
-        found["all"] = _class_images(str(root), "", root_id, ignored)
+        walk.classes_in("all", str(root), "", root_id, lambda path: _flat_split_of(path, seed, shares))
         layout = "flat"
 
-    class_names = sorted({c for per_class in found.values() for c in per_class})
+    class_names = sorted(set().union(*walk.class_folders.values()))
     where = root / "train" if layout == "pre-split" else root
     if not class_names:
         raise TlfeatError(f"{where}: no class folders found (expected one sub-folder per class)")
     if len(class_names) < 2:
         raise TlfeatError(f"{where}: only one class folder ({class_names[0]}); need at least 2 classes")
-    for split, per_class in found.items():
-        for class_name, files in per_class.items():
-            if not files:
-                folder = root / class_name if split == "all" else root / split / class_name
-                raise TlfeatError(f"{folder}: class folder holds no images")
+    if walk.empty:
+        raise TlfeatError(f"{walk.empty[0]}: class folder holds no images")
     if layout == "pre-split":
-        missing = [c for c in class_names if c not in found["train"]]
+        missing = [c for c in class_names if c not in walk.class_folders["train"]]
         if missing:
             raise TlfeatError(f"{root / 'train'}: no training folder for class(es) {', '.join(missing)}")
 
-    by_split: dict[str, list[ImageEntry]] = {split: [] for split in SPLITS}
-    for class_name in class_names:  # each class's listing is let go once its entries exist
-        if layout == "flat":
-            files = [(*file, _flat_split_of(file[0], seed, shares)) for file in found["all"].pop(class_name)]
-        else:
-            files = [(*file, "train" if "val" in found else _carved_split_of(file[0], seed, shares))
-                     for file in found["train"].pop(class_name)]
-            files += [(*file, split) for split in ("val", "test") for file in found.get(split, {}).pop(class_name, [])]
-        files.sort(key=lambda item: item[0])  # by relpath: the order inside (split, class)
-        for rel, size, mtime_ns, split in files:
-            by_split[split].append(ImageEntry(rel, class_name, split, size, mtime_ns))
-
-    # Canonical order (split, class, path), from classes taken in order: no million sort keys.
-    entries = [entry for split in SPLITS for entry in by_split[split]]
+    names_by_id = list(walk.class_ids)
+    in_train = {names_by_id[i] for i in np.unique(np.frombuffer(walk.tables["train"]._classes, dtype=np.int32))}
+    entries = walk.table(class_names)
     notes = [ratio_note] if ratio_note else []
-    in_train = {e.class_name for e in entries if e.split == "train"}
     if len(in_train) < len(class_names):
         missing = ", ".join(c for c in class_names if c not in in_train)
         notes.append(f"class(es) {missing} drew no train image (too few images for these shares)")

@@ -17,7 +17,7 @@ import numpy as np
 from tlfeat.backbones import Backbone
 from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.cache import Rows
-from tlfeat.data.scan import ImageEntry
+from tlfeat.data.entries import ImageEntry
 from tlfeat.data.batches import shared_pool
 from tlfeat.runtime import accelerator_present, compute_policy, get_extractor, map_batches
 
@@ -30,7 +30,7 @@ class Engine(Protocol):
 
     def __exit__(self, *exc: object) -> None: ...
 
-    def embed(self, root: Path, todo: list[ImageEntry], bar: Any) -> Iterator[Rows]:
+    def embed(self, root: Path, todo: Sequence[ImageEntry], bar: Any) -> Iterator[Rows]:
         """One Rows per finished batch of `todo` (any order), advancing `bar` by the images done."""
         ...
 
@@ -57,7 +57,7 @@ class LocalEngine:
     def __exit__(self, *exc: object) -> None:
         pass
 
-    def embed(self, root: Path, todo: list[ImageEntry], bar: Any) -> Iterator[Rows]:
+    def embed(self, root: Path, todo: Sequence[ImageEntry], bar: Any) -> Iterator[Rows]:
         pool = shared_pool(self.workers)  # a new pool's processes start while the backbone loads
         extractor = get_extractor(self.backbone, self.weights, self.image_size, self.batch_size, self.tta)
         files = FilePaths(str(root), todo)

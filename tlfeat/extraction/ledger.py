@@ -31,7 +31,8 @@ import numpy as np
 
 from tlfeat.cache import WRITE_CHUNK_ROWS, CacheKey, CacheReader, Rows
 from tlfeat.cache_writer import CacheWriter
-from tlfeat.data.scan import SPLITS, ImageEntry, class_of
+from tlfeat.data.entries import SPLITS, EntrySubset, ImageEntry, split_bounds
+from tlfeat.data.scan import class_of
 from tlfeat.extraction.shards import ShardStore
 
 NOWHERE, FAILED = -1, -2
@@ -55,10 +56,8 @@ class Ledger:
         self._bases = array("q")  # first global row of each source
         self._sources = array("q")  # OLD_CACHE or a shard number, per source
         self._rows = 0
-        bounds = [bisect_left(entries, rank, key=lambda e: _RANK[e.split]) for rank in range(len(SPLITS))]
         # (split rank, first entry, end) of each split present
-        self._sections = [(rank, lo, hi) for rank, (lo, hi) in enumerate(zip(bounds, bounds[1:] + [len(entries)]))
-                          if hi > lo]
+        self._sections = [(_RANK[split], lo, hi) for split, lo, hi in split_bounds(entries)]
 
     def add_source(self, source: int, n_rows: int) -> int:
         """Number a source's rows (OLD_CACHE or a shard number); returns the global number of its first."""
@@ -128,9 +127,9 @@ class Ledger:
             if i >= 0:
                 self.where[i], hint = NOWHERE, i + 1
 
-    def todo(self) -> list[ImageEntry]:
+    def todo(self) -> EntrySubset:
         """The entries to compute, in canonical order."""
-        return [self.entries[i] for i in np.flatnonzero(self.where == NOWHERE)]
+        return EntrySubset(self.entries, np.flatnonzero(self.where == NOWHERE))
 
     def failures(self) -> list[tuple[ImageEntry, str]]:
         return [(self.entries[i], self.reasons[i]) for i in sorted(self.reasons) if self.where[i] == FAILED]

@@ -20,16 +20,16 @@ import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from tlfeat.backbones import Backbone, get_backbone
 from tlfeat.cache import Rows
 from tlfeat.data.decode import DecodeError, decode_into
-from tlfeat.data.scan import ImageEntry
+from tlfeat.data.entries import ImageEntry
 from tlfeat.errors import TlfeatError
-from tlfeat.extraction.engines import batch_rows
+from tlfeat.extraction.engines import FilePaths, batch_rows
 from tlfeat.runtime import FeatureExtractor, compute_policy, default_batch_size
 
 CONNECT_TIMEOUT_S = 5
@@ -160,10 +160,9 @@ class RayEngine:
             self.ray.shutdown()  # disconnects from a running cluster; stops an instance ray.init started
             self.joined = False
 
-    def embed(self, root: Path, todo: list[ImageEntry], bar: Any) -> Iterator[Rows]:
-        paths = [str(root / e.relpath) for e in todo]
+    def embed(self, root: Path, todo: Sequence[ImageEntry], bar: Any) -> Iterator[Rows]:
         try:
-            for done in self._pipeline(paths).iter_batches(batch_size=None, batch_format="numpy"):
+            for done in self._pipeline(FilePaths(str(root), todo)).iter_batches(batch_size=None, batch_format="numpy"):
                 self._check_backend(set(done["keras_backend"]))
                 positions = [int(i) for i in done["index"]]
                 errors = [str(e) for e in done["error"]]
@@ -191,13 +190,16 @@ class RayEngine:
 
         return keras.backend.backend()
 
-    def _pipeline(self, paths: list[str]) -> Any:
+    def _pipeline(self, paths: Sequence[str]) -> Any:
         """paths -> decode tasks -> embedding actors: a Ray Dataset of {index, features, error, keras_backend}."""
         import pyarrow  # a dependency of Ray Data: columns of a million paths stay compact
 
         ray = self.ray
-        table = pyarrow.table({"index": pyarrow.array(range(len(paths)), pyarrow.int64()), "path": paths})
-        blocks = [table.slice(start, self.batch_size) for start in range(0, len(paths), self.batch_size)]
+        blocks = []  # each made from a batch of paths: never a Python string for every file at once
+        for start in range(0, len(paths), self.batch_size):
+            stop = min(start + self.batch_size, len(paths))
+            blocks.append(pyarrow.table({"index": pyarrow.array(range(start, stop), pyarrow.int64()),
+                                         "path": paths[start:stop]}))
         dataset = ray.data.from_arrow(blocks).map_batches(
             decode_batch, fn_kwargs={"image_size": self.image_size}, batch_size=self.batch_size,
             batch_format="numpy", num_cpus=1,
