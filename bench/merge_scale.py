@@ -83,6 +83,16 @@ class Files:
         name = f"c{class_index:02d}/{SPLIT_NAMES[split]}{k:08d}{'a' if added else ''}.png"
         return ImageEntry(name, f"c{class_index:02d}", SPLIT_NAMES[split], 1000 + k, 1_700_000_000 * 10**9 + k)
 
+    def relpath(self, i: int) -> str:  # the accessors of tlfeat's ImageTable, which the ledger calls
+        return self[i].relpath
+
+    def identity(self, i: int) -> tuple[int, int]:
+        entry = self[i]
+        return entry.size, entry.mtime_ns
+
+    def split(self, i: int) -> str:
+        return self[i].split
+
     def old_count(self) -> int:
         return self.group * len(SPLIT_NAMES) * CLASSES
 

@@ -67,7 +67,16 @@ class ImageTable(Sequence[ImageEntry]):
         return len(self._ends)
 
     def relpath(self, index: int) -> str:
+        """An entry's path (index >= 0), without making its ImageEntry: the ledger's matching asks for
+        a million of these."""
         return self._paths[self._ends[index - 1] if index else 0 : self._ends[index]].decode()
+
+    def identity(self, index: int) -> tuple[int, int]:
+        """(size, mtime_ns) of an entry's file: what a cached row of it is matched against."""
+        return self._sizes[index], self._mtimes[index]
+
+    def split(self, index: int) -> str:
+        return SPLITS[self._splits[index]]
 
     def _entry(self, i: int) -> ImageEntry:
         return ImageEntry(self.relpath(i), self.class_names[self._classes[i]], SPLITS[self._splits[i]],

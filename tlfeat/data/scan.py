@@ -53,7 +53,7 @@ class DatasetScan:
     root: Path
     layout: str  # "flat" | "pre-split"
     class_names: list[str]
-    entries: Sequence[ImageEntry]  # an ImageTable from `scan_dataset`
+    entries: ImageTable
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason)
     seed: int = 0
     ratios: tuple[float, float, float] = DEFAULT_RATIOS

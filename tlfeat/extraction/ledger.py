@@ -31,7 +31,7 @@ import numpy as np
 
 from tlfeat.cache import WRITE_CHUNK_ROWS, CacheKey, CacheReader, Rows
 from tlfeat.cache_writer import CacheWriter
-from tlfeat.data.entries import SPLITS, EntrySubset, ImageEntry, split_bounds
+from tlfeat.data.entries import SPLITS, EntrySubset, ImageEntry, ImageTable, split_bounds
 from tlfeat.data.scan import class_of
 from tlfeat.extraction.shards import ShardStore
 
@@ -49,7 +49,7 @@ def _canonical(entry: ImageEntry) -> tuple[int, str, str]:
 class Ledger:
     """For each of `entries` (a scan's, in canonical order), where its row lives; see the module doc."""
 
-    def __init__(self, entries: Sequence[ImageEntry], layout: str) -> None:
+    def __init__(self, entries: ImageTable, layout: str) -> None:
         self.entries, self.layout = entries, layout
         self.where = np.full(len(entries), NOWHERE, dtype=np.int32)
         self.reasons: dict[int, str] = {}  # entry index -> why its file failed
@@ -72,12 +72,12 @@ class Ledger:
     def locate(self, path: str, hint: int = 0) -> int:
         """The index of the entry with this path (trying `hint` first), or -1 when the scan has none."""
         entries = self.entries
-        if hint < len(entries) and entries[hint].relpath == path:
+        if hint < len(entries) and entries.relpath(hint) == path:
             return hint
         class_name = class_of(path, self.layout)
         for rank, lo, hi in self._sections:
             i = bisect_left(entries, (rank, class_name, path), lo, hi, key=_canonical)
-            if i < hi and entries[i].relpath == path:
+            if i < hi and entries.relpath(i) == path:
                 return i
         return -1
 
@@ -93,8 +93,7 @@ class Ledger:
             if i < 0:
                 continue  # a file no longer in the dataset
             hint = i + 1
-            entry = entries[i]
-            if entry.size != size or entry.mtime_ns != mtime:
+            if entries.identity(i) != (size, mtime):
                 where[i] = NOWHERE
                 reasons.pop(i, None)
             elif failed is None:
@@ -111,7 +110,7 @@ class Ledger:
             i = self.locate(path, hint)
             if i >= 0:
                 hint = i + 1
-                count += self.entries[i].split != split
+                count += self.entries.split(i) != split
         return count
 
     def record_rows(self, source: int, rows: Rows) -> None:
