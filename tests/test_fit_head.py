@@ -229,3 +229,28 @@ def test_the_report_heads_search_changes_the_model() -> None:
     same = [(a, b) for i, a in enumerate(spec.grid) for j, b in enumerate(spec.grid)
             if i < j and np.allclose(probabilities[i], probabilities[j])]
     assert not same, f"{spec.label} values {same} give the same model"
+
+
+def test_an_interrupted_fit_of_all_heads_keeps_a_summary_of_those_fitted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: Ctrl-C after the first heads kept their files but wrote no summary.md (no ranked table).
+    import tlfeat.heads.fit as heads_fit
+
+    cache = write_synthetic_cache(tmp_path / "blobs.h5", n_per_class=10, n_classes=3, dim=8)
+    fitted = []
+    real_fit = heads_fit._fit_head
+
+    def fit_then_interrupt(name: str, *args: object) -> object:
+        if len(fitted) == 2:
+            raise KeyboardInterrupt
+        fitted.append(name)
+        return real_fit(name, *args)
+
+    monkeypatch.setattr(heads_fit, "_fit_head", fit_then_interrupt)
+    out = tmp_path / "heads"
+    with pytest.raises(KeyboardInterrupt):
+        fit_heads([cache], head="all", out=out)
+    assert set(summary_rows(out)) == set(fitted) == set(HEAD_NAMES[:2])
+    text = (out / "summary.md").read_text()
+    assert all(f"{name}: not fitted: interrupted" in text for name in HEAD_NAMES[2:])

@@ -349,8 +349,9 @@ def fit_heads(
     with locked_folder(out):
         key = folder_key(features.sources, features.digest)
         check_same_data(out, key, features.ids, features.data.split, features.label)
-        results, skipped = [], []
-        for name in names:
+        results: list[HeadResult] = []
+        skipped: list[tuple[str, str]] = []
+        for position, name in enumerate(names):
             try:
                 result = _fit_head(name, features, search, seed, out)
             except TlfeatError as exc:
@@ -360,6 +361,11 @@ def fit_heads(
                 if on_skip is not None:
                     on_skip(name, str(exc))
                 continue
+            except KeyboardInterrupt:
+                if results:  # the heads already fitted keep their ranked table; the others are named in it
+                    left = [(other, "interrupted") for other in names[position:]]
+                    write_summary(out, results, features.sources, features.split_counts(), skipped + left)
+                raise
             results.append(result)
             if on_result is not None:
                 on_result(result)
