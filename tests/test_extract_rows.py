@@ -315,26 +315,55 @@ def test_fresh_and_resumed_runs_never_hold_the_rows(monkeypatch: pytest.MonkeyPa
     assert_same_file(out, fresh_out)
 
 
+class HandedOver:
+    """Stands in for an engine's pipeline stage: records the file paths it is handed and the traced memory
+    held then; returns an empty pipeline (iter_batches, as a Ray Dataset's)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, Any] = {}
+
+    def __call__(self, files: Any, *args: Any) -> Any:
+        self.seen.update(held_mb=tracemalloc.get_traced_memory()[0] / 2**20, n=len(files), last=files[-2:],
+                         one=files[3])
+        return SimpleNamespace(iter_batches=lambda **kwargs: iter(()))
+
+    def embed(self, engine: Any, root: Path, todo: list) -> dict[str, Any]:
+        tracemalloc.start()
+        try:
+            assert list(engine.embed(root, todo, None)) == []
+        finally:
+            tracemalloc.stop()
+        return self.seen
+
+
+MANY_FILES = 200_000
+
+
+def many_entries() -> list[ImageEntry]:
+    return [ImageEntry(f"class{i % 10}/image{i:07d}.jpg", f"class{i % 10}", "train", 1, 1) for i in range(MANY_FILES)]
+
+
 def test_the_local_engine_makes_file_paths_a_batch_at_a_time(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # Before: LocalEngine.embed joined every file's path before the first batch: 27 MB traced for these
     # 200,000 files (about 140 bytes a file under pytest's temporary folder), beside the scan's own entries.
-    todo = [ImageEntry(f"class{i % 10}/image{i:07d}.jpg", f"class{i % 10}", "train", 1, 1) for i in range(200_000)]
-    seen: dict[str, Any] = {}
-
-    def map_batches(files: Any, *args: Any) -> Iterator[Any]:
-        seen.update(held_mb=tracemalloc.get_traced_memory()[0] / 2**20, n=len(files), last=files[-2:],
-                    one=files[3])
-        return iter(())
-
-    monkeypatch.setattr(engines, "map_batches", map_batches)
+    handed = HandedOver()
+    monkeypatch.setattr(engines, "map_batches", lambda files, *args: iter(handed(files).iter_batches()))
     monkeypatch.setattr(engines, "get_extractor", lambda *args: SimpleNamespace(batch_size=32, submit=None))
     monkeypatch.setattr(engines, "shared_pool", lambda workers: None)
-    engine = LocalEngine(get_backbone("efficientnet_lite0"), "none", 32, None)
-    tracemalloc.start()
-    try:
-        assert list(engine.embed(tmp_path, todo, None)) == []
-    finally:
-        tracemalloc.stop()
-    assert seen["n"] == len(todo) and seen["one"] == os.path.join(str(tmp_path), "class3/image0000003.jpg")
+    todo = many_entries()
+    seen = handed.embed(LocalEngine(get_backbone("efficientnet_lite0"), "none", 32, None), tmp_path, todo)
+    assert seen["n"] == MANY_FILES and seen["one"] == os.path.join(str(tmp_path), "class3/image0000003.jpg")
     assert seen["last"] == [os.path.join(str(tmp_path), e.relpath) for e in todo[-2:]]
+    assert seen["held_mb"] < 1, seen
+
+
+def test_the_ray_driver_never_holds_a_path_for_every_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Before: RayEngine.embed joined every file's path into one list before building its pipeline, and kept
+    # it for the whole run: 27 MB traced for these 200,000 files. (Ray itself is not needed to see it.)
+    from tlfeat.extraction.ray_engine import RayEngine, RayOptions
+
+    engine, handed = RayEngine(get_backbone("vgg16"), "none", 32, 256, RayOptions()), HandedOver()
+    monkeypatch.setattr(engine, "_pipeline", handed)
+    seen = handed.embed(engine, tmp_path, many_entries())
+    assert seen["n"] == MANY_FILES and seen["one"] == os.path.join(str(tmp_path), "class3/image0000003.jpg")
     assert seen["held_mb"] < 1, seen

@@ -8,11 +8,12 @@ from __future__ import annotations
 from array import array
 from bisect import bisect_left
 from dataclasses import dataclass
-from typing import Iterator, Sequence, overload
+from typing import Iterator, Sequence, TypeVar, overload
 
 import numpy as np
 
 SPLITS = ("train", "val", "test")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)  # slots: a million entries take a third of the memory
@@ -26,7 +27,27 @@ class ImageEntry:
     mtime_ns: int
 
 
-class ImageTable(Sequence[ImageEntry]):
+class LazySequence(Sequence[T]):
+    """A sequence whose items are made when asked for (`_item`), never held: indexing makes one, a slice a list."""
+
+    def _item(self, i: int) -> T:  # 0 <= i < len(self)
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, index: int) -> T: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[T]: ...
+
+    def __getitem__(self, index: int | slice) -> T | list[T]:
+        if isinstance(index, slice):
+            return [self._item(i) for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"item {index} of {len(self)}")
+        return self._item(index % len(self))
+
+
+class ImageTable(LazySequence[ImageEntry]):
     """Image entries as columns: 29 bytes an image plus its path's UTF-8 bytes, where a list of `ImageEntry`
     objects costs about 190 bytes an image (the object, its path string and its two ints). Indexing makes
     the `ImageEntry`; a slice, a list of them.
@@ -78,25 +99,12 @@ class ImageTable(Sequence[ImageEntry]):
     def split(self, index: int) -> str:
         return SPLITS[self._splits[index]]
 
-    def _entry(self, i: int) -> ImageEntry:
+    def _item(self, i: int) -> ImageEntry:
         return ImageEntry(self.relpath(i), self.class_names[self._classes[i]], SPLITS[self._splits[i]],
                           self._sizes[i], self._mtimes[i])
 
-    @overload
-    def __getitem__(self, index: int) -> ImageEntry: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[ImageEntry]: ...
-
-    def __getitem__(self, index: int | slice) -> ImageEntry | list[ImageEntry]:
-        if isinstance(index, slice):
-            return [self._entry(i) for i in range(*index.indices(len(self)))]
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"entry {index} of {len(self)}")
-        return self._entry(index % len(self))
-
     def __iter__(self) -> Iterator[ImageEntry]:
-        return map(self._entry, range(len(self)))
+        return map(self._item, range(len(self)))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
@@ -112,7 +120,7 @@ class ImageTable(Sequence[ImageEntry]):
         return held / max(1, len(self))
 
 
-class EntrySubset(Sequence[ImageEntry]):
+class EntrySubset(LazySequence[ImageEntry]):
     """Some entries of a sequence, by position (8 bytes each): what a run computes, without an object each."""
 
     def __init__(self, entries: Sequence[ImageEntry], positions: np.ndarray) -> None:
@@ -121,16 +129,8 @@ class EntrySubset(Sequence[ImageEntry]):
     def __len__(self) -> int:
         return len(self.positions)
 
-    @overload
-    def __getitem__(self, index: int) -> ImageEntry: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[ImageEntry]: ...
-
-    def __getitem__(self, index: int | slice) -> ImageEntry | list[ImageEntry]:
-        if isinstance(index, slice):
-            return [self.entries[i] for i in self.positions[index].tolist()]
-        return self.entries[int(self.positions[index])]
+    def _item(self, i: int) -> ImageEntry:
+        return self.entries[int(self.positions[i])]
 
 
 def split_bounds(entries: Sequence[ImageEntry]) -> list[tuple[str, int, int]]:

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence, overload
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
 from tlfeat.backbones import Backbone
 from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.cache import Rows
-from tlfeat.data.entries import ImageEntry
+from tlfeat.data.entries import ImageEntry, LazySequence
 from tlfeat.data.batches import shared_pool
 from tlfeat.runtime import accelerator_present, compute_policy, get_extractor, map_batches
 
@@ -71,7 +71,7 @@ class LocalEngine:
         return keras.backend.backend()
 
 
-class FilePaths(Sequence[str]):
+class FilePaths(LazySequence[str]):
     """The files of `entries` under `root`, as strings made a batch at a time when sliced: the whole list
     costs a string per file (27 MB for 200,000 files in its test), beside the scan's own entries."""
 
@@ -81,16 +81,8 @@ class FilePaths(Sequence[str]):
     def __len__(self) -> int:
         return len(self.entries)
 
-    @overload
-    def __getitem__(self, index: int) -> str: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[str]: ...
-
-    def __getitem__(self, index: int | slice) -> str | list[str]:
-        if isinstance(index, slice):
-            return [os.path.join(self.root, e.relpath) for e in self.entries[index]]
-        return os.path.join(self.root, self.entries[index].relpath)
+    def _item(self, i: int) -> str:
+        return os.path.join(self.root, self.entries[i].relpath)
 
 
 def batch_rows(
