@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO, child_env, make_dataset
 
-PUBLIC = ["TlfeatError", "audit", "compare", "doctor", "embedding_map", "evaluate", "export", "extract", "finetune",
+PUBLIC = ["Interrupted", "TlfeatError", "audit", "compare", "doctor", "embedding_map", "evaluate", "export", "extract", "finetune",
           "fit_heads", "list_backbones", "list_heads", "load", "predict", "recipe", "similar"]
 
 # The data flow, lowest first: a module may import its own stage and lower ones, never a higher one.

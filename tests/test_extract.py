@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO, extract_run_counts, make_dataset, make_image, run_cli
 from tlfeat import cache, cache_writer
 from tlfeat.extraction import shards
-from tlfeat.errors import TlfeatError
+from tlfeat.errors import Interrupted, TlfeatError
 from tlfeat.backbones import build_model, get_backbone
 from tlfeat.extraction.run import default_output, extract
 from tlfeat.fileio import OutputLock
@@ -286,13 +286,31 @@ def test_ctrl_c_keeps_every_finished_batch_including_those_still_queued_for_writ
 
     monkeypatch.setattr(LocalEngine, "embed", _embed_then(KeyboardInterrupt()))
     out = tmp_path / "c.h5"
-    with pytest.raises(TlfeatError, match="interrupted: finished batches are kept"):
+    with pytest.raises(Interrupted, match="interrupted: finished batches are kept"):
         extract(tiny_dataset, out, batch_size=4, **FAST)
     parts = Path(str(out) + ".parts")
     assert len(list(parts.glob("shard-*.npz"))) == 6  # 24 images in batches of 4, all written
     monkeypatch.undo()
     assert "0 attempted (0 embedded, 0 skipped), 24 reused" in run_cli("extract", str(tiny_dataset), "--out", str(out), "--backbone", "vgg16",
                                               "--weights", "none", "--image-size", "32", "--batch-size", "4").stdout
+
+
+def test_ctrl_c_in_a_python_loop_is_not_swallowed_by_except_tlfeaterror(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: Ctrl-C became a TlfeatError, so a notebook loop skipping failed datasets went on to the next one.
+    from tlfeat.extraction.engines import LocalEngine
+
+    monkeypatch.setattr(LocalEngine, "embed", _embed_then(KeyboardInterrupt()))
+    attempted = []
+    with pytest.raises(KeyboardInterrupt, match="interrupted: finished batches are kept") as info:
+        for name in ("first", "second"):
+            attempted.append(name)
+            try:
+                extract(tiny_dataset, tmp_path / f"{name}.h5", batch_size=4, **FAST)
+            except TlfeatError:
+                continue
+    assert attempted == ["first"] and isinstance(info.value, Interrupted) and not isinstance(info.value, TlfeatError)
 
 
 def test_a_failing_shard_write_stops_the_run(tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -25,7 +25,7 @@ import tlfeat.extraction.run as run_module
 from tlfeat.cache import Rows
 from tlfeat.cache_writer import CacheWriter
 from tlfeat.data.decode import DecodeError, decode_image
-from tlfeat.errors import TlfeatError
+from tlfeat.errors import Interrupted, TlfeatError
 from tlfeat.backbones import get_backbone
 from tlfeat.data.scan import ImageEntry
 from tlfeat.extraction import engines
@@ -209,7 +209,7 @@ def test_resumed_runs_equal_an_uninterrupted_run(monkeypatch: pytest.MonkeyPatch
     write(data / "class_1" / "broken.png", "bad bytes")
     out = tmp_path / "c.h5"
     for stop_after in (3, 2):  # interrupted twice: shards of two runs
-        with pytest.raises(TlfeatError, match="interrupted"):
+        with pytest.raises(Interrupted, match="interrupted"):
             run(monkeypatch, data, out, StandInEngine(order=order, stop_after=stop_after))
         assert not out.exists()
     summary, engine = run(monkeypatch, data, out, StandInEngine(order=order))
@@ -226,7 +226,7 @@ def test_resumed_incremental_run_equals_a_fresh_run(monkeypatch: pytest.MonkeyPa
     for i in range(8):
         write(data / f"class_{i % 3}" / f"new_{i}.png", f"new {i}")
     (data / "class_0" / "img_005.png").unlink()
-    with pytest.raises(TlfeatError, match="interrupted"):
+    with pytest.raises(Interrupted, match="interrupted"):
         run(monkeypatch, data, out, StandInEngine(stop_after=1))
     write(data / "class_2" / "img_000.png", "changed after the interruption")
     summary, engine = run(monkeypatch, data, out)
@@ -304,7 +304,7 @@ def test_up_to_date_rerun_reads_no_features(monkeypatch: pytest.MonkeyPatch, tmp
 @pytest.mark.slow
 def test_fresh_and_resumed_runs_never_hold_the_rows(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, big: Path) -> None:
     out = tmp_path / "c.h5"
-    with pytest.raises(TlfeatError, match="interrupted"):
+    with pytest.raises(Interrupted, match="interrupted"):
         traced_run(monkeypatch, big, out, StandInEngine(dim=DIM, batch=64, stop_after=40))
     summary, peak = traced_run(monkeypatch, big, out, StandInEngine(dim=DIM, batch=64))
     assert summary.n_reused == 40 * 64

@@ -24,7 +24,7 @@ from tlfeat.finetuning.state import Run
 from tlfeat.backbones import build_model, get_backbone
 from tlfeat.data.scan import scan_dataset
 from tlfeat.data.decode import decode_image
-from tlfeat.errors import TlfeatError
+from tlfeat.errors import Interrupted
 
 runner = CliRunner()
 QUIET = dict(progress=False, log=lambda line: None)
@@ -330,7 +330,7 @@ def test_ctrl_c_in_stage_2_then_resume_keeps_unfrozen_layers_and_optimizer_state
         return stop
 
     monkeypatch.setattr(Run, "record_epoch", interrupt_after_stage2_epoch1)
-    with pytest.raises(TlfeatError, match=r"interrupted; 2 finished epochs are saved .* `resume`"):
+    with pytest.raises(Interrupted, match=r"interrupted; 2 finished epochs are saved .* `resume`"):
         ft.finetune(data, **settings)
 
     def spy(self: object, model: object, stage: int, epoch: int, logs: dict, seconds: float) -> bool:

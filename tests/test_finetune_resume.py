@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from cli import app
 from conftest import TRAINABLE_SEED, assert_one_line_error, make_dataset
 from tlfeat import progress
-from tlfeat.errors import TlfeatError
+from tlfeat.errors import Interrupted
 from tlfeat.finetuning import train as ft
 from tlfeat.finetuning.state import Run
 
@@ -55,7 +55,7 @@ def test_a_run_resumed_at_an_epoch_boundary_matches_an_uninterrupted_one(
 
     out = tmp_path / "run"
     monkeypatch.setattr(Run, "record_epoch", ctrl_c_after)
-    with pytest.raises(TlfeatError, match="interrupted"):
+    with pytest.raises(Interrupted, match="interrupted"):
         ft.finetune(data, out=out, **SETTINGS)
     monkeypatch.setattr(Run, "record_epoch", original)
     ft.finetune(data, out=out, resume=True, **SETTINGS)

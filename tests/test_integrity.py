@@ -11,7 +11,7 @@ import pytest
 
 from conftest import make_image, run_cli
 from tlfeat import cache
-from tlfeat.errors import TlfeatError
+from tlfeat.errors import Interrupted, TlfeatError
 from tlfeat.extraction.run import extract
 from tlfeat.extraction.shards import NON_FINITE_REASON
 from tlfeat.runtime import Pending
@@ -178,7 +178,7 @@ def test_damaged_shards_are_discarded_with_a_notice_and_recomputed(
     out = tmp_path / "c.h5"
     with monkeypatch.context() as patch:
         _interrupt_after(patch, 4)
-        with pytest.raises(TlfeatError, match="interrupted"):
+        with pytest.raises(Interrupted, match="interrupted"):
             extract(tiny_dataset, out, batch_size=4, **FAST)
     shards = sorted(Path(str(out) + ".parts").glob("shard-*.npz"))
     assert len(shards) == 4

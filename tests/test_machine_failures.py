@@ -20,7 +20,7 @@ import pytest
 
 from conftest import REPO, child_env, make_image
 from tlfeat import cache, cache_writer
-from tlfeat.errors import TlfeatError
+from tlfeat.errors import Interrupted, TlfeatError
 from tlfeat.extraction import engines, shards as shards_module
 from tlfeat.extraction.run import extract
 from tlfeat.runtime import FeatureExtractor
@@ -269,7 +269,7 @@ def test_ctrl_c_simulated_in_the_model_build_and_in_the_final_write(
             raise KeyboardInterrupt
 
         patch.setattr(engines, "get_extractor", interrupted)
-        with pytest.raises(TlfeatError) as info:
+        with pytest.raises(Interrupted) as info:
             extract(tiny_dataset, out, **FAST)
         _one_line(info, "interrupted")
     extract(tiny_dataset, out, **FAST)
@@ -280,7 +280,7 @@ def test_ctrl_c_simulated_in_the_model_build_and_in_the_final_write(
             raise KeyboardInterrupt
 
         patch.setattr(fileio, "fsync_path", interrupted_fsync)
-        with pytest.raises(TlfeatError) as info:
+        with pytest.raises(Interrupted) as info:
             extract(tiny_dataset, out, **FAST)
         _one_line(info, f"interrupted while writing {out}", "unchanged", "rerun")
     assert _leftovers(out) == []

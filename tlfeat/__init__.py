@@ -45,6 +45,7 @@ _API: dict[str, tuple[str, str]] = {
     "similar": ("tlfeat.analysis.similar", "similar"),
     "embedding_map": ("tlfeat.analysis.maps", "embedding_map"),
     "TlfeatError": ("tlfeat.errors", "TlfeatError"),
+    "Interrupted": ("tlfeat.errors", "Interrupted"),
 }
 
 __all__ = sorted(_API)
@@ -61,7 +62,7 @@ if TYPE_CHECKING:  # what static tools and IDEs see; at run time `__getattr__` i
     from tlfeat.apps.recipe import run_recipe as recipe
     from tlfeat.backbones.registry import list_backbones
     from tlfeat.cache import load
-    from tlfeat.errors import TlfeatError
+    from tlfeat.errors import Interrupted, TlfeatError
     from tlfeat.extraction.run import extract
     from tlfeat.finetuning.train import finetune
     from tlfeat.heads.fit import fit_heads

@@ -18,6 +18,12 @@ class TlfeatError(Exception):
     """A problem with the user's input or environment, explained in one line."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or a notebook's "interrupt kernel") during long work, saying in one line what was kept and
+    how to go on. A KeyboardInterrupt, not a TlfeatError: a loop that skips failed inputs with
+    `except TlfeatError` (or `except Exception`) must still stop when the user interrupts it."""
+
+
 def parameter_error(name: str, value: Any, problem: str) -> TlfeatError:
     """A TlfeatError about one parameter's value: "`name=value`: problem"."""
     return TlfeatError(f"`{name}={value!r}`: {problem}")

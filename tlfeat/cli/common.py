@@ -86,8 +86,9 @@ def user_errors(command: Callable) -> Callable:
         except TlfeatError as exc:
             typer.secho(f"error: {cli_terms(str(exc), PARAMETER_OPTIONS)}", err=True, fg=typer.colors.RED)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:  # commands with work to resume say more (TlfeatError, above)
-            typer.secho("error: interrupted; the files already written are kept", err=True, fg=typer.colors.RED)
+        except KeyboardInterrupt as exc:  # commands with work to resume say more (an Interrupted's message)
+            message = cli_terms(str(exc), PARAMETER_OPTIONS) or "interrupted; the files already written are kept"
+            typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
             raise typer.Exit(1) from None
         except OSError as exc:  # a file that failed after the checks made before the work (a full disk, mostly)
             where = exc.filename2 or exc.filename  # a rename's target, or the file itself

@@ -28,7 +28,7 @@ from tlfeat.data.batches import bytes_in_flight
 from tlfeat.data.cores import available_memory
 from tlfeat.data.decode import DecodeError, decode_image
 from tlfeat.data.scan import DEFAULT_RATIOS, SPLIT_RULE, DatasetScan, scan_dataset
-from tlfeat.errors import TlfeatError, parameter_error
+from tlfeat.errors import Interrupted, TlfeatError, parameter_error
 from tlfeat.extraction.engines import Engine, LocalEngine
 from tlfeat.extraction.ledger import (
     FAILED, NOWHERE, OLD_CACHE, PATH_CHUNK_ROWS, FinalWriter, Ledger, same_as_file,
@@ -304,7 +304,7 @@ def extract(
                         raise TlfeatError(f"{exc}; {_KEPT.format(parts=parts)} to finish") from None
             shards.clear()
     except KeyboardInterrupt:
-        raise TlfeatError(_interrupted(stage, out, parts)) from None
+        raise Interrupted(_interrupted(stage, out, parts)) from None
 
     skipped = [(e.relpath, reason) for e, reason in ledger.failures()]
     failed = {path for path, _ in skipped}

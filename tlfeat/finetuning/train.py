@@ -28,7 +28,7 @@ import numpy as np
 
 from tlfeat.backbones import DEFAULT_BACKBONE, Backbone, build_model, get_backbone, weights_identity
 from tlfeat.data.scan import DEFAULT_RATIOS, DatasetScan, scan_dataset
-from tlfeat.errors import TlfeatError
+from tlfeat.errors import Interrupted, TlfeatError
 from tlfeat.fileio import OutputLock
 from tlfeat.finetuning.data import check_trainable_split, dataset_fingerprint, image_batches_class
 from tlfeat.finetuning.finish import finish_run
@@ -171,7 +171,7 @@ def finetune(
             _train(run, model, scan, spec, k, jit_compile, progress)
             summary = finish_run(run, scan, spec, on_gpu, jit_compile)
         except KeyboardInterrupt:
-            raise TlfeatError(
+            raise Interrupted(
                 f"interrupted; {run.global_epochs()} finished epochs are saved in {run.out}: "
                 f"rerun with `resume` `out={str(run.out)!r}` and the same options to continue"
             ) from None
