@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, write_synthetic_cache
 from tlfeat import cache, cache_writer
 from tlfeat.apps.export import export
 from tlfeat.errors import TlfeatError
@@ -163,6 +163,16 @@ def test_bad_input_is_one_line_error(tmp_path: Path, setup: str, message: str) -
         out.write_text("x")
     with pytest.raises(TlfeatError, match=message):
         export(source, "csv" if setup == "format" else "npy", out)
+
+
+def test_an_export_inside_the_caches_dataset_is_refused(tmp_path: Path) -> None:
+    # Before: written there, and the next extract of the dataset failed ("tiny/exp: class folder holds no images").
+    data = tmp_path / "data"
+    (data / "class_a").mkdir(parents=True)
+    source = write_synthetic_cache(tmp_path / "c.h5", n_per_class=4, dim=4, dataset_root=str(data))
+    with pytest.raises(TlfeatError, match=r"data/exp: inside the dataset folder .* pass `out` elsewhere"):
+        export(source, "npy", data / "exp")
+    assert sorted(p.name for p in data.iterdir()) == ["class_a"]
 
 
 def test_missing_pyarrow_is_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, write_synthetic_cache
 from tlfeat import cache
-from tlfeat.apps.recipe import RECIPES, Member, member_cache, select_and_refit
+from tlfeat.apps.recipe import RECIPES, Member, member_cache, run_recipe, select_and_refit
 from tlfeat.errors import TlfeatError
-from tlfeat.heads.fit import load_features
+from tlfeat.heads.fit import fit_heads, load_features
 from tlfeat.heads.store import load_head, read_metadata
 
 
@@ -41,7 +41,7 @@ def test_fast_recipe_end_to_end_then_reuses_its_cache(subset: Path, tmp_path: Pa
     assert re.search(r"cross-validated accuracy by C \(\d folds over train\+val\): C=", first)
     assert "refitted on train+val: test " in first
 
-    head = tmp_path / "heads" / "recipe-fast" / "logreg.skops"
+    head = tmp_path / "heads" / "subset-recipe-fast" / "logreg.skops"
     estimator, meta = load_head(head)
     assert meta["params"]["C"] in RECIPES["fast"].c_grid and meta["sources"][0]["file"] == member.name
     # Refitted on train+val: it has seen every train and val row, and test is scored on the rest.
@@ -117,9 +117,51 @@ def test_best_recipe_end_to_end(subset: Path, tmp_path: Path) -> None:
     out = _recipe(subset, "best", tmp_path)
     for member in RECIPES["best"].members:
         assert f"{member.label} " in out
-    meta = read_metadata(tmp_path / "heads" / "recipe-best" / "logreg.skops")
+    meta = read_metadata(tmp_path / "heads" / "subset-recipe-best" / "logreg.skops")
     assert [(s["backbone"], s["input_size"], s["tta"]) for s in meta["sources"]] == [
         (m.backbone, m.image_size, m.tta) for m in RECIPES["best"].members
     ]
     assert meta["feature_dim"] == 1280 * len(RECIPES["best"].members)
     assert load_features([Path(s["path"]) for s in meta["sources"]]).data.features.shape[1] == meta["feature_dim"]
+
+
+def _synthetic_extract(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    """`extract` as the recipe calls it, writing a small synthetic cache (blobs of this seed) instead."""
+    import tlfeat.extraction.run as run_module
+
+    def extract(data: Path, out: Path, **kwargs: object) -> object:
+        write_synthetic_cache(out, n_per_class=20, seed=seed, dataset_root=str(Path(data).resolve()))
+        return type("Summary", (), dict(n_computed=60, n_reused=0, seconds=0.0, images_per_s=0.0))()
+
+    monkeypatch.setattr(run_module, "extract", extract)
+
+
+def test_recipe_heads_go_to_a_folder_of_their_dataset_and_never_replace_other_datas(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: the default folder was <cache dir>/heads/recipe-<name> for every dataset, and a recipe on
+    # another dataset silently replaced the head there (fit-head refuses a folder of other data's heads).
+    _synthetic_extract(monkeypatch, seed=1)
+    result = run_recipe(tmp_path / "alpha", recipe="fast", cache_dir=tmp_path / "c", progress=False)
+    assert result.out == tmp_path / "c" / "heads" / "alpha-recipe-fast"
+    other = tmp_path / "c" / "heads" / "beta-recipe-fast"
+    assert run_recipe(tmp_path / "beta", recipe="fast", cache_dir=tmp_path / "c", progress=False).out == other
+    assert run_recipe(tmp_path / "alpha", recipe="fast", cache_dir=tmp_path / "c", progress=False).out == result.out
+
+    folder = tmp_path / "heads-of-other-data"
+    fit_heads([write_synthetic_cache(tmp_path / "other.h5", n_per_class=30, seed=5)], head="logreg", out=folder)
+    before = (folder / "logreg.skops").read_bytes()
+    with pytest.raises(TlfeatError, match="holds heads fitted on other data"):
+        run_recipe(tmp_path / "alpha", recipe="fast", cache_dir=tmp_path / "c", out=folder, progress=False)
+    assert (folder / "logreg.skops").read_bytes() == before
+
+
+def test_recipe_never_writes_inside_the_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _synthetic_extract(monkeypatch, seed=1)
+    data = tmp_path / "data"
+    data.mkdir()
+    with pytest.raises(TlfeatError, match=r"data/heads: inside the dataset folder .* pass `out` elsewhere"):
+        run_recipe(data, recipe="fast", cache_dir=tmp_path / "c", out=data / "heads", progress=False)
+    with pytest.raises(TlfeatError, match=r"inside the dataset folder .* pass `cache_dir` elsewhere"):
+        run_recipe(data, recipe="fast", cache_dir=data / "c", out=tmp_path / "heads", progress=False)
+    assert list(data.iterdir()) == []

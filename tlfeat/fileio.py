@@ -82,13 +82,13 @@ def check_output_path(out: Path, folder: bool = False) -> None:
         raise TlfeatError(f"{lock}: is a folder; it is the lock of this output: move it away")
 
 
-def check_outside_dataset(out: Path, dataset_root: str | Path | None) -> None:
+def check_outside_dataset(out: Path, dataset_root: str | Path | None, parameter: str = "out") -> None:
     """Refuse an output inside the dataset folder `dataset_root` (None: not known): the next scan would
-    take its folder for a class of images."""
+    take its folder for a class of images. `parameter`: the one that named `out`, for the message."""
     if dataset_root and Path(out).resolve().is_relative_to(Path(dataset_root).resolve()):
         raise TlfeatError(
             f"{out}: inside the dataset folder {dataset_root}, where the next scan would take it for a class; "
-            "tlfeat never writes there: pass `out` elsewhere (or run from outside the dataset)"
+            f"tlfeat never writes there: pass `{parameter}` elsewhere (or run from outside the dataset)"
         )
 
 

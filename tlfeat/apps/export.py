@@ -38,7 +38,7 @@ import numpy as np
 
 from tlfeat.cache import CacheData, CacheReader
 from tlfeat.errors import TlfeatError, parameter_error
-from tlfeat.fileio import check_output_path
+from tlfeat.fileio import check_outside_dataset, check_output_path
 
 FORMATS = ("parquet", "npy")
 CHUNK_BYTES = 4 * 2**20  # features per chunk (one Parquet row group)
@@ -208,6 +208,7 @@ def export(
     out = Path(out) if out is not None else cache.with_name(f"{cache.stem}-{format}")
     check_output_path(out, folder=True)
     with CacheReader(cache) as reader:
+        check_outside_dataset(out, reader.attrs.get("dataset_root"))
         rows = _chunk_rows(reader.feature_dim, chunk_rows)
         _prepare_out(out, overwrite)
         if format == "parquet":

@@ -23,9 +23,9 @@ from sklearn.model_selection import StratifiedKFold
 from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.data.scan import DEFAULT_RATIOS
 from tlfeat.errors import TlfeatError
-from tlfeat.fileio import check_output_path
+from tlfeat.fileio import check_outside_dataset, check_output_path
 from tlfeat.heads.fit import Features, HeadResult, head_metadata, load_features
-from tlfeat.heads.folder import save_fitted_head
+from tlfeat.heads.folder import check_same_data, folder_key, locked_folder, save_fitted_head
 from tlfeat.heads.registry import get_head
 from tlfeat.reports import split_metrics
 
@@ -209,8 +209,13 @@ def run_recipe(
 
     spec = get_recipe(recipe)
     first_cache = member_cache(data, cache_dir, spec.members[0])
-    out = Path(out) if out is not None else first_cache.parent / "heads" / f"recipe-{spec.name}"
+    if out is None:  # one folder per dataset: a head folder holds heads fitted on one dataset's rows
+        out = first_cache.parent / "heads" / f"{Path(data).resolve().name}-recipe-{spec.name}"
+    out = Path(out)
     check_output_path(out, folder=True)  # before minutes of extraction, not after
+    check_outside_dataset(out, data)
+    if cache_dir is not None:
+        check_outside_dataset(Path(cache_dir), data, "cache_dir")
     runs: list[MemberRun] = []
     for member in spec.members:
         cache = member_cache(data, cache_dir, member)
@@ -224,10 +229,19 @@ def run_recipe(
             on_member(run)
     caches = [run.cache for run in runs]
     features = load_features(caches)
-    fitted = select_and_refit(features, spec.c_grid, seed)
-    if not fitted.metrics:
-        raise TlfeatError(f"{data}: nothing to score the recipe on: no test split, and too few images to cross-validate")
-    out.mkdir(parents=True, exist_ok=True)
+    with locked_folder(out):
+        # Checked before the fit: a folder of heads fitted on other data is refused, as fit-head refuses it.
+        check_same_data(out, folder_key(features.sources, features.digest), features.ids, features.data.split,
+                        features.label)
+        fitted = select_and_refit(features, spec.c_grid, seed)
+        if not fitted.metrics:
+            raise TlfeatError(
+                f"{data}: nothing to score the recipe on: no test split, and too few images to cross-validate")
+        head = _save(out, spec, features, fitted, seed)
+    return RecipeResult(spec, runs, fitted, head, out)
+
+
+def _save(out: Path, spec: Recipe, features: Features, fitted: Fitted, seed: int) -> HeadResult:
     refit_rows = features.data.split != "test"  # refitted on train+val: both are rows it has seen
     seen = {"train": features.ids.take(refit_rows)}
     counts = {name: int(n) for name, n in features.split_counts().items()}
@@ -238,5 +252,4 @@ def run_recipe(
         features.label, {"digest": features.digest, "counts": counts}, {"C": fitted.c}, fitted.trials or None,
         seed, fitted.fit_seconds, fitted.search_seconds,
     )
-    head = save_fitted_head(out, fitted.estimator, meta, fitted.metrics, seen, fitted.notes)
-    return RecipeResult(spec, runs, fitted, head, out)
+    return save_fitted_head(out, fitted.estimator, meta, fitted.metrics, seen, fitted.notes)

@@ -28,7 +28,7 @@ def recipe(
     data: Path = typer.Argument(..., help="Dataset folder, as for extract."),
     name: str = typer.Option(DEFAULT_RECIPE, "--recipe", "-r", help=f"Which recipe. {RECIPE_CHOICES}."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where the member caches live. Default: cache/, with extract's default file names (so the two share caches)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Head folder. Default: <cache dir>/heads/recipe-<name>/"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Head folder. Default: <cache dir>/heads/<dataset>-recipe-<name>/"),
     seed: int = typer.Option(0, "--seed", help="Seed of the split and of the head."),
     split: str = typer.Option(DEFAULT_SPLIT, "--split", help="train,val,test shares for a flat dataset (val carved from train when only train/test exist)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
