@@ -142,3 +142,26 @@ def test_the_notebook_example_runs_on_a_small_dataset(tmp_path: Path) -> None:
     assert "extracted 36 images x 1280 dims" in result.stdout
     assert "predicted" in result.stdout and "logreg" in result.stdout
     assert sorted(data.rglob("*")) == before  # nothing written inside the dataset
+
+
+def test_one_path_where_a_list_is_expected_means_that_file(tmp_path: Path) -> None:
+    # Before: a str or Path was iterated letter by letter: fit_heads("c.h5") said "the same cache file is given
+    # twice", predict(model, "photo.jpg") "p, h, o, t, o, j, p, g: not found", evaluate(model, Path(...)) a
+    # TypeError; an empty list gave messages naming nothing (": no image files to predict").
+    import tlfeat
+    from conftest import write_synthetic_cache
+
+    cache = write_synthetic_cache(tmp_path / "c.h5", n_per_class=12, n_classes=2, dim=4)
+    fitted = tlfeat.fit_heads(str(cache), head="logreg", out=tmp_path / "heads")
+    model = tmp_path / "heads" / "logreg.skops"
+    assert [r.head for r in fitted.results] == ["logreg"]
+    assert tlfeat.evaluate(model, cache).metrics["test"]["accuracy"] == fitted.results[0].scores["test"]["accuracy"]
+    assert [row.name for row in tlfeat.compare(tmp_path / "heads").rows] == ["heads/logreg"]
+    assert len(tlfeat.similar(cache, "class_0/img_0000.png", top=3).queries) == 1
+    with pytest.raises(tlfeat.TlfeatError, match=r"^photo\.jpg: not found$"):
+        tlfeat.predict(model, "photo.jpg")
+    for call, name in [(lambda: tlfeat.predict(model, []), "inputs"), (lambda: tlfeat.compare([]), "inputs"),
+                       (lambda: tlfeat.fit_heads([]), "caches"), (lambda: tlfeat.similar(cache, []), "queries"),
+                       (lambda: tlfeat.evaluate(model, 3), "caches")]:
+        with pytest.raises(tlfeat.TlfeatError, match=rf"^`{name}=(\[\]|3)`: "):
+            call()

@@ -11,9 +11,9 @@ import shutil
 import socket
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
-from tlfeat.errors import TlfeatError
+from tlfeat.errors import TlfeatError, parameter_error
 
 
 @contextmanager
@@ -80,6 +80,20 @@ def check_output_path(out: Path, folder: bool = False) -> None:
     lock = Path(str(out) + ".lock")
     if lock.is_dir():
         raise TlfeatError(f"{lock}: is a folder; it is the lock of this output: move it away")
+
+
+def path_list(value: str | os.PathLike | Sequence[str | os.PathLike], name: str, what: str) -> list:
+    """Parameter `name` as a non-empty list: one path (a str or a Path) is a list of one, so that a notebook's
+    `f("a.h5")` means the file, never its letters. `what`: what the parameter holds, for the messages."""
+    if isinstance(value, (str, bytes, os.PathLike)):
+        return [value]
+    try:
+        items = list(value)
+    except TypeError:
+        raise parameter_error(name, value, f"expected a path or a list of paths ({what})") from None
+    if not items:
+        raise parameter_error(name, items, f"give at least one ({what})")
+    return items
 
 
 def check_outside_dataset(out: Path, dataset_root: str | Path | None, parameter: str = "out") -> None:

@@ -25,6 +25,7 @@ from tlfeat.analysis.contact_sheet import Tile, draw_sheet, shorten
 from tlfeat.analysis.search import Neighbours, exact_top_k, index_top_k, open_index, rescore
 from tlfeat.cache import CacheData, open_rows
 from tlfeat.errors import TlfeatError, parameter_error
+from tlfeat.fileio import path_list
 from tlfeat.reports import write_csv
 
 EXACT_MAX_ROWS = 4_000_000  # 1,000 queries over 4M x 1280 rows: ~4 min of matrix products on 2 cores
@@ -99,7 +100,7 @@ def _embed(cache: Path, data: CacheData, files: list[Path], batch_size: int | No
 
 
 def similar(
-    cache: str | Path, queries: Sequence[str | Path], top: int = 10, index: str = "auto", nprobe: int = 16,
+    cache: str | Path, queries: str | Path | Sequence[str | Path], top: int = 10, index: str = "auto", nprobe: int = 16,
     batch_size: int | None = None, progress: bool = False,
 ) -> SimilarResult:
     """The `top` most similar cached images for each query (see the module docstring for what a query is).
@@ -112,8 +113,7 @@ def similar(
         raise parameter_error("index", index, f"use one of {', '.join(INDEXES)}")
     if top < 1:
         raise parameter_error("top", top, "must be at least 1")
-    if not queries:
-        raise TlfeatError("give at least one query: a path stored in the cache, an image file or a folder")
+    queries = path_list(queries, "queries", "paths stored in the cache, image files or folders")
     with open_cache(cache, min_rows=1) as (data, features):
         cached, files = _resolve(queries, data)
         root = dataset_root(data)

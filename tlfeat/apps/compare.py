@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 from tlfeat.errors import TlfeatError
-from tlfeat.fileio import check_output_path
+from tlfeat.fileio import check_output_path, path_list
 from tlfeat.data.scan import SPLITS
 from tlfeat.finetuning.runs import RUN_FORMAT, SUMMARY_NAME, read_run_summary
 from tlfeat.heads.registry import head_trainable_params
@@ -216,11 +216,12 @@ def plot_bars(rows: Sequence[Row], path: Path) -> None:
     save_png(fig, path)
 
 
-def compare(inputs: Sequence[Path], csv: Path | None = None, png: Path | None = None) -> CompareResult:
+def compare(inputs: str | Path | Sequence[str | Path], csv: Path | None = None, png: Path | None = None) -> CompareResult:
     """Build the comparison table (grouped by dataset, ranked by val accuracy within each) and the optional CSV and PNG."""
     for path in (csv, png):
         if path is not None:
             check_output_path(Path(path))
+    inputs = path_list(inputs, "inputs", "fit-head models, fine-tune runs or folders of them")
     results = find_results(inputs)
     if not results:
         where = ", ".join(str(p) for p in inputs)

@@ -14,6 +14,7 @@ from typing import Sequence
 from sklearn.base import BaseEstimator
 
 from tlfeat.errors import TlfeatError
+from tlfeat.fileio import path_list
 from tlfeat.heads.fit import Features, load_features
 from tlfeat.heads.folder import FEATURE_DEFAULTS, FEATURE_KEY
 from tlfeat.heads.rows import RowIds
@@ -62,7 +63,7 @@ def _check_caches_fit_model(model: Path, meta: dict, caches: Sequence[Path], fea
 
 
 def evaluate_on_caches(
-    model: Path, caches: Sequence[Path], split: str | None = None, trust: bool = False
+    model: Path, caches: str | Path | Sequence[str | Path], split: str | None = None, trust: bool = False
 ) -> Evaluation:
     """Score a fit-head model on labelled caches: accuracy, macro-F1, per-class scores, confusion matrix per split.
 
@@ -72,7 +73,7 @@ def evaluate_on_caches(
     of test), counted in `left_out`. A split left with no rows is not scored.
     `trust` loads a head holding types tlfeat does not trust (`tlfeat.heads.store.load_head`).
     """
-    model, caches = Path(model), [Path(c) for c in caches]
+    model, caches = Path(model), [Path(c) for c in path_list(caches, "caches", "tlfeat caches")]
     features, estimator, meta = checked_head(model, caches, split, trust)
     recorded = read_fitted_rows(model)
     result = Evaluation(model, meta, caches, {})

@@ -28,6 +28,7 @@ from tlfeat.cache import OLD_DECODE
 from tlfeat.data.decode import DECODE
 from tlfeat.data.scan import IMAGE_EXTENSIONS
 from tlfeat.errors import TlfeatError
+from tlfeat.fileio import path_list
 from tlfeat.heads.store import load_head
 from tlfeat.reports import write_csv
 
@@ -145,7 +146,7 @@ def _is_finetune_run(model: Path) -> bool:
 
 
 def predict_images(
-    model: Path, inputs: Sequence[Path], top: int = 1, batch_size: int | None = None, progress: bool = False,
+    model: Path, inputs: str | Path | Sequence[str | Path], top: int = 1, batch_size: int | None = None, progress: bool = False,
     trust: bool = False,
 ) -> PredictResult:
     """Classify the images under `inputs` with a fit-head head file or a fine-tune run (folder or model.keras).
@@ -156,6 +157,7 @@ def predict_images(
     if top < 1:
         raise TlfeatError(f"`top={top!r}`: must be at least 1")
     model = Path(model)
+    inputs = path_list(inputs, "inputs", "image files or folders")
     if not model.exists():
         raise TlfeatError(f"{model}: model not found (a fit-head .skops or a fine-tune run folder)")
     files = collect_images(inputs)

@@ -35,7 +35,7 @@ from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.cache import CacheData, load
 from tlfeat.data.scan import SPLITS
 from tlfeat.errors import TlfeatError
-from tlfeat.fileio import check_output_path, check_outside_dataset
+from tlfeat.fileio import check_output_path, check_outside_dataset, path_list
 from tlfeat.heads.folder import (
     FitSummary, HeadResult, check_same_data, folder_key, locked_folder, save_fitted_head, write_summary,
 )
@@ -324,7 +324,7 @@ def head_metadata(
 
 
 def fit_heads(
-    caches: Sequence[Path],
+    caches: str | Path | Sequence[str | Path],
     head: str = "all",
     search: bool = False,
     out: Path | None = None,
@@ -339,6 +339,7 @@ def fit_heads(
     if none can, that is an error. `on_result` / `on_skip` are called after each head,
     so a caller can report progress.
     """
+    caches = [Path(c) for c in path_list(caches, "caches", "tlfeat caches")]
     names = resolve_heads(head)
     out = Path(out) if out is not None else default_out(caches)
     check_output_path(out, folder=True)
