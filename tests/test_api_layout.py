@@ -165,3 +165,17 @@ def test_one_path_where_a_list_is_expected_means_that_file(tmp_path: Path) -> No
                        (lambda: tlfeat.evaluate(model, 3), "caches")]:
         with pytest.raises(tlfeat.TlfeatError, match=rf"^`{name}=(\[\]|3)`: "):
             call()
+
+
+def test_predict_and_similar_check_batch_size_before_any_work(tmp_path: Path) -> None:
+    # Before: batch_size=0 was taken for the default, -5 ended in "ValueError: cannot mmap an empty file"
+    # (the CLI: a 123-line traceback).
+    import tlfeat
+    from conftest import write_synthetic_cache
+
+    cache = write_synthetic_cache(tmp_path / "c.h5", n_per_class=12, n_classes=2, dim=4)
+    for size in (0, -5):
+        with pytest.raises(tlfeat.TlfeatError, match=rf"^`batch_size={size}`: must be at least 1$"):
+            tlfeat.predict(tmp_path / "model.skops", tmp_path / "photo.jpg", batch_size=size)
+        with pytest.raises(tlfeat.TlfeatError, match=rf"^`batch_size={size}`: must be at least 1$"):
+            tlfeat.similar(cache, tmp_path / "photo.jpg", batch_size=size)

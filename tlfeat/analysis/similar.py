@@ -27,6 +27,7 @@ from tlfeat.cache import CacheData, open_rows
 from tlfeat.errors import TlfeatError, parameter_error
 from tlfeat.fileio import path_list
 from tlfeat.reports import write_csv
+from tlfeat.runtime import check_batch_size
 
 EXACT_MAX_ROWS = 4_000_000  # 1,000 queries over 4M x 1280 rows: ~4 min of matrix products on 2 cores
 INDEXES = ("auto", "exact", "faiss")
@@ -114,6 +115,7 @@ def similar(
     if top < 1:
         raise parameter_error("top", top, "must be at least 1")
     queries = path_list(queries, "queries", "paths stored in the cache, image files or folders")
+    check_batch_size(batch_size)
     with open_cache(cache, min_rows=1) as (data, features):
         cached, files = _resolve(queries, data)
         root = dataset_root(data)

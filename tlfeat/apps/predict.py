@@ -29,6 +29,7 @@ from tlfeat.data.decode import DECODE
 from tlfeat.data.scan import IMAGE_EXTENSIONS
 from tlfeat.errors import TlfeatError
 from tlfeat.fileio import path_list
+from tlfeat.runtime import check_batch_size
 from tlfeat.heads.store import load_head
 from tlfeat.reports import write_csv
 
@@ -158,6 +159,7 @@ def predict_images(
         raise TlfeatError(f"`top={top!r}`: must be at least 1")
     model = Path(model)
     inputs = path_list(inputs, "inputs", "image files or folders")
+    check_batch_size(batch_size)
     if not model.exists():
         raise TlfeatError(f"{model}: model not found (a fit-head .skops or a fine-tune run folder)")
     files = collect_images(inputs)

@@ -36,7 +36,7 @@ from tlfeat.extraction.ledger import (
 from tlfeat.extraction.shards import NON_FINITE_REASON, ShardStore, without_non_finite
 from tlfeat.fileio import OutputLock, check_output_path, check_outside_dataset, remove_stale_temporaries
 from tlfeat.progress import progress_bar
-from tlfeat.runtime import check_tta
+from tlfeat.runtime import check_batch_size, check_tta
 
 if TYPE_CHECKING:
     from tlfeat.extraction.ray_engine import RayOptions
@@ -341,8 +341,7 @@ def _interrupted(stage: str, out: Path | None, parts: Path | None) -> str:
 
 def _check_batch_size(batch_size: int, size: int) -> None:
     """At least 1, and its decoded images in flight within half the memory available now."""
-    if batch_size < 1:
-        raise TlfeatError(f"`batch_size={batch_size}`: must be at least 1")
+    check_batch_size(batch_size)
     need, free = bytes_in_flight(batch_size, size), available_memory()
     if free is not None and need > free / 2:
         fits = max(1, batch_size * free // (2 * need))

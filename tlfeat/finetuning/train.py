@@ -39,7 +39,7 @@ from tlfeat.finetuning.model import (
 from tlfeat.finetuning.runs import read_run_summary
 from tlfeat.finetuning.state import Log, Run, RunConfig, open_run
 from tlfeat.progress import progress_bar
-from tlfeat.runtime import accelerator_present, compute_policy
+from tlfeat.runtime import accelerator_present, check_batch_size, compute_policy
 
 
 @functools.cache
@@ -202,8 +202,7 @@ def _check_options(
         raise TlfeatError(f"`epochs1={epochs1!r}` `epochs2={epochs2!r}`: epoch counts cannot be negative")
     if epochs1 + (epochs2 if requested != 0 else 0) == 0:
         raise TlfeatError("nothing to train: `epochs1` is 0 and stage 2 has no epochs or no unfrozen layers")
-    if batch_size < 1:
-        raise TlfeatError(f"`batch_size={batch_size!r}`: must be at least 1")
+    check_batch_size(batch_size)
     if not (lr1 > 0 and lr2 > 0):
         raise TlfeatError(f"`lr1={lr1!r}` `lr2={lr2!r}`: learning rates must be positive")
     if patience < 0:
