@@ -83,10 +83,14 @@ def test_ratios_that_do_not_sum_to_100_are_rescaled_and_said_so(tmp_path: Path) 
     _touch_files(tmp_path, 2, 10)
     scan = scan_dataset(tmp_path, ratios=(50, 30, 30))
     assert scan.ratios == pytest.approx((50 / 110, 30 / 110, 30 / 110))
-    assert scan.notes == ["split shares 50,30,30 sum to 110, not 100: rescaled to 45.45,27.27,27.27"]
+    assert scan.notes == ["split shares 50,30,30 sum to 110, neither 100 nor 1: rescaled to 45.45%,27.27%,27.27%"]
+    # Fractions, the Python default's unit (before: "sum to 0.9, not 100", as if percent were expected)
+    assert scan_dataset(tmp_path, ratios=(0.5, 0.2, 0.2)).notes == [
+        "split shares 0.5,0.2,0.2 sum to 0.9, neither 100 nor 1: rescaled to 55.56%,22.22%,22.22%"]
 
 
-@pytest.mark.parametrize("ratios", [(float("nan"), 1, 1), (1, float("inf"), 1), (0, 1, 1), (1, -1, 1), (1, 1)])
+@pytest.mark.parametrize("ratios", [(float("nan"), 1, 1), (1, float("inf"), 1), (0, 1, 1), (1, -1, 1), (1, 1),
+                                    "56.25,18.75,25", ("1", "2", "3")])  # strings: a ValueError from a format before
 def test_bad_ratios_are_one_line_errors(tmp_path: Path, ratios: tuple) -> None:
     _touch_files(tmp_path, 2, 3)
     with pytest.raises(TlfeatError, match="need three finite, non-negative numbers with train > 0"):

@@ -25,6 +25,7 @@ import hashlib
 import math
 import os
 import stat
+from numbers import Real
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,16 +84,17 @@ def class_of(relpath: str, layout: str) -> str:
 
 def normalise_ratios(ratios: Sequence[float]) -> tuple[tuple[float, float, float], str | None]:
     """Shares that sum to 1, and a note when the given ones summed to neither 1 nor 100 (rescaled)."""
-    if len(ratios) != 3 or not all(math.isfinite(r) and r >= 0 for r in ratios) or not ratios[0] > 0:
-        shown = ",".join(f"{r:g}" for r in ratios)
+    numbers = not isinstance(ratios, (str, bytes)) and all(isinstance(r, Real) for r in ratios)
+    if not numbers or len(ratios) != 3 or not all(math.isfinite(r) and r >= 0 for r in ratios) or not ratios[0] > 0:
+        shown = ",".join(f"{r:g}" for r in ratios) if numbers else repr(ratios)
         raise TlfeatError(f"`ratios={shown}`: need three finite, non-negative numbers with train > 0")
     total = float(sum(ratios))
     shares = (ratios[0] / total, ratios[1] / total, ratios[2] / total)
     note = None
     if not (math.isclose(total, 1.0, rel_tol=1e-6) or math.isclose(total, 100.0, rel_tol=1e-6)):
         note = (
-            f"split shares {','.join(f'{r:g}' for r in ratios)} sum to {total:g}, not 100: rescaled to "
-            + ",".join(f"{100 * s:.4g}" for s in shares)
+            f"split shares {','.join(f'{r:g}' for r in ratios)} sum to {total:g}, neither 100 nor 1: rescaled to "
+            + ",".join(f"{100 * s:.4g}%" for s in shares)
         )
     return shares, note
 
