@@ -52,6 +52,12 @@ class AuditResult:
     files: list[Path] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # per stage
 
+    def __repr__(self) -> str:  # the rows, pairs and probabilities run to pages: a notebook cell shows this
+        pairs = ", ".join(f"{kind} {self.duplicates.count(kind)}" for kind in KIND_COLOURS)
+        flagged = len(self.labels.flagged) if self.labels is not None else None
+        return (f"AuditResult(cache={str(self.cache)!r}, out={str(self.out)!r}, duplicate pairs: {pairs}; "
+                f"label issues flagged: {flagged}, files={len(self.files)})")
+
 
 def _duplicate_sheet(data: CacheData, found: Duplicates, out: Path) -> None:
     root = dataset_root(data) or Path()

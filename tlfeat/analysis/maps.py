@@ -145,8 +145,8 @@ def write_map_csv(path: Path, data: CacheData, result: EmbeddingMap) -> None:
 
 @dataclass
 class MapResult:
-    map: EmbeddingMap
-    data: CacheData
+    map: EmbeddingMap = field(repr=False)  # coordinates and the cache's rows: pages in a notebook
+    data: CacheData = field(repr=False)
     png: Path
     csv: Path
 

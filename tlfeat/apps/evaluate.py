@@ -31,6 +31,11 @@ class Evaluation:
     left_out: dict[str, int] = field(default_factory=dict)  # split -> rows left out: the head saw them
     notes: list[str] = field(default_factory=list)  # one line each: what was left out, or could not be checked
 
+    def __repr__(self) -> str:  # the metrics and the head's metadata run to pages: a notebook cell shows this
+        accuracy = {split: round(m["accuracy"], 4) for split, m in self.metrics.items()}
+        return (f"Evaluation(model={str(self.model)!r}, caches={[str(c) for c in self.caches]}, "
+                f"accuracy={accuracy}, left_out={self.left_out}, notes={len(self.notes)})")
+
 
 def _check_caches_fit_model(model: Path, meta: dict, caches: Sequence[Path], features: Features) -> None:
     """Refuse caches whose features or classes are not what the head was fitted on, naming the file and setting."""

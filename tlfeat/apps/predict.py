@@ -43,7 +43,7 @@ class Prediction:
 @dataclass
 class PredictResult:
     model: Path
-    meta: dict
+    meta: dict = field(repr=False)  # the head's whole metadata (per-class metrics and more): pages in a notebook
     predictions: list[Prediction] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 

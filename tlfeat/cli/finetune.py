@@ -27,7 +27,7 @@ def finetune(
     lr1: float = typer.Option(1e-3, "--lr1", help="Stage 1 RMSprop learning rate."),
     lr2: float = typer.Option(1e-5, "--lr2", help="Stage 2 RMSprop learning rate."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per training step."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Square input size. Default: the backbone's (224)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Square input size, 32 to 1024. Default: the backbone's native size (`tlfeat backbones` lists them: 224 for most, up to 600)."),
     augment: bool = typer.Option(False, "--augment", help="Training-only random crop/zoom and horizontal flip, seeded."),
     patience: int = typer.Option(10, "--patience", help="Stop a stage after this many epochs without a lower val loss; 0: never."),
     seed: int = typer.Option(0, "--seed", help="Seed of the split, the head's initialisation, shuffling and augmentation."),
