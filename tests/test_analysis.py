@@ -142,6 +142,8 @@ def test_similar_returns_an_images_copy_first(planted: Planted, tmp_path: Path) 
     shutil.copy(planted.root / "train/class_1/img_005.png", outside)
     inside = planted.root / "train/class_0/img_000.png"
     result = similar(planted.cache, ["train/class_3/img_000.png", outside, inside], top=3)
+    # In the order given (before: the cached ones first, then those embedded)
+    assert [q.query for q in result.queries] == ["train/class_3/img_000.png", str(outside), str(inside)]
     by_query = {q.query: q for q in result.queries}
     cached = by_query["train/class_3/img_000.png"]
     assert cached.row is not None and cached.matches[0].path == "test/class_3/copy_of_000.png"

@@ -62,18 +62,22 @@ class SimilarResult:
     index_built: bool = False  # a faiss index was built (and saved) by this call
 
 
-def _resolve(queries: Sequence[str | Path], data: CacheData) -> tuple[list[tuple[str, int]], list[Path]]:
-    """Split queries into cached rows [(query, row)] and files to embed."""
+def _resolve(
+    queries: Sequence[str | Path], data: CacheData
+) -> tuple[list[tuple[str, int | None, int | None]], list[Path]]:
+    """The queries, in their order, as (query, cached row, None) or (file, None, its index in the files to embed),
+    and the files to embed."""
     from tlfeat.apps.predict import collect_images
 
     row_of = {str(p): r for r, p in enumerate(data.paths)}
     root = dataset_root(data)
     root = root.resolve() if root is not None else None
-    cached, files = [], []
+    items: list[tuple[str, int | None, int | None]] = []
+    files: list[Path] = []
     for query in queries:
         text = str(query)
         if text in row_of and not Path(text).is_absolute():
-            cached.append((text, row_of[text]))
+            items.append((text, row_of[text], None))
             continue
         if not Path(text).exists():
             raise TlfeatError(f"{text}: neither an image path stored in the cache nor an existing file or folder")
@@ -84,10 +88,11 @@ def _resolve(queries: Sequence[str | Path], data: CacheData) -> tuple[list[tuple
             resolved = path.resolve()
             rel = resolved.relative_to(root).as_posix() if root and resolved.is_relative_to(root) else None
             if rel in row_of:
-                cached.append((str(path), row_of[rel]))
+                items.append((str(path), row_of[rel], None))
             else:
+                items.append((str(path), None, len(files)))
                 files.append(path)
-    return cached, files
+    return items, files
 
 
 def _embed(cache: Path, data: CacheData, files: list[Path], batch_size: int | None, progress: bool):
@@ -117,16 +122,22 @@ def similar(
     queries = path_list(queries, "queries", "paths stored in the cache, image files or folders")
     check_batch_size(batch_size)
     with open_cache(cache, min_rows=1) as (data, features):
-        cached, files = _resolve(queries, data)
+        items, files = _resolve(queries, data)
         root = dataset_root(data)
-        vectors, owners, skipped = [], [], []
-        if cached:
-            vectors += list(features.rows(np.array([row for _, row in cached])))
-            owners += [(query, row, root / data.paths[row] if root else Path(query)) for query, row in cached]
+        rows = [row for _, row, _ in items if row is not None]
+        cached = iter(features.rows(np.array(rows)) if rows else ())
+        embedded, skipped = {}, []
         if files:
-            embedded, ok, skipped = _embed(cache, data, files, batch_size, progress)
-            vectors += list(embedded)
-            owners += [(str(files[i]), None, files[i]) for i in ok]
+            computed, ok, skipped = _embed(cache, data, files, batch_size, progress)
+            embedded = dict(zip(ok, computed))
+        vectors, owners = [], []  # in the queries' order; a file that could not be embedded is in `skipped`
+        for query, row, file in items:
+            if row is not None:
+                vectors.append(next(cached))
+                owners.append((query, row, root / data.paths[row] if root else Path(query)))
+            elif file in embedded:
+                vectors.append(embedded[file])
+                owners.append((query, None, files[file]))
         if not vectors:
             first, reason = skipped[0]
             others = f" (nor could the {len(skipped) - 1} other query files)" if len(skipped) > 1 else ""
