@@ -26,7 +26,6 @@ from tlfeat.analysis import audit, choose_threshold, embedding_map, exact_top_k,
 from tlfeat.analysis.common import open_cache
 from tlfeat.analysis.duplicates import KIND_ORDER
 from tlfeat.analysis.search import index_path
-from tlfeat.analysis.similar import write_similar
 from tlfeat.cache import CacheKey, load
 from tlfeat.cache_writer import write_cache
 from tlfeat.errors import TlfeatError
@@ -141,7 +140,7 @@ def test_similar_returns_an_images_copy_first(planted: Planted, tmp_path: Path) 
     outside = tmp_path / "query.png"
     shutil.copy(planted.root / "train/class_1/img_005.png", outside)
     inside = planted.root / "train/class_0/img_000.png"
-    result = similar(planted.cache, ["train/class_3/img_000.png", outside, inside], top=3)
+    result = similar(planted.cache, ["train/class_3/img_000.png", outside, inside], top=3, out=tmp_path / "similar")
     # In the order given (before: the cached ones first, then those embedded)
     assert [q.query for q in result.queries] == ["train/class_3/img_000.png", str(outside), str(inside)]
     by_query = {q.query: q for q in result.queries}
@@ -153,7 +152,8 @@ def test_similar_returns_an_images_copy_first(planted: Planted, tmp_path: Path) 
     assert embedded.row is None and embedded.matches[0].path == "train/class_1/img_005.png"
     assert embedded.matches[0].similarity > 0.999
     assert by_query[str(inside)].matches[0].path == "test/class_0/copy_of_000.png"
-    files = write_similar(result, tmp_path / "similar")
+    files = result.files  # before: the Python function wrote nothing (only the CLI did)
+    assert files == [tmp_path / "similar" / "similar.csv", tmp_path / "similar" / "similar.png"]
     assert files[1].read_bytes()[:8] == PNG and len(read_csv(files[0])) == 9
 
 

@@ -60,6 +60,7 @@ class SimilarResult:
     search: str  # "exact", or the faiss index used
     root: Path | None  # the dataset folder the cached paths are relative to
     index_built: bool = False  # a faiss index was built (and saved) by this call
+    files: list[Path] = field(default_factory=list)  # similar.csv and similar.png
 
 
 def _resolve(
@@ -107,12 +108,13 @@ def _embed(cache: Path, data: CacheData, files: list[Path], batch_size: int | No
 
 def similar(
     cache: str | Path, queries: str | Path | Sequence[str | Path], top: int = 10, index: str = "auto", nprobe: int = 16,
-    batch_size: int | None = None, progress: bool = False,
+    batch_size: int | None = None, progress: bool = False, out: str | Path | None = None,
 ) -> SimilarResult:
     """The `top` most similar cached images for each query (see the module docstring for what a query is).
 
     index: "exact", "faiss" (approximate; the index is built once and saved as ``<cache>.faiss``)
-    or "auto" (exact up to EXACT_MAX_ROWS rows).
+    or "auto" (exact up to EXACT_MAX_ROWS rows). Writes similar.csv (every query) and similar.png (a
+    contact sheet) to `out`, by default ``<cache folder>/similar/<cache stem>/``; `files` lists them.
     """
     cache = Path(cache)
     if index not in INDEXES:
@@ -121,6 +123,7 @@ def similar(
         raise parameter_error("top", top, "must be at least 1")
     queries = path_list(queries, "queries", "paths stored in the cache, image files or folders")
     check_batch_size(batch_size)
+    folder = similar_output(cache, out)  # checked before any work
     with open_cache(cache, min_rows=1) as (data, features):
         items, files = _resolve(queries, data)
         root = dataset_root(data)
@@ -163,7 +166,9 @@ def similar(
             for rank, (r, s) in enumerate(zip(found.indices[q], found.similarities[q]), start=1) if r >= 0
         ]
         results.append(QueryMatches(query, row, image, matches))
-    return SimilarResult(cache, results, skipped, search, root, built)
+    result = SimilarResult(cache, results, skipped, search, root, built)
+    result.files = write_similar(result, folder)
+    return result
 
 
 def write_similar(result: SimilarResult, out: Path) -> list[Path]:

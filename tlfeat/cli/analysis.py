@@ -54,20 +54,18 @@ def similar(
 
     A query that is a cached image never lists itself, so an image's copy comes first.
     """
-    from tlfeat.analysis.similar import similar as run_similar, similar_output, write_similar
+    from tlfeat.analysis.similar import similar as run_similar
     from tlfeat.reports import markdown_table
 
-    folder = similar_output(cache, out)
     result = run_similar(cache, queries, top=top, index=index, nprobe=nprobe, batch_size=batch_size,
-                         progress=not quiet)
+                         progress=not quiet, out=out)
     rows = [[q.query if m.rank == 1 else "", m.rank, round(m.similarity, 4), m.split, m.label, m.path]
             for q in result.queries for m in q.matches]
     typer.echo(markdown_table(["query", "rank", "similarity", "split", "class", "image"], rows), nl=False)
     for path, reason in result.skipped:
         typer.echo(f"skipped {path}: {reason}", err=True)
     built = "; built and saved its index beside the cache" if result.index_built else ""
-    files = write_similar(result, folder)
-    typer.echo(f"search: {result.search}{built}; wrote {', '.join(str(f) for f in files)}")
+    typer.echo(f"search: {result.search}{built}; wrote {', '.join(str(f) for f in result.files)}")
 
 
 @app.command("map")
