@@ -197,4 +197,6 @@ def test_results_print_briefly_in_a_notebook(tmp_path: Path) -> None:
     assert "label issues flagged" in repr(audit) and len(repr(audit)) < 600, repr(audit)
     found = tlfeat.embedding_map(cache, method="pca", out=tmp_path / "map")
     assert len(repr(found)) < 600, repr(found)
+    with pytest.raises(tlfeat.TlfeatError, match="^`max_points=0`: must be at least 2$"):  # sklearn's error before
+        tlfeat.embedding_map(cache, method="pca", max_points=0)
     assert len(repr(PredictResult(model, evaluation.meta))) < 600

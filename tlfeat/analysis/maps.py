@@ -164,6 +164,8 @@ def embedding_map(
     cache = Path(cache)
     if method not in METHODS:
         raise parameter_error("method", method, f"use one of {', '.join(METHODS)}")
+    if max_points < 2:
+        raise parameter_error("max_points", max_points, "must be at least 2")
     with open_cache(cache) as (data, features):
         folder = output_folder(cache, out, "map", data)
         predicted = head_test_predictions(Path(head), cache, data, trust) if head is not None else None

@@ -245,11 +245,27 @@ def extract(
     workers: int | None = None,
     tta: str = NO_TTA,
 ) -> ExtractSummary:
-    """Embed every image of a dataset with `backbone` into the HDF5 cache at `out`.
+    """Embed every image of a dataset with `backbone` into the HDF5 cache at `out`; resumable, incremental.
 
-    engine "local" runs in this process, decoding in `workers` processes (default: one per available
-    core); "ray" runs on a Ray cluster (`ray_options`), importing Ray only then.
-    tta "flip" stores the mean of each image's features and its mirror's (twice the compute).
+    data: a folder of class folders (``<class>/<image>``), or of ``train/``, ``val/``, ``test/`` folders of
+        class folders. Each image's split is fixed by a hash of (seed, its path), so adding or removing
+        images never moves another.
+    out: the cache file; default ``cache/<dataset>-<backbone>[-<size>][-flip].h5`` (relative to the working
+        folder), never inside `data`. A rerun reuses its rows: only new or changed images are computed.
+    backbone: a name from `tlfeat.list_backbones()`. weights: "imagenet" (downloaded by Keras, or bundled
+        for EfficientNet-Lite), "none" (random: smoke tests), or a Keras weights file.
+    image_size: the square size images are resized to (32-1024); default the backbone's own.
+    batch_size: images per forward pass; default 256 on a GPU, 32 on a CPU.
+    dtype: "float32", or "float16" to halve the file (features rounded).
+    seed, ratios: the split of a flat dataset: shares of train, val and test, as fractions (0.5625, 0.1875,
+        0.25) or percentages (56.25, 18.75, 25); other sums are rescaled, with a note. A rerun with other
+        values that would move cached rows is refused unless `overwrite`.
+    overwrite: re-label a cache's rows to a new split, or replace a cache of other settings or a damaged one.
+    engine: "local" runs in this process, decoding in `workers` processes (default: one per available
+        core); "ray" runs on a Ray cluster (`ray_options`), importing Ray only then.
+    tta: "flip" stores the mean of each image's features and its mirror's (twice the compute).
+
+    Ctrl-C raises `tlfeat.Interrupted`: finished batches are kept, and the same call resumes.
     """
     started = time.perf_counter()
     spec = get_backbone(backbone)

@@ -119,7 +119,22 @@ def finetune(
     progress: bool = True,
     log: Log = print,
 ) -> FinetuneSummary:
-    """Fine-tune `backbone` on the dataset at `data` in two stages; write (or continue) a run folder."""
+    """Fine-tune `backbone` on the dataset at `data` in two stages; write (or continue) a run folder.
+
+    Stage 1 trains the study's head (Dense 128, Dropout 0.3, softmax) on the frozen base for `epochs1`
+    epochs with RMSprop at `lr1`; stage 2 starts from stage 1's best epoch, unfreezes the base's last
+    `unfreeze_top` layers (default: the study's 146 for ResNet101 and 10 for VGG16, 47 for Lite0; other
+    backbones need it; 0 skips stage 2), or all with `unfreeze_all`, and trains on for `epochs2` epochs
+    at `lr2`. Each stage stops after `patience` epochs without a lower val loss (0: never); the best
+    checkpoint becomes the run's model.keras. `augment` adds seeded training-only random crops and
+    horizontal flips. data, seed, ratios: the dataset and split, exactly as `extract` scans and splits them.
+    weights: "imagenet", "none" or a Keras weights file. image_size: default the backbone's own.
+    out: the run folder, default ``runs/<dataset>-<backbone>-top<K>-<timestamp>/``; `resume` continues an
+    interrupted run there (default: the newest matching run in runs/) and gives the result an
+    uninterrupted run would. `log` receives the per-epoch lines.
+
+    Ctrl-C raises `tlfeat.Interrupted`: finished epochs are kept; `resume` continues.
+    """
     spec = get_backbone(backbone)
     requested = _requested_unfreeze(spec, unfreeze_top, unfreeze_all)
     _check_options(epochs1, epochs2, requested, batch_size, lr1, lr2, patience)
