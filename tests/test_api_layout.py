@@ -200,3 +200,28 @@ def test_results_print_briefly_in_a_notebook(tmp_path: Path) -> None:
     with pytest.raises(tlfeat.TlfeatError, match="^`max_points=0`: must be at least 2$"):  # sklearn's error before
         tlfeat.embedding_map(cache, method="pca", max_points=0)
     assert len(repr(PredictResult(model, evaluation.meta))) < 600
+
+
+def test_each_function_has_its_commands_defaults() -> None:
+    # Before: fit_heads fitted every head by default, `tlfeat fit-head` logistic regression alone.
+    import inspect
+
+    import typer.main
+
+    import tlfeat
+    from tlfeat.cli import app
+
+    commands = typer.main.get_command(app).commands
+    pairs = {"extract": tlfeat.extract, "fit-head": tlfeat.fit_heads, "predict": tlfeat.predict,
+             "evaluate": tlfeat.evaluate, "similar": tlfeat.similar, "audit": tlfeat.audit, "map": tlfeat.embedding_map,
+             "export": tlfeat.export, "recipe": tlfeat.recipe, "finetune": tlfeat.finetune, "compare": tlfeat.compare}
+    differ, shared = [], 0
+    for command, function in pairs.items():
+        signature = inspect.signature(function).parameters
+        for option in commands[command].params:
+            python = signature.get(option.name)
+            if python is not None and python.default is not inspect.Parameter.empty:
+                shared += 1
+                if python.default != option.default:
+                    differ.append(f"{command} {option.name}: {option.default!r} vs {python.default!r}")
+    assert shared > 40 and not differ, differ

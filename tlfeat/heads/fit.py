@@ -325,7 +325,7 @@ def head_metadata(
 
 def fit_heads(
     caches: str | Path | Sequence[str | Path],
-    head: str = "all",
+    head: str = "logreg",  # as `tlfeat fit-head`; "all" fits every head and ranks them
     search: bool = False,
     out: Path | None = None,
     seed: int = 0,
