@@ -332,3 +332,18 @@ def test_cli_audit_similar_map_and_one_line_errors(planted: Planted, tmp_path: P
         (["similar", str(planted.cache), "no/such.png"], "neither an image path"),
     ]:
         assert_one_line_error(runner.invoke(app, args), fragment)
+
+
+def test_a_query_through_the_datasets_own_symlink_is_its_cached_row(tmp_path: Path) -> None:
+    # Before: the path was resolved to the symlink's target, outside the dataset, and the file re-embedded
+    # (the image then came back as its own nearest neighbour, at similarity 1.0).
+    elsewhere = tmp_path / "photos" / "a.png"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(b"not read")
+    data = tmp_path / "data"
+    (data / "class_0").mkdir(parents=True)
+    (data / "class_0" / "img_0000.png").symlink_to(elsewhere)
+    cache = write_synthetic_cache(tmp_path / "c.h5", n_per_class=10, dataset_root=str(data))
+    found = similar(cache, data / "class_0" / "img_0000.png", top=3, out=tmp_path / "similar")
+    query = found.queries[0]
+    assert query.row == 0 and all(m.row != 0 for m in query.matches)

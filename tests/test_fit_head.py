@@ -254,3 +254,16 @@ def test_an_interrupted_fit_of_all_heads_keeps_a_summary_of_those_fitted(
     assert set(summary_rows(out)) == set(fitted) == set(HEAD_NAMES[:2])
     text = (out / "summary.md").read_text()
     assert all(f"{name}: not fitted: interrupted" in text for name in HEAD_NAMES[2:])
+
+
+def test_a_folder_of_heads_on_the_same_images_with_other_features_says_so(tmp_path: Path) -> None:
+    # Before: "holds heads fitted on other data ...; 0 val/test rows of b.h5 are rows it was fitted on",
+    # when the images were the same and only the features' settings differed.
+    a = write_synthetic_cache(tmp_path / "a.h5", n_per_class=10, dim=8)
+    b = write_synthetic_cache(tmp_path / "b.h5", n_per_class=10, dim=8, backbone="vgg16")
+    fit_heads([a], head="logreg", out=tmp_path / "heads")
+    with pytest.raises(TlfeatError, match="holds heads fitted on the same images with other features"):
+        fit_heads([b], head="logreg", out=tmp_path / "heads")
+    other = write_synthetic_cache(tmp_path / "c.h5", n_per_class=12, dim=8)
+    with pytest.raises(TlfeatError, match="holds heads fitted on other data"):
+        fit_heads([other], head="logreg", out=tmp_path / "heads")

@@ -14,6 +14,7 @@ through the faiss index saved beside it (`index="faiss"`, or above EXACT_MAX_ROW
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -86,14 +87,24 @@ def _resolve(
         if not found:
             raise TlfeatError(f"{text}: no image files in this folder")
         for path in found:
-            resolved = path.resolve()
-            rel = resolved.relative_to(root).as_posix() if root and resolved.is_relative_to(root) else None
+            rel = _cached_path(path, root)
             if rel in row_of:
                 items.append((str(path), row_of[rel], None))
             else:
                 items.append((str(path), None, len(files)))
                 files.append(path)
     return items, files
+
+
+def _cached_path(path: Path, root: Path | None) -> str | None:
+    """`path` relative to the dataset root as the cache stores it (None: outside the dataset). The scan
+    keeps a symlink's own path, so the path is tried as given before its target."""
+    if root is None:
+        return None
+    for candidate in (Path(os.path.abspath(path)), path.resolve()):
+        if candidate.is_relative_to(root):
+            return candidate.relative_to(root).as_posix()
+    return None
 
 
 def _embed(cache: Path, data: CacheData, files: list[Path], batch_size: int | None, progress: bool):

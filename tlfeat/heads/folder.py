@@ -102,6 +102,12 @@ def check_same_data(out: Path, key: tuple, ids: RowIds, split: np.ndarray, label
     for name, meta in heads.items():
         if folder_key(meta["sources"], meta["rows"]["digest"]) == key:
             continue
+        if meta["rows"]["digest"] == key[0]:  # the same images and splits: only the features differ
+            raise TlfeatError(
+                f"{out}: holds heads fitted on the same images with other features ({name}: "
+                f"{describe_sources(meta['sources'])}), and one summary would rank scores of different "
+                f"features as if they compared; choose another `out` for {label}"
+            )
         seen = RowIds.from_arrays(read_fitted_rows(head_path(out, name)) or {})
         leaked = sum(int(seen_rows(s, ids.take(split == s), seen).sum()) for s in ("val", "test"))
         raise TlfeatError(
