@@ -110,7 +110,7 @@ def _cached_path(path: Path, root: Path | None) -> str | None:
 def _embed(cache: Path, data: CacheData, files: list[Path], batch_size: int | None, progress: bool):
     """(features, indices of `files` embedded, failures) with the cache's own backbone and settings."""
     from tlfeat.apps.predict import embed_for_head
-    from tlfeat.heads.fit import source_record
+    from tlfeat.heads.folder import source_record
 
     dim = int(data.features.shape[1])  # `features` is empty here, but has the cache's width
     meta = {"sources": [source_record(cache, data.attrs, len(data), dim)], "feature_dim": dim}

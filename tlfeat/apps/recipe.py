@@ -24,8 +24,8 @@ from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.data.scan import DEFAULT_RATIOS
 from tlfeat.errors import TlfeatError
 from tlfeat.fileio import check_outside_dataset, check_output_path
-from tlfeat.heads.fit import Features, HeadResult, head_metadata, load_features
-from tlfeat.heads.folder import check_same_data, folder_key, locked_folder, save_fitted_head
+from tlfeat.heads.fit import Features, HeadResult, load_features
+from tlfeat.heads.folder import check_same_data, folder_key, head_metadata, locked_folder, save_fitted_head
 from tlfeat.heads.registry import get_head
 from tlfeat.reports import split_metrics
 

@@ -71,19 +71,10 @@ def fit_head(
     passes: int = typer.Option(DEFAULT_PASSES, "--passes", help="With --streaming: passes over the train rows, chunks shuffled each pass."),
 ) -> None:
     """Fit classification heads on cached features: fit on train, select on val, score train/val/test."""
-    if streaming:
-        from tlfeat.heads.streaming import fit_streaming
+    from tlfeat.heads.fit import fit_heads
 
-        if len(caches) != 1 or search:
-            raise TlfeatError("--streaming fits one cache, without --search")
-        summary = fit_streaming(caches[0], head=head, out=out, chunk_rows=chunk_rows, passes=passes, seed=seed)
-        _echo_head(summary.results[0])
-    else:
-        from tlfeat.heads.fit import fit_heads
-
-        summary = fit_heads(
-            caches, head=head, search=search, out=out, seed=seed, on_result=_echo_head, on_skip=_echo_skip
-        )
+    summary = fit_heads(caches, head=head, search=search, out=out, seed=seed, on_result=_echo_head,
+                        on_skip=_echo_skip, streaming=streaming, chunk_rows=chunk_rows, passes=passes)
     _echo_fit_summary(summary)
 
 

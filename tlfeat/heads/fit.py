@@ -27,31 +27,22 @@ from typing import Callable, Iterator, Sequence
 
 import h5py
 import numpy as np
-import sklearn
 from sklearn.base import BaseEstimator, clone
 
-from tlfeat import __version__
-from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.cache import CacheData, load
 from tlfeat.data.scan import SPLITS
 from tlfeat.errors import TlfeatError
 from tlfeat.fileio import check_output_path, check_outside_dataset, path_list
 from tlfeat.heads.folder import (
-    FitSummary, HeadResult, check_same_data, folder_key, locked_folder, save_fitted_head, write_summary,
+    FitSummary, HeadResult, check_same_data, default_out, folder_key, head_metadata, locked_folder, save_fitted_head,
+    source_record, write_summary,
 )
 from tlfeat.heads.registry import HEAD_NAMES, HeadSpec, fit_estimator, get_head, uses_validation
 from tlfeat.heads.rows import RowIds, rows_digest, seen_rows
+from tlfeat.heads.streaming import DEFAULT_CHUNK_ROWS, DEFAULT_PASSES, fit_streaming
 from tlfeat.reports import split_metrics
 
 __all__ = ["FitSummary", "HeadResult", "fit_heads", "load_features"]
-
-# What a model records about each cache it was fitted on: enough for predict to
-# recompute the features, and to tell which cache (and which weights) it was.
-SOURCE_ATTRS = (
-    "backbone", "weights", "weights_source", "input_size", "preprocessing", "dtype", "compute", "decode", "tta",
-    "feature_dim", "keras_backend", "created", "tlfeat_version", "dataset_root", "seed", "split_ratios",
-)
-
 
 @dataclass
 class Features:
@@ -88,24 +79,6 @@ def resolve_heads(head: str) -> list[str]:
     if head == "all":
         return list(HEAD_NAMES)
     return [get_head(head).name]
-
-
-def default_out(caches: Sequence[Path]) -> Path:
-    """``<folder of the first cache>/heads/<stem>[+<stem>...]/``, i.e. cache/heads/... for caches in cache/."""
-    first = Path(caches[0])
-    return first.parent / "heads" / "+".join(Path(c).stem for c in caches)
-
-
-def source_record(path: Path, attrs: dict, n_rows: int, feature_dim: int) -> dict:
-    """What a model records about one cache it was fitted on."""
-    return {
-        "path": str(Path(path).resolve()),
-        "file": Path(path).name,
-        "n_rows": n_rows,
-        **{name: attrs.get(name) for name in SOURCE_ATTRS},
-        "tta": attrs.get("tta", NO_TTA),
-        "feature_dim": feature_dim,
-    }
 
 
 def _source(path: Path, data: CacheData) -> dict:
@@ -294,35 +267,6 @@ def _fit_head(name: str, features: Features, search: bool, seed: int, out: Path)
     return save_fitted_head(out, estimator, meta, metrics, seen, notes)
 
 
-def head_metadata(
-    name: str, description: str, estimator: BaseEstimator, class_names: list[str], feature_dim: int,
-    sources: list[dict], label: str, rows: dict, params: dict, trials: list[dict] | None, seed: int,
-    fit_seconds: float, search_seconds: float | None,
-) -> dict:
-    """What a head file records besides its model, scores and row identities (`tlfeat.heads.folder.save_fitted_head`).
-
-    `rows`: {"digest": which images sit in which split (`tlfeat.heads.rows.rows_digest`), "counts": rows per split}.
-    """
-    return {
-        "head": name,
-        "description": description,
-        "estimator": repr(estimator),
-        "classes": class_names,
-        "feature_dim": feature_dim,
-        "sources": sources,
-        "label": label,
-        "rows": rows,
-        "params": params,
-        "search": trials,
-        "seed": seed,
-        "fit_seconds": fit_seconds,
-        "search_seconds": search_seconds,
-        "tlfeat_version": __version__,
-        "sklearn_version": sklearn.__version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
 def fit_heads(
     caches: str | Path | Sequence[str | Path],
     head: str = "logreg",  # as `tlfeat fit-head`; "all" fits every head and ranks them
@@ -331,6 +275,9 @@ def fit_heads(
     seed: int = 0,
     on_result: Callable[[HeadResult], None] | None = None,
     on_skip: Callable[[str, str], None] | None = None,
+    streaming: bool = False,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    passes: int = DEFAULT_PASSES,
 ) -> FitSummary:
     """Fit the named head (or all) on the caches' train split; score every split present; save.
 
@@ -338,8 +285,19 @@ def fit_heads(
     calibration on 2 images a class) is skipped with its reason and the others go on;
     if none can, that is an error. `on_result` / `on_skip` are called after each head,
     so a caller can report progress.
+
+    `streaming`, for a cache larger than memory: logreg or linear-svm by SGD, reading `chunk_rows`
+    rows at a time, `passes` times over the train rows (one cache, no `search`;
+    `tlfeat.heads.streaming`).
     """
     caches = [Path(c) for c in path_list(caches, "caches", "tlfeat caches")]
+    if streaming:
+        if len(caches) != 1 or search:
+            raise TlfeatError("`streaming` fits one cache, without `search`")
+        summary = fit_streaming(caches[0], head=head, out=out, chunk_rows=chunk_rows, passes=passes, seed=seed)
+        if on_result is not None:
+            on_result(summary.results[0])
+        return summary
     names = resolve_heads(head)
     out = Path(out) if out is not None else default_out(caches)
     check_output_path(out, folder=True)

@@ -13,13 +13,18 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+import sklearn
+from sklearn.base import BaseEstimator
 
+from tlfeat import __version__
+from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.data.scan import SPLITS
 from tlfeat.errors import TlfeatError
 from tlfeat.fileio import OutputLock, atomic_write_bytes
@@ -65,6 +70,61 @@ def folder_key(sources: Sequence[dict], digest: str) -> tuple:
 
 def describe_sources(sources: Sequence[dict]) -> str:
     return ", ".join(f"{s['file']} ({s['backbone']}, {s['feature_dim']}-d)" for s in sources)
+
+
+# What a model records about each cache it was fitted on: enough for predict to
+# recompute the features, and to tell which cache (and which weights) it was.
+SOURCE_ATTRS = (
+    "backbone", "weights", "weights_source", "input_size", "preprocessing", "dtype", "compute", "decode", "tta",
+    "feature_dim", "keras_backend", "created", "tlfeat_version", "dataset_root", "seed", "split_ratios",
+)
+
+
+def default_out(caches: Sequence[Path]) -> Path:
+    """``<folder of the first cache>/heads/<stem>[+<stem>...]/``, i.e. cache/heads/... for caches in cache/."""
+    first = Path(caches[0])
+    return first.parent / "heads" / "+".join(Path(c).stem for c in caches)
+
+
+def source_record(path: Path, attrs: dict, n_rows: int, feature_dim: int) -> dict:
+    """What a model records about one cache it was fitted on."""
+    return {
+        "path": str(Path(path).resolve()),
+        "file": Path(path).name,
+        "n_rows": n_rows,
+        **{name: attrs.get(name) for name in SOURCE_ATTRS},
+        "tta": attrs.get("tta", NO_TTA),
+        "feature_dim": feature_dim,
+    }
+
+
+def head_metadata(
+    name: str, description: str, estimator: BaseEstimator, class_names: list[str], feature_dim: int,
+    sources: list[dict], label: str, rows: dict, params: dict, trials: list[dict] | None, seed: int,
+    fit_seconds: float, search_seconds: float | None,
+) -> dict:
+    """What a head file records besides its model, scores and row identities (`tlfeat.heads.folder.save_fitted_head`).
+
+    `rows`: {"digest": which images sit in which split (`tlfeat.heads.rows.rows_digest`), "counts": rows per split}.
+    """
+    return {
+        "head": name,
+        "description": description,
+        "estimator": repr(estimator),
+        "classes": class_names,
+        "feature_dim": feature_dim,
+        "sources": sources,
+        "label": label,
+        "rows": rows,
+        "params": params,
+        "search": trials,
+        "seed": seed,
+        "fit_seconds": fit_seconds,
+        "search_seconds": search_seconds,
+        "tlfeat_version": __version__,
+        "sklearn_version": sklearn.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 @contextmanager

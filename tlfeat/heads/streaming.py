@@ -30,8 +30,10 @@ from sklearn.preprocessing import StandardScaler
 from tlfeat.cache import open_rows
 from tlfeat.data.scan import SPLITS
 from tlfeat.errors import TlfeatError
-from tlfeat.heads.fit import default_out, head_metadata, source_record
-from tlfeat.heads.folder import FitSummary, check_same_data, folder_key, locked_folder, save_fitted_head, write_summary
+from tlfeat.heads.folder import (
+    FitSummary, check_same_data, default_out, folder_key, head_metadata, locked_folder, save_fitted_head, source_record,
+    write_summary,
+)
 from tlfeat.heads.registry import HEADS, STREAMING_SUFFIX
 from tlfeat.heads.rows import RowIds, rows_digest, seen_rows
 from tlfeat.reports import split_metrics
