@@ -173,7 +173,8 @@ def similar(
     results = []
     for q, (query, row, image) in enumerate(owners):
         matches = [
-            Match(rank, int(r), str(data.paths[r]), str(data.split[r]), data.class_names[data.labels[r]], float(s))
+            Match(rank, int(r), str(data.paths[r]), str(data.split[r]), data.class_names[data.labels[r]],
+                  min(1.0, float(s)))  # float32 rounding put an image's copy at 1.0000001
             for rank, (r, s) in enumerate(zip(found.indices[q], found.similarities[q]), start=1) if r >= 0
         ]
         results.append(QueryMatches(query, row, image, matches))
