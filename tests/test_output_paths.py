@@ -95,3 +95,44 @@ def test_ctrl_c_in_a_command_without_its_own_message_is_one_line(
     monkeypatch.setattr(heads_fit, "fit_heads", interrupted)
     result = runner.invoke(app, ["fit-head", str(fitted[0]), "--out", str(tmp_path / "heads")])
     assert_one_line_error(result, "interrupted; the files already written are kept")
+
+
+def test_output_cut_short_by_its_reader_is_not_an_error(tmp_path: Path) -> None:
+    # Before: `tlfeat predict RUN FOLDER | head -3` printed "error: Broken pipe".
+    import subprocess
+    import sys
+
+    from conftest import REPO, child_env
+
+    script = ("import sys\nfrom tlfeat.cli.common import user_errors\n"
+              "@user_errors\ndef talk():\n    for i in range(200000):\n        print('line', i)\n"
+              "import typer\ntry:\n    talk()\nexcept typer.Exit as exc:\n    sys.exit(exc.exit_code)\n"
+              "except BaseException as exc:\n    sys.exit(f'escaped: {exc!r}')\n")
+    reader = "import sys; sys.stdin.readline()"
+    talk = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=REPO, env=child_env())
+    subprocess.run([sys.executable, "-c", reader], stdin=talk.stdout, timeout=60)
+    talk.stdout.close()
+    stderr = talk.stderr.read().decode()
+    assert talk.wait(timeout=60) == 141
+    assert "error" not in stderr and "Traceback" not in stderr and "escaped" not in stderr, stderr
+
+
+def test_errors_name_the_option_and_the_kind_of_path_given(
+    fitted: tuple[Path, Path], tiny_dataset: Path, tmp_path: Path
+) -> None:
+    # Before: --csv, --json and --png given a folder each said "--out needs a file path"; a folder as
+    # --weights or as evaluate's model was "not found"; similar --nprobe 0 ended in a faiss traceback.
+    cache, model = fitted
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for command in (["compare", str(model.parent), "--png", str(folder)], ["compare", str(model.parent), "--csv", str(folder)],
+                    ["evaluate", str(model), str(cache), "--json", str(folder)]):
+        option = command[-2]
+        assert_one_line_error(runner.invoke(app, command), f"{option} needs a file path")
+    assert_one_line_error(runner.invoke(app, ["extract", str(tiny_dataset), "--out", str(tmp_path / "x.h5"),
+                                              "--weights", str(folder)]), "is a folder; --weights takes")
+    assert_one_line_error(runner.invoke(app, ["evaluate", str(folder), str(cache)]), "is a folder, not a head file")
+    for nprobe in ("0", "-5"):
+        assert_one_line_error(runner.invoke(app, ["similar", str(cache), "class_0/img_0000.png", "--index", "faiss",
+                                                  "--nprobe", nprobe]), f"--nprobe {nprobe}: must be at least 1")

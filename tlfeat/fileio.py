@@ -47,18 +47,18 @@ def temporary_name(path: Path, pid: int | str | None = None) -> str:
 _LONGEST_PID = 9_999_999
 
 
-def check_output_path(out: Path, folder: bool = False) -> None:
+def check_output_path(out: Path, folder: bool = False, parameter: str = "out") -> None:
     """Refuse, before any work, an output file (or with `folder`, an output folder) that cannot be
     written: under a file, the wrong kind of thing already there, in a folder this process may not write
     (read-only or not permitted), a file name the file system cannot hold (the temporary name is the
-    longest), or a folder squatting on its lock name."""
+    longest), or a folder squatting on its lock name. `parameter`: the one that named `out`."""
     out = Path(out)
     existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))
     if existing == out:
         if folder and not out.is_dir():
-            raise TlfeatError(f"{out}: is a file; `out` needs a folder")
+            raise TlfeatError(f"{out}: is a file; `{parameter}` needs a folder")
         if not folder and out.is_dir():
-            raise TlfeatError(f"{out}: is a folder; `out` needs a file path such as {out / 'output'}")
+            raise TlfeatError(f"{out}: is a folder; `{parameter}` needs a file path such as {out / 'output'}")
         existing = out if folder else out.parent
     elif not existing.is_dir():
         raise TlfeatError(f"{out}: {existing} is a file, not a folder")
@@ -75,7 +75,7 @@ def check_output_path(out: Path, folder: bool = False) -> None:
     if longest > name_max:
         raise TlfeatError(
             f"{out}: file name too long for this file system ({len(os.fsencode(out.name))} bytes, and the "
-            f"temporary name written first takes {longest}; the limit is {name_max}): choose a shorter `out`"
+            f"temporary name written first takes {longest}; the limit is {name_max}): choose a shorter `{parameter}`"
         )
     lock = Path(str(out) + ".lock")
     if lock.is_dir():

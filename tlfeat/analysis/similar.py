@@ -132,6 +132,8 @@ def similar(
         raise parameter_error("index", index, f"use one of {', '.join(INDEXES)}")
     if top < 1:
         raise parameter_error("top", top, "must be at least 1")
+    if nprobe < 1:  # faiss fails with a C++ assertion (0) or an overflow (negative), far down
+        raise parameter_error("nprobe", nprobe, "must be at least 1")
     queries = path_list(queries, "queries", "paths stored in the cache, image files or folders")
     check_batch_size(batch_size)
     folder = similar_output(cache, out)  # checked before any work

@@ -218,9 +218,9 @@ def plot_bars(rows: Sequence[Row], path: Path) -> None:
 
 def compare(inputs: str | Path | Sequence[str | Path], csv: Path | None = None, png: Path | None = None) -> CompareResult:
     """Build the comparison table (grouped by dataset, ranked by val accuracy within each) and the optional CSV and PNG."""
-    for path in (csv, png):
+    for path, parameter in ((csv, "csv"), (png, "png")):
         if path is not None:
-            check_output_path(Path(path))
+            check_output_path(Path(path), parameter=parameter)
     inputs = path_list(inputs, "inputs", "fit-head models, fine-tune runs or folders of them")
     results = find_results(inputs)
     if not results:

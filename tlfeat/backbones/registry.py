@@ -138,16 +138,23 @@ def resolve_image_size(backbone: Backbone, requested: int | None) -> int:
     return requested
 
 
+def weights_file(weights: str) -> Path:
+    """`weights` when it names a file (not imagenet or none); a one-line error otherwise."""
+    path = Path(weights)
+    if path.is_dir():
+        raise TlfeatError(f"{weights}: is a folder; `weights` takes imagenet, none or a weights file")
+    if not path.is_file():
+        raise TlfeatError(f"{weights}: weights file not found (use imagenet, none or a file path)")
+    return path
+
+
 def weights_identity(backbone: Backbone, weights: str) -> str:
     """What the cache records for these weights: "none", the ImageNet identity, or a file's sha256."""
     if weights == "none":
         return "none"
     if weights == "imagenet":
         return backbone.imagenet_identity()
-    path = Path(weights)
-    if not path.is_file():
-        raise TlfeatError(f"{weights}: weights file not found (use imagenet, none or a file path)")
-    return "sha256:" + sha256_file(path)
+    return "sha256:" + sha256_file(weights_file(weights))
 
 
 def build_model(backbone: Backbone, weights: str, image_size: int | None = None) -> Any:
@@ -175,9 +182,7 @@ def build_model(backbone: Backbone, weights: str, image_size: int | None = None)
             raise TlfeatError(
                 f"could not get ImageNet weights for {backbone.name} ({describe_exception(exc, limit=None)}){hint}"
             ) from None
-    path = Path(weights)
-    if not path.is_file():
-        raise TlfeatError(f"{weights}: weights file not found (use imagenet, none or a file path)")
+    path = weights_file(weights)
     model = backbone.builder(None, input_shape)
     try:
         model.load_weights(str(path))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from typing import Any, Callable
 
 import typer
@@ -90,6 +91,9 @@ def user_errors(command: Callable) -> Callable:
             message = cli_terms(str(exc), PARAMETER_OPTIONS) or "interrupted; the files already written are kept"
             typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
             raise typer.Exit(1) from None
+        except BrokenPipeError:  # the reader of our output stopped early (`| head`): nothing to report
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush fails no more
+            raise typer.Exit(141) from None  # the shell's status for a process stopped by SIGPIPE
         except OSError as exc:  # a file that failed after the checks made before the work (a full disk, mostly)
             where = exc.filename2 or exc.filename  # a rename's target, or the file itself
             typer.secho(f"error: {where}: {os_reason(exc)}" if where else f"error: {os_reason(exc)}", err=True,

@@ -108,6 +108,9 @@ def is_legacy(model_path: Path) -> bool:
 def read_metadata(model_path: Path) -> dict:
     """A head's metadata, read without loading its model (so without skops or pickle)."""
     model_path = Path(model_path)
+    if model_path.is_dir():
+        raise TlfeatError(f"{model_path}: is a folder, not a head file (a .skops written by fit-head or recipe; "
+                          "a fine-tune run scores itself, in its summary.json)")
     if not model_path.is_file():
         raise TlfeatError(f"{model_path}: model file not found")
     if is_legacy(model_path):
