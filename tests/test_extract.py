@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -388,3 +389,22 @@ def _uncached(get_file: Any) -> Any:
         return get_file(*args, **kwargs)
 
     return wrapper
+
+
+def test_a_cache_of_another_dataset_folder_is_not_made_this_ones_unasked(tiny_dataset: Path, tmp_path: Path) -> None:
+    # Before: extracting another folder into an existing cache of the same settings dropped its rows
+    # silently (exit 0); and an incremental run said nothing of rows removed with their images.
+    out = tmp_path / "c.h5"
+    extract(tiny_dataset, out, **FAST)
+    other = tmp_path / "moved"
+    shutil.copytree(tiny_dataset, other)  # copy2: the same sizes and times, at the same relative paths
+    with pytest.raises(TlfeatError, match=rf"holds the features of another dataset folder \({tiny_dataset}, not"):
+        extract(other, out, **FAST)
+    summary = extract(other, out, overwrite=True, **FAST)
+    assert summary.n_computed == 0 and summary.n_reused == 24
+    gone = sorted(other.rglob("*.png"))[:2]
+    for path in gone:
+        path.unlink()
+    summary = extract(other, out, **FAST)
+    assert f"2 rows of {out} are of images no longer in the dataset: left out" in summary.notes
+    assert len(cache.load(out).paths) == 22

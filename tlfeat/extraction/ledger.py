@@ -84,14 +84,15 @@ class Ledger:
     def record(
         self, base: int, paths: Sequence[str], sizes: Sequence[int], mtimes: Sequence[int],
         failed: Sequence[str] | None = None,
-    ) -> None:
+    ) -> int:
         """Rows base, base+1, ... hold the features of `paths` (or, with `failed`, those files failed for
-        those reasons), as of the files' `sizes` and `mtimes`."""
-        where, entries, reasons, hint = self.where, self.entries, self.reasons, 0
+        those reasons), as of the files' `sizes` and `mtimes`. Returns how many paths the scan no longer has."""
+        where, entries, reasons, hint, gone = self.where, self.entries, self.reasons, 0, 0
         for k, (path, size, mtime) in enumerate(zip(paths, sizes, mtimes)):
             i = self.locate(path, hint)
             if i < 0:
-                continue  # a file no longer in the dataset
+                gone += 1  # a file no longer in the dataset
+                continue
             hint = i + 1
             if entries.identity(i) != (size, mtime):
                 where[i] = NOWHERE
@@ -102,6 +103,7 @@ class Ledger:
             else:
                 where[i] = FAILED
                 reasons[i] = failed[k]
+        return gone
 
     def moved(self, paths: Sequence[str], splits: Sequence[str]) -> int:
         """How many of `paths` (stored in `splits`) the scan puts in another split."""

@@ -135,14 +135,17 @@ def _record_earlier_work(
             with CacheReader(out) as old:
                 old_key = key_from_attrs(old.attrs)
                 if old_key == key:
+                    _check_dataset(old, scan, overwrite)
                     if overwrite:
                         old.verify()  # a damaged cache asked to be overwritten is recomputed, not copied from
-                    base, moved = ledger.add_source(OLD_CACHE, old.n_rows), 0
+                    base, moved, gone = ledger.add_source(OLD_CACHE, old.n_rows), 0, 0
                     for start in range(0, old.n_rows, PATH_CHUNK_ROWS):  # the paths column read once
                         paths, sizes, mtimes, splits = old.identities(start, start + PATH_CHUNK_ROWS)
-                        ledger.record(base + start, paths, sizes, mtimes)
+                        gone += ledger.record(base + start, paths, sizes, mtimes)
                         moved += ledger.moved(paths, splits)
                     _check_split(old, moved, scan, overwrite, notes)
+                    if gone:
+                        notes.append(f"{gone} rows of {out} are of images no longer in the dataset: left out")
                     paths, reasons, sizes, mtimes = old.skipped()
                     ledger.record(0, paths, sizes, mtimes, failed=reasons)
                     ledger.forget([old.identities(int(r), int(r) + 1)[0][0] for r in old.non_finite_rows()])
@@ -177,8 +180,20 @@ def _same_as_cache(old: CacheReader | None, ledger: Ledger, scan: DatasetScan) -
     """Whether the cache `old` already holds exactly this run's rows, split and classes."""
     return (
         old is not None and old.attrs.get("split_ratios") == list(scan.ratios)
+        and old.attrs.get("dataset_root") in (None, str(scan.root))  # None: a cache from before it was kept
         and old.attrs.get("split_rule") == SPLIT_RULE and same_as_file(old, ledger, scan.class_names, scan.seed)
     )
+
+
+def _check_dataset(old: CacheReader, scan: DatasetScan, overwrite: bool) -> None:
+    """Refuse, without `overwrite`, to turn a cache of another dataset folder into this one's: its rows would
+    be dropped, unasked (rows of files at the same relative paths, with the same size and time, are reused)."""
+    old_root = old.attrs.get("dataset_root")
+    if old_root and Path(old_root) != scan.root and not overwrite:
+        raise TlfeatError(
+            f"{old.path}: holds the features of another dataset folder ({old_root}, not {scan.root}); pass "
+            "`overwrite` to make it this one's (rows of the same files are reused) or `out` for a new file"
+        )
 
 
 def _check_split(old: CacheReader, moved: int, scan: DatasetScan, overwrite: bool, notes: list[str]) -> None:
