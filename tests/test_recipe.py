@@ -165,3 +165,25 @@ def test_recipe_never_writes_inside_the_dataset(tmp_path: Path, monkeypatch: pyt
     with pytest.raises(TlfeatError, match=r"inside the dataset folder .* pass `cache_dir` elsewhere"):
         run_recipe(data, recipe="fast", cache_dir=data / "c", out=tmp_path / "heads", progress=False)
     assert list(data.iterdir()) == []
+
+
+def test_recipe_passes_overwrite_to_its_members_extraction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: a member cache split by another seed was refused with "pass --overwrite", an option recipe lacked.
+    import tlfeat.extraction.run as run_module
+    from typer.testing import CliRunner
+
+    from tlfeat.cli import app
+
+    given = []
+
+    def extract(data: Path, out: Path, **kwargs: object) -> object:
+        given.append(kwargs["overwrite"])
+        write_synthetic_cache(out, n_per_class=20, dataset_root=str(Path(data).resolve()))
+        return type("Summary", (), dict(n_computed=60, n_reused=0, seconds=0.0, images_per_s=0.0))()
+
+    monkeypatch.setattr(run_module, "extract", extract)
+    result = CliRunner().invoke(app, ["recipe", str(tmp_path / "alpha"), "--recipe", "fast", "--cache-dir",
+                                      str(tmp_path / "c"), "--overwrite", "-q"])
+    assert result.exit_code == 0, result.output
+    run_recipe(tmp_path / "alpha", recipe="fast", cache_dir=tmp_path / "c", progress=False)
+    assert given == [True, False]

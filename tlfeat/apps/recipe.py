@@ -200,10 +200,12 @@ def run_recipe(
     ratios: tuple[float, float, float] = DEFAULT_RATIOS,
     progress: bool = True,
     on_member: Callable[[MemberRun], None] | None = None,
+    overwrite: bool = False,
 ) -> RecipeResult:
     """Extract the recipe's members (reusing caches), fuse, fit logistic regression, save the head, report.
 
-    `on_member` is called after each member's extraction, so a caller can report progress.
+    `on_member` is called after each member's extraction, so a caller can report progress. `overwrite`: as
+    `extract`'s, for the member caches.
     """
     from tlfeat.extraction.run import extract
 
@@ -221,7 +223,7 @@ def run_recipe(
         cache = member_cache(data, cache_dir, member)
         summary = extract(
             data, out=cache, backbone=member.backbone, image_size=member.image_size, tta=member.tta,
-            seed=seed, ratios=ratios, progress=progress,
+            seed=seed, ratios=ratios, progress=progress, overwrite=overwrite,
         )
         run = MemberRun(member, cache, summary.n_computed, summary.n_reused, summary.seconds, summary.images_per_s)
         runs.append(run)

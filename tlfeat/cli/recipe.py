@@ -31,6 +31,7 @@ def recipe(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Head folder. Default: <cache dir>/heads/<dataset>-recipe-<name>/"),
     seed: int = typer.Option(0, "--seed", help="Seed of the split and of the head."),
     split: str = typer.Option(DEFAULT_SPLIT, "--split", help="train,val,test shares for a flat dataset (val carved from train when only train/test exist)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="As extract's, for the member caches: re-label them to another --seed/--split, or replace caches of other settings, another dataset folder or damaged ones."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Run a tested recipe end to end: extract its members (cached, reused), fuse, fit logistic regression, report.
@@ -42,7 +43,7 @@ def recipe(
     typer.echo(f"recipe {spec.name}: {spec.description}")
     result = run_recipe(
         data, name, cache_dir=cache_dir, out=out, seed=seed, ratios=parse_ratios(split), progress=not quiet,
-        on_member=_echo_member,
+        on_member=_echo_member, overwrite=overwrite,
     )
     fitted = result.fitted
     if fitted.trials:
