@@ -347,3 +347,15 @@ def test_a_query_through_the_datasets_own_symlink_is_its_cached_row(tmp_path: Pa
     found = similar(cache, data / "class_0" / "img_0000.png", top=3, out=tmp_path / "similar")
     query = found.queries[0]
     assert query.row == 0 and all(m.row != 0 for m in query.matches)
+
+
+def test_an_audit_leaves_no_contact_sheet_of_an_earlier_one(tmp_path: Path) -> None:
+    # Before: an audit that drew no duplicates.png (no pairs this time) left the earlier audit's in its folder.
+    cache = write_synthetic_cache(tmp_path / "c.h5", n_per_class=20, dim=8)
+    out = tmp_path / "audit"
+    out.mkdir()
+    for stale in ("duplicates.png", "label_issues.png"):
+        (out / stale).write_bytes(b"an earlier audit's sheet")
+    result = audit(cache, out=out)
+    assert not (out / "duplicates.png").exists() and not (out / "label_issues.png").exists()
+    assert all(path.exists() for path in result.files)

@@ -163,6 +163,14 @@ def test_bad_input_is_one_line_error(tmp_path: Path, setup: str, message: str) -
         out.write_text("x")
     with pytest.raises(TlfeatError, match=message):
         export(source, "csv" if setup == "format" else "npy", out)
+    assert out.is_file() if setup == "out-file" else not out.exists()  # before: a failed read left out/ empty
+
+
+def test_rows_per_file_with_npy_is_refused(tmp_path: Path) -> None:
+    source = synthetic_cache(tmp_path / "c.h5", n=4, dim=4)  # before: ignored, one file written
+    with pytest.raises(TlfeatError, match="`rows_per_file=1000`: applies to parquet only"):
+        export(source, "npy", tmp_path / "out", rows_per_file=1000)
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_export_inside_the_caches_dataset_is_refused(tmp_path: Path) -> None:
@@ -198,3 +206,19 @@ def test_cli_export_and_its_one_line_errors(tmp_path: Path) -> None:
         assert result.returncode == 1 and "Traceback" not in result.stderr
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_an_export_that_fails_while_reading_leaves_no_empty_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: a damaged cache failed (one line, as it should) but left exports/<name>/ behind, empty.
+    import tlfeat.apps.export as export_module
+
+    def damaged(*args: object) -> None:
+        raise TlfeatError("c.h5: features damaged (checksum)")
+
+    monkeypatch.setattr(export_module, "_export_npy", damaged)
+    source = synthetic_cache(tmp_path / "c.h5", n=4, dim=4)
+    with pytest.raises(TlfeatError, match="checksum"):
+        export(source, "npy", tmp_path / "exports" / "c")
+    assert not (tmp_path / "exports" / "c").exists()

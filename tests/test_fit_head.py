@@ -267,3 +267,12 @@ def test_a_folder_of_heads_on_the_same_images_with_other_features_says_so(tmp_pa
     other = write_synthetic_cache(tmp_path / "c.h5", n_per_class=12, dim=8)
     with pytest.raises(TlfeatError, match="holds heads fitted on other data"):
         fit_heads([other], head="logreg", out=tmp_path / "heads")
+
+
+def test_streaming_options_without_streaming_are_refused(tmp_path: Path) -> None:
+    # Before: --chunk-rows and --passes without --streaming were ignored without a word.
+    cache = write_synthetic_cache(tmp_path / "c.h5", n_per_class=10, dim=8)
+    assert_one_line_error(fit_head_cli(cache, "--chunk-rows", "10", "--out", tmp_path / "h"),
+                          "--chunk-rows 10 --passes 10: apply with --streaming only")
+    with pytest.raises(TlfeatError, match="apply with `streaming` only"):
+        fit_heads(cache, passes=3, out=tmp_path / "h")

@@ -171,6 +171,8 @@ def audit(
 
     started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
+    for sheet in ("duplicates.png", "label_issues.png"):  # an earlier audit's: this one may draw none
+        (folder / sheet).unlink(missing_ok=True)
     result = AuditResult(cache, folder, data, found, review, note, confused, summary="", seconds=seconds)
     write_duplicates_csv(folder / "duplicates.csv", found.pairs)
     _similarity_histogram(found, folder / "similarity.png")

@@ -9,6 +9,7 @@ t-SNE and UMAP take minutes per hundred thousand points.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +52,10 @@ def project(features: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
         return PCA(n_components=2, random_state=seed).fit_transform(unit)
     if method == "umap":
         umap = optional_import("umap", "umap-learn")
-        return umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), metric="cosine", random_state=seed).fit_transform(unit)
+        with warnings.catch_warnings():  # "n_jobs value 1 overridden to 1 by setting random_state": it is seeded
+            warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+            return umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), metric="cosine",
+                             random_state=seed).fit_transform(unit)
     from sklearn.manifold import TSNE
 
     if n < 4:

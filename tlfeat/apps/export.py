@@ -202,19 +202,27 @@ def export(
         raise parameter_error("format", format, "use parquet or npy")
     if rows_per_file is not None and rows_per_file < 1:
         raise parameter_error("rows_per_file", rows_per_file, "must be at least 1")
+    if rows_per_file is not None and format != "parquet":
+        raise parameter_error("rows_per_file", rows_per_file, "applies to parquet only (npy writes one file)")
     if format == "parquet":
         _import_pyarrow()  # before any file is touched
     cache = Path(cache)
     out = Path(out) if out is not None else cache.with_name(f"{cache.stem}-{format}")
     check_output_path(out, folder=True)
-    with CacheReader(cache) as reader:
-        check_outside_dataset(out, reader.attrs.get("dataset_root"))
-        rows = _chunk_rows(reader.feature_dim, chunk_rows)
-        _prepare_out(out, overwrite)
-        if format == "parquet":
-            per_file = rows_per_file or max(rows, FILE_BYTES // (4 * max(reader.feature_dim, 1)))
-            files = _export_parquet(reader, out, rows, per_file)
-        else:
-            files = _export_npy(reader, out, rows)
-        n_rows, dim = reader.n_rows, reader.feature_dim
+    created = not out.exists()
+    try:
+        with CacheReader(cache) as reader:
+            check_outside_dataset(out, reader.attrs.get("dataset_root"))
+            rows = _chunk_rows(reader.feature_dim, chunk_rows)
+            _prepare_out(out, overwrite)
+            if format == "parquet":
+                per_file = rows_per_file or max(rows, FILE_BYTES // (4 * max(reader.feature_dim, 1)))
+                files = _export_parquet(reader, out, rows, per_file)
+            else:
+                files = _export_npy(reader, out, rows)
+            n_rows, dim = reader.n_rows, reader.feature_dim
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):  # a failed export leaves no empty folder
+            out.rmdir()
+        raise
     return ExportSummary(out, format, files, n_rows, dim, time.perf_counter() - started)

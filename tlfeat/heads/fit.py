@@ -291,6 +291,8 @@ def fit_heads(
     `tlfeat.heads.streaming`).
     """
     caches = [Path(c) for c in path_list(caches, "caches", "tlfeat caches")]
+    if not streaming and (chunk_rows, passes) != (DEFAULT_CHUNK_ROWS, DEFAULT_PASSES):
+        raise TlfeatError(f"`chunk_rows={chunk_rows}` `passes={passes}`: apply with `streaming` only")
     if streaming:
         if len(caches) != 1 or search:
             raise TlfeatError("`streaming` fits one cache, without `search`")
