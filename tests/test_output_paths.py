@@ -136,3 +136,14 @@ def test_errors_name_the_option_and_the_kind_of_path_given(
     for nprobe in ("0", "-5"):
         assert_one_line_error(runner.invoke(app, ["similar", str(cache), "class_0/img_0000.png", "--index", "faiss",
                                                   "--nprobe", nprobe]), f"--nprobe {nprobe}: must be at least 1")
+
+
+def test_a_long_cause_is_cut_at_a_word_and_says_so() -> None:
+    # Before: cut at 160 characters mid-word, "... legacy H5 format files (`.h5` extension), or Orba)".
+    from tlfeat.fileio import describe_exception
+
+    cause = "File format not supported: filepath=/etc/passwd. Keras 3 only supports V3 `.keras` files and " \
+            "legacy H5 format files (`.h5` extension), or Orbax checkpoints (a folder)."
+    described = describe_exception(ValueError(cause))
+    assert described.endswith(" ...") and described[:-4] == f"ValueError: {cause[:described.index(' ...') - 12]}"
+    assert described[:-4].split()[-1] in cause.split()

@@ -245,7 +245,9 @@ def describe_exception(exc: BaseException, limit: int | None = 160) -> str:
     if limit is None:
         detail = " ".join(line.strip() for line in lines if line.strip()) or "no detail"
     else:
-        detail = lines[0][:limit] if lines else "no detail"
+        detail = lines[0] if lines else "no detail"
+        if len(detail) > limit:  # cut at a word, and say so: "... or Orba)" read as the whole message
+            detail = detail[: detail.rfind(" ", 0, limit) if " " in detail[:limit] else limit] + " ..."
     return f"{exc.__class__.__name__}: {detail}"
 
 
