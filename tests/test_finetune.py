@@ -173,6 +173,7 @@ def test_run_writes_every_output_skips_unreadable_images_and_predicts(tmp_path: 
     readable = scan.split_counts()
     readable[next(e.split for e in scan.entries if e.relpath == "class_0/broken.png")] -= 1
     assert {s: v["n"] for s, v in summary["scores"].items()} == readable
+    assert summary["split_counts"] == readable  # before: the unreadable file was counted in its split
 
     with open(out / "history.csv", newline="") as handle:
         history = list(csv.DictReader(handle))

@@ -89,7 +89,7 @@ def run_summary(run: Run, scan: DatasetScan, metrics: dict, on_gpu: bool, jit_co
         **{k: v for k, v in vars(config).items() if k not in ("epochs1", "epochs2")},
         "method": config.method(),
         "dataset": scan.name,
-        "split_counts": scan.split_counts(),
+        "split_counts": {s: m["n"] for s, m in metrics.items()},  # readable images, as extract counts them
         "stages": stages,
         "trainable_params": max((s["trainable_params"] or 0) for s in stages.values()),
         "best_epoch": {k: v for k, v in vars(state.best).items() if k != "file"},
