@@ -152,6 +152,9 @@ def test_skipped_files_are_retried_on_every_run(tiny_dataset: Path, tmp_path: Pa
     assert first.skipped == [("class_0/fixed_later.png", "not an image Pillow can read")]
     still = extract(tiny_dataset, out, **FAST)  # still broken: retried by decoding alone, nothing to write
     assert still.up_to_date and still.n_retried == 1 and still.n_computed == 0
+    from tlfeat.cli.extract import summary_line  # before: "up to date, ... nothing attempted (1 ... retried)"
+
+    assert "nothing attempted (1 previously skipped files decoded again, still unreadable)" in summary_line(still)
     image.write_bytes(good)
     os.utime(image, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
     fixed = extract(tiny_dataset, out, **FAST)

@@ -77,8 +77,9 @@ def summary_line(summary: ExtractSummary) -> str:
         skipped_now = summary.n_computed - summary.n_embedded
         work = (f"{summary.n_computed} attempted ({summary.n_embedded} embedded, {skipped_now} skipped), "
                 f"{summary.n_reused} reused")
-    if summary.n_retried:
-        work += f" ({summary.n_retried} previously skipped retried)"
+    if summary.n_retried:  # decoding only, to see whether a fix (chmod, mv) made them readable: no model run
+        work += f" ({summary.n_retried} previously skipped files decoded again, still unreadable)" \
+            if summary.up_to_date else f" ({summary.n_retried} previously skipped files decoded again)"
     rate = f", {summary.images_per_s:.1f} images/s" if summary.n_computed else ""
     return (
         f"{summary.out}: {summary.n_images} images x {summary.feature_dim} dims ({splits}), "
