@@ -25,7 +25,7 @@ def extract(
     data: Path = typer.Argument(..., help="Dataset folder: one sub-folder per class, or train/\\[val/]test/ folders of class folders."),
     backbone: str = typer.Option(DEFAULT_BACKBONE, "--backbone", "-b", help=f"One of: {BACKBONE_NAMES} (`tlfeat backbones` lists sizes and weight sources)."),
     weights: str = typer.Option("imagenet", "--weights", "-w", help="imagenet (bundled for the offline backbones, a Keras download for the others), none (random, for smoke tests) or a path to a Keras weights file."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache file to write. Default: cache/<dataset>-<backbone>[-<size>][-flip].h5 (size when not the backbone's own)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache file to write. Default: in cache/, <dataset>-<backbone>.h5, with -<size> before .h5 when not the backbone's own size and -flip with --tta flip."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass. Default: 32 on CPU, 256 on a GPU. Refused when its decoded images would not fit in half the available memory."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize images to this square size, 32 to 1024. Default: the backbone's (`tlfeat backbones`)."),
     tta: str = typer.Option(TTA_MODES[0], "--tta", help="Test-time augmentation: none, or flip (the mean of the features of each image and its mirror; twice the compute)."),

@@ -120,9 +120,10 @@ def evaluate(
 ) -> None:
     """Score a fitted head on cached features, e.g. a new labelled set extracted with the same backbone.
 
-    Refuses a cache whose class list, backbone, weights, image size or preprocessing
-    differ from what the head was fitted on. Rows the head was fitted on (found by
-    image and by features, whatever the cache's split) are left out of val and test, and counted.
+    Refuses a cache whose class list, backbone, weights, image size or
+    preprocessing differ from what the head was fitted on. Rows the head was
+    fitted on (found by image and by features, whatever the cache's split) are
+    left out of val and test, and counted.
     """
     from tlfeat.apps.evaluate import evaluate_on_caches
     from tlfeat.reports import markdown_table, write_json
