@@ -182,8 +182,10 @@ def test_recipe_passes_overwrite_to_its_members_extraction(tmp_path: Path, monke
         return type("Summary", (), dict(n_computed=60, n_reused=0, seconds=0.0, images_per_s=0.0))()
 
     monkeypatch.setattr(run_module, "extract", extract)
-    result = CliRunner().invoke(app, ["recipe", str(tmp_path / "alpha"), "--recipe", "fast", "--cache-dir",
-                                      str(tmp_path / "c"), "--overwrite", "-q"])
+    command = ["recipe", str(tmp_path / "alpha"), "--recipe", "fast", "--cache-dir", str(tmp_path / "c"), "-q"]
+    result = CliRunner().invoke(app, [*command, "--overwrite"])
     assert result.exit_code == 0, result.output
     run_recipe(tmp_path / "alpha", recipe="fast", cache_dir=tmp_path / "c", progress=False)
     assert given == [True, False]
+    again = CliRunner().invoke(app, command)  # before: the head was replaced without a word, as fit-head says it
+    assert again.exit_code == 0 and "replaced logreg.skops (was C=" in again.output, again.output

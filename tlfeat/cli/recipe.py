@@ -15,7 +15,7 @@ RECIPE_CHOICES = "; ".join(f"{r.name}: {r.description}" for r in RECIPES.values(
 
 def _echo_member(run: MemberRun) -> None:
     if run.computed:
-        done = f"computed {run.computed} ({run.seconds:.0f} s, {run.images_per_s:.1f} img/s)"
+        done = f"computed {run.computed} ({run.seconds:.0f} s with the model's loading, {run.images_per_s:.1f} img/s computing)"
         done += f", reused {run.reused}" if run.reused else ""
     else:
         done = "up to date"
@@ -58,4 +58,6 @@ def recipe(
     seconds = sum(run.seconds for run in result.members if run.computed)
     typer.echo(f"extraction this run {seconds:.0f} s; head fit {fitted.fit_seconds + fitted.search_seconds:.1f} s")
     model = result.head.files["model"]
+    if result.head.replaced:  # as fit-head says it
+        typer.echo(f"replaced {model.name} (was {result.head.replaced})")
     typer.echo(f"head: {model}  (tlfeat predict {model} IMAGES)")
