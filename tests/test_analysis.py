@@ -285,12 +285,16 @@ def test_missing_optional_library_names_the_pip_command(tmp_path: Path, monkeypa
 
 def test_map_marks_the_test_images_the_head_gets_wrong(tmp_path: Path) -> None:
     features, labels = gaussian_blobs(n_per_class=40, n_classes=3, dim=16, seed=0, spread=3.0)
+    features[[30, 31]] = features[[0, 1]]  # two of class 0's test rows copy training rows
     cache = write_synthetic_cache(tmp_path / "hard.h5", features=features, n_per_class=40, n_classes=3, dim=16)
     fitted = fit_heads([cache], head="logreg", out=tmp_path / "heads")
     result = embedding_map(cache, method="pca", out=tmp_path / "map", head=tmp_path / "heads" / "logreg.skops")
     test = fitted.results[0].scores["test"]
     wrong = result.map.wrong(result.data.labels)
     assert wrong.sum() == round((1 - test["accuracy"]) * test["n"]) > 0
+    # The rows scored are evaluate's (before: every test row, copies of training rows included)
+    assert int((result.map.predicted >= 0).sum()) == test["n"] == 28
+    assert any(note.startswith("test: 2 rows are rows logreg.skops was fitted or selected on") for note in result.map.notes)
     rows = read_csv(result.csv)
     assert list(rows[0]) == ["path", "split", "label", "x", "y", "predicted", "wrong"]
     assert sum(row["wrong"] == "True" for row in rows) == wrong.sum()

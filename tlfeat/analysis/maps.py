@@ -85,21 +85,31 @@ def compute_map(
     return EmbeddingMap(rows, coords, method, None if predicted is None else predicted[rows], notes)
 
 
-def head_test_predictions(model: Path, cache: Path, data: CacheData, trust: bool = False) -> np.ndarray:
-    """A fit-head model's predicted label for each test row of the cache, -1 for other rows.
+def head_test_predictions(
+    model: Path, cache: Path, data: CacheData, trust: bool = False
+) -> tuple[np.ndarray, str | None]:
+    """A fit-head model's predicted label for each test row of the cache, -1 for other rows, and a note.
 
     The model is checked against the cache (backbone, weights, classes, ...) as `evaluate` checks it,
-    which reads the whole cache into memory; `trust` as for `tlfeat.heads.store.load_head`.
+    which reads the whole cache into memory; `trust` as for `tlfeat.heads.store.load_head`. Test rows
+    the head was fitted or selected on (copies of its training images) are left out, as `evaluate`
+    leaves them out of its score, so the count of wrong images is the one evaluate gives.
     """
     from tlfeat.apps.evaluate import checked_head
+    from tlfeat.heads.rows import RowIds
+    from tlfeat.heads.store import read_fitted_rows
 
     loaded, estimator, _ = checked_head(model, [cache], split="test", trust=trust)
     if not np.array_equal(loaded.data.paths, data.paths):
         raise TlfeatError(f"{cache}: changed while it was being read; run again")
+    recorded = read_fitted_rows(model)
+    test = loaded.unseen("test", RowIds.from_arrays(recorded) if recorded is not None else {})
     predicted = np.full(len(data), -1, dtype=np.int64)
-    test = np.flatnonzero(data.split == "test")
     predicted[test] = estimator.predict(loaded.data.features[test])
-    return predicted
+    left_out = int(np.sum(data.split == "test")) - int(test.sum())
+    note = (f"test: {left_out} rows are rows {Path(model).name} was fitted or selected on: not marked, as "
+            "evaluate leaves them out of its score") if left_out else None
+    return predicted, note
 
 
 def plot_map(data: CacheData, result: EmbeddingMap, title: str, out: Path) -> None:
@@ -172,8 +182,9 @@ def embedding_map(
         raise parameter_error("max_points", max_points, "must be at least 2")
     with open_cache(cache) as (data, features):
         folder = output_folder(cache, out, "map", data)
-        predicted = head_test_predictions(Path(head), cache, data, trust) if head is not None else None
+        predicted, note = head_test_predictions(Path(head), cache, data, trust) if head is not None else (None, None)
         result = compute_map(data, features, method, seed, max_points, predicted)
+        result.notes += [note] if note else []
     folder.mkdir(parents=True, exist_ok=True)
     png, csv = folder / f"map-{method}.png", folder / f"map-{method}.csv"
     label = {"tsne": "t-SNE", "pca": "PCA", "umap": "UMAP"}[method]

@@ -56,11 +56,17 @@ class Features:
     def select(self, split: str) -> CacheData:
         return self.data.select(split)
 
-    def rows(self, split: str, seen: dict[str, RowIds]) -> tuple[CacheData, RowIds, int]:
-        """Split `split` without the rows `seen` in an earlier role: (rows, their ids, how many were left out)."""
+    def unseen(self, split: str, seen: dict[str, RowIds]) -> np.ndarray:
+        """(N,) True for the rows of split `split` that are not among the rows `seen` in an earlier role."""
         in_split = self.data.split == split
         keep = in_split.copy()
         keep[in_split] = ~seen_rows(split, self.ids.take(in_split), seen)
+        return keep
+
+    def rows(self, split: str, seen: dict[str, RowIds]) -> tuple[CacheData, RowIds, int]:
+        """Split `split` without the rows `seen` in an earlier role: (rows, their ids, how many were left out)."""
+        keep = self.unseen(split, seen)
+        in_split = self.data.split == split
         data = self.data
         kept = CacheData(data.features[keep], data.labels[keep], data.paths[keep], data.split[keep], data.class_names)
         return kept, self.ids.take(keep), int(in_split.sum() - keep.sum())
