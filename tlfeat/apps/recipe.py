@@ -25,7 +25,7 @@ from tlfeat.data.scan import DEFAULT_RATIOS
 from tlfeat.errors import TlfeatError
 from tlfeat.fileio import check_outside_dataset, check_output_path
 from tlfeat.heads.fit import Features, HeadResult, load_features
-from tlfeat.heads.folder import check_same_data, folder_key, head_metadata, locked_folder, save_fitted_head
+from tlfeat.heads.folder import head_metadata, locked_folder, save_fitted_head
 from tlfeat.heads.registry import get_head
 from tlfeat.reports import split_metrics
 
@@ -233,8 +233,7 @@ def run_recipe(
     features = load_features(caches)
     with locked_folder(out):
         # Checked before the fit: a folder of heads fitted on other data is refused, as fit-head refuses it.
-        check_same_data(out, folder_key(features.sources, features.digest), features.ids, features.data.split,
-                        features.label)
+        features.check_folder(out)
         fitted = select_and_refit(features, spec.c_grid, seed)
         if not fitted.metrics:
             raise TlfeatError(

@@ -99,6 +99,12 @@ class ImageTable(LazySequence[ImageEntry]):
     def split(self, index: int) -> str:
         return SPLITS[self._splits[index]]
 
+    def classes_in(self, split: str) -> set[str]:
+        """The classes with at least one entry in `split`."""
+        classes = np.frombuffer(self._classes, dtype=np.int32)[np.frombuffer(self._splits, dtype=np.int8) ==
+                                                               SPLITS.index(split)]
+        return {self.class_names[i] for i in np.unique(classes)}
+
     def _item(self, i: int) -> ImageEntry:
         return ImageEntry(self.relpath(i), self.class_names[self._classes[i]], SPLITS[self._splits[i]],
                           self._sizes[i], self._mtimes[i])

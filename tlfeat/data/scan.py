@@ -339,9 +339,8 @@ def _scan(root: Path, seed: int, ratios: tuple[float, float, float]) -> DatasetS
         if missing:
             raise TlfeatError(f"{root / 'train'}: no training folder for class(es) {', '.join(missing)}")
 
-    names_by_id = list(walk.class_ids)
-    in_train = {names_by_id[i] for i in np.unique(np.frombuffer(walk.tables["train"]._classes, dtype=np.int32))}
     entries = walk.table(class_names)
+    in_train = entries.classes_in("train")
     notes = [ratio_note] if ratio_note else []
     if len(in_train) < len(class_names):
         missing = ", ".join(c for c in class_names if c not in in_train)

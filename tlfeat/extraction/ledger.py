@@ -197,8 +197,9 @@ def same_as_file(old: CacheReader, ledger: Ledger, class_names: list[str], seed:
     start = 0
     for indices in ledger.chunks(PATH_CHUNK_ROWS):
         stored = old.rows(start, start + len(indices), with_features=False)
-        entries = [ledger.entries[i] for i in indices]
-        if list(stored.paths) != [e.relpath for e in entries] or list(stored.split) != [e.split for e in entries]:
+        entries = ledger.entries
+        if list(stored.paths) != [entries.relpath(i) for i in indices] or \
+                list(stored.split) != [entries.split(i) for i in indices]:
             return False
         start += len(indices)
     return True

@@ -79,6 +79,10 @@ class Features:
     def split_counts(self) -> dict[str, int]:
         return {s: int(np.sum(self.data.split == s)) for s in SPLITS if np.any(self.data.split == s)}
 
+    def check_folder(self, out: Path) -> None:
+        """Refuse a head folder whose heads were fitted on other data (`check_same_data`)."""
+        check_same_data(out, folder_key(self.sources, self.digest), self.ids, self.data.split, self.label)
+
 
 def resolve_heads(head: str) -> list[str]:
     """'all' -> every head; otherwise the one named (checked)."""
@@ -314,8 +318,7 @@ def fit_heads(
         check_outside_dataset(out, source.get("dataset_root"))
     _check_trainable(features, search)
     with locked_folder(out):
-        key = folder_key(features.sources, features.digest)
-        check_same_data(out, key, features.ids, features.data.split, features.label)
+        features.check_folder(out)
         results: list[HeadResult] = []
         skipped: list[tuple[str, str]] = []
         for position, name in enumerate(names):
