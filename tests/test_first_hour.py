@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from typer.testing import CliRunner
 from conftest import REPO, child_env, extract_run_counts, make_dataset, make_image, run_cli
 from tlfeat.cli import app
 from tlfeat.extraction.run import ExtractSummary
-from tlfeat.progress import ProgressLines, progress_bar
+from tlfeat.progress import ProgressLines, _tqdm_class, progress_bar
 from tlfeat.quiet_import import without_notes
 
 runner = CliRunner()
@@ -103,6 +104,23 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_file(monkeypatch: pytest
     assert sys.stderr.getvalue() == ""
 
 
+def test_a_bar_outside_a_notebook_leaves_tqdm_auto_and_asyncio_unimported() -> None:
+    # tqdm.auto imported asyncio, ssl and email to look for a notebook: 3.5 MB in every run with progress.
+    code = ("import sys; from tlfeat.progress import progress_bar\n"
+            "with progress_bar(2, True, 'x') as bar: bar.update(2)\n"
+            "print(sorted({'asyncio', 'tqdm.auto'} & set(sys.modules)))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert run.stdout.strip() == "[]"
+
+
+def test_a_notebook_kernel_still_gets_tqdm_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tqdm.auto
+
+    monkeypatch.setitem(sys.modules, "IPython", types.ModuleType("IPython"))  # a kernel has imported it
+    assert _tqdm_class() is tqdm.auto.tqdm
+
+
+
 def test_progress_lines_are_whole_lines_every_few_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = iter([100.0, 101.0, 111.0, 112.0, 125.0, 130.0])
     monkeypatch.setattr("tlfeat.progress.time.monotonic", lambda: next(clock))
@@ -163,6 +181,26 @@ def test_help_shows_what_the_parser_accepts(name: str) -> None:
 def test_a_flag_given_a_value_is_refused_as_the_help_implies(tmp_path: Path) -> None:
     result = runner.invoke(app, ["extract", str(tmp_path), "--quiet", "true"])
     assert result.exit_code == 2 and "true" in result.output
+
+
+@pytest.mark.parametrize("args, words", [
+    (["extract", "data", "--batch-size", "abc"], "Invalid value for '--batch-size'"),
+    (["extrat"], "No such command 'extrat'"),
+    (["extract", "data", "--bogus"], "No such option: --bogus"),
+    (["fit-head"], "Missing argument"),
+])
+def test_a_usage_error_is_one_line_with_the_help_to_read(args: list[str], words: str) -> None:
+    # Before: a usage line, a hint and a six-line box, unlike every other error.
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("error: ") and words in result.stderr, result.stderr
+    assert "--help'" in result.stderr
+
+
+def test_the_bare_command_still_prints_its_help() -> None:
+    result = runner.invoke(app, [])
+    assert result.exit_code == 0 and "Usage:" in result.output and "extract" in result.output
 
 
 def test_extract_on_an_image_file_says_a_folder_of_class_folders_is_expected(tmp_path: Path) -> None:

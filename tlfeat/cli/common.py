@@ -15,6 +15,11 @@ from typing import Any, Callable
 import typer
 from typer.core import TyperCommand, TyperGroup
 
+try:  # typer 0.22+ parses with its own copy of click, older ones with click itself
+    from typer._click import exceptions as click_exceptions
+except ImportError:
+    from click import exceptions as click_exceptions
+
 from tlfeat.data.scan import DEFAULT_RATIOS
 from tlfeat.errors import TlfeatError, cli_terms
 from tlfeat.fileio import os_reason
@@ -54,7 +59,33 @@ class PlainHelpCommand(_FlagsWithoutPlaceholder, TyperCommand):
 
 
 class PlainHelpGroup(_FlagsWithoutPlaceholder, TyperGroup):
-    """The command list, its --help without a placeholder."""
+    """The command list, its --help without a placeholder; a usage error in one line.
+
+    Typer prints a mistyped option or a missing argument as a usage line, a hint and a boxed message:
+    here it is one line, like every other error, with the hint at its end.
+    """
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_exceptions.NoArgsIsHelpError as exc:  # `tlfeat` alone: the help, as asked
+            exc.show()
+            sys.exit(0)
+        except click_exceptions.UsageError as exc:
+            message = " ".join(exc.format_message().split()).removesuffix(".")
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+            typer.secho(f"error: {message}{hint}", err=True, fg=typer.colors.RED)
+            sys.exit(exc.exit_code)
+        except click_exceptions.ClickException as exc:
+            typer.secho(f"error: {' '.join(exc.format_message().split())}", err=True, fg=typer.colors.RED)
+            sys.exit(exc.exit_code)
+        except typer.Abort:  # end of input at a prompt
+            typer.secho("error: aborted", err=True, fg=typer.colors.RED)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 class _App(typer.Typer):
