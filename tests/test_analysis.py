@@ -317,6 +317,15 @@ def test_review_labels_ranks_flipped_labels_first(tmp_path: Path, max_train_rows
     assert any("random 75 of the 160" in note for note in review.notes) == (max_train_rows == 60)
 
 
+def test_fewer_folds_than_asked_are_said(tmp_path: Path) -> None:
+    # Before: 10 folds asked of classes of 4 images became 4 folds without a word.
+    cache = write_synthetic_cache(tmp_path / "small.h5", n_per_class=4, n_classes=3)
+    with open_cache(cache) as (data, features):
+        review = review_labels(data, features, folds=10)
+    assert review.folds == 4
+    assert "4 folds instead of 10: no class has more than 4 images" in review.notes
+
+
 def test_cli_audit_similar_map_and_one_line_errors(planted: Planted, tmp_path: Path) -> None:
     result = runner.invoke(app, ["audit", str(planted.cache), "--out", str(tmp_path / "audit"), "--no-sheets"])
     assert result.exit_code == 0, result.output

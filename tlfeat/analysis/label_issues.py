@@ -92,7 +92,7 @@ def out_of_fold_probabilities(
     if folds < 2:
         raise parameter_error("folds", folds, "must be at least 2")
     n = len(labels)
-    folds = int(min(folds, np.bincount(labels, minlength=n_classes).max()))
+    asked, folds = folds, int(min(folds, np.bincount(labels, minlength=n_classes).max()))
     fold_of = np.empty(n, dtype=np.int64)
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     pool_size = max_train_rows * folds // (folds - 1)
@@ -118,6 +118,8 @@ def out_of_fold_probabilities(
                 if mine.any():
                     probabilities[np.ix_(rows[mine], head.classes_.astype(np.int64))] = head.predict_proba(block[mine])
     notes = sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0]}" for w in caught})
+    if folds < asked:
+        notes.append(f"{folds} folds instead of {asked}: no class has more than {folds} images")
     if len(pool) < n:
         notes.append(f"the heads trained on a random {len(pool)} of the {n} images, each fold's on those outside it")
     return probabilities, folds, notes
