@@ -8,7 +8,9 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import keras
 import numpy as np
@@ -20,7 +22,7 @@ from conftest import REPO, TRAINABLE_SEED, assert_one_line_error, make_dataset
 from tlfeat.finetuning import runs as ft_runs
 from tlfeat.finetuning import train as ft
 from tlfeat.finetuning.data import image_batches_class
-from tlfeat.finetuning.state import Run
+from tlfeat.finetuning.state import Run, RunConfig, RunState, open_run
 from tlfeat.backbones import build_model, get_backbone
 from tlfeat.data.scan import scan_dataset
 from tlfeat.data.decode import decode_image
@@ -348,3 +350,18 @@ def test_ctrl_c_in_stage_2_then_resume_keeps_unfrozen_layers_and_optimizer_state
     assert seen == [(2, 2, stage2, 2 * steps), (2, 3, stage2, 3 * steps)]
     assert result.summary["stages"]["2"]["epochs_run"] == 3
     assert result.summary["stages"]["2"]["trainable_params"] == stage2
+
+
+def test_resuming_an_unfinished_run_with_more_epochs_says_so(tmp_path: Path) -> None:
+    # Before: the longer schedule was taken without a word.
+    config = RunConfig(backbone="vgg16", weights="none", weights_identity="none", preprocessing="caffe", image_size=32,
+                       unfreeze_top=2, epochs1=2, epochs2=2, lr1=1e-3, lr2=1e-4, batch_size=4, augment=False,
+                       patience=0, seed=0, split_ratios=[0.5, 0.25, 0.25], dataset_root=str(tmp_path / "data"),
+                       dataset_fingerprint="f", classes=["a", "b"], base_layers=19)
+    (tmp_path / "run").mkdir()
+    Run(tmp_path / "run", config, RunState(), print).save_state()
+    lines: list[str] = []
+    longer = replace(config, epochs2=5, base_layers=None)
+    run = open_run(tmp_path / "run", True, longer, SimpleNamespace(root=tmp_path / "data", name="data"), lines.append)
+    assert run.config.epochs2 == 5 and run.config.base_layers == 19
+    assert lines == [f"{tmp_path / 'run'}: continuing with epochs2=5 (was 2)"]

@@ -295,6 +295,9 @@ def open_run(out: Path | None, resume: bool, config: RunConfig, scan: DatasetSca
                 "start a new run (another `out`) to train longer"
             )
         config = old
+    changed = [f"{k}={new[k]!r} (was {before[k]!r})" for k in RESUMABLE_CHANGES if new[k] != before[k]]
+    if changed:
+        log(f"{out}: continuing with {', '.join(changed)}")
     config.base_layers = old.base_layers
     return Run(out, config, state, log)
 
