@@ -119,7 +119,7 @@ def _embed(cache: Path, data: CacheData, files: list[Path], batch_size: int | No
 
 def similar(
     cache: str | Path, queries: str | Path | Sequence[str | Path], top: int = 10, index: str = "auto", nprobe: int = 16,
-    batch_size: int | None = None, progress: bool = False, out: str | Path | None = None,
+    batch_size: int | None = None, progress: bool = True, out: str | Path | None = None,
 ) -> SimilarResult:
     """The `top` most similar cached images for each query (see the module docstring for what a query is).
 

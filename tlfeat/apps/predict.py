@@ -147,7 +147,7 @@ def _is_finetune_run(model: Path) -> bool:
 
 
 def predict_images(
-    model: Path, inputs: str | Path | Sequence[str | Path], top: int = 1, batch_size: int | None = None, progress: bool = False,
+    model: Path, inputs: str | Path | Sequence[str | Path], top: int = 1, batch_size: int | None = None, progress: bool = True,
     trust: bool = False,
 ) -> PredictResult:
     """Classify the images under `inputs` with a fit-head head file or a fine-tune run (folder or model.keras).
