@@ -58,7 +58,7 @@ def test_compare_builds_one_table_from_runs_and_heads(results: Path, tmp_path: P
 
     summary = json.loads((results / "run" / "summary.json").read_text())
     run = rows["run"]
-    assert run["method"] == "fine-tuned, top 3 layers" and run["backbone"] == "vgg16" and run["weights"] == "none"
+    assert run["method"] == "fine-tuned, top 3 layers" and run["backbone"] == "vgg16@32" and run["weights"] == "none"
     assert int(run["trainable params"]) == summary["stages"]["2"]["trainable_params"] == 512 * 128 + 128 + 387 + 2359808
     for split in ("train", "val", "test"):
         assert float(run[f"{split} acc"]) == pytest.approx(summary["scores"][split]["accuracy"])
@@ -68,7 +68,7 @@ def test_compare_builds_one_table_from_runs_and_heads(results: Path, tmp_path: P
     for head in HEAD_NAMES:
         row = rows[f"heads/{head}"]
         estimator, meta = load_head(results / "heads" / f"{head}.skops")
-        assert row["method"] == f"frozen + {head}" and row["backbone"] == "vgg16"
+        assert row["method"] == f"frozen + {head}" and row["backbone"] == "vgg16@32"
         counted = fitted_parameters(estimator)
         assert row["trainable params"] == ("" if counted is None else str(counted))
         assert head_trainable_params(head, 512, 3) == counted
@@ -135,3 +135,17 @@ def test_the_bar_chart_zooms_to_the_scores(tmp_path: Path, monkeypatch: pytest.M
     assert min(scores) > 0.5
     low, high = figures[0].axes[0].get_ylim()
     assert min(scores) - 0.1 <= low <= min(scores) and max(scores) <= high  # not the fixed 0-1.15 axis
+
+
+def test_a_head_without_a_val_score_is_left_unranked_and_said(tmp_path: Path) -> None:
+    # Before: a head with no val score (a recipe head is refitted on train+val) ranked last, below worse heads.
+    ranked = write_synthetic_cache(tmp_path / "ranked.h5")
+    no_val = write_synthetic_cache(tmp_path / "noval.h5", splits=("train", "test"), shares=(0.75, 0.25))
+    fit_heads([ranked], head="knn", out=tmp_path / "heads" / "ranked")
+    fit_heads([no_val], head="logreg", out=tmp_path / "heads" / "noval")
+    result = runner.invoke(app, ["compare", str(tmp_path / "heads")])
+    assert result.exit_code == 0, result.output
+    rows = {line.split(" | ")[2]: line.split(" | ") for line in result.output.splitlines()[2:] if line.startswith("|")}
+    assert rows["noval/logreg"][1] == "-" and rows["ranked/knn"][1] == "1"
+    assert "note: noval/logreg: not ranked, no val score (fitted on val too)" in result.output
+    assert rows["ranked/knn"][3] == "efficientnet_lite0@32"  # the image size: other sizes are other features

@@ -65,9 +65,9 @@ class Row:
     def macro_f1(self) -> float | None:
         return self.scores["test"]["macro_f1"] if "test" in self.scores else None
 
-    def cells(self, rank: int) -> list:
+    def cells(self, rank: int | None) -> list:
         return [
-            self.dataset[1], rank, self.name, self.backbone, self.weights, self.method, self.trainable_params,
+            self.dataset[1], "-" if rank is None else rank, self.name, self.backbone, self.weights, self.method, self.trainable_params,
             *(self.accuracy(s) for s in SPLITS), self.macro_f1(), round(self.seconds, 2),
         ]
 
@@ -76,12 +76,18 @@ class Row:
 class CompareResult:
     rows: list[Row]
     table: str  # markdown
+    notes: list[str]  # rows left unranked, and why
 
 
 def _weights_label(weights: str | None) -> str:
     if not weights:
         return "?"
     return weights if weights in ("imagenet", "none") else Path(weights).name
+
+
+def _backbone_label(backbone: object, image_size: object) -> str:
+    """"efficientnet_lite0@288": features of one backbone at two image sizes are different features."""
+    return f"{backbone}@{image_size}" if image_size else str(backbone)
 
 
 def head_row(model_path: Path) -> Row:
@@ -92,7 +98,7 @@ def head_row(model_path: Path) -> Row:
     return Row(
         dataset=dataset_label(first.get("dataset_root"), first.get("seed"), first.get("split_ratios")),
         name=f"{model_path.parent.name}/{meta['head']}",
-        backbone="+".join(str(s.get("backbone")) for s in sources),
+        backbone="+".join(_backbone_label(s.get("backbone"), s.get("input_size")) for s in sources),
         weights="+".join(_weights_label(s.get("weights_source") or s.get("weights")) for s in sources),
         method=f"frozen + {meta['head']}",
         trainable_params=head_trainable_params(meta["head"], int(meta["feature_dim"]), len(meta["classes"])),
@@ -107,7 +113,7 @@ def run_row(run_dir: Path) -> Row:
     return Row(
         dataset=dataset_label(summary.get("dataset_root"), summary.get("seed"), summary.get("split_ratios")),
         name=run_dir.name,
-        backbone=summary["backbone"],
+        backbone=_backbone_label(summary["backbone"], summary.get("image_size")),
         weights=_weights_label(summary.get("weights")),
         method=summary["method"],
         trainable_params=summary.get("trainable_params"),
@@ -228,8 +234,14 @@ def compare(inputs: str | Path | Sequence[str | Path], csv: Path | None = None, 
         raise TlfeatError(f"{where}: no fit-head models or fine-tune runs found")
     rows = [head_row(path) if kind == "head" else run_row(path) for kind, path in results]
     rows.sort(key=lambda r: (r.dataset[1], r.dataset[0], r.accuracy("val") is None, -(r.accuracy("val") or 0.0), r.name))
-    cells, ranks = [], {}
+    cells, ranks, notes = [], {}, []
     for row in rows:
+        if row.accuracy("val") is None:  # e.g. a recipe head, refitted on train+val: no held-out val score
+            cells.append(row.cells(None))
+            cv = row.scores.get("cv", {}).get("accuracy")
+            notes.append(f"{row.name}: not ranked, no val score (fitted on val too)"
+                         + (f"; its cross-validated accuracy over train+val is {cv:.4f}" if cv is not None else ""))
+            continue
         ranks[row.dataset[0]] = ranks.get(row.dataset[0], 0) + 1
         cells.append(row.cells(ranks[row.dataset[0]]))
     params, seconds = HEADERS.index("trainable params"), HEADERS.index("train s")
@@ -244,4 +256,4 @@ def compare(inputs: str | Path | Sequence[str | Path], csv: Path | None = None, 
         write_csv(csv, HEADERS, cells)
     if png is not None:
         plot_bars(rows, png)
-    return CompareResult(rows, table)
+    return CompareResult(rows, table, notes)

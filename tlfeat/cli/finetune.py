@@ -76,6 +76,8 @@ def compare(
 
     result = run_compare(inputs, csv=csv, png=png)
     typer.echo(result.table)
+    for note in result.notes:
+        typer.echo(f"note: {note}")
     for path in (csv, png):
         if path is not None:
             typer.echo(f"wrote {path}")
