@@ -228,3 +228,37 @@ def test_each_function_has_its_commands_defaults() -> None:
                 if python.default != cli_default:
                     differ.append(f"{command} {option.name}: {cli_default!r} vs {python.default!r}")
     assert shared > 40 and not differ, differ
+
+
+def test_numpy_integers_are_taken_and_wrong_types_refused_before_any_work(tmp_path: Path) -> None:
+    # Before: np.int64 seeds and sizes crashed after the work (a JSON record could not hold them, the head or
+    # the first batch lost); floats and strings failed deep in numpy, sklearn or Keras.
+    import numpy as np
+
+    import tlfeat
+    from conftest import write_synthetic_cache
+
+    cache = write_synthetic_cache(tmp_path / "c.h5")
+    fitted = tlfeat.fit_heads(cache, head=["logreg", "knn"], seed=np.int64(1), out=tmp_path / "heads")
+    assert [r.head for r in fitted.results] == ["logreg", "knn"]
+    data = make_dataset(tmp_path / "data")
+    summary = tlfeat.extract(data, out=tmp_path / "x.h5", weights="none", image_size=np.int64(32), seed=np.int64(0),
+                             progress=False)
+    assert summary.n_computed > 0
+    refused = [
+        (lambda: tlfeat.fit_heads(cache, seed="1", out=tmp_path / "h2"), "`seed='1'`: must be an integer"),
+        (lambda: tlfeat.fit_heads(cache, head=[1], out=tmp_path / "h2"), "`head=[1]`: a head name or a list"),
+        (lambda: tlfeat.extract(data, weights="none", image_size=224.5), "`image_size=224.5`: must be an integer"),
+        (lambda: tlfeat.extract(data, weights="none", batch_size="32"), "`batch_size='32'`: must be an integer"),
+        (lambda: tlfeat.predict(tmp_path / "heads" / "logreg.skops", data, top=1.5), "`top=1.5`: must be an integer"),
+        (lambda: tlfeat.audit(cache, dup_threshold="0.95"), "`dup_threshold='0.95'`: must be a number"),
+        (lambda: tlfeat.audit(cache, folds=2.5), "`folds=2.5`: must be an integer"),
+        (lambda: tlfeat.audit(cache, max_train_rows=0), "`max_train_rows=0`: must be at least 1"),
+        (lambda: tlfeat.audit(cache, max_train_rows=2), "leaves a fold's head one class to learn"),
+        (lambda: tlfeat.finetune(data, epochs1=1.5), "`epochs1=1.5`: must be an integer"),
+    ]
+    for call, message in refused:
+        with pytest.raises(tlfeat.TlfeatError) as error:
+            call()
+        assert message in str(error.value)
+    assert not (tmp_path / "h2").exists()

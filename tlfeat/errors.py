@@ -8,6 +8,7 @@ backquotes: `` `batch_size=0`: must be at least 1 ``, `` pass `overwrite` `` (a 
 
 from __future__ import annotations
 
+import numbers
 import re
 from typing import Any, Mapping
 
@@ -27,6 +28,30 @@ class Interrupted(KeyboardInterrupt):
 def parameter_error(name: str, value: Any, problem: str) -> TlfeatError:
     """A TlfeatError about one parameter's value: "`name=value`: problem"."""
     return TlfeatError(f"`{name}={value!r}`: {problem}")
+
+
+def integer(name: str, value: Any, minimum: int | None = None) -> int:
+    """`value` as a Python int, numpy integers included (a notebook's `np.arange` seed), else one error.
+
+    Floats, strings and bools are refused before any work: they failed deep in a library, or after the work
+    when a JSON record of the run could not hold a numpy integer.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise parameter_error(name, value, "must be an integer")
+    if minimum is not None and value < minimum:
+        raise parameter_error(name, value, f"must be at least {minimum}")
+    return int(value)
+
+
+def number(name: str, value: Any, low: float | None = None, high: float | None = None, what: str = "") -> float:
+    """`value` as a Python float (ints and numpy numbers included) within [low, high], else one error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise parameter_error(name, value, f"must be a number{f' ({what})' if what else ''}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = (f"between {low:g} and {high:g}" if low is not None and high is not None
+                  else f"at least {low:g}" if low is not None else f"at most {high:g}")
+        raise parameter_error(name, value, f"{what + ', ' if what else 'must be '}{bounds}")
+    return float(value)
 
 
 def cli_terms(message: str, options: Mapping[str, str] | None = None) -> str:

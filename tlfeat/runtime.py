@@ -21,7 +21,7 @@ from tlfeat.backbones import Backbone, build_model, get_backbone
 from tlfeat.backbones.uint8_input import with_uint8_input
 from tlfeat.data.batches import DecodedBatch, DecodePool, iter_batches, shared_pool
 from tlfeat.backbones.preprocessing import NO_TTA, TTA_MODES
-from tlfeat.errors import TlfeatError, parameter_error
+from tlfeat.errors import TlfeatError, integer
 from tlfeat.progress import progress_bar
 
 CPU_BATCH_SIZE = 32
@@ -58,10 +58,9 @@ def compute_policy(on_gpu: bool) -> str:
     return "mixed_bfloat16" if on_gpu else "float32"
 
 
-def check_batch_size(batch_size: int | None) -> None:
-    """None (the device's default, `default_batch_size`) or at least 1."""
-    if batch_size is not None and batch_size < 1:
-        raise parameter_error("batch_size", batch_size, "must be at least 1")
+def check_batch_size(batch_size: int | None) -> int | None:
+    """None (the device's default, `default_batch_size`) or an integer of at least 1, as a Python int."""
+    return None if batch_size is None else integer("batch_size", batch_size, 1)
 
 
 def default_batch_size(requested: int | None, on_gpu: bool) -> int:

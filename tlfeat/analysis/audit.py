@@ -25,12 +25,15 @@ import numpy as np
 
 from tlfeat.analysis.common import dataset_root, open_cache, output_folder
 from tlfeat.analysis.contact_sheet import Tile, draw_sheet, shorten
-from tlfeat.analysis.duplicates import KIND_ORDER, Duplicates, find_duplicates, write_duplicates_csv
+from tlfeat.analysis.duplicates import (
+    KIND_ORDER, Duplicates, checked_threshold, find_duplicates, write_duplicates_csv,
+)
 from tlfeat.analysis.label_issues import (
     FOLDS, MAX_TRAIN_ROWS, LabelReview, can_review, confused_pairs, review_labels, write_label_issues_csv,
 )
 from tlfeat.cache import CacheData
 from tlfeat.data.scan import SPLITS
+from tlfeat.errors import integer
 from tlfeat.fileio import atomic_write_bytes
 from tlfeat.reports import markdown_table, plot_confusion, save_png, write_csv
 
@@ -155,6 +158,9 @@ def audit(
     Returns everything as data (pairs, out-of-fold probabilities, tables), plus the summary markdown.
     """
     cache = Path(cache)
+    folds, seed = integer("folds", folds, 2), integer("seed", seed, 0)
+    max_train_rows = integer("max_train_rows", max_train_rows, 1)
+    dup_threshold = checked_threshold(dup_threshold)
     seconds: dict[str, float] = {}
     with open_cache(cache) as (data, features):
         folder = output_folder(cache, out, "audit", data)

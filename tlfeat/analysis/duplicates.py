@@ -23,7 +23,7 @@ from tlfeat.analysis.common import StoredFeatures, dataset_root, normalise
 from tlfeat.analysis.search import Neighbours, exact_top_k, index_top_k, open_index
 from tlfeat.cache import CacheData
 from tlfeat.data.scan import SPLITS
-from tlfeat.errors import parameter_error
+from tlfeat.errors import number, parameter_error
 from tlfeat.fileio import sha256_file
 from tlfeat.reports import write_csv
 
@@ -151,6 +151,12 @@ def _neighbours(features: StoredFeatures, cache: Path, k: int, index: str, nprob
     return found, search
 
 
+def checked_threshold(threshold: float | None) -> float | None:
+    """The duplicate threshold (`dup_threshold`) as a float, None for the default rule; one error if it is no
+    cosine similarity."""
+    return None if threshold is None else number("dup_threshold", threshold, -1.0, 1.0, "a cosine similarity")
+
+
 def find_duplicates(
     data: CacheData, features: StoredFeatures, cache: str | Path, threshold: float | None = None,
     index: str = "auto", neighbours: int = NEIGHBOURS, nprobe: int = DUPLICATE_NPROBE,
@@ -165,8 +171,7 @@ def find_duplicates(
     """
     if index not in INDEXES:
         raise parameter_error("index", index, f"use one of {', '.join(INDEXES)}")
-    if threshold is not None and not -1.0 <= threshold <= 1.0:
-        raise parameter_error("dup_threshold", threshold, "a cosine similarity, between -1 and 1")
+    threshold = checked_threshold(threshold)
     found, search = _neighbours(features, Path(cache), min(neighbours, len(data) - 1), index, nprobe)
     nearest = found.similarities[:, 0]
     rule = "given (`dup_threshold`)"

@@ -27,7 +27,7 @@ from threadpoolctl import threadpool_limits
 
 from tlfeat.analysis.common import StoredFeatures, optional_import
 from tlfeat.cache import CacheData
-from tlfeat.errors import TlfeatError, parameter_error
+from tlfeat.errors import TlfeatError, integer, parameter_error
 from tlfeat.heads import get_head
 from tlfeat.reports import write_csv
 
@@ -89,8 +89,7 @@ def out_of_fold_probabilities(
     are allowed: a row of a class seen only in its own fold gets probability 0
     for that class (and is flagged).
     """
-    if folds < 2:
-        raise parameter_error("folds", folds, "must be at least 2")
+    folds = integer("folds", folds, 2)
     n = len(labels)
     asked, folds = folds, int(min(folds, np.bincount(labels, minlength=n_classes).max()))
     fold_of = np.empty(n, dtype=np.int64)
@@ -106,10 +105,13 @@ def out_of_fold_probabilities(
         for fold, (_, held) in enumerate(splitter.split(np.zeros(n), labels)):
             fold_of[held] = fold
         pooled = features.rows(pool)
-        heads = [
-            get_head("logreg").build(seed).fit(pooled[fold_of[pool] != fold], labels[pool][fold_of[pool] != fold])
-            for fold in range(folds)
-        ]
+        heads = []
+        for fold in range(folds):
+            trained = fold_of[pool] != fold
+            if len(np.unique(labels[pool][trained])) < 2:
+                raise parameter_error("max_train_rows", max_train_rows,
+                                      f"a pool of {len(pool)} rows leaves a fold's head one class to learn")
+            heads.append(get_head("logreg").build(seed).fit(pooled[trained], labels[pool][trained]))
         # A pool of every row is all the features already: predict from it instead of reading them again.
         for start, block in [(0, pooled)] if len(pool) == n else features.blocks():
             rows = np.arange(start, start + len(block))

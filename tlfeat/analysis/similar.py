@@ -25,7 +25,7 @@ from tlfeat.analysis.common import dataset_root, open_cache, output_folder
 from tlfeat.analysis.contact_sheet import Tile, draw_sheet, shorten
 from tlfeat.analysis.search import Neighbours, exact_top_k, index_top_k, open_index, rescore
 from tlfeat.cache import CacheData, open_rows
-from tlfeat.errors import TlfeatError, parameter_error
+from tlfeat.errors import TlfeatError, integer, parameter_error
 from tlfeat.fileio import path_list
 from tlfeat.reports import write_csv
 from tlfeat.runtime import check_batch_size
@@ -130,12 +130,10 @@ def similar(
     cache = Path(cache)
     if index not in INDEXES:
         raise parameter_error("index", index, f"use one of {', '.join(INDEXES)}")
-    if top < 1:
-        raise parameter_error("top", top, "must be at least 1")
-    if nprobe < 1:  # faiss fails with a C++ assertion (0) or an overflow (negative), far down
-        raise parameter_error("nprobe", nprobe, "must be at least 1")
+    top = integer("top", top, 1)
+    nprobe = integer("nprobe", nprobe, 1)  # faiss fails with a C++ assertion (0) or an overflow (negative), far down
     queries = path_list(queries, "queries", "paths stored in the cache, image files or folders")
-    check_batch_size(batch_size)
+    batch_size = check_batch_size(batch_size)
     folder = similar_output(cache, out)  # checked before any work
     with open_cache(cache, min_rows=1) as (data, features):
         items, files = _resolve(queries, data)

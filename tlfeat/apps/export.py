@@ -37,7 +37,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from tlfeat.cache import CacheData, CacheReader
-from tlfeat.errors import TlfeatError, parameter_error
+from tlfeat.errors import TlfeatError, integer, parameter_error
 from tlfeat.fileio import check_outside_dataset, check_output_path
 
 FORMATS = ("parquet", "npy")
@@ -60,9 +60,7 @@ class ExportSummary:
 
 def _chunk_rows(dim: int, requested: int | None) -> int:
     if requested is not None:
-        if requested < 1:
-            raise parameter_error("chunk_rows", requested, "must be at least 1")
-        return requested
+        return integer("chunk_rows", requested, 1)
     return max(1, CHUNK_BYTES // (4 * max(dim, 1)))
 
 
@@ -200,8 +198,8 @@ def export(
     started = time.perf_counter()
     if format not in FORMATS:
         raise parameter_error("format", format, "use parquet or npy")
-    if rows_per_file is not None and rows_per_file < 1:
-        raise parameter_error("rows_per_file", rows_per_file, "must be at least 1")
+    if rows_per_file is not None:
+        rows_per_file = integer("rows_per_file", rows_per_file, 1)
     if rows_per_file is not None and format != "parquet":
         raise parameter_error("rows_per_file", rows_per_file, "applies to parquet only (npy writes one file)")
     if format == "parquet":

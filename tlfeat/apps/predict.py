@@ -27,7 +27,7 @@ from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.cache import OLD_DECODE
 from tlfeat.data.decode import DECODE
 from tlfeat.data.scan import IMAGE_EXTENSIONS
-from tlfeat.errors import TlfeatError
+from tlfeat.errors import TlfeatError, integer
 from tlfeat.fileio import path_list
 from tlfeat.runtime import check_batch_size
 from tlfeat.heads.store import load_head
@@ -155,11 +155,10 @@ def predict_images(
     Files that cannot be decoded are listed in `skipped`; an input path that does not exist is an error.
     `trust` loads a head holding types tlfeat does not trust (`tlfeat.heads.store.load_head`).
     """
-    if top < 1:
-        raise TlfeatError(f"`top={top!r}`: must be at least 1")
+    top = integer("top", top, 1)
     model = Path(model)
     inputs = path_list(inputs, "inputs", "image files or folders")
-    check_batch_size(batch_size)
+    batch_size = check_batch_size(batch_size)
     if not model.exists():
         raise TlfeatError(f"{model}: model not found (a fit-head .skops or a fine-tune run folder)")
     files = collect_images(inputs)

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from tlfeat.errors import TlfeatError
+from tlfeat.errors import TlfeatError, integer
 from tlfeat.fileio import describe_exception, sha256_file
 from tlfeat.backbones.preprocessing import PREPROCESSING, Preprocessing
 
@@ -130,6 +130,7 @@ def resolve_image_size(backbone: Backbone, requested: int | None) -> int:
     """The square input size: the backbone's own when None, else `requested` if the backbone can take it."""
     if requested is None:
         return backbone.input_size
+    requested = integer("image_size", requested)
     if not MIN_IMAGE_SIZE <= requested <= MAX_IMAGE_SIZE:
         raise TlfeatError(
             f"`image_size={requested}`: {backbone.name} takes {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels "

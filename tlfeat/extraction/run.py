@@ -28,7 +28,7 @@ from tlfeat.data.batches import bytes_in_flight
 from tlfeat.data.cores import available_memory
 from tlfeat.data.decode import DecodeError, decode_image
 from tlfeat.data.scan import DEFAULT_RATIOS, SPLIT_RULE, DatasetScan, scan_dataset
-from tlfeat.errors import Interrupted, TlfeatError, parameter_error
+from tlfeat.errors import Interrupted, TlfeatError, integer
 from tlfeat.extraction.engines import Engine, LocalEngine
 from tlfeat.extraction.ledger import (
     FAILED, NOWHERE, OLD_CACHE, PATH_CHUNK_ROWS, FinalWriter, Ledger, same_as_file,
@@ -238,8 +238,6 @@ def make_engine(
         from tlfeat.extraction.ray_engine import RayEngine, RayOptions
 
         return RayEngine(backbone, weights, image_size, batch_size, ray_options or RayOptions(), tta)
-    if workers is not None and workers < 1:
-        raise parameter_error("workers", workers, "must be at least 1")
     return LocalEngine(backbone, weights, image_size, batch_size, workers, tta)
 
 
@@ -288,6 +286,8 @@ def extract(
         raise TlfeatError(f"`dtype={dtype!r}`: use float32 or float16")
     check_tta(tta)
     size = resolve_image_size(spec, image_size)
+    seed, workers = integer("seed", seed, 0), None if workers is None else integer("workers", workers, 1)
+    batch_size = check_batch_size(batch_size)
     if batch_size is not None:
         _check_batch_size(batch_size, size)
     stage, parts = "scanning the dataset", None  # what a Ctrl-C interrupts; where finished batches are kept
@@ -371,8 +371,7 @@ def _interrupted(stage: str, out: Path | None, parts: Path | None) -> str:
 
 
 def _check_batch_size(batch_size: int, size: int) -> None:
-    """At least 1, and its decoded images in flight within half the memory available now."""
-    check_batch_size(batch_size)
+    """Its decoded images in flight within half the memory available now."""
     need, free = bytes_in_flight(batch_size, size), available_memory()
     if free is not None and need > free / 2:
         fits = max(1, batch_size * free // (2 * need))

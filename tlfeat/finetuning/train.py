@@ -28,7 +28,7 @@ import numpy as np
 
 from tlfeat.backbones import DEFAULT_BACKBONE, Backbone, build_model, get_backbone, weights_identity
 from tlfeat.data.scan import DEFAULT_RATIOS, DatasetScan, scan_dataset
-from tlfeat.errors import Interrupted, TlfeatError
+from tlfeat.errors import Interrupted, TlfeatError, integer, number
 from tlfeat.fileio import OutputLock
 from tlfeat.finetuning.data import check_trainable_split, dataset_fingerprint, image_batches_class
 from tlfeat.finetuning.finish import finish_run
@@ -137,10 +137,10 @@ def finetune(
     """
     spec = get_backbone(backbone)
     requested = _requested_unfreeze(spec, unfreeze_top, unfreeze_all)
-    _check_options(epochs1, epochs2, requested, batch_size, lr1, lr2, patience)
-    size = image_size or spec.input_size
-    if size < 32:
-        raise TlfeatError(f"`image_size={size!r}`: must be at least 32 pixels")
+    epochs1, epochs2, batch_size, lr1, lr2, patience = _checked_options(
+        epochs1, epochs2, requested, batch_size, lr1, lr2, patience)
+    size = spec.input_size if image_size is None else integer("image_size", image_size, 32)
+    seed = integer("seed", seed, 0)
     scan = scan_dataset(data, seed=seed, ratios=ratios)
     check_trainable_split(scan)
     config = RunConfig(
@@ -205,23 +205,20 @@ def _requested_unfreeze(spec: Backbone, unfreeze_top: int | None, unfreeze_all: 
                 f"{spec.name}: no default layer count to unfreeze; give `unfreeze_top` K or `unfreeze_all`"
             )
         return spec.unfreeze_top
-    if unfreeze_top < 0:
-        raise TlfeatError(f"`unfreeze_top={unfreeze_top!r}`: must be 0 or more")
-    return unfreeze_top
+    return integer("unfreeze_top", unfreeze_top, 0)
 
 
-def _check_options(
+def _checked_options(
     epochs1: int, epochs2: int, requested: int | str, batch_size: int, lr1: float, lr2: float, patience: int
-) -> None:
-    if epochs1 < 0 or epochs2 < 0:
-        raise TlfeatError(f"`epochs1={epochs1!r}` `epochs2={epochs2!r}`: epoch counts cannot be negative")
+) -> tuple[int, int, int, float, float, int]:
+    """The options as Python numbers, or a one-line error for the first that is out of range."""
+    epochs1, epochs2 = integer("epochs1", epochs1, 0), integer("epochs2", epochs2, 0)
     if epochs1 + (epochs2 if requested != 0 else 0) == 0:
         raise TlfeatError("nothing to train: `epochs1` is 0 and stage 2 has no epochs or no unfrozen layers")
-    check_batch_size(batch_size)
-    if not (lr1 > 0 and lr2 > 0):
-        raise TlfeatError(f"`lr1={lr1!r}` `lr2={lr2!r}`: learning rates must be positive")
-    if patience < 0:
-        raise TlfeatError(f"`patience={patience!r}`: must be 0 (off) or more")
+    for name, rate in (("lr1", lr1), ("lr2", lr2)):
+        if not number(name, rate) > 0:
+            raise TlfeatError(f"`{name}={rate!r}`: learning rates must be positive")
+    return epochs1, epochs2, check_batch_size(batch_size), float(lr1), float(lr2), integer("patience", patience, 0)
 
 
 def _load_or_build(run: Run, spec: Backbone, weights: str, on_gpu: bool) -> tuple[Any, tuple[int, int] | None]:

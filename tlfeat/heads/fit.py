@@ -31,7 +31,7 @@ from sklearn.base import BaseEstimator, clone
 
 from tlfeat.cache import CacheData, load
 from tlfeat.data.scan import SPLITS
-from tlfeat.errors import TlfeatError
+from tlfeat.errors import TlfeatError, integer, parameter_error
 from tlfeat.fileio import check_output_path, check_outside_dataset, path_list
 from tlfeat.heads.folder import (
     FitSummary, HeadResult, check_same_data, default_out, folder_key, head_metadata, locked_folder, save_fitted_head,
@@ -84,11 +84,14 @@ class Features:
         check_same_data(out, folder_key(self.sources, self.digest), self.ids, self.data.split, self.label)
 
 
-def resolve_heads(head: str) -> list[str]:
-    """'all' -> every head; otherwise the one named (checked)."""
+def resolve_heads(head: str | Sequence[str]) -> list[str]:
+    """'all' -> every head; a name or a list of names -> those (checked)."""
     if head == "all":
         return list(HEAD_NAMES)
-    return [get_head(head).name]
+    names = [head] if isinstance(head, str) else list(head) if isinstance(head, (list, tuple)) else None
+    if not names or not all(isinstance(name, str) for name in names):
+        raise parameter_error("head", head, f"a head name or a list of them: {', '.join(HEAD_NAMES)} or all")
+    return list(dict.fromkeys(get_head(name).name for name in names))
 
 
 def _source(path: Path, data: CacheData) -> dict:
@@ -279,7 +282,7 @@ def _fit_head(name: str, features: Features, search: bool, seed: int, out: Path)
 
 def fit_heads(
     caches: str | Path | Sequence[str | Path],
-    head: str = "logreg",  # as `tlfeat fit-head`; "all" fits every head and ranks them
+    head: str | Sequence[str] = "logreg",  # as `tlfeat fit-head`; "all" fits every head and ranks them; or a list
     search: bool = False,
     out: Path | None = None,
     seed: int = 0,
@@ -289,7 +292,7 @@ def fit_heads(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     passes: int = DEFAULT_PASSES,
 ) -> FitSummary:
-    """Fit the named head (or all) on the caches' train split; score every split present; save.
+    """Fit the named head (or "all", or a list of names) on the caches' train split; score every split present; save.
 
     With several heads, one that cannot be fitted on this data (say, linear-svm's 3-fold
     calibration on 2 images a class) is skipped with its reason and the others go on;
@@ -301,6 +304,8 @@ def fit_heads(
     `tlfeat.heads.streaming`).
     """
     caches = [Path(c) for c in path_list(caches, "caches", "tlfeat caches")]
+    seed = integer("seed", seed, 0)
+    chunk_rows, passes = integer("chunk_rows", chunk_rows, 1), integer("passes", passes, 1)
     if not streaming and (chunk_rows, passes) != (DEFAULT_CHUNK_ROWS, DEFAULT_PASSES):
         raise TlfeatError(f"`chunk_rows={chunk_rows}` `passes={passes}`: apply with `streaming` only")
     if streaming:

@@ -29,7 +29,7 @@ from sklearn.preprocessing import StandardScaler
 
 from tlfeat.cache import open_rows
 from tlfeat.data.scan import SPLITS
-from tlfeat.errors import TlfeatError
+from tlfeat.errors import TlfeatError, integer
 from tlfeat.heads.folder import (
     FitSummary, check_same_data, default_out, folder_key, head_metadata, locked_folder, save_fitted_head, source_record,
     write_summary,
@@ -80,8 +80,7 @@ def fit_streaming(
     if head not in streamable:
         raise TlfeatError(f"`streaming` fits {' or '.join(streamable)}, not {head!r}")
     loss = HEADS[head].streaming_loss
-    if chunk_rows < 1 or passes < 1:
-        raise TlfeatError(f"`chunk_rows={chunk_rows!r}` `passes={passes!r}`: both must be at least 1")
+    chunk_rows, passes = integer("chunk_rows", chunk_rows, 1), integer("passes", passes, 1)
     cache = Path(cache)
     out = Path(out) if out is not None else default_out([cache])
     with open_rows(cache) as (index, features), locked_folder(out):
