@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO, child_env, make_dataset
 
 PUBLIC = ["Interrupted", "TlfeatError", "audit", "compare", "doctor", "embedding_map", "evaluate", "export", "extract", "finetune",
-          "fit_heads", "list_backbones", "list_heads", "load", "predict", "recipe", "similar"]
+          "fit_heads", "list_backbones", "list_heads", "load", "load_head", "predict", "recipe", "similar"]
 
 # The data flow, lowest first: a module may import its own stage and lower ones, never a higher one.
 STAGES = [
@@ -193,10 +193,18 @@ def test_results_print_briefly_in_a_notebook(tmp_path: Path) -> None:
     model = tmp_path / "heads" / "logreg.skops"
     evaluation = tlfeat.evaluate(model, cache)
     assert "'test': " in repr(evaluation) and len(repr(evaluation)) < 600, repr(evaluation)
+    data = tlfeat.load(cache)  # before: 4,800 characters of arrays; `==` raised numpy's ambiguous truth value
+    assert repr(data).startswith("CacheData(300 rows x 8 features, 15 classes; train") and data == data
+    with pytest.raises(tlfeat.TlfeatError, match="unknown split 'validation'"):  # before: 0 rows, silently
+        data.select("validation")
+    assert "lambda" not in repr(tlfeat.list_backbones()[0]) + repr(tlfeat.list_heads()[0])
+    from tlfeat.finetuning.train import FinetuneSummary
+    scored = FinetuneSummary(tmp_path, {"method": "fine-tuned, whole base", "scores": {"test": {"accuracy": 0.92}}})
+    assert repr(scored) == f"FinetuneSummary(out={str(tmp_path)!r}, fine-tuned, whole base, test accuracy 0.9200, 0 images skipped)"
     audit = tlfeat.audit(cache, out=tmp_path / "audit")
     assert "label issues flagged" in repr(audit) and len(repr(audit)) < 600, repr(audit)
     found = tlfeat.embedding_map(cache, method="pca", out=tmp_path / "map")
-    assert len(repr(found)) < 600, repr(found)
+    assert len(repr(found)) < 600 and len(repr(found.map)) < 300, repr(found.map)
     with pytest.raises(tlfeat.TlfeatError, match="^`max_points=0`: must be at least 2$"):  # sklearn's error before
         tlfeat.embedding_map(cache, method="pca", max_points=0)
     assert len(repr(PredictResult(model, evaluation.meta))) < 600
@@ -241,6 +249,9 @@ def test_numpy_integers_are_taken_and_wrong_types_refused_before_any_work(tmp_pa
     cache = write_synthetic_cache(tmp_path / "c.h5")
     fitted = tlfeat.fit_heads(cache, head=["logreg", "knn"], seed=np.int64(1), out=tmp_path / "heads")
     assert [r.head for r in fitted.results] == ["logreg", "knn"]
+    estimator, meta = tlfeat.load_head(str(tmp_path / "heads" / "logreg.skops"))  # public: predict on features
+    test = tlfeat.load(cache, split="test")
+    assert (estimator.predict(test.features) == test.labels).mean() > 0.9 and meta["head"] == "logreg"
     data = make_dataset(tmp_path / "data")
     summary = tlfeat.extract(data, out=tmp_path / "x.h5", weights="none", image_size=np.int64(32), seed=np.int64(0),
                              progress=False)

@@ -189,3 +189,4 @@ def test_recipe_passes_overwrite_to_its_members_extraction(tmp_path: Path, monke
     assert given == [True, False]
     again = CliRunner().invoke(app, command)  # before: the head was replaced without a word, as fit-head says it
     assert again.exit_code == 0 and "replaced logreg.skops (was C=" in again.output, again.output
+    assert "(cross-validated)" in again.output and "searched on val" not in again.output  # before: "on val"

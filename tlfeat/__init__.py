@@ -41,6 +41,7 @@ _API: dict[str, tuple[str, str]] = {
     "doctor": ("tlfeat.apps.doctor", "doctor"),
     "list_backbones": ("tlfeat.backbones.registry", "list_backbones"),
     "list_heads": ("tlfeat.heads.registry", "list_heads"),
+    "load_head": ("tlfeat.heads.store", "load_head"),
     "audit": ("tlfeat.analysis.audit", "audit"),
     "similar": ("tlfeat.analysis.similar", "similar"),
     "embedding_map": ("tlfeat.analysis.maps", "embedding_map"),
@@ -67,6 +68,7 @@ if TYPE_CHECKING:  # what static tools and IDEs see; at run time `__getattr__` i
     from tlfeat.finetuning.train import finetune
     from tlfeat.heads.fit import fit_heads
     from tlfeat.heads.registry import list_heads
+    from tlfeat.heads.store import load_head
 
 
 def __getattr__(name: str) -> Any:

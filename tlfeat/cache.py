@@ -76,9 +76,20 @@ class CacheKey:
         return ", ".join(f"{k} {mine[k]!r} vs {theirs[k]!r}" for k in mine if mine[k] != theirs[k])
 
 
-@dataclass
+def check_split(split: str) -> None:
+    """One of "train", "val", "test", else a one-line error."""
+    if split not in SPLITS:
+        raise TlfeatError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+
+
+@dataclass(eq=False)  # arrays have no single truth value: two CacheData compare by identity
 class CacheData:
-    """Rows of a cache (optionally one split) held in memory."""
+    """Rows of a cache (optionally one split) held in memory.
+
+    features: (N, D) float32 (float16 caches are read as stored); labels: (N,) int indices into
+    `class_names`; paths: (N,) relative paths (str); split: (N,) "train", "val" or "test"; attrs: the
+    cache's attributes (its key, dataset root, split seed and shares, ...; README "The cache format").
+    """
 
     features: np.ndarray
     labels: np.ndarray
@@ -90,7 +101,15 @@ class CacheData:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{name} {int((self.split == name).sum())}" for name in SPLITS if (self.split == name).any())
+        shape = getattr(self.features, "shape", ())
+        return (f"CacheData({len(self)} rows x {shape[1] if len(shape) == 2 else '?'} features, "
+                f"{len(self.class_names)} classes; {counts or 'no rows'}; backbone {self.attrs.get('backbone', '?')})")
+
     def select(self, split: str) -> "CacheData":
+        """The rows of one split ("train", "val" or "test")."""
+        check_split(split)
         mask = self.split == split
         return CacheData(
             self.features[mask], self.labels[mask], self.paths[mask], self.split[mask],
@@ -177,8 +196,8 @@ def load(path: str | Path, split: str | None = None) -> CacheData:
 
     Needs only h5py and numpy. Features come back as float32 whatever the stored dtype.
     """
-    if split is not None and split not in SPLITS:
-        raise TlfeatError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    if split is not None:
+        check_split(split)
     path = Path(path)
     with _open_for_read(path) as handle:
         split_col = read_column(path, handle["split"])

@@ -27,10 +27,10 @@ TSNE_PCA_DIMS = 50  # the usual reduction before t-SNE: faster, and drops noise 
 
 @dataclass
 class EmbeddingMap:
-    rows: np.ndarray  # (m,) cache rows shown, increasing
-    coords: np.ndarray  # (m, 2)
+    rows: np.ndarray = field(repr=False)  # (m,) cache rows shown, increasing
+    coords: np.ndarray = field(repr=False)  # (m, 2)
     method: str
-    predicted: np.ndarray | None = None  # (m,) the head's predicted label for test rows, -1 elsewhere
+    predicted: np.ndarray | None = field(default=None, repr=False)  # (m,) the head's predicted label for test rows, -1 elsewhere
     notes: list[str] = field(default_factory=list)
 
     def wrong(self, labels: np.ndarray) -> np.ndarray:

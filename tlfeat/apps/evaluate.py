@@ -34,7 +34,7 @@ class Evaluation:
     def __repr__(self) -> str:  # the metrics and the head's metadata run to pages: a notebook cell shows this
         accuracy = {split: round(m["accuracy"], 4) for split, m in self.metrics.items()}
         return (f"Evaluation(model={str(self.model)!r}, caches={[str(c) for c in self.caches]}, "
-                f"accuracy={accuracy}, left_out={self.left_out}, notes={len(self.notes)})")
+                f"accuracy by split (.metrics) {accuracy}, left_out={self.left_out}, {len(self.notes)} notes)")
 
 
 def _check_caches_fit_model(model: Path, meta: dict, caches: Sequence[Path], features: Features) -> None:

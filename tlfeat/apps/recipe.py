@@ -182,6 +182,12 @@ class RecipeResult:
     head: HeadResult
     out: Path
 
+    def __repr__(self) -> str:  # every member's run and every metric would fill a notebook cell
+        accuracy = self.fitted.metrics.get("test", {}).get("accuracy")
+        scored = f"test accuracy {accuracy:.4f}" if accuracy is not None else "no test score"
+        return (f"RecipeResult(recipe={self.recipe.name!r}, {len(self.members)} members, C={self.fitted.c:g}, "
+                f"{scored}, out={str(self.out)!r})")
+
 
 def member_cache(data: Path, cache_dir: Path | None, member: Member) -> Path:
     """Where `extract` keeps this member's features by default, in `cache_dir` when given."""

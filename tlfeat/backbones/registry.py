@@ -9,7 +9,7 @@ model is actually built, so the registry can be listed cheaply.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,13 +36,13 @@ class Backbone:
     """
 
     name: str
-    builder: Callable[[str | None, tuple[int, int, int]], Any]
-    preprocessor: Preprocessing
+    builder: Callable[[str | None, tuple[int, int, int]], Any] = field(repr=False)
+    preprocessor: Preprocessing = field(repr=False)
     input_size: int
     feature_dim: int
     parameters: int  # of the pooled feature model
     weight_source: str  # "offline" (shipped by an installed package) or "download" (keras.applications)
-    imagenet_identity: Callable[[], str] = lambda: "imagenet"
+    imagenet_identity: Callable[[], str] = field(default=lambda: "imagenet", repr=False)
     # Base layers `finetune` unfreezes in stage 2 by default (counted from the end); None: no default.
     unfreeze_top: int | None = None
 

@@ -97,6 +97,12 @@ class FinetuneSummary:
     already_finished: bool = False
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
 
+    def __repr__(self) -> str:  # summary.json whole would fill a notebook cell
+        accuracy = self.summary.get("scores", {}).get("test", {}).get("accuracy")
+        scored = f"test accuracy {accuracy:.4f}" if accuracy is not None else "no test split"
+        return (f"FinetuneSummary(out={str(self.out)!r}, {self.summary.get('method', '?')}, {scored}, "
+                f"{len(self.skipped)} images skipped)")
+
 
 def finetune(
     data: Path,

@@ -211,7 +211,10 @@ def save_fitted_head(
 
 def _params_text(meta: dict) -> str:
     text = ", ".join(f"{k}={v}" for k, v in meta["params"].items())
-    return text + (" (searched on val)" if meta.get("search") else "")
+    trials = meta.get("search") or []
+    if any("cv_accuracy" in trial for trial in trials):  # a recipe head: C by cross-validation over train+val
+        return text + " (cross-validated)"
+    return text + (" (searched on val)" if trials else "")
 
 
 def write_summary(

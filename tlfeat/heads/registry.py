@@ -9,7 +9,7 @@ loss that `fit-head --streaming` uses in its place. Adding a head touches one re
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -48,11 +48,11 @@ class HeadSpec:
 
     name: str
     description: str
-    build: Callable[[int], BaseEstimator]  # seed -> unfitted estimator
+    build: Callable[[int], BaseEstimator] = field(repr=False)  # seed -> unfitted estimator
     param: str  # the searched hyperparameter, as a set_params key
     label: str  # its short name in tables and metadata
     grid: tuple[float, ...]  # values tried by --search; ties go to the earlier one
-    trainable_params: Callable[[int, int], int | None]  # (feature dim, classes) -> learned parameters
+    trainable_params: Callable[[int, int], int | None] = field(repr=False)  # (feature dim, classes) -> learned parameters
     streaming_loss: str | None = None  # SGDClassifier loss of `fit-head --streaming`; None: no streaming form
 
 

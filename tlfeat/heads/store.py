@@ -148,8 +148,11 @@ def untrusted_types(model_path: Path, payload: bytes) -> list[str]:
     return [name for name in found if name not in TLFEAT_TYPES]
 
 
-def load_head(model_path: Path, trust: bool = False) -> tuple[BaseEstimator, dict]:
-    """Load a head written by fit-head: (fitted estimator, metadata).
+def load_head(model_path: str | Path, trust: bool = False) -> tuple[BaseEstimator, dict]:
+    """Load a head written by fit-head or recipe: (fitted scikit-learn estimator, metadata).
+
+    The estimator predicts on rows of the features it was fitted on (`tlfeat.load(cache).features`, the
+    caches' columns side by side for a fused head); `estimator.classes_` index `metadata["classes"]`.
 
     Nothing in the file runs unless `trust`: a type outside skops' defaults and
     `TLFEAT_TYPES` is refused by name, and a tlfeat 0.1 pickle is refused whole.
