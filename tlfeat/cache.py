@@ -192,7 +192,7 @@ def key_from_attrs(attrs: dict) -> CacheKey:
 
 
 def load(path: str | Path, split: str | None = None) -> CacheData:
-    """Read a cache into memory, all rows or one split ("train", "val", "test").
+    """Read the cache file at `path` into memory, all rows or one split ("train", "val", "test").
 
     Needs only h5py and numpy. Features come back as float32 whatever the stored dtype.
     """

@@ -155,6 +155,13 @@ def audit(
 ) -> AuditResult:
     """Audit a cache: duplicate pairs (test leaks first), likely label errors, confusions; files in `out`.
 
+    out: the report folder, default ``<cache folder>/audit/<cache stem>/``. dup_threshold: the cosine
+    similarity above which two images are a pair (default: chosen from the data, said in the summary).
+    index: "exact", "faiss" or "auto" (as `similar`'s). folds, seed: the stratified folds of the
+    out-of-fold logistic regression behind the label review, and their seed. max_train_rows: rows each
+    fold's head trains on at most (a random pool above it). sheets: draw contact sheets of the pairs and
+    flagged images (needs the dataset folder).
+
     Returns everything as data (pairs, out-of-fold probabilities, tables), plus the summary markdown.
     """
     cache = Path(cache)

@@ -171,7 +171,8 @@ def embedding_map(
 ) -> MapResult:
     """Map a cache in 2-D; write ``map-<method>.png`` and ``map-<method>.csv`` to `out`.
 
-    Default out: ``<cache folder>/map/<cache stem>/``. With `head` (a fit-head model
+    method: "tsne", "umap" or "pca". seed: of the projection and of the sample. max_points: above it, a
+    random sample of that many rows is drawn (said in `notes`). Default out: ``<cache folder>/map/<cache stem>/``. With `head` (a fit-head model
     fitted on this cache's features), the test images it gets wrong are marked;
     `trust` loads a head holding types tlfeat does not trust (`tlfeat.heads.store.load_head`).
     """

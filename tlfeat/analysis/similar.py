@@ -123,8 +123,10 @@ def similar(
 ) -> SimilarResult:
     """The `top` most similar cached images for each query (see the module docstring for what a query is).
 
-    index: "exact", "faiss" (approximate; the index is built once and saved as ``<cache>.faiss``)
-    or "auto" (exact up to EXACT_MAX_ROWS rows). Writes similar.csv (every query) and similar.png (a
+    queries: paths stored in the cache, image files or folders of them (embedded with the cache's
+    backbone and settings). index: "exact", "faiss" (approximate; the index is built once and saved as
+    ``<cache>.faiss``) or "auto" (exact up to EXACT_MAX_ROWS rows); nprobe: the faiss cells searched.
+    batch_size, progress: of embedding queries that are not in the cache. Writes similar.csv (every query) and similar.png (a
     contact sheet) to `out`, by default ``<cache folder>/similar/<cache stem>/``; `files` lists them.
     """
     cache = Path(cache)

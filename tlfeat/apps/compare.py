@@ -222,8 +222,12 @@ def plot_bars(rows: Sequence[Row], path: Path) -> None:
     save_png(fig, path)
 
 
-def compare(inputs: str | Path | Sequence[str | Path], csv: Path | None = None, png: Path | None = None) -> CompareResult:
-    """Build the comparison table (grouped by dataset, ranked by val accuracy within each) and the optional CSV and PNG."""
+def compare(inputs: str | Path | Sequence[str | Path], csv: str | Path | None = None, png: str | Path | None = None) -> CompareResult:
+    """Build the comparison table (grouped by dataset, ranked by val accuracy within each) and the optional CSV and PNG.
+
+    inputs: fit-head head files (.skops), fine-tune runs (folder, model.keras or summary.json), or folders
+    searched recursively for both. csv, png: files to write the table and a bar chart to. No model is loaded.
+    """
     for path, parameter in ((csv, "csv"), (png, "png")):
         if path is not None:
             check_output_path(Path(path), parameter=parameter)

@@ -68,7 +68,7 @@ def _check_caches_fit_model(model: Path, meta: dict, caches: Sequence[Path], fea
 
 
 def evaluate_on_caches(
-    model: Path, caches: str | Path | Sequence[str | Path], split: str | None = None, trust: bool = False
+    model: str | Path, caches: str | Path | Sequence[str | Path], split: str | None = None, trust: bool = False
 ) -> Evaluation:
     """Score a fit-head model on labelled caches: accuracy, macro-F1, per-class scores, confusion matrix per split.
 

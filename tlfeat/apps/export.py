@@ -193,7 +193,8 @@ def export(
     """Write the rows of `cache` to the folder `out` as Parquet files or .npy + CSV (see the module doc).
 
     `chunk_rows` (default: about 4 MiB of features) bounds memory; `rows_per_file` (Parquet only,
-    default: about 256 MiB of features) bounds each file. `out` defaults to ``<cache without .h5>-<format>/``.
+    default: about 256 MiB of features) bounds each file. `out` defaults to ``<cache without .h5>-<format>/``;
+    a folder holding an earlier export is replaced only with `overwrite`.
     """
     started = time.perf_counter()
     if format not in FORMATS:

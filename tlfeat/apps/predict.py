@@ -147,11 +147,13 @@ def _is_finetune_run(model: Path) -> bool:
 
 
 def predict_images(
-    model: Path, inputs: str | Path | Sequence[str | Path], top: int = 1, batch_size: int | None = None, progress: bool = True,
+    model: str | Path, inputs: str | Path | Sequence[str | Path], top: int = 1, batch_size: int | None = None, progress: bool = True,
     trust: bool = False,
 ) -> PredictResult:
     """Classify the images under `inputs` with a fit-head head file or a fine-tune run (folder or model.keras).
 
+    inputs: image files or folders of them. top: the classes kept per image, most probable first.
+    batch_size, progress: of embedding the images (default batch: 256 on a GPU, 32 on a CPU).
     Files that cannot be decoded are listed in `skipped`; an input path that does not exist is an error.
     `trust` loads a head holding types tlfeat does not trust (`tlfeat.heads.store.load_head`).
     """

@@ -198,10 +198,10 @@ def member_cache(data: Path, cache_dir: Path | None, member: Member) -> Path:
 
 
 def run_recipe(
-    data: Path,
+    data: str | Path,
     recipe: str = DEFAULT_RECIPE,
-    cache_dir: Path | None = None,
-    out: Path | None = None,
+    cache_dir: str | Path | None = None,
+    out: str | Path | None = None,
     seed: int = 0,
     ratios: tuple[float, float, float] = DEFAULT_RATIOS,
     progress: bool = True,
@@ -210,6 +210,10 @@ def run_recipe(
 ) -> RecipeResult:
     """Extract the recipe's members (reusing caches), fuse, fit logistic regression, save the head, report.
 
+    data: the dataset folder, as `extract` takes it; seed, ratios: its split, as `extract`'s. recipe: "best"
+    or "fast" (`tlfeat.apps.recipe.RECIPES`). cache_dir: where the member caches live (default: where
+    `extract` puts them, ``cache/``). out: the head folder, default
+    ``<cache dir>/heads/<dataset>-recipe-<name>/``. progress: a bar per member's extraction.
     `on_member` is called after each member's extraction, so a caller can report progress. `overwrite`: as
     `extract`'s, for the member caches.
     """

@@ -18,7 +18,7 @@ import time
 from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from tlfeat.backbones import Backbone, get_backbone, resolve_image_size, weights_identity
 from tlfeat.backbones.preprocessing import NO_TTA
@@ -35,11 +35,9 @@ from tlfeat.extraction.ledger import (
 )
 from tlfeat.extraction.shards import NON_FINITE_REASON, ShardStore, without_non_finite
 from tlfeat.fileio import OutputLock, check_output_path, check_outside_dataset, remove_stale_temporaries
+from tlfeat.extraction.ray_engine import RayEngine, RayOptions  # Ray itself is imported only by a run on it
 from tlfeat.progress import progress_bar
 from tlfeat.runtime import check_batch_size, check_tta
-
-if TYPE_CHECKING:
-    from tlfeat.extraction.ray_engine import RayOptions
 
 DTYPES = ("float32", "float16")
 
@@ -235,15 +233,13 @@ def make_engine(
         if workers is not None:
             raise TlfeatError("`workers` sets the local engine's decoding processes; Ray's actors are "
                               "RayOptions(workers=...)")
-        from tlfeat.extraction.ray_engine import RayEngine, RayOptions
-
         return RayEngine(backbone, weights, image_size, batch_size, ray_options or RayOptions(), tta)
     return LocalEngine(backbone, weights, image_size, batch_size, workers, tta)
 
 
 def extract(
-    data: Path,
-    out: Path | None = None,
+    data: str | Path,
+    out: str | Path | None = None,
     backbone: str = "efficientnet_lite0",
     weights: str = "imagenet",
     image_size: int | None = None,
@@ -277,6 +273,7 @@ def extract(
     engine: "local" runs in this process, decoding in `workers` processes (default: one per available
         core); "ray" runs on a Ray cluster (`ray_options`), importing Ray only then.
     tta: "flip" stores the mean of each image's features and its mirror's (twice the compute).
+    progress: a progress bar (lines in a log file), on stderr.
 
     Ctrl-C raises `tlfeat.Interrupted`: finished batches are kept, and the same call resumes.
     """

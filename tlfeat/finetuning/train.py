@@ -105,7 +105,7 @@ class FinetuneSummary:
 
 
 def finetune(
-    data: Path,
+    data: str | Path,
     backbone: str = DEFAULT_BACKBONE,
     weights: str = "imagenet",
     epochs1: int = 20,
@@ -120,7 +120,7 @@ def finetune(
     seed: int = 0,
     ratios: tuple[float, float, float] = DEFAULT_RATIOS,
     patience: int = 10,
-    out: Path | None = None,
+    out: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
     log: Log = print,
@@ -135,6 +135,7 @@ def finetune(
     checkpoint becomes the run's model.keras. `augment` adds seeded training-only random crops and
     horizontal flips. data, seed, ratios: the dataset and split, exactly as `extract` scans and splits them.
     weights: "imagenet", "none" or a Keras weights file. image_size: default the backbone's own.
+    batch_size: images per training step. progress: a bar per epoch.
     out: the run folder, default ``runs/<dataset>-<backbone>-top<K>-<timestamp>/``; `resume` continues an
     interrupted run there (default: the newest matching run in runs/) and gives the result an
     uninterrupted run would. `log` receives the per-epoch lines.

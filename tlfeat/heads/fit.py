@@ -284,7 +284,7 @@ def fit_heads(
     caches: str | Path | Sequence[str | Path],
     head: str | Sequence[str] = "logreg",  # as `tlfeat fit-head`; "all" fits every head and ranks them; or a list
     search: bool = False,
-    out: Path | None = None,
+    out: str | Path | None = None,
     seed: int = 0,
     on_result: Callable[[HeadResult], None] | None = None,
     on_skip: Callable[[str, str], None] | None = None,
@@ -298,6 +298,11 @@ def fit_heads(
     calibration on 2 images a class) is skipped with its reason and the others go on;
     if none can, that is an error. `on_result` / `on_skip` are called after each head,
     so a caller can report progress.
+
+    caches: one cache, or several of the same images (their features are fused side by side). search:
+    also try each head's hyperparameter grid on val. out: the head folder, default
+    ``<cache folder>/heads/<cache stem>[+<stem>...]/`` (a folder of heads fitted on other data is refused). seed:
+    of every head that draws random numbers.
 
     `streaming`, for a cache larger than memory: logreg or linear-svm by SGD, reading `chunk_rows`
     rows at a time, `passes` times over the train rows (one cache, no `search`;
