@@ -65,6 +65,23 @@ def test_the_import_filter_keeps_every_other_line_and_the_error(tmp_path: Path) 
     assert "oneDNN" not in result.stderr and "absl::InitializeLog" not in result.stderr
 
 
+def test_an_import_that_kills_the_process_still_says_why(tmp_path: Path) -> None:
+    # Before: the captured text was replayed after the import; an abort (a CPU without AVX) lost it all.
+    fake = tmp_path / "site" / "tensorflow"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "import os\n"
+        "os.write(2, b'I0000 00:00:1795718969.082513   16904 port.cc:153] oneDNN custom operations are on.\\n')\n"
+        "os.write(2, b'F0000 00:00:1.2 1 cpu_feature_guard.cc:39] compiled to use AVX, not available\\n')\n"
+        "os.abort()\n"
+    )
+    env = {**_env_without_log_level(), "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{REPO}"}
+    result = subprocess.run([sys.executable, "-c", "import tlfeat, tensorflow"], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert result.returncode != 0
+    assert "compiled to use AVX, not available" in result.stderr and "oneDNN" not in result.stderr
+
+
 def test_only_the_start_up_notes_are_dropped() -> None:
     text = (
         "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"

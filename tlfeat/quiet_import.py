@@ -9,8 +9,9 @@ cannot hide them, tensorflow/tensorflow#100442), twice because two of its shared
     To enable the following instructions: AVX2 AVX512F FMA, in other operations, rebuild TensorFlow ...
 
 `install()` (run by `import tlfeat`) makes the first import of tensorflow, whoever triggers it (Keras,
-tlfeat or the user's own code), run with file descriptor 2 pointed at a temporary file. Afterwards the
-captured text goes to the real stderr without those notes: warnings, errors and tracebacks stay visible.
+tlfeat or the user's own code), run with file descriptor 2 pointed at a filter process, which passes the
+text on to the real stderr without those notes: warnings, errors and tracebacks stay visible, even when
+the import kills the process.
 Nothing is switched off: oneDNN stays on, so results and speed are TensorFlow's defaults. Setting
 TF_CPP_MIN_LOG_LEVEL=0 shows the notes again.
 """
@@ -22,8 +23,8 @@ import importlib.abc
 import importlib.util
 import os
 import re
+import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from importlib.machinery import ModuleSpec
 from types import ModuleType
@@ -45,27 +46,41 @@ def without_notes(text: str) -> str:
     return "".join(line for line in text.splitlines(keepends=True) if not NOTES.match(line.rstrip("\r\n")))
 
 
+# The filter runs in a child process: if the import kills this one (TensorFlow aborts on a CPU without the
+# instructions it was built for, a CUDA library crashes), the child still gets what was written so far,
+# its last words included, and prints it. A temporary file replayed afterwards lost them with the process.
+_FILTER = (
+    "import sys; sys.path.insert(0, sys.argv[1]); from tlfeat.quiet_import import without_notes; "
+    "sys.stdout.write(without_notes(sys.stdin.buffer.read().decode(errors='replace'))); sys.stdout.flush()"
+)
+
+
 @contextlib.contextmanager
 def native_notes_filtered() -> Iterator[None]:
-    """Send what anything in this process writes to fd 2 to a temporary file, then replay it minus the notes."""
+    """Send what anything in this process writes to fd 2 through a filter process that drops the notes."""
     sys.stderr.flush()
     try:
         saved = os.dup(2)
     except OSError:  # no stderr at all (a GUI launcher): nothing to keep clean
         yield
         return
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()  # Python-level writes made meanwhile are in the file too
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            kept = without_notes(captured.read().decode(errors="replace")).encode()
-            while kept:
-                kept = kept[os.write(2, kept):]
+    try:
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        notes_filter = subprocess.Popen([sys.executable, "-S", "-c", _FILTER, package_root],
+                                        stdin=subprocess.PIPE, stdout=saved, stderr=saved)
+    except OSError:  # no new process allowed: the notes show, nothing else changes
+        os.close(saved)
+        yield
+        return
+    os.dup2(notes_filter.stdin.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()  # Python-level writes made meanwhile go through the filter too
+        os.dup2(saved, 2)
+        os.close(saved)
+        notes_filter.stdin.close()
+        notes_filter.wait()  # its lines are out before anything printed after the import
 
 
 class _QuietLoader(importlib.abc.Loader):
