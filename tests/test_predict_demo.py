@@ -176,6 +176,13 @@ def test_evaluate_refuses_caches_the_head_was_not_fitted_on(trained: dict, tmp_p
     assert_one_line_error(
         runner.invoke(app, ["evaluate", str(trained["fused"]), small]), "fitted on 2 cache(s)", "not 1"
     )
+    assert_one_line_error(  # before: "extract with the same settings", when the caches were only swapped
+        runner.invoke(app, ["evaluate", str(trained["fused"]), larger, small]),
+        "in the order it was fitted on them (small-32.h5, small-40.h5)",
+    )
+    assert_one_line_error(  # a folder of heads is not a fine-tune run: the message names a head file in it
+        runner.invoke(app, ["predict", str(Path(trained["fused"]).parent), small]), "a folder of heads", "logreg.skops"
+    )
     four = make_dataset(tmp_path / "four", n_classes=4, per_class=8)
     other_classes = extract(four, out=tmp_path / "four.h5", weights="none", image_size=32, progress=False).out
     assert_one_line_error(

@@ -46,14 +46,23 @@ def _check_caches_fit_model(model: Path, meta: dict, caches: Sequence[Path], fea
             f"{model}: fitted on {len(sources)} cache(s) ({fitted}); give as many caches, in that order, "
             f"not {len(caches)}"
         )
+    def differing(given: dict, source: dict) -> str | None:
+        """The first feature setting in which a cache differs from a cache the head was fitted on."""
+        return next((name for name in FEATURE_KEY if given.get(name) != source.get(name, FEATURE_DEFAULTS.get(name))),
+                    None)
+
     for path, source, given in zip(caches, sources, features.sources):
-        for name in FEATURE_KEY:
+        name = differing(given, source)
+        if name is not None:
             fitted = source.get(name, FEATURE_DEFAULTS.get(name))
-            if given.get(name) != fitted:
-                raise TlfeatError(
-                    f"{path}: {name} {given.get(name)!r}, but {model.name} was fitted on {name} "
-                    f"{fitted!r} ({source['file']}); extract with the same settings"
-                )
+            if len(caches) > 1 and all(any(differing(g, s) is None for g in features.sources) for s in sources):
+                order = ", ".join(s["file"] for s in sources)
+                raise TlfeatError(f"{model}: give its caches in the order it was fitted on them ({order}); "
+                                  f"{path} has {name} {given.get(name)!r} where {source['file']} had {fitted!r}")
+            raise TlfeatError(
+                f"{path}: {name} {given.get(name)!r}, but {model.name} was fitted on {name} "
+                f"{fitted!r} ({source['file']}); extract with the same settings"
+            )
     mine, theirs = features.data.class_names, list(meta["classes"])
     if mine != theirs:
         extra = [c for c in mine if c not in theirs]

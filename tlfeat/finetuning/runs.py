@@ -15,6 +15,7 @@ import numpy as np
 from tlfeat.backbones import get_backbone
 from tlfeat.errors import TlfeatError
 from tlfeat.fileio import check_format, describe_exception, read_json_object
+from tlfeat.heads.store import HEAD_SUFFIX
 
 RUN_FORMAT = "tlfeat-finetune"
 RUN_FORMAT_VERSION = 1
@@ -40,6 +41,10 @@ def read_run_summary(path: Path) -> dict:
     """summary.json of a finished fine-tune run, checked to be one."""
     _, summary_path = _run_files(path)
     if not summary_path.is_file():
+        heads = sorted(Path(path).glob(f"*{HEAD_SUFFIX}")) if Path(path).is_dir() else []
+        if heads:  # a fit-head folder: the model is one of its files
+            raise TlfeatError(f"{path}: a folder of heads, not a fine-tune run; give one of its head files, "
+                              f"e.g. {heads[0]}")
         raise TlfeatError(f"{path}: no {SUMMARY_NAME}; not a finished fine-tune run")
     summary = read_json_object(summary_path)
     check_format(summary_path, summary, RUN_FORMAT, RUN_FORMAT_VERSION, "a tlfeat fine-tune summary", "rerun it")
