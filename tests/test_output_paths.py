@@ -73,6 +73,26 @@ def test_an_output_that_cannot_be_written_is_one_line_before_the_work(
     assert "table" not in result.stdout and "| test |" not in result.stdout  # refused before the work
 
 
+@pytest.mark.parametrize("option", ["compare --png", "compare --csv", "evaluate --json", "predict --csv"])
+def test_a_file_option_never_replaces_a_file_of_another_kind(option: str, fitted: tuple[Path, Path],
+                                                              tmp_path: Path) -> None:
+    # Before: `--png cache.h5` or `--csv photo.jpg` overwrote the cache or the photo, and said "wrote".
+    cache, head = fitted
+    victim = tmp_path / "photo.jpg"
+    victim.write_bytes(b"\xff\xd8 a photo")
+    command, flag = option.split()
+    args = {"compare": ["compare", head.parent], "evaluate": ["evaluate", head, cache],
+            "predict": ["predict", head, victim]}[command]
+    result = runner.invoke(app, [str(a) for a in args] + [flag, str(victim)])
+    assert_one_line_error(result, str(victim), f"exists and is not a .{flag[2:]} file", "give a new name")
+    assert victim.read_bytes() == b"\xff\xd8 a photo"
+    same_kind = tmp_path / f"old.{flag[2:]}"  # a file of its own kind is replaced, as a rerun does
+    same_kind.write_text("old")
+    if command != "predict":  # (the "photo" here is no image to predict on)
+        result = runner.invoke(app, [str(a) for a in args] + [flag, str(same_kind)])
+        assert result.exit_code == 0 and same_kind.read_bytes() != b"old", result.output
+
+
 def test_a_write_that_fails_after_the_checks_is_one_line(
     fitted: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

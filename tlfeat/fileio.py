@@ -47,11 +47,13 @@ def temporary_name(path: Path, pid: int | str | None = None) -> str:
 _LONGEST_PID = 9_999_999
 
 
-def check_output_path(out: Path, folder: bool = False, parameter: str = "out") -> None:
+def check_output_path(out: Path, folder: bool = False, parameter: str = "out", suffix: str | None = None) -> None:
     """Refuse, before any work, an output file (or with `folder`, an output folder) that cannot be
     written: under a file, the wrong kind of thing already there, in a folder this process may not write
     (read-only or not permitted), a file name the file system cannot hold (the temporary name is the
-    longest), or a folder squatting on its lock name. `parameter`: the one that named `out`."""
+    longest), or a folder squatting on its lock name. `parameter`: the one that named `out`. `suffix`
+    (".csv", ".png", ...): an existing file is replaced only if it has that suffix, so a slip of the
+    command line (`--csv photo.jpg`) never overwrites an image, a cache or anything else."""
     out = Path(out)
     existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))
     if existing == out:
@@ -59,6 +61,9 @@ def check_output_path(out: Path, folder: bool = False, parameter: str = "out") -
             raise TlfeatError(f"{out}: is a file; `{parameter}` needs a folder")
         if not folder and out.is_dir():
             raise TlfeatError(f"{out}: is a folder; `{parameter}` needs a file path such as {out / 'output'}")
+        if suffix is not None and not folder and out.suffix.lower() != suffix:
+            raise TlfeatError(f"{out}: exists and is not a {suffix} file; `{parameter}` replaces only a {suffix} "
+                              "file: give a new name")
         existing = out if folder else out.parent
     elif not existing.is_dir():
         raise TlfeatError(f"{out}: {existing} is a file, not a folder")

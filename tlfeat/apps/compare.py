@@ -230,7 +230,7 @@ def compare(inputs: str | Path | Sequence[str | Path], csv: str | Path | None = 
     """
     for path, parameter in ((csv, "csv"), (png, "png")):
         if path is not None:
-            check_output_path(Path(path), parameter=parameter)
+            check_output_path(Path(path), parameter=parameter, suffix=f".{parameter}")
     inputs = path_list(inputs, "inputs", "fit-head models, fine-tune runs or folders of them")
     results = find_results(inputs)
     if not results:

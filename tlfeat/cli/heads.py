@@ -96,7 +96,7 @@ def predict(
     from tlfeat.apps.predict import predict_images, write_predictions_csv
 
     if csv is not None:
-        check_output_path(csv, parameter="csv")  # before the images are embedded
+        check_output_path(csv, parameter="csv", suffix=".csv")  # before the images are embedded
     result = predict_images(model, images, top=top, batch_size=batch_size, progress=not quiet, trust=trust)
     for p in result.predictions:
         typer.echo(f"{p.path}\t" + "\t".join(f"{name} {prob:.3f}" for name, prob in p.top))
@@ -129,7 +129,7 @@ def evaluate(
     from tlfeat.reports import markdown_table, write_json
 
     if json_out is not None:
-        check_output_path(json_out, parameter="json")
+        check_output_path(json_out, parameter="json", suffix=".json")
     result = evaluate_on_caches(model, caches, split=split, trust=trust)
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)
