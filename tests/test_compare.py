@@ -149,3 +149,13 @@ def test_a_head_without_a_val_score_is_left_unranked_and_said(tmp_path: Path) ->
     assert rows["noval/logreg"][1] == "-" and rows["ranked/knn"][1] == "1"
     assert "note: noval/logreg: not ranked, no val score (fitted on val too)" in result.output
     assert rows["ranked/knn"][3] == "efficientnet_lite0@32"  # the image size: other sizes are other features
+
+
+def test_datasets_of_the_same_folder_name_read_as_two(tmp_path: Path) -> None:
+    # Before: /data/a/scenes and /data/b/scenes were both "scenes (seed 0, ...)": their rows interleaved.
+    for where in ("a", "b"):
+        cache = write_synthetic_cache(tmp_path / f"{where}.h5", dataset_root=f"/data/{where}/scenes")
+        fit_heads([cache], head="logreg", out=tmp_path / "heads" / where)
+    result = compare_module.compare(tmp_path / "heads")
+    assert sorted(row.dataset[1] for row in result.rows) == ["/data/a/scenes (seed 0, split ?)",
+                                                             "/data/b/scenes (seed 0, split ?)"]

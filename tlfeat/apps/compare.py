@@ -222,6 +222,19 @@ def plot_bars(rows: Sequence[Row], path: Path) -> None:
     save_png(fig, path)
 
 
+def _distinct_labels(rows: list[Row]) -> list[Row]:
+    """Rows whose datasets share a folder name but not a folder get the whole folder path in their label:
+    two datasets must never read as one."""
+    roots: dict[str, set] = {}
+    for row in rows:
+        roots.setdefault(row.dataset[1], set()).add(row.dataset[0])
+    for row in rows:
+        if len(roots[row.dataset[1]]) > 1:
+            root, seed, shares = row.dataset[0]
+            row.dataset = (row.dataset[0], f"{root} (seed {seed}, split {shares})")
+    return rows
+
+
 def compare(inputs: str | Path | Sequence[str | Path], csv: str | Path | None = None, png: str | Path | None = None) -> CompareResult:
     """Build the comparison table (grouped by dataset, ranked by val accuracy within each) and the optional CSV and PNG.
 
@@ -236,7 +249,7 @@ def compare(inputs: str | Path | Sequence[str | Path], csv: str | Path | None = 
     if not results:
         where = ", ".join(str(p) for p in inputs)
         raise TlfeatError(f"{where}: no fit-head models or fine-tune runs found")
-    rows = [head_row(path) if kind == "head" else run_row(path) for kind, path in results]
+    rows = _distinct_labels([head_row(path) if kind == "head" else run_row(path) for kind, path in results])
     rows.sort(key=lambda r: (r.dataset[1], r.dataset[0], r.accuracy("val") is None, -(r.accuracy("val") or 0.0), r.name))
     cells, ranks, notes = [], {}, []
     for row in rows:
