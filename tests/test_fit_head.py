@@ -276,3 +276,34 @@ def test_streaming_options_without_streaming_are_refused(tmp_path: Path) -> None
                           "--chunk-rows 10 --passes 10: apply with --streaming only")
     with pytest.raises(TlfeatError, match="apply with `streaming` only"):
         fit_heads(cache, passes=3, out=tmp_path / "h")
+
+
+def test_ctrl_c_in_the_keras_head_stops_it_after_a_batch_and_keeps_the_heads_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: a KeyboardInterrupt raised wherever Python was: inside TensorFlow's graph tracing it became an
+    # AssertionError traceback, inside a JAX garbage-collection callback it was ignored and the run went on.
+    import os
+    import signal
+
+    from tlfeat.heads import keras_head
+
+    stopper = type(keras_head.stop_when_asked_callback())
+    batches: list[int] = []
+
+    class CtrlCAtTheSecondBatch(stopper):  # type: ignore[misc, valid-type]
+        def on_train_batch_end(self, batch: int, logs: object = None) -> None:
+            batches.append(batch)
+            if len(batches) == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+            super().on_train_batch_end(batch, logs)
+
+    monkeypatch.setattr(keras_head, "stop_when_asked_callback", CtrlCAtTheSecondBatch)
+    cache = write_synthetic_cache(tmp_path / "c.h5", n_per_class=60)
+    with pytest.raises(KeyboardInterrupt):
+        fit_heads([cache], head=["logreg", "report", "knn"], out=tmp_path / "heads")
+    assert len(batches) == 2  # stopped after the batch it was pressed in, not at the end of training
+    assert (tmp_path / "heads" / "logreg.skops").is_file() and not (tmp_path / "heads" / "report.skops").exists()
+    summary = (tmp_path / "heads" / "summary.md").read_text()
+    assert "report" in summary and "knn" in summary and "interrupted" in summary
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own handler is back

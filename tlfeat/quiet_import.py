@@ -66,8 +66,10 @@ def native_notes_filtered() -> Iterator[None]:
         return
     try:
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        # Its own session: a Ctrl-C at the terminal (sent to the whole foreground group) must not kill the
+        # filter, and with it everything written to stderr until the import ends.
         notes_filter = subprocess.Popen([sys.executable, "-S", "-c", _FILTER, package_root],
-                                        stdin=subprocess.PIPE, stdout=saved, stderr=saved)
+                                        stdin=subprocess.PIPE, stdout=saved, stderr=saved, start_new_session=True)
     except OSError:  # no new process allowed: the notes show, nothing else changes
         os.close(saved)
         yield

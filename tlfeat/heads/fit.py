@@ -33,6 +33,7 @@ from tlfeat.cache import CacheData, load
 from tlfeat.data.scan import SPLITS
 from tlfeat.errors import TlfeatError, integer, parameter_error
 from tlfeat.fileio import check_output_path, check_outside_dataset, path_list
+from tlfeat.interrupts import deferred_interrupts, raise_if_requested
 from tlfeat.heads.folder import (
     FitSummary, HeadResult, check_same_data, default_out, folder_key, head_metadata, locked_folder, save_fitted_head,
     source_record, write_summary,
@@ -327,12 +328,13 @@ def fit_heads(
     for source in features.sources:
         check_outside_dataset(out, source.get("dataset_root"))
     _check_trainable(features, search)
-    with locked_folder(out):
+    with locked_folder(out), deferred_interrupts():
         features.check_folder(out)
         results: list[HeadResult] = []
         skipped: list[tuple[str, str]] = []
         for position, name in enumerate(names):
             try:
+                raise_if_requested()  # Ctrl-C during the last head: that head was kept, this one is not begun
                 result = _fit_head(name, features, search, seed, out)
             except TlfeatError as exc:
                 if len(names) == 1:

@@ -15,6 +15,8 @@ from sklearn.model_selection import train_test_split
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from tlfeat.interrupts import raise_if_requested, stop_requested
+
 HIDDEN_UNITS = 128
 DROPOUT = 0.3
 
@@ -36,6 +38,19 @@ def study_head(features: Any, n_classes: int, hidden_units: int = HIDDEN_UNITS, 
     hidden = keras.layers.Dropout(dropout, name=layer_name("dropout"))(hidden)
     return keras.layers.Dense(n_classes, activation="softmax", dtype="float32",
                               name="predictions" if name else None)(hidden)
+
+
+def stop_when_asked_callback() -> Any:
+    """A Keras callback that ends training after the batch during which Ctrl-C asked to stop
+    (`tlfeat.interrupts`); the head's fit then raises KeyboardInterrupt."""
+    import keras
+
+    class StopWhenAsked(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            if stop_requested():
+                self.model.stop_training = True
+
+    return StopWhenAsked()
 
 
 class KerasReportHead(ClassifierMixin, BaseEstimator):
@@ -94,7 +109,7 @@ class KerasReportHead(ClassifierMixin, BaseEstimator):
             loss="categorical_crossentropy",
             metrics=["accuracy"],
         )
-        callbacks, validation = [], None
+        callbacks, validation = [stop_when_asked_callback()], None
         if X_val is not None:
             validation = (X_val, self._one_hot(y_val))
             callbacks.append(
@@ -106,6 +121,7 @@ class KerasReportHead(ClassifierMixin, BaseEstimator):
             X_fit, self._one_hot(y_fit), batch_size=self.batch_size, epochs=self.epochs,
             validation_data=validation, callbacks=callbacks, shuffle=True, verbose=self.verbose,
         )
+        raise_if_requested()  # a head stopped short by Ctrl-C is no fitted head
         self.history_ = {k: [float(v) for v in values] for k, values in history.history.items()}
         self.epochs_run_ = len(history.epoch)
         # EarlyStopping keeps the first epoch with the lowest val_loss; argmin agrees.
