@@ -103,6 +103,23 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path, monkeypat
         decode_image(path, 32)
 
 
+def test_a_large_jpeg_is_limited_by_the_pixels_it_decodes_to(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: a 108-megapixel phone photo (over Pillow's warning limit) was refused by its header size, with
+    # Pillow's two-line warning on stderr, although it decodes at 1/8 scale; the same limits, scaled down:
+    import warnings
+
+    import tlfeat.data.decode
+
+    monkeypatch.setattr(tlfeat.data.decode, "MAX_PIXELS", 200 * 200)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200 * 200)  # Pillow warns above it (raises above twice it)
+    photo = _save(Image.new("RGB", (256, 256), (200, 30, 30)), tmp_path / "photo.jpg")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning escapes
+        assert decode_image(photo, 32)[0, 0, 0] > 150  # decoded at 1/8: 32 x 32
+    with pytest.raises(DecodeError, match="image too large"):  # a PNG is decoded whole: refused as before
+        decode_image(_save(Image.new("RGB", (256, 256)), tmp_path / "big.png"), 32)
+
+
 def _full_scale(path: Path, size: int) -> np.ndarray:
     """The decoding of tlfeat before JPEG DCT scaling: full-size decode, then the same resize."""
     with Image.open(path) as img:

@@ -15,13 +15,14 @@ measures what that changes in pixels and features.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-# Refuse images whose header promises more pixels than this before decoding
-# them: a 40000 x 40000 PNG would need 4.8 GB as RGB.
+# Refuse images that would decode to more pixels than this (a JPEG's at its reduced scale), before
+# decoding them: a 40000 x 40000 PNG would need 4.8 GB as RGB.
 MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
 
 # Truncated files must fail loudly, not decode as half-grey images.
@@ -68,12 +69,18 @@ def decode_into(path: str | Path, out: np.ndarray) -> None:
         with open(path, "rb") as file:
             if os.fstat(file.fileno()).st_size == 0:
                 raise DecodeError("empty file (0 bytes)")
-            with Image.open(file) as img:
+            with warnings.catch_warnings():
+                # Pillow warns at open of any image whose header exceeds its limit, but a large JPEG is decoded
+                # at up to 1/8 scale: the limit applies below, to the pixels actually decoded (a 108-megapixel
+                # phone photo decodes as 1.7 megapixels for 224 px).
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(file)
+            with img:
                 width, height = img.size
-                if width * height > MAX_PIXELS:
-                    raise DecodeError(f"image too large ({width}x{height} pixels, limit {MAX_PIXELS})")
                 if img.format == "JPEG":  # libjpeg scales by 1/2..1/8 only while both sides stay >= size
                     img.draft(None, (size, size))
+                if img.size[0] * img.size[1] > MAX_PIXELS:
+                    raise DecodeError(f"image too large ({width}x{height} pixels, limit {MAX_PIXELS})")
                 img.load()  # first frame only for animations
                 ImageOps.exif_transpose(img, in_place=True)
                 pixels = np.asarray(to_8bit(img).resize((size, size), Image.BILINEAR))
