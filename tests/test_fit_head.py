@@ -273,8 +273,8 @@ def test_streaming_options_without_streaming_are_refused(tmp_path: Path) -> None
     # Before: --chunk-rows and --passes without --streaming were ignored without a word.
     cache = write_synthetic_cache(tmp_path / "c.h5", n_per_class=10, dim=8)
     assert_one_line_error(fit_head_cli(cache, "--chunk-rows", "10", "--out", tmp_path / "h"),
-                          "--chunk-rows 10 --passes 10: apply with --streaming only")
-    with pytest.raises(TlfeatError, match="apply with `streaming` only"):
+                          "error: --chunk-rows 10: applies with --streaming only")  # before: named --passes too
+    with pytest.raises(TlfeatError, match="^`passes=3`: applies with `streaming` only$"):
         fit_heads(cache, passes=3, out=tmp_path / "h")
 
 

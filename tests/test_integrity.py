@@ -102,6 +102,7 @@ def test_damaged_structure_is_a_one_line_error_naming_the_file(
             read(out)
         assert str(info.value).startswith(f"{out}: ") and message in str(info.value), str(info.value)
         assert "\n" not in str(info.value)
+    assert "overwrite" in str(info.value)  # extract says how to replace it (before: not always)
 
 
 def _nan_in_first_row(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -114,7 +115,9 @@ def save_png(fig: Any, path: Path, dpi: int = 100) -> None:
 
     FigureCanvasAgg(fig)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
+    with warnings.catch_warnings():  # a class or file name in a script the font lacks (an emoji): drawn as a box
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font")
+        fig.savefig(buffer, format="png", dpi=dpi)
     atomic_write_bytes(path, buffer.getvalue())
 
 

@@ -174,7 +174,7 @@ def find_duplicates(
     threshold = checked_threshold(threshold)
     found, search = _neighbours(features, Path(cache), min(neighbours, len(data) - 1), index, nprobe)
     nearest = found.similarities[:, 0]
-    rule = "given (`dup_threshold`)"
+    rule = "given"
     if threshold is None:
         threshold, rule = choose_threshold(nearest)
     margin = 0.0 if search == "exact" else RESCORE_MARGIN

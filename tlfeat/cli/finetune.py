@@ -59,9 +59,11 @@ def finetune(
     epochs = ", ".join(f"stage {k} {v['epochs_run']}/{v['epochs_planned']} epochs" for k, v in summary["stages"].items())
     typer.echo(f"{summary['backbone']} {summary['method']}: {scores}")
     typer.echo(f"{epochs}; {summary['seconds']:.1f} s of training; {len(result.skipped)} unreadable images skipped")
-    typer.echo(
-        f"wrote {result.out}/: model.keras, summary.json, metrics.json, history.csv/.json, training.png, confusion.png"
-    )
+    if not result.already_finished:  # nothing was written then
+        typer.echo(
+            f"wrote {result.out}/: model.keras, summary.json, metrics.json, history.csv/.json, training.png, "
+            "confusion.png"
+        )
 
 
 @app.command()

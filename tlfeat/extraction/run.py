@@ -154,8 +154,10 @@ def _record_earlier_work(
                         "[this run vs file]); pass `overwrite` to replace it or `out` for a new file"
                     )
         except TlfeatError as exc:  # with `overwrite`, only an unreadable or damaged cache gets here
-            if not overwrite:
+            if not overwrite and "overwrite" in str(exc):  # a refusal that says how to go on
                 raise
+            if not overwrite:  # an unreadable or damaged file: say what replaces it
+                raise TlfeatError(f"{exc}; pass `overwrite` to compute it again") from None
             notes.append(f"could not reuse {exc}: its images are computed again")
             ledger.where[:] = NOWHERE
             ledger.reasons.clear()

@@ -313,7 +313,9 @@ def fit_heads(
     seed = integer("seed", seed, 0)
     chunk_rows, passes = integer("chunk_rows", chunk_rows, 1), integer("passes", passes, 1)
     if not streaming and (chunk_rows, passes) != (DEFAULT_CHUNK_ROWS, DEFAULT_PASSES):
-        raise TlfeatError(f"`chunk_rows={chunk_rows}` `passes={passes}`: apply with `streaming` only")
+        given = [f"`{name}={value}`" for name, value, default in (
+            ("chunk_rows", chunk_rows, DEFAULT_CHUNK_ROWS), ("passes", passes, DEFAULT_PASSES)) if value != default]
+        raise TlfeatError(f"{' '.join(given)}: applies with `streaming` only")
     if streaming:
         if len(caches) != 1 or search:
             raise TlfeatError("`streaming` fits one cache, without `search`")
