@@ -114,6 +114,18 @@ def test_presplit_with_val_folder_keeps_it(tmp_path: Path) -> None:
     assert scan_dataset(tmp_path).split_counts() == {"train": 12, "val": 4, "test": 6}
 
 
+def test_an_empty_val_or_test_folder_is_refused(tmp_path: Path) -> None:
+    # Before: an empty val/ silently meant "no val split": --search failed later, the report head had no val.
+    _touch_files(tmp_path / "train", 2, 6)
+    (tmp_path / "val").mkdir()
+    with pytest.raises(TlfeatError, match=r"val: holds no class folders: .* without it, val is carved from train"):
+        scan_dataset(tmp_path)
+    (tmp_path / "val").rmdir()
+    (tmp_path / "test").mkdir()
+    with pytest.raises(TlfeatError, match=r"test: holds no class folders: add them, or remove the folder$"):
+        scan_dataset(tmp_path)
+
+
 def test_hidden_and_non_image_files_are_ignored_with_reasons(tmp_path: Path) -> None:
     _touch_files(tmp_path, 2, 3)
     (tmp_path / "c00" / ".DS_Store").write_bytes(b"x")

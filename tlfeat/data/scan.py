@@ -335,6 +335,10 @@ def _scan(root: Path, seed: int, ratios: tuple[float, float, float]) -> DatasetS
     if walk.empty:
         raise TlfeatError(f"{walk.empty[0]}: class folder holds no images")
     if layout == "pre-split":
+        for split, folders in walk.class_folders.items():
+            if not folders and split != "train":  # before: an empty val/ silently meant "no val split"
+                carved = "; without it, val is carved from train" if split == "val" else ""
+                raise TlfeatError(f"{root / split}: holds no class folders: add them, or remove the folder{carved}")
         missing = [c for c in class_names if c not in walk.class_folders["train"]]
         if missing:
             raise TlfeatError(f"{root / 'train'}: no training folder for class(es) {', '.join(missing)}")
