@@ -149,10 +149,16 @@ def test_stage_2_starts_from_the_best_stage_1_epoch(
 def test_run_writes_every_output_skips_unreadable_images_and_predicts(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "tiny")
     (data / "class_0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    split_of = {e.relpath: e.split for e in scan_dataset(data, seed=TRAINABLE_SEED).entries}
+    a_train, a_test = (next(p for p, s in split_of.items() if s == split and p.startswith("class_1/"))
+                       for split in ("train", "test"))
+    (data / a_test).write_bytes((data / a_train).read_bytes())  # a test image that is a copy of a training one
     out = tmp_path / "run"
     result = finetune_cli(*vgg16_args(data, out, "--epochs1", "2", "--epochs2", "2", "--unfreeze-top", "3"))
     assert result.exit_code == 0, result.output
     assert "skipped class_0/broken.png: " in result.output
+    copies = "test: 1 images left out of the score, copies (the same bytes) of images the run trained or chose"
+    assert f"note: {copies}" in result.output  # before: scored, as fit-head and evaluate never do
     assert "trainable params 66,051" in result.output
     assert f"trainable params {HEAD_PARAMS_VGG16 + 2359808:,}" in result.output  # + block5_conv3
 
@@ -174,8 +180,9 @@ def test_run_writes_every_output_skips_unreadable_images_and_predicts(tmp_path: 
     scan = scan_dataset(data, seed=TRAINABLE_SEED)  # the split extract makes
     readable = scan.split_counts()
     readable[next(e.split for e in scan.entries if e.relpath == "class_0/broken.png")] -= 1
-    assert {s: v["n"] for s, v in summary["scores"].items()} == readable
+    assert {s: v["n"] for s, v in summary["scores"].items()} == {**readable, "test": readable["test"] - 1}
     assert summary["split_counts"] == readable  # before: the unreadable file was counted in its split
+    assert summary["notes"][0].startswith(copies)
 
     with open(out / "history.csv", newline="") as handle:
         history = list(csv.DictReader(handle))

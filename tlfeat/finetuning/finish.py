@@ -10,6 +10,7 @@ which are still there; each step replaces its file atomically.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import time
 from pathlib import Path
@@ -43,7 +44,8 @@ def finish_run(run: Run, scan: DatasetScan, spec: Backbone, on_gpu: bool, jit_co
     run.log(
         f"best epoch: stage {best.stage} epoch {best.epoch} (val acc {best.val_accuracy:.3f}); scoring every split"
     )
-    metrics = {}
+    metrics, readable, notes = {}, {}, []
+    seen: set[bytes] = set()  # contents of the images trained on (train), then also selected on (val)
     for split in SPLITS:
         entries = [e for e in scan.entries if e.split == split]
         if not entries:
@@ -53,7 +55,18 @@ def finish_run(run: Run, scan: DatasetScan, spec: Backbone, on_gpu: bool, jit_co
         for path, reason in predicted.failures:
             run.note_failure(Path(path), reason)
         labels = np.array([scan.label_of(entries[i]) for i in predicted.ok], dtype=np.int64)
-        metrics[split] = split_metrics(labels, np.argmax(predicted.outputs, axis=1), scan.class_names)
+        contents = [_content_key(files[i]) for i in predicted.ok]
+        # A val or test image whose bytes are those of an image the run trained (or chose its epoch) on would
+        # score what the model memorised: left out, as fit-head and evaluate leave copies out.
+        unseen = np.array([split == "train" or key not in seen for key in contents], dtype=bool)
+        if not unseen.all():
+            roles = "trained on" if split == "val" else "trained or chose its best epoch on"
+            notes.append(f"{split}: {int((~unseen).sum())} images left out of the score, copies (the same bytes) "
+                         f"of images the run {roles}")
+            run.log(f"note: {notes[-1]}")
+        readable[split] = len(predicted.ok)
+        metrics[split] = split_metrics(labels[unseen], np.argmax(predicted.outputs, axis=1)[unseen], scan.class_names)
+        seen.update(key for key in contents if key is not None)
     write_json(run.out / "metrics.json", {"model": MODEL_NAME, "classes": scan.class_names, "splits": metrics})
     shown = "test" if "test" in metrics else list(metrics)[-1]
     plot_confusion(
@@ -66,7 +79,7 @@ def finish_run(run: Run, scan: DatasetScan, spec: Backbone, on_gpu: bool, jit_co
     with atomic_path(run.out / MODEL_NAME) as tmp:  # a copy: the checkpoint stays until the run is finished
         shutil.copyfile(best_file, tmp)
 
-    summary = run_summary(run, scan, metrics, on_gpu, jit_compile, keras.backend.backend())
+    summary = run_summary(run, scan, metrics, readable, notes, on_gpu, jit_compile, keras.backend.backend())
     write_json(run.out / SUMMARY_NAME, summary)
     run.state.finished = True
     run.state.last_checkpoint = None
@@ -75,7 +88,20 @@ def finish_run(run: Run, scan: DatasetScan, spec: Backbone, on_gpu: bool, jit_co
     return summary
 
 
-def run_summary(run: Run, scan: DatasetScan, metrics: dict, on_gpu: bool, jit_compile: Any, backend: str) -> dict:
+def _content_key(path: Path) -> bytes | None:
+    """A digest of the file's bytes (None if it cannot be read again: then it matches nothing)."""
+    digest = hashlib.blake2b(digest_size=16)
+    try:
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.digest()
+
+
+def run_summary(run: Run, scan: DatasetScan, metrics: dict, readable: dict[str, int], notes: list[str], on_gpu: bool,
+                jit_compile: Any, backend: str) -> dict:
     """What summary.json holds: the config, method, per-stage record, best epoch, scores and environment."""
     config, state = run.config, run.state
     kept = ("epochs_run", "stopped_early", "trainable_params", "non_trainable_params", "learning_rate", "seconds")
@@ -89,12 +115,13 @@ def run_summary(run: Run, scan: DatasetScan, metrics: dict, on_gpu: bool, jit_co
         **{k: v for k, v in vars(config).items() if k not in ("epochs1", "epochs2")},
         "method": config.method(),
         "dataset": scan.name,
-        "split_counts": {s: m["n"] for s, m in metrics.items()},  # readable images, as extract counts them
+        "split_counts": readable,  # readable images, as extract counts them
         "stages": stages,
         "trainable_params": max((s["trainable_params"] or 0) for s in stages.values()),
         "best_epoch": {k: v for k, v in vars(state.best).items() if k != "file"},
         "seconds": state.seconds,
         "scores": {s: {k: m[k] for k in ("n", "accuracy", "macro_f1")} for s, m in metrics.items()},
+        "notes": notes,  # images left out of a score
         "batchnorm": (
             "inference mode throughout: moving statistics stay the pretrained ones; "
             "gamma/beta of unfrozen BatchNorm layers train"
