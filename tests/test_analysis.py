@@ -157,6 +157,22 @@ def test_similar_returns_an_images_copy_first(planted: Planted, tmp_path: Path) 
     assert files[1].read_bytes()[:8] == PNG and len(read_csv(files[0])) == 9
 
 
+def test_a_stored_path_that_is_also_another_local_file_is_refused_as_ambiguous(
+    planted: Planted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: the local file was ignored without a word and the stored image's neighbours came back.
+    local = tmp_path / "train" / "class_3" / "img_000.png"
+    local.parent.mkdir(parents=True)
+    shutil.copy(planted.root / "train/class_1/img_005.png", local)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TlfeatError, match="both an image path stored in the cache and another file here; give ./"):
+        similar(planted.cache, "train/class_3/img_000.png", out=tmp_path / "s")
+    here = similar(planted.cache, "./train/class_3/img_000.png", top=1, out=tmp_path / "s")
+    assert here.queries[0].row is None and here.queries[0].matches[0].path == "train/class_1/img_005.png"
+    monkeypatch.chdir(planted.root)  # inside the dataset the two are one file: the stored row
+    assert similar(planted.cache, "train/class_3/img_000.png", top=1, out=tmp_path / "s").queries[0].row is not None
+
+
 def test_similar_refuses_to_embed_for_a_cache_whose_weights_differ(planted: Planted, tmp_path: Path) -> None:
     changed = tmp_path / "changed.h5"
     shutil.copy(planted.cache, changed)

@@ -181,6 +181,19 @@ def test_the_shared_pool_is_kept_for_the_next_run(tmp_path: Path) -> None:
     assert other is not pool and not pool.workers and batches.shared_pool(1) is other
 
 
+def test_relative_paths_read_from_the_callers_folder_after_the_pool_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: the pool's processes kept the folder they started in: after a notebook's os.chdir, relative paths
+    # failed as "file disappeared during the run".
+    files = _images(tmp_path / "images", 2)
+    pool = batches.shared_pool(1)
+    list(iter_batches(files, 16, batch_size=2, pool=pool))  # started from the first folder
+    monkeypatch.chdir(tmp_path / "images")
+    decoded = list(iter_batches([Path(f.name) for f in files], 16, batch_size=2, pool=pool))
+    assert not decoded[0].failures and np.array_equal(decoded[0].pixels[1], decode_image(files[1], 16))
+
+
 def test_workers_import_this_very_tlfeat() -> None:
     assert (batches.PACKAGE_ROOT / "tlfeat" / "data" / "batches.py").samefile(batches.__file__)
 

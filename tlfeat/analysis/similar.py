@@ -79,6 +79,11 @@ def _resolve(
     for query in queries:
         text = str(query)
         if text in row_of and not Path(text).is_absolute():
+            if Path(text).exists() and _cached_path(Path(text), root) != text:
+                raise TlfeatError(
+                    f"{text}: both an image path stored in the cache and another file here; "
+                    f"give ./{text} for the file here, or {root / text if root else 'the stored image'}'s full path"
+                )
             items.append((text, row_of[text], None))
             continue
         if not Path(text).exists():

@@ -259,6 +259,9 @@ class _Run:
 
     def __init__(self, pool: DecodePool, paths: Sequence[str | Path], size: int, batch_size: int, prefetch: int) -> None:
         self.pool, self.paths, self.batch_size = pool, paths, batch_size
+        # The workers live on across calls, in the folder they started in: a relative path is sent whole, as it
+        # reads from the caller's working folder now (a notebook may have changed it since).
+        self.cwd = os.getcwd()
         self.n_batches = math.ceil(len(paths) / batch_size)
         slots = min(prefetch + 2, self.n_batches)
         rows = min(batch_size, len(paths))
@@ -331,7 +334,7 @@ class _Run:
             while next_batch < self.n_batches and not self.free.empty():
                 slot = self.free.get()
                 start = next_batch * self.batch_size
-                batch = [os.fspath(p) for p in self.paths[start : start + self.batch_size]]
+                batch = [os.path.join(self.cwd, p) for p in self.paths[start : start + self.batch_size]]
                 self.done[slot] = 0
                 self.remaining[slot], self.failures[slot] = len(batch), []
                 order.append(slot)
