@@ -408,3 +408,14 @@ def test_a_cache_of_another_dataset_folder_is_not_made_this_ones_unasked(tiny_da
     summary = extract(other, out, **FAST)
     assert f"2 rows of {out} are of images no longer in the dataset: left out" in summary.notes
     assert len(cache.load(out).paths) == 22
+
+
+def test_far_more_workers_than_cores_is_said(tiny_dataset: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: --workers 500 on 2 cores ran at 1 image/s, 8x slower than the default, without a word.
+    from tlfeat.extraction import run as run_module
+
+    monkeypatch.setattr(run_module, "available_cores", lambda: 1)
+    summary = extract(tiny_dataset, tmp_path / "c.h5", workers=3, **FAST)
+    assert "3 decoding processes on 1 available cores" in " ".join(summary.notes)
+    assert not any("decoding processes" in n for n in extract(tiny_dataset, tmp_path / "d.h5", workers=2, **FAST).notes)

@@ -25,7 +25,7 @@ from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.cache import CacheKey, CacheReader, Rows, key_from_attrs
 from tlfeat.cache_writer import CacheWriteError
 from tlfeat.data.batches import bytes_in_flight
-from tlfeat.data.cores import available_memory
+from tlfeat.data.cores import available_cores, available_memory
 from tlfeat.data.decode import DecodeError, decode_image
 from tlfeat.data.scan import DEFAULT_RATIOS, SPLIT_RULE, DatasetScan, scan_dataset
 from tlfeat.errors import Interrupted, TlfeatError, integer
@@ -305,6 +305,9 @@ def extract(
             key = CacheKey(spec.name, weights_id, size, spec.preprocessing, dtype, runner.compute, tta=tta)
             ledger = Ledger(scan.entries, scan.layout)
             notes = list(scan.notes)
+            if workers is not None and workers > 2 * available_cores():  # each competes for the same cores
+                notes.append(f"{workers} decoding processes on {available_cores()} available cores: "
+                             "more than about one a core only slows decoding (the default is one a core)")
             reuse_old = _record_earlier_work(key, out, shards, overwrite, ledger, scan, notes)
             notes += shards.notices
             n_retried, reasons_changed = _recheck_skipped(scan, ledger, size)
