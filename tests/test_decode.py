@@ -145,3 +145,10 @@ def test_jpeg_dct_scaling_only_from_twice_the_target_size(tmp_path: Path) -> Non
     scaled, full = decode_image(large, 224).astype(np.int16), _full_scale(large, 224).astype(np.int16)
     assert not np.array_equal(scaled, full)  # the reduced-scale decode did happen
     assert np.abs(scaled - full).mean() < 2.0  # and still shows the same picture
+
+
+def test_a_broken_symbolic_link_is_named_as_one(tmp_path: Path) -> None:
+    # Before: "file disappeared during the run", for a link that never pointed anywhere.
+    (tmp_path / "link.jpg").symlink_to(tmp_path / "gone.jpg")
+    with pytest.raises(DecodeError, match="^broken symbolic link$"):
+        decode_image(tmp_path / "link.jpg", 32)

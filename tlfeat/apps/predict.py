@@ -55,7 +55,8 @@ def collect_images(inputs: Sequence[Path]) -> list[Path]:
     """
     missing = [str(item) for item in map(Path, inputs) if not item.exists()]
     if missing:
-        raise TlfeatError(f"{', '.join(missing)}: not found")
+        broken = " (a broken symbolic link)" if len(missing) == 1 and os.path.islink(missing[0]) else ""
+        raise TlfeatError(f"{', '.join(missing)}: not found{broken}")
     files: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():

@@ -93,7 +93,7 @@ def decode_into(path: str | Path, out: np.ndarray) -> None:
     except PermissionError:
         raise DecodeError("permission denied") from None
     except FileNotFoundError:
-        raise DecodeError("file disappeared during the run") from None
+        raise DecodeError("broken symbolic link" if os.path.islink(path) else "file disappeared during the run") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         raise DecodeError(f"corrupt or truncated image data ({detail})") from None
