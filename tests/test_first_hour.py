@@ -45,20 +45,26 @@ def test_importing_keras_after_tlfeat_prints_no_tensorflow_banner() -> None:
     assert "_QuietLoader" not in result.stdout  # tensorflow keeps its real loader
 
 
-def test_the_import_filter_keeps_every_other_line_and_the_error(tmp_path: Path) -> None:
+def _import_a_fake_tensorflow(tmp_path: Path, body: str) -> subprocess.CompletedProcess:
+    """`import tlfeat, tensorflow` in a child process, where tensorflow is a package running `body`."""
     fake = tmp_path / "site" / "tensorflow"
     fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text(
+    (fake / "__init__.py").write_text(body)
+    env = {**_env_without_log_level(), "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{REPO}"}
+    return subprocess.run([sys.executable, "-c", "import tlfeat, tensorflow"], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_the_import_filter_keeps_every_other_line_and_the_error(tmp_path: Path) -> None:
+    result = _import_a_fake_tensorflow(
+        tmp_path,
         "import os, sys\n"
         "os.write(2, b'WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n')\n"
         "os.write(2, b'I0000 00:00:1795718969.082513   16904 port.cc:153] oneDNN custom operations are on.\\n')\n"
         "os.write(2, b'E0000 00:00:1795718969.1 16904 loader.cc:1] a real native error\\n')\n"
         "print('a Python warning', file=sys.stderr)\n"
-        "raise ImportError('libcuda.so: cannot open shared object file')\n"
+        "raise ImportError('libcuda.so: cannot open shared object file')\n",
     )
-    env = {**_env_without_log_level(), "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{REPO}"}
-    result = subprocess.run([sys.executable, "-c", "import tlfeat, tensorflow"], capture_output=True, text=True,
-                            env=env, timeout=120)
     assert result.returncode == 1
     assert "a real native error" in result.stderr and "a Python warning" in result.stderr
     assert "ImportError: libcuda.so: cannot open shared object file" in result.stderr
@@ -67,17 +73,13 @@ def test_the_import_filter_keeps_every_other_line_and_the_error(tmp_path: Path) 
 
 def test_an_import_that_kills_the_process_still_says_why(tmp_path: Path) -> None:
     # Before: the captured text was replayed after the import; an abort (a CPU without AVX) lost it all.
-    fake = tmp_path / "site" / "tensorflow"
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text(
+    result = _import_a_fake_tensorflow(
+        tmp_path,
         "import os\n"
         "os.write(2, b'I0000 00:00:1795718969.082513   16904 port.cc:153] oneDNN custom operations are on.\\n')\n"
         "os.write(2, b'F0000 00:00:1.2 1 cpu_feature_guard.cc:39] compiled to use AVX, not available\\n')\n"
-        "os.abort()\n"
+        "os.abort()\n",
     )
-    env = {**_env_without_log_level(), "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{REPO}"}
-    result = subprocess.run([sys.executable, "-c", "import tlfeat, tensorflow"], capture_output=True, text=True,
-                            env=env, timeout=120)
     assert result.returncode != 0
     assert "compiled to use AVX, not available" in result.stderr and "oneDNN" not in result.stderr
 
