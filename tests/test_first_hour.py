@@ -197,6 +197,13 @@ def test_help_shows_what_the_parser_accepts(name: str) -> None:
     assert "<bool>" not in result.output and "BOOLEAN" not in result.output  # flags take no value
 
 
+@pytest.mark.parametrize("name", sorted(_commands()))
+def test_help_in_an_80_column_terminal_cuts_nothing_short(name: str) -> None:
+    # Before: finetune's --out default was cut to "runs/<dataset>-<backbone>-top<K>-<timestam…".
+    result = runner.invoke(app, [name, "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+    assert result.exit_code == 0 and "…" not in result.output, result.output
+
+
 def test_a_flag_given_a_value_is_refused_as_the_help_implies(tmp_path: Path) -> None:
     result = runner.invoke(app, ["extract", str(tmp_path), "--quiet", "true"])
     assert result.exit_code == 2 and "true" in result.output

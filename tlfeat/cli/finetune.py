@@ -32,7 +32,7 @@ def finetune(
     patience: int = typer.Option(10, "--patience", help="Stop a stage after this many epochs without a lower val loss; 0: never."),
     seed: int = typer.Option(0, "--seed", help="Seed of the split, the head's initialisation, shuffling and augmentation."),
     split: str = typer.Option(DEFAULT_SPLIT, "--split", help="train,val,test shares for a flat dataset, as for extract."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder. Default: runs/<dataset>-<backbone>-top<K>-<timestamp>/"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder. Default: a new one in runs/, named <dataset>-<backbone>-top<K>-<timestamp>."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out (default: the newest matching one in runs/)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-step progress bar."),
 ) -> None:
