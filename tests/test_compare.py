@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import tlfeat
 from cli import app
 from conftest import TRAINABLE_SEED, assert_one_line_error, fitted_parameters, gaussian_blobs, make_dataset, write_synthetic_cache
 from tlfeat.apps import compare as compare_module
@@ -159,3 +160,23 @@ def test_datasets_of_the_same_folder_name_read_as_two(tmp_path: Path) -> None:
     result = compare_module.compare(tmp_path / "heads")
     assert sorted(row.dataset[1] for row in result.rows) == ["/data/a/scenes (seed 0, split ?)",
                                                              "/data/b/scenes (seed 0, split ?)"]
+
+
+def test_one_path_for_both_the_table_and_the_chart_is_refused(tmp_path: Path) -> None:
+    # Before: --csv x.csv --png x.csv wrote the table, then the chart over it, and said "wrote" twice.
+    cache = write_synthetic_cache(tmp_path / "c.h5")
+    fit_heads([cache], head="logreg", out=tmp_path / "heads")
+    same = tmp_path / "same.csv"
+    result = runner.invoke(app, ["compare", str(tmp_path / "heads"), "--csv", str(same), "--png", str(same)])
+    assert_one_line_error(result, "given as both --csv and --png")
+    assert not same.exists()
+
+
+def test_a_class_list_that_differs_counts_what_it_leaves_unnamed(tmp_path: Path) -> None:
+    # Before: "not in the model: ['class_3', 'class_4', 'class_5']" for 5 classes the model lacks.
+    from tlfeat.errors import TlfeatError
+
+    fit_heads([write_synthetic_cache(tmp_path / "three.h5")], head="logreg", out=tmp_path / "heads")
+    eight = write_synthetic_cache(tmp_path / "eight.h5", n_classes=8)
+    with pytest.raises(TlfeatError, match="not in the model: class_3, class_4, class_5 and 2 more"):
+        tlfeat.evaluate(tmp_path / "heads" / "logreg.skops", eight)

@@ -8,6 +8,7 @@ backquotes: `` `batch_size=0`: must be at least 1 ``, `` pass `overwrite` `` (a 
 
 from __future__ import annotations
 
+import math
 import numbers
 import re
 from typing import Any, Mapping
@@ -45,8 +46,8 @@ def integer(name: str, value: Any, minimum: int | None = None) -> int:
 
 def number(name: str, value: Any, low: float | None = None, high: float | None = None, what: str = "") -> float:
     """`value` as a Python float (ints and numpy numbers included) within [low, high], else one error."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise parameter_error(name, value, f"must be a number{f' ({what})' if what else ''}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise parameter_error(name, value, f"must be a finite number{f' ({what})' if what else ''}")
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = (f"between {low:g} and {high:g}" if low is not None and high is not None
                   else f"at least {low:g}" if low is not None else f"at most {high:g}")

@@ -244,6 +244,8 @@ def compare(inputs: str | Path | Sequence[str | Path], csv: str | Path | None = 
     for path, parameter in ((csv, "csv"), (png, "png")):
         if path is not None:
             check_output_path(Path(path), parameter=parameter, suffix=f".{parameter}")
+    if csv is not None and png is not None and Path(csv).resolve() == Path(png).resolve():
+        raise TlfeatError(f"{csv}: given as both `csv` and `png`; the chart would replace the table")
     inputs = path_list(inputs, "inputs", "fit-head models, fine-tune runs or folders of them")
     results = find_results(inputs)
     if not results:

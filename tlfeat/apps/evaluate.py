@@ -67,9 +67,12 @@ def _check_caches_fit_model(model: Path, meta: dict, caches: Sequence[Path], fea
     if mine != theirs:
         extra = [c for c in mine if c not in theirs]
         missing = [c for c in theirs if c not in mine]
-        detail = f"not in the model: {extra[:3]}" if extra else (
-            f"missing here: {missing[:3]}" if missing else "same classes in another order"
-        )
+        def listed(names: list[str]) -> str:
+            return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+        detail = "; ".join(
+            [f"not in the model: {listed(extra)}"] * bool(extra) + [f"missing here: {listed(missing)}"] * bool(missing)
+        ) or "same classes in another order"
         raise TlfeatError(
             f"{caches[0]}: class list differs from {model.name}'s ({len(mine)} vs {len(theirs)} classes; {detail}); "
             "a head only scores data labelled with its own classes"
