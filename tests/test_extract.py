@@ -419,3 +419,39 @@ def test_far_more_workers_than_cores_is_said(tiny_dataset: Path, tmp_path: Path,
     summary = extract(tiny_dataset, tmp_path / "c.h5", workers=3, **FAST)
     assert "3 decoding processes on 1 available cores" in " ".join(summary.notes)
     assert not any("decoding processes" in n for n in extract(tiny_dataset, tmp_path / "d.h5", workers=2, **FAST).notes)
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_inside_the_final_write_never_puts_a_file_missing_data_in_place(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, presses: int
+) -> None:
+    # Before: a KeyboardInterrupt raised inside HDF5's write callback was swallowed by h5py ("Exception
+    # ignored"), the chunk was lost, and the file was renamed over the good cache: all labels 0, or all
+    # features 0, then "up to date" on every rerun.
+    import threading
+
+    from tlfeat.fileio import FirstErrorSink
+
+    out = tmp_path / "c.h5"
+    extract(tiny_dataset, out, **FAST)
+    good = out.read_bytes()
+    make_image(tiny_dataset / "class_0" / "new.png", 0, 99)  # the next run rewrites the cache
+    original, calls = FirstErrorSink.write, [0]
+
+    def write(self: FirstErrorSink, data: object) -> int:
+        if threading.current_thread() is threading.main_thread():  # the final write's own calls
+            calls[0] += 1
+            if calls[0] <= presses:
+                os.kill(os.getpid(), signal.SIGINT)
+        return original(self, data)
+
+    monkeypatch.setattr(FirstErrorSink, "write", write)
+    with pytest.raises(Interrupted, match="interrupted while writing .*: the previous cache is unchanged"):
+        extract(tiny_dataset, out, **FAST)
+    assert out.read_bytes() == good and calls[0] > presses
+    monkeypatch.setattr(FirstErrorSink, "write", original)
+    resumed = extract(tiny_dataset, out, **FAST)
+    assert resumed.n_computed == 0 and resumed.n_reused == 25  # the batch computed before is kept in the shards
+    clean = extract(tiny_dataset, tmp_path / "clean.h5", **FAST)
+    with cache.CacheReader(out) as a, cache.CacheReader(clean.out) as b:
+        assert a.n_rows == b.n_rows and np.array_equal(a.rows(0, a.n_rows).features, b.rows(0, b.n_rows).features)

@@ -142,9 +142,10 @@ class CacheWriter:
     def __exit__(self, *exc: object) -> None:
         if hasattr(self, "_handle"):
             self._handle.close()
+        own_failure = None
         if exc[0] is None and (self._sink.error is not None or not self._committed):
-            failure = self._sink.error or RuntimeError("cache not committed")
-            exc = (type(failure), failure, None)
+            own_failure = self._sink.error or RuntimeError("cache not committed")
+            exc = (type(own_failure), own_failure, None)
         try:
             self._stack.__exit__(*exc)  # renames the finished file into place, or removes it
         except (OSError, RuntimeError) as failure:  # a failed fsync or rename
@@ -152,6 +153,8 @@ class CacheWriter:
         if exc[0] is not None and issubclass(exc[0], (OSError, RuntimeError)):  # a full disk, mostly
             raise CacheWriteError(f"{self.path}: cannot write the cache ({os_reason(exc[1])}); "
                                   "the previous file is unchanged") from None
+        if own_failure is not None:  # anything else a write met (a KeyboardInterrupt): the file was removed
+            raise own_failure
 
 
 _STRING_COLUMNS = ("paths", "split")

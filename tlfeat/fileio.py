@@ -150,7 +150,9 @@ class FirstErrorSink:
     interpreter when it is collected or at exit. Here the first OSError is kept in `error`; that write and
     every later one are held in memory instead, and reads see them, so HDF5 stays consistent and closes
     cleanly. The caller stops writing as soon as `error` is set (what is held is then one chunk and the
-    metadata written on closing), raises it, and deletes the file.
+    metadata written on closing), raises it, and deletes the file. Any other exception in a write (a
+    KeyboardInterrupt) is kept the same way: escaping into HDF5 it would be swallowed, and the file
+    committed without the data.
     """
 
     def __init__(self, raw: Any) -> None:
@@ -165,7 +167,7 @@ class FirstErrorSink:
                 self.raw.seek(self._pos)
                 while done < len(view):  # h5py ignores short writes: finish them here
                     done += self.raw.write(view[done:]) or 0
-            except OSError as exc:
+            except BaseException as exc:  # h5py would swallow it (even a KeyboardInterrupt) and write on
                 self.error = exc
         if done < len(view):
             self._held.append((self._pos + done, bytes(view[done:])))
@@ -201,7 +203,7 @@ class FirstErrorSink:
         if self.error is None:
             try:
                 self.raw.truncate(size)
-            except OSError as exc:
+            except BaseException as exc:  # as in `write`
                 self.error = exc
         return size
 

@@ -15,9 +15,10 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Callable
 
 _requested = False
+_OURS: list[Callable[[int, Any], None]] = []  # the handlers installed by the open deferred_interrupts, innermost last
 
 
 def stop_requested() -> bool:
@@ -31,29 +32,44 @@ def raise_if_requested() -> None:
         raise KeyboardInterrupt
 
 
-def _ask_to_stop(signum: int, frame: Any) -> None:
-    global _requested
-    if _requested:
-        raise KeyboardInterrupt
-    _requested = True
-    try:
-        print("stopping after the current step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
-    except OSError:  # no stderr to tell: stopping matters more than saying so
-        pass
+def _handler(second_stops_at_once: bool) -> Callable[[int, Any], None]:
+    def ask_to_stop(signum: int, frame: Any) -> None:
+        global _requested
+        if _requested and second_stops_at_once:
+            raise KeyboardInterrupt
+        if _requested:
+            return
+        _requested = True
+        again = " (Ctrl-C again to stop at once)" if second_stops_at_once else ""
+        try:
+            print(f"stopping after the current step{again}", file=sys.stderr, flush=True)
+        except OSError:  # no stderr to tell: stopping matters more than saying so
+            pass
+
+    return ask_to_stop
 
 
 @contextmanager
-def deferred_interrupts() -> Iterator[None]:
+def deferred_interrupts(second_stops_at_once: bool = True) -> Iterator[None]:
     """Within it, Ctrl-C asks to stop at the next safe point. Only in the main thread, and only over Python's
-    own handler: another program's handler (or a thread, where handlers cannot be set) is left alone."""
+    own handler: another program's handler (or a thread, where handlers cannot be set) is left alone.
+
+    `second_stops_at_once=False` where no moment is safe but the checks: writing a file through HDF5, whose
+    callbacks swallow an exception raised in them and go on writing a file that is missing data.
+    """
     global _requested
     if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            signal.getsignal(signal.SIGINT) not in (signal.default_int_handler, *_OURS):
         yield
         return
-    signal.signal(signal.SIGINT, _ask_to_stop)
+    previous = signal.getsignal(signal.SIGINT)
+    handler = _handler(second_stops_at_once)
+    _OURS.append(handler)
+    signal.signal(signal.SIGINT, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        _requested = False
+        signal.signal(signal.SIGINT, previous)
+        _OURS.remove(handler)
+        if not _OURS:  # the outermost one: a request not acted on ends with it (inside, it goes on outwards)
+            _requested = False

@@ -34,6 +34,7 @@ from tlfeat.cache_writer import CacheWriter
 from tlfeat.data.entries import SPLITS, EntrySubset, ImageEntry, ImageTable, split_bounds
 from tlfeat.data.scan import class_of
 from tlfeat.extraction.shards import ShardStore
+from tlfeat.interrupts import raise_if_requested
 
 NOWHERE, FAILED = -1, -2
 OLD_CACHE = -1  # the source number of the old cache's rows (shards have their own numbers, from 0)
@@ -270,7 +271,9 @@ class FinalWriter:
     def commit(self, extra_attrs: dict) -> None:
         """Write the remaining rows (every image settled by now) and finish the file."""
         for indices in self._rows.rest(WRITE_CHUNK_ROWS):
+            raise_if_requested()  # Ctrl-C between chunks, never inside HDF5's writes (`tlfeat.interrupts`)
             self._write(indices)
+        raise_if_requested()
         skipped = [(e.relpath, reason, e.size, e.mtime_ns) for e, reason in self.ledger.failures()]
         self._open().commit(self.class_names, skipped, extra_attrs)
 

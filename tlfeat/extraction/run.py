@@ -15,7 +15,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from contextlib import closing, nullcontext
+from contextlib import ExitStack, closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -34,6 +34,7 @@ from tlfeat.extraction.ledger import (
     FAILED, NOWHERE, OLD_CACHE, PATH_CHUNK_ROWS, FinalWriter, Ledger, same_as_file,
 )
 from tlfeat.extraction.shards import NON_FINITE_REASON, ShardStore, without_non_finite
+from tlfeat.interrupts import deferred_interrupts
 from tlfeat.fileio import OutputLock, check_output_path, check_outside_dataset, remove_stale_temporaries
 from tlfeat.extraction.ray_engine import RayEngine, RayOptions  # Ray itself is imported only by a run on it
 from tlfeat.progress import progress_bar
@@ -321,7 +322,8 @@ def extract(
                     old.verify()  # "up to date" is said of a file whose every feature still passes its checksum
                 else:
                     try:
-                        with FinalWriter(out, key, ledger, scan.class_names, old, shards, spec.feature_dim) as final:
+                        with ExitStack() as final_write, \
+                                FinalWriter(out, key, ledger, scan.class_names, old, shards, spec.feature_dim) as final:
                             if todo:
                                 computed_before = time.perf_counter()
                                 with progress_bar(len(todo), progress, f"extract {spec.name}") as bar, \
@@ -332,9 +334,14 @@ def extract(
                                         writer.put(without_non_finite(rows))  # failures of those images, not rows
                                 compute_seconds = time.perf_counter() - computed_before
                             stage = "writing"
+                            # From here to the rename (the writer's exit, inside this one), Ctrl-C stops only
+                            # between chunks: raised inside HDF5's write callbacks it was swallowed, and a
+                            # file missing a chunk was renamed into place as if whole.
+                            final_write.enter_context(deferred_interrupts(second_stops_at_once=False))
                             final.commit(_final_attrs(scan, weights, size, runner.keras_backend()))
                     except CacheWriteError as exc:
                         raise TlfeatError(f"{exc}; {_KEPT.format(parts=parts)} to finish") from None
+                stage = "cleaning up"
             shards.clear()
     except KeyboardInterrupt:
         raise Interrupted(_interrupted(stage, out, parts)) from None
@@ -367,6 +374,8 @@ def _interrupted(stage: str, out: Path | None, parts: Path | None) -> str:
     """The one line for a Ctrl-C, by what it interrupted."""
     if stage == "writing":
         return f"interrupted while writing {out}: the previous cache is unchanged; {_KEPT.format(parts=parts)} to finish"
+    if stage == "cleaning up":
+        return f"interrupted after {out} was written (it is complete); the next run removes what is left in {parts}"
     if stage == "computing":
         return f"interrupted: {_KEPT.format(parts=parts)} to resume"
     return f"interrupted while {stage}; nothing was written"
