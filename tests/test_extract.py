@@ -455,3 +455,21 @@ def test_ctrl_c_inside_the_final_write_never_puts_a_file_missing_data_in_place(
     clean = extract(tiny_dataset, tmp_path / "clean.h5", **FAST)
     with cache.CacheReader(out) as a, cache.CacheReader(clean.out) as b:
         assert a.n_rows == b.n_rows and np.array_equal(a.rows(0, a.n_rows).features, b.rows(0, b.n_rows).features)
+
+
+def test_an_output_through_a_symlink_and_stray_or_damaged_batches(tiny_dataset: Path, tmp_path: Path) -> None:
+    # Before: a run on link.h5 took the lock link.h5.lock, so it ran beside a run on its target, and the
+    # rename made the link a plain file; a folder in <out>.parts failed every later update ("Is a
+    # directory"); a damaged meta.json threw the batches away without a word.
+    (tmp_path / "link.h5").symlink_to(tmp_path / "b.h5")
+    summary = extract(tiny_dataset, tmp_path / "link.h5", **FAST)
+    assert summary.out == tmp_path / "b.h5" and (tmp_path / "link.h5").is_symlink() and (tmp_path / "b.h5").is_file()
+
+    parts = tmp_path / "b.h5.parts"
+    make_image(tiny_dataset / "class_0" / "new.png", 0, 99)
+    parts.mkdir()
+    (parts / "meta.json").write_text("garbage")
+    (parts / "stray").mkdir()
+    again = extract(tiny_dataset, tmp_path / "b.h5", **FAST)
+    assert again.n_computed == 1 and not parts.exists()
+    assert any("meta.json is damaged" in note for note in again.notes)

@@ -294,6 +294,8 @@ def extract(
     try:
         scan = scan_dataset(data, seed=seed, ratios=ratios)
         out = Path(out) if out is not None else default_output(scan.root, spec.name, size, tta)
+        if out.is_symlink():  # its target is the cache: one lock and one set of batches for both names,
+            out = out.resolve()  # and the link stays a link (the rename would have replaced it with a file)
         check_outside_dataset(out, scan.root)
         check_output_path(out)
         weights_id = weights_identity(spec, weights)

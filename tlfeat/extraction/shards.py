@@ -17,6 +17,7 @@ import io
 import json
 import os
 import re
+import shutil
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
@@ -97,7 +98,10 @@ class ShardStore:
             return None
         try:
             return CacheKey(**{"decode": OLD_DECODE, **json.loads(meta.read_text())})
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OSError):
+            notice = f"{meta} is damaged: the batches in {self.dir} are discarded; their images are computed again"
+            if notice not in self.notices:  # asked more than once in a run
+                self.notices.append(notice)
             return None
 
     def start(self, key: CacheKey) -> None:
@@ -209,6 +213,4 @@ class ShardStore:
         self._files.clear()
         if not self.dir.exists():
             return
-        for item in self.dir.iterdir():
-            item.unlink()
-        self.dir.rmdir()
+        shutil.rmtree(self.dir)  # tlfeat's own folder: whatever else landed in it (a folder) goes too
