@@ -80,6 +80,32 @@ def test_parquet_directory_reads_as_one_dataset(tmp_path: Path) -> None:
     assert table.column("path").to_pylist() == list(cache.load(source).paths)
 
 
+def test_an_export_stopped_midway_leaves_no_readable_part_and_is_cleaned_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: each part was renamed as it finished: a killed export read back as a smaller, whole-looking table.
+    from tlfeat.apps import export as export_module
+
+    source = synthetic_cache(tmp_path / "c.h5", n=500, dim=8)
+    original, written = export_module._parquet_table, [0]
+
+    def dies_in_the_third_part(*args: object) -> object:
+        written[0] += 1
+        if written[0] == 3:
+            raise KeyboardInterrupt  # as a kill would stop it; the hidden files are then left behind
+        return original(*args)
+
+    monkeypatch.setattr(export_module, "_parquet_table", dies_in_the_third_part)
+    monkeypatch.setattr(export_module.Path, "unlink", lambda self, missing_ok=False: None)  # a kill cleans nothing
+    with pytest.raises(KeyboardInterrupt):
+        export(source, "parquet", tmp_path / "pq", rows_per_file=128, chunk_rows=128)
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "pq").iterdir() if not p.name.startswith(".")] == []
+    assert pq.read_table(tmp_path / "pq").num_rows == 0  # readers skip the hidden parts
+    export(source, "parquet", tmp_path / "pq", rows_per_file=128)  # no earlier export to refuse
+    assert sorted(p.name for p in (tmp_path / "pq").iterdir()) == [f"part-{i:05d}.parquet" for i in range(4)]
+
+
 def test_npy_round_trip_equals_load(tmp_path: Path) -> None:
     source = synthetic_cache(tmp_path / "c.h5", n=777, dim=16, dtype="float16")
     summary = export(source, "npy", tmp_path / "np", chunk_rows=50)

@@ -66,6 +66,9 @@ def _chunk_rows(dim: int, requested: int | None) -> int:
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    for pattern in _OUTPUT_PATTERNS:  # what a killed export left under hidden names
+        for leftover in out.glob(f".{pattern}.tmp-*"):
+            leftover.unlink(missing_ok=True)
     earlier = [p for pattern in _OUTPUT_PATTERNS for p in out.glob(pattern)]
     if earlier and not overwrite:
         raise TlfeatError(f"{out}: holds an earlier export ({earlier[0].name}); pass `overwrite` to replace it")
@@ -126,12 +129,14 @@ def _parquet_table(pa: Any, schema: Any, chunk: CacheData) -> Any:
 def _export_parquet(reader: CacheReader, out: Path, chunk_rows: int, rows_per_file: int) -> list[Path]:
     pa, pq = _import_pyarrow()
     schema = _parquet_schema(pa, reader.feature_dim, _metadata(reader))
-    files = []
     # An empty cache still gets one (empty) file, so readers find the schema.
-    for index, start in enumerate(range(0, max(reader.n_rows, 1), rows_per_file)):
-        target = out / f"part-{index:05d}.parquet"
-        tmp = out / f".{target.name}.tmp-{os.getpid()}"
-        try:
+    starts = range(0, max(reader.n_rows, 1), rows_per_file)
+    files = [out / f"part-{index:05d}.parquet" for index in range(len(starts))]
+    # Every part is written under a hidden name (readers skip those) and renamed only once all are whole:
+    # a killed export leaves no readable subset of the rows that looks like the whole table.
+    tmps = [out / f".{target.name}.tmp-{os.getpid()}" for target in files]
+    try:
+        for tmp, start in zip(tmps, starts):
             # Features are random-looking floats: dictionary encoding only pays on the repetitive columns.
             # The system allocator, not Arrow's default mimalloc, which keeps freed pages from file to file
             # (peak RSS 172 vs 119 MB over 300,000 rows of 1280-d).
@@ -142,10 +147,11 @@ def _export_parquet(reader: CacheReader, out: Path, chunk_rows: int, rows_per_fi
                     writer.write_table(_parquet_table(pa, schema, chunk), row_group_size=chunk_rows)
                 if start >= stop:
                     writer.write_table(schema.empty_table())
+        for tmp, target in zip(tmps, files):
             os.replace(tmp, target)
-        finally:
+    finally:
+        for tmp in tmps:
             tmp.unlink(missing_ok=True)
-        files.append(target)
     return files
 
 
