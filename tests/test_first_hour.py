@@ -52,7 +52,7 @@ def _import_a_fake_tensorflow(tmp_path: Path, body: str) -> subprocess.Completed
     (fake / "__init__.py").write_text(body)
     env = {**_env_without_log_level(), "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{REPO}"}
     return subprocess.run([sys.executable, "-c", "import tlfeat, tensorflow"], capture_output=True, text=True,
-                          env=env, timeout=120)
+                          env=env, timeout=120, cwd=tmp_path)  # an abort's core file, if any, lands there
 
 
 def test_the_import_filter_keeps_every_other_line_and_the_error(tmp_path: Path) -> None:
