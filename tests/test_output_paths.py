@@ -116,6 +116,16 @@ def test_ctrl_c_in_a_command_without_its_own_message_is_one_line(
     result = runner.invoke(app, ["fit-head", str(fitted[0]), "--out", str(tmp_path / "heads")])
     assert_one_line_error(result, "interrupted; the files already written are kept")
 
+    def interrupted_in_tensorflows_import(*args: object, **kwargs: object) -> None:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:  # a compiled module's initialisation, as TensorFlow's pywrap modules do it
+            raise ImportError("initialization failed")
+
+    monkeypatch.setattr(heads_fit, "fit_heads", interrupted_in_tensorflows_import)  # before: a traceback
+    result = runner.invoke(app, ["fit-head", str(fitted[0]), "--out", str(tmp_path / "heads")])
+    assert_one_line_error(result, "interrupted; the files already written are kept")
+
 
 def test_output_cut_short_by_its_reader_is_not_an_error(tmp_path: Path) -> None:
     # Before: `tlfeat predict RUN FOLDER | head -3` printed "error: Broken pipe".

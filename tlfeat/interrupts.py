@@ -11,7 +11,6 @@ training batch); a second Ctrl-C raises at once, as usual.
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,14 +36,7 @@ def _handler(second_stops_at_once: bool) -> Callable[[int, Any], None]:
         global _requested
         if _requested and second_stops_at_once:
             raise KeyboardInterrupt
-        if _requested:
-            return
-        _requested = True
-        again = " (Ctrl-C again to stop at once)" if second_stops_at_once else ""
-        try:
-            print(f"stopping after the current step{again}", file=sys.stderr, flush=True)
-        except OSError:  # no stderr to tell: stopping matters more than saying so
-            pass
+        _requested = True  # said once stopped, in the one line of the error: a safe point is never far
 
     return ask_to_stop
 
@@ -73,3 +65,12 @@ def deferred_interrupts(second_stops_at_once: bool = True) -> Iterator[None]:
         _OURS.remove(handler)
         if not _OURS:  # the outermost one: a request not acted on ends with it (inside, it goes on outwards)
             _requested = False
+
+
+def interrupted_import(exc: BaseException) -> bool:
+    """True for an ImportError that a Ctrl-C caused: a compiled module (TensorFlow's) whose initialisation it
+    interrupted raises ImportError("initialization failed") from the KeyboardInterrupt."""
+    cause = exc
+    while isinstance(cause, ImportError):
+        cause = cause.__cause__ or cause.__context__
+    return isinstance(cause, KeyboardInterrupt)

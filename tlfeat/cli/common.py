@@ -23,6 +23,7 @@ except ImportError:
 from tlfeat.data.scan import DEFAULT_RATIOS
 from tlfeat.errors import TlfeatError, cli_terms
 from tlfeat.fileio import os_reason
+from tlfeat.interrupts import interrupted_import
 
 # TensorFlow's C++ info and warning logs are not for CLI users (its start-up banner, printed before this
 # setting applies, is filtered by tlfeat.quiet_import).
@@ -107,6 +108,9 @@ app = _App(
 PARAMETER_OPTIONS = {"ratios": "--split", "data": "DATA", "caches": "CACHES", "inputs": "INPUTS"}
 
 
+INTERRUPTED = "interrupted; the files already written are kept"
+
+
 def user_errors(command: Callable) -> Callable:
     """Print a TlfeatError as one line on stderr (in the CLI's option names) and exit 1, with no traceback;
     likewise a Ctrl-C and a failed file operation that the command did not turn into a TlfeatError."""
@@ -119,8 +123,13 @@ def user_errors(command: Callable) -> Callable:
             typer.secho(f"error: {cli_terms(str(exc), PARAMETER_OPTIONS)}", err=True, fg=typer.colors.RED)
             raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:  # commands with work to resume say more (an Interrupted's message)
-            message = cli_terms(str(exc), PARAMETER_OPTIONS) or "interrupted; the files already written are kept"
+            message = cli_terms(str(exc), PARAMETER_OPTIONS) or INTERRUPTED
             typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(1) from None
+        except ImportError as exc:  # Ctrl-C during TensorFlow's import surfaces as its "initialization failed"
+            if not interrupted_import(exc):
+                raise
+            typer.secho(f"error: {INTERRUPTED}", err=True, fg=typer.colors.RED)
             raise typer.Exit(1) from None
         except BrokenPipeError:  # the reader of our output stopped early (`| head`): nothing to report
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush fails no more

@@ -12,17 +12,15 @@ module keys, shards, resumes and writes them the same way.
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from contextlib import ExitStack, closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tlfeat.backbones import Backbone, get_backbone, resolve_image_size, weights_identity
 from tlfeat.backbones.preprocessing import NO_TTA
-from tlfeat.cache import CacheKey, CacheReader, Rows, key_from_attrs
+from tlfeat.cache import CacheKey, CacheReader, key_from_attrs
 from tlfeat.cache_writer import CacheWriteError
 from tlfeat.data.batches import bytes_in_flight
 from tlfeat.data.cores import available_cores, available_memory
@@ -33,8 +31,8 @@ from tlfeat.extraction.engines import Engine, LocalEngine
 from tlfeat.extraction.ledger import (
     FAILED, NOWHERE, OLD_CACHE, PATH_CHUNK_ROWS, FinalWriter, Ledger, same_as_file,
 )
-from tlfeat.extraction.shards import NON_FINITE_REASON, ShardStore, without_non_finite
-from tlfeat.interrupts import deferred_interrupts
+from tlfeat.extraction.shards import NON_FINITE_REASON, ShardStore, ShardWriter, without_non_finite
+from tlfeat.interrupts import deferred_interrupts, interrupted_import, raise_if_requested
 from tlfeat.fileio import OutputLock, check_output_path, check_outside_dataset, remove_stale_temporaries
 from tlfeat.extraction.ray_engine import RayEngine, RayOptions  # Ray itself is imported only by a run on it
 from tlfeat.progress import progress_bar
@@ -60,55 +58,6 @@ class ExtractSummary:
     up_to_date: bool = False
     notes: list[str] = field(default_factory=list)  # one line each: rescaled shares, re-labelled rows, ...
     n_retried: int = 0  # previously skipped files tried again (every run)
-
-
-class ShardWriter:
-    """Writes each finished batch's shard on a thread, so the next batch computes while one is fsynced.
-
-    After each shard, `on_written(number, rows)` (the ledger), then `then()` (the final file's next
-    chunks), both on this thread. At most `depth` batches wait to be written (memory stays bounded, and a
-    killed run loses at most those and the batch in flight). A failed write stops the run at the next
-    `put`; leaving the block writes every batch still queued first, after Ctrl-C too: finished batches
-    are kept (but `then` is skipped once the run is failing: its file will not be kept).
-    """
-
-    def __init__(
-        self, shards: ShardStore, key: CacheKey, on_written: Callable[[int, Rows], None],
-        then: Callable[[], None], depth: int = 2,
-    ) -> None:
-        self.shards, self.key, self.on_written, self.then = shards, key, on_written, then
-        self.queue: queue.Queue[Rows | None] = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self.failing = False
-        self.thread = threading.Thread(target=self._write, name="tlfeat-shard-writer", daemon=True)
-        self.thread.start()
-
-    def __enter__(self) -> "ShardWriter":
-        return self
-
-    def __exit__(self, kind: type | None, *exc: object) -> None:
-        self.failing = kind is not None
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None and kind is None:
-            raise self.error
-
-    def put(self, rows: Rows) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put(rows)
-
-    def _write(self) -> None:
-        while (rows := self.queue.get()) is not None:
-            if self.error is None:
-                try:
-                    self.shards.start(self.key)  # at the first finished batch: a model that fails to load leaves none
-                    # The run reads its ledger only after this thread has ended.
-                    self.on_written(self.shards.write(rows), rows)
-                    if not self.failing:
-                        self.then()
-                except BaseException as exc:  # raised in the run's thread
-                    self.error = exc
 
 
 def default_output(data: Path, backbone: str, image_size: int | None = None, tta: str = NO_TTA) -> Path:
@@ -328,12 +277,16 @@ def extract(
                                 FinalWriter(out, key, ledger, scan.class_names, old, shards, spec.feature_dim) as final:
                             if todo:
                                 computed_before = time.perf_counter()
+                                # Ctrl-C while computing is acted on between batches: raised wherever Python was,
+                                # it could land in a garbage-collection callback of JAX's and be ignored.
                                 with progress_bar(len(todo), progress, f"extract {spec.name}") as bar, \
                                         ShardWriter(shards, key, ledger.record_rows, final.advance) as writer, \
-                                        closing(runner.embed(scan.root, todo, bar)) as batches:
+                                        closing(runner.embed(scan.root, todo, bar)) as batches, \
+                                        deferred_interrupts():
                                     for rows in batches:  # closed however the loop ends: the decoding pool is free
                                         stage = "computing"
                                         writer.put(without_non_finite(rows))  # failures of those images, not rows
+                                        raise_if_requested()
                                 compute_seconds = time.perf_counter() - computed_before
                             stage = "writing"
                             # From here to the rename (the writer's exit, inside this one), Ctrl-C stops only
@@ -346,6 +299,10 @@ def extract(
                 stage = "cleaning up"
             shards.clear()
     except KeyboardInterrupt:
+        raise Interrupted(_interrupted(stage, out, parts)) from None
+    except ImportError as exc:
+        if not interrupted_import(exc):
+            raise
         raise Interrupted(_interrupted(stage, out, parts)) from None
 
     skipped = [(e.relpath, reason) for e, reason in ledger.failures()]

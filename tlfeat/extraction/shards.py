@@ -7,7 +7,8 @@ removed once the final cache is written. Each shard's name carries the SHA-256
 of its bytes, so a shard damaged on disk is found, discarded with a notice and
 its images computed again, rather than read as data or left to block every
 resume. Rows whose features hold NaN or inf never become shard rows: they are
-failures of those images (`without_non_finite`).
+failures of those images (`without_non_finite`). `ShardWriter` writes them on a
+thread of their own while the next batch computes.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import hashlib
 import io
 import json
 import os
+import queue
 import re
 import shutil
+import threading
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 
@@ -214,3 +217,52 @@ class ShardStore:
         if not self.dir.exists():
             return
         shutil.rmtree(self.dir)  # tlfeat's own folder: whatever else landed in it (a folder) goes too
+
+
+class ShardWriter:
+    """Writes each finished batch's shard on a thread, so the next batch computes while one is fsynced.
+
+    After each shard, `on_written(number, rows)` (the ledger), then `then()` (the final file's next
+    chunks), both on this thread. At most `depth` batches wait to be written (memory stays bounded, and a
+    killed run loses at most those and the batch in flight). A failed write stops the run at the next
+    `put`; leaving the block writes every batch still queued first, after Ctrl-C too: finished batches
+    are kept (but `then` is skipped once the run is failing: its file will not be kept).
+    """
+
+    def __init__(
+        self, shards: ShardStore, key: CacheKey, on_written: Callable[[int, Rows], None],
+        then: Callable[[], None], depth: int = 2,
+    ) -> None:
+        self.shards, self.key, self.on_written, self.then = shards, key, on_written, then
+        self.queue: queue.Queue[Rows | None] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.failing = False
+        self.thread = threading.Thread(target=self._write, name="tlfeat-shard-writer", daemon=True)
+        self.thread.start()
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, kind: type | None, *exc: object) -> None:
+        self.failing = kind is not None
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None and kind is None:
+            raise self.error
+
+    def put(self, rows: Rows) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(rows)
+
+    def _write(self) -> None:
+        while (rows := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.shards.start(self.key)  # at the first finished batch: a model that fails to load leaves none
+                    # The run reads its ledger only after this thread has ended.
+                    self.on_written(self.shards.write(rows), rows)
+                    if not self.failing:
+                        self.then()
+                except BaseException as exc:  # raised in the run's thread
+                    self.error = exc
