@@ -122,14 +122,12 @@ def user_errors(command: Callable) -> Callable:
         except TlfeatError as exc:
             typer.secho(f"error: {cli_terms(str(exc), PARAMETER_OPTIONS)}", err=True, fg=typer.colors.RED)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt as exc:  # commands with work to resume say more (an Interrupted's message)
-            message = cli_terms(str(exc), PARAMETER_OPTIONS) or INTERRUPTED
-            typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-            raise typer.Exit(1) from None
-        except ImportError as exc:  # Ctrl-C during TensorFlow's import surfaces as its "initialization failed"
-            if not interrupted_import(exc):
+        except (KeyboardInterrupt, ImportError) as exc:  # an ImportError: Ctrl-C during TensorFlow's import
+            if isinstance(exc, ImportError) and not interrupted_import(exc):
                 raise
-            typer.secho(f"error: {INTERRUPTED}", err=True, fg=typer.colors.RED)
+            # commands with work to resume say more (an Interrupted's message)
+            message = isinstance(exc, KeyboardInterrupt) and cli_terms(str(exc), PARAMETER_OPTIONS)
+            typer.secho(f"error: {message or INTERRUPTED}", err=True, fg=typer.colors.RED)
             raise typer.Exit(1) from None
         except BrokenPipeError:  # the reader of our output stopped early (`| head`): nothing to report
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush fails no more

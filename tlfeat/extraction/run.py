@@ -257,8 +257,9 @@ def extract(
             key = CacheKey(spec.name, weights_id, size, spec.preprocessing, dtype, runner.compute, tta=tta)
             ledger = Ledger(scan.entries, scan.layout)
             notes = list(scan.notes)
-            if workers is not None and workers > 2 * available_cores():  # each competes for the same cores
-                notes.append(f"{workers} decoding processes on {available_cores()} available cores: "
+            cores = available_cores()
+            if workers is not None and workers > 2 * cores:  # each competes for the same cores
+                notes.append(f"{workers} decoding processes on {cores} available cores: "
                              "more than about one a core only slows decoding (the default is one a core)")
             reuse_old = _record_earlier_work(key, out, shards, overwrite, ledger, scan, notes)
             notes += shards.notices
@@ -298,10 +299,8 @@ def extract(
                         raise TlfeatError(f"{exc}; {_KEPT.format(parts=parts)} to finish") from None
                 stage = "cleaning up"
             shards.clear()
-    except KeyboardInterrupt:
-        raise Interrupted(_interrupted(stage, out, parts)) from None
-    except ImportError as exc:
-        if not interrupted_import(exc):
+    except (KeyboardInterrupt, ImportError) as exc:  # an ImportError: Ctrl-C during TensorFlow's import
+        if isinstance(exc, ImportError) and not interrupted_import(exc):
             raise
         raise Interrupted(_interrupted(stage, out, parts)) from None
 
