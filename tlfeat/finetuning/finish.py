@@ -10,7 +10,6 @@ which are still there; each step replaces its file atomically.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from tlfeat import __version__
 from tlfeat.backbones import Backbone
 from tlfeat.data.scan import SPLITS, DatasetScan
 from tlfeat.errors import TlfeatError
-from tlfeat.fileio import atomic_path
+from tlfeat.fileio import atomic_path, sha256_file
 from tlfeat.finetuning.data import CROP_SCALE
 from tlfeat.finetuning.model import inference_mode_layer
 from tlfeat.finetuning.runs import MODEL_NAME, RUN_FORMAT, RUN_FORMAT_VERSION, SUMMARY_NAME, predict_with_model
@@ -45,7 +44,7 @@ def finish_run(run: Run, scan: DatasetScan, spec: Backbone, on_gpu: bool, jit_co
         f"best epoch: stage {best.stage} epoch {best.epoch} (val acc {best.val_accuracy:.3f}); scoring every split"
     )
     metrics, readable, notes = {}, {}, []
-    seen: set[bytes] = set()  # contents of the images trained on (train), then also selected on (val)
+    seen: set[str] = set()  # contents of the images trained on (train), then also selected on (val)
     for split in SPLITS:
         entries = [e for e in scan.entries if e.split == split]
         if not entries:
@@ -88,16 +87,12 @@ def finish_run(run: Run, scan: DatasetScan, spec: Backbone, on_gpu: bool, jit_co
     return summary
 
 
-def _content_key(path: Path) -> bytes | None:
+def _content_key(path: Path) -> str | None:
     """A digest of the file's bytes (None if it cannot be read again: then it matches nothing)."""
-    digest = hashlib.blake2b(digest_size=16)
     try:
-        with open(path, "rb") as file:
-            for block in iter(lambda: file.read(1 << 20), b""):
-                digest.update(block)
+        return sha256_file(path)
     except OSError:
         return None
-    return digest.digest()
 
 
 def run_summary(run: Run, scan: DatasetScan, metrics: dict, readable: dict[str, int], notes: list[str], on_gpu: bool,
