@@ -105,6 +105,22 @@ def test_damaged_structure_is_a_one_line_error_naming_the_file(
     assert "overwrite" in str(info.value)  # extract says how to replace it (before: not always)
 
 
+def test_a_damaged_cache_says_how_to_replace_it_whatever_its_path(tiny_dataset: Path, tmp_path: Path) -> None:
+    # Before: a damaged cache was told from a refusal by "overwrite" in its message, so a path that held the
+    # word lost the advice.
+    out = tmp_path / "overwrite-tests" / "c.h5"
+    out.parent.mkdir()
+    extract(tiny_dataset, out, **FAST)
+    _damage(out, "no-format-version")
+    with pytest.raises(TlfeatError, match=r"not a tlfeat cache \(no features/format_version\); pass `overwrite` to "
+                       r"compute it again$"):
+        extract(tiny_dataset, out, **FAST)
+    extract(tiny_dataset, out, overwrite=True, **FAST)
+    _damage(out, "label-range")  # a damaged cache's own message already says how: not said twice
+    with pytest.raises(TlfeatError, match=r"\(1 such rows\); rebuild it with extract --overwrite$"):
+        extract(tiny_dataset, out, **FAST)
+
+
 def _nan_in_first_row(monkeypatch: pytest.MonkeyPatch) -> None:
     original = Pending.result
 

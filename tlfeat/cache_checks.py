@@ -2,8 +2,8 @@
 
 A damaged file is a one-line error naming it, never data: h5py verifies the
 fletcher32 checksum of every chunk it reads (tlfeat.cache writes them), and a
-failed check, like any unreadable column or attribute, becomes a TlfeatError
-here; a newer format version is refused by name.
+failed check, like any unreadable column or attribute, becomes a
+DamagedCacheError here; a newer format version is refused by name.
 """
 
 from __future__ import annotations
@@ -25,6 +25,13 @@ KEY_ATTRS = ("backbone", "weights", "input_size", "preprocessing", "dtype")
 REBUILD = "rebuild it with extract --overwrite"
 
 
+class DamagedCacheError(TlfeatError):
+    """A cache file that fails a check; the message names it, the problem, and how to rebuild it."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"{path}: damaged cache: {problem}; {REBUILD}")
+
+
 def check_structure(
     path: Path, handle: h5py.File, decode_attrs: Callable[[h5py.File], dict], parse_key: Callable[[dict], Any],
     reads_up_to: int,
@@ -35,13 +42,12 @@ def check_structure(
         attrs = decode_attrs(handle)
         present = set(handle.keys())
     except (OSError, RuntimeError, KeyError, ValueError) as exc:  # a damaged object header or attribute
-        raise TlfeatError(f"{path}: damaged cache: its attributes cannot be read ({exc.__class__.__name__}); "
-                          f"{REBUILD}") from None
+        raise DamagedCacheError(path, f"its attributes cannot be read ({exc.__class__.__name__})") from None
     if "format_version" not in attrs or "features" not in present:
         raise TlfeatError(f"{path}: HDF5 file is not a tlfeat cache (no features/format_version)")
     version = attrs["format_version"]
     if not isinstance(version, int) or version < 1:
-        raise TlfeatError(f"{path}: damaged cache: format_version {version!r} is not a version number; {REBUILD}")
+        raise DamagedCacheError(path, f"format_version {version!r} is not a version number")
     if version > reads_up_to:
         raise TlfeatError(
             f"{path}: written by a newer tlfeat (cache format version {version}; this tlfeat reads up to "
@@ -50,25 +56,22 @@ def check_structure(
     missing = [n for n in (*ROW_COLUMNS, "class_names", *SKIP_COLUMNS) if n not in present]
     missing += [f"attribute {n}" for n in KEY_ATTRS if n not in attrs]
     if missing:
-        raise TlfeatError(f"{path}: damaged cache: {', '.join(missing)} missing; {REBUILD}")
+        raise DamagedCacheError(path, f"{', '.join(missing)} missing")
     try:
         parse_key(attrs)
     except (TypeError, ValueError):
-        raise TlfeatError(f"{path}: damaged cache: its key attributes do not parse; {REBUILD}") from None
+        raise DamagedCacheError(path, "its key attributes do not parse") from None
     features = handle["features"]
     if features.ndim != 2:
-        raise TlfeatError(f"{path}: damaged cache: features has shape {features.shape}, not (rows, dims); {REBUILD}")
+        raise DamagedCacheError(path, f"features has shape {features.shape}, not (rows, dims)")
     counts = {n: len(handle[n]) for n in (*ROW_COLUMNS, *SKIP_COLUMNS)}
     wrong = [f"{n} {c}" for n, c in counts.items() if n in ROW_COLUMNS and c != features.shape[0]]
     wrong += [f"{n} {c}" for n, c in counts.items() if n in SKIP_COLUMNS and c != counts["skipped_paths"]]
     if wrong:
-        raise TlfeatError(
-            f"{path}: damaged cache: row counts disagree (features {features.shape[0]}, {', '.join(wrong)}); {REBUILD}"
-        )
+        raise DamagedCacheError(path, f"row counts disagree (features {features.shape[0]}, {', '.join(wrong)})")
     if attrs.get("feature_dim", features.shape[1]) != features.shape[1]:
-        raise TlfeatError(
-            f"{path}: damaged cache: feature_dim {attrs['feature_dim']} but features have {features.shape[1]} "
-            f"columns; {REBUILD}"
+        raise DamagedCacheError(
+            path, f"feature_dim {attrs['feature_dim']} but features have {features.shape[1]} columns"
         )
 
 
@@ -78,9 +81,7 @@ def reading(path: Path, what: str) -> Iterator[None]:
     try:
         yield
     except (OSError, RuntimeError, ValueError, UnicodeDecodeError) as exc:
-        raise TlfeatError(
-            f"{path}: damaged cache: {what} fails its checksum or cannot be read ({os_reason(exc)}); {REBUILD}"
-        ) from None
+        raise DamagedCacheError(path, f"{what} fails its checksum or cannot be read ({os_reason(exc)})") from None
 
 
 def read_column(path: Path, dataset: h5py.Dataset, index: slice | np.ndarray = slice(None)) -> np.ndarray:
@@ -119,11 +120,10 @@ def checked_labels(path: Path, labels: np.ndarray, split: np.ndarray, n_classes:
     labels = np.asarray(labels, dtype=np.int64)
     bad = np.flatnonzero((labels < 0) | (labels >= n_classes))
     if len(bad):
-        raise TlfeatError(
-            f"{path}: damaged cache: label {labels[bad[0]]} at row {bad[0]} is outside its {n_classes} classes "
-            f"({len(bad)} such rows); {REBUILD}"
+        raise DamagedCacheError(
+            path, f"label {labels[bad[0]]} at row {bad[0]} is outside its {n_classes} classes ({len(bad)} such rows)"
         )
     unknown = sorted(set(np.asarray(split).tolist()) - set(SPLITS))
     if unknown:
-        raise TlfeatError(f"{path}: damaged cache: split values {unknown} are not train/val/test; {REBUILD}")
+        raise DamagedCacheError(path, f"split values {unknown} are not train/val/test")
     return labels

@@ -21,6 +21,7 @@ from typing import Any
 from tlfeat.backbones import Backbone, get_backbone, resolve_image_size, weights_identity
 from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.cache import CacheKey, CacheReader, key_from_attrs
+from tlfeat.cache_checks import DamagedCacheError
 from tlfeat.cache_writer import CacheWriteError
 from tlfeat.data.batches import bytes_in_flight
 from tlfeat.data.cores import available_cores, available_memory
@@ -67,6 +68,10 @@ def default_output(data: Path, backbone: str, image_size: int | None = None, tta
     return Path("cache") / f"{Path(data).resolve().name}-{backbone}{size}{flip}.h5"
 
 
+class _CacheRefusal(TlfeatError):
+    """A readable cache that this run may not change without `overwrite`; the message says how to go on."""
+
+
 def _record_earlier_work(
     key: CacheKey, out: Path, shards: ShardStore, overwrite: bool, ledger: Ledger, scan: DatasetScan, notes: list[str],
 ) -> bool:
@@ -99,14 +104,16 @@ def _record_earlier_work(
                     ledger.forget([old.identities(int(r), int(r) + 1)[0][0] for r in old.non_finite_rows()])
                     reused = True
                 elif not overwrite:
-                    raise TlfeatError(
+                    raise _CacheRefusal(
                         f"{out}: cache was made with other settings ({key.differences(old_key)} "
                         "[this run vs file]); pass `overwrite` to replace it or `out` for a new file"
                     )
-        except TlfeatError as exc:  # with `overwrite`, only an unreadable or damaged cache gets here
-            if not overwrite and "overwrite" in str(exc):  # a refusal that says how to go on
-                raise
-            if not overwrite:  # an unreadable or damaged file: say what replaces it
+        except _CacheRefusal:
+            raise
+        except TlfeatError as exc:  # an unreadable or damaged cache
+            if not overwrite:  # say what replaces it, unless the message already does
+                if isinstance(exc, DamagedCacheError):
+                    raise
                 raise TlfeatError(f"{exc}; pass `overwrite` to compute it again") from None
             notes.append(f"could not reuse {exc}: its images are computed again")
             ledger.where[:] = NOWHERE
@@ -140,7 +147,7 @@ def _check_dataset(old: CacheReader, scan: DatasetScan, overwrite: bool) -> None
     be dropped, unasked (rows of files at the same relative paths, with the same size and time, are reused)."""
     old_root = old.attrs.get("dataset_root")
     if old_root and Path(old_root) != scan.root and not overwrite:
-        raise TlfeatError(
+        raise _CacheRefusal(
             f"{old.path}: holds the features of another dataset folder ({old_root}, not {scan.root}); pass "
             "`overwrite` to make it this one's (rows of the same files are reused) or `out` for a new file"
         )
@@ -155,7 +162,7 @@ def _check_split(old: CacheReader, moved: int, scan: DatasetScan, overwrite: boo
     if old.attrs.get("split_rule") != SPLIT_RULE:
         settings += "; the cache was split by an earlier tlfeat's rule"
     if not overwrite:
-        raise TlfeatError(
+        raise _CacheRefusal(
             f"{old.path}: this run's split puts {moved} of its {old.n_rows} rows in another split ({settings}); "
             "rerun with the cache's `seed` and `ratios`, or pass `overwrite` to re-label them"
         )
