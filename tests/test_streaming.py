@@ -6,6 +6,7 @@ import json
 import tracemalloc
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -13,6 +14,7 @@ from typer.testing import CliRunner
 from cli import app
 from conftest import assert_one_line_error, fitted_parameters, plant_features, write_synthetic_cache
 from tlfeat.cache import load
+from tlfeat.errors import TlfeatError
 from tlfeat.apps.compare import head_trainable_params
 from tlfeat.heads.fit import fit_heads
 from tlfeat.heads.store import load_head, read_metadata
@@ -93,3 +95,23 @@ def test_streaming_refuses_two_caches_and_nan_features(tmp_path: Path) -> None:
     )
     broken = plant_features(write_synthetic_cache(tmp_path / "nan.h5"), ((5, 3), np.nan))
     assert_one_line_error(runner.invoke(app, ["fit-head", str(broken), "--streaming"]), "nan.h5", "NaN or inf")
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_streaming_checks_its_data_and_output_as_fit_head_does(tmp_path: Path, streaming: bool) -> None:
+    # Before: --streaming wrote its head files inside the dataset folder, where the next scan takes them for a
+    # class, and skipped fit-head's checks of duplicate paths and its advice on a class without train rows.
+    dataset = tmp_path / "ds"
+    dataset.mkdir()
+    cache = write_synthetic_cache(tmp_path / "c.h5", dataset_root=str(dataset))
+    with pytest.raises(TlfeatError, match="inside the dataset folder"):
+        fit_heads(cache, out=dataset / "heads", streaming=streaming)
+    assert list(dataset.iterdir()) == []
+    no_train = write_synthetic_cache(tmp_path / "n.h5", splits=("val", "train", "test"), shares=(1.0, 0.0, 0.0))
+    with pytest.raises(TlfeatError, match="no train split rows"):
+        fit_heads(no_train, out=tmp_path / "o", streaming=streaming)
+    twice = write_synthetic_cache(tmp_path / "t.h5")
+    with h5py.File(twice, "r+") as handle:
+        handle["paths"][1] = handle["paths"][0]
+    with pytest.raises(TlfeatError, match="the same image path occurs in several rows"):
+        fit_heads(twice, out=tmp_path / "o", streaming=streaming)

@@ -25,7 +25,7 @@ from tlfeat.data.scan import DEFAULT_RATIOS
 from tlfeat.errors import TlfeatError, integer
 from tlfeat.fileio import check_outside_dataset, check_output_path
 from tlfeat.heads.fit import Features, HeadResult, load_features
-from tlfeat.heads.folder import head_metadata, locked_folder, save_fitted_head
+from tlfeat.heads.folder import head_metadata, left_out_note, locked_folder, save_fitted_head
 from tlfeat.heads.registry import get_head
 from tlfeat.reports import split_metrics
 
@@ -168,7 +168,7 @@ def select_and_refit(features: Features, c_grid: Sequence[float], seed: int = 0,
     test, _, left_out = features.rows("test", {"train": features.ids.take(rows)})
     if len(test):
         metrics["test"] = split_metrics(test.labels, estimator.predict(test.features), data.class_names)
-    notes = [f"test: {left_out} rows left out of the score, copies of rows this head was fitted on"] if left_out else []
+    notes = [left_out_note("test", left_out)] if left_out else []
     notes += sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0]}" for w in caught
                      if issubclass(w.category, UserWarning)})
     return Fitted(estimator, c, folds, trials, metrics, fit_seconds, search_seconds, notes)

@@ -35,8 +35,8 @@ from tlfeat.errors import TlfeatError, integer, parameter_error
 from tlfeat.fileio import check_output_path, check_outside_dataset, path_list
 from tlfeat.interrupts import deferred_interrupts, raise_if_requested
 from tlfeat.heads.folder import (
-    FitSummary, HeadResult, check_same_data, default_out, folder_key, head_metadata, locked_folder, save_fitted_head,
-    source_record, write_summary,
+    NON_FINITE_ADVICE, FitSummary, HeadResult, check_same_data, check_trainable, check_unique_paths, default_out,
+    folder_key, head_metadata, left_out_note, locked_folder, save_fitted_head, source_record, write_summary,
 )
 from tlfeat.heads.registry import HEAD_NAMES, HeadSpec, fit_estimator, get_head, uses_validation
 from tlfeat.heads.rows import RowIds, rows_digest, seen_rows
@@ -100,13 +100,12 @@ def _source(path: Path, data: CacheData) -> dict:
 
 
 def _check_rows(path: Path, data: CacheData) -> None:
-    if len(set(data.paths)) != len(data.paths):
-        raise TlfeatError(f"{path}: the same image path occurs in several rows; re-extract this cache")
+    check_unique_paths(path, data.paths)
     bad = ~np.isfinite(data.features)
     if bad.any():
         raise TlfeatError(
             f"{path}: {int(bad.sum())} feature values are NaN or inf, in {int(bad.any(axis=1).sum())} "
-            f"of {len(data)} rows; re-extract this cache (extract `overwrite`)"
+            f"of {len(data)} rows; {NON_FINITE_ADVICE}"
         )
 
 
@@ -178,19 +177,7 @@ def load_features(caches: Sequence[Path]) -> Features:
 
 
 def _check_trainable(features: Features, search: bool) -> None:
-    train_labels = features.data.labels[features.data.split == "train"]
-    if not len(train_labels):
-        raise TlfeatError(f"{features.label}: no train split rows; nothing to fit on")
-    present = np.bincount(train_labels, minlength=len(features.data.class_names))
-    total = np.bincount(features.data.labels, minlength=len(features.data.class_names))
-    for i, name in enumerate(features.data.class_names):
-        if present[i] == 0:
-            raise TlfeatError(
-                f"{features.label}: class {name!r} has no images in the train split "
-                f"({total[i]} in val/test); every class needs training images (each image's split is drawn on its "
-                "own: with few images a class can draw none; extract with another `seed`, or use train/ and "
-                "test/ folders)"
-            )
+    check_trainable(features.label, features.data.labels, features.data.split, features.data.class_names)
     if search and "val" not in features.split_counts():
         raise TlfeatError(
             f"{features.label}: `search` chooses hyperparameters on the val split, and this cache has none "
@@ -262,10 +249,7 @@ def _fit_head(name: str, features: Features, search: bool, seed: int, out: Path)
         for split in features.split_counts():
             rows, _, left_out = features.rows(split, seen)
             if left_out:
-                notes.append(
-                    f"{split}: {left_out} rows left out of the score, copies of rows this head "
-                    f"was {'fitted' if split == 'val' else 'fitted or selected'} on"
-                )
+                notes.append(left_out_note(split, left_out, selected=split != "val"))
             if len(rows):
                 metrics[split] = split_metrics(rows.labels, estimator.predict(rows.features), class_names)
     # UserWarnings (ConvergenceWarning among them) speak about this fit; deprecation chatter from libraries does not.
@@ -316,7 +300,7 @@ def fit_heads(
         given = [f"`{name}={value}`" for name, value, default in (
             ("chunk_rows", chunk_rows, DEFAULT_CHUNK_ROWS), ("passes", passes, DEFAULT_PASSES)) if value != default]
         raise TlfeatError(f"{' '.join(given)}: applies with `streaming` only")
-    if streaming:
+    if streaming:  # fit_streaming makes the same checks of `out` as below
         if len(caches) != 1 or search:
             raise TlfeatError("`streaming` fits one cache, without `search`")
         summary = fit_streaming(caches[0], head=head, out=out, chunk_rows=chunk_rows, passes=passes, seed=seed)

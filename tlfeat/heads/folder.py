@@ -141,6 +141,38 @@ def locked_folder(out: Path) -> Iterator[Path]:
         yield out
 
 
+NON_FINITE_ADVICE = "re-extract this cache (extract `overwrite`)"
+
+
+def check_unique_paths(path: Path, paths: np.ndarray) -> None:
+    """Refuse a cache with an image path in several rows: its rows could not be told apart."""
+    if len(set(paths)) != len(paths):
+        raise TlfeatError(f"{path}: the same image path occurs in several rows; re-extract this cache")
+
+
+def check_trainable(label: str, labels: np.ndarray, split: np.ndarray, class_names: Sequence[str]) -> None:
+    """Refuse to fit a head on data without train rows, or with a class that has none."""
+    train_labels = labels[split == "train"]
+    if not len(train_labels):
+        raise TlfeatError(f"{label}: no train split rows; nothing to fit on")
+    present = np.bincount(train_labels, minlength=len(class_names))
+    total = np.bincount(labels, minlength=len(class_names))
+    for i, name in enumerate(class_names):
+        if present[i] == 0:
+            raise TlfeatError(
+                f"{label}: class {name!r} has no images in the train split "
+                f"({total[i]} in val/test); every class needs training images (each image's split is drawn on its "
+                "own: with few images a class can draw none; extract with another `seed`, or use train/ and "
+                "test/ folders)"
+            )
+
+
+def left_out_note(split: str, count: int, selected: bool = False) -> str:
+    """The note of a score that leaves out `count` rows of `split`, copies of rows the head learnt from."""
+    role = "fitted or selected" if selected else "fitted"
+    return f"{split}: {count} rows left out of the score, copies of rows this head was {role} on"
+
+
 def existing_heads(out: Path) -> dict[str, dict]:
     """Metadata of every head file in `out`, by head name; a folder with tlfeat 0.1 heads is refused."""
     legacy = sorted(p.name for p in Path(out).glob(f"*{LEGACY_SUFFIX}"))

@@ -30,9 +30,10 @@ from sklearn.preprocessing import StandardScaler
 from tlfeat.cache import open_rows
 from tlfeat.data.scan import SPLITS
 from tlfeat.errors import TlfeatError, integer
+from tlfeat.fileio import check_output_path, check_outside_dataset
 from tlfeat.heads.folder import (
-    FitSummary, check_same_data, default_out, folder_key, head_metadata, locked_folder, save_fitted_head, source_record,
-    write_summary,
+    NON_FINITE_ADVICE, FitSummary, check_same_data, check_trainable, check_unique_paths, default_out, folder_key,
+    head_metadata, left_out_note, locked_folder, save_fitted_head, source_record, write_summary,
 )
 from tlfeat.heads.registry import HEADS, STREAMING_SUFFIX
 from tlfeat.heads.rows import RowIds, rows_digest, seen_rows
@@ -62,9 +63,33 @@ def _row_ids(path: Path, index: object, features: h5py.Dataset, chunk_rows: int)
     for chunk in _chunks(np.arange(len(index.labels)), chunk_rows):
         block = _read(features, chunk)
         if not np.isfinite(block).all():
-            raise TlfeatError(f"{path}: NaN or inf feature values; re-extract this cache (extract `overwrite`)")
+            raise TlfeatError(f"{path}: NaN or inf feature values; {NON_FINITE_ADVICE}")
         parts.append(RowIds.of(index.paths[chunk], sizes[chunk], block))
     return RowIds.concat(parts)
+
+
+def _fit_sgd(
+    features: h5py.Dataset, train_rows: np.ndarray, labels: np.ndarray, n_classes: int, loss: str, chunk_rows: int,
+    passes: int, seed: int,
+) -> tuple[Pipeline, float]:
+    """Scaling statistics in one pass, then `passes` shuffled passes of SGD; returns the pipeline and its seconds."""
+    started = time.perf_counter()
+    scaler = StandardScaler()
+    train_chunks = _chunks(train_rows, chunk_rows)
+    for chunk in train_chunks:
+        scaler.partial_fit(_read(features, chunk))
+    classifier = SGDClassifier(loss=loss, alpha=ALPHA, random_state=seed)
+    rng = np.random.default_rng(seed)
+    classes = np.arange(n_classes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=RuntimeWarning)  # overflow in exp on far-off rows
+        for _ in range(passes):
+            for chunk_index in rng.permutation(len(train_chunks)):
+                chunk = train_chunks[chunk_index]
+                order = rng.permutation(len(chunk))
+                block = scaler.transform(_read(features, chunk))[order]
+                classifier.partial_fit(block, labels[chunk][order], classes=classes)
+    return Pipeline([("standardscaler", scaler), ("sgdclassifier", classifier)]), time.perf_counter() - started
 
 
 def fit_streaming(
@@ -83,55 +108,36 @@ def fit_streaming(
     chunk_rows, passes = integer("chunk_rows", chunk_rows, 1), integer("passes", passes, 1)
     cache = Path(cache)
     out = Path(out) if out is not None else default_out([cache])
-    with open_rows(cache) as (index, features), locked_folder(out):
+    check_output_path(out, folder=True)
+    with open_rows(cache) as (index, features):
         attrs, labels, class_names, split = index.attrs, index.labels, index.class_names, index.split
-        rows = {s: np.flatnonzero(split == s) for s in SPLITS if np.any(split == s)}
-        if "train" not in rows:
-            raise TlfeatError(f"{cache}: no train split rows; nothing to fit on")
-        missing = sorted(set(range(len(class_names))) - set(labels[rows["train"]].tolist()))
-        if missing:
-            raise TlfeatError(f"{cache}: class {class_names[missing[0]]!r} has no images in the train split")
-        feature_dim = int(features.shape[1])
-        sources = [source_record(cache, attrs, len(labels), feature_dim)]
-        ids = _row_ids(cache, index, features, chunk_rows)
-        digest = rows_digest(split, ids)
-        check_same_data(out, folder_key(sources, digest), ids, split, cache.name)
+        check_outside_dataset(out, attrs.get("dataset_root"))
+        check_trainable(str(cache), labels, split, class_names)
+        check_unique_paths(cache, index.paths)
+        with locked_folder(out):
+            rows = {s: np.flatnonzero(split == s) for s in SPLITS if np.any(split == s)}
+            feature_dim = int(features.shape[1])
+            sources = [source_record(cache, attrs, len(labels), feature_dim)]
+            ids = _row_ids(cache, index, features, chunk_rows)
+            digest = rows_digest(split, ids)
+            check_same_data(out, folder_key(sources, digest), ids, split, cache.name)
 
-        started = time.perf_counter()
-        scaler = StandardScaler()
-        train_chunks = _chunks(rows["train"], chunk_rows)
-        for chunk in train_chunks:
-            scaler.partial_fit(_read(features, chunk))
-        classifier = SGDClassifier(loss=loss, alpha=ALPHA, random_state=seed)
-        rng = np.random.default_rng(seed)
-        classes = np.arange(len(class_names))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", category=RuntimeWarning)  # overflow in exp on far-off rows
-            for _ in range(passes):
-                for chunk_index in rng.permutation(len(train_chunks)):
-                    chunk = train_chunks[chunk_index]
-                    order = rng.permutation(len(chunk))
-                    block = scaler.transform(_read(features, chunk))[order]
-                    classifier.partial_fit(block, labels[chunk][order], classes=classes)
-        fit_seconds = time.perf_counter() - started
-        estimator = Pipeline([("standardscaler", scaler), ("sgdclassifier", classifier)])
-
-        seen = {"train": ids.take(split == "train")}
-        metrics, notes = {}, []
-        for name, split_rows in rows.items():
-            kept = split_rows[~seen_rows(name, ids.take(split == name), seen)]
-            if len(kept) < len(split_rows):
-                notes.append(f"{name}: {len(split_rows) - len(kept)} rows left out of the score, copies of rows "
-                             "this head was fitted on")
-            if len(kept):
-                predicted = np.concatenate([estimator.predict(_read(features, c)) for c in _chunks(kept, chunk_rows)])
-                metrics[name] = split_metrics(labels[kept], predicted, class_names)
-
-        counts = {s: len(r) for s, r in rows.items()}
-        meta = head_metadata(
-            head + STREAMING_SUFFIX, f"streaming {head}: StandardScaler (one pass) + SGDClassifier({loss})",
-            estimator, class_names, feature_dim, sources, cache.name, {"digest": digest, "counts": counts},
-            {"alpha": ALPHA, "passes": passes, "chunk_rows": chunk_rows}, None, seed, fit_seconds, None,
-        )
-        result = save_fitted_head(out, estimator, meta, metrics, seen, notes)
-        return write_summary(out, [result], sources, counts)
+            estimator, fit_seconds = _fit_sgd(features, rows["train"], labels, len(class_names), loss, chunk_rows,
+                                              passes, seed)
+            seen = {"train": ids.take(split == "train")}
+            metrics, notes = {}, []
+            for name, split_rows in rows.items():
+                kept = split_rows[~seen_rows(name, ids.take(split == name), seen)]
+                if len(kept) < len(split_rows):
+                    notes.append(left_out_note(name, len(split_rows) - len(kept)))
+                if len(kept):
+                    predicted = np.concatenate([estimator.predict(_read(features, c)) for c in _chunks(kept, chunk_rows)])
+                    metrics[name] = split_metrics(labels[kept], predicted, class_names)
+            counts = {s: len(r) for s, r in rows.items()}
+            meta = head_metadata(
+                head + STREAMING_SUFFIX, f"streaming {head}: StandardScaler (one pass) + SGDClassifier({loss})",
+                estimator, class_names, feature_dim, sources, cache.name, {"digest": digest, "counts": counts},
+                {"alpha": ALPHA, "passes": passes, "chunk_rows": chunk_rows}, None, seed, fit_seconds, None,
+            )
+            result = save_fitted_head(out, estimator, meta, metrics, seen, notes)
+            return write_summary(out, [result], sources, counts)
