@@ -202,8 +202,10 @@ def test_run_writes_every_output_skips_unreadable_images_and_predicts(tmp_path: 
     assert np.allclose(proba.sum(axis=1), 1.0, atol=1e-5)
     assert failures == [(str(data / "class_0" / "broken.png"), summary["skipped"]["class_0/broken.png"])]
 
-    shown = runner.invoke(app, ["predict", str(out), str(good), "--top", "3", "-q"])  # cli.py predict takes a run
+    shown = runner.invoke(app, ["predict", str(out), str(good), "--top", "3"])  # cli.py predict takes a run
     assert shown.exit_code == 0, shown.output
+    assert "predict vgg16: 1/1 images (100%)" in shown.stderr  # before: no progress for a run, -q or not
+    assert "predict vgg16" not in runner.invoke(app, ["predict", str(out), str(good), "-q"]).stderr
     line = next(row for row in shown.output.splitlines() if row.startswith(str(good)))
     shown_proba = {name: float(p) for name, p in (cell.split() for cell in line.split("\t")[1:])}
     assert set(shown_proba) == set(names)

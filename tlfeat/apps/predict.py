@@ -172,7 +172,7 @@ def predict_images(
         from tlfeat.finetuning import predict_files, read_run_summary
 
         meta = read_run_summary(model)
-        proba, ok, failures, names = predict_files(model, files, batch_size or 32)
+        proba, ok, failures, names = predict_files(model, files, batch_size, progress)
     else:
         estimator, meta = load_head(model, trust=trust)
         features, ok, failures = embed_for_head(model, meta, files, batch_size, progress)

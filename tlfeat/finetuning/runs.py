@@ -79,18 +79,28 @@ def load_finetuned(path: Path) -> tuple[Any, dict]:
 
 
 def predict_files(
-    run_or_model_path: Path, files: Sequence[str | Path], batch_size: int = 32
+    run_or_model_path: Path, files: Sequence[str | Path], batch_size: int | None = None, progress: bool = False
 ) -> tuple[np.ndarray, list[int], list[tuple[str, str]], list[str]]:
-    """Classify image files with a fine-tuned run: (probabilities (n_ok, C), ok indices, failures, class names)."""
+    """Classify image files with a fine-tuned run: (probabilities (n_ok, C), ok indices, failures, class names).
+
+    batch_size: default 256 on a GPU, 32 on a CPU.
+    """
+    from tlfeat.runtime import accelerator_present, default_batch_size
+
     model, summary = load_finetuned(run_or_model_path)
     spec = get_backbone(summary["backbone"])
-    result = predict_with_model(model, files, int(summary["image_size"]), spec, batch_size)
+    batch_size = default_batch_size(batch_size, accelerator_present())
+    result = predict_with_model(model, files, int(summary["image_size"]), spec, batch_size, progress)
     return result.outputs, result.ok, result.failures, list(summary["classes"])
 
 
-def predict_with_model(model: Any, files: Sequence[str | Path], image_size: int, spec: Any, batch_size: int) -> Any:
+def predict_with_model(
+    model: Any, files: Sequence[str | Path], image_size: int, spec: Any, batch_size: int, progress: bool = False
+) -> Any:
     """Class probabilities of the decodable files (`tlfeat.runtime.BatchOutputs`)."""
     from tlfeat.runtime import CompiledModel, apply_to_files
 
     compiled = CompiledModel(model, spec.preprocessor.mode, image_size, batch_size)
-    return apply_to_files(files, image_size, batch_size, compiled.submit, int(model.output.shape[-1]))
+    return apply_to_files(
+        files, image_size, batch_size, compiled.submit, int(model.output.shape[-1]), progress, f"predict {spec.name}"
+    )
