@@ -16,7 +16,8 @@ PUBLIC = ["Interrupted", "TlfeatError", "audit", "compare", "doctor", "embedding
 
 # The data flow, lowest first: a module may import its own stage and lower ones, never a higher one.
 STAGES = [
-    ("tlfeat.errors", "tlfeat.fileio", "tlfeat.interrupts", "tlfeat.progress", "tlfeat.quiet_import"),
+    ("tlfeat.errors", "tlfeat.fileio", "tlfeat.interrupts", "tlfeat.progress", "tlfeat.quiet_import",
+     "tlfeat.seeding"),
     ("tlfeat.data",),
     ("tlfeat.backbones",),
     ("tlfeat.runtime",),

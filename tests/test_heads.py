@@ -12,6 +12,7 @@ import pytest
 from sklearn.base import clone
 
 from conftest import gaussian_blobs
+from tlfeat.backbones import build_model, get_backbone
 from tlfeat.errors import TlfeatError
 from tlfeat.heads.keras_head import KerasReportHead
 from tlfeat.heads.registry import HEAD_NAMES, get_head
@@ -85,6 +86,22 @@ def test_report_head_reproduces_itself_with_the_same_seed(blobs: dict) -> None:
     assert runs[0].history_ == runs[1].history_
     other = KerasReportHead(seed=8, epochs=8).fit(X, y, validation_data=blobs["val"])
     assert not np.allclose(other.predict_proba(X_test), runs[0].predict_proba(X_test))
+
+
+def test_fitting_the_report_head_leaves_the_callers_random_streams_alone(blobs: dict) -> None:
+    # Before: fit reseeded Python's `random` and np.random globally (keras.utils.set_random_seed), so a notebook's
+    # own draws after it repeated the head's seed's sequence.
+    import random
+
+    import keras  # noqa: F401  (importing TensorFlow itself draws from np.random)
+
+    X, y = blobs["train"]
+    random.seed(11)
+    np.random.seed(11)
+    expected = (random.Random(11).random(), np.random.RandomState(11).rand())
+    KerasReportHead(seed=0, epochs=1).fit(X, y, validation_data=blobs["val"])
+    build_model(get_backbone("vgg16"), "none", 32)  # random weights are seeded the same way
+    assert (random.random(), np.random.rand()) == expected
 
 
 @pytest.mark.slow

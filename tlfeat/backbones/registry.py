@@ -18,6 +18,7 @@ import numpy as np
 from tlfeat.errors import TlfeatError, integer
 from tlfeat.fileio import describe_exception, sha256_file
 from tlfeat.backbones.preprocessing import PREPROCESSING, Preprocessing
+from tlfeat.seeding import seeded
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 RANDOM_WEIGHTS_SEED = 0
@@ -163,12 +164,10 @@ def build_model(backbone: Backbone, weights: str, image_size: int | None = None)
     size = image_size or backbone.input_size
     input_shape = (size, size, 3)
     if weights == "none":
-        import keras
-
         # A fixed seed makes "random weights" one reproducible model, so a resumed
         # or incremental run never mixes features from two different initialisations.
-        keras.utils.set_random_seed(RANDOM_WEIGHTS_SEED)
-        return backbone.builder(None, input_shape)
+        with seeded(RANDOM_WEIGHTS_SEED):
+            return backbone.builder(None, input_shape)
     if weights == "imagenet":
         try:
             return backbone.builder("imagenet", input_shape)

@@ -40,6 +40,7 @@ from tlfeat.finetuning.runs import read_run_summary
 from tlfeat.finetuning.state import Log, Run, RunConfig, open_run
 from tlfeat.progress import progress_bar
 from tlfeat.runtime import accelerator_present, check_batch_size, compute_policy
+from tlfeat.seeding import caller_streams_kept
 
 
 @functools.cache
@@ -104,6 +105,7 @@ class FinetuneSummary:
                 f"{len(self.skipped)} images skipped)")
 
 
+@caller_streams_kept()  # it seeds Keras, so `random` and `np.random`, at the start and at each epoch
 def finetune(
     data: str | Path,
     backbone: str = DEFAULT_BACKBONE,

@@ -16,6 +16,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from tlfeat.interrupts import raise_if_requested, stop_requested
+from tlfeat.seeding import seeded
 
 HIDDEN_UNITS = 128
 DROPOUT = 0.3
@@ -61,7 +62,7 @@ class KerasReportHead(ClassifierMixin, BaseEstimator):
     ``fit(..., validation_data=(X_val, y_val))`` or, without them, a stratified
     `validation_fraction` of the training rows. The same `seed` gives the same
     model (``keras.utils.set_random_seed`` seeds initialisation, dropout and
-    shuffling).
+    shuffling; the caller's `random` and `np.random` streams are left as they were).
 
     Pickles as numpy weights plus configuration, never as a Keras object, so a
     head fitted under one Keras backend loads under another; the Keras model is
@@ -100,27 +101,24 @@ class KerasReportHead(ClassifierMixin, BaseEstimator):
         self.classes_, y_index = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
             raise ValueError(f"KerasReportHead needs at least 2 classes in y, got 1 class ({self.classes_[0]!r})")
-        keras.utils.set_random_seed(self.seed)
-        X_fit, y_fit, X_val, y_val = self._validation_rows(X, y_index, validation_data)
-
-        model = self._build(X.shape[1], len(self.classes_))
-        model.compile(
-            optimizer=keras.optimizers.RMSprop(learning_rate=self.learning_rate),
-            loss="categorical_crossentropy",
-            metrics=["accuracy"],
-        )
-        callbacks, validation = [stop_when_asked_callback()], None
-        if X_val is not None:
-            validation = (X_val, self._one_hot(y_val))
-            callbacks.append(
-                keras.callbacks.EarlyStopping(
-                    monitor="val_loss", patience=self.patience, restore_best_weights=True
-                )
+        with seeded(self.seed):
+            X_fit, y_fit, X_val, y_val = self._validation_rows(X, y_index, validation_data)
+            model = self._build(X.shape[1], len(self.classes_))
+            model.compile(
+                optimizer=keras.optimizers.RMSprop(learning_rate=self.learning_rate),
+                loss="categorical_crossentropy",
+                metrics=["accuracy"],
             )
-        history = model.fit(
-            X_fit, self._one_hot(y_fit), batch_size=self.batch_size, epochs=self.epochs,
-            validation_data=validation, callbacks=callbacks, shuffle=True, verbose=self.verbose,
-        )
+            callbacks, validation = [stop_when_asked_callback()], None
+            if X_val is not None:
+                validation = (X_val, self._one_hot(y_val))
+                callbacks.append(
+                    keras.callbacks.EarlyStopping(monitor="val_loss", patience=self.patience, restore_best_weights=True)
+                )
+            history = model.fit(
+                X_fit, self._one_hot(y_fit), batch_size=self.batch_size, epochs=self.epochs,
+                validation_data=validation, callbacks=callbacks, shuffle=True, verbose=self.verbose,
+            )
         raise_if_requested()  # a head stopped short by Ctrl-C is no fitted head
         self.history_ = {k: [float(v) for v in values] for k, values in history.history.items()}
         self.epochs_run_ = len(history.epoch)

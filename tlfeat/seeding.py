@@ -1,0 +1,36 @@
+"""Seeding Keras for reproducible runs without reseeding the caller's own random streams.
+
+`keras.utils.set_random_seed` seeds Python's `random`, NumPy's global generator
+and the backend's. A notebook that fits a head and then draws its own random
+numbers would get the head's seed's sequence: these keep the caller's `random`
+and `np.random` states as they were (the backend's global seed stays set).
+"""
+
+from __future__ import annotations
+
+import random
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+
+
+@contextmanager
+def caller_streams_kept() -> Iterator[None]:
+    """Restore `random` and `np.random` to their states at entry; also a decorator."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """`keras.utils.set_random_seed(seed)` for the block, the caller's streams kept."""
+    import keras
+
+    with caller_streams_kept():
+        keras.utils.set_random_seed(seed)
+        yield
