@@ -63,13 +63,6 @@ class CacheKey:
     decode: str = DECODE  # how files became pixels (tlfeat.data.decode)
     tta: str = NO_TTA  # test-time augmentation: "flip" = mean of the image's and its mirror's features
 
-    def describe(self) -> str:
-        return (
-            f"backbone={self.backbone} weights={self.weights} "
-            f"input_size={self.input_size} preprocessing={self.preprocessing} dtype={self.dtype} "
-            f"compute={self.compute} decode={self.decode} tta={self.tta}"
-        )
-
     def differences(self, other: "CacheKey") -> str:
         """Human-readable 'field: ours vs theirs' for the fields that differ."""
         mine, theirs = asdict(self), asdict(other)

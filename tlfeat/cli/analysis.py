@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from tlfeat.analysis.duplicates import EXACT_MAX_ROWS
+from tlfeat.analysis.duplicates import EXACT_MAX_ROWS as AUDIT_EXACT_MAX_ROWS
+from tlfeat.analysis.similar import EXACT_MAX_ROWS as SIMILAR_EXACT_MAX_ROWS
 from tlfeat.cli.common import app, user_errors
 from tlfeat.cli.heads import TRUST_HELP
 
@@ -18,7 +19,7 @@ def audit(
     cache: Path = typer.Argument(..., help="A cache written by extract."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder. Default: audit/<cache stem>/ beside the cache (never inside the dataset)."),
     dup_threshold: Optional[float] = typer.Option(None, "--dup-threshold", help="Cosine similarity from which two images count as near-duplicates. Default: chosen from the distribution of nearest-neighbour similarities, and printed."),
-    index: str = typer.Option("auto", "--index", help=f"Duplicate search: exact (blocked matrix products), faiss (approximate; an index saved beside the cache, needs faiss-cpu) or auto (exact up to {EXACT_MAX_ROWS:,} images)."),
+    index: str = typer.Option("auto", "--index", help=f"Duplicate search: exact (blocked matrix products), faiss (approximate; an index saved beside the cache, needs faiss-cpu) or auto (exact up to {AUDIT_EXACT_MAX_ROWS:,} images)."),
     folds: int = typer.Option(5, "--folds", help="Cross-validation folds of the out-of-fold predictions behind the label review."),
     seed: int = typer.Option(0, "--seed", help="Seed of the folds and of the linear head."),
     no_sheets: bool = typer.Option(False, "--no-sheets", help="No PNG contact sheets (they read the images from the dataset folder)."),
@@ -44,7 +45,7 @@ def similar(
     cache: Path = typer.Argument(..., help="A cache written by extract."),
     queries: list[str] = typer.Argument(..., help="Image paths as stored in the cache (train/Coast/image_0001.jpg), image files or folders. Files the cache does not hold are embedded with its own backbone, weights and image size."),
     top: int = typer.Option(10, "--top", "-k", help="Similar images to list per query."),
-    index: str = typer.Option("auto", "--index", help="exact (blocked matrix products, memory bounded by the block), faiss (approximate; an index built once and saved as <cache>.faiss, needs faiss-cpu) or auto (exact up to 4,000,000 images)."),
+    index: str = typer.Option("auto", "--index", help=f"exact (blocked matrix products, memory bounded by the block), faiss (approximate; an index built once and saved as <cache>.faiss, needs faiss-cpu) or auto (exact up to {SIMILAR_EXACT_MAX_ROWS:,} images)."),
     nprobe: int = typer.Option(16, "--nprobe", help="With faiss: index cells scanned per query (more: slower, fewer misses)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for similar.csv and similar.png. Default: similar/<cache stem>/ beside the cache."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass when embedding query files."),

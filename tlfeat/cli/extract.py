@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from tlfeat.backbones import DEFAULT_BACKBONE, list_backbones
+from tlfeat.backbones import DEFAULT_BACKBONE, get_backbone, list_backbones
 from tlfeat.backbones.preprocessing import TTA_MODES
 from tlfeat.cli.common import DEFAULT_SPLIT, app, parse_ratios, user_errors
 from tlfeat.extraction.run import ENGINES
@@ -109,4 +109,4 @@ def backbones() -> None:
             f"{spec.name:<{width}}  {spec.input_size:>4}  {spec.feature_dim:>4}  "
             f"{spec.parameters / 1e6:>9.2f}M  {spec.preprocessor.mode:<13}  {spec.weight_source}"
         )
-    typer.echo(f"\ndefault: {DEFAULT_BACKBONE} ({specs[0].weight_source})")
+    typer.echo(f"\ndefault: {DEFAULT_BACKBONE} ({get_backbone(DEFAULT_BACKBONE).weight_source})")

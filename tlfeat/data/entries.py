@@ -119,12 +119,6 @@ class ImageTable(LazySequence[ImageEntry]):
 
     __hash__ = None  # type: ignore[assignment]  # mutable while a scan builds it
 
-    def bytes_per_entry(self) -> float:
-        """What the columns hold per entry (path bytes included)."""
-        held = len(self._paths) + sum(len(a) * a.itemsize for a in (self._ends, self._sizes, self._mtimes,
-                                                                      self._classes, self._splits))
-        return held / max(1, len(self))
-
 
 class EntrySubset(LazySequence[ImageEntry]):
     """Some entries of a sequence, by position (8 bytes each): what a run computes, without an object each."""

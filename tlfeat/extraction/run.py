@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tlfeat.backbones import Backbone, get_backbone, resolve_image_size, weights_identity
+from tlfeat.backbones import DEFAULT_BACKBONE, Backbone, get_backbone, resolve_image_size, weights_identity
 from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.cache import CacheKey, CacheReader, key_from_attrs
 from tlfeat.cache_checks import DamagedCacheError
@@ -199,7 +199,7 @@ def make_engine(
 def extract(
     data: str | Path,
     out: str | Path | None = None,
-    backbone: str = "efficientnet_lite0",
+    backbone: str = DEFAULT_BACKBONE,
     weights: str = "imagenet",
     image_size: int | None = None,
     batch_size: int | None = None,
