@@ -168,6 +168,24 @@ def test_one_path_where_a_list_is_expected_means_that_file(tmp_path: Path) -> No
             call()
 
 
+def test_evaluate_writes_its_json_report_from_python_too(tmp_path: Path) -> None:
+    # Before: only `tlfeat evaluate --json` wrote the report; tlfeat.evaluate had no way to.
+    import json
+
+    import tlfeat
+    from conftest import write_synthetic_cache
+
+    cache = write_synthetic_cache(tmp_path / "c.h5", n_per_class=12, n_classes=2, dim=4)
+    tlfeat.fit_heads(cache, head="logreg", out=tmp_path / "heads")
+    model = tmp_path / "heads" / "logreg.skops"
+    with pytest.raises(tlfeat.TlfeatError, match=r"c\.h5: exists and is not a \.json file"):
+        tlfeat.evaluate(model, cache, json=cache)
+    evaluation = tlfeat.evaluate(model, cache, json=tmp_path / "e.json")
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["splits"]["test"]["accuracy"] == evaluation.metrics["test"]["accuracy"]
+    assert report["classes"] == ["class_0", "class_1"] and report["caches"] == [str(cache)]
+
+
 def test_predict_and_similar_check_batch_size_before_any_work(tmp_path: Path) -> None:
     # Before: batch_size=0 was taken for the default, -5 ended in "ValueError: cannot mmap an empty file"
     # (the CLI: a 123-line traceback).

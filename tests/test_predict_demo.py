@@ -20,6 +20,7 @@ from tlfeat.heads.fit import fit_heads, load_features
 from tlfeat.heads.registry import HEAD_NAMES
 from tlfeat.heads.store import load_head, read_metadata, save_head
 from tlfeat.apps.predict import predict_images
+from tlfeat.errors import TlfeatError
 
 runner = CliRunner()
 
@@ -145,9 +146,17 @@ def test_predict_refuses_a_head_fitted_on_features_decoded_the_old_way(
 def test_predict_with_nothing_readable_is_an_error(trained: dict, tmp_path: Path) -> None:
     junk = tmp_path / "junk.jpg"
     junk.write_bytes(b"\xff\xd8 not really a jpeg")
-    result = runner.invoke(app, ["predict", str(trained["single"]), str(junk), "-q"])
-    assert result.exit_code == 1 and "Traceback" not in result.output
-    assert result.stderr.strip().splitlines()[-1] == "error: none of the 1 files could be read as an image"
+    assert_one_line_error(
+        runner.invoke(app, ["predict", str(trained["single"]), str(junk), "-q"]),
+        f"{junk}: not an image Pillow can read", "none of the 1 files could be read as an image",
+    )
+    # Before: Python's predict returned an empty result, and only the command wrote --csv and said it was empty.
+    other = tmp_path / "other.jpg"
+    other.write_bytes(b"")
+    listed = tmp_path / "p.csv"
+    with pytest.raises(TlfeatError, match=rf"none of the 2 files could be read as an image; 1 more skipped, listed in {listed}$"):
+        predict_images(trained["single"], [junk, other], csv=listed, progress=False)
+    assert len(listed.read_text().splitlines()) == 3
     empty = tmp_path / "empty"
     empty.mkdir()
     assert_one_line_error(runner.invoke(app, ["predict", str(trained["single"]), str(empty)]), "no image files")

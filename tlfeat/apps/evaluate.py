@@ -14,12 +14,12 @@ from typing import Sequence
 from sklearn.base import BaseEstimator
 
 from tlfeat.errors import TlfeatError
-from tlfeat.fileio import path_list
+from tlfeat.fileio import check_output_path, path_list
 from tlfeat.heads.fit import Features, load_features
 from tlfeat.heads.folder import FEATURE_DEFAULTS, FEATURE_KEY
 from tlfeat.heads.rows import RowIds
 from tlfeat.heads.store import load_head, read_fitted_rows, read_metadata
-from tlfeat.reports import split_metrics
+from tlfeat.reports import split_metrics, write_json
 
 
 @dataclass
@@ -80,7 +80,8 @@ def _check_caches_fit_model(model: Path, meta: dict, caches: Sequence[Path], fea
 
 
 def evaluate_on_caches(
-    model: str | Path, caches: str | Path | Sequence[str | Path], split: str | None = None, trust: bool = False
+    model: str | Path, caches: str | Path | Sequence[str | Path], split: str | None = None, trust: bool = False,
+    json: str | Path | None = None,
 ) -> Evaluation:
     """Score a fit-head model on labelled caches: accuracy, macro-F1, per-class scores, confusion matrix per split.
 
@@ -89,8 +90,12 @@ def evaluate_on_caches(
     rows the head was fitted on are left out of val and test (and selection rows out
     of test), counted in `left_out`. A split left with no rows is not scored.
     `trust` loads a head holding types tlfeat does not trust (`tlfeat.heads.store.load_head`).
+    json: also write the scores (per-class, confusion matrices) and what was left out to this file.
     """
     model, caches = Path(model), [Path(c) for c in path_list(caches, "caches", "tlfeat caches")]
+    if json is not None:
+        json = Path(json)
+        check_output_path(json, parameter="json", suffix=".json")
     features, estimator, meta = checked_head(model, caches, split, trust)
     recorded = read_fitted_rows(model)
     result = Evaluation(model, meta, caches, {})
@@ -111,6 +116,9 @@ def evaluate_on_caches(
             result.metrics[name] = split_metrics(rows.labels, estimator.predict(rows.features), meta["classes"])
     if not result.metrics:
         raise TlfeatError(f"{caches[0]}: {result.notes[-1]}; score {model.name} on images it has not seen")
+    if json is not None:
+        write_json(json, {"model": str(model), "caches": [str(c) for c in caches], "classes": meta["classes"],
+                          "splits": result.metrics, "left_out": result.left_out})
     return result
 
 

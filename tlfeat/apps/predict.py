@@ -28,7 +28,7 @@ from tlfeat.cache import OLD_DECODE
 from tlfeat.data.decode import DECODE
 from tlfeat.data.scan import IMAGE_EXTENSIONS
 from tlfeat.errors import TlfeatError, integer
-from tlfeat.fileio import path_list
+from tlfeat.fileio import check_output_path, path_list
 from tlfeat.runtime import check_batch_size
 from tlfeat.heads.store import load_head
 from tlfeat.reports import write_csv
@@ -149,16 +149,21 @@ def _is_finetune_run(model: Path) -> bool:
 
 def predict_images(
     model: str | Path, inputs: str | Path | Sequence[str | Path], top: int = 1, batch_size: int | None = None, progress: bool = True,
-    trust: bool = False,
+    trust: bool = False, csv: str | Path | None = None,
 ) -> PredictResult:
     """Classify the images under `inputs` with a fit-head head file or a fine-tune run (folder or model.keras).
 
     inputs: image files or folders of them. top: the classes kept per image, most probable first.
     batch_size, progress: of embedding the images (default batch: 256 on a GPU, 32 on a CPU).
-    Files that cannot be decoded are listed in `skipped`; an input path that does not exist is an error.
-    `trust` loads a head holding types tlfeat does not trust (`tlfeat.heads.store.load_head`).
+    Files that cannot be decoded are listed in `skipped`; an input path that does not exist, or no file
+    that decodes, is an error. `trust` loads a head holding types tlfeat does not trust
+    (`tlfeat.heads.store.load_head`). csv: also write the predictions and skipped files there
+    (`write_predictions_csv`).
     """
     top = integer("top", top, 1)
+    if csv is not None:
+        csv = Path(csv)
+        check_output_path(csv, parameter="csv", suffix=".csv")  # before the images are embedded
     model = Path(model)
     inputs = path_list(inputs, "inputs", "image files or folders")
     batch_size = check_batch_size(batch_size)
@@ -184,6 +189,14 @@ def predict_images(
         result.predictions.append(
             Prediction(str(files[index]), [(names[j], float(proba[row, j])) for j in order[row]])
         )
+    if csv is not None:
+        write_predictions_csv(csv, result, top)
+    if not result.predictions:
+        path, reason = result.skipped[0]
+        others = f"; {len(result.skipped) - 1} more skipped" if len(result.skipped) > 1 else ""
+        listed = f", listed in {csv}" if csv is not None else ""
+        raise TlfeatError(f"{path}: {reason}; none of the {len(result.skipped)} files could be read as an image"
+                          f"{others}{listed}")
     return result
 
 

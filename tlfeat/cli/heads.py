@@ -8,8 +8,6 @@ from typing import TYPE_CHECKING, Optional
 import typer
 
 from tlfeat.cli.common import app, program_name, user_errors
-from tlfeat.errors import TlfeatError
-from tlfeat.fileio import check_output_path
 from tlfeat.heads.registry import HEADS
 from tlfeat.heads.streaming import DEFAULT_CHUNK_ROWS, DEFAULT_PASSES
 
@@ -93,20 +91,15 @@ def predict(
 
     A path that does not exist is an error; files that cannot be decoded are listed as skipped.
     """
-    from tlfeat.apps.predict import predict_images, write_predictions_csv
+    from tlfeat.apps.predict import predict_images
 
-    if csv is not None:
-        check_output_path(csv, parameter="csv", suffix=".csv")  # before the images are embedded
-    result = predict_images(model, images, top=top, batch_size=batch_size, progress=not quiet, trust=trust)
+    result = predict_images(model, images, top=top, batch_size=batch_size, progress=not quiet, trust=trust, csv=csv)
     for p in result.predictions:
         typer.echo(f"{p.path}\t" + "\t".join(f"{name} {prob:.3f}" for name, prob in p.top))
     for path, reason in result.skipped:
         typer.echo(f"skipped {path}: {reason}", err=True)
     if csv is not None:
-        write_predictions_csv(csv, result, top)
         typer.echo(f"wrote {csv}", err=True)
-    if not result.predictions:
-        raise TlfeatError(f"none of the {len(result.skipped)} files could be read as an image")
 
 
 @app.command()
@@ -126,18 +119,14 @@ def evaluate(
     left out of val and test, and counted.
     """
     from tlfeat.apps.evaluate import evaluate_on_caches
-    from tlfeat.reports import markdown_table, write_json
+    from tlfeat.reports import markdown_table
 
-    if json_out is not None:
-        check_output_path(json_out, parameter="json", suffix=".json")
-    result = evaluate_on_caches(model, caches, split=split, trust=trust)
+    result = evaluate_on_caches(model, caches, split=split, trust=trust, json=json_out)
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)
     rows = [[name, m["n"], m["accuracy"], m["macro_f1"]] for name, m in result.metrics.items()]
     typer.echo(markdown_table(["split", "images", "accuracy", "macro-F1"], rows), nl=False)
     if json_out is not None:
-        write_json(json_out, {"model": str(model), "caches": [str(c) for c in caches], "classes": result.meta["classes"],
-                              "splits": result.metrics, "left_out": result.left_out})
         typer.echo(f"wrote {json_out}")
 
 
