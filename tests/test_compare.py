@@ -101,6 +101,11 @@ def test_compare_refuses_nothing_found_and_foreign_files(tmp_path: Path) -> None
     (tmp_path / "notes.txt").write_text("hello")
     assert_one_line_error(runner.invoke(app, ["compare", str(tmp_path / "notes.txt")]), "neither a fit-head model")
     assert_one_line_error(runner.invoke(app, ["compare", str(tmp_path / "missing")]), "not found")
+    # Before: a run's summary.json cut short was "neither a fit-head model ... nor a fine-tune run".
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text('{"format": "tlfeat-finetune-run", "classes": [')
+    assert_one_line_error(runner.invoke(app, ["compare", str(tmp_path / "run" / "summary.json")]),
+                          "summary.json: unreadable (JSONDecodeError)")
 
 
 def test_compare_never_ranks_across_datasets(tmp_path: Path) -> None:

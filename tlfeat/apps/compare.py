@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 from tlfeat.errors import TlfeatError
-from tlfeat.fileio import check_output_path, path_list
+from tlfeat.fileio import check_output_path, path_list, read_json_object
 from tlfeat.data.scan import SPLITS
 from tlfeat.finetuning.runs import RUN_FORMAT, SUMMARY_NAME, read_run_summary
 from tlfeat.heads.registry import head_trainable_params
@@ -167,6 +167,8 @@ def find_results(inputs: Sequence[Path]) -> list[tuple[str, Path]]:
                             found.append(hit)
         else:
             hit = _classify(item)
+            if hit is None and item.name == SUMMARY_NAME:
+                read_json_object(item)  # a damaged run summary is named as such, not as the wrong kind of file
             if hit is None:
                 raise TlfeatError(
                     f"{item}: neither a fit-head model ({HEAD_SUFFIX}, or a tlfeat 0.1 .joblib or its .json) nor a fine-tune run "
