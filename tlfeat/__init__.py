@@ -45,28 +45,51 @@ _API: dict[str, tuple[str, str]] = {
     "audit": ("tlfeat.analysis.audit", "audit"),
     "similar": ("tlfeat.analysis.similar", "similar"),
     "embedding_map": ("tlfeat.analysis.maps", "embedding_map"),
+    "demo": ("tlfeat.apps.demo", "run_demo"),
     "TlfeatError": ("tlfeat.errors", "TlfeatError"),
     "Interrupted": ("tlfeat.errors", "Interrupted"),
+    # what the functions return, for annotations and isinstance
+    "ExtractSummary": ("tlfeat.extraction.run", "ExtractSummary"),
+    "CacheData": ("tlfeat.cache", "CacheData"),
+    "FitSummary": ("tlfeat.heads.folder", "FitSummary"),
+    "HeadResult": ("tlfeat.heads.folder", "HeadResult"),
+    "PredictResult": ("tlfeat.apps.predict", "PredictResult"),
+    "Prediction": ("tlfeat.apps.predict", "Prediction"),
+    "Evaluation": ("tlfeat.apps.evaluate", "Evaluation"),
+    "FinetuneSummary": ("tlfeat.finetuning.train", "FinetuneSummary"),
+    "CompareResult": ("tlfeat.apps.compare", "CompareResult"),
+    "AuditResult": ("tlfeat.analysis.audit", "AuditResult"),
+    "SimilarResult": ("tlfeat.analysis.similar", "SimilarResult"),
+    "MapResult": ("tlfeat.analysis.maps", "MapResult"),
+    "ExportSummary": ("tlfeat.apps.export", "ExportSummary"),
+    "RecipeResult": ("tlfeat.apps.recipe", "RecipeResult"),
+    "DemoResult": ("tlfeat.apps.demo", "DemoResult"),
 }
 
 __all__ = sorted(_API)
 
 if TYPE_CHECKING:  # what static tools and IDEs see; at run time `__getattr__` imports on first use
-    from tlfeat.analysis.audit import audit
-    from tlfeat.analysis.maps import embedding_map
-    from tlfeat.analysis.similar import similar
-    from tlfeat.apps.compare import compare
+    from tlfeat.analysis.audit import AuditResult, audit
+    from tlfeat.analysis.maps import MapResult, embedding_map
+    from tlfeat.analysis.similar import SimilarResult, similar
+    from tlfeat.apps.compare import CompareResult, compare
+    from tlfeat.apps.demo import DemoResult
+    from tlfeat.apps.demo import run_demo as demo
     from tlfeat.apps.doctor import doctor
+    from tlfeat.apps.evaluate import Evaluation
     from tlfeat.apps.evaluate import evaluate_on_caches as evaluate
-    from tlfeat.apps.export import export
+    from tlfeat.apps.export import ExportSummary, export
+    from tlfeat.apps.predict import Prediction, PredictResult
     from tlfeat.apps.predict import predict_images as predict
+    from tlfeat.apps.recipe import RecipeResult
     from tlfeat.apps.recipe import run_recipe as recipe
     from tlfeat.backbones.registry import list_backbones
-    from tlfeat.cache import load
+    from tlfeat.cache import CacheData, load
     from tlfeat.errors import Interrupted, TlfeatError
-    from tlfeat.extraction.run import extract
-    from tlfeat.finetuning.train import finetune
+    from tlfeat.extraction.run import ExtractSummary, extract
+    from tlfeat.finetuning.train import FinetuneSummary, finetune
     from tlfeat.heads.fit import fit_heads
+    from tlfeat.heads.folder import FitSummary, HeadResult
     from tlfeat.heads.registry import list_heads
     from tlfeat.heads.store import load_head
 

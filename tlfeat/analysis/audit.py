@@ -44,6 +44,10 @@ KIND_COLOURS = {"test leak": "red", "cross-split": "darkorange", "within split":
 
 @dataclass
 class AuditResult:
+    """An audit of a cache: near-duplicate and leaking pairs (`duplicates`), likely label errors
+    (`labels`, or None with `label_note` saying why), the most confused class pairs, `summary`
+    in markdown and the files written to `out` (CSVs, contact sheets, summary.md)."""
+
     cache: Path
     out: Path
     data: CacheData  # the cache's rows without their features (`features` is empty)

@@ -159,6 +159,9 @@ def write_map_csv(path: Path, data: CacheData, result: EmbeddingMap) -> None:
 
 @dataclass
 class MapResult:
+    """A 2-D map of a cache: `map` (coordinates per row), the rows it shows (`data`), and the
+    picture (`png`) and coordinates (`csv`) written."""
+
     map: EmbeddingMap = field(repr=False)  # coordinates and the cache's rows: pages in a notebook
     data: CacheData = field(repr=False)
     png: Path

@@ -55,6 +55,9 @@ class QueryMatches:
 
 @dataclass
 class SimilarResult:
+    """The cached images nearest each query (`queries[i].matches`, nearest first), queries that
+    could not be embedded (`skipped`), the search used and the files written (similar.csv, .png)."""
+
     cache: Path
     queries: list[QueryMatches]
     skipped: list[tuple[str, str]]  # (file, why it could not be embedded)

@@ -74,6 +74,9 @@ class Row:
 
 @dataclass
 class CompareResult:
+    """The comparison: one row per head or run (grouped by dataset, ranked by val accuracy),
+    `table` in markdown, and `notes` on rows left unranked."""
+
     rows: list[Row]
     table: str  # markdown
     notes: list[str]  # rows left unranked, and why

@@ -24,6 +24,9 @@ from tlfeat.reports import split_metrics, write_json
 
 @dataclass
 class Evaluation:
+    """A head scored on caches: `metrics` per split (n, accuracy, macro-F1, per-class scores, confusion
+    matrix) over rows the head never saw; `left_out` counts the others per split; `notes` say why."""
+
     model: Path
     meta: dict
     caches: list[Path]

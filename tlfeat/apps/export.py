@@ -50,6 +50,8 @@ _OUTPUT_PATTERNS = ("part-*.parquet", "features.npy", "rows.csv", "meta.json")
 
 @dataclass
 class ExportSummary:
+    """An export: its folder `out`, the format, the files written, and the rows and feature width."""
+
     out: Path
     format: str
     files: list[Path]

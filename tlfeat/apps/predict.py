@@ -36,12 +36,17 @@ from tlfeat.reports import write_csv
 
 @dataclass
 class Prediction:
+    """One image's path and its `top` classes as (class, probability), most probable first."""
+
     path: str
     top: list[tuple[str, float]]  # (class, probability), most probable first
 
 
 @dataclass
 class PredictResult:
+    """What `predict` gave: one `Prediction` per readable image, in input order, and the files it
+    `skipped` (path, reason); `meta` is the head's (or run's) metadata."""
+
     model: Path
     meta: dict = field(repr=False)  # the head's whole metadata (per-class metrics and more): pages in a notebook
     predictions: list[Prediction] = field(default_factory=list)

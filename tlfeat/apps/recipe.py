@@ -176,6 +176,9 @@ def select_and_refit(features: Features, c_grid: Sequence[float], seed: int = 0,
 
 @dataclass
 class RecipeResult:
+    """A recipe run: the recipe, its member caches (`members`), the fitted logistic head
+    (`fitted`: C, cross-validation, scores) and its head file (`head`, `out`)."""
+
     recipe: Recipe
     members: list[MemberRun]
     fitted: Fitted

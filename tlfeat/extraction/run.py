@@ -44,6 +44,12 @@ DTYPES = ("float32", "float16")
 
 @dataclass
 class ExtractSummary:
+    """What `extract` did: the cache written (`out`), its rows and splits, and this run's work.
+
+    Counts add up: n_images + n_skipped = n_computed + n_reused. `skipped` and `ignored` list
+    (relative path, reason); `notes` are one line each (re-labelled rows, rescaled shares, ...).
+    """
+
     out: Path
     n_images: int  # rows in the cache
     n_computed: int  # images this run tried to embed: n_embedded of them were, the others are skipped

@@ -92,6 +92,9 @@ def run_recorder_class() -> Any:
 
 @dataclass
 class FinetuneSummary:
+    """A fine-tune run: its folder `out`, `summary` (summary.json: scores, best epoch, settings),
+    where a resumed run continued from, whether it had already finished, and the images skipped."""
+
     out: Path
     summary: dict  # what summary.json holds
     resumed_from: tuple[int, int] | None = None  # (stage, epochs done in it) when --resume continued a run

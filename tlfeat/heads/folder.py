@@ -40,6 +40,9 @@ FEATURE_DEFAULTS = {"tta": "none"}
 
 @dataclass
 class HeadResult:
+    """One fitted head: its name, hyperparameters, search trials, scores per split (n, accuracy,
+    macro_f1, over rows it never saw), timings, notes and the files written (model, metrics, plots)."""
+
     head: str
     params: dict  # the tuned hyperparameter's label -> value used
     search: list[dict] | None  # [{label: value, "val_accuracy": a}, ...] when `search` ran
@@ -53,6 +56,9 @@ class HeadResult:
 
 @dataclass
 class FitSummary:
+    """What `fit_heads` wrote to the head folder `out`: this run's `results`, the heads it could not fit,
+    and `table`, every head in the folder ranked by val accuracy (also summary.md and summary.csv)."""
+
     out: Path
     sources: list[dict]  # the caches fitted on, as recorded in each model's metadata
     split_counts: dict[str, int]
