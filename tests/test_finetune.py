@@ -374,3 +374,24 @@ def test_resuming_an_unfinished_run_with_more_epochs_says_so(tmp_path: Path) -> 
     run = open_run(tmp_path / "run", True, longer, SimpleNamespace(root=tmp_path / "data", name="data"), lines.append)
     assert run.config.epochs2 == 5 and run.config.base_layers == 19
     assert lines == [f"{tmp_path / 'run'}: continuing with epochs2=5 (was 2)"]
+
+
+def test_each_epoch_reseeds_generators_of_any_state_dtype() -> None:
+    # Before: under torch every fine-tune crashed at its first epoch ("OverflowError: Python integer 3831201730 out
+    # of bounds for int32"): Keras' seed generator state is int32 there, uint32 under JAX and TensorFlow.
+    from tlfeat.finetuning.model import reseed
+
+    class State:
+        name = "seed_generator_state"
+
+        def __init__(self, dtype: str) -> None:
+            self.dtype, self.value = dtype, None
+
+        def assign(self, value: np.ndarray) -> None:
+            self.value = value
+
+    states = [State("int32"), State("uint32"), State("int32")]
+    reseed(SimpleNamespace(variables=states), seed=0, epoch=0)  # its first two starts are above 2**31
+    expected = [int(np.random.SeedSequence((0, 0, i + 1)).generate_state(1)[0]) for i in range(3)]
+    assert [int(s.value[0]) for s in states] == [expected[0] % 2**31, expected[1], expected[2] % 2**31]
+    assert expected[0] >= 2**31 and expected[1] >= 2**31

@@ -127,4 +127,6 @@ def reseed(model: Any, seed: int, epoch: int) -> None:
     states = [v for v in model.variables if v.name == "seed_generator_state"]
     for index, state in enumerate(states):
         start = int(np.random.SeedSequence((seed, epoch, index + 1)).generate_state(1)[0])
+        # The state is uint32 under JAX and TensorFlow but int32 under torch: a start past 2**31 overflowed there.
+        start %= int(np.iinfo(np.dtype(state.dtype)).max) + 1
         state.assign(np.array([start, 0], dtype=state.dtype))
