@@ -45,13 +45,16 @@ def test_importing_keras_after_tlfeat_prints_no_tensorflow_banner() -> None:
     assert "_QuietLoader" not in result.stdout  # tensorflow keeps its real loader
 
 
-def _import_a_fake_tensorflow(tmp_path: Path, body: str) -> subprocess.CompletedProcess:
-    """`import tlfeat, tensorflow` in a child process, where tensorflow is a package running `body`."""
+def _import_a_fake_tensorflow(
+    tmp_path: Path, body: str, script: str = "import tlfeat, tensorflow"
+) -> subprocess.CompletedProcess:
+    """`script` (default `import tlfeat, tensorflow`) in a child process, where tensorflow is a package running
+    `body`."""
     fake = tmp_path / "site" / "tensorflow"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text(body)
     env = {**_env_without_log_level(), "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{REPO}"}
-    return subprocess.run([sys.executable, "-c", "import tlfeat, tensorflow"], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, timeout=120, cwd=tmp_path)  # an abort's core file, if any, lands there
 
 
@@ -69,6 +72,20 @@ def test_the_import_filter_keeps_every_other_line_and_the_error(tmp_path: Path) 
     assert "a real native error" in result.stderr and "a Python warning" in result.stderr
     assert "ImportError: libcuda.so: cannot open shared object file" in result.stderr
     assert "oneDNN" not in result.stderr and "absl::InitializeLog" not in result.stderr
+
+
+def test_a_look_up_of_tensorflow_before_its_import_keeps_the_filter(tmp_path: Path) -> None:
+    # Before: torch asks importlib.util.find_spec("tensorflow") whether it is installed; that look-up took the
+    # filter away, and the real import later (keras.utils.set_random_seed) printed the banner under torch.
+    result = _import_a_fake_tensorflow(
+        tmp_path,
+        "import os\n"
+        "os.write(2, b'I0000 00:00:1795718969.082513   16904 port.cc:153] oneDNN custom operations are on.\\n')\n"
+        "os.write(2, b'a line of its own\\n')\n",
+        script="import importlib.util, tlfeat; assert importlib.util.find_spec('tensorflow'); import tensorflow",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "a line of its own" in result.stderr and "oneDNN" not in result.stderr
 
 
 def test_an_import_that_kills_the_process_still_says_why(tmp_path: Path) -> None:

@@ -95,6 +95,7 @@ class _QuietLoader(importlib.abc.Loader):
         return self.loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
+        uninstall()  # one import: its submodules, and any later import, go the usual way
         # The module keeps its real loader: resources, reloads and introspection never see this wrapper.
         module.__loader__ = self.loader
         if module.__spec__ is not None:
@@ -104,13 +105,24 @@ class _QuietLoader(importlib.abc.Loader):
 
 
 class _QuietTensorflowFinder(importlib.abc.MetaPathFinder):
-    """Finds `tensorflow` once, as the other finders would, and wraps its loader."""
+    """Finds `tensorflow` as the other finders would, and wraps its loader.
+
+    It stays installed until the import itself runs: a look-up that imports nothing (torch asks
+    `importlib.util.find_spec("tensorflow")` whether TensorFlow is installed) left the later, real import
+    unfiltered.
+    """
+
+    def __init__(self) -> None:
+        self.finding = False
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> ModuleSpec | None:
-        if fullname != "tensorflow":
+        if fullname != "tensorflow" or self.finding:
             return None
-        uninstall()  # one import: its submodules, and any later import, go the usual way
-        spec = importlib.util.find_spec(fullname)
+        self.finding = True  # the look-up below walks sys.meta_path again, this finder included
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self.finding = False
         if spec is not None and spec.loader is not None:
             spec.loader = _QuietLoader(spec.loader)
         return spec
