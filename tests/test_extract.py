@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import REPO, extract_run_counts, make_dataset, make_image, run_cli
+from conftest import REPO, child_env, extract_run_counts, make_dataset, make_image, run_cli
 from tlfeat import cache, cache_writer
 from tlfeat.extraction import shards
 from tlfeat.errors import Interrupted, TlfeatError
@@ -48,7 +48,7 @@ def test_cache_round_trip_and_plain_h5py_layout(tiny_dataset: Path, tmp_path: Pa
     with h5py.File(out, "r") as handle:  # what a user of the documented format sees
         assert handle["features"].shape == (24, 512) and handle["features"].chunks is not None
         assert list(handle["paths"].asstr()[:2]) == list(everything.paths[:2])
-        assert handle.attrs["weights"] == "none" and handle.attrs["feature_dim"] == 512
+        assert handle.attrs["weights"] == f"none:{handle.attrs['keras_backend']}" and handle.attrs["feature_dim"] == 512
         assert handle.attrs["keras_backend"] in ("tensorflow", "jax", "torch")
     np.testing.assert_array_equal(everything.labels, [["class_0", "class_1", "class_2"].index(p.split("/")[0]) for p in everything.paths])
 
@@ -473,3 +473,20 @@ def test_an_output_through_a_symlink_and_stray_or_damaged_batches(tiny_dataset: 
     again = extract(tiny_dataset, tmp_path / "b.h5", **FAST)
     assert again.n_computed == 1 and not parts.exists()
     assert any("meta.json is damaged" in note for note in again.notes)
+
+
+def test_random_weights_of_another_backend_are_another_model(tiny_dataset: Path, tmp_path: Path) -> None:
+    # Before: `weights=none` was keyed "none" under every backend, so a run under JAX added rows of its own
+    # random model to a TensorFlow cache (relative L2 difference 1.2 between the two models' features).
+    import keras
+
+    out = tmp_path / "c.h5"
+    extract(tiny_dataset, out, backbone="vgg16", weights="none", image_size=32, progress=False)
+    other = "jax" if keras.backend.backend() != "jax" else "tensorflow"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "cli.py"), "extract", str(tiny_dataset), "--out", str(out), "--backbone", "vgg16",
+         "--weights", "none", "--image-size", "32", "-q"],
+        capture_output=True, text=True, timeout=600, env={**child_env(), "KERAS_BACKEND": other},
+    )
+    assert result.returncode == 1, result.stdout
+    assert f"weights 'none:{other}' vs 'none:{keras.backend.backend()}'" in result.stderr, result.stderr

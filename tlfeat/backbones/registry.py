@@ -151,9 +151,13 @@ def weights_file(weights: str) -> Path:
 
 
 def weights_identity(backbone: Backbone, weights: str) -> str:
-    """What the cache records for these weights: "none", the ImageNet identity, or a file's sha256."""
+    """What the cache records for these weights: "none:<keras backend>", the ImageNet identity, or a file's
+    sha256. Random weights are one model per backend (each draws them with its own generator), so a run under
+    another backend never adds its rows to theirs."""
     if weights == "none":
-        return "none"
+        import keras
+
+        return f"none:{keras.backend.backend()}"
     if weights == "imagenet":
         return backbone.imagenet_identity()
     return "sha256:" + sha256_file(weights_file(weights))
