@@ -206,7 +206,7 @@ def test_symlinks_are_followed_wherever_they_point_and_keep_their_path(tmp_path:
         ("empty", "no class folders found"),
         ("one-class", "need at least 2 classes"),
         ("empty-class", "class folder holds no images"),
-        ("split-without-train", "no train/ folder"),
+        ("split-without-train", "but no train folder"),
     ],
 )
 def test_bad_datasets_get_one_line_errors(tmp_path: Path, layout: str, message: str) -> None:
@@ -263,3 +263,26 @@ def test_the_entries_read_as_a_list_in_canonical_order(tmp_path: Path) -> None:
     with pytest.raises(IndexError):
         scan.entries[8]
     assert scan.split_counts() == {s: n for s in SPLITS if (n := sum(e.split == s for e in entries))}
+
+
+def test_split_folders_are_known_in_any_case_and_by_their_usual_names(tmp_path: Path) -> None:
+    # Before: Train/ and Test/ were read as two classes of a flat dataset (every label wrong, no word said),
+    # and validation/ was ignored while val was carved from train.
+    root = tmp_path / "data"
+    _touch_files(root / "Train", 2, 4)
+    _touch_files(root / "validation", 2, 2)
+    _touch_files(root / "TEST", 2, 3)
+    scan = scan_dataset(root)
+    assert scan.layout == "pre-split" and scan.class_names == ["c00", "c01"]
+    assert scan.split_counts() == {"train": 8, "val": 4, "test": 6}
+    assert scan.notes == ["split folders: Train/ is train, validation/ is val, TEST/ is test"]
+    assert all(e.relpath.startswith({"train": "Train/", "val": "validation/", "test": "TEST/"}[e.split])
+               for e in scan.entries)
+    _touch_files(root / "train", 2, 1)
+    with pytest.raises(TlfeatError, match=r"Train/ and train/ both hold the train split"):
+        scan_dataset(root)
+    flat = tmp_path / "flat"
+    _touch_files(flat / "bus", 1, 2)
+    _touch_files(flat / "test", 1, 2)
+    with pytest.raises(TlfeatError, match=r"has test/ but no train folder \(a top-level train, val or test folder"):
+        scan_dataset(flat)

@@ -42,6 +42,10 @@ __all__ = ["SPLITS", "DEFAULT_RATIOS", "SPLIT_RULE", "DatasetScan", "EntrySubset
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 )
+# Top-level folder names (any case) that make a dataset pre-split, and the split each holds.
+SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test", "testing": "test"}
+PRE_SPLIT_HINT = "a top-level train, val or test folder (any case) makes a dataset pre-split: train/<class>/<image>"
 DEFAULT_RATIOS = (0.5625, 0.1875, 0.25)  # the study's shares (270/90/120 of 480 per class, on average)
 # Recorded in caches: a cache split by another rule would be re-labelled by a rerun, so reruns compare it.
 SPLIT_RULE = "sha256(seed, path) vs cumulative shares"
@@ -285,6 +289,21 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
+def _split_folders(root: Path, names: set[str]) -> dict[str, str]:
+    """The pre-split layout's folders by split ("train" -> "Train"), empty for a flat dataset; two folders
+    for one split are refused."""
+    found: dict[str, str] = {}
+    for name in sorted(names):
+        split = SPLIT_FOLDERS.get(name.lower())
+        if split is None:
+            continue
+        if split in found:
+            raise TlfeatError(f"{root}: {found[split]}/ and {name}/ both hold the {split} split; merge them, or "
+                              "rename one")
+        found[split] = name
+    return {split: found[split] for split in SPLITS if split in found}
+
+
 def scan_dataset(
     root: str | Path, seed: int = 0, ratios: tuple[float, float, float] = DEFAULT_RATIOS
 ) -> DatasetScan:
@@ -305,31 +324,37 @@ def _scan(root: Path, seed: int, ratios: tuple[float, float, float]) -> DatasetS
     root_stat = root.stat()
     root_id = frozenset({(root_stat.st_dev, root_stat.st_ino)})
     names = {name for name, _, st in _entries(str(root), "", []) if stat.S_ISDIR(st.st_mode)}
+    split_folders = _split_folders(root, names)
 
     walk = _Walk(ignored)
-    if names & set(SPLITS):
-        if "train" not in names:
-            present = "/".join(s for s in SPLITS if s in names)
-            raise TlfeatError(f"{root}: has {present} folders but no train/ folder")
+    notes = [ratio_note] if ratio_note else []
+    if split_folders:
+        if "train" not in split_folders:
+            present = ", ".join(f"{folder}/" for folder in split_folders.values())
+            raise TlfeatError(f"{root}: has {present} but no train folder ({PRE_SPLIT_HINT})")
         top = _class_dirs(str(root), "", root_id, ignored, "not in a train/val/test folder")
-        carve = "val" not in top
-        for name, (folder, rel, ancestors) in top.items():
-            if name == "train":
-                walk.classes_in(name, folder, rel, ancestors,
+        carve = "val" not in split_folders
+        for split, name in split_folders.items():
+            folder, rel, ancestors = top[name]
+            if split == "train":
+                walk.classes_in(split, folder, rel, ancestors,
                                 lambda path: _carved_split_of(path, seed, shares) if carve else 0)
-            elif name in SPLITS:
-                walk.classes_in(name, folder, rel, ancestors, lambda path, split=SPLITS.index(name): split)
             else:
-                ignored.append((rel, "not a train/val/test folder of a pre-split dataset"))
+                walk.classes_in(split, folder, rel, ancestors, lambda path, index=SPLITS.index(split): index)
+        ignored += [(name, "not a train/val/test folder of a pre-split dataset")
+                    for name in sorted(set(top) - set(split_folders.values()))]
+        if any(name != split for split, name in split_folders.items()):
+            notes.append("split folders: " + ", ".join(f"{name}/ is {split}" for split, name in split_folders.items()))
         layout = "pre-split"
     else:
         walk.classes_in("all", str(root), "", root_id, lambda path: _flat_split_of(path, seed, shares))
         layout = "flat"
 
     class_names = sorted(set().union(*walk.class_folders.values()))
-    where = root / "train" if layout == "pre-split" else root
+    where = root / split_folders["train"] if layout == "pre-split" else root
     if not class_names:
-        raise TlfeatError(f"{where}: no class folders found (expected one sub-folder per class)")
+        hint = f"; {PRE_SPLIT_HINT}" if layout == "pre-split" else ""
+        raise TlfeatError(f"{where}: no class folders found (expected one sub-folder per class{hint})")
     if len(class_names) < 2:
         raise TlfeatError(f"{where}: only one class folder ({class_names[0]}); need at least 2 classes")
     if walk.empty:
@@ -338,14 +363,15 @@ def _scan(root: Path, seed: int, ratios: tuple[float, float, float]) -> DatasetS
         for split, folders in walk.class_folders.items():
             if not folders and split != "train":  # before: an empty val/ silently meant "no val split"
                 carved = "; without it, val is carved from train" if split == "val" else ""
-                raise TlfeatError(f"{root / split}: holds no class folders: add them, or remove the folder{carved}")
+                raise TlfeatError(
+                    f"{root / split_folders[split]}: holds no class folders: add them, or remove the folder{carved}"
+                )
         missing = [c for c in class_names if c not in walk.class_folders["train"]]
         if missing:
-            raise TlfeatError(f"{root / 'train'}: no training folder for class(es) {', '.join(missing)}")
+            raise TlfeatError(f"{where}: no training folder for class(es) {', '.join(missing)}")
 
     entries = walk.table(class_names)
     in_train = entries.classes_in("train")
-    notes = [ratio_note] if ratio_note else []
     if len(in_train) < len(class_names):
         missing = ", ".join(c for c in class_names if c not in in_train)
         notes.append(f"class(es) {missing} drew no train image (too few images for these shares)")
