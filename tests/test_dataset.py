@@ -158,15 +158,34 @@ def test_names_that_are_not_utf8_are_ignored_with_a_reason(tmp_path: Path) -> No
     # Before: the whole scan stopped with UnicodeEncodeError.
     _touch_files(tmp_path, 2, 3)
     _write_bytes_name(tmp_path / "c00", b"caf\xe9.jpg")
-    latin_class = os.path.join(os.fsencode(tmp_path), b"cl\xe4sse")
-    os.mkdir(latin_class)
-    _write_bytes_name(Path(os.fsdecode(latin_class)), b"a.jpg")
+    (tmp_path / "c00" / "sub").mkdir()
+    latin_folder = os.path.join(os.fsencode(tmp_path / "c00" / "sub"), b"cl\xe4sse")
+    os.mkdir(latin_folder)
+    _write_bytes_name(Path(os.fsdecode(latin_folder)), b"a.jpg")
     scan = scan_dataset(tmp_path)
     assert len(scan.entries) == 6 and scan.class_names == ["c00", "c01"]
     assert dict(scan.ignored) == {
         "c00/caf\\xe9.jpg": "name is not valid UTF-8 (cannot be stored in the cache)",
-        "cl\\xe4sse": "name is not valid UTF-8 (cannot be stored in the cache)",
+        "c00/sub/cl\\xe4sse": "name is not valid UTF-8 (cannot be stored in the cache)",
     }
+    # A class folder so named is an error: before, the class was dropped, counted among "1 ignored".
+    latin_class = os.path.join(os.fsencode(tmp_path), b"cl\xe4sse")
+    os.mkdir(latin_class)
+    _write_bytes_name(Path(os.fsdecode(latin_class)), b"a.jpg")
+    with pytest.raises(TlfeatError, match=r"cl\\xe4sse: folder name is not valid UTF-8 .*; rename it$"):
+        scan_dataset(tmp_path)
+
+
+def test_macos_zip_leftovers_and_jfif_files(tmp_path: Path) -> None:
+    # Before: a __MACOSX/ folder stopped extract ("class folder holds no images"), and .jfif photos (a browser's
+    # JPEG downloads) were ignored as "not an image file extension".
+    _touch_files(tmp_path, 2, 2)
+    (tmp_path / "__MACOSX" / "c00").mkdir(parents=True)
+    (tmp_path / "__MACOSX" / "c00" / "._0000.jpg").write_bytes(b"x")
+    (tmp_path / "c00" / "photo.jfif").write_bytes(b"x")
+    scan = scan_dataset(tmp_path)
+    assert scan.class_names == ["c00", "c01"] and len(scan.entries) == 5
+    assert dict(scan.ignored) == {"__MACOSX": "hidden folder"}
 
 
 def test_symlinks_are_followed_wherever_they_point_and_keep_their_path(tmp_path: Path) -> None:

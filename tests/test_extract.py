@@ -490,3 +490,18 @@ def test_random_weights_of_another_backend_are_another_model(tiny_dataset: Path,
     )
     assert result.returncode == 1, result.stdout
     assert f"weights 'none:{other}' vs 'none:{keras.backend.backend()}'" in result.stderr, result.stderr
+
+
+def test_the_command_names_ignored_files_that_may_be_images(tiny_dataset: Path, tmp_path: Path) -> None:
+    # Before: only counted ("2 ignored (1 not in a class folder, 1 ...)"): the user could not find them.
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    make_image(tiny_dataset / "stray.png", 0, 99)
+    (tiny_dataset / "class_0" / "notes.txt").write_text("routine: not named")
+    result = CliRunner().invoke(app, ["extract", str(tiny_dataset), "--out", str(tmp_path / "c.h5"), "--backbone",
+                                      "vgg16", "--weights", "none", "--image-size", "32", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "  ignored stray.png: not in a class folder" in result.stdout
+    assert "notes.txt" not in result.stdout and "2 ignored" in result.stdout

@@ -66,6 +66,13 @@ def extract(
         typer.echo(f"  skipped {path}: {reason}")
     if len(summary.skipped) > 20:
         typer.echo(f"  ... and {len(summary.skipped) - 20} more (listed in the cache's skipped_paths)")
+    # Hidden files and other extensions are routine; the rest may be an image the user expects in the cache.
+    notable = [(path, reason) for path, reason in summary.ignored
+               if not reason.startswith(("hidden ", "not an image file extension"))]
+    for path, reason in notable[:10]:
+        typer.echo(f"  ignored {path}: {reason}")
+    if len(notable) > 10:
+        typer.echo(f"  ... and {len(notable) - 10} more ignored (ExtractSummary.ignored in Python)")
 
 
 def summary_line(summary: ExtractSummary) -> str:

@@ -40,7 +40,7 @@ __all__ = ["SPLITS", "DEFAULT_RATIOS", "SPLIT_RULE", "DatasetScan", "EntrySubset
            "class_of", "normalise_ratios", "scan_dataset", "split_bounds", "split_of"]
 
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 )
 # Top-level folder names (any case) that make a dataset pre-split, and the split each holds.
 SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
@@ -125,7 +125,7 @@ def _carved_split_of(relpath: str, seed: int, shares: tuple[float, float, float]
 
 
 def _is_hidden(name: str) -> bool:
-    return name.startswith(".")
+    return name.startswith(".") or name == "__MACOSX"  # the resource forks macOS puts in a zip
 
 
 def _utf8(name: str) -> bool:
@@ -168,9 +168,12 @@ def _is_folder(entry: os.DirEntry) -> bool:
         return False
 
 
-def _entries(folder: str, rel: str, ignored: Ignored) -> Iterator[tuple[str, str, os.stat_result]]:
+def _entries(
+    folder: str, rel: str, ignored: Ignored, folders_must_be_named: bool = False
+) -> Iterator[tuple[str, str, os.stat_result]]:
     """(name, relpath, stat) of what a folder holds, in name order, hidden and unnamable entries recorded in
-    `ignored`.
+    `ignored`; with `folders_must_be_named` (class and split folders), a folder whose name is not UTF-8 is an
+    error: ignoring it would drop a whole class.
 
     One `stat` per entry, symlinks followed (`os.scandir` knows a hidden folder without one); no path
     objects: at a million files the scan costs little more than the stats themselves. Each entry, with the
@@ -187,6 +190,9 @@ def _entries(folder: str, rel: str, ignored: Ignored) -> Iterator[tuple[str, str
         name = entry.name
         child = f"{rel}/{name}" if rel else name
         if not _utf8(name):
+            if folders_must_be_named and _is_folder(entry):
+                raise TlfeatError(f"{_shown(os.path.join(folder, name))}: folder name is not valid UTF-8 (it cannot "
+                                  "be stored in the cache); rename it")
             ignored.append((_shown(child), "name is not valid UTF-8 (cannot be stored in the cache)"))
         elif _is_hidden(name):
             ignored.append((child, "hidden folder" if _is_folder(entry) else "hidden file"))
@@ -227,7 +233,7 @@ def _class_dirs(
     Anything else there is recorded in `ignored`, saying it is not in a class folder (`what`).
     """
     dirs = {}
-    for name, child, st in _entries(folder, rel, ignored):
+    for name, child, st in _entries(folder, rel, ignored, folders_must_be_named=True):
         if not stat.S_ISDIR(st.st_mode):
             ignored.append((child, what))
         elif (st.st_dev, st.st_ino) in ancestors:
