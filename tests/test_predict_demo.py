@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import assert_one_line_error, extract_run_counts, make_dataset, summary_rows
+from conftest import assert_one_line_error, extract_run_counts, make_dataset, make_image, summary_rows
 from tlfeat.cache import load
 from tlfeat.apps.demo import write_digits
 from tlfeat.extraction.run import extract
@@ -242,3 +242,25 @@ def test_demo_runs_offline_end_to_end_and_reruns_from_the_cache(tmp_path: Path) 
     # A rerun writes no PNG and embeds nothing: extraction is incremental.
     assert write_digits(out / "digits") == 0
     assert extract(out / "digits", out=out / "digits-efficientnet_lite0.h5", progress=False).n_computed == 0
+
+
+def test_folders_of_images_to_predict_are_walked_as_the_scan_walks_them(tmp_path: Path) -> None:
+    # Before: os.walk without followlinks left out symlinked sub-folders, without a word, and a pipe named like
+    # a JPEG hung predict and similar forever.
+    import os
+
+    from tlfeat.apps.predict import collect_images
+
+    real = tmp_path / "real"
+    real.mkdir()
+    make_image(real / "b.png", 0, 1)
+    query = tmp_path / "q"
+    query.mkdir()
+    make_image(query / "a.png", 0, 0)
+    (query / "link").symlink_to(real)
+    (query / "loop").symlink_to(query)
+    os.mkfifo(query / "pipe.jpg")
+    (query / ".hidden.png").write_bytes(b"x")
+    assert collect_images([query]) == [query / "a.png", query / "link" / "b.png"]
+    with pytest.raises(TlfeatError, match=r"pipe\.jpg: not a regular file"):
+        collect_images([query / "pipe.jpg"])

@@ -26,7 +26,7 @@ from tlfeat.backbones import get_backbone, weights_identity
 from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.cache import OLD_DECODE
 from tlfeat.data.decode import DECODE
-from tlfeat.data.scan import IMAGE_EXTENSIONS
+from tlfeat.data.scan import image_files
 from tlfeat.errors import TlfeatError, integer
 from tlfeat.fileio import check_output_path, path_list
 from tlfeat.runtime import check_batch_size
@@ -54,9 +54,11 @@ class PredictResult:
 
 
 def collect_images(inputs: Sequence[Path]) -> list[Path]:
-    """Files named directly, plus image files (by extension, hidden ones left out) found under folders.
+    """Files named directly, plus the image files found under folders as the dataset scan finds them
+    (`tlfeat.data.scan.image_files`: symlinks followed, hidden files and pipes left out).
 
-    A path that does not exist is an error naming it (all of them, if several).
+    A path that does not exist, or a pipe or device named directly (reading it would block), is an error
+    naming it.
     """
     missing = [str(item) for item in map(Path, inputs) if not item.exists()]
     if missing:
@@ -65,12 +67,9 @@ def collect_images(inputs: Sequence[Path]) -> list[Path]:
     files: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            for dirpath, dirnames, filenames in os.walk(item):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                files += [
-                    Path(dirpath) / name for name in sorted(filenames)
-                    if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
-                ]
+            files += image_files(item)
+        elif not item.is_file():
+            raise TlfeatError(f"{item}: not a regular file (a pipe or device); name image files or folders")
         else:
             files.append(item)
     return files

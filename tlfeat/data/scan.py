@@ -37,7 +37,7 @@ from tlfeat.data.entries import SPLITS, EntrySubset, ImageEntry, ImageTable, spl
 from tlfeat.errors import TlfeatError
 
 __all__ = ["SPLITS", "DEFAULT_RATIOS", "SPLIT_RULE", "DatasetScan", "EntrySubset", "ImageEntry", "ImageTable",
-           "class_of", "normalise_ratios", "scan_dataset", "split_bounds", "split_of"]
+           "class_of", "image_files", "normalise_ratios", "scan_dataset", "split_bounds", "split_of"]
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
@@ -169,11 +169,11 @@ def _is_folder(entry: os.DirEntry) -> bool:
 
 
 def _entries(
-    folder: str, rel: str, ignored: Ignored, folders_must_be_named: bool = False
+    folder: str, rel: str, ignored: Ignored, folders_must_be_named: bool = False, any_name: bool = False
 ) -> Iterator[tuple[str, str, os.stat_result]]:
     """(name, relpath, stat) of what a folder holds, in name order, hidden and unnamable entries recorded in
     `ignored`; with `folders_must_be_named` (class and split folders), a folder whose name is not UTF-8 is an
-    error: ignoring it would drop a whole class.
+    error: ignoring it would drop a whole class. `any_name`: names that are not UTF-8 are kept (no cache).
 
     One `stat` per entry, symlinks followed (`os.scandir` knows a hidden folder without one); no path
     objects: at a million files the scan costs little more than the stats themselves. Each entry, with the
@@ -189,7 +189,7 @@ def _entries(
         entry = found.pop()
         name = entry.name
         child = f"{rel}/{name}" if rel else name
-        if not _utf8(name):
+        if not any_name and not _utf8(name):
             if folders_must_be_named and _is_folder(entry):
                 raise TlfeatError(f"{_shown(os.path.join(folder, name))}: folder name is not valid UTF-8 (it cannot "
                                   "be stored in the cache); rename it")
@@ -201,7 +201,7 @@ def _entries(
 
 
 def _list_images(
-    folder: str, rel: str, ancestors: frozenset[tuple[int, int]], ignored: Ignored
+    folder: str, rel: str, ancestors: frozenset[tuple[int, int]], ignored: Ignored, any_name: bool = False
 ) -> list[tuple[str, int, int]]:
     """Image files under one class folder (recursively, symlinks followed wherever they point), as
     (relpath, size, mtime_ns).
@@ -209,13 +209,13 @@ def _list_images(
     `ancestors` are the (device, inode) of the folders above, so a symlink back up is recorded, not walked.
     """
     found = []
-    for name, child, st in _entries(folder, rel, ignored):
+    for name, child, st in _entries(folder, rel, ignored, any_name=any_name):
         full = os.path.join(folder, name)
         if stat.S_ISDIR(st.st_mode):  # also a folder named like an image
             if (st.st_dev, st.st_ino) in ancestors:
                 ignored.append((child, _LOOP))
             else:
-                found += _list_images(full, child, ancestors | {(st.st_dev, st.st_ino)}, ignored)
+                found += _list_images(full, child, ancestors | {(st.st_dev, st.st_ino)}, ignored, any_name)
         elif name[name.rfind(".") :].lower() not in IMAGE_EXTENSIONS:  # no dot: the last letter, never listed
             ignored.append((child, "not an image file extension"))
         elif not stat.S_ISREG(st.st_mode):
@@ -223,6 +223,15 @@ def _list_images(
         else:
             found.append((child, st.st_size, st.st_mtime_ns))  # not `st`: a stat result is ~0.5 KB
     return found
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files under `folder` as the scan finds them in a class folder (recursively, symlinks followed
+    but not round a loop; hidden files, other extensions and pipes or devices left out), any name kept."""
+    folder = Path(folder)
+    st = folder.stat()
+    found = _list_images(str(folder), "", frozenset({(st.st_dev, st.st_ino)}), [], any_name=True)
+    return [folder / relpath for relpath, _, _ in found]
 
 
 def _class_dirs(
