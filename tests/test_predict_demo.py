@@ -264,3 +264,24 @@ def test_folders_of_images_to_predict_are_walked_as_the_scan_walks_them(tmp_path
     assert collect_images([query]) == [query / "a.png", query / "link" / "b.png"]
     with pytest.raises(TlfeatError, match=r"pipe\.jpg: not a regular file"):
         collect_images([query / "pipe.jpg"])
+
+
+def test_file_names_that_break_lines_or_utf8_stay_one_field(trained: dict, tmp_path: Path) -> None:
+    # Before: a tab or newline in a file name split predict's tab-separated line, and a name that is not UTF-8
+    # ended --csv in a UnicodeEncodeError traceback with no CSV written.
+    import os
+
+    source = next(trained["data"].glob("class_0/*.png")).read_bytes()
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "tab\there.png").write_bytes(source)
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.png"), "wb") as handle:
+        handle.write(source)
+    listed = tmp_path / "p.csv"
+    result = runner.invoke(app, ["predict", str(trained["single"]), str(folder), "--csv", str(listed), "-q"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if line.startswith(str(folder))]
+    assert [line.split("\t")[0] for line in lines] == [f"{folder}/caf\\xe9.png", f"{folder}/tab\\there.png"]
+    with open(listed, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(row["path"] for row in rows) == [f"{folder}/caf\\xe9.png", f"{folder}/tab\there.png"]

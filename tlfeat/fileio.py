@@ -258,6 +258,21 @@ def describe_exception(exc: BaseException, limit: int | None = 160) -> str:
     return f"{exc.__class__.__name__}: {detail}"
 
 
+def shown_path(path: str | os.PathLike) -> str:
+    """A path as text for a message or a CSV cell: bytes that are not UTF-8 as \\xNN (the OS hands such names
+    over as surrogates, which cannot be written as UTF-8)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def one_line_path(path: str | os.PathLike) -> str:
+    """`shown_path` with tabs, newlines and other control characters escaped (\\t, \\n, \\xNN): a path in
+    tab-separated output stays one field of one line."""
+    return "".join(_CONTROL.get(ch, ch) for ch in shown_path(path))
+
+
+_CONTROL = {chr(code): f"\\x{code:02x}" for code in [*range(32), 127]} | {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
 def read_json_object(path: str | Path) -> dict:
     """A JSON file holding an object; anything else is a one-line error naming the file."""
     try:

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-from tlfeat.fileio import atomic_write_bytes
+from tlfeat.fileio import atomic_write_bytes, shown_path
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -101,7 +101,8 @@ def csv_text(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(headers)
-    writer.writerows([["" if v is None else v for v in row] for row in rows])
+    # A file name that is not UTF-8 (a surrogate-escaped str) is written with \xNN escapes, not refused.
+    writer.writerows([["" if v is None else shown_path(v) if isinstance(v, str) else v for v in row] for row in rows])
     return buffer.getvalue()
 
 

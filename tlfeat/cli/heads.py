@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Optional
 import typer
 
 from tlfeat.cli.common import app, program_name, user_errors
+from tlfeat.fileio import one_line_path
 from tlfeat.heads.registry import HEADS
 from tlfeat.heads.streaming import DEFAULT_CHUNK_ROWS, DEFAULT_PASSES
 
@@ -94,10 +95,10 @@ def predict(
     from tlfeat.apps.predict import predict_images
 
     result = predict_images(model, images, top=top, batch_size=batch_size, progress=not quiet, trust=trust, csv=csv)
-    for p in result.predictions:
-        typer.echo(f"{p.path}\t" + "\t".join(f"{name} {prob:.3f}" for name, prob in p.top))
+    for p in result.predictions:  # one line, tab-separated, whatever the file and class names hold
+        typer.echo("\t".join([one_line_path(p.path), *(f"{one_line_path(name)} {prob:.3f}" for name, prob in p.top)]))
     for path, reason in result.skipped:
-        typer.echo(f"skipped {path}: {reason}", err=True)
+        typer.echo(f"skipped {one_line_path(path)}: {reason}", err=True)
     if csv is not None:
         typer.echo(f"wrote {csv}", err=True)
 

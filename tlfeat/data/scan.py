@@ -35,6 +35,7 @@ import numpy as np
 
 from tlfeat.data.entries import SPLITS, EntrySubset, ImageEntry, ImageTable, split_bounds
 from tlfeat.errors import TlfeatError
+from tlfeat.fileio import shown_path
 
 __all__ = ["SPLITS", "DEFAULT_RATIOS", "SPLIT_RULE", "DatasetScan", "EntrySubset", "ImageEntry", "ImageTable",
            "class_of", "image_files", "normalise_ratios", "scan_dataset", "split_bounds", "split_of"]
@@ -137,9 +138,6 @@ def _utf8(name: str) -> bool:
     return True
 
 
-def _shown(relpath: str) -> str:
-    """A path for messages: undecodable bytes as \\xNN."""
-    return os.fsencode(relpath).decode("utf-8", "backslashreplace")
 
 
 Ignored = list[tuple[str, str]]  # (relpath as shown, reason)
@@ -157,7 +155,7 @@ def _stat(entry: os.DirEntry, rel: str, ignored: Ignored) -> os.stat_result | No
             reason = "broken symlink (its target is missing)"
         else:
             reason = f"cannot be read ({exc.strerror})"
-        ignored.append((_shown(rel), reason))
+        ignored.append((shown_path(rel), reason))
         return None
 
 
@@ -183,7 +181,7 @@ def _entries(
         with os.scandir(folder) as listing:
             found = sorted(listing, key=lambda entry: entry.name, reverse=True)
     except OSError as exc:
-        ignored.append((_shown(rel), f"folder cannot be read ({exc.strerror})"))
+        ignored.append((shown_path(rel), f"folder cannot be read ({exc.strerror})"))
         return
     while found:
         entry = found.pop()
@@ -191,9 +189,9 @@ def _entries(
         child = f"{rel}/{name}" if rel else name
         if not any_name and not _utf8(name):
             if folders_must_be_named and _is_folder(entry):
-                raise TlfeatError(f"{_shown(os.path.join(folder, name))}: folder name is not valid UTF-8 (it cannot "
+                raise TlfeatError(f"{shown_path(os.path.join(folder, name))}: folder name is not valid UTF-8 (it cannot "
                                   "be stored in the cache); rename it")
-            ignored.append((_shown(child), "name is not valid UTF-8 (cannot be stored in the cache)"))
+            ignored.append((shown_path(child), "name is not valid UTF-8 (cannot be stored in the cache)"))
         elif _is_hidden(name):
             ignored.append((child, "hidden folder" if _is_folder(entry) else "hidden file"))
         elif (st := _stat(entry, child, ignored)) is not None:
