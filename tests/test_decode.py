@@ -55,6 +55,18 @@ def test_transparent_pixels_are_composited_on_white(tmp_path: Path) -> None:
     assert (pixels == 255).all()
 
 
+@pytest.mark.parametrize("mode, key", [("L", 0), ("RGB", (0, 0, 0))])
+def test_a_colour_key_is_transparency_too(tmp_path: Path, mode: str, key: object) -> None:
+    # Before: a grey or RGB PNG's tRNS colour key was ignored: its transparent pixels decoded black, not white.
+    half = np.full((8, 8), 128, np.uint8)
+    half[:, :4] = 0
+    img = Image.fromarray(half).convert(mode)
+    path = tmp_path / "keyed.png"
+    img.save(path, transparency=key)
+    pixels = decode_image(path, 8)
+    assert (pixels[:, :4] == 255).all() and (pixels[:, 4:] == 128).all()
+
+
 def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     img = Image.new("RGB", (40, 20), (255, 0, 0))
     img.paste((0, 0, 255), (0, 0, 20, 20))  # left half blue
@@ -118,6 +130,10 @@ def test_a_large_jpeg_is_limited_by_the_pixels_it_decodes_to(tmp_path: Path, mon
         assert decode_image(photo, 32)[0, 0, 0] > 150  # decoded at 1/8: 32 x 32
     with pytest.raises(DecodeError, match="image too large"):  # a PNG is decoded whole: refused as before
         decode_image(_save(Image.new("RGB", (256, 256)), tmp_path / "big.png"), 32)
+    # Before: over twice Pillow's limit, Image.open itself refused it (a 400-megapixel JPEG, 6 at 1/8 scale).
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)
+    assert decode_image(photo, 32)[0, 0, 0] > 150
+    assert Image.MAX_IMAGE_PIXELS == 100 * 100  # Pillow's own limit is left as it was
 
 
 def _full_scale(path: Path, size: int) -> np.ndarray:

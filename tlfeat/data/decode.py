@@ -15,8 +15,10 @@ measures what that changes in pixels and features.
 from __future__ import annotations
 
 import os
-import warnings
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -45,13 +47,29 @@ def to_8bit(img: Image.Image) -> Image.Image:
         top = 65535.0 if img.mode.startswith("I;16") or values.max() > 255 else 255.0
         grey = np.clip(values * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(grey, mode="L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:  # also a grey or RGB PNG's colour key
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if img.mode not in ("L", "RGB"):
         return img.convert("RGB")
     return img
+
+
+_LIMIT_LOCK = threading.Lock()
+
+
+@contextmanager
+def _open_limit_lifted() -> Iterator[None]:
+    """Pillow refuses (over twice its limit) or warns about an image at open, by its header's size; but a
+    large JPEG is decoded at up to 1/8 scale. `decode_into` applies MAX_PIXELS itself, after `draft`, to the
+    pixels actually decoded (a 400-megapixel JPEG decodes as 6 megapixels for 224 px), before any decoding."""
+    with _LIMIT_LOCK:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
 
 
 # Part of the cache key: features of a file decoded another way never mix with these.
@@ -69,11 +87,7 @@ def decode_into(path: str | Path, out: np.ndarray) -> None:
         with open(path, "rb") as file:
             if os.fstat(file.fileno()).st_size == 0:
                 raise DecodeError("empty file (0 bytes)")
-            with warnings.catch_warnings():
-                # Pillow warns at open of any image whose header exceeds its limit, but a large JPEG is decoded
-                # at up to 1/8 scale: the limit applies below, to the pixels actually decoded (a 108-megapixel
-                # phone photo decodes as 1.7 megapixels for 224 px).
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with _open_limit_lifted():
                 img = Image.open(file)
             with img:
                 width, height = img.size
