@@ -49,6 +49,13 @@ def test_sixteen_bit_grey_is_rescaled_not_clipped(tmp_path: Path) -> None:
     assert 100 < pixels[32, 32, 0] < 160
 
 
+def test_float_images_in_zero_to_one_span_the_grey_range(tmp_path: Path) -> None:
+    # Before: a float TIFF of values in [0, 1] was divided by 255 too: a black picture.
+    ramp = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    pixels = decode_image(_save(Image.fromarray(ramp, "F"), tmp_path / "unit.tif"), 64)
+    assert pixels[0, 0, 0] == 0 and pixels[-1, -1, 0] == 255
+
+
 def test_transparent_pixels_are_composited_on_white(tmp_path: Path) -> None:
     img = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
     pixels = decode_image(_save(img, tmp_path / "clear.png"), 8)

@@ -43,8 +43,12 @@ def to_8bit(img: Image.Image) -> Image.Image:
     """
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         values = np.asarray(img, dtype=np.float32)
-        # 16-bit PNGs open as I;16 or I; scale by the real range so 12-bit scans survive too.
-        top = 65535.0 if img.mode.startswith("I;16") or values.max() > 255 else 255.0
+        # 16-bit PNGs (I;16, or I) scale by their format's range, as viewers show them (a 12-bit scan stored in
+        # 16 bits stays dark: nothing in the file says 12); values that fit 0..255 by 255; floats in 0..1 by 1.
+        if img.mode == "F" and values.max() <= 1.0:
+            top = 1.0
+        else:
+            top = 65535.0 if img.mode.startswith("I;16") or values.max() > 255 else 255.0
         grey = np.clip(values * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(grey, mode="L")
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:  # also a grey or RGB PNG's colour key
