@@ -505,3 +505,13 @@ def test_the_command_names_ignored_files_that_may_be_images(tiny_dataset: Path, 
     assert result.exit_code == 0, result.output
     assert "  ignored stray.png: not in a class folder" in result.stdout
     assert "notes.txt" not in result.stdout and "2 ignored" in result.stdout
+
+
+def test_a_class_whose_every_file_is_unreadable_is_named(tiny_dataset: Path, tmp_path: Path) -> None:
+    # Before: only its files were listed as skipped; fit-head then blamed the split ("extract with another seed").
+    broken = tiny_dataset / "class_9"
+    broken.mkdir()
+    for i in range(3):
+        (broken / f"{i}.jpg").write_text("not an image")
+    summary = extract(tiny_dataset, tmp_path / "c.h5", **FAST)
+    assert "class(es) class_9 have no rows: every one of their files was skipped as unreadable" in summary.notes

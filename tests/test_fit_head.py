@@ -144,6 +144,22 @@ def test_class_missing_from_train_is_refused(tmp_path: Path) -> None:
     assert_one_line_error(fit_head_cli(cache), "blobs.h5", "class 'class_1' has no images in the train split")
 
 
+def test_a_class_without_train_images_is_told_what_to_do_about_it(tmp_path: Path) -> None:
+    # Before: "extract with another seed" for a class whose every file was unreadable (no seed helps), and for
+    # 35 of 200 classes of 2 images each (no seed gives them all a training image).
+    unreadable = write_synthetic_cache(tmp_path / "u.h5", class_names=["a", "b", "c", "broken"])
+    assert_one_line_error(fit_head_cli(unreadable), "u.h5", "class 'broken' has no images in this cache",
+                          "skipped as unreadable")
+    tiny = write_synthetic_cache(tmp_path / "t.h5", n_per_class=2, n_classes=40, shares=(0.5, 0.5, 0.0))
+    with h5py.File(tiny, "a") as handle:  # 7 classes drew no training image
+        split = handle["split"].asstr()[...]
+        split[(handle["labels"][...] < 7) & (split == "train")] = "val"
+        handle["split"][...] = split
+    result = fit_head_cli(tiny)
+    assert_one_line_error(result, "t.h5", "7 classes have no images in the train split", "and 2 more",
+                          "give train a larger share")
+
+
 def test_nan_or_inf_features_are_refused_with_file_and_count(tmp_path: Path) -> None:
     cache = plant_features(write_synthetic_cache(tmp_path / "broken.h5"), ((3, 2), np.nan), ((7, slice(0, 2)), np.inf))
     assert_one_line_error(fit_head_cli(cache), "broken.h5", "3 feature values are NaN or inf, in 2 of 120 rows")

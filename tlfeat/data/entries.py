@@ -101,9 +101,11 @@ class ImageTable(LazySequence[ImageEntry]):
 
     def classes_in(self, split: str) -> set[str]:
         """The classes with at least one entry in `split`."""
-        classes = np.frombuffer(self._classes, dtype=np.int32)[np.frombuffer(self._splits, dtype=np.int8) ==
-                                                               SPLITS.index(split)]
-        return {self.class_names[i] for i in np.unique(classes)}
+        return self.classes_where(np.frombuffer(self._splits, dtype=np.int8) == SPLITS.index(split))
+
+    def classes_where(self, mask: np.ndarray) -> set[str]:
+        """The classes with at least one entry where `mask` (one bool per entry) is true."""
+        return {self.class_names[i] for i in np.unique(np.frombuffer(self._classes, dtype=np.int32)[mask])}
 
     def _item(self, i: int) -> ImageEntry:
         return ImageEntry(self.relpath(i), self.class_names[self._classes[i]], SPLITS[self._splits[i]],

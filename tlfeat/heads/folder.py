@@ -157,20 +157,35 @@ def check_unique_paths(path: Path, paths: np.ndarray) -> None:
 
 
 def check_trainable(label: str, labels: np.ndarray, split: np.ndarray, class_names: Sequence[str]) -> None:
-    """Refuse to fit a head on data without train rows, or with a class that has none."""
+    """Refuse to fit a head on data without train rows, or with a class that has none (saying why it has none)."""
     train_labels = labels[split == "train"]
     if not len(train_labels):
         raise TlfeatError(f"{label}: no train split rows; nothing to fit on")
     present = np.bincount(train_labels, minlength=len(class_names))
     total = np.bincount(labels, minlength=len(class_names))
-    for i, name in enumerate(class_names):
-        if present[i] == 0:
-            raise TlfeatError(
-                f"{label}: class {name!r} has no images in the train split "
-                f"({total[i]} in val/test); every class needs training images (each image's split is drawn on its "
-                "own: with few images a class can draw none; extract with another `seed`, or use train/ and "
-                "test/ folders)"
-            )
+    unreadable = [name for i, name in enumerate(class_names) if total[i] == 0]
+    if unreadable:
+        raise TlfeatError(
+            f"{label}: class {unreadable[0]!r} has no images in this cache: every one of its files was skipped as "
+            "unreadable (extract lists them); fix or remove them, or remove the class folder"
+        )
+    missing = [i for i in range(len(class_names)) if present[i] == 0]
+    if len(missing) == 1:
+        i = missing[0]
+        raise TlfeatError(
+            f"{label}: class {class_names[i]!r} has no images in the train split ({total[i]} in val/test); every "
+            "class needs training images (each image's split is drawn on its own: with few images a class can draw "
+            "none; extract with another `seed`, or use train/ and test/ folders)"
+        )
+    if missing:
+        shown = ", ".join(repr(class_names[i]) for i in missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise TlfeatError(
+            f"{label}: {len(missing)} classes have no images in the train split ({shown}); every class needs "
+            f"training images, and with {int(np.median(total))} images a class (the median) each one's split "
+            "drawn on its own leaves some without: give train a larger share (`ratios`, e.g. 0.8,0.1,0.1) or use "
+            "train/ and test/ folders"
+        )
 
 
 def left_out_note(split: str, count: int, selected: bool = False) -> str:
