@@ -323,3 +323,17 @@ def test_ctrl_c_in_the_keras_head_stops_it_after_a_batch_and_keeps_the_heads_bef
     summary = (tmp_path / "heads" / "summary.md").read_text()
     assert "report" in summary and "knn" in summary and "interrupted" in summary
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own handler is back
+
+
+def test_class_names_the_font_lacks_draw_without_warnings(tmp_path: Path) -> None:
+    # Before: each head's confusion plot of CJK or 200-character class names printed three matplotlib
+    # UserWarning blocks (glyph missing, tight layout not applied); plot_confusion bypassed save_png's filter.
+    import warnings
+
+    from tlfeat.reports import plot_confusion
+
+    names = ["日本", "café", "x" * 200]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_confusion(np.array([[2, 1, 0], [0, 3, 0], [1, 0, 2]]), names, "title", tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 1000

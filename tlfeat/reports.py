@@ -77,10 +77,7 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], title: str, p
                 if matrix[i, j]:
                     colour = "white" if share[i, j] > 0.5 else "black"
                     ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8, color=colour)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_png(fig, path)
 
 
 def _cell(value: Any) -> str:
@@ -110,14 +107,19 @@ def write_csv(path: Path, headers: Sequence[str], rows: Sequence[Sequence[Any]])
     atomic_write_bytes(path, csv_text(headers, rows).encode())
 
 
-def save_png(fig: Any, path: Path, dpi: int = 100) -> None:
-    """Render a matplotlib Figure to PNG, written atomically."""
+def save_png(fig: Any, path: Path, dpi: int = 100, tight: bool = True) -> None:
+    """Render a matplotlib Figure to PNG (laid out tight unless `tight` is False), written atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
     buffer = io.BytesIO()
-    with warnings.catch_warnings():  # a class or file name in a script the font lacks (an emoji): drawn as a box
+    with warnings.catch_warnings():
+        # A class or file name in a script the font lacks (CJK, an emoji) is drawn as boxes, and very long ones
+        # leave tight_layout no room: the picture is still right, the warnings only fill the terminal.
         warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font")
+        warnings.filterwarnings("ignore", message=r"Tight layout not applied")
+        if tight:
+            fig.tight_layout()
         fig.savefig(buffer, format="png", dpi=dpi)
     atomic_write_bytes(path, buffer.getvalue())
 
@@ -141,5 +143,4 @@ def plot_history(history: Sequence[dict], stage2_start: int | None, path: Path, 
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
-    fig.tight_layout()
     save_png(fig, path)

@@ -103,7 +103,6 @@ def _similarity_histogram(found: Duplicates, out: Path) -> None:
     ax.set_xlabel("cosine similarity to the nearest other image")
     ax.set_ylabel("images (log scale)")
     ax.legend()
-    fig.tight_layout()
     save_png(fig, out)
 
 

@@ -75,4 +75,4 @@ def draw_sheet(tiles: Sequence[Tile | None], columns: int, title: str, out: Path
             spine.set_linewidth(2 if tile.colour != "black" else 0.5)
         ax.text(0.5, -0.02, tile.caption, transform=ax.transAxes, ha="center", va="top", fontsize=6.5,
                 color=tile.colour, linespacing=1.2)
-    save_png(fig, out, dpi=90)
+    save_png(fig, out, dpi=90, tight=False)

@@ -141,7 +141,6 @@ def plot_map(data: CacheData, result: EmbeddingMap, title: str, out: Path) -> No
     ax.set_title(title, fontsize=10)
     ax.set_xticks([])
     ax.set_yticks([])
-    fig.tight_layout()
     save_png(fig, out, dpi=110)
 
 

@@ -223,7 +223,6 @@ def plot_bars(rows: Sequence[Row], path: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
         ax.legend(loc="upper center", ncol=len(series), fontsize=8)
         ax.set_title(f"{members[0].dataset[1]}: frozen-feature heads vs fine-tuning")
-    fig.tight_layout()
     save_png(fig, path)
 
 
