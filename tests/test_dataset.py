@@ -305,3 +305,14 @@ def test_split_folders_are_known_in_any_case_and_by_their_usual_names(tmp_path: 
     _touch_files(flat / "test", 1, 2)
     with pytest.raises(TlfeatError, match=r"has test/ but no train folder \(a top-level train, val or test folder"):
         scan_dataset(flat)
+
+
+def test_class_names_that_differ_only_in_unicode_normalisation_are_refused(tmp_path: Path) -> None:
+    # Before: "café" written by macOS (NFD) and by Linux (NFC) became two classes that print the same.
+    import unicodedata
+
+    _touch_files(tmp_path / unicodedata.normalize("NFC", "café"), 1, 2)
+    _touch_files(tmp_path / unicodedata.normalize("NFD", "café"), 1, 2)
+    _touch_files(tmp_path / "forest", 1, 2)
+    with pytest.raises(TlfeatError, match=r"look the same but are spelt with different Unicode characters"):
+        scan_dataset(tmp_path)

@@ -25,6 +25,7 @@ import hashlib
 import math
 import os
 import stat
+import unicodedata
 from numbers import Real
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -302,6 +303,17 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
+def _check_distinct_looking(where: Path, class_names: list[str]) -> None:
+    """Refuse two class folders whose names differ only in Unicode normalisation (macOS writes "é" as e and an
+    accent, Linux as one character): they read as one class, and would be scored as two."""
+    seen: dict[str, str] = {}
+    for name in class_names:
+        other = seen.setdefault(unicodedata.normalize("NFC", name), name)
+        if other != name:
+            raise TlfeatError(f"{where}: class folders {other!r} and {name!r} look the same but are spelt with "
+                              "different Unicode characters (NFC and NFD); merge them, or rename one")
+
+
 def _split_folders(root: Path, names: set[str]) -> dict[str, str]:
     """The pre-split layout's folders by split ("train" -> "Train"), empty for a flat dataset; two folders
     for one split are refused."""
@@ -372,6 +384,7 @@ def _scan(root: Path, seed: int, ratios: tuple[float, float, float]) -> DatasetS
         raise TlfeatError(f"{where}: only one class folder ({class_names[0]}); need at least 2 classes")
     if walk.empty:
         raise TlfeatError(f"{walk.empty[0]}: class folder holds no images")
+    _check_distinct_looking(where, class_names)
     if layout == "pre-split":
         for split, folders in walk.class_folders.items():
             if not folders and split != "train":  # before: an empty val/ silently meant "no val split"
