@@ -305,6 +305,12 @@ def test_split_folders_are_known_in_any_case_and_by_their_usual_names(tmp_path: 
     _touch_files(flat / "test", 1, 2)
     with pytest.raises(TlfeatError, match=r"has test/ but no train folder \(a top-level train, val or test folder"):
         scan_dataset(flat)
+    # Another spelling alone is a class, as it always was: a flat dataset of vehicles may have Train/.
+    vehicles = tmp_path / "vehicles"
+    for name in ("Bus", "Car", "Train"):
+        (vehicles / name).mkdir(parents=True)
+        (vehicles / name / "0.jpg").write_bytes(b"x")
+    assert scan_dataset(vehicles).class_names == ["Bus", "Car", "Train"]
 
 
 def test_class_names_that_differ_only_in_unicode_normalisation_are_refused(tmp_path: Path) -> None:

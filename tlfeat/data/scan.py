@@ -47,7 +47,8 @@ IMAGE_EXTENSIONS = frozenset(
 # Top-level folder names (any case) that make a dataset pre-split, and the split each holds.
 SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                  "test": "test", "testing": "test"}
-PRE_SPLIT_HINT = "a top-level train, val or test folder (any case) makes a dataset pre-split: train/<class>/<image>"
+PRE_SPLIT_HINT = ("a top-level train, val or test folder makes a dataset pre-split (train/<class>/<image>; Train/, "
+                  "validation/ and the like too, beside another split's folder): rename a class so named")
 DEFAULT_RATIOS = (0.5625, 0.1875, 0.25)  # the study's shares (270/90/120 of 480 per class, on average)
 # Recorded in caches: a cache split by another rule would be re-labelled by a rerun, so reruns compare it.
 SPLIT_RULE = "sha256(seed, path) vs cumulative shares"
@@ -315,8 +316,12 @@ def _check_distinct_looking(where: Path, class_names: list[str]) -> None:
 
 
 def _split_folders(root: Path, names: set[str]) -> dict[str, str]:
-    """The pre-split layout's folders by split ("train" -> "Train"), empty for a flat dataset; two folders
-    for one split are refused."""
+    """The pre-split layout's folders by split ("train" -> "Train"), empty for a flat dataset.
+
+    train/, val/ and test/ are split folders whatever else is there, as they always were; another spelling
+    (Train/, validation/, ...) only when a train folder and another split's are both present, so that a flat
+    dataset can still have a class named Train or Validation. Two folders for one split are refused.
+    """
     found: dict[str, str] = {}
     for name in sorted(names):
         split = SPLIT_FOLDERS.get(name.lower())
@@ -326,6 +331,8 @@ def _split_folders(root: Path, names: set[str]) -> dict[str, str]:
             raise TlfeatError(f"{root}: {found[split]}/ and {name}/ both hold the {split} split; merge them, or "
                               "rename one")
         found[split] = name
+    if not ("train" in found and len(found) >= 2):
+        found = {split: name for split, name in found.items() if name == split}
     return {split: found[split] for split in SPLITS if split in found}
 
 
