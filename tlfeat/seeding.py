@@ -4,6 +4,8 @@
 and the backend's. A notebook that fits a head and then draws its own random
 numbers would get the head's seed's sequence: these keep the caller's `random`
 and `np.random` states as they were (the backend's global seed stays set).
+Importing a library for the first time may still draw from them (TensorFlow and
+scikit-learn do); that is the library's doing, not a reseed.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ def caller_streams_kept() -> Iterator[None]:
 
 @contextmanager
 def seeded(seed: int) -> Iterator[None]:
-    """`keras.utils.set_random_seed(seed)` for the block, the caller's streams kept."""
-    import keras
-
+    """`keras.utils.set_random_seed(seed)` for the block, the caller's streams kept (a first import of Keras,
+    and of TensorFlow with it, draws from both: it happens inside)."""
     with caller_streams_kept():
+        import keras
+
         keras.utils.set_random_seed(seed)
         yield

@@ -94,14 +94,14 @@ class KerasReportHead(ClassifierMixin, BaseEstimator):
     def fit(
         self, X: Any, y: Any, validation_data: tuple[Any, Any] | None = None
     ) -> "KerasReportHead":
-        import keras
-
         X, y = validate_data(self, X, y, dtype=np.float32)
         check_classification_targets(y)
         self.classes_, y_index = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
             raise ValueError(f"KerasReportHead needs at least 2 classes in y, got 1 class ({self.classes_[0]!r})")
         with seeded(self.seed):
+            import keras  # its first import draws from the caller's streams: inside `seeded`, which keeps them
+
             X_fit, y_fit, X_val, y_val = self._validation_rows(X, y_index, validation_data)
             model = self._build(X.shape[1], len(self.classes_))
             model.compile(
