@@ -514,4 +514,15 @@ def test_a_class_whose_every_file_is_unreadable_is_named(tiny_dataset: Path, tmp
     for i in range(3):
         (broken / f"{i}.jpg").write_text("not an image")
     summary = extract(tiny_dataset, tmp_path / "c.h5", **FAST)
-    assert "class(es) class_9 have no rows: every one of their files was skipped as unreadable" in summary.notes
+    assert ("class(es) class_9 have no training rows: every one of their train files was skipped as unreadable"
+            in summary.notes)
+    # A pre-split dataset whose train/ files of a class are all unreadable, its test/ files fine: the same note.
+    split = tmp_path / "split"
+    for part in ("train", "test"):
+        for name in ("a", "b"):
+            for i in range(2):
+                make_image(split / part / name / f"{i}.png", ord(name), i)
+    for path in (split / "train" / "b").iterdir():
+        path.write_text("not an image")
+    summary = extract(split, tmp_path / "s.h5", **FAST)
+    assert "class(es) b have no training rows: every one of their train files was skipped as unreadable" in summary.notes

@@ -101,7 +101,11 @@ class ImageTable(LazySequence[ImageEntry]):
 
     def classes_in(self, split: str) -> set[str]:
         """The classes with at least one entry in `split`."""
-        return self.classes_where(np.frombuffer(self._splits, dtype=np.int8) == SPLITS.index(split))
+        return self.classes_where(self.in_split(split))
+
+    def in_split(self, split: str) -> np.ndarray:
+        """One bool per entry: whether it is in `split`."""
+        return np.frombuffer(self._splits, dtype=np.int8) == SPLITS.index(split)
 
     def classes_where(self, mask: np.ndarray) -> set[str]:
         """The classes with at least one entry where `mask` (one bool per entry) is true."""

@@ -319,11 +319,11 @@ def extract(
 
     skipped = [(e.relpath, reason) for e, reason in ledger.failures()]
     failed = {path for path, _ in skipped}
-    with_rows = scan.entries.classes_where(ledger.where >= 0)
-    unreadable = [name for name in scan.class_names if name not in with_rows]
+    in_train = scan.entries.in_split("train")
+    unreadable = scan.entries.classes_in("train") - scan.entries.classes_where(in_train & (ledger.where >= 0))
     if unreadable:  # heads will refuse such a class: say it now, and why
-        notes.append(f"class(es) {', '.join(unreadable)} have no rows: every one of their files was skipped as "
-                     "unreadable")
+        notes.append(f"class(es) {', '.join(sorted(unreadable))} have no training rows: every one of their train "
+                     "files was skipped as unreadable")
     return ExtractSummary(
         out=out,
         n_images=ledger.n_rows(),

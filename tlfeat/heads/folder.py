@@ -174,8 +174,9 @@ def check_trainable(label: str, labels: np.ndarray, split: np.ndarray, class_nam
         i = missing[0]
         raise TlfeatError(
             f"{label}: class {class_names[i]!r} has no images in the train split ({total[i]} in val/test); every "
-            "class needs training images (each image's split is drawn on its own: with few images a class can draw "
-            "none; extract with another `seed`, or use train/ and test/ folders)"
+            "class needs training images: if its train files were all unreadable, extract's notes name it; in a "
+            "flat dataset each image's split is drawn on its own, so with few images a class can draw none "
+            "(extract with another `seed`, or use train/ and test/ folders)"
         )
     if missing:
         shown = ", ".join(repr(class_names[i]) for i in missing[:5]) + (
