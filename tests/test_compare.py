@@ -106,6 +106,9 @@ def test_compare_refuses_nothing_found_and_foreign_files(tmp_path: Path) -> None
     (tmp_path / "run" / "summary.json").write_text('{"format": "tlfeat-finetune-run", "classes": [')
     assert_one_line_error(runner.invoke(app, ["compare", str(tmp_path / "run" / "summary.json")]),
                           "summary.json: unreadable (JSONDecodeError)")
+    # ... and found in a folder: before, the run left the table without a word.
+    assert_one_line_error(runner.invoke(app, ["compare", str(tmp_path / "run")]),
+                          "summary.json: unreadable (JSONDecodeError)")
 
 
 def test_compare_never_ranks_across_datasets(tmp_path: Path) -> None:

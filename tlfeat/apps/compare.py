@@ -153,6 +153,15 @@ def _classify(path: Path) -> tuple[str, Path] | None:
     return None
 
 
+def _classify_or_refuse(path: Path) -> tuple[str, Path] | None:
+    """`_classify`, except that a damaged run summary is an error naming it: a run must not drop out of the
+    table without a word, nor be called the wrong kind of file."""
+    hit = _classify(path)
+    if hit is None and path.name == SUMMARY_NAME:
+        read_json_object(path)
+    return hit
+
+
 def find_results(inputs: Sequence[Path]) -> list[tuple[str, Path]]:
     """Every fit-head model and fine-tune run named by, or found under, `inputs`; each once, in order."""
     found: list[tuple[str, Path]] = []
@@ -165,13 +174,11 @@ def find_results(inputs: Sequence[Path]) -> list[tuple[str, Path]]:
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "checkpoints")
                 for name in sorted(filenames):
                     if name.endswith((".json", HEAD_SUFFIX)) and not name.startswith("."):
-                        hit = _classify(Path(dirpath) / name)
+                        hit = _classify_or_refuse(Path(dirpath) / name)
                         if hit is not None:
                             found.append(hit)
         else:
-            hit = _classify(item)
-            if hit is None and item.name == SUMMARY_NAME:
-                read_json_object(item)  # a damaged run summary is named as such, not as the wrong kind of file
+            hit = _classify_or_refuse(item)
             if hit is None:
                 raise TlfeatError(
                     f"{item}: neither a fit-head model ({HEAD_SUFFIX}, or a tlfeat 0.1 .joblib or its .json) nor a fine-tune run "
