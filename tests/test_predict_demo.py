@@ -261,7 +261,10 @@ def test_folders_of_images_to_predict_are_walked_as_the_scan_walks_them(tmp_path
     (query / "loop").symlink_to(query)
     os.mkfifo(query / "pipe.jpg")
     (query / ".hidden.png").write_bytes(b"x")
-    assert collect_images([query]) == [query / "a.png", query / "link" / "b.png"]
+    (query / "gone.png").symlink_to(tmp_path / "missing.png")
+    assert collect_images([query]) == ([query / "a.png", query / "link" / "b.png"], [
+        (str(query / "gone.png"), "broken symlink (its target is missing)"), (str(query / "loop"), "symlink loop (a folder that contains itself)"),
+        (str(query / "pipe.jpg"), "not a regular file")])
     with pytest.raises(TlfeatError, match=r"pipe\.jpg: not a regular file"):
         collect_images([query / "pipe.jpg"])
 
@@ -275,13 +278,16 @@ def test_file_names_that_break_lines_or_utf8_stay_one_field(trained: dict, tmp_p
     folder = tmp_path / "odd"
     folder.mkdir()
     (folder / "tab\there.png").write_bytes(source)
+    (folder / "back\\tslash.png").write_bytes(source)  # a literal backslash: doubled, told apart from a tab
     with open(os.path.join(os.fsencode(folder), b"caf\xe9.png"), "wb") as handle:
         handle.write(source)
     listed = tmp_path / "p.csv"
     result = runner.invoke(app, ["predict", str(trained["single"]), str(folder), "--csv", str(listed), "-q"])
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stdout.splitlines() if line.startswith(str(folder))]
-    assert [line.split("\t")[0] for line in lines] == [f"{folder}/caf\\xe9.png", f"{folder}/tab\\there.png"]
+    assert [line.split("\t")[0] for line in lines] == [
+        f"{folder}/back\\\\tslash.png", f"{folder}/caf\\xe9.png", f"{folder}/tab\\there.png"]
     with open(listed, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    assert sorted(row["path"] for row in rows) == [f"{folder}/caf\\xe9.png", f"{folder}/tab\there.png"]
+    assert sorted(row["path"] for row in rows) == [
+        f"{folder}/back\\tslash.png", f"{folder}/caf\\xe9.png", f"{folder}/tab\there.png"]

@@ -265,12 +265,17 @@ def shown_path(path: str | os.PathLike) -> str:
 
 
 def one_line_path(path: str | os.PathLike) -> str:
-    """`shown_path` with tabs, newlines and other control characters escaped (\\t, \\n, \\xNN): a path in
-    tab-separated output stays one field of one line."""
-    return "".join(_CONTROL.get(ch, ch) for ch in shown_path(path))
+    """`shown_path` with tabs, newlines and other control characters escaped (\\t, \\n, \\xNN), and a
+    backslash doubled so that the escapes read back: a path in tab-separated output stays one field of one
+    line."""
+    return "".join(_ONE_LINE.get(ch, ch) for ch in os.fsencode(path).decode("utf-8", "surrogateescape"))
 
 
-_CONTROL = {chr(code): f"\\x{code:02x}" for code in [*range(32), 127]} | {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_ONE_LINE = (
+    {chr(code): f"\\x{code:02x}" for code in [*range(32), 127]}
+    | {chr(0xDC00 + byte): f"\\x{byte:02x}" for byte in range(0x80, 0x100)}  # bytes that are not UTF-8
+    | {"\t": "\\t", "\n": "\\n", "\r": "\\r", "\\": "\\\\"}
+)
 
 
 def read_json_object(path: str | Path) -> dict:

@@ -91,7 +91,7 @@ def _resolve(
             continue
         if not Path(text).exists():
             raise TlfeatError(f"{text}: neither an image path stored in the cache nor an existing file or folder")
-        found = collect_images([Path(text)])
+        found, _ = collect_images([Path(text)])  # a query folder's pipes and broken links are no queries
         if not found:
             raise TlfeatError(f"{text}: no image files in this folder")
         for path in found:

@@ -53,9 +53,10 @@ class PredictResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
 
-def collect_images(inputs: Sequence[Path]) -> list[Path]:
+def collect_images(inputs: Sequence[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
     """Files named directly, plus the image files found under folders as the dataset scan finds them
-    (`tlfeat.data.scan.image_files`: symlinks followed, hidden files and pipes left out).
+    (`tlfeat.data.scan.image_files`: symlinks followed, hidden files and pipes left out); and, as (path,
+    reason), what was left out under the folders that may be an image (a pipe, a broken link).
 
     A path that does not exist, or a pipe or device named directly (reading it would block), is an error
     naming it.
@@ -65,14 +66,17 @@ def collect_images(inputs: Sequence[Path]) -> list[Path]:
         broken = " (a broken symbolic link)" if len(missing) == 1 and os.path.islink(missing[0]) else ""
         raise TlfeatError(f"{', '.join(missing)}: not found{broken}")
     files: list[Path] = []
+    left_out: list[tuple[str, str]] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            files += image_files(item)
+            found, notable = image_files(item)
+            files += found
+            left_out += [(str(path), reason) for path, reason in notable]
         elif not item.is_file():
             raise TlfeatError(f"{item}: not a regular file (a pipe or device); name image files or folders")
         else:
             files.append(item)
-    return files
+    return files, left_out
 
 
 def _check_sources(model: Path, sources: list[dict]) -> None:
@@ -173,7 +177,7 @@ def predict_images(
     batch_size = check_batch_size(batch_size)
     if not model.exists():
         raise TlfeatError(f"{model}: model not found (a fit-head .skops or a fine-tune run folder)")
-    files = collect_images(inputs)
+    files, left_out = collect_images(inputs)
     if not files:
         where = ", ".join(str(p) for p in inputs)
         raise TlfeatError(f"{where}: no image files to predict")
@@ -187,7 +191,7 @@ def predict_images(
         features, ok, failures = embed_for_head(model, meta, files, batch_size, progress)
         proba = estimator.predict_proba(features) if ok else np.zeros((0, len(estimator.classes_)))
         names = [meta["classes"][int(c)] for c in estimator.classes_]
-    result = PredictResult(model, meta, skipped=failures)
+    result = PredictResult(model, meta, skipped=failures + left_out)
     order = np.argsort(-proba, axis=1, kind="stable")[:, : min(top, len(names))]
     for row, index in enumerate(ok):
         result.predictions.append(

@@ -11,6 +11,7 @@ import typer
 from tlfeat.backbones import DEFAULT_BACKBONE, get_backbone, list_backbones
 from tlfeat.backbones.preprocessing import TTA_MODES
 from tlfeat.cli.common import DEFAULT_SPLIT, app, parse_ratios, user_errors
+from tlfeat.data.scan import is_routine
 from tlfeat.extraction.run import ENGINES
 
 if TYPE_CHECKING:
@@ -66,9 +67,7 @@ def extract(
         typer.echo(f"  skipped {path}: {reason}")
     if len(summary.skipped) > 20:
         typer.echo(f"  ... and {len(summary.skipped) - 20} more (listed in the cache's skipped_paths)")
-    # Hidden files and other extensions are routine; the rest may be an image the user expects in the cache.
-    notable = [(path, reason) for path, reason in summary.ignored
-               if not reason.startswith(("hidden ", "not an image file extension"))]
+    notable = [(path, reason) for path, reason in summary.ignored if not is_routine(reason)]
     for path, reason in notable[:10]:
         typer.echo(f"  ignored {path}: {reason}")
     if len(notable) > 10:

@@ -39,7 +39,7 @@ from tlfeat.errors import TlfeatError
 from tlfeat.fileio import shown_path
 
 __all__ = ["SPLITS", "DEFAULT_RATIOS", "SPLIT_RULE", "DatasetScan", "EntrySubset", "ImageEntry", "ImageTable",
-           "class_of", "image_files", "normalise_ratios", "scan_dataset", "split_bounds", "split_of"]
+           "class_of", "image_files", "is_routine", "normalise_ratios", "scan_dataset", "split_bounds", "split_of"]
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
@@ -225,13 +225,22 @@ def _list_images(
     return found
 
 
-def image_files(folder: str | Path) -> list[Path]:
+def image_files(folder: str | Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     """The image files under `folder` as the scan finds them in a class folder (recursively, symlinks followed
-    but not round a loop; hidden files, other extensions and pipes or devices left out), any name kept."""
+    but not round a loop; hidden files, other extensions and pipes or devices left out), any name kept; and
+    what was left out that may be an image (a pipe, a broken or looping link), with the reason."""
     folder = Path(folder)
     st = folder.stat()
-    found = _list_images(str(folder), "", frozenset({(st.st_dev, st.st_ino)}), [], any_name=True)
-    return [folder / relpath for relpath, _, _ in found]
+    ignored: Ignored = []
+    found = _list_images(str(folder), "", frozenset({(st.st_dev, st.st_ino)}), ignored, any_name=True)
+    notable = [(folder / relpath, reason) for relpath, reason in ignored if not is_routine(reason)]
+    return [folder / relpath for relpath, _, _ in found], notable
+
+
+def is_routine(reason: str) -> bool:
+    """Whether an ignored entry's reason is one every dataset has (hidden files, other file types), not one
+    that may hide an image the user expects."""
+    return reason.startswith(("hidden ", "not an image file extension"))
 
 
 def _class_dirs(
