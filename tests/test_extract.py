@@ -526,3 +526,24 @@ def test_a_class_whose_every_file_is_unreadable_is_named(tiny_dataset: Path, tmp
         path.write_text("not an image")
     summary = extract(split, tmp_path / "s.h5", **FAST)
     assert "class(es) b have no training rows: every one of their train files was skipped as unreadable" in summary.notes
+
+
+def test_a_cache_of_the_dataset_read_in_another_layout_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: a cache made when Train/ and Test/ read as two classes of a flat dataset was refused with "rerun
+    # with the cache's seed and ratios", which cannot work: the layout, not the split's settings, changed.
+    data = tmp_path / "data"
+    for part in ("Train", "Test"):
+        for name in ("a", "b"):
+            for i in range(3):
+                make_image(data / part / name / f"{i}.png", ord(name), i)
+    out = tmp_path / "c.h5"
+    from tlfeat.data import scan as scan_module
+
+    with monkeypatch.context() as before:  # the scan before split folders were known in any case
+        before.setattr(scan_module, "_split_folders", lambda root, names: {s: s for s in ("train", "test") if s in names})
+        assert extract(data, out, **FAST).split_counts != {"train": 6, "test": 6}
+    with pytest.raises(TlfeatError, match=r"the dataset now reads as pre-split, the cache was made when it read as "
+                                          r"flat \(\d+ of its 12 rows change split\); pass `overwrite`"):
+        extract(data, out, **FAST)
+    again = extract(data, out, overwrite=True, **FAST)
+    assert again.split_counts["test"] == 6 and cache.load(out).class_names == ["a", "b"]

@@ -167,6 +167,14 @@ def _check_split(old: CacheReader, moved: int, scan: DatasetScan, overwrite: boo
                 f"{_shares(scan.ratios)}")
     if old.attrs.get("split_rule") != SPLIT_RULE:
         settings += "; the cache was split by an earlier tlfeat's rule"
+    old_layout = old.attrs.get("layout")
+    if old_layout and old_layout != scan.layout:  # e.g. Train/ and Test/, once read as two classes
+        if not overwrite:
+            raise _CacheRefusal(
+                f"{old.path}: the dataset now reads as {scan.layout}, the cache was made when it read as "
+                f"{old_layout} ({moved} of its {old.n_rows} rows change split); pass `overwrite` to make it again"
+            )
+        settings += f"; the dataset reads as {scan.layout}, not {old_layout}"
     if not overwrite:
         raise _CacheRefusal(
             f"{old.path}: this run's split puts {moved} of its {old.n_rows} rows in another split ({settings}); "
