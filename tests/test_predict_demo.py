@@ -19,6 +19,7 @@ from tlfeat.extraction.run import extract
 from tlfeat.heads.fit import fit_heads, load_features
 from tlfeat.heads.registry import HEAD_NAMES
 from tlfeat.heads.store import load_head, read_metadata, save_head
+from tlfeat.apps.evaluate import evaluate_on_caches
 from tlfeat.apps.predict import predict_images
 from tlfeat.errors import TlfeatError
 
@@ -291,3 +292,26 @@ def test_file_names_that_break_lines_or_utf8_stay_one_field(trained: dict, tmp_p
         rows = list(csv.DictReader(handle))
     assert sorted(row["path"] for row in rows) == [
         f"{folder}/back\\tslash.png", f"{folder}/caf\\xe9.png", f"{folder}/tab\there.png"]
+
+
+def test_a_head_on_another_backends_random_weights_names_the_backend(tmp_path: Path) -> None:
+    # Before: "extract with the same settings" (evaluate) and "weights none are now none:tensorflow" (predict):
+    # the setting that differs is KERAS_BACKEND, which neither named.
+    import h5py
+
+    from conftest import write_synthetic_cache
+    from tlfeat.backbones import get_backbone
+
+    fitted_on, other = write_synthetic_cache(tmp_path / "j.h5"), write_synthetic_cache(tmp_path / "t.h5")
+    for path, weights in ((fitted_on, "none:jax"), (other, "none:tensorflow")):
+        with h5py.File(path, "r+") as handle:
+            handle.attrs["weights"] = weights
+            handle.attrs["preprocessing"] = get_backbone("efficientnet_lite0").preprocessing
+    fit_heads(fitted_on, head="logreg", out=tmp_path / "heads")
+    model = tmp_path / "heads" / "logreg.skops"
+    with pytest.raises(TlfeatError, match=r"extract under KERAS_BACKEND=jax \(random weights differ by backend\)$"):
+        evaluate_on_caches(model, other)
+    photo = tmp_path / "photo.png"
+    make_image(photo, 0, 0)
+    with pytest.raises(TlfeatError, match=r"random weights under the jax Keras backend, .* set KERAS_BACKEND=jax"):
+        predict_images(model, photo, progress=False)

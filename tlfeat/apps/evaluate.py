@@ -13,6 +13,7 @@ from typing import Sequence
 
 from sklearn.base import BaseEstimator
 
+from tlfeat.backbones import random_weights_backend
 from tlfeat.errors import TlfeatError
 from tlfeat.fileio import check_output_path, path_list
 from tlfeat.heads.fit import Features, load_features
@@ -62,9 +63,13 @@ def _check_caches_fit_model(model: Path, meta: dict, caches: Sequence[Path], fea
                 order = ", ".join(s["file"] for s in sources)
                 raise TlfeatError(f"{model}: give its caches in the order it was fitted on them ({order}); "
                                   f"{path} has {name} {given.get(name)!r} where {source['file']} had {fitted!r}")
+            backends = [random_weights_backend(str(w)) for w in (given.get(name), fitted)] if name == "weights" \
+                else [None]
+            remedy = (f"extract under KERAS_BACKEND={backends[1]} (random weights differ by backend)"
+                      if all(backends) else "extract with the same settings")
             raise TlfeatError(
                 f"{path}: {name} {given.get(name)!r}, but {model.name} was fitted on {name} "
-                f"{fitted!r} ({source['file']}); extract with the same settings"
+                f"{fitted!r} ({source['file']}); {remedy}"
             )
     mine, theirs = features.data.class_names, list(meta["classes"])
     if mine != theirs:

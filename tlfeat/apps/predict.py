@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from tlfeat.backbones import get_backbone, weights_identity
+from tlfeat.backbones import get_backbone, random_weights_backend, weights_identity
 from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.cache import OLD_DECODE
 from tlfeat.data.decode import DECODE
@@ -102,6 +102,13 @@ def _check_sources(model: Path, sources: list[dict]) -> None:
         if not weights_source:
             raise TlfeatError(f"{model}: its cache {source['file']} did not record weights_source; cannot re-embed")
         identity = weights_identity(spec, weights_source)
+        recorded_backend = random_weights_backend(source["weights"])
+        if identity != source["weights"] and recorded_backend:
+            raise TlfeatError(
+                f"{model}: made from features of {source['backbone']}'s random weights under the "
+                f"{recorded_backend} Keras backend, which this one ({random_weights_backend(identity)}) does not "
+                f"draw; set KERAS_BACKEND={recorded_backend} to embed new images the same way"
+            )
         if identity != source["weights"]:
             raise TlfeatError(
                 f"{model}: made from {source['backbone']} features from weights {source['weights']}, "

@@ -3,8 +3,8 @@ EfficientNet-Lite port and the torch-free reader of its weights."""
 
 from tlfeat.backbones.registry import (
     DEFAULT_BACKBONE, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, REGISTRY, Backbone, build_model, get_backbone,
-    list_backbones, resolve_image_size, weights_identity,
+    list_backbones, random_weights_backend, resolve_image_size, weights_identity,
 )
 
 __all__ = ["DEFAULT_BACKBONE", "MAX_IMAGE_SIZE", "MIN_IMAGE_SIZE", "REGISTRY", "Backbone", "build_model",
-           "get_backbone", "list_backbones", "resolve_image_size", "weights_identity"]
+           "get_backbone", "list_backbones", "random_weights_backend", "resolve_image_size", "weights_identity"]

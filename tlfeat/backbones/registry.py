@@ -163,6 +163,11 @@ def weights_identity(backbone: Backbone, weights: str) -> str:
     return "sha256:" + sha256_file(weights_file(weights))
 
 
+def random_weights_backend(identity: str) -> str | None:
+    """The Keras backend whose random weights a recorded weights identity names, or None for other weights."""
+    return identity.split(":", 1)[1] if identity.startswith("none:") else None
+
+
 def build_model(backbone: Backbone, weights: str, image_size: int | None = None) -> Any:
     """The Keras feature extractor for `backbone` with `weights` = "imagenet" | "none" | a file path."""
     size = image_size or backbone.input_size
