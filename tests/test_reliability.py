@@ -190,6 +190,29 @@ def test_concurrent_extract_on_same_output_stops_at_once(tmp_path: Path) -> None
     assert first_still_running
 
 
+def test_a_second_run_is_refused_before_it_loads_keras(tmp_path: Path) -> None:
+    # Before (this stop's random-weights key): the key's weights were computed before the lock was taken, which
+    # imported Keras and TensorFlow first; the second run was refused seconds late, or ran after the first.
+    from tlfeat.fileio import OutputLock
+
+    data = make_dataset(tmp_path / "data", n_classes=2, per_class=3)
+    out = tmp_path / "c.h5"
+    script = textwrap.dedent(f"""
+        import sys
+        from tlfeat.errors import TlfeatError
+        from tlfeat.extraction.run import extract
+        try:
+            extract({str(data)!r}, {str(out)!r}, backbone="vgg16", weights="none", image_size=32, progress=False)
+        except TlfeatError as exc:
+            print(exc)
+        print("keras loaded" if "keras" in sys.modules else "keras not loaded")
+    """)
+    with OutputLock(out):
+        result = subprocess.run([sys.executable, "-c", script], env=child_env(), capture_output=True, text=True,
+                                timeout=300)
+    assert f"pid {os.getpid()}" in result.stdout and result.stdout.endswith("keras not loaded\n"), result.stdout
+
+
 def _state(pid: int) -> str:
     """The process state letter from /proc (Z: a zombie, dead but not reaped by its parent)."""
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

@@ -268,13 +268,14 @@ def extract(
             out = out.resolve()  # and the link stays a link (the rename would have replaced it with a file)
         check_outside_dataset(out, scan.root)
         check_output_path(out)
-        weights_id = weights_identity(spec, weights)
         parts = ShardStore(out).dir  # a file squatting on its name is refused here, before any work
 
         stage = "loading the model"
+        # The lock first: a second run on this cache is refused at once, before it imports Keras (seconds).
         with OutputLock(out), make_engine(engine, spec, weights, size, batch_size, ray_options, workers, tta) as runner:
             remove_stale_temporaries(out)
             shards = ShardStore(out)
+            weights_id = weights_identity(spec, weights)  # random weights name the backend: Keras is loaded now
             key = CacheKey(spec.name, weights_id, size, spec.preprocessing, dtype, runner.compute, tta=tta)
             ledger = Ledger(scan.entries, scan.layout)
             notes = list(scan.notes)
