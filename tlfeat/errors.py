@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 _PARAMETER = re.compile(r"`(\w+)(?:=([^`]*))?`")
 
@@ -53,6 +53,12 @@ def number(name: str, value: Any, low: float | None = None, high: float | None =
                   else f"at least {low:g}" if low is not None else f"at most {high:g}")
         raise parameter_error(name, value, f"{what + ', ' if what else 'must be '}{bounds}")
     return float(value)
+
+
+def some_of(names: Sequence[str], shown: int = 3) -> str:
+    """The first `shown` names joined for a message, and how many more there are: "a, b, c and 4 more"."""
+    names = list(names)
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def cli_terms(message: str, options: Mapping[str, str] | None = None) -> str:

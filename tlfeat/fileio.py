@@ -259,8 +259,8 @@ def describe_exception(exc: BaseException, limit: int | None = 160) -> str:
 
 
 def shown_path(path: str | os.PathLike) -> str:
-    """A path as text for a message or a CSV cell: bytes that are not UTF-8 as \\xNN (the OS hands such names
-    over as surrogates, which cannot be written as UTF-8)."""
+    """A path (or any text holding paths) as text to print or write: bytes that are not UTF-8 as \\xNN (the OS
+    hands such names over as surrogates, which cannot be written as UTF-8)."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
@@ -268,7 +268,7 @@ def one_line_path(path: str | os.PathLike) -> str:
     """`shown_path` with tabs, newlines and other control characters escaped (\\t, \\n, \\xNN), and a
     backslash doubled so that the escapes read back: a path in tab-separated output stays one field of one
     line."""
-    return "".join(_ONE_LINE.get(ch, ch) for ch in os.fsencode(path).decode("utf-8", "surrogateescape"))
+    return "".join(_ONE_LINE.get(ch, ch) for ch in os.fsdecode(path))
 
 
 _ONE_LINE = (

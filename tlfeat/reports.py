@@ -98,13 +98,14 @@ def csv_text(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(headers)
-    # A file name that is not UTF-8 (a surrogate-escaped str) is written with \xNN escapes, not refused.
-    writer.writerows([["" if v is None else shown_path(v) if isinstance(v, str) else v for v in row] for row in rows])
+    writer.writerows([["" if v is None else v for v in row] for row in rows])
     return buffer.getvalue()
 
 
 def write_csv(path: Path, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    atomic_write_bytes(path, csv_text(headers, rows).encode())
+    # A file name that is not UTF-8 (a str holding surrogate escapes) is written with \xNN escapes, not refused:
+    # one pass over the whole text, not one per cell.
+    atomic_write_bytes(path, shown_path(csv_text(headers, rows)).encode())
 
 
 def save_png(fig: Any, path: Path, dpi: int = 100, tight: bool = True) -> None:

@@ -14,7 +14,7 @@ from typing import Sequence
 from sklearn.base import BaseEstimator
 
 from tlfeat.backbones import random_weights_backend
-from tlfeat.errors import TlfeatError
+from tlfeat.errors import TlfeatError, some_of
 from tlfeat.fileio import check_output_path, path_list
 from tlfeat.heads.fit import Features, load_features
 from tlfeat.heads.folder import FEATURE_DEFAULTS, FEATURE_KEY
@@ -63,10 +63,9 @@ def _check_caches_fit_model(model: Path, meta: dict, caches: Sequence[Path], fea
                 order = ", ".join(s["file"] for s in sources)
                 raise TlfeatError(f"{model}: give its caches in the order it was fitted on them ({order}); "
                                   f"{path} has {name} {given.get(name)!r} where {source['file']} had {fitted!r}")
-            backends = [random_weights_backend(str(w)) for w in (given.get(name), fitted)] if name == "weights" \
-                else [None]
-            remedy = (f"extract under KERAS_BACKEND={backends[1]} (random weights differ by backend)"
-                      if all(backends) else "extract with the same settings")
+            remedy, backend = "extract with the same settings", random_weights_backend(str(fitted))
+            if name == "weights" and backend and random_weights_backend(str(given.get(name))):
+                remedy = f"extract under KERAS_BACKEND={backend} (random weights differ by backend)"
             raise TlfeatError(
                 f"{path}: {name} {given.get(name)!r}, but {model.name} was fitted on {name} "
                 f"{fitted!r} ({source['file']}); {remedy}"
@@ -75,12 +74,9 @@ def _check_caches_fit_model(model: Path, meta: dict, caches: Sequence[Path], fea
     if mine != theirs:
         extra = [c for c in mine if c not in theirs]
         missing = [c for c in theirs if c not in mine]
-        def listed(names: list[str]) -> str:
-            return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-
-        detail = "; ".join(
-            [f"not in the model: {listed(extra)}"] * bool(extra) + [f"missing here: {listed(missing)}"] * bool(missing)
-        ) or "same classes in another order"
+        parts = ([f"not in the model: {some_of(extra)}"] if extra else []) + (
+            [f"missing here: {some_of(missing)}"] if missing else [])
+        detail = "; ".join(parts) or "same classes in another order"
         raise TlfeatError(
             f"{caches[0]}: class list differs from {model.name}'s ({len(mine)} vs {len(theirs)} classes; {detail}); "
             "a head only scores data labelled with its own classes"

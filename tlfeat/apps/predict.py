@@ -102,18 +102,19 @@ def _check_sources(model: Path, sources: list[dict]) -> None:
         if not weights_source:
             raise TlfeatError(f"{model}: its cache {source['file']} did not record weights_source; cannot re-embed")
         identity = weights_identity(spec, weights_source)
+        if identity == source["weights"]:
+            continue
         recorded_backend = random_weights_backend(source["weights"])
-        if identity != source["weights"] and recorded_backend:
+        if recorded_backend:
             raise TlfeatError(
                 f"{model}: made from features of {source['backbone']}'s random weights under the "
                 f"{recorded_backend} Keras backend, which this one ({random_weights_backend(identity)}) does not "
                 f"draw; set KERAS_BACKEND={recorded_backend} to embed new images the same way"
             )
-        if identity != source["weights"]:
-            raise TlfeatError(
-                f"{model}: made from {source['backbone']} features from weights {source['weights']}, "
-                f"but weights {weights_source} are now {identity}; refusing to mix features"
-            )
+        raise TlfeatError(
+            f"{model}: made from {source['backbone']} features from weights {source['weights']}, "
+            f"but weights {weights_source} are now {identity}; refusing to mix features"
+        )
 
 
 def embed_for_head(

@@ -26,7 +26,7 @@ from sklearn.base import BaseEstimator
 from tlfeat import __version__
 from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.data.scan import SPLITS
-from tlfeat.errors import TlfeatError
+from tlfeat.errors import TlfeatError, some_of
 from tlfeat.fileio import OutputLock, atomic_write_bytes
 from tlfeat.heads.rows import RowIds, seen_rows
 from tlfeat.heads.store import HEAD_SUFFIX, LEGACY_SUFFIX, head_path, read_fitted_rows, read_metadata, save_head
@@ -179,10 +179,9 @@ def check_trainable(label: str, labels: np.ndarray, split: np.ndarray, class_nam
             "(extract with another `seed`, or use train/ and test/ folders)"
         )
     if missing:
-        shown = ", ".join(repr(class_names[i]) for i in missing[:5]) + (
-            f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise TlfeatError(
-            f"{label}: {len(missing)} classes have no images in the train split ({shown}); every class needs "
+            f"{label}: {len(missing)} classes have no images in the train split "
+            f"({some_of([repr(class_names[i]) for i in missing], 5)}); every class needs "
             f"training images, and with {int(np.median(total))} images a class (the median) each one's split "
             "drawn on its own leaves some without: give train a larger share (`ratios`, e.g. 0.8,0.1,0.1) or use "
             "train/ and test/ folders"
