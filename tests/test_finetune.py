@@ -22,11 +22,11 @@ from conftest import REPO, TRAINABLE_SEED, assert_one_line_error, make_dataset
 from tlfeat.finetuning import runs as ft_runs
 from tlfeat.finetuning import train as ft
 from tlfeat.finetuning.data import image_batches_class
-from tlfeat.finetuning.state import Run, RunConfig, RunState, open_run
+from tlfeat.finetuning.state import Run, RunConfig, RunState, open_run, run_lock
 from tlfeat.backbones import build_model, get_backbone
 from tlfeat.data.scan import scan_dataset
 from tlfeat.data.decode import decode_image
-from tlfeat.errors import Interrupted
+from tlfeat.errors import Interrupted, TlfeatError
 
 runner = CliRunner()
 QUIET = dict(progress=False, log=lambda line: None)
@@ -395,3 +395,23 @@ def test_each_epoch_reseeds_generators_of_any_state_dtype() -> None:
     expected = [int(np.random.SeedSequence((0, 0, i + 1)).generate_state(1)[0]) for i in range(3)]
     assert [int(s.value[0]) for s in states] == [expected[0] % 2**31, expected[1], expected[2] % 2**31]
     assert expected[0] >= 2**31 and expected[1] >= 2**31
+
+
+def test_a_second_run_on_a_busy_folder_stops_before_building_its_model(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: the run's lock was taken after its model was built or loaded (minutes for a large backbone), so a
+    # second run on the same --out was refused only then, and a new run was told the folder "is not empty".
+    data = make_dataset(tmp_path / "tiny", per_class=4)
+    out = tmp_path / "run"
+
+    def built(*args: object) -> None:
+        raise AssertionError("a model was built while another run held the folder")
+
+    monkeypatch.setattr(ft, "_load_or_build", built)
+    with run_lock(out):  # a live run holds it
+        assert_one_line_error(finetune_cli(*vgg16_args(data, out)), "run.lock", "another tlfeat run")
+        monkeypatch.setattr(ft, "open_run", lambda out, resume, config, scan, log: Run(Path(out), config, RunState(), log))
+        with pytest.raises(TlfeatError, match="another tlfeat run"):
+            ft.finetune(data, backbone="vgg16", weights="none", image_size=32, seed=TRAINABLE_SEED, out=out,
+                        resume=True, **QUIET)
+    assert not any(out.iterdir())  # the refused runs wrote nothing, and the holder's lock file went with it

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from tlfeat.data.scan import DatasetScan
 from tlfeat.errors import TlfeatError
-from tlfeat.fileio import check_output_path, check_outside_dataset, read_json_object
+from tlfeat.fileio import OutputLock, check_output_path, check_outside_dataset, read_json_object
 from tlfeat.finetuning.model import save_model_atomically
 from tlfeat.finetuning.runs import RUN_FORMAT, RUNS_DIR, STATE_NAME
 from tlfeat.reports import write_csv, write_json
@@ -29,6 +29,11 @@ STATE_FORMAT = RUN_FORMAT + "-state"
 RESUMABLE_CHANGES = ("epochs1", "epochs2", "patience")
 
 Log = Callable[[str], None]
+
+
+def run_lock(out: Path) -> OutputLock:
+    """The lock a live run holds on its folder, ``<out>/run.lock``, from before its model is built to its end."""
+    return OutputLock(out / "run")
 
 
 @dataclass
@@ -260,7 +265,8 @@ def open_run(out: Path | None, resume: bool, config: RunConfig, scan: DatasetSca
     check_outside_dataset(out, scan.root)
     check_output_path(out, folder=True)
     if not resume:
-        if out.exists() and any(out.iterdir()):
+        lock_file = run_lock(out).path  # a live run's (refused with its holder named) or a killed one's
+        if out.exists() and any(path != lock_file for path in out.iterdir()):
             what = "holds a fine-tune run" if (out / STATE_NAME).exists() else "is not empty"
             raise TlfeatError(f"{out}: {what}; pass `resume` to continue it, or choose another `out`")
         return Run(out, config, RunState(), log)

@@ -17,6 +17,7 @@ checkpoint, and each epoch starts Keras' random draws (dropout masks) from
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import shutil
 import time
@@ -29,7 +30,6 @@ import numpy as np
 from tlfeat.backbones import DEFAULT_BACKBONE, Backbone, build_model, get_backbone, weights_identity
 from tlfeat.data.scan import DEFAULT_RATIOS, DatasetScan, scan_dataset
 from tlfeat.errors import Interrupted, TlfeatError, integer, number
-from tlfeat.fileio import OutputLock
 from tlfeat.finetuning.data import check_trainable_split, dataset_fingerprint, image_batches_class
 from tlfeat.finetuning.finish import finish_run
 from tlfeat.finetuning.model import (
@@ -37,7 +37,7 @@ from tlfeat.finetuning.model import (
     set_unfrozen_top,
 )
 from tlfeat.finetuning.runs import read_run_summary
-from tlfeat.finetuning.state import Log, Run, RunConfig, open_run
+from tlfeat.finetuning.state import Log, Run, RunConfig, open_run, run_lock
 from tlfeat.progress import progress_bar
 from tlfeat.runtime import accelerator_present, check_batch_size, compute_policy
 from tlfeat.seeding import caller_streams_kept
@@ -176,6 +176,20 @@ def finetune(
         classes=scan.class_names,
     )
     run = open_run(out, resume, config, scan, log)
+    folder_was_new = not run.out.exists()
+    try:
+        with run_lock(run.out):  # before the model is built, so that a second run on this folder stops at once
+            return _finetune_locked(run, scan, spec, weights, requested, progress)
+    finally:
+        if folder_was_new:
+            with contextlib.suppress(OSError):
+                run.out.rmdir()  # only if empty: a run refused before its first file leaves no folder
+
+
+def _finetune_locked(
+    run: Run, scan: DatasetScan, spec: Backbone, weights: str, requested: int | str, progress: bool
+) -> FinetuneSummary:
+    """`finetune` once its run folder is locked: build or load the model, train, finish."""
     if run.state.finished:
         shutil.rmtree(run.checkpoints, ignore_errors=True)  # left when a kill came after the state said finished
         summary = read_run_summary(run.out)
@@ -190,18 +204,16 @@ def finetune(
             f"`unfreeze_top={k!r}`: {spec.name} has only {n_layers} layers; use `unfreeze_all` to train them all"
         )
     run.config.base_layers = n_layers
-
-    with OutputLock(run.out / "run"):
-        run.save_state()
-        jit_compile = jit_compile_setting(on_gpu)
-        try:
-            _train(run, model, scan, spec, k, jit_compile, progress)
-            summary = finish_run(run, scan, spec, on_gpu, jit_compile)
-        except KeyboardInterrupt:
-            raise Interrupted(
-                f"interrupted; {run.global_epochs()} finished epochs are saved in {run.out}: "
-                f"rerun with `resume` `out={str(run.out)!r}` and the same options to continue"
-            ) from None
+    run.save_state()
+    jit_compile = jit_compile_setting(on_gpu)
+    try:
+        _train(run, model, scan, spec, k, jit_compile, progress)
+        summary = finish_run(run, scan, spec, on_gpu, jit_compile)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted; {run.global_epochs()} finished epochs are saved in {run.out}: "
+            f"rerun with `resume` `out={str(run.out)!r}` and the same options to continue"
+        ) from None
     return FinetuneSummary(run.out, summary, resumed_from, skipped=sorted(run.failures.items()))
 
 
