@@ -11,7 +11,8 @@ settings, scores, per-split metrics) and ``tlfeat-rows.npz`` (which rows the
 head was fitted and selected on, `tlfeat.heads.rows`). Everything predict and
 evaluate rely on is therefore one file, written by one atomic rename and checked
 by the zip's CRC-32 on every read: no side file can drift from the model, and a
-kill leaves the old head or the new one. `skops.io.load` opens the file as it is.
+kill leaves the old head or the new one. The CRC detects damage, not editing:
+nothing signs a head, so its recorded scores are the writer's word. `skops.io.load` opens the file as it is.
 
 Heads written by tlfeat 0.1 (``<head>.joblib`` plus ``<head>.json``) are pickles:
 they load only with `trust`, else the error says to refit them.
