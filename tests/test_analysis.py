@@ -388,3 +388,28 @@ def test_an_audit_leaves_no_contact_sheet_of_an_earlier_one(tmp_path: Path) -> N
     result = audit(cache, out=out)
     assert not (out / "duplicates.png").exists() and not (out / "label_issues.png").exists()
     assert all(path.exists() for path in result.files)
+
+
+def brute_force_pairs(features: np.ndarray, threshold: float) -> set[tuple[int, int]]:
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    a, b = np.nonzero(np.triu(unit @ unit.T, k=1) >= threshold)
+    return set(zip(a.tolist(), b.tolist()))
+
+
+def test_no_duplicate_pair_is_dropped_for_want_of_neighbours(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: each row kept its 10 nearest neighbours, so 15 copies gave at most 10 pairs each and a low
+    # threshold lost pairs, silently.
+    features, _ = gaussian_blobs(n_per_class=40, n_classes=3, dim=16, seed=0)
+    features[40:55] = features[40]  # 15 identical rows: 105 pairs
+    cache = write_synthetic_cache(tmp_path / "c.h5", features=features)
+    with open_cache(cache) as (data, stored):
+        copies = find_duplicates(data, stored, cache, threshold=0.999, index="exact")
+        low = find_duplicates(data, stored, cache, threshold=0.8, index="exact")
+        monkeypatch.setattr("tlfeat.analysis.duplicates.RESEARCH_BUDGET", 100)
+        capped = find_duplicates(data, stored, cache, threshold=0.999, index="exact")
+    def rows(found): return {(min(p.a, p.b), max(p.a, p.b)) for p in found.pairs}
+    assert rows(copies) == {(i, j) for i in range(40, 55) for j in range(i + 1, 55)}
+    assert rows(low) == brute_force_pairs(features, 0.8)
+    assert len(brute_force_pairs(features, 0.8)) > 10 * len(features)  # more than 10 neighbours a row
+    assert not any("neighbours" in note for note in copies.notes) and len(capped.pairs) < 105
+    assert "15 images have 10 or more neighbours at or above the threshold" in capped.notes[0]

@@ -6,8 +6,15 @@ near-duplicates are the pairs above a threshold chosen from that distribution
 (`choose_threshold`) unless one is given. Pairs across splits come first: an
 image whose copy sits in the test split inflates every test score.
 
-Memory: the neighbour lists (N x NEIGHBOURS) plus, for faiss, the index (a
-quarter of the float32 features); the features are read a block at a time.
+Each row's neighbours are searched NEIGHBOURS at a time; a row whose last
+neighbour still reaches the threshold (a large group of copies, a low
+threshold) is searched again with twice as many, until its list ends below the
+threshold or holds every other row, so no pair is dropped for want of room.
+
+Memory: the neighbour lists (N x NEIGHBOURS), one re-search round's lists (at
+most RESEARCH_BUDGET neighbours; beyond it the audit stops widening and says
+so in its notes), the pairs found, plus, for faiss, the index (a quarter of the
+float32 features); the features are read a block at a time.
 """
 
 from __future__ import annotations
@@ -15,11 +22,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from tlfeat.analysis.common import StoredFeatures, dataset_root, normalise
+from tlfeat.analysis.common import BLOCK_ROWS, StoredFeatures, dataset_root, normalise
 from tlfeat.analysis.search import Neighbours, exact_top_k, index_top_k, open_index
 from tlfeat.cache import CacheData
 from tlfeat.data.scan import SPLITS
@@ -28,7 +35,8 @@ from tlfeat.fileio import sha256_file
 from tlfeat.reports import write_csv
 
 EXACT_MAX_ROWS = 20_000  # an exact self-join costs N^2 x D: 1e12 multiply-adds at 20,000 x 1280
-NEIGHBOURS = 10  # per row: a group of up to 11 copies gives all its pairs
+NEIGHBOURS = 10  # per row in the first search; rows with more neighbours above the threshold are searched again
+RESEARCH_BUDGET = 2_000_000  # neighbours per re-search round (rows x k): 24 MB of indices and similarities
 DUPLICATE_NPROBE = 4  # IVF cells scanned per row: near-duplicates almost always share a cell
 RESCORE_MARGIN = 0.01  # candidates this far below the threshold by the index's estimate are checked exactly
 INDEXES = ("auto", "exact", "faiss")
@@ -133,22 +141,60 @@ def _pairs(data: CacheData, features: StoredFeatures, candidates: set[tuple[int,
     return pairs
 
 
-def _neighbours(features: StoredFeatures, cache: Path, k: int, index: str, nprobe: int) -> tuple[Neighbours, str]:
-    """Every row's k nearest other rows, and how they were searched."""
+# (features of some rows, their row numbers, k) -> each one's k nearest other rows
+Search = Callable[[np.ndarray, np.ndarray, int], Neighbours]
+
+
+def _searcher(features: StoredFeatures, cache: Path, index: str, nprobe: int) -> tuple[Search, str]:
+    """The nearest-neighbour search `index` asks for (a faiss index opened once), and how it searches."""
+    if index == "exact" or (index == "auto" and features.shape[0] <= EXACT_MAX_ROWS):
+        return (lambda queries, own, k: exact_top_k(queries, features, k, exclude=own)), "exact"
+    faiss_index, _ = open_index(cache, features)
+    return ((lambda queries, own, k: index_top_k(faiss_index, queries, k, exclude=own, nprobe=nprobe)),
+            f"faiss IVF-SQ8, nprobe {nprobe} (approximate)")
+
+
+def _neighbours(features: StoredFeatures, search: Search, k: int) -> Neighbours:
+    """Every row's k nearest other rows."""
     n = features.shape[0]
     found = Neighbours(np.full((n, k), -1, np.int64), np.full((n, k), -np.inf, np.float32))
-    if index == "exact" or (index == "auto" and n <= EXACT_MAX_ROWS):
-        search, faiss_index = "exact", None
-    else:
-        faiss_index, _ = open_index(cache, features)
-        search = f"faiss IVF-SQ8, nprobe {nprobe} (approximate)"
     for start, block in features.blocks():
-        rows = slice(start, start + len(block))
-        own = np.arange(start, start + len(block))
-        part = (exact_top_k(block, features, k, exclude=own) if faiss_index is None
-                else index_top_k(faiss_index, block, k, exclude=own, nprobe=nprobe))
-        found.indices[rows], found.similarities[rows] = part.indices, part.similarities
-    return found, search
+        part = search(block, np.arange(start, start + len(block)), k)
+        found.indices[start : start + len(block)], found.similarities[start : start + len(block)] = (
+            part.indices, part.similarities)
+    return found
+
+
+def _close(rows: np.ndarray, found: Neighbours, floor: float) -> set[tuple[int, int]]:
+    """(low row, high row) for every neighbour of `rows` (found[i] lists row rows[i]'s) at `floor` or above."""
+    at, column = np.nonzero(found.similarities >= floor)
+    return {(min(i, j), max(i, j)) for i, j in zip(rows[at].tolist(), found.indices[at, column].tolist())}
+
+
+def _saturated(features: StoredFeatures, search: Search, found: Neighbours,
+               floor: float) -> tuple[set[tuple[int, int]], list[str]]:
+    """The pairs at `floor` or above beyond the k neighbours `found` lists, and a note if some are left out.
+
+    A row whose k-th neighbour reaches `floor` may have more: it is searched
+    again with k doubled, until no row is saturated, k = N - 1, or a round would
+    list more than RESEARCH_BUDGET neighbours (the note says how many rows stopped where).
+    """
+    n, k = features.shape[0], found.indices.shape[1]
+    rows = np.flatnonzero(found.similarities[:, -1] >= floor)
+    pairs: set[tuple[int, int]] = set()
+    while len(rows) and k < n - 1:
+        if len(rows) * min(2 * k, n - 1) > RESEARCH_BUDGET:
+            return pairs, [f"{len(rows)} images have {k} or more neighbours at or above the threshold; "
+                           f"pairs beyond each one's {k} nearest are not listed"]
+        k = min(2 * k, n - 1)
+        still = []
+        for start in range(0, len(rows), BLOCK_ROWS):
+            chunk = rows[start : start + BLOCK_ROWS]
+            part = search(features.rows(chunk), chunk, k)
+            pairs |= _close(chunk, part, floor)
+            still.append(chunk[part.similarities[:, -1] >= floor])
+        rows = np.concatenate(still)
+    return pairs, []
 
 
 def checked_threshold(threshold: float | None) -> float | None:
@@ -172,15 +218,18 @@ def find_duplicates(
     if index not in INDEXES:
         raise parameter_error("index", index, f"use one of {', '.join(INDEXES)}")
     threshold = checked_threshold(threshold)
-    found, search = _neighbours(features, Path(cache), min(neighbours, len(data) - 1), index, nprobe)
+    search, how = _searcher(features, Path(cache), index, nprobe)
+    found = _neighbours(features, search, min(neighbours, len(data) - 1))
     nearest = found.similarities[:, 0]
     rule = "given"
     if threshold is None:
         threshold, rule = choose_threshold(nearest)
-    margin = 0.0 if search == "exact" else RESCORE_MARGIN
-    rows, cols = np.nonzero(found.similarities >= threshold - margin)
-    near = {(min(i, j), max(i, j)) for i, j in zip(rows.tolist(), found.indices[rows, cols].tolist())}
-    digests, notes = _sha256_groups(data, dataset_root(data))
+    floor = threshold - (0.0 if how == "exact" else RESCORE_MARGIN)
+    near = _close(np.arange(len(data)), found, floor)
+    more, notes = _saturated(features, search, found, floor)
+    near |= more
+    digests, sha_notes = _sha256_groups(data, dataset_root(data))
+    notes += sha_notes
     by_digest: dict[str, list[int]] = {}
     for row, digest in digests.items():
         by_digest.setdefault(digest, []).append(row)
@@ -188,7 +237,7 @@ def find_duplicates(
         near.update((i, j) for x, i in enumerate(sorted(group)) for j in sorted(group)[x + 1 :])
     pairs = _pairs(data, features, near, threshold, digests)
     pairs.sort(key=lambda p: (KIND_ORDER.index(p.kind), -p.similarity, p.path_a, p.path_b))
-    return Duplicates(pairs, float(threshold), rule, nearest, search, notes)
+    return Duplicates(pairs, float(threshold), rule, nearest, how, notes)
 
 
 DUPLICATE_COLUMNS = ["path_a", "path_b", "split_a", "split_b", "similarity", "same_bytes", "kind"]
