@@ -244,6 +244,9 @@ def test_faiss_index_saved_beside_the_cache_reused_and_rebuilt_after_a_change(tm
         by_faiss = find_duplicates(rows, features, cache, index="faiss")
         by_exact = find_duplicates(rows, features, cache, index="exact")
     assert {(p.a, p.b) for p in by_faiss.pairs} >= copies and {(p.a, p.b) for p in by_exact.pairs} >= copies
+    # the default threshold of a faiss search comes from quantised similarities: the rule says so
+    assert "from the index's approximate similarities" in by_faiss.threshold_rule
+    assert "approximate" not in by_exact.threshold_rule
 
 
 def test_choose_threshold_separates_copies_from_the_bulk() -> None:

@@ -73,7 +73,7 @@ class Duplicates:
     pairs: list[DuplicatePair]  # test leaks, then other cross-split pairs, then within-split; by similarity
     threshold: float
     threshold_rule: str  # how the threshold was chosen, one line
-    nearest: np.ndarray  # (N,) each row's nearest-neighbour similarity
+    nearest: np.ndarray  # (N,) each row's nearest-neighbour similarity (the index's estimate with faiss)
     search: str  # "exact" or the faiss index and nprobe used
     notes: list[str] = field(default_factory=list)
 
@@ -213,7 +213,8 @@ def find_duplicates(
     index: "exact" (blocked matrix products, O(N^2 D)), "faiss" (the IVF index
     saved beside `cache`; approximate: a pair in cells `nprobe` does not reach
     is missed) or "auto" (exact up to EXACT_MAX_ROWS rows). Reported
-    similarities are exact whichever search found the pair.
+    similarities are exact whichever search found the pair; with faiss, the
+    default threshold comes from the index's approximate nearest similarities.
     """
     if index not in INDEXES:
         raise parameter_error("index", index, f"use one of {', '.join(INDEXES)}")
@@ -224,6 +225,10 @@ def find_duplicates(
     rule = "given"
     if threshold is None:
         threshold, rule = choose_threshold(nearest)
+        # Exact nearest similarities would read each row's neighbours at random, N x k reads: too slow for the
+        # caches faiss is for. The rule says what it saw.
+        if how != "exact":
+            rule += "; from the index's approximate similarities"
     floor = threshold - (0.0 if how == "exact" else RESCORE_MARGIN)
     near = _close(np.arange(len(data)), found, floor)
     more, notes = _saturated(features, search, found, floor)
