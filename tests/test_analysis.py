@@ -416,3 +416,17 @@ def test_no_duplicate_pair_is_dropped_for_want_of_neighbours(tmp_path: Path, mon
     assert len(brute_force_pairs(features, 0.8)) > 10 * len(features)  # more than 10 neighbours a row
     assert not any("neighbours" in note for note in copies.notes) and len(capped.pairs) < 105
     assert "15 images have 10 or more neighbours at or above the threshold" in capped.notes[0]
+
+
+def test_a_reaudit_without_label_review_removes_the_earlier_reviews_files(tmp_path: Path) -> None:
+    # Before: label_issues.csv and confusion.* of an earlier audit stayed beside a summary saying "Not reviewed".
+    cache = write_synthetic_cache(tmp_path / "one.h5", n_classes=1, class_names=["only"])
+    out = tmp_path / "audit"
+    out.mkdir()
+    earlier = ("label_issues.csv", "confusion.csv", "confusion.png", "label_issues.png", "duplicates.png")
+    for name in earlier + ("notes.txt",):
+        (out / name).write_bytes(b"an earlier audit's")
+    result = audit(cache, out=out)
+    assert "Not reviewed" in result.summary and not any((out / name).exists() for name in earlier)
+    assert (out / "notes.txt").exists()  # not an audit's file: kept
+    assert sorted(p.name for p in out.iterdir()) == sorted([p.name for p in result.files] + ["notes.txt"])

@@ -40,6 +40,10 @@ from tlfeat.reports import markdown_table, plot_confusion, save_png, write_csv
 SHEET_TILES = 24  # thumbnails per contact sheet: 12 duplicate pairs, 24 label-issue candidates
 TABLE_ROWS = 10  # rows of each table in summary.md
 KIND_COLOURS = {"test leak": "red", "cross-split": "darkorange", "within split": "black"}
+# Every file an audit may write: those this one did not write are an earlier audit's, removed so none of
+# them sits beside a summary that contradicts it.
+AUDIT_FILES = ("summary.md", "duplicates.csv", "duplicates.png", "similarity.png", "label_issues.csv",
+               "label_issues.png", "confusion.csv", "confusion.png")
 
 
 @dataclass
@@ -187,8 +191,6 @@ def audit(
 
     started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
-    for sheet in ("duplicates.png", "label_issues.png"):  # an earlier audit's: this one may draw none
-        (folder / sheet).unlink(missing_ok=True)
     result = AuditResult(cache, folder, data, found, review, note, confused, summary="", seconds=seconds)
     write_duplicates_csv(folder / "duplicates.csv", found.pairs)
     _similarity_histogram(found, folder / "similarity.png")
@@ -214,5 +216,7 @@ def audit(
     result.files.append(folder / "summary.md")
     result.summary = _summary(cache, data, result)
     atomic_write_bytes(folder / "summary.md", result.summary.encode())
+    for name in set(AUDIT_FILES) - {path.name for path in result.files}:
+        (folder / name).unlink(missing_ok=True)
     seconds["write"] = time.perf_counter() - started
     return result
