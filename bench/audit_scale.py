@@ -136,7 +136,7 @@ def _child(kind: str, cache: str, work: str) -> dict:
             open_index(cache, features, rebuild=True)
     elif kind == "faiss-search":
         with open_cache(cache) as (_, features):
-            index, built = open_index(cache, features)
+            index, built, _ = open_index(cache, features)
             loaded = time.perf_counter()
             found = rescore(queries, index_top_k(index, queries, 2 * TOP, nprobe=16), features, TOP)
         assert not built, "the index should have been built by the faiss-build step"

@@ -430,3 +430,28 @@ def test_a_reaudit_without_label_review_removes_the_earlier_reviews_files(tmp_pa
     assert "Not reviewed" in result.summary and not any((out / name).exists() for name in earlier)
     assert (out / "notes.txt").exists()  # not an audit's file: kept
     assert sorted(p.name for p in out.iterdir()) == sorted([p.name for p in result.files] + ["notes.txt"])
+
+
+def test_a_faiss_index_that_cannot_be_saved_is_used_from_memory_and_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: faiss.write_index's RuntimeError (a read-only folder beside the cache) ended similar and audit
+    # with a traceback.
+    faiss = pytest.importorskip("faiss")
+
+    def read_only(index: object, path: str) -> None:
+        raise RuntimeError(f"Error in faiss::FileIOWriter: 'f' failed: could not open {path} for writing: "
+                           "Permission denied")
+
+    monkeypatch.setattr(faiss, "write_index", read_only)
+    cache, copies = blobs_with_copies(tmp_path)
+    found = similar(cache, [load(cache).paths[0]], top=3, index="faiss", out=tmp_path / "similar")
+    assert found.index_built and found.queries[0].matches and not index_path(cache).exists()
+    assert len(found.notes) == 1 and "not saved" in found.notes[0] and "Permission denied" in found.notes[0]
+    assert str(tmp_path) in found.notes[0]
+    result = audit(cache, out=tmp_path / "audit", index="faiss")
+    assert {(p.a, p.b) for p in result.duplicates.pairs} >= copies
+    assert "not saved" in result.summary and "Permission denied" in result.summary
+    cli = runner.invoke(app, ["similar", str(cache), str(load(cache).paths[0]), "--index", "faiss",
+                              "--out", str(tmp_path / "cli")])
+    assert cli.exit_code == 0 and "not saved" in cli.stderr and "Traceback" not in cli.output

@@ -145,13 +145,14 @@ def _pairs(data: CacheData, features: StoredFeatures, candidates: set[tuple[int,
 Search = Callable[[np.ndarray, np.ndarray, int], Neighbours]
 
 
-def _searcher(features: StoredFeatures, cache: Path, index: str, nprobe: int) -> tuple[Search, str]:
-    """The nearest-neighbour search `index` asks for (a faiss index opened once), and how it searches."""
+def _searcher(features: StoredFeatures, cache: Path, index: str, nprobe: int) -> tuple[Search, str, list[str]]:
+    """The nearest-neighbour search `index` asks for (a faiss index opened once), how it searches, and a
+    note if the index could not be saved."""
     if index == "exact" or (index == "auto" and features.shape[0] <= EXACT_MAX_ROWS):
-        return (lambda queries, own, k: exact_top_k(queries, features, k, exclude=own)), "exact"
-    faiss_index, _ = open_index(cache, features)
+        return (lambda queries, own, k: exact_top_k(queries, features, k, exclude=own)), "exact", []
+    faiss_index, _, unsaved = open_index(cache, features)
     return ((lambda queries, own, k: index_top_k(faiss_index, queries, k, exclude=own, nprobe=nprobe)),
-            f"faiss IVF-SQ8, nprobe {nprobe} (approximate)")
+            f"faiss IVF-SQ8, nprobe {nprobe} (approximate)", [unsaved] if unsaved else [])
 
 
 def _neighbours(features: StoredFeatures, search: Search, k: int) -> Neighbours:
@@ -219,7 +220,7 @@ def find_duplicates(
     if index not in INDEXES:
         raise parameter_error("index", index, f"use one of {', '.join(INDEXES)}")
     threshold = checked_threshold(threshold)
-    search, how = _searcher(features, Path(cache), index, nprobe)
+    search, how, notes = _searcher(features, Path(cache), index, nprobe)
     found = _neighbours(features, search, min(neighbours, len(data) - 1))
     nearest = found.similarities[:, 0]
     rule = "given"
@@ -231,10 +232,10 @@ def find_duplicates(
             rule += "; from the index's approximate similarities"
     floor = threshold - (0.0 if how == "exact" else RESCORE_MARGIN)
     near = _close(np.arange(len(data)), found, floor)
-    more, notes = _saturated(features, search, found, floor)
+    more, saturated_notes = _saturated(features, search, found, floor)
     near |= more
     digests, sha_notes = _sha256_groups(data, dataset_root(data))
-    notes += sha_notes
+    notes += saturated_notes + sha_notes
     by_digest: dict[str, list[int]] = {}
     for row, digest in digests.items():
         by_digest.setdefault(digest, []).append(row)

@@ -12,7 +12,8 @@ size in memory. It may miss neighbours outside the `nprobe` cells it scans, and
 its similarities are off by about 1e-3; `rescore` recomputes them exactly from
 the cache for the candidates it returns. It is built once and saved beside the
 cache as ``<cache>.faiss``, with ``<cache>.faiss.json`` holding the cache's size
-and modification time: a cache rewritten since gets a new index.
+and modification time: a cache rewritten since gets a new index. Where it cannot
+be saved (a read-only folder), it is used from memory and the caller is told.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 
 from tlfeat.analysis.common import BLOCK_ROWS, StoredFeatures, normalise, optional_import
 from tlfeat.errors import parameter_error
-from tlfeat.fileio import atomic_path, atomic_write_bytes
+from tlfeat.fileio import atomic_path, atomic_write_bytes, os_reason
 
 QUERY_ROWS = 2048  # queries per similarity matrix: with BLOCK_ROWS, 67 MB
 INDEX_FORMAT = "tlfeat-faiss-index"
@@ -126,10 +127,12 @@ def build_index(features: StoredFeatures, seed: int = 0) -> Any:
     return index
 
 
-def open_index(cache: str | Path, features: StoredFeatures, rebuild: bool = False) -> tuple[Any, bool]:
+def open_index(cache: str | Path, features: StoredFeatures, rebuild: bool = False) -> tuple[Any, bool, str | None]:
     """The saved index of `cache` if it was built from the cache as it is now, else a new one saved beside it.
 
-    Returns (index, built) where built tells whether this call built it.
+    Returns (index, built, unsaved): built tells whether this call built it; unsaved is None, or a note
+    saying why a new index could not be saved (a read-only folder, a full disk): it is used from memory,
+    and the next call builds it again.
     """
     faiss = optional_import("faiss", "faiss-cpu")
     cache = Path(cache)
@@ -142,15 +145,20 @@ def open_index(cache: str | Path, features: StoredFeatures, rebuild: bool = Fals
             current = False
         if current:
             try:
-                return faiss.read_index(str(path)), False
+                return faiss.read_index(str(path)), False, None
             except RuntimeError:
                 pass  # unreadable (e.g. cut short by a full disk): rebuilt below
     index = build_index(features)
-    meta.unlink(missing_ok=True)  # the key goes last: an index without its key is never trusted
-    with atomic_path(path) as tmp:
-        faiss.write_index(index, str(tmp))  # to a file, not via serialize_index: no second copy in memory
-    atomic_write_bytes(meta, (json.dumps(key, indent=2) + "\n").encode())
-    return index, True
+    try:
+        meta.unlink(missing_ok=True)  # the key goes last: an index without its key is never trusted
+        with atomic_path(path) as tmp:
+            faiss.write_index(index, str(tmp))  # to a file, not via serialize_index: no second copy in memory
+        atomic_write_bytes(meta, (json.dumps(key, indent=2) + "\n").encode())
+    except (OSError, RuntimeError) as exc:  # faiss reports a file it cannot open as RuntimeError "...: <why>"
+        reason = os_reason(exc) if isinstance(exc, OSError) else str(exc).rsplit(": ", 1)[-1]
+        return index, True, (f"the faiss index was used from memory, not saved: cannot write {path.name} in "
+                             f"{path.parent} ({reason}); every search builds it again")
+    return index, True, None
 
 
 def index_top_k(

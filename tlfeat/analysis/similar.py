@@ -56,15 +56,16 @@ class QueryMatches:
 @dataclass
 class SimilarResult:
     """The cached images nearest each query (`queries[i].matches`, nearest first), queries that
-    could not be embedded (`skipped`), the search used and the files written (similar.csv, .png)."""
+    could not be embedded (`skipped`), the search used, notes on it and the files written (similar.csv, .png)."""
 
     cache: Path
     queries: list[QueryMatches]
     skipped: list[tuple[str, str]]  # (file, why it could not be embedded)
     search: str  # "exact", or the faiss index used
     root: Path | None  # the dataset folder the cached paths are relative to
-    index_built: bool = False  # a faiss index was built (and saved) by this call
+    index_built: bool = False  # a faiss index was built by this call (and saved, unless `notes` say otherwise)
     files: list[Path] = field(default_factory=list)  # similar.csv and similar.png
+    notes: list[str] = field(default_factory=list)  # one line each: what the user should know about the search
 
 
 def _resolve(
@@ -169,12 +170,13 @@ def similar(
         queries_matrix = np.stack(vectors)
         exclude = np.array([-1 if row is None else row for _, row, _ in owners], dtype=np.int64)
         k = min(top, len(data))
-        built = False
+        built, notes = False, []
         if index == "exact" or (index == "auto" and len(data) <= EXACT_MAX_ROWS):
             found: Neighbours = exact_top_k(queries_matrix, features, k, exclude=exclude)
             search = "exact"
         else:
-            faiss_index, built = open_index(cache, features)
+            faiss_index, built, unsaved = open_index(cache, features)
+            notes += [unsaved] if unsaved else []
             # The index's similarities are approximate: rank twice the candidates by their exact ones.
             candidates = index_top_k(faiss_index, queries_matrix, min(2 * k, len(data)), exclude=exclude,
                                      nprobe=nprobe)
@@ -188,7 +190,7 @@ def similar(
             for rank, (r, s) in enumerate(zip(found.indices[q], found.similarities[q]), start=1) if r >= 0
         ]
         results.append(QueryMatches(query, row, image, matches))
-    result = SimilarResult(cache, results, skipped, search, root, built)
+    result = SimilarResult(cache, results, skipped, search, root, built, notes=notes)
     result.files = write_similar(result, folder)
     return result
 

@@ -65,7 +65,9 @@ def similar(
     typer.echo(markdown_table(["query", "rank", "similarity", "split", "class", "image"], rows), nl=False)
     for path, reason in result.skipped:
         typer.echo(f"skipped {path}: {reason}", err=True)
-    built = "; built and saved its index beside the cache" if result.index_built else ""
+    for note in result.notes:
+        typer.echo(f"note: {note}", err=True)
+    built = "; built its index (saved beside the cache unless a note above says otherwise)" if result.index_built else ""
     typer.echo(f"search: {result.search}{built}; wrote {', '.join(str(f) for f in result.files)}")
 
 
