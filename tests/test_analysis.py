@@ -455,3 +455,13 @@ def test_a_faiss_index_that_cannot_be_saved_is_used_from_memory_and_said(
     cli = runner.invoke(app, ["similar", str(cache), str(load(cache).paths[0]), "--index", "faiss",
                               "--out", str(tmp_path / "cli")])
     assert cli.exit_code == 0 and "not saved" in cli.stderr and "Traceback" not in cli.output
+
+
+@pytest.mark.parametrize("method", ["tsne", "umap"])
+def test_a_map_of_too_few_points_is_one_line_suggesting_pca(tmp_path: Path, method: str) -> None:
+    # Before: UMAP of 2-3 points crashed in scipy; t-SNE said "this cache has 3" of a 120-image cache sampled to 3.
+    cache = write_synthetic_cache(tmp_path / "c.h5")
+    with pytest.raises(TlfeatError, match=r"cannot map 3 images \(it needs at least 4\); use `method='pca'`"):
+        embedding_map(cache, method=method, out=tmp_path / "map", max_points=3)
+    cli = runner.invoke(app, ["map", str(cache), "--method", method, "--max-points", "2", "--out", str(tmp_path / "m")])
+    assert_one_line_error(cli, "cannot map 2 images", "use --method pca")

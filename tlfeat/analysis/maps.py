@@ -21,6 +21,9 @@ from tlfeat.errors import TlfeatError, integer, parameter_error
 from tlfeat.reports import save_png, write_csv
 
 METHODS = ("tsne", "pca", "umap")
+LABELS = {"tsne": "t-SNE", "pca": "PCA", "umap": "UMAP"}
+# Fewer points fail deep inside the library: t-SNE's perplexity has no room, UMAP's spectral start needs k < N.
+MIN_POINTS = {"tsne": 4, "umap": 4, "pca": 2}
 MAX_POINTS = 20_000
 TSNE_PCA_DIMS = 50  # the usual reduction before t-SNE: faster, and drops noise dimensions
 
@@ -48,6 +51,9 @@ def project(features: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
 
     unit = normalise(features)
     n = len(unit)
+    if n < MIN_POINTS[method]:
+        raise TlfeatError(f"{LABELS[method]} cannot map {n} images (it needs at least {MIN_POINTS[method]}); "
+                          "use `method='pca'`")
     if method == "pca":
         return PCA(n_components=2, random_state=seed).fit_transform(unit)
     if method == "umap":
@@ -58,8 +64,6 @@ def project(features: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
                              random_state=seed).fit_transform(unit)
     from sklearn.manifold import TSNE
 
-    if n < 4:
-        raise TlfeatError(f"t-SNE needs at least 4 images, this cache has {n}; use `method='pca'`")
     dims = min(TSNE_PCA_DIMS, n, unit.shape[1])
     reduced = PCA(n_components=dims, random_state=seed).fit_transform(unit) if dims < unit.shape[1] else unit
     # Perplexity must stay below the number of points; 30 is scikit-learn's default.
@@ -189,8 +193,7 @@ def embedding_map(
         result.notes += [note] if note else []
     folder.mkdir(parents=True, exist_ok=True)
     png, csv = folder / f"map-{method}.png", folder / f"map-{method}.csv"
-    label = {"tsne": "t-SNE", "pca": "PCA", "umap": "UMAP"}[method]
-    title = f"{cache.name}: {label} of {len(result.rows)} images" + (f", head {Path(head).name}" if head else "")
+    title = f"{cache.name}: {LABELS[method]} of {len(result.rows)} images" + (f", head {Path(head).name}" if head else "")
     plot_map(data, result, title, png)
     write_map_csv(csv, data, result)
     return MapResult(result, data, png, csv)
