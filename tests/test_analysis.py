@@ -288,6 +288,12 @@ def test_bad_caches_are_refused_in_one_line(tmp_path: Path) -> None:
                      lambda: embedding_map(nan_cache, method="pca", out=tmp_path / "m")):
         with pytest.raises(TlfeatError, match=r"nan\.h5: NaN or infinite features \(image class_0/img_0003\.png"):
             analysis()
+    with pytest.raises(TlfeatError) as one_row:  # the only bad row of its block: no "and 0 more"
+        audit(nan_cache, out=tmp_path / "a")
+    assert str(one_row.value).split("(")[1].startswith("image class_0/img_0003.png); re-extract")
+    plant_features(nan_cache, ((5, 0), np.inf))
+    with pytest.raises(TlfeatError, match=r"\(image class_0/img_0003\.png and 1 other image read with it\)"):
+        audit(nan_cache, out=tmp_path / "a")
     single = write_synthetic_cache(tmp_path / "single.h5", n_per_class=1, n_classes=1, shares=(1.0,), splits=("train",))
     with pytest.raises(TlfeatError, match="1 image"):
         audit(single, out=tmp_path / "b")

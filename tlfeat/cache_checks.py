@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -127,3 +127,12 @@ def checked_labels(path: Path, labels: np.ndarray, split: np.ndarray, n_classes:
     if unknown:
         raise DamagedCacheError(path, f"split values {unknown} are not train/val/test")
     return labels
+
+
+def non_finite_error(cache: Path, paths: Sequence[str]) -> TlfeatError:
+    """The one-line error for rows whose features hold NaN or inf (a cosine or an export of them means
+    nothing): the cache, the first such image and how many more the same read found."""
+    more = len(paths) - 1
+    others = f" and {more} other image{'s' if more > 1 else ''} read with it" if more else ""
+    return TlfeatError(f"{cache}: NaN or infinite features (image {paths[0]}{others}); "
+                       "re-extract this cache (extract --overwrite)")

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from tlfeat.cache import CacheData, open_rows
+from tlfeat.cache_checks import non_finite_error
 from tlfeat.errors import TlfeatError
 from tlfeat.fileio import check_output_path, check_outside_dataset
 
@@ -56,11 +57,7 @@ class StoredFeatures:
         block = np.asarray(self.stored[key], dtype=np.float32)
         bad = ~np.isfinite(block).all(axis=1)
         if bad.any():
-            first = np.arange(self.shape[0])[key][np.flatnonzero(bad)[0]]
-            raise TlfeatError(
-                f"{self.cache}: NaN or infinite features (image {self.paths[first]}, and {int(bad.sum()) - 1} more "
-                "nearby); re-extract this cache (extract --overwrite)"
-            )
+            raise non_finite_error(self.cache, self.paths[np.arange(self.shape[0])[key][bad]])
         return block
 
     def rows(self, rows: np.ndarray) -> np.ndarray:
