@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli, write_synthetic_cache
+from conftest import plant_features, run_cli, write_synthetic_cache
 from tlfeat import cache, cache_writer
 from tlfeat.apps.export import export
 from tlfeat.errors import TlfeatError
@@ -248,3 +248,14 @@ def test_an_export_that_fails_while_reading_leaves_no_empty_folder(
     with pytest.raises(TlfeatError, match="checksum"):
         export(source, "npy", tmp_path / "exports" / "c")
     assert not (tmp_path / "exports" / "c").exists()
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "npy"])
+def test_a_cache_with_a_nan_row_is_refused_naming_the_image(tmp_path: Path, fmt: str) -> None:
+    # Before: exported without complaint, its metadata saying rows_finite: True.
+    if fmt == "parquet" and pa is None:
+        pytest.skip("pyarrow not installed")
+    source = plant_features(synthetic_cache(tmp_path / "c.h5", n=30, dim=4), ((17, 1), np.nan))
+    with pytest.raises(TlfeatError, match=r'c\.h5: NaN or infinite features \(image [^/]+/img "17",x\.png\)'):
+        export(source, fmt, tmp_path / "out", chunk_rows=8)
+    assert not (tmp_path / "out").exists()

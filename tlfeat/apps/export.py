@@ -20,8 +20,9 @@ same JSON as the Parquet metadata).
 
 Both stream: one chunk of rows is read from the HDF5 cache, written, and let go,
 so memory is bounded by the chunk whatever the cache's size. Features are
-float32 whatever the cache stores (as `tlfeat.cache.load` returns them). Each
-file is written under a temporary name and renamed when complete.
+float32 whatever the cache stores (as `tlfeat.cache.load` returns them); a row
+with NaN or inf features is refused in one line naming the image. Each file is
+written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from tlfeat.cache import CacheData, CacheReader
+from tlfeat.cache_checks import non_finite_error
 from tlfeat.errors import TlfeatError, integer, parameter_error
 from tlfeat.fileio import check_outside_dataset, check_output_path
 
@@ -83,9 +85,21 @@ def _metadata(reader: CacheReader) -> dict[str, Any]:
             "n_rows": reader.n_rows, "feature_dim": reader.feature_dim}
 
 
+def _finite(reader: CacheReader, start: int, features: np.ndarray) -> np.ndarray:
+    """`features` (the rows from `start`), refused in one line if one holds NaN or inf: the export's metadata
+    copies the cache's `rows_finite`, and readers take the rows for embeddings."""
+    bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
+    if len(bad):
+        paths = reader.rows(start + bad[0], start + bad[-1] + 1, with_features=False).paths
+        raise non_finite_error(reader.path, paths[bad - bad[0]])
+    return features
+
+
 def _chunks(reader: CacheReader, start: int, stop: int, chunk_rows: int) -> Iterator[CacheData]:
     for begin in range(start, stop, chunk_rows):
-        yield reader.rows(begin, min(begin + chunk_rows, stop))
+        chunk = reader.rows(begin, min(begin + chunk_rows, stop))
+        _finite(reader, begin, chunk.features)
+        yield chunk
 
 
 def _import_pyarrow() -> tuple[Any, Any]:
@@ -165,7 +179,7 @@ def _write_npy_features(reader: CacheReader, path: Path, chunk_rows: int) -> Non
         np.lib.format.write_array_header_2_0(handle, header)
         for begin in range(0, reader.n_rows, chunk_rows):  # features only: the string columns are not read here
             stop = min(begin + chunk_rows, reader.n_rows)
-            handle.write(np.asarray(reader.features(begin, stop), dtype=dtype).tobytes())
+            handle.write(np.asarray(_finite(reader, begin, reader.features(begin, stop)), dtype=dtype).tobytes())
 
 
 def _export_npy(reader: CacheReader, out: Path, chunk_rows: int) -> list[Path]:
