@@ -259,3 +259,19 @@ def test_a_cache_with_a_nan_row_is_refused_naming_the_image(tmp_path: Path, fmt:
     with pytest.raises(TlfeatError, match=r'c\.h5: NaN or infinite features \(image [^/]+/img "17",x\.png\)'):
         export(source, fmt, tmp_path / "out", chunk_rows=8)
     assert not (tmp_path / "out").exists()
+
+
+@needs_pyarrow
+def test_an_overwrite_that_fails_keeps_the_earlier_export(tmp_path: Path) -> None:
+    # Before: --overwrite deleted the earlier export first: a stopped or failed run left neither.
+    source = synthetic_cache(tmp_path / "c.h5", n=30, dim=4)
+    out = tmp_path / "pq"
+    first = export(source, "parquet", out, rows_per_file=10)
+    before = {p.name: p.read_bytes() for p in first.files}
+    plant_features(source, ((25, 0), np.inf))
+    with pytest.raises(TlfeatError, match="NaN or infinite"):
+        export(source, "parquet", out, overwrite=True, chunk_rows=5)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    plant_features(source, ((25, 0), 1.0))
+    export(source, "npy", out, overwrite=True)  # the other format: the earlier parts go once it is written
+    assert sorted(p.name for p in out.iterdir()) == ["features.npy", "meta.json", "rows.csv"]

@@ -68,7 +68,9 @@ def _chunk_rows(dim: int, requested: int | None) -> int:
     return max(1, CHUNK_BYTES // (4 * max(dim, 1)))
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
+def _prepare_out(out: Path, overwrite: bool) -> list[Path]:
+    """Create `out`, clear a killed export's hidden files; the earlier export's files, which `overwrite`
+    allows to replace (they are removed only once the new export is in place)."""
     out.mkdir(parents=True, exist_ok=True)
     for pattern in _OUTPUT_PATTERNS:  # what a killed export left under hidden names
         for leftover in out.glob(f".{pattern}.tmp-*"):
@@ -76,8 +78,7 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     earlier = [p for pattern in _OUTPUT_PATTERNS for p in out.glob(pattern)]
     if earlier and not overwrite:
         raise TlfeatError(f"{out}: holds an earlier export ({earlier[0].name}); pass `overwrite` to replace it")
-    for path in earlier:
-        path.unlink()
+    return earlier
 
 
 def _metadata(reader: CacheReader) -> dict[str, Any]:
@@ -235,12 +236,14 @@ def export(
         with CacheReader(cache) as reader:
             check_outside_dataset(out, reader.attrs.get("dataset_root"))
             rows = _chunk_rows(reader.feature_dim, chunk_rows)
-            _prepare_out(out, overwrite)
+            earlier = _prepare_out(out, overwrite)
             if format == "parquet":
                 per_file = rows_per_file or max(rows, FILE_BYTES // (4 * max(reader.feature_dim, 1)))
                 files = _export_parquet(reader, out, rows, per_file)
             else:
                 files = _export_npy(reader, out, rows)
+            for path in set(earlier) - set(files):  # the earlier export's parts beyond the new one's, other format
+                path.unlink(missing_ok=True)
             n_rows, dim = reader.n_rows, reader.feature_dim
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):  # a failed export leaves no empty folder
