@@ -278,6 +278,9 @@ def test_one_class_gets_no_label_review_but_duplicates(tmp_path: Path) -> None:
     result = audit(cache, out=tmp_path / "out")
     assert result.labels is None and "at least 2 classes" in result.label_note
     assert "Not reviewed" in result.summary and (tmp_path / "out" / "duplicates.csv").is_file()
+    # Before: 2 classes of 1 image each read "this cache: 2 class(es) present", as if that were enough.
+    pair = write_synthetic_cache(tmp_path / "pair.h5", n_per_class=1, n_classes=2, shares=(1.0,), splits=("train",))
+    assert "2 classes with 2+ images each (this cache has 0)" in audit(pair, out=tmp_path / "pair").label_note
 
 
 def test_bad_caches_are_refused_in_one_line(tmp_path: Path) -> None:

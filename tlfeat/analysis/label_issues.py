@@ -71,8 +71,9 @@ class LabelReview:
 def can_review(data: CacheData) -> str | None:
     """Why labels cannot be reviewed (one line), or None: it needs two classes with at least two images each."""
     counts = np.bincount(data.labels, minlength=len(data.class_names))
-    if int(np.sum(counts >= 2)) < 2:
-        return f"label issues need at least 2 classes with 2+ images each (this cache: {np.count_nonzero(counts)} class(es) present)"
+    reviewable = int(np.sum(counts >= 2))
+    if reviewable < 2:
+        return f"label issues need at least 2 classes with 2+ images each (this cache has {reviewable})"
     return None
 
 
