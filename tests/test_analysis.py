@@ -310,6 +310,14 @@ def test_missing_optional_library_names_the_pip_command(tmp_path: Path, monkeypa
     with pytest.raises(TlfeatError, match=r"umap-learn is not installed: pip install umap-learn"):
         embedding_map(cache, method="umap", out=tmp_path / "map")
 
+    # Before: a missing cleanlab was reported after the duplicate search (minutes on a large cache).
+    monkeypatch.setitem(sys.modules, "cleanlab", None)
+    monkeypatch.setitem(sys.modules, "cleanlab.filter", None)
+    monkeypatch.setattr(sys.modules["tlfeat.analysis.audit"], "find_duplicates",
+                        lambda *args, **kwargs: pytest.fail("the duplicate search ran first"))
+    with pytest.raises(TlfeatError, match=r"cleanlab is not installed: pip install cleanlab"):
+        audit(cache, out=tmp_path / "audit")
+
 
 def test_map_marks_the_test_images_the_head_gets_wrong(tmp_path: Path) -> None:
     features, labels = gaussian_blobs(n_per_class=40, n_classes=3, dim=16, seed=0, spread=3.0)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tlfeat.analysis.common import dataset_root, open_cache, output_folder
+from tlfeat.analysis.common import dataset_root, open_cache, optional_import, output_folder
 from tlfeat.analysis.contact_sheet import Tile, draw_sheet, shorten
 from tlfeat.analysis.duplicates import (
     KIND_ORDER, Duplicates, checked_threshold, find_duplicates, write_duplicates_csv,
@@ -178,12 +178,14 @@ def audit(
     seconds: dict[str, float] = {}
     with open_cache(cache) as (data, features):
         folder = output_folder(cache, out, "audit", data)
+        note = can_review(data)
+        if note is None:  # a missing cleanlab is said before the duplicate search, not minutes after it
+            optional_import("cleanlab.filter", "cleanlab")
         started = time.perf_counter()
         found = find_duplicates(data, features, cache, threshold=dup_threshold, index=index)
         seconds["duplicates"] = time.perf_counter() - started
 
         started = time.perf_counter()
-        note = can_review(data)
         review = None if note else review_labels(data, features, folds=folds, seed=seed,
                                                  max_train_rows=max_train_rows)
         confused = confused_pairs(review.confusion, data.class_names, top=len(data.class_names) ** 2) if review else []
