@@ -271,6 +271,8 @@ def test_float16_cache_and_a_class_without_rows(tmp_path: Path) -> None:
     assert result.labels.probabilities.shape == (90, 4) and not result.labels.probabilities[:, 3].any()
     assert result.labels.accuracy > 0.9
     assert any("dataset folder" in note for note in result.duplicates.notes)  # no images: no sheets, said so
+    # Before: "byte-identical (same sha256) 0", as if the files had been compared
+    assert "byte-identical (same sha256) not checked" in result.summary and not result.duplicates.bytes_checked
 
 
 def test_one_class_gets_no_label_review_but_duplicates(tmp_path: Path) -> None:

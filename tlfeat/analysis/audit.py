@@ -120,7 +120,8 @@ def _summary(cache: Path, data: CacheData, result: AuditResult) -> str:
         "## Near-duplicates", "",
         f"Threshold {found.threshold:.3f} on cosine similarity: {found.threshold_rule}. Search: {found.search}.", "",
         "Pairs: " + ", ".join(f"{kind} {found.count(kind)}" for kind in KIND_ORDER)
-        + f"; byte-identical (same sha256) {sum(p.same_bytes for p in found.pairs)}.", "",
+        + "; byte-identical (same sha256) "
+        + (f"{sum(p.same_bytes for p in found.pairs)}." if found.bytes_checked else "not checked (see the note)."), "",
     ]
     if found.pairs:
         lines.append(markdown_table(

@@ -55,7 +55,7 @@ class DuplicatePair:
     split_a: str
     split_b: str
     similarity: float  # cosine similarity of the two embeddings
-    same_bytes: bool  # the two files have the same sha256
+    same_bytes: bool  # the two files have the same sha256 (False too where they were not checked: see Duplicates)
 
     @property
     def kind(self) -> str:
@@ -76,6 +76,7 @@ class Duplicates:
     nearest: np.ndarray  # (N,) each row's nearest-neighbour similarity (the index's estimate with faiss)
     search: str  # "exact" or the faiss index and nprobe used
     notes: list[str] = field(default_factory=list)
+    bytes_checked: bool = True  # False: no dataset folder to hash the files of, every same_bytes is False
 
     def count(self, kind: str) -> int:
         return sum(p.kind == kind for p in self.pairs)
@@ -101,11 +102,12 @@ def choose_threshold(nearest: np.ndarray) -> tuple[float, str]:
     return threshold, rule
 
 
-def _sha256_groups(data: CacheData, root: Path | None) -> tuple[dict[int, str], list[str]]:
-    """row -> sha256 for rows whose file size is shared with another row (only those can be identical)."""
+def _sha256_groups(data: CacheData, root: Path | None) -> tuple[dict[int, str] | None, list[str]]:
+    """row -> sha256 for rows whose file size is shared with another row (only those can be identical);
+    None when there is no dataset folder to read."""
     if root is None or not root.is_dir():
         where = "the cache records no dataset folder" if root is None else f"dataset folder {root} not found"
-        return {}, [f"byte-identical files not checked: {where}"]
+        return None, [f"byte-identical files not checked: {where}"]
     sizes: dict[int, list[int]] = {}
     missing = 0
     for row, rel in enumerate(data.paths):
@@ -234,8 +236,9 @@ def find_duplicates(
     near = _close(np.arange(len(data)), found, floor)
     more, saturated_notes = _saturated(features, search, found, floor)
     near |= more
-    digests, sha_notes = _sha256_groups(data, dataset_root(data))
+    checked, sha_notes = _sha256_groups(data, dataset_root(data))
     notes += saturated_notes + sha_notes
+    digests = checked or {}
     by_digest: dict[str, list[int]] = {}
     for row, digest in digests.items():
         by_digest.setdefault(digest, []).append(row)
@@ -243,7 +246,7 @@ def find_duplicates(
         near.update((i, j) for x, i in enumerate(sorted(group)) for j in sorted(group)[x + 1 :])
     pairs = _pairs(data, features, near, threshold, digests)
     pairs.sort(key=lambda p: (KIND_ORDER.index(p.kind), -p.similarity, p.path_a, p.path_b))
-    return Duplicates(pairs, float(threshold), rule, nearest, how, notes)
+    return Duplicates(pairs, float(threshold), rule, nearest, how, notes, bytes_checked=checked is not None)
 
 
 DUPLICATE_COLUMNS = ["path_a", "path_b", "split_a", "split_b", "similarity", "same_bytes", "kind"]
