@@ -484,3 +484,22 @@ def test_a_map_of_too_few_points_is_one_line_suggesting_pca(tmp_path: Path, meth
         embedding_map(cache, method=method, out=tmp_path / "map", max_points=3)
     cli = runner.invoke(app, ["map", str(cache), "--method", method, "--max-points", "2", "--out", str(tmp_path / "m")])
     assert_one_line_error(cli, "cannot map 2 images", "use --method pca")
+
+
+def test_a_query_the_cache_skipped_gets_the_reason(tmp_path: Path) -> None:
+    # Before: "neither an image path stored in the cache nor an existing file or folder", of a file the cache
+    # names as skipped, with its reason.
+    features, labels = gaussian_blobs(n_per_class=5, n_classes=2, dim=8)
+    cache = tmp_path / "bad.h5"
+    write_cache(
+        cache, CacheKey("efficientnet_lite0", "none", 32, "synthetic"), features=features, labels=labels,
+        paths=[f"c{label}/img_{i}.png" for i, label in enumerate(labels)], split=["train"] * len(labels),
+        file_size=[1] * len(labels), file_mtime_ns=[0] * len(labels), class_names=["c0", "c1"],
+        skipped=[("c0/corrupt.jpg", "not an image Pillow can read", 10, 0)],
+        extra_attrs={"dataset_root": str(tmp_path / "none")},
+    )
+    with pytest.raises(TlfeatError, match=r"c0/corrupt\.jpg: .*bad\.h5 holds no features for it: extraction skipped "
+                                          r"it \(not an image Pillow can read\)$"):
+        similar(cache, ["c0/corrupt.jpg"], out=tmp_path / "s")
+    with pytest.raises(TlfeatError, match="neither an image path stored in the cache"):
+        similar(cache, ["c0/never.jpg"], out=tmp_path / "s")

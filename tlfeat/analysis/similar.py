@@ -24,7 +24,7 @@ import numpy as np
 from tlfeat.analysis.common import dataset_root, open_cache, output_folder
 from tlfeat.analysis.contact_sheet import Tile, draw_sheet, shorten
 from tlfeat.analysis.search import Neighbours, exact_top_k, index_top_k, open_index, rescore
-from tlfeat.cache import CacheData, open_rows
+from tlfeat.cache import CacheData, CacheReader, open_rows
 from tlfeat.errors import TlfeatError, integer, parameter_error
 from tlfeat.fileio import path_list
 from tlfeat.reports import write_csv
@@ -68,8 +68,19 @@ class SimilarResult:
     notes: list[str] = field(default_factory=list)  # one line each: what the user should know about the search
 
 
+def _not_a_query(cache: Path, query: str) -> TlfeatError:
+    """The error for a query that is neither a cached path nor a file: the cache's reason when it skipped the
+    file at extraction (a user who names it wants to know why it is missing)."""
+    with CacheReader(cache) as reader:
+        paths, reasons, _, _ = reader.skipped()
+    if query in paths:
+        return TlfeatError(f"{query}: {cache} holds no features for it: extraction skipped it "
+                           f"({reasons[paths.index(query)]})")
+    return TlfeatError(f"{query}: neither an image path stored in the cache nor an existing file or folder")
+
+
 def _resolve(
-    queries: Sequence[str | Path], data: CacheData
+    queries: Sequence[str | Path], data: CacheData, cache: Path
 ) -> tuple[list[tuple[str, int | None, int | None]], list[Path]]:
     """The queries, in their order, as (query, cached row, None) or (file, None, its index in the files to embed),
     and the files to embed."""
@@ -91,7 +102,7 @@ def _resolve(
             items.append((text, row_of[text], None))
             continue
         if not Path(text).exists():
-            raise TlfeatError(f"{text}: neither an image path stored in the cache nor an existing file or folder")
+            raise _not_a_query(cache, text)
         found, _ = collect_images([Path(text)])  # a query folder's pipes and broken links are no queries
         if not found:
             raise TlfeatError(f"{text}: no image files in this folder")
@@ -147,7 +158,7 @@ def similar(
     batch_size = check_batch_size(batch_size)
     folder = similar_output(cache, out)  # checked before any work
     with open_cache(cache, min_rows=1) as (data, features):
-        items, files = _resolve(queries, data)
+        items, files = _resolve(queries, data, cache)
         root = dataset_root(data)
         rows = [row for _, row, _ in items if row is not None]
         cached = iter(features.rows(np.array(rows)) if rows else ())
