@@ -503,3 +503,13 @@ def test_a_query_the_cache_skipped_gets_the_reason(tmp_path: Path) -> None:
         similar(cache, ["c0/corrupt.jpg"], out=tmp_path / "s")
     with pytest.raises(TlfeatError, match="neither an image path stored in the cache"):
         similar(cache, ["c0/never.jpg"], out=tmp_path / "s")
+
+
+def test_similar_on_a_one_image_cache_says_why_nothing_matches(tmp_path: Path) -> None:
+    # Before: an empty table, no word.
+    single = write_synthetic_cache(tmp_path / "single.h5", n_per_class=1, n_classes=1, shares=(1.0,), splits=("train",))
+    found = similar(single, ["class_0/img_0000.png"], out=tmp_path / "s")
+    assert not found.queries[0].matches
+    assert found.notes == ["no similar image for class_0/img_0000.png: the cache's only image is the query itself"]
+    cli = runner.invoke(app, ["similar", str(single), "class_0/img_0000.png", "--out", str(tmp_path / "cli")])
+    assert cli.exit_code == 0 and "the cache's only image is the query itself" in cli.stderr

@@ -25,7 +25,7 @@ from tlfeat.analysis.common import dataset_root, open_cache, output_folder
 from tlfeat.analysis.contact_sheet import Tile, draw_sheet, shorten
 from tlfeat.analysis.search import Neighbours, exact_top_k, index_top_k, open_index, rescore
 from tlfeat.cache import CacheData, CacheReader, open_rows
-from tlfeat.errors import TlfeatError, integer, parameter_error
+from tlfeat.errors import TlfeatError, integer, parameter_error, some_of
 from tlfeat.fileio import path_list
 from tlfeat.reports import write_csv
 from tlfeat.runtime import check_batch_size
@@ -201,6 +201,11 @@ def similar(
             for rank, (r, s) in enumerate(zip(found.indices[q], found.similarities[q]), start=1) if r >= 0
         ]
         results.append(QueryMatches(query, row, image, matches))
+    unmatched = [q.query for q in results if not q.matches]
+    if unmatched:  # else an empty table, unexplained
+        why = ("the cache's only image is the query itself" if len(data) == 1
+               else f"no other cached image in the index cells searched (`nprobe={nprobe}`)")
+        notes.append(f"no similar image for {some_of(unmatched)}: {why}")
     result = SimilarResult(cache, results, skipped, search, root, built, notes=notes)
     result.files = write_similar(result, folder)
     return result
