@@ -513,3 +513,14 @@ def test_similar_on_a_one_image_cache_says_why_nothing_matches(tmp_path: Path) -
     assert found.notes == ["no similar image for class_0/img_0000.png: the cache's only image is the query itself"]
     cli = runner.invoke(app, ["similar", str(single), "class_0/img_0000.png", "--out", str(tmp_path / "cli")])
     assert cli.exit_code == 0 and "the cache's only image is the query itself" in cli.stderr
+
+
+def test_the_readme_lists_every_field_of_a_duplicate_pair() -> None:
+    # Before: the README's DuplicatePair(...) line left out `a` and `b`, the rows of the pair.
+    import dataclasses
+
+    from tlfeat.analysis.duplicates import DuplicatePair
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    listed = re.search(r"DuplicatePair\(([^)]*)\)", readme).group(1).split(", ")
+    assert listed == [f.name for f in dataclasses.fields(DuplicatePair)]
