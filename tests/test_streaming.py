@@ -9,10 +9,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from sklearn.linear_model import SGDClassifier
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import assert_one_line_error, fitted_parameters, plant_features, write_synthetic_cache
+from conftest import assert_one_line_error, fitted_parameters, gaussian_blobs, plant_features, write_synthetic_cache
 from tlfeat.cache import load
 from tlfeat.errors import TlfeatError
 from tlfeat.apps.compare import head_trainable_params
@@ -32,6 +33,25 @@ def test_streaming_fit_over_many_chunks_is_close_to_the_in_memory_fit(tmp_path: 
     assert streamed.scores["test"]["n"] == in_memory["test"]["n"] == 300
     assert streamed.scores["test"]["accuracy"] >= in_memory["test"]["accuracy"] - 0.03
     assert streamed.scores["test"]["accuracy"] > 0.9  # and both are well above chance (0.25)
+
+
+def test_small_chunks_mix_the_classes_of_a_class_sorted_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: a chunk was consecutive train rows, and a cache stores its rows class by class, so each SGD step
+    # saw one class and the fit followed the last classes seen: 16-row chunks scored 0.56 here, one chunk 0.65.
+    features, _ = gaussian_blobs(400, 4, 8, seed=1, spread=3.0)
+    cache = write_synthetic_cache(tmp_path / "c.h5", n_per_class=400, n_classes=4, dim=8, seed=1, features=features)
+    seen_classes = []
+    partial_fit = SGDClassifier.partial_fit
+
+    def recording(self: SGDClassifier, x: np.ndarray, y: np.ndarray, **kwargs: object) -> SGDClassifier:
+        seen_classes.append(len(np.unique(y)))
+        return partial_fit(self, x, y, **kwargs)
+
+    monkeypatch.setattr(SGDClassifier, "partial_fit", recording)
+    small = fit_streaming(cache, out=tmp_path / "small", chunk_rows=16, passes=5).results[0].scores["test"]
+    assert np.median(seen_classes) == 4  # before: 1
+    one_chunk = fit_streaming(cache, out=tmp_path / "one", chunk_rows=10_000, passes=5).results[0].scores["test"]
+    assert abs(small["accuracy"] - one_chunk["accuracy"]) < 0.04
 
 
 @pytest.mark.slow

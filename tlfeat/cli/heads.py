@@ -67,7 +67,7 @@ def fit_head(
     seed: int = typer.Option(0, "--seed", help="Seed of the heads' own randomness (initialisation, shuffling)."),
     streaming: bool = typer.Option(False, "--streaming", help=f"For caches larger than memory: {STREAMABLE} by SGD over chunks of rows (one cache, no --search)."),
     chunk_rows: int = typer.Option(DEFAULT_CHUNK_ROWS, "--chunk-rows", help="With --streaming: rows read at a time (bounds memory)."),
-    passes: int = typer.Option(DEFAULT_PASSES, "--passes", help="With --streaming: passes over the train rows, chunks shuffled each pass."),
+    passes: int = typer.Option(DEFAULT_PASSES, "--passes", help="With --streaming: passes over the train rows, tiles of rows shuffled each pass."),
 ) -> None:
     """Fit classification heads on cached features: fit on train, select on val, score train/val/test."""
     from tlfeat.heads.fit import fit_heads
