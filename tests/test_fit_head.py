@@ -29,6 +29,25 @@ def fit_head_cli(*args: str | Path) -> object:
 
 
 
+def test_a_seed_beyond_32_bits_is_one_error_before_any_work(tmp_path: Path) -> None:
+    # Before: every seeded head was "skipped" with scikit-learn's random_state message, and the run exited 0.
+    cache = write_synthetic_cache(tmp_path / "c.h5")
+    for streaming in ([], ["--streaming"]):
+        result = fit_head_cli(cache, "--head", "all", "--seed", 2**32, "--out", tmp_path / "o", *streaming)
+        assert_one_line_error(result, "--seed 4294967296", "between 0 and 4294967295")
+        assert not (tmp_path / "o").exists()
+    assert fit_heads(cache, seed=2**32 - 1, out=tmp_path / "top").results[0].head == "logreg"  # the largest is fine
+
+
+@pytest.mark.parametrize("name", ["extract", "fit_heads", "finetune", "recipe", "audit", "embedding_map"])
+def test_every_seeded_api_function_refuses_a_seed_out_of_range_first(tmp_path: Path, name: str) -> None:
+    import tlfeat
+
+    for seed in (-1, 2**32):  # the path does not exist: the seed is checked before anything is read
+        with pytest.raises(TlfeatError, match="`seed=.*`: must be between 0 and 4294967295"):
+            getattr(tlfeat, name)(tmp_path / "nowhere", seed=seed)
+
+
 @pytest.mark.slow
 def test_fit_all_heads_writes_models_reports_and_a_ranked_table(tmp_path: Path) -> None:
     cache = write_synthetic_cache(tmp_path / "blobs.h5", n_per_class=40, n_classes=3)

@@ -31,7 +31,7 @@ def parameter_error(name: str, value: Any, problem: str) -> TlfeatError:
     return TlfeatError(f"`{name}={value!r}`: {problem}")
 
 
-def integer(name: str, value: Any, minimum: int | None = None) -> int:
+def integer(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
     """`value` as a Python int, numpy integers included (a notebook's `np.arange` seed), else one error.
 
     Floats, strings and bools are refused before any work: they failed deep in a library, or after the work
@@ -39,9 +39,21 @@ def integer(name: str, value: Any, minimum: int | None = None) -> int:
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise parameter_error(name, value, "must be an integer")
-    if minimum is not None and value < minimum:
-        raise parameter_error(name, value, f"must be at least {minimum}")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        bounds = (f"between {minimum} and {maximum}" if minimum is not None and maximum is not None
+                  else f"at least {minimum}" if minimum is not None else f"at most {maximum}")
+        raise parameter_error(name, value, f"must be {bounds}")
     return int(value)
+
+
+# scikit-learn's random_state, NumPy's legacy seeding and `keras.utils.set_random_seed` all take 0..2**32 - 1;
+# beyond that they fail deep inside a fit (fit-head skipped every seeded head and exited 0).
+MAX_SEED = 2**32 - 1
+
+
+def seed_value(value: Any) -> int:
+    """A `seed` parameter as an int that every library tlfeat seeds accepts, else one error before any work."""
+    return integer("seed", value, 0, MAX_SEED)
 
 
 def number(name: str, value: Any, low: float | None = None, high: float | None = None, what: str = "") -> float:

@@ -33,7 +33,7 @@ from tlfeat.analysis.label_issues import (
 )
 from tlfeat.cache import CacheData
 from tlfeat.data.scan import SPLITS
-from tlfeat.errors import integer
+from tlfeat.errors import integer, seed_value
 from tlfeat.fileio import atomic_write_bytes
 from tlfeat.reports import markdown_table, plot_confusion, save_png, write_csv
 
@@ -173,7 +173,7 @@ def audit(
     Returns everything as data (pairs, out-of-fold probabilities, tables), plus the summary markdown.
     """
     cache = Path(cache)
-    folds, seed = integer("folds", folds, 2), integer("seed", seed, 0)
+    folds, seed = integer("folds", folds, 2), seed_value(seed)
     max_train_rows = integer("max_train_rows", max_train_rows, 1)
     dup_threshold = checked_threshold(dup_threshold)
     seconds: dict[str, float] = {}

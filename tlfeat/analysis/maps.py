@@ -17,7 +17,7 @@ import numpy as np
 
 from tlfeat.analysis.common import StoredFeatures, normalise, open_cache, optional_import, output_folder
 from tlfeat.cache import CacheData
-from tlfeat.errors import TlfeatError, integer, parameter_error
+from tlfeat.errors import TlfeatError, integer, parameter_error, seed_value
 from tlfeat.reports import save_png, write_csv
 
 METHODS = ("tsne", "pca", "umap")
@@ -185,7 +185,7 @@ def embedding_map(
     cache = Path(cache)
     if method not in METHODS:
         raise parameter_error("method", method, f"use one of {', '.join(METHODS)}")
-    max_points, seed = integer("max_points", max_points, 2), integer("seed", seed, 0)
+    max_points, seed = integer("max_points", max_points, 2), seed_value(seed)
     with open_cache(cache) as (data, features):
         folder = output_folder(cache, out, "map", data)
         predicted, note = head_test_predictions(Path(head), cache, data, trust) if head is not None else (None, None)

@@ -22,7 +22,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.data.scan import DEFAULT_RATIOS
-from tlfeat.errors import TlfeatError, integer
+from tlfeat.errors import TlfeatError, seed_value
 from tlfeat.fileio import check_outside_dataset, check_output_path
 from tlfeat.heads.fit import Features, HeadResult, load_features
 from tlfeat.heads.folder import head_metadata, left_out_note, locked_folder, save_fitted_head
@@ -223,7 +223,7 @@ def run_recipe(
     from tlfeat.extraction.run import extract
 
     spec = get_recipe(recipe)
-    seed = integer("seed", seed, 0)
+    seed = seed_value(seed)
     first_cache = member_cache(data, cache_dir, spec.members[0])
     if out is None:  # one folder per dataset: a head folder holds heads fitted on one dataset's rows
         out = first_cache.parent / "heads" / f"{Path(data).resolve().name}-recipe-{spec.name}"

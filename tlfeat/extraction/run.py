@@ -27,7 +27,7 @@ from tlfeat.data.batches import bytes_in_flight
 from tlfeat.data.cores import available_cores, available_memory
 from tlfeat.data.decode import DecodeError, decode_image
 from tlfeat.data.scan import DEFAULT_RATIOS, SPLIT_RULE, DatasetScan, scan_dataset
-from tlfeat.errors import Interrupted, TlfeatError, integer
+from tlfeat.errors import Interrupted, TlfeatError, integer, seed_value
 from tlfeat.extraction.engines import Engine, LocalEngine
 from tlfeat.extraction.ledger import (
     FAILED, NOWHERE, OLD_CACHE, PATH_CHUNK_ROWS, FinalWriter, Ledger, same_as_file,
@@ -256,7 +256,7 @@ def extract(
         raise TlfeatError(f"`dtype={dtype!r}`: use float32 or float16")
     check_tta(tta)
     size = resolve_image_size(spec, image_size)
-    seed, workers = integer("seed", seed, 0), None if workers is None else integer("workers", workers, 1)
+    seed, workers = seed_value(seed), None if workers is None else integer("workers", workers, 1)
     batch_size = check_batch_size(batch_size)
     if batch_size is not None:
         _check_batch_size(batch_size, size)

@@ -29,7 +29,7 @@ import numpy as np
 
 from tlfeat.backbones import DEFAULT_BACKBONE, Backbone, build_model, get_backbone, weights_identity
 from tlfeat.data.scan import DEFAULT_RATIOS, DatasetScan, scan_dataset
-from tlfeat.errors import Interrupted, TlfeatError, integer, number
+from tlfeat.errors import Interrupted, TlfeatError, integer, number, seed_value
 from tlfeat.finetuning.data import check_trainable_split, dataset_fingerprint, image_batches_class
 from tlfeat.finetuning.finish import finish_run
 from tlfeat.finetuning.model import (
@@ -152,7 +152,7 @@ def finetune(
     epochs1, epochs2, batch_size, lr1, lr2, patience = _checked_options(
         epochs1, epochs2, requested, batch_size, lr1, lr2, patience)
     size = spec.input_size if image_size is None else integer("image_size", image_size, 32)
-    seed = integer("seed", seed, 0)
+    seed = seed_value(seed)
     scan = scan_dataset(data, seed=seed, ratios=ratios)
     check_trainable_split(scan)
     config = RunConfig(

@@ -36,7 +36,7 @@ from sklearn.preprocessing import StandardScaler
 
 from tlfeat.cache import FILE_CHUNK_ROWS, open_rows
 from tlfeat.data.scan import SPLITS
-from tlfeat.errors import TlfeatError, integer
+from tlfeat.errors import TlfeatError, integer, seed_value
 from tlfeat.fileio import check_output_path, check_outside_dataset
 from tlfeat.heads.folder import (
     NON_FINITE_ADVICE, FitSummary, check_same_data, check_trainable, check_unique_paths, default_out, folder_key,
@@ -129,7 +129,7 @@ def fit_streaming(
     if head not in streamable:
         raise TlfeatError(f"`streaming` fits {' or '.join(streamable)}, not {head!r}")
     loss = HEADS[head].streaming_loss
-    chunk_rows, passes = integer("chunk_rows", chunk_rows, 1), integer("passes", passes, 1)
+    chunk_rows, passes, seed = integer("chunk_rows", chunk_rows, 1), integer("passes", passes, 1), seed_value(seed)
     cache = Path(cache)
     out = Path(out) if out is not None else default_out([cache])
     check_output_path(out, folder=True)
