@@ -75,6 +75,7 @@ def test_compare_builds_one_table_from_runs_and_heads(results: Path, tmp_path: P
         assert head_trainable_params(head, 512, 3) == counted
         assert float(row["test acc"]) == pytest.approx(meta["scores"]["test"]["accuracy"])
     assert "| n/a |" in result.output  # k-NN learns no parameters
+    assert "heads and fine-tune runs matched by folder, split, class list and images per split" in result.output
 
 
 @pytest.mark.slow
@@ -168,6 +169,26 @@ def test_datasets_of_the_same_folder_name_read_as_two(tmp_path: Path) -> None:
     result = compare_module.compare(tmp_path / "heads")
     assert sorted(row.dataset[1] for row in result.rows) == ["/data/a/scenes (seed 0, split ?)",
                                                              "/data/b/scenes (seed 0, split ?)"]
+
+
+def test_heads_on_other_images_of_the_same_folder_rank_apart(tmp_path: Path) -> None:
+    # Before: the key was folder + split seed + shares, so a head fitted before a class (or images) was added to
+    # the folder ranked against one fitted after, as one dataset.
+    caches = {
+        "before": write_synthetic_cache(tmp_path / "before.h5", n_classes=3),
+        "added": write_synthetic_cache(tmp_path / "added.h5", n_classes=4),
+        "renamed": write_synthetic_cache(tmp_path / "renamed.h5", n_classes=3, path_prefix="x"),  # same counts
+    }
+    for name, cache in caches.items():
+        fit_heads([cache], head="logreg", out=tmp_path / "heads" / name)
+    result = compare_module.compare(tmp_path / "heads")
+    labels = {row.name: row.dataset[1] for row in result.rows}
+    assert len(set(labels.values())) == 3 and len({row.dataset[0] for row in result.rows}) == 3
+    assert "3 classes, 120 images" in labels["before/logreg"] and "4 classes, 160 images" in labels["added/logreg"]
+    assert labels["before/logreg"].startswith("synthetic (seed 0, split ?; 3 classes, 120 images; images ")
+    table = runner.invoke(app, ["compare", str(tmp_path / "heads")])
+    assert table.exit_code == 0, table.output
+    assert [line.split(" | ")[1] for line in table.output.splitlines()[2:5]] == ["1", "1", "1"]  # each its own rank
 
 
 def test_one_path_for_both_the_table_and_the_chart_is_refused(tmp_path: Path) -> None:

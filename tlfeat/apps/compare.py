@@ -5,10 +5,15 @@ tlfeat 0.1 head's ``.json``), a fine-tune run from its ``summary.json``; no
 model is loaded, so comparing is fast and runs no code from the files. Folders
 are searched recursively for both.
 
-Scores only compare on the same images in the same splits: every row names its
-dataset (folder, split seed and shares), rows are grouped by it and ranked by val
-accuracy within their dataset only; the bar chart draws one panel per dataset,
-its axis zoomed to the scores shown.
+Scores only compare on the same images in the same splits: rows are grouped by
+their dataset (folder, split seed and shares, class list, images per split) and
+ranked by val accuracy within it only; the bar chart draws one panel per dataset,
+its axis zoomed to the scores shown. A head also records a digest of which images
+sit in which split (the one fit-head's folders agree on), a fine-tune run its own
+digest of them: two heads (or two runs) on other images with the same counts are
+kept apart by it. A head and a run cannot be matched by digest, so they are matched
+by class list and counts, and a note says so. Datasets whose labels would read
+alike are told apart by folder path, size or digest.
 
 Trainable parameters of a head are counted from its shape (feature dim D,
 classes C) and the fitted parts that learn: linear maps, hidden layers and the
@@ -40,10 +45,12 @@ HEADERS = (
 )
 
 
-def dataset_label(root: str | None, seed: object, ratios: object) -> tuple[tuple, str]:
-    """(grouping key, label) of a dataset as split: its folder, split seed and shares."""
+def dataset_label(root: str | None, seed: object, ratios: object, classes: object, counts: object) -> tuple[tuple, str]:
+    """(grouping key, label) of a dataset as split: its folder, split seed and shares, class list and images
+    per split. Adding images to a folder, or a class, changes the key: such scores do not compare."""
     shares = "/".join(f"{100 * float(r):g}" for r in ratios) if isinstance(ratios, (list, tuple)) else "?"
-    key = (str(root), str(seed), shares)
+    per_split = tuple((s, int(counts[s])) for s in SPLITS if s in counts) if isinstance(counts, dict) else ()
+    key = (str(root), str(seed), shares, tuple(classes) if isinstance(classes, list) else (), per_split)
     return key, f"{Path(str(root)).name or root} (seed {seed}, split {shares})"
 
 
@@ -58,6 +65,7 @@ class Row:
     scores: dict[str, dict]  # split -> {"n", "accuracy", "macro_f1"}
     seconds: float
     path: Path
+    images: tuple[str, str | None] = ("head", None)  # ("head", rows digest) or ("run", dataset fingerprint)
 
     def accuracy(self, split: str) -> float | None:
         return self.scores[split]["accuracy"] if split in self.scores else None
@@ -75,11 +83,11 @@ class Row:
 @dataclass
 class CompareResult:
     """The comparison: one row per head or run (grouped by dataset, ranked by val accuracy),
-    `table` in markdown, and `notes` on rows left unranked."""
+    `table` in markdown, and `notes` on rows left unranked and on heads and runs matched by counts."""
 
     rows: list[Row]
     table: str  # markdown
-    notes: list[str]  # rows left unranked, and why
+    notes: list[str]  # rows left unranked, and why; datasets whose heads and runs were matched by counts
 
 
 def _weights_label(weights: str | None) -> str:
@@ -98,8 +106,10 @@ def head_row(model_path: Path) -> Row:
     sources = meta.get("sources") or []
     searched = meta.get("search_seconds")
     first = sources[0] if sources else {}
+    rows = meta.get("rows") or {}  # a tlfeat 0.1 head recorded none
     return Row(
-        dataset=dataset_label(first.get("dataset_root"), first.get("seed"), first.get("split_ratios")),
+        dataset=dataset_label(first.get("dataset_root"), first.get("seed"), first.get("split_ratios"),
+                              meta.get("classes"), rows.get("counts")),
         name=f"{model_path.parent.name}/{meta['head']}",
         backbone="+".join(_backbone_label(s.get("backbone"), s.get("input_size")) for s in sources),
         weights="+".join(_weights_label(s.get("weights_source") or s.get("weights")) for s in sources),
@@ -108,13 +118,15 @@ def head_row(model_path: Path) -> Row:
         scores=meta.get("scores", {}),
         seconds=float(searched if searched is not None else meta.get("fit_seconds", 0.0)),
         path=model_path,
+        images=("head", rows.get("digest")),
     )
 
 
 def run_row(run_dir: Path) -> Row:
     summary = read_run_summary(run_dir)
     return Row(
-        dataset=dataset_label(summary.get("dataset_root"), summary.get("seed"), summary.get("split_ratios")),
+        dataset=dataset_label(summary.get("dataset_root"), summary.get("seed"), summary.get("split_ratios"),
+                              summary.get("classes"), summary.get("split_counts")),
         name=run_dir.name,
         backbone=_backbone_label(summary["backbone"], summary.get("image_size")),
         weights=_weights_label(summary.get("weights")),
@@ -123,6 +135,7 @@ def run_row(run_dir: Path) -> Row:
         scores=summary.get("scores", {}),
         seconds=float(summary.get("seconds", 0.0)),
         path=run_dir,
+        images=("run", summary.get("dataset_fingerprint")),
     )
 
 
@@ -233,16 +246,46 @@ def plot_bars(rows: Sequence[Row], path: Path) -> None:
     save_png(fig, path)
 
 
+def _by_key(rows: list[Row]) -> dict[tuple, list[Row]]:
+    groups: dict[tuple, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(row.dataset[0], []).append(row)
+    return groups
+
+
+def _separate_image_sets(rows: list[Row]) -> list[tuple]:
+    """Split a dataset whose heads (or runs) record different image digests: same counts, other images.
+    Returns the keys of the datasets that mix heads and runs, matched by class list and counts only."""
+    mixed = []
+    for key, members in _by_key(rows).items():
+        digests = {row.images for row in members}
+        if len(digests) > len({kind for kind, _ in digests}):
+            for row in members:
+                row.dataset = (key + row.images, row.dataset[1])
+        elif len(digests) > 1:
+            mixed.append(key)
+    return mixed
+
+
 def _distinct_labels(rows: list[Row]) -> list[Row]:
-    """Rows whose datasets share a folder name but not a folder get the whole folder path in their label:
-    two datasets must never read as one."""
-    roots: dict[str, set] = {}
+    """Datasets whose labels read alike get what tells them apart: the whole folder path, the class and image
+    counts, or a short digest of their images. Two datasets must never read as one."""
+    keys: dict[str, set] = {}
     for row in rows:
-        roots.setdefault(row.dataset[1], set()).add(row.dataset[0])
+        keys.setdefault(row.dataset[1], set()).add(row.dataset[0])
     for row in rows:
-        if len(roots[row.dataset[1]]) > 1:
-            root, seed, shares = row.dataset[0]
-            row.dataset = (row.dataset[0], f"{root} (seed {seed}, split {shares})")
+        alike = keys[row.dataset[1]]
+        if len(alike) == 1:
+            continue
+        key = row.dataset[0]
+        root, seed, shares, classes, counts = key[:5]
+        name = root if len({k[0] for k in alike}) > 1 else Path(root).name or root
+        label = f"{name} (seed {seed}, split {shares}"
+        if len({k[3:5] for k in alike}) > 1:
+            label += f"; {len(classes)} classes, {sum(n for _, n in counts):,} images"
+        if len({k[5:] for k in alike}) > 1 and key[5:]:
+            label += f"; images {str(key[6])[:8]}"
+        row.dataset = (key, label + ")")
     return rows
 
 
@@ -262,9 +305,13 @@ def compare(inputs: str | Path | Sequence[str | Path], csv: str | Path | None = 
     if not results:
         where = ", ".join(str(p) for p in inputs)
         raise TlfeatError(f"{where}: no fit-head models or fine-tune runs found")
-    rows = _distinct_labels([head_row(path) if kind == "head" else run_row(path) for kind, path in results])
+    rows = [head_row(path) if kind == "head" else run_row(path) for kind, path in results]
+    mixed = _separate_image_sets(rows)
+    rows = _distinct_labels(rows)
     rows.sort(key=lambda r: (r.dataset[1], r.dataset[0], r.accuracy("val") is None, -(r.accuracy("val") or 0.0), r.name))
-    cells, ranks, notes = [], {}, []
+    cells, ranks = [], {}
+    notes = [f"{_by_key(rows)[key][0].dataset[1]}: heads and fine-tune runs matched by folder, split, class list and "
+             "images per split (they record different digests of their images)" for key in mixed]
     for row in rows:
         if row.accuracy("val") is None:  # e.g. a recipe head, refitted on train+val: no held-out val score
             cells.append(row.cells(None))
