@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from cli import app
 from conftest import assert_one_line_error, plant_features, summary_rows, write_synthetic_cache
 from tlfeat.errors import TlfeatError
-from tlfeat.heads.fit import fit_heads, load_features
+from tlfeat.heads.fit import fit_heads, load_features, resolve_heads
 from tlfeat.heads.registry import HEAD_NAMES, HEADS, fit_estimator, get_head
 from tlfeat.heads.store import read_metadata
 
@@ -27,6 +27,18 @@ def fit_head_cli(*args: str | Path) -> object:
 
 
 
+
+
+@pytest.mark.parametrize("heads", [["--head", "logreg", "--head", "knn"], ["--head", "logreg,knn"]])
+def test_several_heads_by_repeating_or_commas_are_all_fitted(tmp_path: Path, heads: list[str]) -> None:
+    # Before: a repeated --head kept only the last one, and fitted knn alone without a word.
+    cache = write_synthetic_cache(tmp_path / "c.h5")
+    result = fit_head_cli(cache, *heads, "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    assert set(summary_rows(tmp_path / "o")) == {"logreg", "knn"}
+    assert resolve_heads(["knn", "logreg", "knn"]) == ["knn", "logreg"] and resolve_heads(["knn", "all"]) == list(HEAD_NAMES)
+    streaming = fit_head_cli(cache, *heads, "--streaming", "--out", tmp_path / "s")
+    assert_one_line_error(streaming, "--streaming fits one head at a time, not logreg, knn")
 
 
 def test_a_seed_beyond_32_bits_is_one_error_before_any_work(tmp_path: Path) -> None:

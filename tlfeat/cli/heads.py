@@ -61,7 +61,7 @@ def _echo_fit_summary(summary: FitSummary) -> None:
 @user_errors
 def fit_head(
     caches: list[Path] = typer.Argument(..., help="A cache, or several caches over the same images to fuse column-wise (e.g. resnet101 + vgg16)."),
-    head: str = typer.Option("logreg", "--head", help=f"{HEAD_CHOICES}, or all (one comparison table)."),
+    head: list[str] = typer.Option(["logreg"], "--head", help=f"{HEAD_CHOICES}, or all (one comparison table). Several: repeat --head or separate by commas (--head logreg,knn)."),
     search: bool = typer.Option(False, "--search", help=f"Choose on the val split: {SEARCHED}."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder. Default: heads/<cache stem(s)>/ beside the first cache."),
     seed: int = typer.Option(0, "--seed", help="Seed of the heads' own randomness (initialisation, shuffling)."),
@@ -72,7 +72,8 @@ def fit_head(
     """Fit classification heads on cached features: fit on train, select on val, score train/val/test."""
     from tlfeat.heads.fit import fit_heads
 
-    summary = fit_heads(caches, head=head, search=search, out=out, seed=seed, on_result=_echo_head,
+    names = [name.strip() for given in head for name in given.split(",")]  # --head a --head b, or --head a,b
+    summary = fit_heads(caches, head=names, search=search, out=out, seed=seed, on_result=_echo_head,
                         on_skip=_echo_skip, streaming=streaming, chunk_rows=chunk_rows, passes=passes)
     _echo_fit_summary(summary)
 

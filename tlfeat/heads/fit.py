@@ -86,12 +86,12 @@ class Features:
 
 
 def resolve_heads(head: str | Sequence[str]) -> list[str]:
-    """'all' -> every head; a name or a list of names -> those (checked)."""
-    if head == "all":
-        return list(HEAD_NAMES)
+    """'all' -> every head; a name or a list of names -> those, each once (checked); 'all' in a list -> every head."""
     names = [head] if isinstance(head, str) else list(head) if isinstance(head, (list, tuple)) else None
     if not names or not all(isinstance(name, str) for name in names):
         raise parameter_error("head", head, f"a head name or a list of them: {', '.join(HEAD_NAMES)} or all")
+    if "all" in names:
+        return list(HEAD_NAMES)
     return list(dict.fromkeys(get_head(name).name for name in names))
 
 
@@ -303,7 +303,10 @@ def fit_heads(
     if streaming:  # fit_streaming makes the same checks of `out` as below
         if len(caches) != 1 or search:
             raise TlfeatError("`streaming` fits one cache, without `search`")
-        summary = fit_streaming(caches[0], head=head, out=out, chunk_rows=chunk_rows, passes=passes, seed=seed)
+        names = [head] if isinstance(head, str) else resolve_heads(head)  # fit_streaming names what it cannot fit
+        if len(names) != 1:
+            raise TlfeatError(f"`streaming` fits one head at a time, not {', '.join(names)}")
+        summary = fit_streaming(caches[0], head=names[0], out=out, chunk_rows=chunk_rows, passes=passes, seed=seed)
         if on_result is not None:
             on_result(summary.results[0])
         return summary
