@@ -222,6 +222,13 @@ def test_unreadable_cache_file_is_refused(tmp_path: Path, content: bytes, messag
     assert_one_line_error(fit_head_cli(cache), "garbage.h5", message)
 
 
+def test_a_truncated_cache_is_refused_with_hdf5s_reason(tmp_path: Path) -> None:
+    # Before: "not a readable HDF5 cache (OSError)", h5py's reason (here: truncated file) dropped.
+    cache = write_synthetic_cache(tmp_path / "cut.h5")
+    cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
+    assert_one_line_error(fit_head_cli(cache), "cut.h5", "not a readable HDF5 cache (OSError: ", "truncated file")
+
+
 def test_foreign_hdf5_and_missing_cache_are_refused(tmp_path: Path) -> None:
     foreign = tmp_path / "foreign.h5"
     with h5py.File(foreign, "w") as handle:

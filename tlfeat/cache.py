@@ -37,6 +37,7 @@ from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.data.scan import SPLITS
 from tlfeat.cache_checks import CheckedFeatures, check_structure, checked_labels, read_column, reading, rows_meta
 from tlfeat.errors import TlfeatError
+from tlfeat.fileio import describe_exception
 
 FORMAT_VERSION = 1
 OLD_DECODE = "pillow-bilinear"  # what caches and shards with no "decode" record were decoded with
@@ -133,7 +134,8 @@ def _open_for_read(path: Path) -> h5py.File:
         handle = h5py.File(path, "r", rdcc_nbytes=READ_CHUNK_CACHE_BYTES)
         small_metadata_cache(handle)
     except OSError as exc:
-        raise TlfeatError(f"{path}: not a readable HDF5 cache ({exc.__class__.__name__})") from None
+        # h5py's reason says what is wrong with the file (a truncated copy, a lock held elsewhere): keep it.
+        raise TlfeatError(f"{path}: not a readable HDF5 cache ({describe_exception(exc)})") from None
     try:
         check_structure(path, handle, _decode_attrs, key_from_attrs, FORMAT_VERSION)
     except BaseException:
