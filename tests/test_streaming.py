@@ -114,7 +114,10 @@ def test_streaming_refuses_two_caches_and_nan_features(tmp_path: Path) -> None:
         runner.invoke(app, ["fit-head", str(first), str(second), "--streaming"]), "--streaming fits one cache"
     )
     broken = plant_features(write_synthetic_cache(tmp_path / "nan.h5"), ((5, 3), np.nan))
-    assert_one_line_error(runner.invoke(app, ["fit-head", str(broken), "--streaming"]), "nan.h5", "NaN or inf")
+    out = tmp_path / "heads"
+    assert_one_line_error(runner.invoke(app, ["fit-head", str(broken), "--streaming", "--out", str(out)]), "nan.h5",
+                          "NaN or inf")
+    assert not out.exists()  # before: refused after creating an empty --out folder
 
 
 @pytest.mark.parametrize("streaming", [False, True])

@@ -138,11 +138,11 @@ def fit_streaming(
         check_outside_dataset(out, attrs.get("dataset_root"))
         check_trainable(str(cache), labels, split, class_names)
         check_unique_paths(cache, index.paths)
+        ids = _row_ids(cache, index, features, chunk_rows)  # refuses NaN or inf: before `out` is created, as fit-head
         with locked_folder(out):
             rows = {s: np.flatnonzero(split == s) for s in SPLITS if np.any(split == s)}
             feature_dim = int(features.shape[1])
             sources = [source_record(cache, attrs, len(labels), feature_dim)]
-            ids = _row_ids(cache, index, features, chunk_rows)
             digest = rows_digest(split, ids)
             check_same_data(out, folder_key(sources, digest), ids, split, cache.name)
 
