@@ -136,6 +136,10 @@ def test_fit_head_leaves_copies_of_training_rows_out_of_its_scores(tmp_path: Pat
     assert fitted.scores["test"]["n"] == split.count("test")  # the 6 copies are not scored
     assert f"test: {len(copied)} rows left out of the score" in " ".join(fitted.notes)
     assert f"test: {len(copied)} rows left out of the score" in result.stdout
+    # knn selects nothing on val: "fitted on" (before: "fitted or selected on"); a search selects on val
+    assert fitted.notes[0].endswith("copies of rows this head was fitted on")
+    searched = fit_heads([cache], head="knn", search=True, out=tmp_path / "searched").results[0]
+    assert searched.notes[0].endswith("copies of rows this head was fitted or selected on")
 
 
 def test_fit_head_refuses_a_folder_of_heads_fitted_on_another_split(tmp_path: Path) -> None:

@@ -249,7 +249,7 @@ def _fit_head(name: str, features: Features, search: bool, seed: int, out: Path)
         for split in features.split_counts():
             rows, _, left_out = features.rows(split, seen)
             if left_out:
-                notes.append(left_out_note(split, left_out, selected=split != "val"))
+                notes.append(left_out_note(split, left_out, selected=split != "val" and "val" in seen))
             if len(rows):
                 metrics[split] = split_metrics(rows.labels, estimator.predict(rows.features), class_names)
     # UserWarnings (ConvergenceWarning among them) speak about this fit; deprecation chatter from libraries does not.
