@@ -229,6 +229,14 @@ def test_a_truncated_cache_is_refused_with_hdf5s_reason(tmp_path: Path) -> None:
     assert_one_line_error(fit_head_cli(cache), "cut.h5", "not a readable HDF5 cache (OSError: ", "truncated file")
 
 
+def test_evaluate_names_the_valid_splits_for_an_unknown_one(tmp_path: Path) -> None:
+    # Before: "no 'bogus' rows (splits here: ...)", as if the cache merely lacked a split of that name.
+    cache = write_synthetic_cache(tmp_path / "c.h5")
+    fit_heads(cache, out=tmp_path / "o")
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "o" / "logreg.skops"), str(cache), "--split", "bogus"])
+    assert_one_line_error(result, "--split bogus: use train, val or test")
+
+
 def test_foreign_hdf5_and_missing_cache_are_refused(tmp_path: Path) -> None:
     foreign = tmp_path / "foreign.h5"
     with h5py.File(foreign, "w") as handle:

@@ -200,7 +200,7 @@ def test_evaluate_refuses_caches_the_head_was_not_fitted_on(trained: dict, tmp_p
         "four.h5", "class list differs", "4 vs 3 classes", "class_3",
     )
     assert_one_line_error(
-        runner.invoke(app, ["evaluate", single, small, "--split", "holdout"]), "small-32.h5", "no 'holdout' rows"
+        runner.invoke(app, ["evaluate", single, small, "--split", "holdout"]), "--split holdout: use train, val or test"
     )
 
 

@@ -14,7 +14,8 @@ from typing import Sequence
 from sklearn.base import BaseEstimator
 
 from tlfeat.backbones import random_weights_backend
-from tlfeat.errors import TlfeatError, some_of
+from tlfeat.data.scan import SPLITS
+from tlfeat.errors import TlfeatError, parameter_error, some_of
 from tlfeat.fileio import check_output_path, path_list
 from tlfeat.heads.fit import Features, load_features
 from tlfeat.heads.folder import FEATURE_DEFAULTS, FEATURE_KEY
@@ -97,6 +98,8 @@ def evaluate_on_caches(
     json: also write the scores (per-class, confusion matrices) and what was left out to this file.
     """
     model, caches = Path(model), [Path(c) for c in path_list(caches, "caches", "tlfeat caches")]
+    if split is not None and split not in SPLITS:  # a typo, not a split these caches lack: said before loading
+        raise parameter_error("split", split, f"use {', '.join(SPLITS[:-1])} or {SPLITS[-1]}")
     if json is not None:
         json = Path(json)
         check_output_path(json, parameter="json", suffix=".json")
