@@ -261,3 +261,20 @@ def test_streaming_heads_share_the_folder_and_its_summary(cache: Path, tmp_path:
     result = runner.invoke(app, ["fit-head", str(cache), "--streaming", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert set(summary_rows(out)) == {"logreg", "logreg" + STREAMING_SUFFIX}
+
+
+def test_a_damaged_head_file_says_how_to_go_on_and_refitting_that_head_replaces_it(tmp_path: Path) -> None:
+    # Before: "not a readable head file" blocked refitting that very head and compare over any tree holding it,
+    # without a word on how to go on.
+    cache = write_synthetic_cache(tmp_path / "c.h5")
+    out = tmp_path / "heads"
+    fit_heads(cache, head=["logreg", "knn"], out=out)
+    (out / "knn.skops").write_bytes(b"damaged")
+    for result in (runner.invoke(app, ["fit-head", str(cache), "--head", "logreg", "--out", str(out)]),
+                   runner.invoke(app, ["compare", str(tmp_path)])):
+        assert_one_line_error(result, "knn.skops: not a readable head file", "move or remove that file, or fit "
+                              "that head again into its folder, which replaces it")
+    refit = runner.invoke(app, ["fit-head", str(cache), "--head", "knn", "--out", str(out)])
+    assert refit.exit_code == 0, refit.output
+    assert "replaced knn.skops (was a damaged file)" in refit.output
+    assert runner.invoke(app, ["compare", str(tmp_path)]).exit_code == 0

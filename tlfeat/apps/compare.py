@@ -35,6 +35,7 @@ from tlfeat.errors import TlfeatError
 from tlfeat.fileio import check_output_path, path_list, read_json_object
 from tlfeat.data.scan import SPLITS
 from tlfeat.finetuning.runs import RUN_FORMAT, SUMMARY_NAME, read_run_summary
+from tlfeat.heads.folder import DAMAGED_HEAD_ADVICE
 from tlfeat.heads.registry import head_trainable_params
 from tlfeat.heads.store import HEAD_SUFFIX, LEGACY_SUFFIX, MODEL_FORMAT, read_metadata
 from tlfeat.reports import markdown_table, save_png, write_csv
@@ -102,7 +103,10 @@ def _backbone_label(backbone: object, image_size: object) -> str:
 
 
 def head_row(model_path: Path) -> Row:
-    meta = read_metadata(model_path)
+    try:
+        meta = read_metadata(model_path)
+    except TlfeatError as exc:  # one damaged file must not leave the user stuck on a whole tree of results
+        raise TlfeatError(f"{exc}; {DAMAGED_HEAD_ADVICE}, or compare paths that leave it out") from None
     sources = meta.get("sources") or []
     searched = meta.get("search_seconds")
     first = sources[0] if sources else {}

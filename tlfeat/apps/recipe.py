@@ -247,7 +247,7 @@ def run_recipe(
     features = load_features(caches)
     with locked_folder(out):
         # Checked before the fit: a folder of heads fitted on other data is refused, as fit-head refuses it.
-        features.check_folder(out)
+        features.check_folder(out, [HEAD])
         fitted = select_and_refit(features, spec.c_grid, seed)
         if not fitted.metrics:
             raise TlfeatError(

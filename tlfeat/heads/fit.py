@@ -80,9 +80,9 @@ class Features:
     def split_counts(self) -> dict[str, int]:
         return {s: int(np.sum(self.data.split == s)) for s in SPLITS if np.any(self.data.split == s)}
 
-    def check_folder(self, out: Path) -> None:
-        """Refuse a head folder whose heads were fitted on other data (`check_same_data`)."""
-        check_same_data(out, folder_key(self.sources, self.digest), self.ids, self.data.split, self.label)
+    def check_folder(self, out: Path, heads: Sequence[str]) -> None:
+        """Refuse a head folder whose heads were fitted on other data (`check_same_data`); `heads`: those to fit."""
+        check_same_data(out, folder_key(self.sources, self.digest), self.ids, self.data.split, self.label, heads)
 
 
 def resolve_heads(head: str | Sequence[str]) -> list[str]:
@@ -318,7 +318,7 @@ def fit_heads(
         check_outside_dataset(out, source.get("dataset_root"))
     _check_trainable(features, search)
     with locked_folder(out), deferred_interrupts():
-        features.check_folder(out)
+        features.check_folder(out, names)
         results: list[HeadResult] = []
         skipped: list[tuple[str, str]] = []
         for position, name in enumerate(names):

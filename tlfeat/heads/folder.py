@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Collection, Iterator, Sequence
 
 import numpy as np
 import sklearn
@@ -194,8 +194,12 @@ def left_out_note(split: str, count: int, selected: bool = False) -> str:
     return f"{split}: {count} rows left out of the score, copies of rows this head was {role} on"
 
 
-def existing_heads(out: Path) -> dict[str, dict]:
-    """Metadata of every head file in `out`, by head name; a folder with tlfeat 0.1 heads is refused."""
+def existing_heads(out: Path, replacing: Collection[str] = ()) -> dict[str, dict]:
+    """Metadata of every head file in `out`, by head name; a folder with tlfeat 0.1 heads is refused.
+
+    A damaged head file is an error saying how to go on, unless it is the file of a head in `replacing` (the
+    heads this run fits): refitting a head is how its damaged file is replaced, so that file is left out.
+    """
     legacy = sorted(p.name for p in Path(out).glob(f"*{LEGACY_SUFFIX}"))
     if legacy:
         raise TlfeatError(
@@ -204,14 +208,26 @@ def existing_heads(out: Path) -> dict[str, dict]:
         )
     heads = {}
     for path in sorted(Path(out).glob(f"[!.]*{HEAD_SUFFIX}")):  # not the hidden temporaries of atomic writes
-        meta = read_metadata(path)
+        try:
+            meta = read_metadata(path)
+        except TlfeatError as exc:
+            if path.stem in replacing:
+                continue
+            raise TlfeatError(f"{exc}; {DAMAGED_HEAD_ADVICE}") from None
         heads[meta["head"]] = meta
     return heads
 
 
-def check_same_data(out: Path, key: tuple, ids: RowIds, split: np.ndarray, label: str) -> dict[str, dict]:
-    """Refuse to add heads to a folder whose heads were fitted on other data; returns the heads there."""
-    heads = existing_heads(out)
+# How to go on past a damaged head file in a folder of heads (fit-head's summary and compare read every one).
+DAMAGED_HEAD_ADVICE = "move or remove that file, or fit that head again into its folder, which replaces it"
+
+
+def check_same_data(
+    out: Path, key: tuple, ids: RowIds, split: np.ndarray, label: str, replacing: Collection[str] = (),
+) -> dict[str, dict]:
+    """Refuse to add heads to a folder whose heads were fitted on other data; returns the heads there.
+    `replacing`: the heads this run fits, whose files may be damaged (`existing_heads`)."""
+    heads = existing_heads(out, replacing)
     for name, meta in heads.items():
         if folder_key(meta["sources"], meta["rows"]["digest"]) == key:
             continue
@@ -245,9 +261,13 @@ def save_fitted_head(
     }
     replaced = None
     if files["model"].exists():
-        before = read_metadata(files["model"])
-        val = before.get("scores", {}).get("val")
-        replaced = _params_text(before) + (f", val acc {val['accuracy']:.3f}" if val else "")
+        try:
+            before = read_metadata(files["model"])
+        except TlfeatError:  # a damaged file (`existing_heads`): what it held cannot be said
+            replaced = "a damaged file"
+        else:
+            val = before.get("scores", {}).get("val")
+            replaced = _params_text(before) + (f", val acc {val['accuracy']:.3f}" if val else "")
     rows = {k: v for role, ids in seen.items() for k, v in ids.to_arrays(role).items()}
     save_head(estimator, files["model"], {**metadata, "scores": scores, "metrics": metrics, "notes": notes}, rows)
     write_json(files["metrics"], {"head": name, "classes": class_names, "splits": metrics})

@@ -144,7 +144,7 @@ def fit_streaming(
             feature_dim = int(features.shape[1])
             sources = [source_record(cache, attrs, len(labels), feature_dim)]
             digest = rows_digest(split, ids)
-            check_same_data(out, folder_key(sources, digest), ids, split, cache.name)
+            check_same_data(out, folder_key(sources, digest), ids, split, cache.name, [head + STREAMING_SUFFIX])
 
             estimator, fit_seconds = _fit_sgd(features, rows["train"], labels, len(class_names), loss, chunk_rows,
                                               passes, seed)
