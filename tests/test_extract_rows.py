@@ -367,3 +367,24 @@ def test_the_ray_driver_never_holds_a_path_for_every_file(monkeypatch: pytest.Mo
     seen = handed.embed(engine, tmp_path, many_entries())
     assert seen["n"] == MANY_FILES and seen["one"] == os.path.join(str(tmp_path), "class3/image0000003.jpg")
     assert seen["held_mb"] < 1, seen
+
+
+def test_a_decoder_bug_skips_its_file_on_retry_and_in_ray_tasks(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Before: the local workers skipped a file whose decoder raised anything, but the retry of skipped files
+    # (run._recheck_skipped) and the Ray engine's decode_batch caught only DecodeError: a ValueError crashed them.
+    from tlfeat.extraction import ray_engine
+
+    data = dataset(tmp_path / "data")
+    write(data / "class_1" / "broken.png", "bad bytes")
+    out = tmp_path / "c.h5"
+    run(monkeypatch, data, out)
+
+    def buggy(*args: Any, **kwargs: Any) -> None:
+        raise ValueError("boom\nsecond line")
+
+    monkeypatch.setattr(run_module, "decode_image", buggy)
+    summary, _ = run(monkeypatch, data, out)
+    assert summary.n_retried == 1 and summary.skipped == [("class_1/broken.png", "decoder error (ValueError: boom)")]
+    monkeypatch.setattr(ray_engine, "decode_into", buggy)
+    decoded = ray_engine.decode_batch({"index": np.arange(1), "path": np.array([str(data / "class_0" / "img_000.png")])}, 8)
+    assert list(decoded["error"]) == ["decoder error (ValueError: boom)"] and not decoded["pixels"].any()

@@ -38,7 +38,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from tlfeat.data.cores import default_workers
-from tlfeat.data.decode import DecodeError, decode_into
+from tlfeat.data.decode import decode_into, failure_reason
 from tlfeat.errors import TlfeatError, parameter_error
 
 CHUNK = 16  # files per message to a worker: a few messages per batch, and still an even share at the end
@@ -219,11 +219,8 @@ def _serve(fd: int) -> None:
         for row, path in enumerate(chunk, first):
             try:
                 decode_into(path, pixels[slot, row])
-            except DecodeError as exc:
-                failures.append((row, str(exc)))
-                pixels[slot, row] = 0
-            except Exception as exc:  # a decoder bug costs its image, not the run
-                failures.append((row, f"decoder error ({exc.__class__.__name__}: {exc})".splitlines()[0]))
+            except Exception as exc:  # a decoder bug too costs its image, not the run
+                failures.append((row, failure_reason(exc)))
                 pixels[slot, row] = 0
             done[slot, row] = 1
         try:

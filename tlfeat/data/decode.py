@@ -35,6 +35,16 @@ class DecodeError(Exception):
     """A file that cannot become an image; the message is the one-line reason."""
 
 
+def failure_reason(exc: Exception) -> str:
+    """The one-line reason a file is skipped for: a DecodeError's own text; any other exception is a decoder
+    bug, which costs its image, not the run. Every decoding path (local workers, Ray tasks, the retry of
+    skipped files) uses this, so a file skipped by one is skipped, not crashed on, by the others."""
+    if isinstance(exc, DecodeError):
+        return str(exc)
+    first_line = next(iter(str(exc).splitlines()), "")  # one line, the parenthesis closed
+    return f"decoder error ({exc.__class__.__name__}: {first_line})"
+
+
 def to_8bit(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit "L" (grey sources) or "RGB": 16-bit and float greys rescaled, alpha on white.
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from tlfeat.backbones import Backbone, get_backbone
 from tlfeat.cache import Rows
-from tlfeat.data.decode import DecodeError, decode_into
+from tlfeat.data.decode import decode_into, failure_reason
 from tlfeat.data.entries import ImageEntry
 from tlfeat.errors import TlfeatError
 from tlfeat.extraction.engines import FilePaths, batch_rows
@@ -241,8 +241,8 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.
         try:
             decode_into(str(path), pixels[i])
             errors.append("")
-        except DecodeError as exc:
-            errors.append(str(exc))
+        except Exception as exc:  # as the local engine's workers: a decoder bug costs its image, not the run
+            errors.append(failure_reason(exc))
     return {"index": batch["index"], "pixels": pixels, "error": np.array(errors, dtype=object)}
 
 

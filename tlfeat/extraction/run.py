@@ -25,7 +25,7 @@ from tlfeat.cache_checks import DamagedCacheError
 from tlfeat.cache_writer import CacheWriteError
 from tlfeat.data.batches import bytes_in_flight
 from tlfeat.data.cores import available_cores, available_memory
-from tlfeat.data.decode import DecodeError, decode_image
+from tlfeat.data.decode import decode_image, failure_reason
 from tlfeat.data.scan import DEFAULT_RATIOS, SPLIT_RULE, DatasetScan, scan_dataset
 from tlfeat.errors import Interrupted, TlfeatError, integer, seed_value
 from tlfeat.extraction.engines import Engine, LocalEngine
@@ -390,9 +390,10 @@ def _recheck_skipped(scan: DatasetScan, ledger: Ledger, size: int) -> tuple[int,
         retried += 1
         try:
             decode_image(scan.root / ledger.entries[i].relpath, size)
-        except DecodeError as exc:
-            changed = changed or str(exc) != ledger.reasons[i]
-            ledger.reasons[i] = str(exc)
+        except Exception as exc:  # whatever skipped it in the decoding workers (a decoder bug too) skips it here
+            reason = failure_reason(exc)
+            changed = changed or reason != ledger.reasons[i]
+            ledger.reasons[i] = reason
             continue
         ledger.where[i] = NOWHERE
         del ledger.reasons[i]
