@@ -250,6 +250,21 @@ def test_up_to_date_rerun_leaves_the_file_alone(monkeypatch: pytest.MonkeyPatch,
     assert_same_file(out, fresh(monkeypatch, data, tmp_path / "fresh.h5", seed=1))
 
 
+def test_a_deleted_skipped_file_leaves_the_caches_skipped_list(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Before: the rerun said "up to date" and the cache still listed the deleted file as skipped.
+    data = dataset(tmp_path / "data")
+    write(data / "class_1" / "broken.png", "bad bytes")
+    out = tmp_path / "c.h5"
+    run(monkeypatch, data, out)
+    (data / "class_1" / "broken.png").unlink()
+    summary, engine = run(monkeypatch, data, out)
+    assert not summary.up_to_date and engine.computed == [] and summary.n_skipped == 0
+    with h5py.File(out, "r") as handle:
+        assert list(handle["skipped_paths"].asstr()[...]) == []
+    assert_same_file(out, fresh(monkeypatch, data, tmp_path / "fresh.h5"))
+    assert run(monkeypatch, data, out)[0].up_to_date
+
+
 # The driver's memory: N files of DIM stand-in features (78 MB) against a bound of a third of that.
 N, DIM = 20000, 1024
 FEATURES_MB = N * DIM * 4 / 2**20

@@ -145,6 +145,8 @@ def _same_as_cache(old: CacheReader | None, ledger: Ledger, scan: DatasetScan) -
         old is not None and old.attrs.get("split_ratios") == list(scan.ratios)
         and old.attrs.get("dataset_root") in (None, str(scan.root))  # None: a cache from before it was kept
         and old.attrs.get("split_rule") == SPLIT_RULE and same_as_file(old, ledger, scan.class_names, scan.seed)
+        # its skipped list too: a record of a file since deleted is written out, not kept as "up to date"
+        and sorted(zip(*old.skipped()[:2])) == sorted((e.relpath, reason) for e, reason in ledger.failures())
     )
 
 
