@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
+import shutil
 import tracemalloc
 from pathlib import Path
 from types import SimpleNamespace
@@ -216,6 +218,30 @@ def test_resumed_runs_equal_an_uninterrupted_run(monkeypatch: pytest.MonkeyPatch
     assert summary.n_reused == 20 and summary.n_computed == 17
     assert not Path(str(out) + ".parts").exists()
     assert_same_file(out, fresh(monkeypatch, data, tmp_path / "fresh.h5"))
+
+
+def test_an_unfinished_run_of_another_dataset_folder_is_not_taken_over_unasked(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Before: extracting folder `a` into the output of folder `f`'s interrupted run deleted f's finished
+    # batches at its end, and reused their rows for a's files of the same relative path, size and time.
+    first = dataset(tmp_path / "f", per_class=12)
+    out = tmp_path / "c.h5"
+    with pytest.raises(Interrupted, match="interrupted"):
+        run(monkeypatch, first, out, StandInEngine(stop_after=2))
+    parts = Path(str(out) + ".parts")
+    kept = sorted(parts.glob("shard-*.npz"))
+    moved = tmp_path / "a"
+    shutil.copytree(first, moved)  # copy2: the same sizes and times, at the same relative paths
+    with pytest.raises(TlfeatError, match=re.escape(f"holds the unfinished batches of another dataset folder "
+                                                    f"({first.resolve()}, not {moved.resolve()})")):
+        run(monkeypatch, moved, out)
+    assert sorted(parts.glob("shard-*.npz")) == kept and not out.exists()
+    with pytest.raises(Interrupted, match="interrupted"):  # made this folder's, as a moved dataset's cache is
+        run(monkeypatch, moved, out, StandInEngine(stop_after=1), overwrite=True)
+    summary, _ = run(monkeypatch, moved, out)  # resumed without `overwrite`: the batches are this folder's now
+    assert summary.n_reused == 12 and summary.n_computed == 24
+    assert_same_file(out, fresh(monkeypatch, moved, tmp_path / "fresh.h5"))
 
 
 def test_resumed_incremental_run_equals_a_fresh_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

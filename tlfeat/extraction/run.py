@@ -134,6 +134,7 @@ def _record_earlier_work(
             )
         shards.clear()
     elif shard_key == key:
+        shards.check_dataset(key, overwrite)
         for number, rows in shards.read_index():
             ledger.record_rows(number, rows)
     return reused
@@ -276,7 +277,7 @@ def extract(
         # The lock first: a second run on this cache is refused at once, before it imports Keras (seconds).
         with OutputLock(out), make_engine(engine, spec, weights, size, batch_size, ray_options, workers, tta) as runner:
             remove_stale_temporaries(out)
-            shards = ShardStore(out)
+            shards = ShardStore(out, scan.root)
             weights_id = weights_identity(spec, weights)  # random weights name the backend: Keras is loaded now
             key = CacheKey(spec.name, weights_id, size, spec.preprocessing, dtype, runner.compute, tta=tta)
             ledger = Ledger(scan.entries, scan.layout)

@@ -80,13 +80,15 @@ class _HashedFile:
 class ShardStore:
     """Batches finished by an unfinished run, in ``<out>.parts/``: one .npz per batch.
 
-    ``meta.json`` records the CacheKey; shards from another key are never read. A shard is named
+    ``meta.json`` records the CacheKey and the dataset folder; shards from another key are never read (the
+    run refuses another folder's unless asked, as it refuses another folder's cache). A shard is named
     ``shard-<number>-<sha256 of its bytes>.npz``; one that fails that check or does not load is deleted
     and noted in `notices` (its images are simply computed again).
     """
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, dataset_root: Path | None = None) -> None:
         self.dir = Path(str(out) + ".parts")
+        self.dataset_root = dataset_root  # the folder whose images this run's shards hold
         if self.dir.exists() and not self.dir.is_dir():  # found now, not after the first batch is computed
             raise TlfeatError(f"{self.dir}: is a file; it is where this output's unfinished batches go: move it away")
         # Known after the first shard, so writing stays O(1) per shard over runs of many thousands.
@@ -100,12 +102,38 @@ class ShardStore:
         if not meta.exists():
             return None
         try:
-            return CacheKey(**{"decode": OLD_DECODE, **json.loads(meta.read_text())})
-        except (ValueError, TypeError, OSError):
+            fields = json.loads(meta.read_text())
+            fields.pop("dataset_root", None)
+            return CacheKey(**{"decode": OLD_DECODE, **fields})
+        except (ValueError, TypeError, AttributeError, OSError):
             notice = f"{meta} is damaged: the batches in {self.dir} are discarded; their images are computed again"
             if notice not in self.notices:  # asked more than once in a run
                 self.notices.append(notice)
             return None
+
+    def recorded_root(self) -> str | None:
+        """The dataset folder the shards' images are in; None without shards, or from a tlfeat before it was kept."""
+        try:
+            root = json.loads((self.dir / "meta.json").read_text()).get("dataset_root")
+        except (ValueError, AttributeError, OSError):  # none, or damaged: `key` says so, and no shard is read
+            return None
+        return root if isinstance(root, str) else None
+
+    def check_dataset(self, key: CacheKey, overwrite: bool) -> None:
+        """Refuse, without `overwrite`, the batches of another dataset folder's unfinished run, as a run refuses
+        its finished cache: they would be deleted at the end, and their rows of files at the same relative paths,
+        sizes and times reused, unasked. With `overwrite` they become this folder's (rows of the same files are
+        reused, as for a moved dataset's cache), so that run, interrupted, resumes without `overwrite`."""
+        old_root = self.recorded_root()
+        if not old_root or self.dataset_root is None or Path(old_root) == self.dataset_root:  # none: an older tlfeat's
+            return
+        if not overwrite:
+            raise TlfeatError(
+                f"{self.dir}: holds the unfinished batches of another dataset folder ({old_root}, not "
+                f"{self.dataset_root}); rerun that command to finish it, pass `overwrite` to make them this one's "
+                "(rows of the same files are reused) or `out` for a new file"
+            )
+        self.start(key)
 
     def start(self, key: CacheKey) -> None:
         """Prepare for writing shards under `key`, discarding shards of any other key (cheap to repeat)."""
@@ -115,9 +143,9 @@ class ShardStore:
             self.clear()
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            meta = self.dir / "meta.json"
-            if not meta.exists():
-                atomic_write_bytes(meta, json.dumps(asdict(key)).encode())
+            root = None if self.dataset_root is None else str(self.dataset_root)
+            if not (self.dir / "meta.json").exists() or self.recorded_root() != root:  # a moved dataset's, adopted
+                atomic_write_bytes(self.dir / "meta.json", json.dumps({**asdict(key), "dataset_root": root}).encode())
         except OSError as exc:
             raise TlfeatError(f"{self.dir}: cannot write here ({os_reason(exc)})") from None
         self._started = key
