@@ -410,6 +410,37 @@ def test_a_cache_of_another_dataset_folder_is_not_made_this_ones_unasked(tiny_da
     assert len(cache.load(out).paths) == 22
 
 
+def test_a_batch_beyond_the_dataset_pads_only_to_the_dataset(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: 24 images were padded to batches of 20,000 (about 15 GiB of VGG16 activations at 32 px; with
+    # 100,000, a segfault, no message, and <out>.lock left behind).
+    from tlfeat import runtime
+
+    monkeypatch.setattr(runtime, "available_memory", lambda: 2**30)  # room for 24 images' activations, and
+    summary = extract(tiny_dataset, tmp_path / "c.h5", batch_size=20000, **FAST)  # for 20,000 decoded images
+    assert summary.n_embedded == 24
+
+
+def test_a_batch_whose_activations_do_not_fit_is_refused_with_one_that_does(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: only the decoded 8-bit images were counted, never the backbone's activations, dozens of
+    # times larger: a batch that passed that check could exhaust memory inside native code (a segfault).
+    from tlfeat import runtime
+
+    monkeypatch.setattr(runtime, "available_memory", lambda: 20 * 2**20)
+    out = tmp_path / "c.h5"
+    with pytest.raises(TlfeatError, match=r"`batch_size=24` at 32 px needs about 19 MiB for vgg16's activations "
+                                          r"and images at once; 20 MiB of memory is available: use `batch_size=12` "
+                                          r"or less$") as info:
+        extract(tiny_dataset, out, batch_size=24, **FAST)  # 24: the input guard alone let it through
+    assert "\n" not in str(info.value) and not Path(str(out) + ".lock").exists() and not out.exists()
+    assert extract(tiny_dataset, out, batch_size=12, **FAST).n_embedded == 24
+    with pytest.raises(TlfeatError, match="use `batch_size=12` or less"):
+        extract(tiny_dataset, tmp_path / "d.h5", batch_size=13, **FAST)
+
+
 def test_far_more_workers_than_cores_is_said(tiny_dataset: Path, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     # Before: --workers 500 on 2 cores ran at 1 image/s, 8x slower than the default, without a word.

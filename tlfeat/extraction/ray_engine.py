@@ -257,6 +257,7 @@ class EmbedWorker:
         self.keras_backend = keras.backend.backend()
         spec = get_backbone(backbone)
         self.extractor = FeatureExtractor(spec, weights, image_size, batch_size, tta)
+        self.extractor.check_memory()  # on this worker's node, whose memory its batches take
         if self.extractor.compute != compute:
             raise TlfeatError(
                 f"a Ray worker computes in {self.extractor.compute} but the run needs {compute}: "

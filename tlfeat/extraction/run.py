@@ -23,8 +23,7 @@ from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.cache import CacheKey, CacheReader, key_from_attrs
 from tlfeat.cache_checks import DamagedCacheError
 from tlfeat.cache_writer import CacheWriteError
-from tlfeat.data.batches import bytes_in_flight
-from tlfeat.data.cores import available_cores, available_memory
+from tlfeat.data.cores import available_cores
 from tlfeat.data.decode import decode_image, failure_reason
 from tlfeat.data.scan import DEFAULT_RATIOS, SPLIT_RULE, DatasetScan, scan_dataset
 from tlfeat.errors import Interrupted, TlfeatError, integer, seed_value
@@ -37,7 +36,7 @@ from tlfeat.interrupts import deferred_interrupts, interrupted_import, raise_if_
 from tlfeat.fileio import OutputLock, check_output_path, check_outside_dataset, remove_stale_temporaries
 from tlfeat.extraction.ray_engine import RayEngine, RayOptions  # Ray itself is imported only by a run on it
 from tlfeat.progress import progress_bar
-from tlfeat.runtime import check_batch_size, check_tta
+from tlfeat.runtime import check_batch_size, check_input_memory, check_tta
 
 DTYPES = ("float32", "float16")
 
@@ -262,7 +261,7 @@ def extract(
     seed, workers = seed_value(seed), None if workers is None else integer("workers", workers, 1)
     batch_size = check_batch_size(batch_size)
     if batch_size is not None:
-        _check_batch_size(batch_size, size)
+        check_input_memory(batch_size, size)
     stage, parts = "scanning the dataset", None  # what a Ctrl-C interrupts; where finished batches are kept
     try:
         scan = scan_dataset(data, seed=seed, ratios=ratios)
@@ -275,7 +274,10 @@ def extract(
 
         stage = "loading the model"
         # The lock first: a second run on this cache is refused at once, before it imports Keras (seconds).
-        with OutputLock(out), make_engine(engine, spec, weights, size, batch_size, ray_options, workers, tta) as runner:
+        # A batch beyond the dataset only pads: every run of this dataset (resumed ones too) takes the same
+        # one batch shape, so its rows equal an uninterrupted run's, and a huge `batch_size` costs no memory.
+        run_batch = None if batch_size is None else min(batch_size, len(scan.entries))
+        with OutputLock(out), make_engine(engine, spec, weights, size, run_batch, ray_options, workers, tta) as runner:
             remove_stale_temporaries(out)
             shards = ShardStore(out, scan.root)
             weights_id = weights_identity(spec, weights)  # random weights name the backend: Keras is loaded now
@@ -367,17 +369,6 @@ def _interrupted(stage: str, out: Path | None, parts: Path | None) -> str:
     if stage == "computing":
         return f"interrupted: {_KEPT.format(parts=parts)} to resume"
     return f"interrupted while {stage}; nothing was written"
-
-
-def _check_batch_size(batch_size: int, size: int) -> None:
-    """Its decoded images in flight within half the memory available now."""
-    need, free = bytes_in_flight(batch_size, size), available_memory()
-    if free is not None and need > free / 2:
-        fits = max(1, batch_size * free // (2 * need))
-        raise TlfeatError(
-            f"`batch_size={batch_size}` at {size} px holds {need / 2**30:.1f} GiB of decoded images at once; "
-            f"{free / 2**30:.1f} GiB of memory is available: use `batch_size={fits}` or less"
-        )
 
 
 def _recheck_skipped(scan: DatasetScan, ledger: Ledger, size: int) -> tuple[int, bool]:
