@@ -10,7 +10,9 @@ fork of a process running JAX or TensorFlow threads nor a re-import of the
 user's script) and serves any number of `iter_batches` calls, one at a time.
 Each call maps one shared buffer of `prefetch_batches + 2` batch slots into
 every worker; a worker writes each image straight into its row (no per-image
-array sent back, no stacking copy) and marks the row done. A file that fails
+array sent back, no stacking copy) and marks the row done; with each chunk's
+answer it sends the SHA-256 of every file's bytes (`DecodedBatch.digests`, what
+the cache records per row). A file that fails
 yields a zero row and a one-line reason; a worker that dies costs only the
 image it was decoding (the first row of its chunk not marked done): a fresh
 worker takes its place and the rest of its rows go round again. Memory is the
@@ -59,6 +61,8 @@ class DecodedBatch:
     pixels: np.ndarray  # (length, size, size, 3) uint8
     ok: list[int]  # rows that hold an image
     failures: list[tuple[int, str]] = field(default_factory=list)  # (row, reason)
+    # (length, 32) uint8: the SHA-256 of the bytes each row was decoded from (zeros for failed rows)
+    digests: np.ndarray = field(default_factory=lambda: np.zeros((0, 32), dtype=np.uint8))
 
     @property
     def length(self) -> int:
@@ -215,16 +219,16 @@ def _serve(fd: int) -> None:
             os.close(buffer_fd)  # the mapping keeps the memory
             continue
         slot, first, chunk = message
-        failures = []
-        for row, path in enumerate(chunk, first):
+        failures, digests = [], bytearray(32 * len(chunk))  # SHA-256 of each file's bytes, zeros if it failed
+        for k, (row, path) in enumerate(enumerate(chunk, first)):
             try:
-                decode_into(path, pixels[slot, row])
+                digests[32 * k : 32 * k + 32] = decode_into(path, pixels[slot, row])
             except Exception as exc:  # a decoder bug too costs its image, not the run
                 failures.append((row, failure_reason(exc)))
                 pixels[slot, row] = 0
             done[slot, row] = 1
         try:
-            channel.send((slot, first, len(chunk), failures))
+            channel.send((slot, first, len(chunk), failures, bytes(digests)))
         except (BrokenPipeError, ConnectionResetError):  # the parent died while we decoded
             return
 
@@ -266,6 +270,7 @@ class _Run:
         pool.buffer_fd = _anonymous_file(_nbytes(pool.shape))
         # The mapping lives as long as the arrays that view it, even past the end of the run.
         self.pixels, self.done = _views(mmap.mmap(pool.buffer_fd, _nbytes(pool.shape)), pool.shape)
+        self.digests = np.zeros((slots, rows, 32), dtype=np.uint8)  # filled from the workers' answers
         for worker in list(pool.workers):
             try:
                 pool._attach(worker)
@@ -300,7 +305,7 @@ class _Run:
             failed = {row for row, _ in failures}
             held.append(slot)
             yield DecodedBatch(start, self.pixels[slot, :length], [i for i in range(length) if i not in failed],
-                               sorted(failures))
+                               sorted(failures), self.digests[slot, :length].copy())
 
     def close(self) -> None:
         """Stop feeding and wait for the chunks still out (a few images), so the next run starts clean."""
@@ -333,6 +338,7 @@ class _Run:
                 start = next_batch * self.batch_size
                 batch = [os.path.join(self.cwd, p) for p in self.paths[start : start + self.batch_size]]
                 self.done[slot] = 0
+                self.digests[slot] = 0
                 self.remaining[slot], self.failures[slot] = len(batch), []
                 order.append(slot)
                 self.pending.extend((slot, first, batch[first : first + self.chunk])
@@ -365,7 +371,8 @@ class _Run:
                 if message is None:
                     worker.started = True
                     continue
-                slot, _, count, failed = message
+                slot, first, count, failed, digests = message
+                self.digests[slot, first : first + count] = np.frombuffer(digests, dtype=np.uint8).reshape(count, 32)
                 worker.assigned.popleft()
                 self.remaining[slot] -= count
                 self.failures[slot].extend(failed)

@@ -14,6 +14,8 @@ measures what that changes in pixels and features.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import threading
 from contextlib import contextmanager
@@ -90,28 +92,32 @@ def _open_limit_lifted() -> Iterator[None]:
 DECODE = "pillow-bilinear,jpeg-dct-scaled"
 
 
-def decode_into(path: str | Path, out: np.ndarray) -> None:
+def decode_into(path: str | Path, out: np.ndarray) -> bytes:
     """Decode one image file into `out`, a (size, size, 3) uint8 array: RGB, EXIF orientation applied.
 
-    Raises DecodeError with a one-line reason for anything that is not a usable image
-    (`out` is then left as it was).
+    Returns the SHA-256 (32 bytes) of the exact bytes decoded: the file is read whole once, hashed, and
+    Pillow decodes that copy (the cache keeps the digest, so a later run can tell a file of the same
+    size whose content changed from one merely copied or moved). Raises DecodeError with a one-line
+    reason for anything that is not a usable image (`out` is then left as it was).
     """
     size = out.shape[0]
     try:
         with open(path, "rb") as file:
             if os.fstat(file.fileno()).st_size == 0:
                 raise DecodeError("empty file (0 bytes)")
-            with _open_limit_lifted():
-                img = Image.open(file)
-            with img:
-                width, height = img.size
-                if img.format == "JPEG":  # libjpeg scales by 1/2..1/8 only while both sides stay >= size
-                    img.draft(None, (size, size))
-                if img.size[0] * img.size[1] > MAX_PIXELS:
-                    raise DecodeError(f"image too large ({width}x{height} pixels, limit {MAX_PIXELS})")
-                img.load()  # first frame only for animations
-                ImageOps.exif_transpose(img, in_place=True)
-                pixels = np.asarray(to_8bit(img).resize((size, size), Image.BILINEAR))
+            data = file.read()
+        digest = hashlib.sha256(data).digest()
+        with _open_limit_lifted():
+            img = Image.open(io.BytesIO(data))
+        with img:
+            width, height = img.size
+            if img.format == "JPEG":  # libjpeg scales by 1/2..1/8 only while both sides stay >= size
+                img.draft(None, (size, size))
+            if img.size[0] * img.size[1] > MAX_PIXELS:
+                raise DecodeError(f"image too large ({width}x{height} pixels, limit {MAX_PIXELS})")
+            img.load()  # first frame only for animations
+            ImageOps.exif_transpose(img, in_place=True)
+            pixels = np.asarray(to_8bit(img).resize((size, size), Image.BILINEAR))
     except DecodeError:
         raise
     except UnidentifiedImageError:
@@ -130,6 +136,7 @@ def decode_into(path: str | Path, out: np.ndarray) -> None:
             out[:, :, channel] = pixels
     else:
         out[...] = pixels
+    return digest
 
 
 def decode_image(path: str | Path, size: int) -> np.ndarray:
