@@ -25,6 +25,8 @@ class ImageEntry:
     split: str
     size: int
     mtime_ns: int
+    ino: int = -1  # inode number and status-change time (stat follows symlinks: the target's); -1 unknown
+    ctime_ns: int = -1
 
 
 class LazySequence(Sequence[T]):
@@ -48,7 +50,7 @@ class LazySequence(Sequence[T]):
 
 
 class ImageTable(LazySequence[ImageEntry]):
-    """Image entries as columns: 29 bytes an image plus its path's UTF-8 bytes, where a list of `ImageEntry`
+    """Image entries as columns: 45 bytes an image plus its path's UTF-8 bytes, where a list of `ImageEntry`
     objects costs about 190 bytes an image (the object, its path string and its two ints). Indexing makes
     the `ImageEntry`; a slice, a list of them.
     """
@@ -58,13 +60,19 @@ class ImageTable(LazySequence[ImageEntry]):
         self._paths = bytearray()  # every relpath's UTF-8 bytes, one after the other
         self._ends = array("q")  # where each relpath ends in _paths
         self._sizes, self._mtimes = array("q"), array("q")
+        self._inos, self._ctimes = array("q"), array("q")
         self._classes, self._splits = array("i"), array("b")  # indices in class_names and SPLITS
 
-    def append(self, relpath: str, class_index: int, split_index: int, size: int, mtime_ns: int) -> None:
+    def append(
+        self, relpath: str, class_index: int, split_index: int, size: int, mtime_ns: int, ino: int = -1,
+        ctime_ns: int = -1,
+    ) -> None:
         self._paths += relpath.encode()
         self._ends.append(len(self._paths))
         self._sizes.append(size)
         self._mtimes.append(mtime_ns)
+        self._inos.append(min(ino, 2**63 - 1))
+        self._ctimes.append(ctime_ns)
         self._classes.append(class_index)
         self._splits.append(split_index)
 
@@ -81,6 +89,8 @@ class ImageTable(LazySequence[ImageEntry]):
         self._ends.frombytes((np.frombuffer(other._ends, dtype=np.int64) + shift).tobytes())
         self._sizes += other._sizes
         self._mtimes += other._mtimes
+        self._inos += other._inos
+        self._ctimes += other._ctimes
         self._classes.frombytes(class_map[np.frombuffer(other._classes, dtype=np.int32)].tobytes())
         self._splits += other._splits
 
@@ -95,6 +105,10 @@ class ImageTable(LazySequence[ImageEntry]):
     def identity(self, index: int) -> tuple[int, int]:
         """(size, mtime_ns) of an entry's file: what a cached row of it is matched against."""
         return self._sizes[index], self._mtimes[index]
+
+    def stat(self, index: int) -> tuple[int, int, int, int]:
+        """(size, mtime_ns, ino, ctime_ns) of an entry's file: identical in a cached row means untouched."""
+        return self._sizes[index], self._mtimes[index], self._inos[index], self._ctimes[index]
 
     def split(self, index: int) -> str:
         return SPLITS[self._splits[index]]
@@ -113,7 +127,7 @@ class ImageTable(LazySequence[ImageEntry]):
 
     def _item(self, i: int) -> ImageEntry:
         return ImageEntry(self.relpath(i), self.class_names[self._classes[i]], SPLITS[self._splits[i]],
-                          self._sizes[i], self._mtimes[i])
+                          self._sizes[i], self._mtimes[i], self._inos[i], self._ctimes[i])
 
     def __iter__(self) -> Iterator[ImageEntry]:
         return map(self._item, range(len(self)))

@@ -204,7 +204,7 @@ def _list_images(
     folder: str, rel: str, ancestors: frozenset[tuple[int, int]], ignored: Ignored, any_name: bool = False
 ) -> list[tuple[str, int, int]]:
     """Image files under one class folder (recursively, symlinks followed wherever they point), as
-    (relpath, size, mtime_ns).
+    (relpath, size, mtime_ns, ino, ctime_ns): the stat (a symlink's target's) that tells an untouched file.
 
     `ancestors` are the (device, inode) of the folders above, so a symlink back up is recorded, not walked.
     """
@@ -221,7 +221,7 @@ def _list_images(
         elif not stat.S_ISREG(st.st_mode):
             ignored.append((child, "not a regular file"))  # a pipe or device would block or never end
         else:
-            found.append((child, st.st_size, st.st_mtime_ns))  # not `st`: a stat result is ~0.5 KB
+            found.append((child, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))  # not `st`: ~0.5 KB
     return found
 
 
@@ -234,7 +234,7 @@ def image_files(folder: str | Path) -> tuple[list[Path], list[tuple[Path, str]]]
     ignored: Ignored = []
     found = _list_images(str(folder), "", frozenset({(st.st_dev, st.st_ino)}), ignored, any_name=True)
     notable = [(folder / relpath, reason) for relpath, reason in ignored if not is_routine(reason)]
-    return [folder / relpath for relpath, _, _ in found], notable
+    return [folder / found_file[0] for found_file in found], notable
 
 
 def is_routine(reason: str) -> bool:
@@ -285,8 +285,8 @@ class _Walk:
                 continue
             class_id = self.class_ids.setdefault(name, len(self.class_ids))
             files.sort(key=lambda item: item[0])  # by relpath: the order inside (split, class)
-            for relpath, size, mtime_ns in files:
-                self.tables[SPLITS[split := split_of(relpath)]].append(relpath, class_id, split, size, mtime_ns)
+            for relpath, *file_stat in files:  # size, mtime_ns, ino, ctime_ns
+                self.tables[SPLITS[split := split_of(relpath)]].append(relpath, class_id, split, *file_stat)
 
     def table(self, class_names: list[str]) -> ImageTable:
         """The entries in canonical order (split, class, path): train's table, the others appended to it
