@@ -80,7 +80,8 @@ class StandInEngine:
                         if p.startswith(b"bad")]
             features = np.stack([self.features(payloads[i]) for i in ok]) if ok else np.zeros((0, self.dim), np.float32)
             self.computed.extend(e.relpath for e in entries)
-            yield batch_rows(entries, features, ok, failures)
+            digests = np.array([list(hashlib.sha256(p).digest()) for p in payloads], dtype=np.uint8)  # as a worker's
+            yield batch_rows(entries, features, ok, failures, digests)
 
 
 def decode_failure(path: Path) -> str:
@@ -196,11 +197,13 @@ def test_incremental_run_equals_a_fresh_run(monkeypatch: pytest.MonkeyPatch, tmp
     (data / "class_2" / "gone_bad.png").unlink()  # a skipped file removed
     write(data / "class_1" / "img_001.png", "changed, longer")  # changed
     write(data / "class_0" / "broken.png", "fixed")  # a skipped file fixed
-    os.utime(data / "class_1" / "img_002.png", ns=(1, 10**18))  # touched: same bytes, new mtime
+    os.utime(data / "class_1" / "img_002.png", ns=(1, 10**18))  # touched: same bytes (SHA-256), new mtime: reused
+    write(data / "class_1" / "img_004.png", "1-4")  # rewritten with the same bytes (new mtime, ctime): reused
+    write(data / "class_1" / "img_006.png", "1-0")  # same size as before, other bytes: computed
     (data / "class_2" / "img_003.png").rename(data / "class_2" / "moved.png")  # renamed
     summary, engine = run(monkeypatch, data, out, dtype=dtype)
     assert sorted(engine.computed) == ["class_0/added.png", "class_0/broken.png", "class_1/img_001.png",
-                                       "class_1/img_002.png", "class_2/moved.png", "class_3/first.png"]
+                                       "class_1/img_006.png", "class_2/moved.png", "class_3/first.png"]
     assert summary.n_reused == 26 and not summary.up_to_date
     assert_same_file(out, fresh(monkeypatch, data, tmp_path / "fresh.h5", dtype=dtype))
 

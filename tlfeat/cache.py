@@ -7,6 +7,10 @@ Layout (datasets at the root, N rows, D feature dims):
     split           (N,)   UTF-8 str, "train" | "val" | "test"
     file_size       (N,)   int64, bytes of the image file when it was embedded
     file_mtime_ns   (N,)   int64, modification time of the image file (ns)
+    file_ino        (N,)   int64, its inode number (a symlink's target's), -1 if not recorded
+    file_ctime_ns   (N,)   int64, its status-change time (ns), -1 if not recorded
+    file_sha256     (N, 32) uint8, SHA-256 of the exact bytes the features were computed from (zeros: not
+                    recorded); these three are absent from caches written before tlfeat kept them
     class_names     (C,)   UTF-8 str, sorted
     skipped_paths, skipped_reasons (S,) UTF-8 str: files that failed, and why (one line each)
     skipped_size, skipped_mtime_ns (S,) int64
@@ -123,6 +127,11 @@ class Rows:
     skipped_reasons: list[str] = field(default_factory=list)
     skipped_size: list[int] = field(default_factory=list)
     skipped_mtime_ns: list[int] = field(default_factory=list)
+    # Per row: the file's inode number and status-change time (-1: not recorded), and the SHA-256 of the
+    # bytes its features were computed from ((n, 32) uint8; None or a zero row: not recorded).
+    file_ino: list[int] | None = None
+    file_ctime_ns: list[int] | None = None
+    file_sha256: np.ndarray | None = None
 
 
 def _open_for_read(path: Path) -> h5py.File:
@@ -296,6 +305,31 @@ class CacheReader:
             checked_labels(self.path, handle["labels"][start:stop], split, len(self.class_names))  # damage: 1 line
             return (list(handle["paths"].asstr()[start:stop]), handle["file_size"][start:stop].tolist(),
                     handle["file_mtime_ns"][start:stop].tolist(), split)
+
+    def file_stats(self, start: int, stop: int) -> tuple[list[int], list[int], np.ndarray] | None:
+        """Rows start:stop's inode numbers, status-change times and SHA-256 digests ((n, 32) uint8; -1 and
+        zeros where not recorded); None for a cache written before tlfeat kept them."""
+        handle = self._handle
+        if "file_sha256" not in handle:
+            return None
+        with reading(self.path, "file stats and digests"):
+            return (handle["file_ino"][start:stop].tolist(), handle["file_ctime_ns"][start:stop].tolist(),
+                    handle["file_sha256"][start:stop])
+
+    def digests(self, rows: np.ndarray) -> np.ndarray:
+        """The SHA-256 digests ((n, 32) uint8) of distinct `rows`, in the order given; zeros where not recorded
+        (all of them in a cache written before tlfeat kept them)."""
+        if "file_sha256" not in self._handle or not len(rows):
+            return np.zeros((len(rows), 32), dtype=np.uint8)
+        order = np.argsort(rows, kind="stable")
+        ascending = rows[order]
+        lo, hi = int(ascending[0]), int(ascending[-1]) + 1
+        with reading(self.path, "file_sha256"):
+            column = self._handle["file_sha256"]
+            found = column[lo:hi][ascending - lo] if hi - lo <= 2 * len(rows) else column[ascending]
+        result = np.empty_like(found)
+        result[order] = found
+        return result
 
     def skipped(self) -> tuple[list[str], list[str], list[int], list[int]]:
         """The skipped files: paths, reasons, sizes, mtimes (few: read whole)."""

@@ -20,6 +20,8 @@ from tlfeat.errors import TlfeatError
 from tlfeat.fileio import os_reason
 
 ROW_COLUMNS = ("labels", "paths", "split", "file_size", "file_mtime_ns")
+# Per-row columns that caches written before tlfeat kept them lack: all three, or none.
+STAT_COLUMNS = ("file_ino", "file_ctime_ns", "file_sha256")
 SKIP_COLUMNS = ("skipped_paths", "skipped_reasons", "skipped_size", "skipped_mtime_ns")
 KEY_ATTRS = ("backbone", "weights", "input_size", "preprocessing", "dtype")
 REBUILD = "rebuild it with extract --overwrite"
@@ -55,6 +57,8 @@ def check_structure(
         )
     missing = [n for n in (*ROW_COLUMNS, "class_names", *SKIP_COLUMNS) if n not in present]
     missing += [f"attribute {n}" for n in KEY_ATTRS if n not in attrs]
+    if any(n in present for n in STAT_COLUMNS):
+        missing += [n for n in STAT_COLUMNS if n not in present]
     if missing:
         raise DamagedCacheError(path, f"{', '.join(missing)} missing")
     try:
@@ -64,8 +68,9 @@ def check_structure(
     features = handle["features"]
     if features.ndim != 2:
         raise DamagedCacheError(path, f"features has shape {features.shape}, not (rows, dims)")
-    counts = {n: len(handle[n]) for n in (*ROW_COLUMNS, *SKIP_COLUMNS)}
-    wrong = [f"{n} {c}" for n, c in counts.items() if n in ROW_COLUMNS and c != features.shape[0]]
+    row_columns = (*ROW_COLUMNS, *(n for n in STAT_COLUMNS if n in present))
+    counts = {n: len(handle[n]) for n in (*row_columns, *SKIP_COLUMNS)}
+    wrong = [f"{n} {c}" for n, c in counts.items() if n in row_columns and c != features.shape[0]]
     wrong += [f"{n} {c}" for n, c in counts.items() if n in SKIP_COLUMNS and c != counts["skipped_paths"]]
     if wrong:
         raise DamagedCacheError(path, f"row counts disagree (features {features.shape[0]}, {', '.join(wrong)})")

@@ -83,8 +83,10 @@ class CacheWriter:
         # fletcher32: HDF5 checks every chunk on read, so damaged numbers raise instead of passing as data.
         handle.create_dataset("features", shape=(n, dim), dtype=self.key.dtype, maxshape=(None, dim),
                               chunks=(max(1, min(n, FILE_CHUNK_ROWS)), dim), fletcher32=True)
-        for name, dtype in (("labels", np.int32), ("file_size", np.int64), ("file_mtime_ns", np.int64)):
+        for name, dtype in _NUMBER_COLUMNS:
             _numbers(handle, name, dtype, n)  # written by `append`
+        handle.create_dataset("file_sha256", shape=(n, 32), dtype=np.uint8, maxshape=(None, 32),
+                              chunks=(max(1, min(n, 1 << 14)), 32), fletcher32=True)
         for name in _STRING_COLUMNS:  # chunked, so that `commit` can trim them; a chunk per append (HDF5
             # rewrites a partly written chunk of strings whole, each string anew)
             handle.create_dataset(name, shape=(n,), dtype=STRING_DTYPE, maxshape=(None,),
@@ -92,9 +94,12 @@ class CacheWriter:
 
     def append(
         self, features: np.ndarray, labels: Sequence[int], paths: Sequence[str], split: Sequence[str],
-        file_size: Sequence[int], file_mtime_ns: Sequence[int],
+        file_size: Sequence[int], file_mtime_ns: Sequence[int], file_ino: Sequence[int] | None = None,
+        file_ctime_ns: Sequence[int] | None = None, file_sha256: np.ndarray | None = None,
     ) -> None:
-        """The next rows (chunks of WRITE_CHUNK_ROWS rows keep the writes aligned with the file's chunks)."""
+        """The next rows (chunks of WRITE_CHUNK_ROWS rows keep the writes aligned with the file's chunks).
+
+        file_ino, file_ctime_ns and file_sha256 ((n, 32) uint8) not given: recorded as unknown (-1, zeros)."""
         start, stop = self.written, self.written + len(features)
         if stop > self.max_rows:
             raise ValueError(f"{stop} rows written to a cache of at most {self.max_rows}")
@@ -112,13 +117,19 @@ class CacheWriter:
         handle["split"][start:stop] = list(split)
         handle["file_size"][start:stop] = np.asarray(file_size, dtype=np.int64)
         handle["file_mtime_ns"][start:stop] = np.asarray(file_mtime_ns, dtype=np.int64)
+        n = stop - start
+        handle["file_ino"][start:stop] = np.full(n, -1) if file_ino is None else np.asarray(file_ino, dtype=np.int64)
+        handle["file_ctime_ns"][start:stop] = (np.full(n, -1) if file_ctime_ns is None
+                                               else np.asarray(file_ctime_ns, dtype=np.int64))
+        if file_sha256 is not None:  # else HDF5's fill value: zeros, "not recorded"
+            handle["file_sha256"][start:stop] = np.asarray(file_sha256, dtype=np.uint8).reshape(n, 32)
         self.written = stop
 
     def commit(self, class_names: list[str], skipped: list[tuple[str, str, int, int]], extra_attrs: dict) -> None:
         """Finish the file with the rows written so far; it replaces `path` when the `with` block ends."""
         handle = self._handle
         if self.written != self.max_rows:
-            for name in ("features", "labels", "file_size", "file_mtime_ns", *_STRING_COLUMNS):
+            for name in ("features", "file_sha256", *(name for name, _ in _NUMBER_COLUMNS), *_STRING_COLUMNS):
                 handle[name].resize(self.written, axis=0)
         handle.create_dataset("class_names", data=list(class_names), dtype=STRING_DTYPE)
         handle.create_dataset("skipped_paths", data=[s[0] for s in skipped], dtype=STRING_DTYPE)
@@ -158,6 +169,8 @@ class CacheWriter:
 
 
 _STRING_COLUMNS = ("paths", "split")
+_NUMBER_COLUMNS = (("labels", np.int32), ("file_size", np.int64), ("file_mtime_ns", np.int64), ("file_ino", np.int64),
+                   ("file_ctime_ns", np.int64))
 
 
 def _numbers(handle: h5py.File, name: str, dtype: type, n: int, values: Sequence[int] | None = None) -> None:

@@ -63,7 +63,7 @@ class LocalEngine:
         files = FilePaths(str(root), todo)
         for batch, features in map_batches(files, self.image_size, extractor.batch_size, extractor.submit, bar, pool):
             entries = todo[batch.start : batch.start + batch.length]
-            yield batch_rows(entries, features, batch.ok, batch.failures)
+            yield batch_rows(entries, features, batch.ok, batch.failures, batch.digests)
 
     def keras_backend(self) -> str:
         import keras
@@ -86,9 +86,11 @@ class FilePaths(LazySequence[str]):
 
 
 def batch_rows(
-    entries: Sequence[ImageEntry], features: np.ndarray, ok: Sequence[int], failures: Sequence[tuple[int, str]]
+    entries: Sequence[ImageEntry], features: np.ndarray, ok: Sequence[int], failures: Sequence[tuple[int, str]],
+    digests: np.ndarray | None = None,
 ) -> Rows:
-    """One batch's Rows: `features` row i belongs to entries[ok[i]]; failures are (position, reason)."""
+    """One batch's Rows: `features` row i belongs to entries[ok[i]]; failures are (position, reason);
+    `digests` row j is the SHA-256 of the bytes entries[j] was decoded from."""
     ok_entries = [entries[i] for i in ok]
     failed = [(entries[i], reason) for i, reason in failures]
     return Rows(
@@ -100,4 +102,7 @@ def batch_rows(
         skipped_reasons=[r for _, r in failed],
         skipped_size=[e.size for e, _ in failed],
         skipped_mtime_ns=[e.mtime_ns for e, _ in failed],
+        file_ino=[e.ino for e in ok_entries],
+        file_ctime_ns=[e.ctime_ns for e in ok_entries],
+        file_sha256=None if digests is None else np.asarray(digests, dtype=np.uint8)[list(ok)].reshape(-1, 32),
     )

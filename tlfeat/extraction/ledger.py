@@ -6,12 +6,21 @@ cache's rows first, then each shard's rows in turn), NOWHERE (to compute) or FAI
 could not be decoded; the reasons, few, are kept aside). That is 4 bytes per image, plus a few
 per shard.
 
-Records (path, size, mtime) from the old cache, the shards and this run's batches are matched with
-the scan's entries by canonical position (split, class, path), the order in which the scan lists
-them and every cache and shard stores them: the next record is nearly always the entry after the
-last one matched, and a binary search finds the others, so no table of paths is built. A later
-record replaces an earlier one for the same path, and a record whose file identity (size, mtime)
-no longer matches the scan's sends its image back to be computed.
+Records (path, size, mtime, ino, ctime, SHA-256) from the old cache, the shards and this run's batches
+are matched with the scan's entries by canonical position (split, class, path), the order in which the
+scan lists them and every cache and shard stores them: the next record is nearly always the entry after
+the last one matched, and a binary search finds the others, so no table of paths is built. A later
+record replaces an earlier one for the same path.
+
+Which rows are reused (`Ledger.record`), as git's index does: a record whose stat (size, mtime_ns, inode,
+ctime_ns; symlinks followed) is the file's own is reused without reading the file. One of the same size
+whose other stat fields differ (a dataset copied or moved, mtimes cut to whole seconds by tar, zip or
+scp -p; a file swapped for another by mv or cp -p; a symlink re-pointed) is reused only when the SHA-256
+of the file's bytes, read now, is the one recorded when its features were computed; otherwise, or
+when the size differs, its image is computed again. Records from before tlfeat kept inode, ctime and
+digest (older caches and shards) are trusted on (size, mtime) as they always were, and the final write
+hashes those files once, so the rewritten cache has them. Skipped files keep the (size, mtime) rule:
+they are decoded again on every run anyway.
 
 `FinalWriter` walks the scan in canonical order, a chunk of rows at a time, copies each chunk's
 features from the old cache (run by run of consecutive rows, straight into the chunk) and from the
@@ -22,8 +31,10 @@ overlaps the compute instead of following it.
 
 from __future__ import annotations
 
+import hashlib
 from array import array
 from bisect import bisect_left
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -31,6 +42,7 @@ import numpy as np
 
 from tlfeat.cache import WRITE_CHUNK_ROWS, CacheKey, CacheReader, Rows
 from tlfeat.cache_writer import CacheWriter
+from tlfeat.data.cores import available_cores
 from tlfeat.data.entries import SPLITS, EntrySubset, ImageEntry, ImageTable, split_bounds
 from tlfeat.data.scan import class_of
 from tlfeat.extraction.shards import ShardStore
@@ -47,11 +59,36 @@ def _canonical(entry: ImageEntry) -> tuple[int, str, str]:
     return _RANK[entry.split], entry.class_name, entry.relpath
 
 
+_NO_DIGEST = bytes(32)
+
+
+def file_digest(path: str | Path) -> bytes:
+    """SHA-256 of a file's bytes; zeros (not known) when it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    except OSError:
+        return _NO_DIGEST
+    return digest.digest()
+
+
+def file_digests(paths: Sequence[str | Path]) -> list[bytes]:
+    """`file_digest` of each path, a thread per available core (reading and hashing release the GIL)."""
+    if len(paths) <= 1:
+        return [file_digest(path) for path in paths]
+    with ThreadPoolExecutor(min(len(paths), max(2, available_cores()))) as pool:
+        return list(pool.map(file_digest, paths))
+
+
 class Ledger:
     """For each of `entries` (a scan's, in canonical order), where its row lives; see the module doc."""
 
-    def __init__(self, entries: ImageTable, layout: str) -> None:
-        self.entries, self.layout = entries, layout
+    def __init__(self, entries: ImageTable, layout: str, root: Path | None = None) -> None:
+        self.entries, self.layout, self.root = entries, layout, root  # root: where to read files to hash
+        self.restat = False  # a row was reused whose recorded stat is not the file's: the cache must be rewritten
+        self.n_hashed = 0  # files read to compare with a recorded SHA-256
         self.where = np.full(len(entries), NOWHERE, dtype=np.int32)
         self.reasons: dict[int, str] = {}  # entry index -> why its file failed
         self._bases = array("q")  # first global row of each source
@@ -85,25 +122,43 @@ class Ledger:
     def record(
         self, base: int, paths: Sequence[str], sizes: Sequence[int], mtimes: Sequence[int],
         failed: Sequence[str] | None = None,
+        stats: tuple[Sequence[int], Sequence[int], np.ndarray] | None = None,
     ) -> int:
         """Rows base, base+1, ... hold the features of `paths` (or, with `failed`, those files failed for
-        those reasons), as of the files' `sizes` and `mtimes`. Returns how many paths the scan no longer has."""
+        those reasons), as of the files' `sizes` and `mtimes`, and `stats`: their inode numbers, ctimes
+        and SHA-256 digests ((n, 32) uint8; None, -1 or zeros: not recorded). See the module doc for which
+        are reused. Returns how many paths the scan no longer has."""
         where, entries, reasons, hint, gone = self.where, self.entries, self.reasons, 0, 0
+        to_hash: list[tuple[int, int]] = []  # (entry, k): same size, other stat: reused if the content is the same
         for k, (path, size, mtime) in enumerate(zip(paths, sizes, mtimes)):
             i = self.locate(path, hint)
             if i < 0:
                 gone += 1  # a file no longer in the dataset
                 continue
             hint = i + 1
-            if entries.identity(i) != (size, mtime):
-                where[i] = NOWHERE
-                reasons.pop(i, None)
-            elif failed is None:
-                where[i] = base + k
-                reasons.pop(i, None)
-            else:
-                where[i] = FAILED
-                reasons[i] = failed[k]
+            reasons.pop(i, None)
+            where[i] = NOWHERE
+            now = entries.stat(i)
+            if now[0] != size:
+                continue
+            if failed is not None:
+                if now[1] == mtime:
+                    where[i], reasons[i] = FAILED, failed[k]
+            elif stats is None or stats[0][k] == -1:  # recorded before inode, ctime and digest were kept
+                if now[1] == mtime:
+                    where[i] = base + k
+                    self.restat = True  # rewritten with them (the final write hashes the file)
+            elif now[1:] == (mtime, stats[0][k], stats[1][k]):
+                where[i] = base + k  # untouched: not read
+            elif self.root is not None and bytes(stats[2][k]) != _NO_DIGEST:
+                to_hash.append((i, k))
+        if to_hash:
+            found = file_digests([self.root / entries.relpath(i) for i, _ in to_hash])
+            self.n_hashed += len(to_hash)
+            for (i, k), digest in zip(to_hash, found):
+                if digest == bytes(stats[2][k]):
+                    where[i] = base + k
+                    self.restat = True
         return gone
 
     def moved(self, paths: Sequence[str], splits: Sequence[str]) -> int:
@@ -118,7 +173,9 @@ class Ledger:
 
     def record_rows(self, source: int, rows: Rows) -> None:
         """A shard's or a batch's Rows: its rows, then its failures."""
-        self.record(self.add_source(source, len(rows.paths)), rows.paths, rows.file_size, rows.file_mtime_ns)
+        stats = None if rows.file_sha256 is None else (rows.file_ino, rows.file_ctime_ns, rows.file_sha256)
+        self.record(self.add_source(source, len(rows.paths)), rows.paths, rows.file_size, rows.file_mtime_ns,
+                    stats=stats)
         self.record(0, rows.skipped_paths, rows.skipped_size, rows.skipped_mtime_ns, failed=rows.skipped_reasons)
 
     def forget(self, paths: Sequence[str]) -> None:
@@ -193,7 +250,8 @@ class RowQueue:
 def same_as_file(old: CacheReader, ledger: Ledger, class_names: list[str], seed: int) -> bool:
     """True when the cache `old` already holds exactly the ledger's rows, splits and classes (nothing to
     write). Reads its paths and splits a chunk at a time, never its features."""
-    if old.class_names != class_names or old.attrs.get("seed") != seed or old.n_rows != ledger.n_rows():
+    if old.class_names != class_names or old.attrs.get("seed") != seed or old.n_rows != ledger.n_rows() \
+            or ledger.restat:  # rows reused on their content (or an older cache): their stat is rewritten
         return False
     start = 0
     for indices in ledger.chunks(PATH_CHUNK_ROWS):
@@ -293,15 +351,25 @@ class FinalWriter:
         writer = self._open()
         sources, rows = ledger.sources_of(ledger.where[indices])
         features = self._features[: len(indices)]  # one buffer for every chunk: no allocation per chunk
+        digests = np.zeros((len(indices), 32), dtype=np.uint8)
         for source in np.unique(sources):
             mine = np.flatnonzero(sources == source)
             if source == OLD_CACHE:
                 _copy_old_rows(self.old, rows[mine], mine, features)
+                digests[mine] = self.old.digests(rows[mine])
             else:
                 features[mine] = self.shards.features(int(source))[rows[mine]]
+                if (found := self.shards.digests(int(source))) is not None:
+                    digests[mine] = found[rows[mine]]
         entries = [ledger.entries[i] for i in indices]
+        unknown = np.flatnonzero(~digests.any(axis=1))  # rows of an older tlfeat's cache or shards: hashed now, once
+        if len(unknown) and ledger.root is not None:
+            found = file_digests([ledger.root / entries[j].relpath for j in unknown])
+            digests[unknown] = np.frombuffer(b"".join(found), dtype=np.uint8).reshape(-1, 32)
+        # Each row with its file's stat as the scan found it: the same file, untouched, is reused unread next time.
         writer.append(
             features, [self.label_of[e.class_name] for e in entries], [e.relpath for e in entries],
             [e.split for e in entries], [e.size for e in entries], [e.mtime_ns for e in entries],
+            [e.ino for e in entries], [e.ctime_ns for e in entries], digests,
         )
 

@@ -169,7 +169,7 @@ class RayEngine:
                 ok = [i for i, error in enumerate(errors) if not error]
                 failures = [(i, error) for i, error in enumerate(errors) if error]
                 bar.update(len(positions))
-                yield batch_rows([todo[i] for i in positions], done["features"][ok], ok, failures)
+                yield batch_rows([todo[i] for i in positions], done["features"][ok], ok, failures, done["sha256"])
         except self.ray.exceptions.RayError as exc:
             raise TlfeatError(
                 f"Ray run failed ({_cause(exc)}); finished batches are kept, rerun the same command to resume"
@@ -236,14 +236,14 @@ def _cause(exc: BaseException) -> str:
 def decode_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
     """Ray Data task: file paths -> 8-bit RGB pixels, with a one-line reason for each file that failed."""
     pixels = np.zeros((len(batch["path"]), image_size, image_size, 3), dtype=np.uint8)
-    errors = []
+    errors, digests = [], np.zeros((len(batch["path"]), 32), dtype=np.uint8)
     for i, path in enumerate(batch["path"]):
         try:
-            decode_into(str(path), pixels[i])
+            digests[i] = np.frombuffer(decode_into(str(path), pixels[i]), dtype=np.uint8)
             errors.append("")
         except Exception as exc:  # as the local engine's workers: a decoder bug costs its image, not the run
             errors.append(failure_reason(exc))
-    return {"index": batch["index"], "pixels": pixels, "error": np.array(errors, dtype=object)}
+    return {"index": batch["index"], "pixels": pixels, "error": np.array(errors, dtype=object), "sha256": digests}
 
 
 class EmbedWorker:
@@ -269,4 +269,5 @@ class EmbedWorker:
         features = self.extractor(batch["pixels"])  # uint8: the backbone scales it on the device
         features[failed] = 0.0
         backend = np.full(len(failed), self.keras_backend, dtype=object)
-        return {"index": batch["index"], "features": features, "error": batch["error"], "keras_backend": backend}
+        return {"index": batch["index"], "features": features, "error": batch["error"], "keras_backend": backend,
+                "sha256": batch["sha256"]}

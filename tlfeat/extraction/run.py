@@ -1,7 +1,8 @@
 """Extraction: dataset scan -> decoding -> backbone -> cache, resumable and incremental.
 
-A run reuses every row whose file (relative path, size, mtime) is unchanged,
-from the finished cache and from shards of an interrupted run, computes only the
+A run reuses every row whose file is unchanged (same relative path and stat, or
+same size and SHA-256 of its bytes: tlfeat.extraction.ledger says when each is
+asked), from the finished cache and from shards of an interrupted run, computes only the
 rest, and writes the final cache in canonical row order. The local engine
 computes missing images in fixed-size batches in canonical order, so a resumed
 run forms the same batches as an uninterrupted one and writes the identical
@@ -83,8 +84,8 @@ def _record_earlier_work(
     """Enter in the ledger the rows of earlier work under `key`: the finished cache, then unfinished shards.
 
     Only their paths and file identities are read, never their features (except, once, in a cache written
-    before non-finite rows were refused). With `overwrite`, work under another key, or in a damaged cache,
-    is dropped (a note says so); work under this key is reused, re-labelled if the split moved (said too).
+    before non-finite rows were refused); files whose stat changed but not their size are hashed. With
+    `overwrite`, work under another key, or in a damaged cache, is dropped (a note says so); work under this key is reused, re-labelled if the split moved (said too).
     Returns whether the finished cache's rows are in the ledger.
     """
     reused = False
@@ -99,7 +100,8 @@ def _record_earlier_work(
                     base, moved, gone = ledger.add_source(OLD_CACHE, old.n_rows), 0, 0
                     for start in range(0, old.n_rows, PATH_CHUNK_ROWS):  # the paths column read once
                         paths, sizes, mtimes, splits = old.identities(start, start + PATH_CHUNK_ROWS)
-                        gone += ledger.record(base + start, paths, sizes, mtimes)
+                        stats = old.file_stats(start, start + PATH_CHUNK_ROWS)  # None: an older cache
+                        gone += ledger.record(base + start, paths, sizes, mtimes, stats=stats)
                         moved += ledger.moved(paths, splits)
                     _check_split(old, moved, scan, overwrite, notes)
                     if gone:
@@ -282,7 +284,7 @@ def extract(
             shards = ShardStore(out, scan.root)
             weights_id = weights_identity(spec, weights)  # random weights name the backend: Keras is loaded now
             key = CacheKey(spec.name, weights_id, size, spec.preprocessing, dtype, runner.compute, tta=tta)
-            ledger = Ledger(scan.entries, scan.layout)
+            ledger = Ledger(scan.entries, scan.layout, scan.root)
             notes = list(scan.notes)
             cores = available_cores()
             if workers is not None and workers > 2 * cores:  # each competes for the same cores

@@ -43,6 +43,7 @@ def without_non_finite(rows: Rows) -> Rows:
     if finite.all():
         return rows
     keep, drop = np.flatnonzero(finite), np.flatnonzero(~finite)
+    kept = lambda column: None if column is None else [column[i] for i in keep]  # noqa: E731
     return Rows(
         paths=[rows.paths[i] for i in keep],
         features=rows.features[keep],
@@ -52,7 +53,21 @@ def without_non_finite(rows: Rows) -> Rows:
         skipped_reasons=rows.skipped_reasons + [NON_FINITE_REASON] * len(drop),
         skipped_size=rows.skipped_size + [rows.file_size[i] for i in drop],
         skipped_mtime_ns=rows.skipped_mtime_ns + [rows.file_mtime_ns[i] for i in drop],
+        file_ino=kept(rows.file_ino),
+        file_ctime_ns=kept(rows.file_ctime_ns),
+        file_sha256=None if rows.file_sha256 is None else rows.file_sha256[keep],
     )
+
+
+def file_identity_columns(rows: Rows) -> dict[str, np.ndarray]:
+    """file_ino, file_ctime_ns and file_sha256 of `rows` as arrays (-1 and zeros where not recorded)."""
+    n = len(rows.paths)
+    return {
+        "file_ino": np.array(rows.file_ino if rows.file_ino is not None else [-1] * n, dtype=np.int64),
+        "file_ctime_ns": np.array(rows.file_ctime_ns if rows.file_ctime_ns is not None else [-1] * n, dtype=np.int64),
+        "file_sha256": np.zeros((n, 32), dtype=np.uint8) if rows.file_sha256 is None
+        else np.asarray(rows.file_sha256, dtype=np.uint8).reshape(n, 32),
+    }
 
 
 class _HashedFile:
@@ -174,6 +189,7 @@ class ShardStore:
                     skipped_reasons=np.array(rows.skipped_reasons, dtype=str),
                     skipped_size=np.array(rows.skipped_size, dtype=np.int64),
                     skipped_mtime_ns=np.array(rows.skipped_mtime_ns, dtype=np.int64),
+                    **file_identity_columns(rows),
                 )
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -218,6 +234,10 @@ class ShardStore:
                         skipped_size=[int(v) for v in data["skipped_size"]],
                         skipped_mtime_ns=[int(v) for v in data["skipped_mtime_ns"]],
                     )
+                    if "file_sha256" in data.files:  # absent from shards of an older tlfeat: stat and hash unknown
+                        rows.file_ino = data["file_ino"].tolist()
+                        rows.file_ctime_ns = data["file_ctime_ns"].tolist()
+                        rows.file_sha256 = data["file_sha256"].reshape(-1, 32)
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
                 self._discard(shard, f"cannot be read ({exc.__class__.__name__})")
                 continue
@@ -234,6 +254,17 @@ class ShardStore:
         try:
             with np.load(path, allow_pickle=False) as data:
                 return data["features"]
+        except (OSError, ValueError, KeyError, EOFError) as exc:
+            raise TlfeatError(
+                f"{path}: shard unreadable ({exc.__class__.__name__}); delete it and rerun to compute its rows again"
+            ) from None
+
+    def digests(self, number: int) -> np.ndarray | None:
+        """The file_sha256 column ((n, 32) uint8) of shard `number`, None for a shard without one."""
+        path = self._files[number]
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return data["file_sha256"].reshape(-1, 32) if "file_sha256" in data.files else None
         except (OSError, ValueError, KeyError, EOFError) as exc:
             raise TlfeatError(
                 f"{path}: shard unreadable ({exc.__class__.__name__}); delete it and rerun to compute its rows again"
