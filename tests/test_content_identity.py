@@ -58,6 +58,8 @@ def test_same_size_same_mtime_files_swapped_between_classes_are_recomputed(tmp_p
     spare.rename(b)
     second = extract(data, out, **FAST)
     assert not second.up_to_date and second.n_computed == 2 and second.n_reused == 10
+    assert "2 files changed stat but not size: read to compare their SHA-256 with the cache's, 0 have the same " \
+           "bytes (reused)" in second.notes
     _assert_each_row_is_its_files(data, out, tmp_path)
     assert extract(data, out, **FAST).up_to_date  # and now nothing is read again
 
@@ -101,6 +103,8 @@ def test_a_dataset_moved_with_whole_second_mtimes_is_reused_not_recomputed(tmp_p
     shutil.rmtree(data)
     second = extract(moved, out, overwrite=True, **FAST)  # another folder: `overwrite` makes it this one's
     assert second.n_computed == 0 and second.n_reused == 12
+    assert ("12 files changed stat but not size: read to compare their SHA-256 with the cache's, 12 have the same "
+            "bytes (reused)") in second.notes
     after = _rows_by_path(out)
     assert all(np.array_equal(before[p], after[p]) for p in before)
     third = extract(moved, out, **FAST)  # the rewritten cache holds the new stats: no file is read again

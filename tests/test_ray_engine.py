@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -34,6 +35,9 @@ def _assert_same_cache(a: Path, b: Path) -> None:
     np.testing.assert_allclose(x.features, y.features, rtol=1e-5, atol=1e-5)
     assert cache.read_key(a) == cache.read_key(b)
     assert x.attrs["keras_backend"] == y.attrs["keras_backend"]
+    with h5py.File(a) as fa, h5py.File(b) as fb:  # each row's SHA-256 of its file, from Ray's decode tasks too
+        np.testing.assert_array_equal(fa["file_sha256"][:], fb["file_sha256"][:])
+        assert fa["file_sha256"][:].any(axis=1).all()
 
 
 @pytest.mark.slow

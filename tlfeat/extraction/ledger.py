@@ -88,7 +88,7 @@ class Ledger:
     def __init__(self, entries: ImageTable, layout: str, root: Path | None = None) -> None:
         self.entries, self.layout, self.root = entries, layout, root  # root: where to read files to hash
         self.restat = False  # a row was reused whose recorded stat is not the file's: the cache must be rewritten
-        self.n_hashed = 0  # files read to compare with a recorded SHA-256
+        self.n_hashed = self.n_same_bytes = 0  # files read to compare with a recorded SHA-256; those that matched
         self.where = np.full(len(entries), NOWHERE, dtype=np.int32)
         self.reasons: dict[int, str] = {}  # entry index -> why its file failed
         self._bases = array("q")  # first global row of each source
@@ -159,6 +159,7 @@ class Ledger:
                 if digest == bytes(stats[2][k]):
                     where[i] = base + k
                     self.restat = True
+                    self.n_same_bytes += 1
         return gone
 
     def moved(self, paths: Sequence[str], splits: Sequence[str]) -> int:

@@ -292,6 +292,9 @@ def extract(
                              "more than about one a core only slows decoding (the default is one a core)")
             reuse_old = _record_earlier_work(key, out, shards, overwrite, ledger, scan, notes)
             notes += shards.notices
+            if ledger.n_hashed:  # a moved or copied dataset, mtimes cut to seconds, files swapped or replaced
+                notes.append(f"{ledger.n_hashed} files changed stat but not size: read to compare their SHA-256 with "
+                             f"the cache's, {ledger.n_same_bytes} have the same bytes (reused)")
             n_retried, reasons_changed = _recheck_skipped(scan, ledger, size)
 
             todo = ledger.todo()
