@@ -102,10 +102,6 @@ class ImageTable(LazySequence[ImageEntry]):
         a million of these."""
         return self._paths[self._ends[index - 1] if index else 0 : self._ends[index]].decode()
 
-    def identity(self, index: int) -> tuple[int, int]:
-        """(size, mtime_ns) of an entry's file: what a cached row of it is matched against."""
-        return self._sizes[index], self._mtimes[index]
-
     def stat(self, index: int) -> tuple[int, int, int, int]:
         """(size, mtime_ns, ino, ctime_ns) of an entry's file: identical in a cached row means untouched."""
         return self._sizes[index], self._mtimes[index], self._inos[index], self._ctimes[index]

@@ -154,7 +154,7 @@ def _same_as_cache(old: CacheReader | None, ledger: Ledger, scan: DatasetScan) -
 
 def _check_dataset(old: CacheReader, scan: DatasetScan, overwrite: bool) -> None:
     """Refuse, without `overwrite`, to turn a cache of another dataset folder into this one's: its rows would
-    be dropped, unasked (rows of files at the same relative paths, with the same size and time, are reused)."""
+    be dropped, unasked (rows of files at the same relative paths, with the same bytes, are reused)."""
     old_root = old.attrs.get("dataset_root")
     if old_root and Path(old_root) != scan.root and not overwrite:
         raise _CacheRefusal(
