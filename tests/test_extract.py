@@ -196,7 +196,6 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path) -> None:
         ("bad-weights", "weights file not found"),
         ("image-size-0", "--image-size 0: vgg16 takes 32 to 1024 pixels"),  # before: silently 224
         ("image-size-huge", "--image-size 100000: vgg16 takes 32 to 1024 pixels"),  # before: tens of GB
-        ("batch-huge", "--batch-size 100000 at 224 px holds 112.2 GiB of decoded images at once"),
         ("split-nan", "--split nan,1,1: need three finite"),  # before: a ValueError traceback
         ("corrupt-weights", "cannot load as vgg16 weights"),  # fails once the decoding processes run
     ],
@@ -218,11 +217,11 @@ def test_cli_bad_input_is_one_line_error(tmp_path: Path, setup: str, message: st
         extra = ["--backbone", "alexnet"]
     if setup == "bad-weights":
         extra = ["--backbone", "vgg16", "--weights", str(tmp_path / "nope.weights.h5")]
-    if setup in ("image-size-0", "image-size-huge", "batch-huge", "split-nan"):
+    if setup in ("image-size-0", "image-size-huge", "split-nan"):
         make_dataset(root, n_classes=2, per_class=2)
         extra = ["--backbone", "vgg16", "--weights", "none", "-q"] + {
             "image-size-0": ["--image-size", "0"], "image-size-huge": ["--image-size", "100000"],
-            "batch-huge": ["--batch-size", "100000"], "split-nan": ["--split", "nan,1,1"],
+            "split-nan": ["--split", "nan,1,1"],
         }[setup]
     if setup == "corrupt-weights":
         (tmp_path / "corrupt.h5").write_text("not HDF5")
@@ -417,9 +416,23 @@ def test_a_batch_beyond_the_dataset_pads_only_to_the_dataset(
     # 100,000, a segfault, no message, and <out>.lock left behind).
     from tlfeat import runtime
 
-    monkeypatch.setattr(runtime, "available_memory", lambda: 2**30)  # room for 24 images' activations, and
-    summary = extract(tiny_dataset, tmp_path / "c.h5", batch_size=20000, **FAST)  # for 20,000 decoded images
-    assert summary.n_embedded == 24
+    monkeypatch.setattr(runtime, "available_memory", lambda: 2**30)  # room for 24 images, not 100,000 decoded
+    summary = extract(tiny_dataset, tmp_path / "c.h5", batch_size=100000, **FAST)  # ones (the input guard
+    assert summary.n_embedded == 24  # counted the batch before it was cut to the dataset, and refused it)
+
+
+def test_a_default_batch_that_does_not_fit_is_cut_to_the_images_there_are(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: the device's default batch (32 on a CPU) was never cut: 24 images, or one image to predict, were
+    # refused with "use `batch_size=...`", a batch size the user never gave.
+    from tlfeat import runtime
+
+    monkeypatch.setattr(runtime, "available_memory", lambda: 44 * 2**20)  # 24 of VGG16's 32 px images fit, 32 not
+    assert extract(tiny_dataset, tmp_path / "c.h5", **FAST).n_embedded == 24
+    one = sorted(tiny_dataset.rglob("*.png"))[:1]
+    monkeypatch.setattr(runtime, "available_memory", lambda: 4 * 2**20)  # one image fits
+    assert runtime.embed_files(one, "vgg16", "none", image_size=32).outputs.shape == (1, 512)
 
 
 def test_a_batch_whose_activations_do_not_fit_is_refused_with_one_that_does(

@@ -249,16 +249,29 @@ _EXTRACTORS: OrderedDict[tuple, FeatureExtractor] = OrderedDict()
 
 
 def get_extractor(
-    backbone: Backbone, weights: str, image_size: int, batch_size: int | None, tta: str = NO_TTA
+    backbone: Backbone, weights: str, image_size: int, batch_size: int | None, tta: str = NO_TTA,
+    most: int | None = None,
 ) -> FeatureExtractor:
-    """Build or reuse (per process, two at most) the extractor for these settings."""
+    """Build or reuse (per process, two at most) the extractor for these settings, refused if its batch does not
+    fit in memory. `most`: the images it will see at most; a batch beyond them only pads, so one that does not
+    fit is cut to them (only then: each batch shape is another model to build)."""
+    extractor = _extractor(backbone, weights, image_size, batch_size, tta)
+    if most is not None and 0 < most < extractor.batch_size:
+        try:
+            extractor.check_memory()
+        except TlfeatError:
+            extractor = _extractor(backbone, weights, image_size, most, tta)
+    extractor.check_memory()
+    return extractor
+
+
+def _extractor(backbone: Backbone, weights: str, image_size: int, batch_size: int | None, tta: str) -> FeatureExtractor:
     key = (backbone.name, weights, image_size, batch_size, tta)
     if key not in _EXTRACTORS:
         _EXTRACTORS[key] = FeatureExtractor(backbone, weights, image_size, batch_size, tta)
         while len(_EXTRACTORS) > 2:
             _EXTRACTORS.popitem(last=False)
     _EXTRACTORS.move_to_end(key)
-    _EXTRACTORS[key].check_memory()
     return _EXTRACTORS[key]
 
 
@@ -327,7 +340,7 @@ def embed_files(
     """Embed loose image files (no cache), e.g. for `predict`: `outputs` are the features."""
     spec = get_backbone(backbone)
     size = image_size or spec.input_size
-    extractor = get_extractor(spec, weights, size, batch_size, tta)
+    extractor = get_extractor(spec, weights, size, batch_size, tta, most=len(files))
     return apply_to_files(
         files, size, extractor.batch_size, extractor.submit, spec.feature_dim, progress, f"embed {spec.name}"
     )

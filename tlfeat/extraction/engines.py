@@ -44,11 +44,12 @@ class LocalEngine:
 
     def __init__(
         self, backbone: Backbone, weights: str, image_size: int, batch_size: int | None, workers: int | None = None,
-        tta: str = NO_TTA,
+        tta: str = NO_TTA, most: int | None = None,
     ) -> None:
         self.backbone, self.weights, self.image_size, self.batch_size = backbone, weights, image_size, batch_size
         self.workers = workers  # decoding processes; None: one per available core
         self.tta = tta
+        self.most = most  # the dataset's images: a default batch beyond them that does not fit is cut to them
         self.compute = compute_policy(accelerator_present())
 
     def __enter__(self) -> "LocalEngine":
@@ -59,7 +60,7 @@ class LocalEngine:
 
     def embed(self, root: Path, todo: Sequence[ImageEntry], bar: Any) -> Iterator[Rows]:
         pool = shared_pool(self.workers)  # a new pool's processes start while the backbone loads
-        extractor = get_extractor(self.backbone, self.weights, self.image_size, self.batch_size, self.tta)
+        extractor = get_extractor(self.backbone, self.weights, self.image_size, self.batch_size, self.tta, self.most)
         files = FilePaths(str(root), todo)
         for batch, features in map_batches(files, self.image_size, extractor.batch_size, extractor.submit, bar, pool):
             entries = todo[batch.start : batch.start + batch.length]

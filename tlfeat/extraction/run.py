@@ -199,9 +199,10 @@ ENGINES = ("local", "ray")
 
 def make_engine(
     engine: str, backbone: Backbone, weights: str, image_size: int, batch_size: int | None,
-    ray_options: RayOptions | None, workers: int | None = None, tta: str = NO_TTA,
+    ray_options: RayOptions | None, workers: int | None = None, tta: str = NO_TTA, most: int | None = None,
 ) -> Engine:
-    """The engine named `engine`; `workers` are the local engine's decoding processes (Ray's are `ray_options`')."""
+    """The engine named `engine`; `workers` are the local engine's decoding processes (Ray's are `ray_options`');
+    `most`: the dataset's images (a default local batch that does not fit in memory is cut to them)."""
     if engine not in ENGINES:
         raise TlfeatError(f"`engine={engine!r}`: use {' or '.join(ENGINES)}")
     if ray_options is not None and engine != "ray":
@@ -211,7 +212,7 @@ def make_engine(
             raise TlfeatError("`workers` sets the local engine's decoding processes; Ray's actors are "
                               "RayOptions(workers=...)")
         return RayEngine(backbone, weights, image_size, batch_size, ray_options or RayOptions(), tta)
-    return LocalEngine(backbone, weights, image_size, batch_size, workers, tta)
+    return LocalEngine(backbone, weights, image_size, batch_size, workers, tta, most)
 
 
 def extract(
@@ -262,8 +263,6 @@ def extract(
     size = resolve_image_size(spec, image_size)
     seed, workers = seed_value(seed), None if workers is None else integer("workers", workers, 1)
     batch_size = check_batch_size(batch_size)
-    if batch_size is not None:
-        check_input_memory(batch_size, size)
     stage, parts = "scanning the dataset", None  # what a Ctrl-C interrupts; where finished batches are kept
     try:
         scan = scan_dataset(data, seed=seed, ratios=ratios)
@@ -273,13 +272,16 @@ def extract(
         check_outside_dataset(out, scan.root)
         check_output_path(out)
         parts = ShardStore(out).dir  # a file squatting on its name is refused here, before any work
-
-        stage = "loading the model"
-        # The lock first: a second run on this cache is refused at once, before it imports Keras (seconds).
         # A batch beyond the dataset only pads: every run of this dataset (resumed ones too) takes the same
         # one batch shape, so its rows equal an uninterrupted run's, and a huge `batch_size` costs no memory.
         run_batch = None if batch_size is None else min(batch_size, len(scan.entries))
-        with OutputLock(out), make_engine(engine, spec, weights, size, run_batch, ray_options, workers, tta) as runner:
+        if run_batch is not None:
+            check_input_memory(run_batch, size)
+
+        stage = "loading the model"
+        # The lock first: a second run on this cache is refused at once, before it imports Keras (seconds).
+        with OutputLock(out), make_engine(engine, spec, weights, size, run_batch, ray_options, workers, tta,
+                                          most=len(scan.entries)) as runner:
             remove_stale_temporaries(out)
             shards = ShardStore(out, scan.root)
             weights_id = weights_identity(spec, weights)  # random weights name the backend: Keras is loaded now
