@@ -415,3 +415,13 @@ def test_a_second_run_on_a_busy_folder_stops_before_building_its_model(tmp_path:
             ft.finetune(data, backbone="vgg16", weights="none", image_size=32, seed=TRAINABLE_SEED, out=out,
                         resume=True, **QUIET)
     assert not any(out.iterdir())  # the refused runs wrote nothing, and the holder's lock file went with it
+
+
+def test_a_new_run_on_a_folder_a_live_run_writes_is_told_to_wait(tmp_path: Path) -> None:
+    # Before: told "holds a fine-tune run; pass --resume to continue it", which then met the live run's lock.
+    data = make_dataset(tmp_path / "tiny", per_class=4)
+    out = tmp_path / "run"
+    with run_lock(out):  # a live run, past its first epoch
+        (out / "state.json").write_text("{}")
+        assert_one_line_error(finetune_cli(*vgg16_args(data, out)), "run.lock", "another tlfeat run")
+    assert_one_line_error(finetune_cli(*vgg16_args(data, out)), "holds a fine-tune run", "--resume")  # once it ended

@@ -267,6 +267,8 @@ def open_run(out: Path | None, resume: bool, config: RunConfig, scan: DatasetSca
     if not resume:
         lock_file = run_lock(out).path  # a live run's (refused with its holder named) or a killed one's
         if out.exists() and any(path != lock_file for path in out.iterdir()):
+            with run_lock(out):  # a run still writing it: "wait for it" (its holder named), not "pass `resume`"
+                pass
             what = "holds a fine-tune run" if (out / STATE_NAME).exists() else "is not empty"
             raise TlfeatError(f"{out}: {what}; pass `resume` to continue it, or choose another `out`")
         return Run(out, config, RunState(), log)
