@@ -405,6 +405,7 @@ def test_an_audit_leaves_no_contact_sheet_of_an_earlier_one(tmp_path: Path) -> N
     cache = write_synthetic_cache(tmp_path / "c.h5", n_per_class=20, dim=8)
     out = tmp_path / "audit"
     out.mkdir()
+    (out / "summary.md").write_text("# Audit of earlier.h5\n")
     for stale in ("duplicates.png", "label_issues.png"):
         (out / stale).write_bytes(b"an earlier audit's sheet")
     result = audit(cache, out=out)
@@ -445,10 +446,25 @@ def test_a_reaudit_without_label_review_removes_the_earlier_reviews_files(tmp_pa
     earlier = ("label_issues.csv", "confusion.csv", "confusion.png", "label_issues.png", "duplicates.png")
     for name in earlier + ("notes.txt",):
         (out / name).write_bytes(b"an earlier audit's")
+    (out / "summary.md").write_text("# Audit of earlier.h5\n")
     result = audit(cache, out=out)
     assert "Not reviewed" in result.summary and not any((out / name).exists() for name in earlier)
     assert (out / "notes.txt").exists()  # not an audit's file: kept
     assert sorted(p.name for p in out.iterdir()) == sorted([p.name for p in result.files] + ["notes.txt"])
+
+
+def test_an_audit_into_a_folder_of_other_files_of_its_names_is_refused(tmp_path: Path) -> None:
+    # Before: `audit -o` into a fine-tune run's folder overwrote its summary.md and removed its confusion.png
+    # as "an earlier audit's" file.
+    cache = write_synthetic_cache(tmp_path / "one.h5", n_classes=1, class_names=["only"])
+    run = tmp_path / "run"
+    run.mkdir()
+    mine = {"summary.md": b"# Fine-tune run\n", "confusion.png": b"the run's"}
+    for name, content in mine.items():
+        (run / name).write_bytes(content)
+    with pytest.raises(TlfeatError, match=r"run: holds summary\.md, confusion\.png, not written by an audit"):
+        audit(cache, out=run)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == mine
 
 
 def test_a_faiss_index_that_cannot_be_saved_is_used_from_memory_and_said(

@@ -33,7 +33,7 @@ from tlfeat.analysis.label_issues import (
 )
 from tlfeat.cache import CacheData
 from tlfeat.data.scan import SPLITS
-from tlfeat.errors import integer, seed_value
+from tlfeat.errors import TlfeatError, integer, seed_value, some_of
 from tlfeat.fileio import atomic_write_bytes
 from tlfeat.reports import markdown_table, plot_confusion, save_png, write_csv
 
@@ -44,6 +44,23 @@ KIND_COLOURS = {"test leak": "red", "cross-split": "darkorange", "within split":
 # them sits beside a summary that contradicts it.
 AUDIT_FILES = ("summary.md", "duplicates.csv", "duplicates.png", "similarity.png", "label_issues.csv",
                "label_issues.png", "confusion.csv", "confusion.png")
+HEADING = "# Audit of "  # summary.md's first line: how a folder is known to be an earlier audit's
+
+
+def _check_audit_folder(folder: Path) -> None:
+    """Refuse a folder holding files of audit's names that no audit wrote (a fine-tune run's confusion.png and
+    summary.md, a project's own): this audit would overwrite them, or remove them as an earlier audit's."""
+    taken = [name for name in AUDIT_FILES if (folder / name).exists()]
+    if not taken:
+        return
+    try:
+        with open(folder / "summary.md", encoding="utf-8") as handle:
+            audited = handle.readline().startswith(HEADING)
+    except (OSError, UnicodeDecodeError):
+        audited = False
+    if not audited:
+        raise TlfeatError(f"{folder}: holds {some_of(taken)}, not written by an audit (no audit summary.md); "
+                          "choose another `out` for the audit")
 
 
 @dataclass
@@ -114,7 +131,7 @@ def _summary(cache: Path, data: CacheData, result: AuditResult) -> str:
     found, review = result.duplicates, result.labels
     splits = ", ".join(f"{s} {int(np.sum(data.split == s))}" for s in SPLITS if np.any(data.split == s))
     lines = [
-        f"# Audit of {cache.name}", "",
+        f"{HEADING}{cache.name}", "",
         f"{len(data)} images, {len(data.class_names)} classes ({splits}); {data.attrs.get('backbone')} features, "
         f"{data.features.shape[1]}-d.", "",
         "## Near-duplicates", "",
@@ -179,6 +196,7 @@ def audit(
     seconds: dict[str, float] = {}
     with open_cache(cache) as (data, features):
         folder = output_folder(cache, out, "audit", data)
+        _check_audit_folder(folder)
         note = can_review(data)
         if note is None:  # a missing cleanlab is said before the duplicate search, not minutes after it
             optional_import("cleanlab.filter", "cleanlab")
