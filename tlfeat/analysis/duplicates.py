@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from tlfeat.analysis.common import BLOCK_ROWS, StoredFeatures, dataset_root, normalise
+from tlfeat.analysis.common import BLOCK_ROWS, StoredFeatures, dataset_root
 from tlfeat.analysis.search import Neighbours, exact_top_k, index_top_k, open_index
 from tlfeat.cache import CacheData
 from tlfeat.data.scan import SPLITS
@@ -39,6 +39,8 @@ NEIGHBOURS = 10  # per row in the first search; rows with more neighbours above 
 RESEARCH_BUDGET = 2_000_000  # neighbours per re-search round (rows x k): 24 MB of indices and similarities
 DUPLICATE_NPROBE = 4  # IVF cells scanned per row: near-duplicates almost always share a cell
 RESCORE_MARGIN = 0.01  # candidates this far below the threshold by the index's estimate are checked exactly
+EXACT_MARGIN = 1e-5  # the exact search's float32 similarities: those just below the threshold are checked too
+PAIR_CHUNK = 8192  # candidate pairs scored at a time: two float64 blocks of 1280-d rows, 168 MB
 INDEXES = ("auto", "exact", "faiss")
 # Threshold rule: nearest-neighbour distances (1 - similarity) are roughly log-normal over the bulk of a
 # dataset; copies sit far below it. Scene15 / EfficientNet-Lite0: bulk median 0.77, threshold 0.940.
@@ -127,13 +129,24 @@ def _sha256_groups(data: CacheData, root: Path | None) -> tuple[dict[int, str] |
     return digests, notes
 
 
+def _cosines(features: StoredFeatures, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of rows a[i] and b[i], in float64 (a float32 dot product of 1280-d rows is off by
+    about 1e-7: a pair at the threshold must not fall below it by rounding), PAIR_CHUNK pairs at a time."""
+    sims = np.empty(len(a))
+    for start in range(0, len(a), PAIR_CHUNK):
+        x, y = (features.rows(side[start : start + PAIR_CHUNK]).astype(np.float64) for side in (a, b))
+        norms = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
+        sims[start : start + PAIR_CHUNK] = np.einsum("ij,ij->i", x, y) / np.maximum(norms, np.finfo(np.float64).tiny)
+    return sims
+
+
 def _pairs(data: CacheData, features: StoredFeatures, candidates: set[tuple[int, int]], threshold: float,
            digests: dict[int, str]) -> list[DuplicatePair]:
     """The candidate pairs whose exact cosine reaches `threshold` or whose files are identical, oriented."""
     order = {name: n for n, name in enumerate(SPLITS)}
     ordered = [sorted(pair, key=lambda r: (order.get(data.split[r], len(SPLITS)), data.paths[r])) for pair in candidates]
     a, b = (np.array([pair[side] for pair in ordered], dtype=np.int64) for side in (0, 1))
-    sims = np.einsum("ij,ij->i", normalise(features.rows(a)), normalise(features.rows(b))) if ordered else []
+    sims = _cosines(features, a, b)
     pairs = []
     for i, j, sim in zip(a.tolist(), b.tolist(), sims):
         same = i in digests and digests.get(j) == digests[i]
@@ -232,7 +245,7 @@ def find_duplicates(
         # caches faiss is for. The rule says what it saw.
         if how != "exact":
             rule += "; from the index's approximate similarities"
-    floor = threshold - (0.0 if how == "exact" else RESCORE_MARGIN)
+    floor = threshold - (EXACT_MARGIN if how == "exact" else RESCORE_MARGIN)
     near = _close(np.arange(len(data)), found, floor)
     more, saturated_notes = _saturated(features, search, found, floor)
     near |= more
