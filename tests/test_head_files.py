@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import joblib
@@ -278,3 +279,23 @@ def test_a_damaged_head_file_says_how_to_go_on_and_refitting_that_head_replaces_
     assert refit.exit_code == 0, refit.output
     assert "replaced knn.skops (was a damaged file)" in refit.output
     assert runner.invoke(app, ["compare", str(tmp_path)]).exit_code == 0
+
+
+def test_a_head_damaged_inside_its_model_is_not_listed_as_kept(tmp_path: Path) -> None:
+    # Before: a byte flipped in the model (not in the metadata) passed fit-head's "kept from earlier runs" and
+    # compare ranked the head; only predict and evaluate then failed on its CRC-32.
+    cache = write_synthetic_cache(tmp_path / "c.h5")
+    out = tmp_path / "heads"
+    fit_heads(cache, head=["logreg", "knn"], out=out)
+    path = out / "logreg.skops"
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        member = next(i for i in archive.infolist() if i.filename == "schema.json")
+    header = member.header_offset  # the local header: 30 bytes, then the name and its own extra field
+    start = header + 30 + int.from_bytes(raw[header + 26 : header + 28], "little") \
+        + int.from_bytes(raw[header + 28 : header + 30], "little")
+    raw[start + member.compress_size // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    for result in (runner.invoke(app, ["fit-head", str(cache), "--head", "knn", "--out", str(out)]),
+                   runner.invoke(app, ["compare", str(out)])):
+        assert_one_line_error(result, "logreg.skops", "move or remove that file")

@@ -104,7 +104,7 @@ def _backbone_label(backbone: object, image_size: object) -> str:
 
 def head_row(model_path: Path) -> Row:
     try:
-        meta = read_metadata(model_path)
+        meta = read_metadata(model_path, whole=True)
     except TlfeatError as exc:  # one damaged file must not leave the user stuck on a whole tree of results
         raise TlfeatError(f"{exc}; {DAMAGED_HEAD_ADVICE}, or compare paths that leave it out") from None
     sources = meta.get("sources") or []

@@ -209,7 +209,7 @@ def existing_heads(out: Path, replacing: Collection[str] = ()) -> dict[str, dict
     heads = {}
     for path in sorted(Path(out).glob(f"[!.]*{HEAD_SUFFIX}")):  # not the hidden temporaries of atomic writes
         try:
-            meta = read_metadata(path)
+            meta = read_metadata(path, whole=True)
         except TlfeatError as exc:
             if path.stem in replacing:
                 continue

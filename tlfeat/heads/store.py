@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -106,8 +107,10 @@ def is_legacy(model_path: Path) -> bool:
     return Path(model_path).suffix == LEGACY_SUFFIX
 
 
-def read_metadata(model_path: Path) -> dict:
-    """A head's metadata, read without loading its model (so without skops or pickle)."""
+def read_metadata(model_path: Path, whole: bool = False) -> dict:
+    """A head's metadata, read without loading its model (so without skops or pickle). `whole`: also check
+    every other member's CRC-32, for those who list a head as usable without loading it (fit-head's summary,
+    compare): a byte flipped in the model itself is otherwise found only when predict loads it."""
     model_path = Path(model_path)
     if model_path.is_dir():
         raise TlfeatError(f"{model_path}: is a folder, not a head file (a .skops written by fit-head or recipe; "
@@ -123,7 +126,21 @@ def read_metadata(model_path: Path) -> dict:
         return meta
     if model_path.suffix != HEAD_SUFFIX:
         raise TlfeatError(f"{model_path}: not a tlfeat head (expected a {HEAD_SUFFIX} file written by fit-head)")
-    return _checked_metadata(model_path)
+    meta = _checked_metadata(model_path)
+    if whole:
+        _check_members(model_path)
+    return meta
+
+
+def _check_members(model_path: Path) -> None:
+    """Every member of a head file read and CRC-checked, one member in memory at a time."""
+    try:
+        with zipfile.ZipFile(model_path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, zlib.error, OSError) as exc:  # zlib: a deflated member's data itself damaged
+        raise TlfeatError(f"{model_path}: not a readable head file ({describe_exception(exc)})") from None
+    if damaged is not None:
+        raise TlfeatError(f"{model_path}: damaged ({damaged} fails its CRC-32 check)")
 
 
 def read_fitted_rows(model_path: Path) -> dict[str, np.ndarray] | None:
