@@ -38,7 +38,7 @@ def test_several_heads_by_repeating_or_commas_are_all_fitted(tmp_path: Path, hea
     assert set(summary_rows(tmp_path / "o")) == {"logreg", "knn"}
     assert resolve_heads(["knn", "logreg", "knn"]) == ["knn", "logreg"] and resolve_heads(["knn", "all"]) == list(HEAD_NAMES)
     streaming = fit_head_cli(cache, *heads, "--streaming", "--out", tmp_path / "s")
-    assert_one_line_error(streaming, "--streaming fits one head at a time, not logreg, knn")
+    assert_one_line_error(streaming, "--streaming fits one head at a time (logreg or linear-svm), not logreg, knn")
 
 
 def test_a_seed_beyond_32_bits_is_one_error_before_any_work(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import typer
 
 from tlfeat.cli.common import app, program_name, user_errors
 from tlfeat.fileio import one_line_path
-from tlfeat.heads.registry import HEADS
+from tlfeat.heads.registry import HEADS, STREAMABLE_HEADS
 from tlfeat.heads.streaming import DEFAULT_CHUNK_ROWS, DEFAULT_PASSES
 
 if TYPE_CHECKING:  # the real imports stay inside the commands, so --help stays fast
@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # the real imports stay inside the commands, so --help stays 
 
 HEAD_CHOICES = ", ".join(HEADS)
 SEARCHED = ", ".join(f"{spec.label} ({name})" for name, spec in HEADS.items())
-STREAMABLE = " or ".join(name for name, spec in HEADS.items() if spec.streaming_loss)
+STREAMABLE = " or ".join(STREAMABLE_HEADS)
 
 
 TRUST_HELP = (

@@ -38,7 +38,7 @@ from tlfeat.heads.folder import (
     NON_FINITE_ADVICE, FitSummary, HeadResult, check_same_data, check_trainable, check_unique_paths, default_out,
     folder_key, head_metadata, left_out_note, locked_folder, save_fitted_head, source_record, write_summary,
 )
-from tlfeat.heads.registry import HEAD_NAMES, HeadSpec, fit_estimator, get_head, uses_validation
+from tlfeat.heads.registry import HEAD_NAMES, STREAMABLE_HEADS, HeadSpec, fit_estimator, get_head, uses_validation
 from tlfeat.heads.rows import RowIds, rows_digest, seen_rows
 from tlfeat.heads.streaming import DEFAULT_CHUNK_ROWS, DEFAULT_PASSES, fit_streaming
 from tlfeat.reports import split_metrics
@@ -305,7 +305,9 @@ def fit_heads(
             raise TlfeatError("`streaming` fits one cache, without `search`")
         names = [head] if isinstance(head, str) else resolve_heads(head)  # fit_streaming names what it cannot fit
         if len(names) != 1:
-            raise TlfeatError(f"`streaming` fits one head at a time, not {', '.join(names)}")
+            raise TlfeatError(
+                f"`streaming` fits one head at a time ({' or '.join(STREAMABLE_HEADS)}), not {', '.join(names)}"
+            )
         summary = fit_streaming(caches[0], head=names[0], out=out, chunk_rows=chunk_rows, passes=passes, seed=seed)
         if on_result is not None:
             on_result(summary.results[0])

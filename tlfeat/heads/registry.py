@@ -129,6 +129,7 @@ HEADS: dict[str, HeadSpec] = {
     )
 }
 HEAD_NAMES = tuple(HEADS)
+STREAMABLE_HEADS = tuple(name for name, spec in HEADS.items() if spec.streaming_loss)  # fit-head --streaming's
 STREAMING_SUFFIX = "-streaming"  # a streaming head's name: logreg-streaming, linear-svm-streaming
 
 

@@ -42,7 +42,7 @@ from tlfeat.heads.folder import (
     NON_FINITE_ADVICE, FitSummary, check_same_data, check_trainable, check_unique_paths, default_out, folder_key,
     head_metadata, left_out_note, locked_folder, save_fitted_head, source_record, write_summary,
 )
-from tlfeat.heads.registry import HEADS, STREAMING_SUFFIX
+from tlfeat.heads.registry import HEADS, STREAMABLE_HEADS, STREAMING_SUFFIX
 from tlfeat.heads.rows import RowIds, rows_digest, seen_rows
 from tlfeat.reports import split_metrics
 
@@ -125,9 +125,8 @@ def fit_streaming(
     seed: int = 0,
 ) -> FitSummary:
     """Fit `head` (logreg or linear-svm) on a cache read in chunks of `chunk_rows`; score, save, report."""
-    streamable = [name for name, spec in HEADS.items() if spec.streaming_loss]
-    if head not in streamable:
-        raise TlfeatError(f"`streaming` fits {' or '.join(streamable)}, not {head!r}")
+    if head not in STREAMABLE_HEADS:
+        raise TlfeatError(f"`streaming` fits {' or '.join(STREAMABLE_HEADS)}, not {head!r}")
     loss = HEADS[head].streaming_loss
     chunk_rows, passes, seed = integer("chunk_rows", chunk_rows, 1), integer("passes", passes, 1), seed_value(seed)
     cache = Path(cache)
