@@ -172,6 +172,25 @@ def test_available_cores_respects_the_affinity_mask_and_cgroup_quota(tmp_path: P
     assert cores._quota(tmp_path / "quota", tmp_path / "period") == 4.0
 
 
+def test_available_memory_respects_a_cgroup_memory_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: only /proc/meminfo's MemAvailable, the host's in a container: a batch checked against 60 GB
+    # could be killed by the container's 4 GB limit.
+    monkeypatch.setattr(cores, "_cgroup_memory_room", lambda: 2**20)
+    assert cores.available_memory() == 2**20
+    monkeypatch.undo()
+    (tmp_path / "memory.max").write_text("4294967296\n")
+    (tmp_path / "memory.current").write_text("3221225472\n")  # 3 GiB used, 0.5 GiB of it droppable cache
+    (tmp_path / "memory.stat").write_text("anon 2684354560\ninactive_file 536870912\nactive_file 0\n")
+    room = cores._room(tmp_path / "memory.max", tmp_path / "memory.current", tmp_path / "memory.stat",
+                       "inactive_file")
+    assert room == 2**30 + 2**29
+    (tmp_path / "memory.max").write_text("max\n")
+    assert cores._room(tmp_path / "memory.max", tmp_path / "memory.current", tmp_path / "memory.stat",
+                       "inactive_file") is None
+    (tmp_path / "limit").write_text("9223372036854771712\n")  # cgroup v1's "no limit"
+    assert cores._room(tmp_path / "limit", tmp_path / "memory.current", tmp_path / "memory.stat", "x") is None
+
+
 def test_the_shared_pool_is_kept_for_the_next_run(tmp_path: Path) -> None:
     files = _images(tmp_path, 3)
     pool = batches.shared_pool(2)

@@ -57,7 +57,15 @@ def default_workers() -> int:
 
 
 def available_memory() -> int | None:
-    """Bytes of memory the system can give without swapping (MemAvailable), or None where unknown."""
+    """Bytes of memory this process can take without swapping or being killed: the system's MemAvailable,
+    capped by its cgroup's memory limit (a container's, where /proc/meminfo shows the host's); None where
+    unknown."""
+    system = _system_available_memory()
+    room = _cgroup_memory_room()
+    return room if system is None else system if room is None else min(system, room)
+
+
+def _system_available_memory() -> int | None:
     try:
         with open("/proc/meminfo") as handle:
             for line in handle:
@@ -69,3 +77,51 @@ def available_memory() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+# cgroup v1 writes "no limit" as a huge number (9223372036854771712, the largest page multiple)
+NO_MEMORY_LIMIT = 2**62
+
+
+def _cgroup_memory_room() -> int | None:
+    """The least memory this process's cgroup or one of its parents can still take before its limit, page
+    cache it may drop (inactive files) counted as free, as the kernel does before it kills; None when unlimited."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    top = Path("/sys/fs/cgroup")
+    rooms = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2: memory.max ("max" or bytes) and memory.current in each level
+            folder = top / path.lstrip("/")
+            rooms += [_room(level / "memory.max", level / "memory.current", level / "memory.stat", "inactive_file")
+                      for level in (folder, *folder.parents) if level.is_relative_to(top)]
+        elif "memory" in controllers.split(","):  # cgroup v1: one folder per controller
+            folder = top / controllers / path.lstrip("/")
+            folder = folder if folder.is_dir() else top / controllers  # a namespaced container sees its own as /
+            rooms.append(_room(folder / "memory.limit_in_bytes", folder / "memory.usage_in_bytes",
+                               folder / "memory.stat", "total_inactive_file"))
+    rooms = [room for room in rooms if room is not None]
+    return min(rooms) if rooms else None
+
+
+def _room(limit_file: Path, usage_file: Path, stat_file: Path, inactive_key: str) -> int | None:
+    """A cgroup level's limit minus its usage, plus its inactive page cache; None when it has no limit."""
+    try:
+        limit = limit_file.read_text().strip()
+        if limit == "max" or int(limit) >= NO_MEMORY_LIMIT:
+            return None
+        usage = int(usage_file.read_text())
+    except (OSError, ValueError):
+        return None
+    inactive = 0
+    try:
+        for line in stat_file.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == inactive_key:
+                inactive = int(value)
+    except (OSError, ValueError):
+        pass
+    return max(0, int(limit) - usage + inactive)
