@@ -21,22 +21,31 @@ def available_cores() -> int:
 
 def _cgroup_cpu_quota() -> float | None:
     """The tightest CPU quota (in CPUs) of this process's cgroup and its parents; None when unlimited."""
+    limits = [_quota(folder / "cpu.max") if version == 2 else _quota(folder / "cpu.cfs_quota_us",
+                                                                      folder / "cpu.cfs_period_us")
+              for version, folder in _cgroup_folders("cpu")]
+    limits = [limit for limit in limits if limit is not None]
+    return min(limits) if limits else None
+
+
+def _cgroup_folders(controller: str) -> list[tuple[int, Path]]:
+    """The cgroup folders whose limits of `controller` apply to this process, with their cgroup version:
+    v2, its own folder and every parent's ("max 100000" style files in each); v1, the controller's folder."""
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
-        return None
+        return []
     top = Path("/sys/fs/cgroup")
-    limits = []
+    folders: list[tuple[int, Path]] = []
     for line in lines:
         _, controllers, path = line.split(":", 2)
-        if controllers == "":  # cgroup v2: "max 100000" or "<quota> <period>" in each level's cpu.max
+        if controllers == "":
             folder = top / path.lstrip("/")
-            limits += [_quota(level / "cpu.max") for level in (folder, *folder.parents) if level.is_relative_to(top)]
-        elif "cpu" in controllers.split(","):  # cgroup v1: quota and period in two files
-            folder = top / controllers
-            limits.append(_quota(folder / "cpu.cfs_quota_us", folder / "cpu.cfs_period_us"))
-    limits = [limit for limit in limits if limit is not None]
-    return min(limits) if limits else None
+            folders += [(2, level) for level in (folder, *folder.parents) if level.is_relative_to(top)]
+        elif controller in controllers.split(","):
+            folder = top / controllers / path.lstrip("/")
+            folders.append((1, folder if folder.is_dir() else top / controllers))  # a namespaced one sees "/"
+    return folders
 
 
 def _quota(quota_file: Path, period_file: Path | None = None) -> float | None:
@@ -86,23 +95,11 @@ NO_MEMORY_LIMIT = 2**62
 def _cgroup_memory_room() -> int | None:
     """The least memory this process's cgroup or one of its parents can still take before its limit, page
     cache it may drop (inactive files) counted as free, as the kernel does before it kills; None when unlimited."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    top = Path("/sys/fs/cgroup")
-    rooms = []
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":  # cgroup v2: memory.max ("max" or bytes) and memory.current in each level
-            folder = top / path.lstrip("/")
-            rooms += [_room(level / "memory.max", level / "memory.current", level / "memory.stat", "inactive_file")
-                      for level in (folder, *folder.parents) if level.is_relative_to(top)]
-        elif "memory" in controllers.split(","):  # cgroup v1: one folder per controller
-            folder = top / controllers / path.lstrip("/")
-            folder = folder if folder.is_dir() else top / controllers  # a namespaced container sees its own as /
-            rooms.append(_room(folder / "memory.limit_in_bytes", folder / "memory.usage_in_bytes",
-                               folder / "memory.stat", "total_inactive_file"))
+    rooms = [_room(folder / "memory.max", folder / "memory.current", folder / "memory.stat", "inactive_file")
+             if version == 2 else
+             _room(folder / "memory.limit_in_bytes", folder / "memory.usage_in_bytes", folder / "memory.stat",
+                   "total_inactive_file")
+             for version, folder in _cgroup_folders("memory")]
     rooms = [room for room in rooms if room is not None]
     return min(rooms) if rooms else None
 
