@@ -167,29 +167,27 @@ def activation_bytes(model: Any) -> int:
 def check_input_memory(batch_size: int, size: int) -> None:
     """A batch's decoded images in flight within half the memory available now: checked before any work,
     its activations once the model is built (`check_activation_memory`)."""
-    need, free = bytes_in_flight(batch_size, size), available_memory()
-    if free is not None and need > free / 2:
-        fits = max(1, batch_size * free // (2 * need))
-        raise TlfeatError(
-            f"`batch_size={batch_size}` at {size} px holds {need / 2**30:.1f} GiB of decoded images at once; "
-            f"{free / 2**30:.1f} GiB of memory is available: use `batch_size={fits}` or less"
-        )
+    _check_batch_memory(batch_size, size, bytes_in_flight(1, size), "holds {} of decoded images at once")
 
 
 def check_activation_memory(activations: int, name: str, image_size: int, batch_size: int) -> None:
     """Refuse, in one line, a batch whose `activations` (bytes an image) and decoded images would not fit in
     half the memory available now: beyond it the backend's allocation fails in native code (a segfault)."""
+    _check_batch_memory(batch_size, image_size, activations + bytes_in_flight(1, image_size),
+                        f"needs about {{}} for {name}'s activations and images at once")
+
+
+def _check_batch_memory(batch_size: int, image_size: int, per_image: int, needs: str) -> None:
+    """Refuse a batch of `per_image` bytes an image beyond half the memory available now (`needs`: what it
+    takes, with {} for the amount), naming the largest batch that fits."""
     free = available_memory()
-    if free is None:
+    if free is None or batch_size * per_image <= free / 2:
         return
-    per_image = activations + bytes_in_flight(1, image_size)
-    if batch_size * per_image > free / 2:
-        fits = max(1, int(free / 2 // per_image))
-        raise TlfeatError(
-            f"`batch_size={batch_size}` at {image_size} px needs about {_amount(batch_size * per_image)} for "
-            f"{name}'s activations and images at once; {_amount(free)} of memory is available: use "
-            f"`batch_size={fits}` or less"
-        )
+    fits = max(1, int(free / 2 // per_image))
+    raise TlfeatError(
+        f"`batch_size={batch_size}` at {image_size} px {needs.format(_amount(batch_size * per_image))}; "
+        f"{_amount(free)} of memory is available: use `batch_size={fits}` or less"
+    )
 
 
 def _amount(n_bytes: float) -> str:
@@ -256,12 +254,13 @@ def get_extractor(
     fit in memory. `most`: the images it will see at most; a batch beyond them only pads, so one that does not
     fit is cut to them (only then: each batch shape is another model to build)."""
     extractor = _extractor(backbone, weights, image_size, batch_size, tta)
-    if most is not None and 0 < most < extractor.batch_size:
-        try:
-            extractor.check_memory()
-        except TlfeatError:
-            extractor = _extractor(backbone, weights, image_size, most, tta)
-    extractor.check_memory()
+    try:
+        extractor.check_memory()
+    except TlfeatError:
+        if most is None or not 0 < most < extractor.batch_size:
+            raise
+        extractor = _extractor(backbone, weights, image_size, most, tta)
+        extractor.check_memory()
     return extractor
 
 

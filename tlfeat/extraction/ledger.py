@@ -31,7 +31,6 @@ overlaps the compute instead of following it.
 
 from __future__ import annotations
 
-import hashlib
 from array import array
 from bisect import bisect_left
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +45,7 @@ from tlfeat.data.cores import available_cores
 from tlfeat.data.entries import SPLITS, EntrySubset, ImageEntry, ImageTable, split_bounds
 from tlfeat.data.scan import class_of
 from tlfeat.extraction.shards import ShardStore
+from tlfeat.fileio import sha256_file
 from tlfeat.interrupts import raise_if_requested
 
 NOWHERE, FAILED = -1, -2
@@ -64,14 +64,10 @@ _NO_DIGEST = bytes(32)
 
 def file_digest(path: str | Path) -> bytes:
     """SHA-256 of a file's bytes; zeros (not known) when it cannot be read."""
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as handle:
-            while block := handle.read(1 << 20):
-                digest.update(block)
+        return bytes.fromhex(sha256_file(path))
     except OSError:
         return _NO_DIGEST
-    return digest.digest()
 
 
 def file_digests(paths: Sequence[str | Path]) -> list[bytes]:
@@ -281,7 +277,7 @@ def _feature_dim(ledger: Ledger, old: CacheReader | None, shards: ShardStore, de
     if first is None:
         return default
     source, _ = ledger.sources_of(ledger.where[first])
-    return old.feature_dim if source[0] == OLD_CACHE else shards.features(int(source[0])).shape[1]
+    return old.feature_dim if source[0] == OLD_CACHE else shards.contents(int(source[0]))[0].shape[1]
 
 
 class FinalWriter:
@@ -359,8 +355,9 @@ class FinalWriter:
                 _copy_old_rows(self.old, rows[mine], mine, features)
                 digests[mine] = self.old.digests(rows[mine])
             else:
-                features[mine] = self.shards.features(int(source))[rows[mine]]
-                if (found := self.shards.digests(int(source))) is not None:
+                stored, found = self.shards.contents(int(source))
+                features[mine] = stored[rows[mine]]
+                if found is not None:
                     digests[mine] = found[rows[mine]]
         entries = [ledger.entries[i] for i in indices]
         unknown = np.flatnonzero(~digests.any(axis=1))  # rows of an older tlfeat's cache or shards: hashed now, once

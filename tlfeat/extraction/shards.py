@@ -248,23 +248,14 @@ class ShardStore:
         self.notices.append(f"{shard.name} in {self.dir} {problem}: discarded; its images are computed again")
         shard.unlink(missing_ok=True)
 
-    def features(self, number: int) -> np.ndarray:
-        """The feature rows of shard `number` (one this run read the index of, or wrote)."""
+    def contents(self, number: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The feature rows of shard `number` (one this run read the index of, or wrote) and their files'
+        SHA-256 digests ((n, 32) uint8; None in a shard of a tlfeat before they were kept), in one read."""
         path = self._files[number]
         try:
             with np.load(path, allow_pickle=False) as data:
-                return data["features"]
-        except (OSError, ValueError, KeyError, EOFError) as exc:
-            raise TlfeatError(
-                f"{path}: shard unreadable ({exc.__class__.__name__}); delete it and rerun to compute its rows again"
-            ) from None
-
-    def digests(self, number: int) -> np.ndarray | None:
-        """The file_sha256 column ((n, 32) uint8) of shard `number`, None for a shard without one."""
-        path = self._files[number]
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                return data["file_sha256"].reshape(-1, 32) if "file_sha256" in data.files else None
+                digests = data["file_sha256"].reshape(-1, 32) if "file_sha256" in data.files else None
+                return data["features"], digests
         except (OSError, ValueError, KeyError, EOFError) as exc:
             raise TlfeatError(
                 f"{path}: shard unreadable ({exc.__class__.__name__}); delete it and rerun to compute its rows again"
