@@ -34,7 +34,7 @@ from sklearn.linear_model import SGDClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from tlfeat.cache import FILE_CHUNK_ROWS, open_rows
+from tlfeat.cache import FILE_CHUNK_ROWS, open_rows, read_sorted_rows
 from tlfeat.data.scan import SPLITS
 from tlfeat.errors import TlfeatError, integer, seed_value
 from tlfeat.fileio import check_output_path, check_outside_dataset
@@ -71,12 +71,9 @@ def _shuffled_chunks(rows: np.ndarray, chunk_rows: int, rng: np.random.Generator
 
 
 def _read(features: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
-    """Rows (sorted indices) of the features as float32. Rows spread over at most one HDF5 chunk more than their
-    number (a tile of train rows between a few val rows) are read as one slice and picked in memory: h5py's
-    point selection is far slower per row, and the extra rows read are bounded by one file chunk."""
-    if len(rows) and rows[-1] - rows[0] < len(rows) + FILE_CHUNK_ROWS:
-        return np.asarray(features[rows[0] : rows[-1] + 1][rows - rows[0]], dtype=np.float32)
-    return np.asarray(features[rows], dtype=np.float32)
+    """Rows (sorted indices) of the features as float32; a tile of train rows between a few val rows is one
+    slice read (at most one HDF5 chunk more than the tile)."""
+    return np.asarray(read_sorted_rows(features, rows, slack=FILE_CHUNK_ROWS), dtype=np.float32)
 
 
 def _row_ids(path: Path, index: object, features: h5py.Dataset, chunk_rows: int) -> RowIds:
