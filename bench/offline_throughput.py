@@ -22,7 +22,7 @@ from statistics import median
 
 from isolated import bench_command, finish_report
 
-from tlfeat.apps.recipe import Member
+from tlfeat.apps.recipe_book import Member
 from tlfeat.backbones import get_backbone
 from tlfeat.data.scan import scan_dataset
 from tlfeat.runtime import FeatureExtractor, map_batches

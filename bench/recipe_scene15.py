@@ -40,7 +40,8 @@ from pathlib import Path
 
 from isolated import bench_command, finish_report
 
-from tlfeat.apps.recipe import Member, member_cache, select_and_refit
+from tlfeat.apps.recipe import member_cache, select_and_refit
+from tlfeat.apps.recipe_book import Member
 from tlfeat.data.batches import iter_batches
 from tlfeat.data.scan import scan_dataset
 from tlfeat.extraction.run import extract

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import run_cli, write_synthetic_cache
 from tlfeat import cache
-from tlfeat.apps.recipe import RECIPES, Member, member_cache, run_recipe, select_and_refit
+from tlfeat.apps.recipe import member_cache, run_recipe, select_and_refit
+from tlfeat.apps.recipe_book import RECIPES, Member
 from tlfeat.errors import TlfeatError
 from tlfeat.heads.fit import fit_heads, load_features
 from tlfeat.heads.store import load_head, read_metadata

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 from tlfeat.fileio import atomic_write_bytes, shown_path
 
@@ -29,6 +28,9 @@ def split_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[
     Macro-F1 averages over the classes that occur in the split (as truth or as
     prediction), the scikit-learn default; per-class rows cover every class.
     """
+    # imported here: the table and CSV writers of this module are imported by the CLI for --help
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
     labels = np.arange(len(class_names))
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=labels, zero_division=0

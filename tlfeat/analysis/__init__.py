@@ -5,8 +5,8 @@
 - `similar`: the cached images most similar to query images (exact blocked search, or faiss).
 - `embedding_map` (files) / `compute_map` (coordinates only): a 2-D map (t-SNE, PCA or UMAP) coloured by class.
 
-Importing this package loads numpy and scikit-learn, never Keras; cleanlab,
-faiss and umap-learn are imported only by the analysis that needs them.
+Importing this package loads numpy, never scikit-learn or Keras (the CLI imports it for its --help);
+scikit-learn, cleanlab, faiss and umap-learn are imported by the analysis that needs them.
 """
 
 from tlfeat.analysis.audit import AuditResult, audit

@@ -20,9 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.metrics import confusion_matrix
-from sklearn.model_selection import StratifiedKFold
 from threadpoolctl import threadpool_limits
 
 from tlfeat.analysis.common import StoredFeatures, optional_import
@@ -90,6 +87,9 @@ def out_of_fold_probabilities(
     are allowed: a row of a class seen only in its own fold gets probability 0
     for that class (and is flagged).
     """
+    from sklearn.exceptions import ConvergenceWarning  # here, not above: the CLI imports this package for --help
+    from sklearn.model_selection import StratifiedKFold
+
     folds = integer("folds", folds, 2)
     n = len(labels)
     asked, folds = folds, int(min(folds, np.bincount(labels, minlength=n_classes).max()))
@@ -137,6 +137,8 @@ def review_labels(
 
     Raises TlfeatError where `can_review` gives a reason.
     """
+    from sklearn.metrics import confusion_matrix
+
     reason = can_review(data)
     if reason is not None:
         raise TlfeatError(reason)

@@ -9,8 +9,7 @@ import typer
 
 from tlfeat.cli.common import app, program_name, user_errors
 from tlfeat.fileio import one_line_path
-from tlfeat.heads.registry import HEADS, STREAMABLE_HEADS
-from tlfeat.heads.streaming import DEFAULT_CHUNK_ROWS, DEFAULT_PASSES
+from tlfeat.heads.registry import DEFAULT_CHUNK_ROWS, DEFAULT_PASSES, HEADS, STREAMABLE_HEADS
 
 if TYPE_CHECKING:  # the real imports stay inside the commands, so --help stays fast
     from tlfeat.extraction.run import ExtractSummary

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from tlfeat.apps.recipe import DEFAULT_RECIPE, RECIPES, MemberRun, get_recipe, run_recipe
+from tlfeat.apps.recipe_book import DEFAULT_RECIPE, RECIPES, get_recipe
 from tlfeat.cli.common import DEFAULT_SPLIT, app, parse_ratios, user_errors
+
+if TYPE_CHECKING:
+    from tlfeat.apps.recipe import MemberRun
 
 RECIPE_CHOICES = "; ".join(f"{r.name}: {r.description}" for r in RECIPES.values())
 
@@ -39,6 +42,8 @@ def recipe(
     C is chosen by 5-fold cross-validation over train+val, then the head is refitted on train+val and scored on test.
     The head is saved like fit-head's: `tlfeat predict HEAD IMAGES` embeds new images the same way.
     """
+    from tlfeat.apps.recipe import run_recipe
+
     spec = get_recipe(name)
     typer.echo(f"recipe {spec.name}: {spec.description}")
     result = run_recipe(

@@ -38,9 +38,11 @@ from tlfeat.heads.folder import (
     NON_FINITE_ADVICE, FitSummary, HeadResult, check_same_data, check_trainable, check_unique_paths, default_out,
     folder_key, head_metadata, left_out_note, locked_folder, save_fitted_head, source_record, write_summary,
 )
-from tlfeat.heads.registry import HEAD_NAMES, STREAMABLE_HEADS, HeadSpec, fit_estimator, get_head, uses_validation
+from tlfeat.heads.registry import (
+    DEFAULT_CHUNK_ROWS, DEFAULT_PASSES, HEAD_NAMES, STREAMABLE_HEADS, HeadSpec, fit_estimator, get_head, uses_validation,
+)
 from tlfeat.heads.rows import RowIds, rows_digest, seen_rows
-from tlfeat.heads.streaming import DEFAULT_CHUNK_ROWS, DEFAULT_PASSES, fit_streaming
+from tlfeat.heads.streaming import fit_streaming
 from tlfeat.reports import split_metrics
 
 __all__ = ["FitSummary", "HeadResult", "fit_heads", "load_features"]

@@ -10,22 +10,18 @@ loss that `fit-head --streaming` uses in its place. Adding a head touches one re
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
-
-import numpy as np
-from sklearn.base import BaseEstimator
-from sklearn.calibration import CalibratedClassifierCV
-from sklearn.linear_model import LogisticRegression
-from sklearn.neighbors import KNeighborsClassifier
-from sklearn.neural_network import MLPClassifier
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import Normalizer, StandardScaler
-from sklearn.svm import LinearSVC
+from typing import TYPE_CHECKING, Callable
 
 from tlfeat.errors import TlfeatError
-from tlfeat.heads.keras_head import HIDDEN_UNITS, KerasReportHead
+
+if TYPE_CHECKING:
+    import numpy as np
+    from sklearn.base import BaseEstimator
 
 SVM_CALIBRATION_FOLDS = 3  # linear-svm: CalibratedClassifierCV(cv=3) keeps one SVM and one sigmoid per fold
+HIDDEN_UNITS = 128  # the study head's Dense(128); the MLP head has the same width
+DEFAULT_CHUNK_ROWS = 4096  # fit-head --streaming: rows per chunk read from the cache
+DEFAULT_PASSES = 10  # fit-head --streaming: passes over the training rows
 
 
 def _outputs(n_classes: int) -> int:
@@ -56,15 +52,59 @@ class HeadSpec:
     streaming_loss: str | None = None  # SGDClassifier loss of `fit-head --streaming`; None: no streaming form
 
 
+# The builders import scikit-learn (and the Keras head) when a head is built: the CLI reads this
+# registry for its --help, and importing scikit-learn costs seconds.
+def _logreg(seed: int) -> BaseEstimator:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000, random_state=seed))
+
+
+def _linear_svm(seed: int) -> BaseEstimator:
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    # C=0.001: on standardized 1280-d features liblinear converges ~3x faster than at
+    # 0.01 (Scene15: 2.6 s vs 7.3 s) with the same accuracy; --search covers the rest.
+    svm = LinearSVC(C=0.001, max_iter=10000, random_state=seed)
+    return make_pipeline(StandardScaler(), CalibratedClassifierCV(svm, cv=SVM_CALIBRATION_FOLDS))
+
+
+def _knn(seed: int) -> BaseEstimator:
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import Normalizer
+
+    knn = KNeighborsClassifier(n_neighbors=10, weights="distance", metric="cosine", algorithm="brute")
+    return make_pipeline(Normalizer(norm="l2"), knn)
+
+
+def _mlp(seed: int) -> BaseEstimator:
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    mlp = MLPClassifier(hidden_layer_sizes=(HIDDEN_UNITS,), alpha=1e-4, max_iter=500, random_state=seed)
+    return make_pipeline(StandardScaler(), mlp)
+
+
+def _report(seed: int) -> BaseEstimator:
+    from tlfeat.heads.keras_head import KerasReportHead
+
+    return KerasReportHead(seed=seed)
+
+
 HEADS: dict[str, HeadSpec] = {
     spec.name: spec
     for spec in (
         HeadSpec(
             name="logreg",
             description="StandardScaler + multinomial logistic regression",
-            build=lambda seed: make_pipeline(
-                StandardScaler(), LogisticRegression(C=0.1, max_iter=3000, random_state=seed)
-            ),
+            build=_logreg,
             param="logisticregression__C",
             label="C",
             grid=(0.001, 0.01, 0.1, 1.0, 10.0),
@@ -74,14 +114,7 @@ HEADS: dict[str, HeadSpec] = {
         HeadSpec(
             name="linear-svm",
             description="StandardScaler + linear SVM, probabilities by 3-fold sigmoid calibration",
-            build=lambda seed: make_pipeline(
-                StandardScaler(),
-                # C=0.001: on standardized 1280-d features liblinear converges ~3x faster than at
-                # 0.01 (Scene15: 2.6 s vs 7.3 s) with the same accuracy; --search covers the rest.
-                CalibratedClassifierCV(
-                    LinearSVC(C=0.001, max_iter=10000, random_state=seed), cv=SVM_CALIBRATION_FOLDS
-                ),
-            ),
+            build=_linear_svm,
             param="calibratedclassifiercv__estimator__C",
             label="C",
             # No C=1: liblinear needs ~30x the iterations there (minutes on Scene15) for no gain.
@@ -94,10 +127,7 @@ HEADS: dict[str, HeadSpec] = {
         HeadSpec(
             name="knn",
             description="L2-normalised features, cosine k-nearest neighbours, distance-weighted",
-            build=lambda seed: make_pipeline(
-                Normalizer(norm="l2"),
-                KNeighborsClassifier(n_neighbors=10, weights="distance", metric="cosine", algorithm="brute"),
-            ),
+            build=_knn,
             param="kneighborsclassifier__n_neighbors",
             label="k",
             grid=(20, 10, 5, 3, 1),
@@ -106,10 +136,7 @@ HEADS: dict[str, HeadSpec] = {
         HeadSpec(
             name="mlp",
             description="StandardScaler + MLP, one 128-unit ReLU hidden layer (Adam)",
-            build=lambda seed: make_pipeline(
-                StandardScaler(),
-                MLPClassifier(hidden_layer_sizes=(HIDDEN_UNITS,), alpha=1e-4, max_iter=500, random_state=seed),
-            ),
+            build=_mlp,
             param="mlpclassifier__alpha",
             label="alpha",
             grid=(1.0, 0.1, 0.01, 0.001, 0.0001),
@@ -118,7 +145,7 @@ HEADS: dict[str, HeadSpec] = {
         HeadSpec(
             name="report",
             description="the study's Keras head: Dense(128) -> Dropout(0.3) -> softmax, RMSprop",
-            build=lambda seed: KerasReportHead(seed=seed),
+            build=_report,
             # Not the epoch count: early stopping restores the best epoch, which a longer budget rarely moves.
             param="learning_rate",
             label="lr",
@@ -157,6 +184,8 @@ def list_heads() -> list[HeadSpec]:
 
 def uses_validation(estimator: BaseEstimator) -> bool:
     """Does the head choose anything on the validation rows it is given (the report head's early stopping)?"""
+    from tlfeat.heads.keras_head import KerasReportHead
+
     return isinstance(estimator, KerasReportHead)
 
 

@@ -42,12 +42,10 @@ from tlfeat.heads.folder import (
     NON_FINITE_ADVICE, FitSummary, check_same_data, check_trainable, check_unique_paths, default_out, folder_key,
     head_metadata, left_out_note, locked_folder, save_fitted_head, source_record, write_summary,
 )
-from tlfeat.heads.registry import HEADS, STREAMABLE_HEADS, STREAMING_SUFFIX
+from tlfeat.heads.registry import DEFAULT_CHUNK_ROWS, DEFAULT_PASSES, HEADS, STREAMABLE_HEADS, STREAMING_SUFFIX
 from tlfeat.heads.rows import RowIds, rows_digest, seen_rows
 from tlfeat.reports import split_metrics
 
-DEFAULT_CHUNK_ROWS = 4096
-DEFAULT_PASSES = 10
 ALPHA = 1e-3  # L2 strength: best on Scene15 val of 1e-4..3e-2 for both losses (10 passes)
 
 
