@@ -70,36 +70,35 @@ def test_public_api_is_listed_documented_and_typed() -> None:
         tlfeat.no_such_thing  # noqa: B018
 
 
+def _heavy_modules_after(script: str, heavy: tuple[str, ...]) -> list[str]:
+    """Which of `heavy` a fresh interpreter has imported once it has run `script`."""
+    script += f"\nimport sys\nprint([m for m in {heavy!r} if m in sys.modules])\n"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=child_env(),
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    return ast.literal_eval(result.stdout.strip().splitlines()[-1])
+
+
 def test_importing_tlfeat_and_loading_a_cache_never_imports_keras(tmp_path: Path) -> None:
     from conftest import write_synthetic_cache
 
     cache = write_synthetic_cache(tmp_path / "c.h5", n_per_class=4, n_classes=2, dim=3)
     script = (
-        "import sys, tlfeat\n"
+        "import tlfeat\n"
         f"data = tlfeat.load({str(cache)!r}, split='train')\n"
         "names = [b.name for b in tlfeat.list_backbones()] + [h.name for h in tlfeat.list_heads()]\n"
-        "heavy = [m for m in ('keras', 'tensorflow', 'jax', 'torch') if m in sys.modules]\n"
-        "print(len(data), len(names), heavy)\n"
+        "assert len(data) == 4 and len(names) > 40, (len(data), names)\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=child_env(),
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("[]"), result.stdout
-
+    assert _heavy_modules_after(script, ("keras", "tensorflow", "jax", "torch")) == []
 
 
 def test_the_cli_loads_no_model_library_before_a_command_runs() -> None:
     # Before: building the CLI (for `tlfeat --help`, `backbones`, or any command) imported scikit-learn
     # through the help texts' constants (the heads registry, the analysis package, the recipe module):
     # 2.9 s of a 3 s `--help` on the 2-core machine. Each command now imports what it runs.
-    script = (
-        "import sys, tlfeat.cli\n"
-        "print([m for m in ('sklearn', 'scipy', 'keras', 'tensorflow', 'jax', 'torch') if m in sys.modules])\n"
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=child_env(),
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("[]"), result.stdout
+    heavy = ("sklearn", "scipy", "keras", "tensorflow", "jax", "torch")
+    assert _heavy_modules_after("import tlfeat.cli", heavy) == []
+
 
 def test_lower_stages_never_import_higher_ones() -> None:
     violations = []
