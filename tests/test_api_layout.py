@@ -310,3 +310,43 @@ def test_numpy_integers_are_taken_and_wrong_types_refused_before_any_work(tmp_pa
             call()
         assert message in str(error.value)
     assert not (tmp_path / "h2").exists()
+
+
+def test_a_path_parameter_of_another_type_is_refused_by_name(tmp_path: Path) -> None:
+    # Before: a list, a number or a result object where one path belongs (`tlfeat.load([a, b])`,
+    # `tlfeat.audit(summary)`) raised Python's "TypeError: expected str, bytes or os.PathLike object, not list"
+    # from pathlib, naming no parameter; a list item of another type (`fit_heads([3])`) the same.
+    import tlfeat
+    from conftest import write_synthetic_cache
+
+    cache = write_synthetic_cache(tmp_path / "c.h5")
+    fitted = tlfeat.fit_heads(cache, head="logreg", out=tmp_path / "heads")
+    model = fitted.out / "logreg.skops"
+    data = make_dataset(tmp_path / "data", n_classes=2, per_class=3)
+    calls = {
+        "data": [lambda v: tlfeat.extract(v), lambda v: tlfeat.finetune(v), lambda v: tlfeat.recipe(v)],
+        "out": [lambda v: tlfeat.extract(data, out=v, weights="none"), lambda v: tlfeat.fit_heads(cache, out=v),
+                lambda v: tlfeat.finetune(data, out=v, weights="none"), lambda v: tlfeat.recipe(data, out=v),
+                lambda v: tlfeat.export(cache, out=v), lambda v: tlfeat.audit(cache, out=v),
+                lambda v: tlfeat.similar(cache, "class_0/img_0000.png", out=v),
+                lambda v: tlfeat.embedding_map(cache, out=v), lambda v: tlfeat.demo(v)],
+        "path": [lambda v: tlfeat.load(v)],
+        "model_path": [lambda v: tlfeat.load_head(v)],
+        "model": [lambda v: tlfeat.predict(v, data), lambda v: tlfeat.evaluate(v, cache)],
+        "cache": [lambda v: tlfeat.export(v), lambda v: tlfeat.audit(v), lambda v: tlfeat.similar(v, "x.png"),
+                  lambda v: tlfeat.embedding_map(v)],
+        "cache_dir": [lambda v: tlfeat.recipe(data, cache_dir=v)],
+        "csv": [lambda v: tlfeat.predict(model, data, csv=v), lambda v: tlfeat.compare(model, csv=v)],
+        "png": [lambda v: tlfeat.compare(model, png=v)],
+        "json": [lambda v: tlfeat.evaluate(model, cache, json=v)],
+        "head": [lambda v: tlfeat.embedding_map(cache, head=v)],
+        "caches": [lambda v: tlfeat.fit_heads([v]), lambda v: tlfeat.evaluate(model, [v])],
+        "inputs": [lambda v: tlfeat.predict(model, [v]), lambda v: tlfeat.compare([v])],
+        "queries": [lambda v: tlfeat.similar(cache, [v])],
+    }
+    for name, functions in calls.items():
+        for call in functions:
+            for value in (3, [str(cache)]) if name not in ("caches", "inputs", "queries") else (3, b"c.h5"):
+                with pytest.raises(tlfeat.TlfeatError, match=rf"^`{name}=.*`: expected a path"):
+                    call(value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5", "data", "heads"]  # no work was done

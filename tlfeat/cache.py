@@ -41,7 +41,7 @@ from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.data.scan import SPLITS
 from tlfeat.cache_checks import CheckedFeatures, check_structure, checked_labels, read_column, reading, rows_meta
 from tlfeat.errors import TlfeatError
-from tlfeat.fileio import describe_exception
+from tlfeat.fileio import describe_exception, path_value
 
 FORMAT_VERSION = 1
 OLD_DECODE = "pillow-bilinear"  # what caches and shards with no "decode" record were decoded with
@@ -209,9 +209,9 @@ def load(path: str | Path, split: str | None = None) -> CacheData:
 
     Needs only h5py and numpy. Features come back as float32 whatever the stored dtype.
     """
+    path = path_value("path", path)
     if split is not None:
         check_split(split)
-    path = Path(path)
     with _open_for_read(path) as handle:
         split_col = read_column(path, handle["split"])
         mask = slice(None) if split is None else np.flatnonzero(split_col == split)

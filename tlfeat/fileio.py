@@ -87,15 +87,25 @@ def check_output_path(out: Path, folder: bool = False, parameter: str = "out", s
         raise TlfeatError(f"{lock}: is a folder; it is the lock of this output: move it away")
 
 
+def path_value(name: str, value: Any) -> Path:
+    """Parameter `name`, one path (a str or an os.PathLike such as a Path), as a Path; anything else (a list, a
+    number, a result object) is one error naming the parameter, before any work."""
+    if isinstance(value, (str, os.PathLike)):
+        return Path(value)
+    raise parameter_error(name, value, "expected a path (a str or a Path)")
+
+
 def path_list(value: str | os.PathLike | Sequence[str | os.PathLike], name: str, what: str) -> list:
     """Parameter `name` as a non-empty list: one path (a str or a Path) is a list of one, so that a notebook's
     `f("a.h5")` means the file, never its letters. `what`: what the parameter holds, for the messages."""
-    if isinstance(value, (str, bytes, os.PathLike)):
+    if isinstance(value, (str, os.PathLike)):
         return [value]
     try:
         items = list(value)
     except TypeError:
-        raise parameter_error(name, value, f"expected a path or a list of paths ({what})") from None
+        items = None
+    if items is None or not all(isinstance(item, (str, os.PathLike)) for item in items):
+        raise parameter_error(name, value, f"expected a path or a list of paths ({what})")
     if not items:
         raise parameter_error(name, items, f"give at least one ({what})")
     return items

@@ -34,7 +34,7 @@ from tlfeat.analysis.label_issues import (
 from tlfeat.cache import CacheData
 from tlfeat.data.scan import SPLITS
 from tlfeat.errors import TlfeatError, integer, seed_value, some_of
-from tlfeat.fileio import atomic_write_bytes
+from tlfeat.fileio import atomic_write_bytes, path_value
 from tlfeat.reports import markdown_table, plot_confusion, save_png, write_csv
 
 SHEET_TILES = 24  # thumbnails per contact sheet: 12 duplicate pairs, 24 label-issue candidates
@@ -189,7 +189,8 @@ def audit(
 
     Returns everything as data (pairs, out-of-fold probabilities, tables), plus the summary markdown.
     """
-    cache = Path(cache)
+    cache = path_value("cache", cache)
+    out = None if out is None else path_value("out", out)
     folds, seed = integer("folds", folds, 2), seed_value(seed)
     max_train_rows = integer("max_train_rows", max_train_rows, 1)
     dup_threshold = checked_threshold(dup_threshold)

@@ -18,6 +18,7 @@ import numpy as np
 from tlfeat.analysis.common import StoredFeatures, normalise, open_cache, optional_import, output_folder
 from tlfeat.cache import CacheData
 from tlfeat.errors import TlfeatError, integer, parameter_error, seed_value
+from tlfeat.fileio import path_value
 from tlfeat.reports import save_png, write_csv
 
 METHODS = ("tsne", "pca", "umap")
@@ -182,13 +183,15 @@ def embedding_map(
     fitted on this cache's features), the test images it gets wrong are marked;
     `trust` loads a head holding types tlfeat does not trust (`tlfeat.heads.store.load_head`).
     """
-    cache = Path(cache)
+    cache = path_value("cache", cache)
+    out = None if out is None else path_value("out", out)
+    head = None if head is None else path_value("head", head)
     if method not in METHODS:
         raise parameter_error("method", method, f"use one of {', '.join(METHODS)}")
     max_points, seed = integer("max_points", max_points, 2), seed_value(seed)
     with open_cache(cache) as (data, features):
         folder = output_folder(cache, out, "map", data)
-        predicted, note = head_test_predictions(Path(head), cache, data, trust) if head is not None else (None, None)
+        predicted, note = head_test_predictions(head, cache, data, trust) if head is not None else (None, None)
         result = compute_map(data, features, method, seed, max_points, predicted)
         result.notes += [note] if note else []
     folder.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from tlfeat.analysis.contact_sheet import Tile, draw_sheet, shorten
 from tlfeat.analysis.search import Neighbours, exact_top_k, index_top_k, open_index, rescore
 from tlfeat.cache import CacheData, CacheReader, open_rows
 from tlfeat.errors import TlfeatError, integer, parameter_error, some_of
-from tlfeat.fileio import path_list
+from tlfeat.fileio import path_list, path_value
 from tlfeat.reports import write_csv
 from tlfeat.runtime import check_batch_size
 
@@ -149,7 +149,8 @@ def similar(
     batch_size, progress: of embedding queries that are not in the cache. Writes similar.csv (every query) and similar.png (a
     contact sheet) to `out`, by default ``<cache folder>/similar/<cache stem>/``; `files` lists them.
     """
-    cache = Path(cache)
+    cache = path_value("cache", cache)
+    out = None if out is None else path_value("out", out)
     if index not in INDEXES:
         raise parameter_error("index", index, f"use one of {', '.join(INDEXES)}")
     top = integer("top", top, 1)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Sequence
 
 from tlfeat.errors import TlfeatError
-from tlfeat.fileio import check_output_path, path_list, read_json_object
+from tlfeat.fileio import check_output_path, path_list, path_value, read_json_object
 from tlfeat.data.scan import SPLITS
 from tlfeat.finetuning.runs import RUN_FORMAT, SUMMARY_NAME, read_run_summary
 from tlfeat.heads.folder import DAMAGED_HEAD_ADVICE
@@ -301,7 +301,7 @@ def compare(inputs: str | Path | Sequence[str | Path], csv: str | Path | None = 
     """
     for path, parameter in ((csv, "csv"), (png, "png")):
         if path is not None:
-            check_output_path(Path(path), parameter=parameter, suffix=f".{parameter}")
+            check_output_path(path_value(parameter, path), parameter=parameter, suffix=f".{parameter}")
     if csv is not None and png is not None and Path(csv).resolve() == Path(png).resolve():
         raise TlfeatError(f"{csv}: given as both `csv` and `png`; the chart would replace the table")
     inputs = path_list(inputs, "inputs", "fit-head models, fine-tune runs or folders of them")

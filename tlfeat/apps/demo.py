@@ -22,7 +22,7 @@ import numpy as np
 from tlfeat.backbones import DEFAULT_BACKBONE
 from tlfeat.extraction.run import ExtractSummary, extract
 from tlfeat.heads.fit import FitSummary, HeadResult, fit_heads
-from tlfeat.fileio import atomic_write_bytes
+from tlfeat.fileio import atomic_write_bytes, path_value
 
 DIGIT_PIXELS = 64  # 8x8 scans upscaled 8x here; extract then resizes to the backbone's 224
 
@@ -78,7 +78,7 @@ def run_demo(
     progress bars.
     """
     started = time.perf_counter()
-    out = Path(out)
+    out = path_value("out", out)
     dataset = out / "digits"
     n_written = write_digits(dataset)
     extracted = extract(dataset, out=out / f"digits-{DEFAULT_BACKBONE}.h5", progress=progress)

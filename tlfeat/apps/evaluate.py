@@ -16,7 +16,7 @@ from sklearn.base import BaseEstimator
 from tlfeat.backbones import random_weights_backend
 from tlfeat.data.scan import SPLITS
 from tlfeat.errors import TlfeatError, parameter_error, some_of
-from tlfeat.fileio import check_output_path, path_list
+from tlfeat.fileio import check_output_path, path_list, path_value
 from tlfeat.heads.fit import Features, load_features
 from tlfeat.heads.folder import FEATURE_DEFAULTS, FEATURE_KEY
 from tlfeat.heads.rows import RowIds
@@ -97,11 +97,11 @@ def evaluate_on_caches(
     `trust` loads a head holding types tlfeat does not trust (`tlfeat.heads.store.load_head`).
     json: also write the scores (per-class, confusion matrices) and what was left out to this file.
     """
-    model, caches = Path(model), [Path(c) for c in path_list(caches, "caches", "tlfeat caches")]
+    model, caches = path_value("model", model), [Path(c) for c in path_list(caches, "caches", "tlfeat caches")]
     if split is not None and split not in SPLITS:  # a typo, not a split these caches lack: said before loading
         raise parameter_error("split", split, f"use {', '.join(SPLITS[:-1])} or {SPLITS[-1]}")
     if json is not None:
-        json = Path(json)
+        json = path_value("json", json)
         check_output_path(json, parameter="json", suffix=".json")
     features, estimator, meta = checked_head(model, caches, split, trust)
     recorded = read_fitted_rows(model)

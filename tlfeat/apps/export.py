@@ -40,7 +40,7 @@ import numpy as np
 from tlfeat.cache import CacheData, CacheReader
 from tlfeat.cache_checks import non_finite_error
 from tlfeat.errors import TlfeatError, integer, parameter_error
-from tlfeat.fileio import check_outside_dataset, check_output_path
+from tlfeat.fileio import check_outside_dataset, check_output_path, path_value
 
 FORMATS = ("parquet", "npy")
 CHUNK_BYTES = 4 * 2**20  # features per chunk (one Parquet row group)
@@ -228,8 +228,8 @@ def export(
         raise parameter_error("rows_per_file", rows_per_file, "applies to parquet only (npy writes one file)")
     if format == "parquet":
         _import_pyarrow()  # before any file is touched
-    cache = Path(cache)
-    out = Path(out) if out is not None else cache.with_name(f"{cache.stem}-{format}")
+    cache = path_value("cache", cache)
+    out = path_value("out", out) if out is not None else cache.with_name(f"{cache.stem}-{format}")
     check_output_path(out, folder=True)
     created = not out.exists()
     try:

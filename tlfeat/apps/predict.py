@@ -28,7 +28,7 @@ from tlfeat.cache import OLD_DECODE
 from tlfeat.data.decode import DECODE
 from tlfeat.data.scan import image_files
 from tlfeat.errors import TlfeatError, integer
-from tlfeat.fileio import check_output_path, path_list
+from tlfeat.fileio import check_output_path, path_list, path_value
 from tlfeat.runtime import check_batch_size
 from tlfeat.heads.store import load_head
 from tlfeat.reports import write_csv
@@ -178,9 +178,9 @@ def predict_images(
     """
     top = integer("top", top, 1)
     if csv is not None:
-        csv = Path(csv)
+        csv = path_value("csv", csv)
         check_output_path(csv, parameter="csv", suffix=".csv")  # before the images are embedded
-    model = Path(model)
+    model = path_value("model", model)
     inputs = path_list(inputs, "inputs", "image files or folders")
     batch_size = check_batch_size(batch_size)
     if not model.exists():

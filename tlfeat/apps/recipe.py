@@ -23,7 +23,7 @@ from sklearn.model_selection import StratifiedKFold
 from tlfeat.apps.recipe_book import DEFAULT_RECIPE, Member, Recipe, get_recipe
 from tlfeat.data.scan import DEFAULT_RATIOS
 from tlfeat.errors import TlfeatError, seed_value
-from tlfeat.fileio import check_outside_dataset, check_output_path
+from tlfeat.fileio import check_outside_dataset, check_output_path, path_value
 from tlfeat.heads.fit import Features, HeadResult, load_features
 from tlfeat.heads.folder import head_metadata, left_out_note, locked_folder, save_fitted_head
 from tlfeat.heads.registry import get_head
@@ -160,6 +160,9 @@ def run_recipe(
     """
     from tlfeat.extraction.run import extract
 
+    path_value("data", data)
+    out = None if out is None else path_value("out", out)
+    cache_dir = None if cache_dir is None else path_value("cache_dir", cache_dir)
     spec = get_recipe(recipe)
     seed = seed_value(seed)
     first_cache = member_cache(data, cache_dir, spec.members[0])

@@ -34,7 +34,7 @@ from tlfeat.extraction.ledger import (
 )
 from tlfeat.extraction.shards import NON_FINITE_REASON, ShardStore, ShardWriter, without_non_finite
 from tlfeat.interrupts import deferred_interrupts, interrupted_import, raise_if_requested
-from tlfeat.fileio import OutputLock, check_output_path, check_outside_dataset, remove_stale_temporaries
+from tlfeat.fileio import OutputLock, check_output_path, check_outside_dataset, path_value, remove_stale_temporaries
 from tlfeat.extraction.ray_engine import RayEngine, RayOptions  # Ray itself is imported only by a run on it
 from tlfeat.progress import progress_bar
 from tlfeat.runtime import check_batch_size, check_input_memory, check_tta
@@ -256,6 +256,8 @@ def extract(
     Ctrl-C raises `tlfeat.Interrupted`: finished batches are kept, and the same call resumes.
     """
     started = time.perf_counter()
+    path_value("data", data)
+    out = None if out is None else path_value("out", out)
     spec = get_backbone(backbone)
     if dtype not in DTYPES:
         raise TlfeatError(f"`dtype={dtype!r}`: use float32 or float16")

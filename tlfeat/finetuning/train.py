@@ -30,6 +30,7 @@ import numpy as np
 from tlfeat.backbones import DEFAULT_BACKBONE, Backbone, build_model, get_backbone, weights_identity
 from tlfeat.data.scan import DEFAULT_RATIOS, DatasetScan, scan_dataset
 from tlfeat.errors import Interrupted, TlfeatError, integer, number, seed_value
+from tlfeat.fileio import path_value
 from tlfeat.finetuning.data import check_trainable_split, dataset_fingerprint, image_batches_class
 from tlfeat.finetuning.finish import finish_run
 from tlfeat.finetuning.model import (
@@ -147,6 +148,8 @@ def finetune(
 
     Ctrl-C raises `tlfeat.Interrupted`: finished epochs are kept; `resume` continues.
     """
+    path_value("data", data)
+    out = None if out is None else path_value("out", out)
     spec = get_backbone(backbone)
     requested = _requested_unfreeze(spec, unfreeze_top, unfreeze_all)
     epochs1, epochs2, batch_size, lr1, lr2, patience = _checked_options(

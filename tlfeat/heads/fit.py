@@ -32,7 +32,7 @@ from sklearn.base import BaseEstimator, clone
 from tlfeat.cache import CacheData, load
 from tlfeat.data.scan import SPLITS
 from tlfeat.errors import TlfeatError, integer, parameter_error, seed_value
-from tlfeat.fileio import check_output_path, check_outside_dataset, path_list
+from tlfeat.fileio import check_output_path, check_outside_dataset, path_list, path_value
 from tlfeat.interrupts import deferred_interrupts, raise_if_requested
 from tlfeat.heads.folder import (
     NON_FINITE_ADVICE, FitSummary, HeadResult, check_same_data, check_trainable, check_unique_paths, default_out,
@@ -296,6 +296,7 @@ def fit_heads(
     `tlfeat.heads.streaming`).
     """
     caches = [Path(c) for c in path_list(caches, "caches", "tlfeat caches")]
+    out = None if out is None else path_value("out", out)
     seed = seed_value(seed)
     chunk_rows, passes = integer("chunk_rows", chunk_rows, 1), integer("passes", passes, 1)
     if not streaming and (chunk_rows, passes) != (DEFAULT_CHUNK_ROWS, DEFAULT_PASSES):

@@ -31,7 +31,7 @@ import numpy as np
 from sklearn.base import BaseEstimator
 
 from tlfeat.errors import TlfeatError
-from tlfeat.fileio import atomic_write_bytes, check_format, describe_exception, read_json_object, sha256_file
+from tlfeat.fileio import atomic_write_bytes, check_format, describe_exception, path_value, read_json_object, sha256_file
 
 MODEL_FORMAT = "tlfeat-head"
 MODEL_FORMAT_VERSION = 2
@@ -175,7 +175,7 @@ def load_head(model_path: str | Path, trust: bool = False) -> tuple[BaseEstimato
     Nothing in the file runs unless `trust`: a type outside skops' defaults and
     `TLFEAT_TYPES` is refused by name, and a tlfeat 0.1 pickle is refused whole.
     """
-    model_path = Path(model_path)
+    model_path = path_value("model_path", model_path)
     meta = read_metadata(model_path)
     if is_legacy(model_path):
         estimator = _load_legacy(model_path, meta, trust)
