@@ -229,6 +229,19 @@ def test_a_truncated_cache_is_refused_with_hdf5s_reason(tmp_path: Path) -> None:
     assert_one_line_error(fit_head_cli(cache), "cut.h5", "not a readable HDF5 cache (OSError: ", "truncated file")
 
 
+def test_a_folder_given_as_a_cache_is_named_as_a_folder(tmp_path: Path) -> None:
+    # Before: `fit-head cache/` (the folder, not a file in it) said "cache: not a readable HDF5 cache
+    # (IsADirectoryError: [Errno 21] Unable to synchronously open file (file read failed: time = <a date>)",
+    # h5py's first line; every cache reader (evaluate, audit, similar, map, export, tlfeat.load) alike.
+    import tlfeat
+
+    folder = tmp_path / "cache"
+    write_synthetic_cache(folder / "c.h5")
+    assert_one_line_error(fit_head_cli(folder), "cache: is a folder, not a cache file")
+    with pytest.raises(TlfeatError, match=r"cache: is a folder, not a cache file \(a \.h5 written by extract\)$"):
+        tlfeat.load(folder)
+
+
 def test_evaluate_names_the_valid_splits_for_an_unknown_one(tmp_path: Path) -> None:
     # Before: "no 'bogus' rows (splits here: ...)", as if the cache merely lacked a split of that name.
     cache = write_synthetic_cache(tmp_path / "c.h5")

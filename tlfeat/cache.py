@@ -148,6 +148,8 @@ def _open_for_read(path: Path) -> h5py.File:
     path = Path(path)
     if not path.exists():
         raise TlfeatError(f"{path}: cache file not found")
+    if path.is_dir():  # h5py's first line would say "file read failed: time = <now>"
+        raise TlfeatError(f"{path}: is a folder, not a cache file (a .h5 written by extract)")
     try:
         handle = h5py.File(path, "r", rdcc_nbytes=READ_CHUNK_CACHE_BYTES)
         small_metadata_cache(handle)
