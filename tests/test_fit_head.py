@@ -242,6 +242,19 @@ def test_a_folder_given_as_a_cache_is_named_as_a_folder(tmp_path: Path) -> None:
         tlfeat.load(folder)
 
 
+def test_search_skips_grid_values_this_data_cannot_fit(tmp_path: Path) -> None:
+    # Before: on 12 train rows, `--head knn --search` stopped at the grid's first k (20 > 12 rows) and the
+    # whole head was refused ("knn head cannot be fitted: Expected n_neighbors <= n_samples_fit"), though
+    # k = 10, 5, 3 and 1 fit; with --head all, knn was listed as skipped.
+    cache = write_synthetic_cache(tmp_path / "small.h5", n_per_class=12, n_classes=2, shares=(0.5, 0.25, 0.25))
+    result = fit_head_cli(cache, "--head", "knn", "--search", "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "val accuracy by k: 20: cannot be fitted, 10: " in result.output
+    (knn,) = fit_heads(cache, head="knn", search=True, out=tmp_path / "out").results
+    assert knn.params["k"] in (10, 5, 3, 1)
+    assert knn.search[0]["val_accuracy"] is None and "n_neighbors" in knn.search[0]["error"]
+
+
 def test_evaluate_names_the_valid_splits_for_an_unknown_one(tmp_path: Path) -> None:
     # Before: "no 'bogus' rows (splits here: ...)", as if the cache merely lacked a split of that name.
     cache = write_synthetic_cache(tmp_path / "c.h5")

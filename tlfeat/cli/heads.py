@@ -35,7 +35,8 @@ def _echo_head(result: HeadResult) -> None:
         typer.echo(f"{'':<10} replaced {result.files['model'].name} (was {result.replaced})")
     if result.search:
         label = next(iter(result.params))
-        trials = ", ".join(f"{t[label]}: {t['val_accuracy']:.3f}" for t in result.search)
+        trials = ", ".join(f"{t[label]}: " + ("cannot be fitted" if t["val_accuracy"] is None else f"{t['val_accuracy']:.3f}")
+                           for t in result.search)
         typer.echo(f"{'':<10} val accuracy by {label}: {trials}; {result.search_seconds:.1f} s in all")
     for note in result.notes:
         typer.echo(f"{'':<10} note: {note}")

@@ -207,20 +207,29 @@ def _search(
 ) -> tuple[BaseEstimator, dict, list[dict], float, float]:
     """Fit one model per grid value, keep the best on val (ties: the earlier value).
 
+    A value this data cannot fit (k above the training rows) is a trial with its `error` and no
+    accuracy; when no value fits, the first one's error is raised.
     Returns (kept model, {label: value}, trials, kept model's fit seconds, all fits' seconds).
     """
     base = spec.build(seed)
     validation = (val.features, val.labels)
-    best = None
+    best, first_error = None, None
     trials, total = [], 0.0
     for value in spec.grid:
         estimator = clone(base).set_params(**{spec.param: value})
-        seconds = _fit_timed(estimator, train, validation)
+        try:
+            seconds = _fit_timed(estimator, train, validation)
+            accuracy = float(estimator.score(val.features, val.labels))
+        except ValueError as exc:
+            first_error = first_error or exc
+            trials.append({spec.label: value, "val_accuracy": None, "error": str(exc).splitlines()[0]})
+            continue
         total += seconds
-        accuracy = float(estimator.score(val.features, val.labels))
         trials.append({spec.label: value, "val_accuracy": accuracy, "fit_seconds": seconds})
         if best is None or accuracy > best[0]:
             best = (accuracy, estimator, value, seconds)
+    if best is None:
+        raise first_error
     _, estimator, value, seconds = best
     return estimator, {spec.label: value}, trials, seconds, total
 
