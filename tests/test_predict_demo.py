@@ -95,6 +95,18 @@ def test_predict_cli_prints_top_k_lists_skipped_and_writes_csv(trained: dict, tm
     assert all(r["class"] == Path(r["path"]).name.split("-")[0] for r in rows if not r["skipped"])
 
 
+
+def test_predict_top_beyond_the_classes_writes_one_column_pair_per_class(trained: dict, tmp_path: Path) -> None:
+    # Before: --top 10 on this 3-class head wrote class_4 .. class_10 columns, always empty.
+    out_csv = tmp_path / "pred.csv"
+    image = next(trained["data"].glob("class_0/*.png"))
+    result = predict_images(trained["single"], [image], top=10, csv=out_csv, progress=False)
+    assert len(result.predictions[0].top) == 3
+    with open(out_csv, newline="") as handle:
+        headers = next(csv.reader(handle))
+    assert headers == ["path", "class", "probability", "class_2", "probability_2", "class_3", "probability_3",
+                       "skipped"]
+
 def test_predict_names_a_path_that_does_not_exist(trained: dict, tmp_path: Path) -> None:
     good = str(next(trained["data"].glob("class_0/*.png")))
     absent = tmp_path / "absent.jpg"

@@ -200,7 +200,8 @@ def predict_images(
         proba = estimator.predict_proba(features) if ok else np.zeros((0, len(estimator.classes_)))
         names = [meta["classes"][int(c)] for c in estimator.classes_]
     result = PredictResult(model, meta, skipped=failures + left_out)
-    order = np.argsort(-proba, axis=1, kind="stable")[:, : min(top, len(names))]
+    top = min(top, len(names))  # a CSV column pair per rank: none that could only ever be empty
+    order = np.argsort(-proba, axis=1, kind="stable")[:, :top]
     for row, index in enumerate(ok):
         result.predictions.append(
             Prediction(str(files[index]), [(names[j], float(proba[row, j])) for j in order[row]])
