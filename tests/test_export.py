@@ -219,12 +219,32 @@ def test_missing_pyarrow_is_one_line_error(tmp_path: Path, monkeypatch: pytest.M
     export(source, "npy", tmp_path / "out")  # npy needs no pyarrow
 
 
+
+@pytest.mark.parametrize("fmt", ["parquet", "npy"])
+def test_export_reports_progress_over_the_rows_unless_asked_not_to(
+    tmp_path: Path, fmt: str, capsys: pytest.CaptureFixture
+) -> None:
+    # Before: a million-row export ran 75-156 s without a word, and `export` had no -q like the other commands.
+    if fmt == "parquet" and pa is None:
+        pytest.skip("pyarrow is not installed (pip install 'tlfeat[export]')")
+    source = synthetic_cache(tmp_path / "c.h5", n=30, dim=4)
+    export(source, fmt, tmp_path / "shown", chunk_rows=7)
+    passes = ["export parquet"] if fmt == "parquet" else ["export features.npy", "export rows.csv"]
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[0] for line in lines] == passes and all("30/30 rows (100%)" in line for line in lines)
+    export(source, fmt, tmp_path / "quiet", progress=False)
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.slow
 def test_cli_export_and_its_one_line_errors(tmp_path: Path) -> None:
     source = synthetic_cache(tmp_path / "c.h5", n=30, dim=4)
     result = run_cli("export", str(source), "--format", "npy", "--out", str(tmp_path / "np"))
     assert result.returncode == 0, result.stderr
     assert f"{tmp_path / 'np'}: 30 rows x 4 dims as npy in 3 files" in result.stdout
+    assert "export rows.csv: 30/30 rows (100%)" in result.stderr
+    result = run_cli("export", str(source), "--format", "npy", "--out", str(tmp_path / "np"), "--overwrite", "-q")
+    assert result.returncode == 0 and not result.stderr, result.stderr
     for args, message in [(["--format", "csv"], "error: --format csv: use parquet or npy"),
                           (["--format", "npy", "--chunk-rows", "0"], "error: --chunk-rows 0: must be at least 1"),
                           (["--format", "npy"], "holds an earlier export (features.npy); pass --overwrite")]:

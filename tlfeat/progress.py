@@ -12,7 +12,7 @@ import time
 from typing import IO, Any
 
 LINE_EVERY_S = 10.0
-UNIT_WORDS = {"img": "images", "batch": "batches"}  # tqdm's unit -> the word in a progress line
+UNIT_WORDS = {"img": "images", "batch": "batches", "row": "rows"}  # tqdm's unit -> the word in a progress line
 
 
 def is_terminal(stream: IO | None) -> bool:
