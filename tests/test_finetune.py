@@ -376,6 +376,24 @@ def test_resuming_an_unfinished_run_with_more_epochs_says_so(tmp_path: Path) -> 
     assert lines == [f"{tmp_path / 'run'}: continuing with epochs2=5 (was 2)"]
 
 
+def test_resuming_an_unfinished_run_with_fewer_epochs_than_it_ran_is_refused(tmp_path: Path) -> None:
+    # Before: a run interrupted after 3 of `epochs1=4` epochs, resumed with `epochs1=2`, kept all 3, went on to
+    # stage 2 and reported "stage 1 3/2 epochs", after saying "continuing with epochs1=2".
+    config = RunConfig(backbone="vgg16", weights="none", weights_identity="none", preprocessing="caffe", image_size=32,
+                       unfreeze_top=2, epochs1=4, epochs2=2, lr1=1e-3, lr2=1e-4, batch_size=4, augment=False,
+                       patience=0, seed=0, split_ratios=[0.5, 0.25, 0.25], dataset_root=str(tmp_path / "data"),
+                       dataset_fingerprint="f", classes=["a", "b"], base_layers=19)
+    (tmp_path / "run").mkdir()
+    state = RunState()
+    state.stages[1].epochs_run = 3
+    Run(tmp_path / "run", config, state, print).save_state()
+    scan = SimpleNamespace(root=tmp_path / "data", name="data")
+    with pytest.raises(TlfeatError, match=r"^`epochs1=2`: .* has already run 3 epochs of stage 1; .* at least 3"):
+        open_run(tmp_path / "run", True, replace(config, epochs1=2, base_layers=None), scan, print)
+    run = open_run(tmp_path / "run", True, replace(config, epochs1=3, epochs2=1, base_layers=None), scan, print)
+    assert (run.config.epochs1, run.config.epochs2) == (3, 1)  # stage 2 has run none: any count is honoured
+
+
 def test_each_epoch_reseeds_generators_of_any_state_dtype() -> None:
     # Before: under torch every fine-tune crashed at its first epoch ("OverflowError: Python integer 3831201730 out
     # of bounds for int32"): Keras' seed generator state is int32 there, uint32 under JAX and TensorFlow.

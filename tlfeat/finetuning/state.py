@@ -254,8 +254,8 @@ class Run:
 def open_run(out: Path | None, resume: bool, config: RunConfig, scan: DatasetScan, log: Log) -> Run:
     """The run to write: a new, empty folder, or with `resume` a run of the same settings.
 
-    An unfinished run may be resumed with other `RESUMABLE_CHANGES` (to extend it); a finished one kept
-    no checkpoints to continue from, so any such change is refused.
+    An unfinished run may be resumed with other `RESUMABLE_CHANGES` (to extend it), but not with fewer epochs in a
+    stage than it has run; a finished one kept no checkpoints to continue from, so any such change is refused.
     """
     if out is None:
         k = config.unfreeze_top
@@ -303,6 +303,13 @@ def open_run(out: Path | None, resume: bool, config: RunConfig, scan: DatasetSca
                 "start a new run (another `out`) to train longer"
             )
         config = old
+    for stage in (1, 2):
+        name, ran = f"epochs{stage}", state.stages[stage].epochs_run
+        if new[name] < ran:  # those epochs cannot be undone: the run would mix them with the shorter schedule
+            raise TlfeatError(
+                f"`{name}={new[name]!r}`: {out} has already run {ran} epochs of stage {stage}; resume with "
+                f"`{name}` of at least {ran}, or start a new run (another `out`)"
+            )
     changed = [f"{k}={new[k]!r} (was {before[k]!r})" for k in RESUMABLE_CHANGES if new[k] != before[k]]
     if changed:
         log(f"{out}: continuing with {', '.join(changed)}")
