@@ -212,6 +212,26 @@ def test_run_writes_every_output_skips_unreadable_images_and_predicts(tmp_path: 
     assert all(abs(shown_proba[n] - proba[0, i]) < 1e-3 for i, n in enumerate(names))
 
 
+@pytest.mark.parametrize("test_images", ["copies", "unreadable"])
+def test_a_split_left_with_nothing_to_score_is_not_scored_and_the_run_finishes(tmp_path: Path,
+                                                                               test_images: str) -> None:
+    # Before: split_metrics got no rows and raised ValueError at the end of training (a traceback), and every
+    # --resume raised it again: the run could never finish.
+    data = make_dataset(tmp_path / "tiny")
+    split_of = {e.relpath: e.split for e in scan_dataset(data, seed=TRAINABLE_SEED).entries}
+    a_train = next(p for p, s in split_of.items() if s == "train")
+    for relpath in (p for p, s in split_of.items() if s == "test"):
+        (data / relpath).write_bytes((data / a_train).read_bytes() if test_images == "copies" else b"not an image")
+    out = tmp_path / "run"
+    result = finetune_cli(*vgg16_args(data, out, "--epochs1", "1", "--epochs2", "0"))
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["scores"]) == {"train", "val"}
+    assert summary["notes"][-1].startswith("test: ") and summary["notes"][-1].endswith(", so no score")
+    assert f"note: {summary['notes'][-1]}" in result.output
+    assert set(json.loads((out / "metrics.json").read_text())["splits"]) == {"train", "val"}
+
+
 @pytest.mark.slow
 def test_resume_after_a_kill_continues_from_the_saved_epoch(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "tiny")

@@ -58,14 +58,19 @@ def finish_run(run: Run, scan: DatasetScan, spec: Backbone, on_gpu: bool, jit_co
         # A val or test image whose bytes are those of an image the run trained (or chose its epoch) on would
         # score what the model memorised: left out, as fit-head and evaluate leave copies out.
         unseen = np.array([split == "train" or key not in seen for key in contents], dtype=bool)
+        readable[split] = len(predicted.ok)
+        seen.update(key for key in contents if key is not None)
         if not unseen.all():
             roles = "trained on" if split == "val" else "trained or chose its best epoch on"
             notes.append(f"{split}: {int((~unseen).sum())} images left out of the score, copies (the same bytes) "
-                         f"of images the run {roles}")
+                         f"of images the run {roles}" + ("; none left, so no score" if not unseen.any() else ""))
             run.log(f"note: {notes[-1]}")
-        readable[split] = len(predicted.ok)
+        elif not unseen.any():
+            notes.append(f"{split}: none of its {len(entries)} images could be read, so no score")
+            run.log(f"note: {notes[-1]}")
+        if not unseen.any():  # a split left with nothing is not scored, as evaluate does
+            continue
         metrics[split] = split_metrics(labels[unseen], np.argmax(predicted.outputs, axis=1)[unseen], scan.class_names)
-        seen.update(key for key in contents if key is not None)
     write_json(run.out / "metrics.json", {"model": MODEL_NAME, "classes": scan.class_names, "splits": metrics})
     shown = "test" if "test" in metrics else list(metrics)[-1]
     plot_confusion(
