@@ -414,6 +414,24 @@ def test_resuming_an_unfinished_run_with_fewer_epochs_than_it_ran_is_refused(tmp
     assert (run.config.epochs1, run.config.epochs2) == (3, 1)  # stage 2 has run none: any count is honoured
 
 
+def test_resuming_under_another_keras_backend_is_refused(tmp_path: Path) -> None:
+    # Before: a run of 3 epochs under TensorFlow, resumed with KERAS_BACKEND=jax, trained on under JAX without a
+    # word (other dropout draws and kernels than the run it claims to continue) and its summary said "jax".
+    config = RunConfig(backbone="vgg16", weights="imagenet", weights_identity="w", preprocessing="caffe",
+                       image_size=32, unfreeze_top=2, epochs1=4, epochs2=2, lr1=1e-3, lr2=1e-4, batch_size=4,
+                       augment=False, patience=0, seed=0, split_ratios=[0.5, 0.25, 0.25],
+                       dataset_root=str(tmp_path / "data"), dataset_fingerprint="f", classes=["a", "b"],
+                       base_layers=19, keras_backend="tensorflow")
+    scan = SimpleNamespace(root=tmp_path / "data", name="data")
+    (tmp_path / "run").mkdir()
+    Run(tmp_path / "run", config, RunState(), print).save_state()
+    with pytest.raises(TlfeatError, match=r"keras_backend 'jax' vs 'tensorflow' \[now vs run\].*KERAS_BACKEND=tens"):
+        open_run(tmp_path / "run", True, replace(config, keras_backend="jax", base_layers=None), scan, print)
+    (tmp_path / "old").mkdir()  # a run from before the backend was recorded resumes as before
+    Run(tmp_path / "old", replace(config, keras_backend=None), RunState(), print).save_state()
+    assert open_run(tmp_path / "old", True, replace(config, base_layers=None), scan, print).config.base_layers == 19
+
+
 def test_each_epoch_reseeds_generators_of_any_state_dtype() -> None:
     # Before: under torch every fine-tune crashed at its first epoch ("OverflowError: Python integer 3831201730 out
     # of bounds for int32"): Keras' seed generator state is int32 there, uint32 under JAX and TensorFlow.

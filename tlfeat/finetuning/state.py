@@ -59,6 +59,8 @@ class RunConfig:
     dataset_fingerprint: str
     classes: list[str]
     base_layers: int | None = None
+    keras_backend: str | None = None  # None in a run from before it was recorded
+
 
     def epochs(self, stage: int) -> int:
         return self.epochs1 if stage == 1 else self.epochs2
@@ -288,11 +290,14 @@ def open_run(out: Path | None, resume: bool, config: RunConfig, scan: DatasetSca
         f"{k} {_short(new[k])} vs {_short(before[k])}"
         for k in new
         if k not in (*RESUMABLE_CHANGES, "dataset_root", "base_layers") and new[k] != before[k]
+        and not (k == "keras_backend" and before[k] is None)
     ]
     if differs:
+        backend = f" (KERAS_BACKEND={before['keras_backend']})" if new["keras_backend"] != before["keras_backend"] \
+            and before["keras_backend"] else ""
         raise TlfeatError(
             f"{out}: was started with other settings ({'; '.join(differs)} [now vs run]); "
-            "resume with the original options or start a new `out`"
+            f"resume with the original options{backend} or start a new `out`"
         )
     if state.finished:
         extended = [f"{k}={new[k]!r}" for k in RESUMABLE_CHANGES if new[k] != before[k]]

@@ -158,6 +158,8 @@ def finetune(
     seed = seed_value(seed)
     scan = scan_dataset(data, seed=seed, ratios=ratios)
     check_trainable_split(scan)
+    import keras  # the backend a run trains under is part of its config: a resume must not switch it
+
     config = RunConfig(
         backbone=spec.name,
         weights=weights if weights in ("imagenet", "none") else str(Path(weights).resolve()),
@@ -177,6 +179,7 @@ def finetune(
         dataset_root=str(scan.root),
         dataset_fingerprint=dataset_fingerprint(scan),
         classes=scan.class_names,
+        keras_backend=keras.backend.backend(),
     )
     run = open_run(out, resume, config, scan, log)
     folder_was_new = not run.out.exists()
