@@ -414,6 +414,27 @@ def test_resuming_an_unfinished_run_with_fewer_epochs_than_it_ran_is_refused(tmp
     assert (run.config.epochs1, run.config.epochs2) == (3, 1)  # stage 2 has run none: any count is honoured
 
 
+def test_resuming_with_more_stage_1_epochs_once_stage_2_has_begun_is_refused(tmp_path: Path) -> None:
+    # Before: a run interrupted in stage 2 epoch 2 (of --epochs1 2 --epochs2 2) and resumed with --epochs1 4 ran
+    # "stage 1" epochs 3-4 on the stage-2 checkpoint (its unfrozen layers, its 1e-5 optimizer) while logging
+    # "base frozen, head trains ... lr 0.001", then stage 2 again: history.csv read stages 1, 1, 2, 1, 1, 2.
+    config = RunConfig(backbone="vgg16", weights="none", weights_identity="none", preprocessing="caffe", image_size=32,
+                       unfreeze_top=2, epochs1=2, epochs2=2, lr1=1e-3, lr2=1e-4, batch_size=4, augment=False,
+                       patience=0, seed=0, split_ratios=[0.5, 0.25, 0.25], dataset_root=str(tmp_path / "data"),
+                       dataset_fingerprint="f", classes=["a", "b"], base_layers=19)
+    state = RunState()
+    state.stages[1].epochs_run, state.stages[2].epochs_run = 2, 1
+    (tmp_path / "run").mkdir()
+    Run(tmp_path / "run", config, state, print).save_state()
+    scan = SimpleNamespace(root=tmp_path / "data", name="data")
+    with pytest.raises(TlfeatError, match=r"^`epochs1=4`: .* has begun stage 2, .* resume with `epochs1=2`"):
+        open_run(tmp_path / "run", True, replace(config, epochs1=4, base_layers=None), scan, print)
+    assert open_run(tmp_path / "run", True, replace(config, epochs2=5, base_layers=None), scan, print).config.epochs2 == 5
+    state.stages[1].stopped_early = True  # stage 1 stopped early: more epochs would not have run it longer
+    Run(tmp_path / "run", config, state, print).save_state()
+    assert open_run(tmp_path / "run", True, replace(config, epochs1=4, base_layers=None), scan, print).config.epochs1 == 4
+
+
 def test_resuming_under_another_keras_backend_is_refused(tmp_path: Path) -> None:
     # Before: a run of 3 epochs under TensorFlow, resumed with KERAS_BACKEND=jax, trained on under JAX without a
     # word (other dropout draws and kernels than the run it claims to continue) and its summary said "jax".

@@ -257,7 +257,7 @@ def open_run(out: Path | None, resume: bool, config: RunConfig, scan: DatasetSca
     """The run to write: a new, empty folder, or with `resume` a run of the same settings.
 
     An unfinished run may be resumed with other `RESUMABLE_CHANGES` (to extend it), but not with fewer epochs in a
-    stage than it has run; a finished one kept no checkpoints to continue from, so any such change is refused.
+    stage than it has run, nor with more stage-1 epochs once stage 2 has begun; a finished one kept no checkpoints to continue from, so any such change is refused.
     """
     if out is None:
         k = config.unfreeze_top
@@ -315,6 +315,13 @@ def open_run(out: Path | None, resume: bool, config: RunConfig, scan: DatasetSca
                 f"`{name}={new[name]!r}`: {out} has already run {ran} epochs of stage {stage}; resume with "
                 f"`{name}` of at least {ran}, or start a new run (another `out`)"
             )
+    stage1, ran = state.stages[1], state.stages[1].epochs_run
+    if state.stages[2].epochs_run and not stage1.stopped_early and new["epochs1"] > ran:
+        # Stage 2 has changed the model: more stage-1 epochs would train its unfrozen layers at its learning rate.
+        raise TlfeatError(
+            f"`epochs1={new['epochs1']!r}`: {out} has begun stage 2, so stage 1 (its {ran} epochs) cannot be "
+            f"extended; resume with `epochs1={ran}`, or start a new run (another `out`)"
+        )
     changed = [f"{k}={new[k]!r} (was {before[k]!r})" for k in RESUMABLE_CHANGES if new[k] != before[k]]
     if changed:
         log(f"{out}: continuing with {', '.join(changed)}")
