@@ -263,7 +263,7 @@ def test_resume_after_a_kill_continues_from_the_saved_epoch(tmp_path: Path) -> N
     other_k = vgg16_args(data, out, "--epochs1", "12", "--epochs2", "2", "--unfreeze-top", "4", "--resume")
     assert_one_line_error(finetune_cli(*other_k), "unfreeze_top")
     (data / "class_1" / "img_999.png").write_bytes((data / "class_1" / "img_000.png").read_bytes())
-    assert_one_line_error(finetune_cli(*args, "--resume"), "dataset_fingerprint")
+    assert_one_line_error(finetune_cli(*args, "--resume"), "are not those this run started on")
     (data / "class_1" / "img_999.png").unlink()
 
     result = finetune_cli(*args, "--resume")
@@ -433,6 +433,23 @@ def test_resuming_with_more_stage_1_epochs_once_stage_2_has_begun_is_refused(tmp
     state.stages[1].stopped_early = True  # stage 1 stopped early: more epochs would not have run it longer
     Run(tmp_path / "run", config, state, print).save_state()
     assert open_run(tmp_path / "run", True, replace(config, epochs1=4, base_layers=None), scan, print).config.epochs1 == 4
+
+
+def test_resuming_on_a_dataset_whose_files_changed_says_so(tmp_path: Path) -> None:
+    # Before: one image added to the dataset was refused as "was started with other settings (dataset_fingerprint
+    # '4cc55d3b3310ba394912... vs '8443e462d49a3e94b28f...); resume with the original options": the options were.
+    config = RunConfig(backbone="vgg16", weights="none", weights_identity="none", preprocessing="caffe", image_size=32,
+                       unfreeze_top=2, epochs1=2, epochs2=2, lr1=1e-3, lr2=1e-4, batch_size=4, augment=False,
+                       patience=0, seed=0, split_ratios=[0.5, 0.25, 0.25], dataset_root=str(tmp_path / "data"),
+                       dataset_fingerprint="f", classes=["a", "b"], base_layers=19)
+    (tmp_path / "run").mkdir()
+    Run(tmp_path / "run", config, RunState(), print).save_state()
+    scan = SimpleNamespace(root=tmp_path / "data", name="data")
+    with pytest.raises(TlfeatError, match=r"the images of .*data are not those this run started on .* restore them"):
+        open_run(tmp_path / "run", True, replace(config, dataset_fingerprint="g", base_layers=None), scan, print)
+    with pytest.raises(TlfeatError, match=r"other settings \(seed 1 vs 0; dataset_fingerprint 'g' vs 'f' \["):
+        open_run(tmp_path / "run", True, replace(config, seed=1, dataset_fingerprint="g", base_layers=None), scan,
+                 print)
 
 
 def test_resuming_under_another_keras_backend_is_refused(tmp_path: Path) -> None:

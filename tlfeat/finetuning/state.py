@@ -287,16 +287,21 @@ def open_run(out: Path | None, resume: bool, config: RunConfig, scan: DatasetSca
     new, before = asdict(config), asdict(old)
     # The dataset may have moved: its fingerprint (images, classes, splits) is what must match.
     differs = [
-        f"{k} {_short(new[k])} vs {_short(before[k])}"
-        for k in new
+        k for k in new
         if k not in (*RESUMABLE_CHANGES, "dataset_root", "base_layers") and new[k] != before[k]
         and not (k == "keras_backend" and before[k] is None)
     ]
+    if differs == ["dataset_fingerprint"]:  # the same options: the folder's files changed, no option undoes that
+        raise TlfeatError(
+            f"{out}: the images of {scan.root} are not those this run started on (files added, removed or "
+            "renamed, or moved between classes or splits); restore them, or start a new `out`"
+        )
     if differs:
         backend = f" (KERAS_BACKEND={before['keras_backend']})" if new["keras_backend"] != before["keras_backend"] \
             and before["keras_backend"] else ""
+        settings = "; ".join(f"{k} {_short(new[k])} vs {_short(before[k])}" for k in differs)
         raise TlfeatError(
-            f"{out}: was started with other settings ({'; '.join(differs)} [now vs run]); "
+            f"{out}: was started with other settings ({settings} [now vs run]); "
             f"resume with the original options{backend} or start a new `out`"
         )
     if state.finished:
