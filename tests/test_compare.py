@@ -157,8 +157,20 @@ def test_a_head_without_a_val_score_is_left_unranked_and_said(tmp_path: Path) ->
     assert result.exit_code == 0, result.output
     rows = {line.split(" | ")[2]: line.split(" | ") for line in result.output.splitlines()[2:] if line.startswith("|")}
     assert rows["noval/logreg"][1] == "-" and rows["ranked/knn"][1] == "1"
-    assert "note: noval/logreg: not ranked, no val score (fitted on val too)" in result.output
+    # Before: "(fitted on val too)", of a head whose cache has no val split
+    assert "note: noval/logreg: not ranked, no val score (no val images)" in result.output
     assert rows["ranked/knn"][3] == "efficientnet_lite0@32"  # the image size: other sizes are other features
+
+
+def test_a_run_without_a_val_score_is_not_said_to_be_fitted_on_val(results: Path, tmp_path: Path) -> None:
+    # A run whose val images were all copies of its training images (or unreadable) has no val score; the note
+    # said "(fitted on val too)", which a fine-tune run never is.
+    summary = json.loads((results / "run" / "summary.json").read_text())
+    del summary["scores"]["val"]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text(json.dumps(summary))
+    notes = tlfeat.compare(tmp_path / "run").notes
+    assert notes == ["run: not ranked, no val score (none of its val images left to score; see its summary.json notes)"]
 
 
 def test_datasets_of_the_same_folder_name_read_as_two(tmp_path: Path) -> None:

@@ -293,6 +293,16 @@ def _distinct_labels(rows: list[Row]) -> list[Row]:
     return rows
 
 
+def _why_no_val(row: Row) -> str:
+    """Why a row has no val score: its dataset has no val images, or a head was fitted on them too, or a run's
+    were all left out of its score (copies of its training images, or unreadable)."""
+    if not dict(row.dataset[0][4]).get("val"):
+        return "no val images"
+    if row.images[0] == "head":
+        return "fitted on val too"
+    return "none of its val images left to score; see its summary.json notes"
+
+
 def compare(inputs: str | Path | Sequence[str | Path], csv: str | Path | None = None, png: str | Path | None = None) -> CompareResult:
     """Build the comparison table (grouped by dataset, ranked by val accuracy within each) and the optional CSV and PNG.
 
@@ -320,7 +330,7 @@ def compare(inputs: str | Path | Sequence[str | Path], csv: str | Path | None = 
         if row.accuracy("val") is None:  # e.g. a recipe head, refitted on train+val: no held-out val score
             cells.append(row.cells(None))
             cv = row.scores.get("cv", {}).get("accuracy")
-            notes.append(f"{row.name}: not ranked, no val score (fitted on val too)"
+            notes.append(f"{row.name}: not ranked, no val score ({_why_no_val(row)})"
                          + (f"; its cross-validated accuracy over train+val is {cv:.4f}" if cv is not None else ""))
             continue
         ranks[row.dataset[0]] = ranks.get(row.dataset[0], 0) + 1
