@@ -232,6 +232,23 @@ def test_a_split_left_with_nothing_to_score_is_not_scored_and_the_run_finishes(t
     assert set(json.loads((out / "metrics.json").read_text())["splits"]) == {"train", "val"}
 
 
+def test_resume_removes_what_a_killed_writer_left_half_written(tmp_path: Path) -> None:
+    # Before: a SIGKILL while the end of a run copied the best checkpoint to model.keras left
+    # .model.tmp-<pid>.keras (7 MB of a 15 MB model on a Scene15 subset) in the run folder for good: the resume
+    # finished the run and never removed it.
+    data = make_dataset(tmp_path / "tiny")
+    out = tmp_path / "run"
+    args = vgg16_args(data, out, "--epochs1", "1", "--epochs2", "0")
+    assert finetune_cli(*args).exit_code == 0
+    leftovers = [out / ".model.tmp-99999.keras", out / ".state.tmp-99999.json"]
+    for path in leftovers:
+        path.write_bytes(b"half")
+    (out / ".mine").write_text("not tlfeat's")
+    result = finetune_cli(*args, "--resume")
+    assert result.exit_code == 0, result.output
+    assert not any(path.exists() for path in leftovers) and (out / ".mine").exists()
+
+
 @pytest.mark.slow
 def test_resume_after_a_kill_continues_from_the_saved_epoch(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "tiny")

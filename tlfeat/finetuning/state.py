@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from tlfeat.data.scan import DatasetScan
 from tlfeat.errors import TlfeatError
-from tlfeat.fileio import OutputLock, check_output_path, check_outside_dataset, read_json_object
+from tlfeat.fileio import OutputLock, check_output_path, check_outside_dataset, read_json_object, temporary_name
 from tlfeat.finetuning.model import save_model_atomically
 from tlfeat.finetuning.runs import RUN_FORMAT, RUNS_DIR, STATE_NAME
 from tlfeat.reports import write_csv, write_json
@@ -168,6 +168,11 @@ class Run:
         for path in self.checkpoints.glob("*.keras"):
             if path.name not in keep:
                 path.unlink(missing_ok=True)
+
+    def remove_stale_temporaries(self) -> None:
+        """Delete half-written files a killed run left in the folder (call holding its lock: no live writer's)."""
+        for leftover in self.out.glob(temporary_name(Path("*"), pid="*")):
+            leftover.unlink(missing_ok=True)
 
     def global_epochs(self) -> int:
         return len(self.state.history)

@@ -196,6 +196,7 @@ def _finetune_locked(
     run: Run, scan: DatasetScan, spec: Backbone, weights: str, requested: int | str, progress: bool
 ) -> FinetuneSummary:
     """`finetune` once its run folder is locked: build or load the model, train, finish."""
+    run.remove_stale_temporaries()
     if run.state.finished:
         shutil.rmtree(run.checkpoints, ignore_errors=True)  # left when a kill came after the state said finished
         summary = read_run_summary(run.out)
