@@ -20,7 +20,7 @@ PUBLIC = ["Interrupted", "TlfeatError", "audit", "compare", "demo", "doctor", "e
 
 # The data flow, lowest first: a module may import its own stage and lower ones, never a higher one.
 STAGES = [
-    ("tlfeat.errors", "tlfeat.fileio", "tlfeat.interrupts", "tlfeat.progress", "tlfeat.quiet_import",
+    ("tlfeat.errors", "tlfeat.fileio", "tlfeat.interrupts", "tlfeat.lazy", "tlfeat.progress", "tlfeat.quiet_import",
      "tlfeat.seeding"),
     ("tlfeat.data",),
     ("tlfeat.backbones",),

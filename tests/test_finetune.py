@@ -413,6 +413,38 @@ def test_resuming_an_unfinished_run_with_more_epochs_says_so(tmp_path: Path) -> 
     assert lines == [f"{tmp_path / 'run'}: continuing with epochs2=5 (was 2)"]
 
 
+
+def test_resume_continues_with_the_runs_own_options_unless_given_again(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: `finetune DATA --out RUN --resume`, the README's own example, took every option left out at its
+    # default: a run started with --epochs1 3 --epochs2 1 logged "continuing with epochs1=20 (was 3), epochs2=30
+    # (was 1)" and trained 50 epochs, and one started with another backbone or learning rate was refused
+    # ("resume with the original options").
+    data = make_dataset(tmp_path / "tiny", per_class=12)
+    out = tmp_path / "run"
+    started = dict(backbone="vgg16", weights="none", epochs1=3, epochs2=1, unfreeze_top=2, lr1=2e-3, lr2=1e-4,
+                   batch_size=4, image_size=32, augment=True, seed=TRAINABLE_SEED, ratios=(0.5, 0.25, 0.25),
+                   patience=2)
+    opened: list[RunConfig] = []
+
+    def capture(out: Path, resume: bool, config: RunConfig, scan: object, log: object) -> None:
+        opened.append(config)
+        raise Interrupted("captured")
+
+    monkeypatch.setattr(ft, "open_run", capture)
+    with pytest.raises(Interrupted):
+        ft.finetune(data, out=out, **started, **QUIET)
+    out.mkdir()
+    Run(out, opened[0], RunState(), print).save_state()
+    with pytest.raises(Interrupted):
+        ft.finetune(data, out=out, resume=True, **QUIET)
+    assert opened[1] == opened[0]
+    finetune_cli(data, "--out", out, "--resume", "--epochs2", "4")
+    assert opened[2] == replace(opened[0], epochs2=4)
+    with pytest.raises(Interrupted):
+        ft.finetune(data, out=out, **QUIET)  # a new run: the defaults
+    assert (opened[3].backbone, opened[3].epochs1, opened[3].lr1) == ("efficientnet_lite0", 20, 1e-3)
+
 def test_resuming_an_unfinished_run_with_fewer_epochs_than_it_ran_is_refused(tmp_path: Path) -> None:
     # Before: a run interrupted after 3 of `epochs1=4` epochs, resumed with `epochs1=2`, kept all 3, went on to
     # stage 2 and reported "stage 1 3/2 epochs", after saying "continuing with epochs1=2".

@@ -17,10 +17,10 @@ resolved on first use, so a notebook pays only for what it calls.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from tlfeat import quiet_import
+from tlfeat.lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -94,14 +94,4 @@ if TYPE_CHECKING:  # what static tools and IDEs see; at run time `__getattr__` i
     from tlfeat.heads.store import load_head
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _API:
-        raise AttributeError(f"module 'tlfeat' has no attribute {name!r}")
-    module, attribute = _API[name]
-    value = getattr(importlib.import_module(module), attribute)
-    globals()[name] = value  # resolved once
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_API])
+__getattr__, __dir__ = lazy_attributes(__name__, _API)

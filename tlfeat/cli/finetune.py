@@ -7,8 +7,9 @@ from typing import Optional
 
 import typer
 
-from tlfeat.backbones import DEFAULT_BACKBONE, list_backbones
+from tlfeat.backbones import list_backbones
 from tlfeat.cli.common import DEFAULT_SPLIT, app, parse_ratios, user_errors
+from tlfeat.finetuning.options import DEFAULT_OPTIONS as DEFAULTS
 
 UNFREEZE_DEFAULTS = ", ".join(f"{b.unfreeze_top} ({b.name})" for b in list_backbones() if b.unfreeze_top is not None)
 BACKBONE_NAMES = ", ".join(b.name for b in list_backbones())
@@ -18,37 +19,38 @@ BACKBONE_NAMES = ", ".join(b.name for b in list_backbones())
 @user_errors
 def finetune(
     data: Path = typer.Argument(..., help="Dataset folder, as for extract (same scan and split for the same --seed/--split)."),
-    backbone: str = typer.Option(DEFAULT_BACKBONE, "--backbone", "-b", help=f"One of: {BACKBONE_NAMES}."),
-    weights: str = typer.Option("imagenet", "--weights", "-w", help="imagenet, none (random, for smoke tests) or a Keras weights file."),
-    epochs1: int = typer.Option(20, "--epochs1", help="Stage 1 epochs: head only, base frozen."),
-    epochs2: int = typer.Option(30, "--epochs2", help="Stage 2 epochs: top layers of the base unfrozen."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help=f"Default {DEFAULTS['backbone']}. One of: {BACKBONE_NAMES}."),
+    weights: Optional[str] = typer.Option(None, "--weights", "-w", help="imagenet (the default), none (random, for smoke tests) or a Keras weights file."),
+    epochs1: Optional[int] = typer.Option(None, "--epochs1", help=f"Stage 1 epochs: head only, base frozen. Default {DEFAULTS['epochs1']}."),
+    epochs2: Optional[int] = typer.Option(None, "--epochs2", help=f"Stage 2 epochs: top layers of the base unfrozen. Default {DEFAULTS['epochs2']}."),
     unfreeze_top: Optional[int] = typer.Option(None, "--unfreeze-top", help=f"Stage 2 trains the last K layers of the base. Default: {UNFREEZE_DEFAULTS}. 0 skips stage 2."),
     unfreeze_all: bool = typer.Option(False, "--unfreeze-all", help="Stage 2 trains the whole base."),
-    lr1: float = typer.Option(1e-3, "--lr1", help="Stage 1 RMSprop learning rate."),
-    lr2: float = typer.Option(1e-5, "--lr2", help="Stage 2 RMSprop learning rate."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Images per training step."),
+    lr1: Optional[float] = typer.Option(None, "--lr1", help=f"Stage 1 RMSprop learning rate. Default {DEFAULTS['lr1']:g}."),
+    lr2: Optional[float] = typer.Option(None, "--lr2", help=f"Stage 2 RMSprop learning rate. Default {DEFAULTS['lr2']:g}."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=f"Images per training step. Default {DEFAULTS['batch_size']}."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Square input size, 32 to 1024. Default: the backbone's native size (`tlfeat backbones` lists them: 224 for most, up to 600)."),
-    augment: bool = typer.Option(False, "--augment", help="Training-only random crop/zoom and horizontal flip, seeded."),
-    patience: int = typer.Option(10, "--patience", help="Stop a stage after this many epochs without a lower val loss; 0: never."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the split, the head's initialisation, shuffling and augmentation."),
-    split: str = typer.Option(DEFAULT_SPLIT, "--split", help="train,val,test shares for a flat dataset, as for extract."),
+    augment: bool = typer.Option(False, "--augment", help="Training-only random crop/zoom and horizontal flip, seeded (on --resume: as the run was started)."),
+    patience: Optional[int] = typer.Option(None, "--patience", help=f"Stop a stage after this many epochs without a lower val loss; 0: never. Default {DEFAULTS['patience']}."),
+    seed: Optional[int] = typer.Option(None, "--seed", help=f"Seed of the split, the head's initialisation, shuffling and augmentation. Default {DEFAULTS['seed']}."),
+    split: Optional[str] = typer.Option(None, "--split", help=f"train,val,test shares for a flat dataset, as for extract. Default {DEFAULT_SPLIT}."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder. Default: a new one in runs/, named <dataset>-<backbone>-top<K>-<timestamp>."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out (default: the newest matching one in runs/)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out (default: the newest matching one in runs/) with its own options; give one again only to extend the run (--epochs1, --epochs2, --patience)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-step progress bar."),
 ) -> None:
     """Fine-tune a backbone with the study's head: train the head on the frozen base, then unfreeze the top layers.
 
     BatchNorm layers stay in inference mode throughout (pretrained statistics
-    kept). Every epoch is checkpointed: after Ctrl-C or a kill, rerun with
-    --resume (and the same options) to continue.
+    kept). Every epoch is checkpointed: after Ctrl-C or a kill,
+    `--out RUN --resume` continues the run with its own options.
     """
     from tlfeat.finetuning import finetune as run_finetune
 
     result = run_finetune(
         data, backbone=backbone, weights=weights, epochs1=epochs1, epochs2=epochs2, unfreeze_top=unfreeze_top,
-        unfreeze_all=unfreeze_all, lr1=lr1, lr2=lr2, batch_size=batch_size, image_size=image_size, augment=augment,
-        seed=seed, ratios=parse_ratios(split), patience=patience, out=out, resume=resume, progress=not quiet,
-        log=typer.echo,
+        unfreeze_all=unfreeze_all, lr1=lr1, lr2=lr2, batch_size=batch_size, image_size=image_size,
+        augment=augment or None,  # left out: off in a new run, the run's own on --resume
+        seed=seed, ratios=None if split is None else parse_ratios(split), patience=patience, out=out, resume=resume,
+        progress=not quiet, log=typer.echo,
     )
     summary = result.summary
     if result.already_finished:

@@ -258,16 +258,45 @@ class Run:
         return next((e.global_epoch for e in self.state.history if e.stage == 2), None)
 
 
+def run_prefix(dataset: str, backbone: str, unfreeze_top: int | str) -> str:
+    """How default run folders are named: runs/<prefix><timestamp>."""
+    return f"{dataset}-{backbone}-{'all' if unfreeze_top == 'all' else f'top{unfreeze_top}'}-"
+
+
+def _read_state(out: Path) -> tuple[RunConfig, RunState]:
+    saved = read_json_object(out / STATE_NAME)
+    try:
+        if saved.get("format") != STATE_FORMAT:
+            raise TypeError
+        return RunConfig(**saved["config"]), RunState.from_json(saved)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise TlfeatError(f"{out / STATE_NAME}: not a tlfeat fine-tune state file") from None
+
+
+def recorded_options(out: Path) -> dict[str, Any]:
+    """The options the run in `out` was started with, named as `finetune` takes them ({} where `out` holds no
+    run): what `resume` continues with, unless given again."""
+    if not (out / STATE_NAME).is_file():
+        return {}
+    config, _ = _read_state(out)
+    options = {name: getattr(config, name) for name in (
+        "backbone", "weights", "epochs1", "epochs2", "lr1", "lr2", "batch_size", "augment", "patience", "seed",
+        "image_size", "unfreeze_top")}
+    return {**options, "ratios": tuple(config.split_ratios)}
+
+
 def open_run(out: Path | None, resume: bool, config: RunConfig, scan: DatasetScan, log: Log) -> Run:
-    """The run to write: a new, empty folder, or with `resume` a run of the same settings.
+    """The run to write: a new, empty folder (default: in runs/), or with `resume` the run in `out` (see
+    `find_resumable`) if it has the same settings.
 
     An unfinished run may be resumed with other `RESUMABLE_CHANGES` (to extend it), but not with fewer epochs in a
     stage than it has run, nor with more stage-1 epochs once stage 2 has begun; a finished one kept no checkpoints to continue from, so any such change is refused.
     """
     if out is None:
-        k = config.unfreeze_top
-        prefix = f"{scan.name}-{config.backbone}-{'all' if k == 'all' else f'top{k}'}-"
-        out = _find_resumable(prefix) if resume else RUNS_DIR / f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}"
+        if resume:
+            raise TlfeatError("`resume`: name the run folder (`out`)")
+        prefix = run_prefix(scan.name, config.backbone, config.unfreeze_top)
+        out = RUNS_DIR / f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(out)
     check_outside_dataset(out, scan.root)
     check_output_path(out, folder=True)
@@ -282,13 +311,7 @@ def open_run(out: Path | None, resume: bool, config: RunConfig, scan: DatasetSca
 
     if not (out / STATE_NAME).is_file():
         raise TlfeatError(f"{out}: not a fine-tune run to resume (no {STATE_NAME})")
-    saved = read_json_object(out / STATE_NAME)
-    try:
-        if saved.get("format") != STATE_FORMAT:
-            raise TypeError
-        old, state = RunConfig(**saved["config"]), RunState.from_json(saved)
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise TlfeatError(f"{out / STATE_NAME}: not a tlfeat fine-tune state file") from None
+    old, state = _read_state(out)
     new, before = asdict(config), asdict(old)
     # The dataset may have moved: its fingerprint (images, classes, splits) is what must match.
     differs = [
@@ -344,8 +367,8 @@ def _short(value: Any, limit: int = 24) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _find_resumable(prefix: str) -> Path:
-    """The newest unfinished run named runs/<prefix>*."""
+def find_resumable(prefix: str) -> Path:
+    """The newest unfinished run named runs/<prefix>*: what `resume` continues when no `out` is given."""
     candidates = [
         p for p in sorted(RUNS_DIR.glob(prefix + "*"))
         if (p / STATE_NAME).is_file() and not read_json_object(p / STATE_NAME).get("finished")

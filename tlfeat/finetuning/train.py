@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from tlfeat.backbones import DEFAULT_BACKBONE, Backbone, build_model, get_backbone, weights_identity
-from tlfeat.data.scan import DEFAULT_RATIOS, DatasetScan, scan_dataset
+from tlfeat.backbones import Backbone, build_model, get_backbone, weights_identity
+from tlfeat.data.scan import DatasetScan, scan_dataset
 from tlfeat.errors import Interrupted, TlfeatError, integer, number, seed_value
 from tlfeat.fileio import path_value
 from tlfeat.finetuning.data import check_trainable_split, dataset_fingerprint, image_batches_class
@@ -37,8 +37,11 @@ from tlfeat.finetuning.model import (
     base_of, build_finetune_model, compile_model, inference_mode_layer, jit_compile_setting, param_count, reseed,
     set_unfrozen_top,
 )
+from tlfeat.finetuning.options import DEFAULT_OPTIONS
 from tlfeat.finetuning.runs import read_run_summary
-from tlfeat.finetuning.state import Log, Run, RunConfig, open_run, run_lock
+from tlfeat.finetuning.state import (
+    Log, Run, RunConfig, find_resumable, open_run, recorded_options, run_lock, run_prefix,
+)
 from tlfeat.progress import progress_bar
 from tlfeat.runtime import accelerator_present, check_batch_size, compute_policy
 from tlfeat.seeding import caller_streams_kept
@@ -112,26 +115,28 @@ class FinetuneSummary:
 @caller_streams_kept()  # it seeds Keras, so `random` and `np.random`, at the start and at each epoch
 def finetune(
     data: str | Path,
-    backbone: str = DEFAULT_BACKBONE,
-    weights: str = "imagenet",
-    epochs1: int = 20,
-    epochs2: int = 30,
+    backbone: str | None = None,
+    weights: str | None = None,
+    epochs1: int | None = None,
+    epochs2: int | None = None,
     unfreeze_top: int | None = None,
     unfreeze_all: bool = False,
-    lr1: float = 1e-3,
-    lr2: float = 1e-5,
-    batch_size: int = 32,
+    lr1: float | None = None,
+    lr2: float | None = None,
+    batch_size: int | None = None,
     image_size: int | None = None,
-    augment: bool = False,
-    seed: int = 0,
-    ratios: tuple[float, float, float] = DEFAULT_RATIOS,
-    patience: int = 10,
+    augment: bool | None = None,
+    seed: int | None = None,
+    ratios: tuple[float, float, float] | None = None,
+    patience: int | None = None,
     out: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
     log: Log = print,
 ) -> FinetuneSummary:
-    """Fine-tune `backbone` on the dataset at `data` in two stages; write (or continue) a run folder.
+    """Fine-tune `backbone` (default efficientnet_lite0) on the dataset at `data` in two stages; write (or
+    continue) a run folder. An option left at None takes its default (`DEFAULT_OPTIONS`), or with `resume`
+    the run's own: give one again only to change it where a resume allows (more epochs, another patience).
 
     Stage 1 trains the study's head (Dense 128, Dropout 0.3, softmax) on the frozen base for `epochs1`
     epochs with RMSprop at `lr1`; stage 2 starts from stage 1's best epoch, unfreezes the base's last
@@ -150,13 +155,28 @@ def finetune(
     """
     path_value("data", data)
     out = None if out is None else path_value("out", out)
-    spec = get_backbone(backbone)
-    requested = _requested_unfreeze(spec, unfreeze_top, unfreeze_all)
+    if unfreeze_all and unfreeze_top is not None:
+        raise TlfeatError("`unfreeze_top` and `unfreeze_all` exclude each other; give one")
+    given = {name: value for name, value in (
+        ("backbone", backbone), ("weights", weights), ("epochs1", epochs1), ("epochs2", epochs2), ("lr1", lr1),
+        ("lr2", lr2), ("batch_size", batch_size), ("image_size", image_size), ("augment", augment), ("seed", seed),
+        ("ratios", ratios), ("patience", patience), ("unfreeze_top", "all" if unfreeze_all else unfreeze_top),
+    ) if value is not None}
+    if resume and out is None:  # the newest unfinished run of this dataset, backbone and unfrozen layers
+        spec = get_backbone(given.get("backbone", DEFAULT_OPTIONS["backbone"]))
+        out = find_resumable(run_prefix(Path(data).resolve().name, spec.name,
+                                        _requested_unfreeze(spec, given.get("unfreeze_top"))))
+    options = {**DEFAULT_OPTIONS, **(recorded_options(out) if resume else {}), **given}
+    spec = get_backbone(options["backbone"])
+    weights = options["weights"]
+    requested = _requested_unfreeze(spec, options.get("unfreeze_top"))
     epochs1, epochs2, batch_size, lr1, lr2, patience = _checked_options(
-        epochs1, epochs2, requested, batch_size, lr1, lr2, patience)
-    size = spec.input_size if image_size is None else integer("image_size", image_size, 32)
-    seed = seed_value(seed)
-    scan = scan_dataset(data, seed=seed, ratios=ratios)
+        options["epochs1"], options["epochs2"], requested, options["batch_size"], options["lr1"], options["lr2"],
+        options["patience"])
+    size = spec.input_size if options.get("image_size") is None else integer("image_size", options["image_size"], 32)
+    seed = seed_value(options["seed"])
+    augment = options["augment"]
+    scan = scan_dataset(data, seed=seed, ratios=options["ratios"])
     check_trainable_split(scan)
     import keras  # the backend a run trains under is part of its config: a resume must not switch it
 
@@ -224,11 +244,9 @@ def _finetune_locked(
     return FinetuneSummary(run.out, summary, resumed_from, skipped=sorted(run.failures.items()))
 
 
-def _requested_unfreeze(spec: Backbone, unfreeze_top: int | None, unfreeze_all: bool) -> int | str:
-    """How many base layers stage 2 trains: a count, or "all"."""
-    if unfreeze_all:
-        if unfreeze_top is not None:
-            raise TlfeatError("`unfreeze_top` and `unfreeze_all` exclude each other; give one")
+def _requested_unfreeze(spec: Backbone, unfreeze_top: int | str | None) -> int | str:
+    """How many base layers stage 2 trains: a count, or "all" (`unfreeze_all`); None: the backbone's default."""
+    if unfreeze_top == "all":
         return "all"
     if unfreeze_top is None:
         if spec.unfreeze_top is None:
