@@ -6,6 +6,7 @@ These tests start private local Ray instances (2 CPUs on the CI machine), a few 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -172,6 +173,18 @@ def test_plan_puts_one_actor_per_gpu_or_per_node() -> None:
     assert _plan(_Cluster(gpus=4, nodes=2), RayOptions(num_gpus_per_worker=0, workers=5)) == (0.0, 5)
     with pytest.raises(TlfeatError, match="has 0 GPUs"):
         _plan(_Cluster(gpus=0, nodes=1), RayOptions(num_gpus_per_worker=1))
+
+
+def test_ray_options_out_of_range_are_one_line_errors_before_any_work(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "data", n_classes=2, per_class=2)
+    for options, message in [
+        (RayOptions(num_gpus_per_worker=float("nan")), "`num_gpus_per_worker=nan`: must be a finite number"),
+        (RayOptions(num_gpus_per_worker=float("inf")), "`num_gpus_per_worker=inf`: must be a finite number"),
+        (RayOptions(workers=2.5), "`workers=2.5`: must be an integer"),  # type: ignore[arg-type]
+    ]:
+        with pytest.raises(TlfeatError, match=re.escape(message)):
+            extract(data, tmp_path / "c.h5", engine="ray", ray_options=options, **FAST)
+    assert not (tmp_path / "c.h5.lock").exists()
 
 
 def test_cause_finds_the_workers_own_error_in_rays_text() -> None:

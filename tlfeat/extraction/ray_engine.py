@@ -28,7 +28,7 @@ from tlfeat.backbones import Backbone, get_backbone
 from tlfeat.cache import Rows
 from tlfeat.data.decode import decode_into, failure_reason
 from tlfeat.data.entries import ImageEntry
-from tlfeat.errors import TlfeatError
+from tlfeat.errors import TlfeatError, integer, number
 from tlfeat.extraction.engines import FilePaths, batch_rows
 from tlfeat.runtime import FeatureExtractor, compute_policy, default_batch_size
 
@@ -45,10 +45,10 @@ class RayOptions:
     workers: int | None = None  # actors; None: one per GPU share, or one per node without GPUs
 
     def validate(self) -> None:
-        if self.num_gpus_per_worker is not None and self.num_gpus_per_worker < 0:
-            raise TlfeatError(f"`num_gpus_per_worker={self.num_gpus_per_worker!r}`: must be 0 or more")
-        if self.workers is not None and self.workers < 1:
-            raise TlfeatError(f"`workers={self.workers!r}`: must be at least 1")
+        if self.num_gpus_per_worker is not None:  # NaN passed every comparison and failed deep in the plan
+            number("num_gpus_per_worker", self.num_gpus_per_worker, 0)
+        if self.workers is not None:
+            integer("workers", self.workers, 1)
 
 
 def _import_ray() -> Any:
