@@ -156,11 +156,11 @@ def test_the_local_engine_never_imports_ray(tmp_path: Path) -> None:
 class _Cluster:
     """What _plan asks of a Ray cluster: its resources and its nodes."""
 
-    def __init__(self, gpus: float, nodes: int) -> None:
-        self.gpus, self.n_nodes = gpus, nodes
+    def __init__(self, gpus: float, nodes: int, cpus_per_node: float = 8.0) -> None:
+        self.gpus, self.n_nodes, self.cpus_per_node = gpus, nodes, cpus_per_node
 
     def cluster_resources(self) -> dict[str, float]:
-        return {"CPU": 8.0 * self.n_nodes, **({"GPU": self.gpus} if self.gpus else {})}
+        return {"CPU": self.cpus_per_node * self.n_nodes, **({"GPU": self.gpus} if self.gpus else {})}
 
     def nodes(self) -> list[dict]:
         return [{"Alive": True}] * self.n_nodes + [{"Alive": False}]
@@ -173,6 +173,19 @@ def test_plan_puts_one_actor_per_gpu_or_per_node() -> None:
     assert _plan(_Cluster(gpus=4, nodes=2), RayOptions(num_gpus_per_worker=0, workers=5)) == (0.0, 5)
     with pytest.raises(TlfeatError, match="has 0 GPUs"):
         _plan(_Cluster(gpus=0, nodes=1), RayOptions(num_gpus_per_worker=1))
+
+
+def test_plan_refuses_more_actors_than_the_cluster_can_run_beside_the_decoding_tasks() -> None:
+    # Ray Data waits for every actor of the pool, and for a CPU to decode on: `--workers 3` on a 2-CPU
+    # machine (3 x 0.5 CPU, leaving 0.5 for decoding tasks of 1 CPU) hung with no message, for ever.
+    two_cpus = _Cluster(gpus=0, nodes=1, cpus_per_node=2)
+    assert _plan(two_cpus, RayOptions(workers=2)) == (0.0, 2)
+    with pytest.raises(TlfeatError, match=r"^`workers=3`: .*2 CPUs.*at most 2$"):
+        _plan(two_cpus, RayOptions(workers=3))
+    with pytest.raises(TlfeatError, match=r"^`workers=5`: .*4 GPUs.*at most 4$"):
+        _plan(_Cluster(gpus=4, nodes=2), RayOptions(workers=5))
+    with pytest.raises(TlfeatError, match=r"1 CPU.*cannot run"):  # the default pool: one actor a node
+        _plan(_Cluster(gpus=0, nodes=1, cpus_per_node=1), RayOptions())
 
 
 def test_ray_options_out_of_range_are_one_line_errors_before_any_work(tmp_path: Path) -> None:

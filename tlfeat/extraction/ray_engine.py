@@ -119,7 +119,28 @@ def _plan(ray: Any, options: RayOptions) -> tuple[float, int]:
         workers = max(1, int(gpus // per_worker))
     else:
         workers = max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
+    # Ray Data starts the whole pool before it embeds, and a decoding task needs a CPU beside it: a pool
+    # the cluster cannot hold, or one that leaves no CPU to decode on, waits for ever without a word.
+    cpus = float(resources.get("CPU", 0))
+    fit_cpus = int((cpus - DECODE_CPUS) // _actor_cpus(per_worker)) if cpus >= DECODE_CPUS else 0
+    fit = min(fit_cpus, int(gpus // per_worker)) if per_worker > 0 else fit_cpus
+    if workers > fit:
+        need = f"{workers} embedding actor{'s' if workers != 1 else ''} ({_actor_cpus(per_worker):g} CPU" + (
+            f", {per_worker:g} GPU" if per_worker > 0 else "") + " each) beside a decoding task (1 CPU)"
+        has = f"the Ray cluster has {cpus:g} CPUs" + (f" and {gpus:g} GPUs" if per_worker > 0 else "")
+        if fit < 1:
+            raise TlfeatError(f"{need}: {has}, and cannot run even one actor beside the decoding")
+        asked = f"`workers={workers}`" if options.workers is not None else "the default actor pool"
+        raise TlfeatError(f"{asked}: {need}; {has}: pass `workers` of at most {fit}")
     return per_worker, workers
+
+
+DECODE_CPUS = 1  # a decoding task's CPUs
+
+
+def _actor_cpus(gpus_per_worker: float) -> float:
+    """An embedding actor's CPUs: a whole one feeds a GPU; a CPU actor's backbone uses the node's cores anyway."""
+    return 1 if gpus_per_worker else 0.5
 
 
 class RayEngine:
@@ -202,7 +223,7 @@ class RayEngine:
                                          "path": paths[start:stop]}))
         dataset = ray.data.from_arrow(blocks).map_batches(
             decode_batch, fn_kwargs={"image_size": self.image_size}, batch_size=self.batch_size,
-            batch_format="numpy", num_cpus=1,
+            batch_format="numpy", num_cpus=DECODE_CPUS,
         )
         # A different resource shape from the decode tasks keeps Ray Data from fusing the two stages
         # into the actors, where decoding would stop overlapping with the backbone. An actor that dies
@@ -217,7 +238,7 @@ class RayEngine:
                 ),
                 batch_size=self.batch_size, batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=self.workers),
-                num_gpus=self.gpus_per_worker or None, num_cpus=1 if self.gpus_per_worker else 0.5,
+                num_gpus=self.gpus_per_worker or None, num_cpus=_actor_cpus(self.gpus_per_worker),
                 max_restarts=0,
             )
 
