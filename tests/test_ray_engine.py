@@ -128,6 +128,27 @@ def test_engine_options_are_checked_before_any_work(tmp_path: Path) -> None:
         extract(data, tmp_path / "c.h5", engine="ray", ray_options=RayOptions(workers=0), **FAST)
 
 
+def test_an_address_where_something_else_answers_is_refused_in_seconds(tmp_path: Path) -> None:
+    # The dashboard's port (8265) or any web server: ray.init retried it for minutes (killed after 150 s),
+    # printing Ray's C++ warnings, where a closed port was refused at once.
+    import http.server
+    import threading
+
+    from tlfeat.extraction.ray_engine import _check_reachable
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        address = f"127.0.0.1:{server.server_address[1]}"
+        started = time.perf_counter()
+        with pytest.raises(TlfeatError, match=f"^`address='{address}'`: something answers there, but not a Ray"):
+            _check_reachable(address)
+        assert time.perf_counter() - started < 10
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_without_ray_installed_the_ray_engine_says_how_to_get_it(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data", n_classes=2, per_class=2)
     script = (

@@ -16,6 +16,7 @@ float32 size) and stay so into the model, which scales them on its device.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import warnings
 from dataclasses import dataclass
@@ -71,12 +72,37 @@ def _check_reachable(address: str) -> None:
     if not host or not port.isdigit():
         return  # "auto" and friends: Ray resolves them
     try:
-        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S) as connection:
+            speaks_grpc = os.environ.get("RAY_USE_TLS", "0") not in ("0", "") or _answers_http2(connection)
     except OSError as exc:
         raise TlfeatError(
             f"`address={address!r}`: no Ray cluster answers there ({exc.strerror or exc.__class__.__name__}); "
             "start one with `ray start --head` or check the address"
         ) from None
+    if not speaks_grpc:  # ray.init would retry it for minutes, printing Ray's C++ warnings
+        raise TlfeatError(
+            f"`address={address!r}`: something answers there, but not a Ray cluster (the dashboard's port 8265?); "
+            "pass the head's GCS address (port 6379 by default, as `ray start --head` prints it) or ray://host:10001"
+        )
+
+
+def _answers_http2(connection: socket.socket) -> bool:
+    """Whether the server on `connection` speaks HTTP/2, as a Ray GCS and a Ray client server (gRPC) do: the
+    reply to the client's connection preface is the server's SETTINGS frame (frame type 4)."""
+    connection.sendall(HTTP2_PREFACE + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))  # and an empty SETTINGS frame
+    reply = b""
+    while len(reply) < 9:
+        try:
+            more = connection.recv(9 - len(reply))
+        except socket.timeout:
+            return False
+        if not more:
+            return False
+        reply += more
+    return reply[3] == 4
+
+
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
 def _connect(ray: Any, address: str | None) -> bool:
