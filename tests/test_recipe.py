@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli, write_synthetic_cache
+from conftest import make_dataset, run_cli, write_synthetic_cache
 from tlfeat import cache
 from tlfeat.apps.recipe import member_cache, run_recipe, select_and_refit
 from tlfeat.apps.recipe_book import RECIPES, Member
@@ -191,3 +191,16 @@ def test_recipe_passes_overwrite_to_its_members_extraction(tmp_path: Path, monke
     again = CliRunner().invoke(app, command)  # before: the head was replaced without a word, as fit-head says it
     assert again.exit_code == 0 and "replaced logreg.skops (was C=" in again.output, again.output
     assert "(cross-validated)" in again.output and "searched on val" not in again.output  # before: "on val"
+
+
+def test_a_member_cache_it_may_not_change_is_refused_with_the_recipes_own_options(tmp_path: Path) -> None:
+    # Before: extract's refusal advised "--out for a new file", and a recipe's --out is its head folder:
+    # `recipe DATA --out elsewhere` failed the same way again. Its member caches move with --cache-dir.
+    data = make_dataset(tmp_path / "data", n_classes=2, per_class=3)
+    member = member_cache(data, tmp_path / "caches", RECIPES["fast"].members[0])
+    write_synthetic_cache(member)  # other settings: refused, as extract refuses it
+    with pytest.raises(TlfeatError, match=r"pass `overwrite` to replace it or `cache_dir` for new files\)?$"):
+        run_recipe(data, "fast", cache_dir=tmp_path / "caches", progress=False)
+    result = run_cli("recipe", str(data), "--recipe", "fast", "--cache-dir", str(tmp_path / "caches"), timeout=300)
+    assert result.returncode == 1 and "or --cache-dir for new files" in result.stderr
+    assert "--out" not in result.stderr

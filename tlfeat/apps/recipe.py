@@ -159,6 +159,7 @@ def run_recipe(
     `extract`'s, for the member caches.
     """
     from tlfeat.extraction.run import extract
+    from tlfeat.extraction.shards import NEW_FILE
 
     path_value("data", data)
     out = None if out is None else path_value("out", out)
@@ -176,10 +177,15 @@ def run_recipe(
     runs: list[MemberRun] = []
     for member in spec.members:
         cache = member_cache(data, cache_dir, member)
-        summary = extract(
-            data, out=cache, backbone=member.backbone, image_size=member.image_size, tta=member.tta,
-            seed=seed, ratios=ratios, progress=progress, overwrite=overwrite,
-        )
+        try:
+            summary = extract(
+                data, out=cache, backbone=member.backbone, image_size=member.image_size, tta=member.tta,
+                seed=seed, ratios=ratios, progress=progress, overwrite=overwrite,
+            )
+        except TlfeatError as exc:  # extract's advice names its `out`; a recipe's `out` is the head folder
+            if NEW_FILE not in str(exc):
+                raise
+            raise TlfeatError(str(exc).replace(NEW_FILE, "`cache_dir` for new files")) from None
         run = MemberRun(member, cache, summary.n_computed, summary.n_reused, summary.seconds, summary.images_per_s)
         runs.append(run)
         if on_member is not None:

@@ -32,7 +32,7 @@ from tlfeat.extraction.engines import Engine, LocalEngine
 from tlfeat.extraction.ledger import (
     FAILED, NOWHERE, OLD_CACHE, PATH_CHUNK_ROWS, FinalWriter, Ledger, same_as_file,
 )
-from tlfeat.extraction.shards import NON_FINITE_REASON, ShardStore, ShardWriter, without_non_finite
+from tlfeat.extraction.shards import NEW_FILE, NON_FINITE_REASON, ShardStore, ShardWriter, without_non_finite
 from tlfeat.interrupts import deferred_interrupts, interrupted_import, raise_if_requested
 from tlfeat.fileio import OutputLock, check_output_path, check_outside_dataset, path_value, remove_stale_temporaries
 from tlfeat.extraction.ray_engine import RayEngine, RayOptions  # Ray itself is imported only by a run on it
@@ -113,7 +113,7 @@ def _record_earlier_work(
                 elif not overwrite:
                     raise _CacheRefusal(
                         f"{out}: cache was made with other settings ({key.differences(old_key)} "
-                        "[this run vs file]); pass `overwrite` to replace it or `out` for a new file"
+                        f"[this run vs file]); pass `overwrite` to replace it or {NEW_FILE}"
                     )
         except _CacheRefusal:
             raise
@@ -159,7 +159,7 @@ def _check_dataset(old: CacheReader, scan: DatasetScan, overwrite: bool) -> None
     if old_root and Path(old_root) != scan.root and not overwrite:
         raise _CacheRefusal(
             f"{old.path}: holds the features of another dataset folder ({old_root}, not {scan.root}); pass "
-            "`overwrite` to make it this one's (rows of the same files are reused) or `out` for a new file"
+            f"`overwrite` to make it this one's (rows of the same files are reused) or {NEW_FILE}"
         )
 
 

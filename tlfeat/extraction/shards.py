@@ -34,6 +34,8 @@ from tlfeat.fileio import atomic_write_bytes, os_reason, sha256_file
 
 SHARD_DIGEST_CHARS = 32  # hex digits of SHA-256 in a shard's name: 128 bits
 _SHARD_NAME = re.compile(r"shard-(\d{7,})-([0-9a-f]{%d})\.npz" % SHARD_DIGEST_CHARS)
+# How extract's refusals say to leave an existing cache alone (a recipe, whose caches move with `cache_dir`, rewords it).
+NEW_FILE = "`out` for a new file"
 NON_FINITE_REASON = "the backbone gave NaN or inf features for this image"
 
 
@@ -146,7 +148,7 @@ class ShardStore:
             raise TlfeatError(
                 f"{self.dir}: holds the unfinished batches of another dataset folder ({old_root}, not "
                 f"{self.dataset_root}); rerun that command to finish it, pass `overwrite` to make them this one's "
-                "(rows of the same files are reused) or `out` for a new file"
+                f"(rows of the same files are reused) or {NEW_FILE}"
             )
         self.start(key)
 
