@@ -204,3 +204,26 @@ def test_a_member_cache_it_may_not_change_is_refused_with_the_recipes_own_option
     result = run_cli("recipe", str(data), "--recipe", "fast", "--cache-dir", str(tmp_path / "caches"), timeout=300)
     assert result.returncode == 1 and "or --cache-dir for new files" in result.stderr
     assert "--out" not in result.stderr
+
+
+def test_too_few_images_to_cross_validate_is_said_and_the_head_records_the_folds_used() -> None:
+    # Before: a class with one train+val image left C at the grid's first value with nothing said (no
+    # cross-validation line, no note), and every recipe head recorded "C by 5-fold cross-validation",
+    # also when 3 folds (a class of 3 images) or none were used.
+    from tlfeat.apps.recipe import _description
+    from tlfeat.cache import CacheData
+    from tlfeat.heads.fit import Features
+    from tlfeat.heads.rows import RowIds
+
+    rng = np.random.default_rng(2)
+    labels = np.repeat([0, 1], 6)
+    features = rng.normal(size=(12, 4)).astype(np.float32) + labels[:, None] * 8
+    split = np.array(["train"] + ["test"] * 5 + ["train"] * 3 + ["val"] + ["test"] * 2)
+    data = CacheData(features, labels, np.array([f"{i}.png" for i in range(12)]), split, ["a", "b"], {})
+    fitted = select_and_refit(Features(data, [], "synthetic", RowIds.of(list(data.paths), [100] * 12, features)),
+                              RECIPES["fast"].c_grid)
+    assert fitted.folds == 0 and fitted.c == RECIPES["fast"].c_grid[0]
+    assert any("not cross-validated" in note and "1 train+val image" in note for note in fitted.notes)
+    assert "not cross-validated" in _description(RECIPES["fast"], fitted)
+    fitted.folds = 3
+    assert "C by 3-fold cross-validation over train+val" in _description(RECIPES["fast"], fitted)

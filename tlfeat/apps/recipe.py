@@ -107,6 +107,10 @@ def select_and_refit(features: Features, c_grid: Sequence[float], seed: int = 0,
     if len(test):
         metrics["test"] = split_metrics(test.labels, estimator.predict(test.features), data.class_names)
     notes = [left_out_note("test", left_out)] if left_out else []
+    if len(c_grid) > 1 and not folds:
+        fewest = int(np.unique(y, return_counts=True)[1].min())
+        notes.append(f"C={c:g} not cross-validated: a class has only {fewest} train+val image"
+                     f"{'s' if fewest != 1 else ''} (2 needed), so the grid's first C is used")
     notes += sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0]}" for w in caught
                      if issubclass(w.category, UserWarning)})
     return Fitted(estimator, c, folds, trials, metrics, fit_seconds, search_seconds, notes)
@@ -203,14 +207,19 @@ def run_recipe(
     return RecipeResult(spec, runs, fitted, head, out)
 
 
+def _description(spec: Recipe, fitted: Fitted) -> str:
+    """What the head file says it is: the folds actually used (fewer than CV_FOLDS for a small class, or none)."""
+    chosen = (f"C by {fitted.folds}-fold cross-validation over train+val" if fitted.folds
+              else f"C={fitted.c:g}, not cross-validated")
+    return f"recipe {spec.name}: {spec.description}; StandardScaler + logistic regression, {chosen}, refitted on train+val"
+
+
 def _save(out: Path, spec: Recipe, features: Features, fitted: Fitted, seed: int) -> HeadResult:
     refit_rows = features.data.split != "test"  # refitted on train+val: both are rows it has seen
     seen = {"train": features.ids.take(refit_rows)}
     counts = {name: int(n) for name, n in features.split_counts().items()}
     meta = head_metadata(
-        HEAD, f"recipe {spec.name}: {spec.description}; StandardScaler + logistic regression, "
-        f"C by {CV_FOLDS}-fold cross-validation over train+val, refitted on train+val",
-        fitted.estimator, features.data.class_names, int(features.data.features.shape[1]), features.sources,
+        HEAD, _description(spec, fitted), fitted.estimator, features.data.class_names, int(features.data.features.shape[1]), features.sources,
         features.label, {"digest": features.digest, "counts": counts}, {"C": fitted.c}, fitted.trials or None,
         seed, fitted.fit_seconds, fitted.search_seconds,
     )
