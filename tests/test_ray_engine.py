@@ -97,6 +97,32 @@ def test_killed_ray_run_resumes_and_matches_the_local_engine(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
+def test_a_relative_weights_file_is_opened_by_its_absolute_path_on_the_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: the actors got `weights` as typed, so a cluster started in another folder failed with
+    # "vgg.weights.h5: weights file not found", after the driver had hashed the very file for the key.
+    import ray
+
+    from tlfeat.backbones import get_backbone
+    from tlfeat.backbones.registry import build_model
+
+    data = make_dataset(tmp_path / "data", n_classes=2, per_class=2)
+    (tmp_path / "cluster").mkdir()
+    (tmp_path / "here").mkdir()
+    build_model(get_backbone("vgg16"), "none", 32).save_weights(tmp_path / "here" / "vgg.weights.h5")
+    monkeypatch.chdir(tmp_path / "cluster")  # the Ray instance, and its workers, start here
+    ray.init(include_dashboard=False, log_to_driver=False)
+    try:
+        monkeypatch.chdir(tmp_path / "here")
+        summary = extract(data, tmp_path / "c.h5", backbone="vgg16", weights="vgg.weights.h5", image_size=32,
+                          progress=False, engine="ray")
+    finally:
+        ray.shutdown()
+    assert summary.n_images == 4 and not summary.skipped
+
+
+@pytest.mark.slow
 def test_a_worker_that_cannot_load_the_model_fails_the_run_in_one_line(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data", n_classes=2, per_class=2)
     weights = tmp_path / "broken.weights.h5"

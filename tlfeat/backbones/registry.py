@@ -150,6 +150,12 @@ def weights_file(weights: str) -> Path:
     return path
 
 
+def weights_source(weights: str) -> str:
+    """`weights` as a cache or run records it, and as another process opens it: imagenet and none as they
+    are, a file by its absolute path (a Ray worker's working folder is not the driver's)."""
+    return weights if weights in ("imagenet", "none") else str(Path(weights).resolve())
+
+
 def weights_identity(backbone: Backbone, weights: str) -> str:
     """What the cache records for these weights: "none:<keras backend>", the ImageNet identity, or a file's
     sha256. Random weights are one model per backend (each draws them with its own generator), so a run under

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from tlfeat.backbones import Backbone, get_backbone
+from tlfeat.backbones import Backbone, get_backbone, weights_source
 from tlfeat.cache import Rows
 from tlfeat.data.decode import decode_into, failure_reason
 from tlfeat.data.entries import ImageEntry
@@ -180,7 +180,8 @@ class RayEngine:
         tta: str = "none",
     ) -> None:
         options.validate()
-        self.backbone, self.weights, self.image_size, self.options = backbone, weights, image_size, options
+        self.backbone, self.image_size, self.options = backbone, image_size, options
+        self.weights = weights_source(weights)  # the workers open it by the driver's absolute path
         self.tta = tta
         self.requested_batch_size = batch_size
         self.ray: Any = None

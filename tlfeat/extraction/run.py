@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tlfeat.backbones import DEFAULT_BACKBONE, Backbone, get_backbone, resolve_image_size, weights_identity
+from tlfeat.backbones import (
+    DEFAULT_BACKBONE, Backbone, get_backbone, resolve_image_size, weights_identity, weights_source,
+)
 from tlfeat.backbones.preprocessing import NO_TTA
 from tlfeat.cache import CacheKey, CacheReader, key_from_attrs
 from tlfeat.cache_checks import DamagedCacheError
@@ -404,7 +406,6 @@ def _recheck_skipped(scan: DatasetScan, ledger: Ledger, size: int) -> tuple[int,
 
 
 def _final_attrs(scan: DatasetScan, weights: str, size: int, keras_backend: str) -> dict:
-    weights_source = weights if weights in ("imagenet", "none") else str(Path(weights).resolve())
     return {
         "keras_backend": keras_backend,
         "dataset_root": str(scan.root),
@@ -412,6 +413,6 @@ def _final_attrs(scan: DatasetScan, weights: str, size: int, keras_backend: str)
         "seed": scan.seed,
         "split_ratios": list(scan.ratios),
         "split_rule": SPLIT_RULE,
-        "weights_source": weights_source,
+        "weights_source": weights_source(weights),
         "resize": f"pillow-bilinear {size}x{size}, aspect not kept",
     }

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from tlfeat.backbones import Backbone, build_model, get_backbone, weights_identity
+from tlfeat.backbones import Backbone, build_model, get_backbone, weights_identity, weights_source
 from tlfeat.data.scan import DatasetScan, scan_dataset
 from tlfeat.errors import Interrupted, TlfeatError, integer, number, seed_value
 from tlfeat.fileio import path_value
@@ -182,7 +182,7 @@ def finetune(
 
     config = RunConfig(
         backbone=spec.name,
-        weights=weights if weights in ("imagenet", "none") else str(Path(weights).resolve()),
+        weights=weights_source(weights),
         weights_identity=weights_identity(spec, weights),
         preprocessing=spec.preprocessing,
         image_size=size,
