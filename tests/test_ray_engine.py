@@ -175,6 +175,15 @@ def test_an_address_where_something_else_answers_is_refused_in_seconds(tmp_path:
         server.server_close()
 
 
+def test_an_address_with_another_scheme_is_refused_for_what_it_is() -> None:
+    # Before: http://127.0.0.1:8265 (the dashboard's address in Ray's job docs) was looked up as the host
+    # "http://127.0.0.1": "no Ray cluster answers there (Name or service not known)", a wrong diagnosis.
+    from tlfeat.extraction.ray_engine import _check_reachable
+
+    with pytest.raises(TlfeatError, match=r"^`address='http://127.0.0.1:8265'`: http:// is not an address a Ray"):
+        _check_reachable("http://127.0.0.1:8265")
+
+
 def test_without_ray_installed_the_ray_engine_says_how_to_get_it(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data", n_classes=2, per_class=2)
     script = (

@@ -68,6 +68,13 @@ def _first_line(exc: BaseException) -> str:
 
 def _check_reachable(address: str) -> None:
     """Fail in seconds, not minutes, on a host:port where nothing listens (ray.init retries for minutes)."""
+    scheme, separator, _ = address.partition("://")
+    if separator and scheme in ("http", "https"):  # the dashboard's http://host:8265, as Ray's job docs pass it
+        # (other schemes may name a client package that ray.init imports, as anyscale:// does)
+        raise TlfeatError(
+            f"`address={address!r}`: {scheme}:// is not an address a Ray driver joins; pass the head's GCS "
+            "address host:6379 (as `ray start --head` prints it), ray://host:10001 or auto"
+        )
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         return  # "auto" and friends: Ray resolves them
