@@ -193,6 +193,7 @@ def test_recipe_passes_overwrite_to_its_members_extraction(tmp_path: Path, monke
     assert "(cross-validated)" in again.output and "searched on val" not in again.output  # before: "on val"
 
 
+@pytest.mark.slow
 def test_a_member_cache_it_may_not_change_is_refused_with_the_recipes_own_options(tmp_path: Path) -> None:
     # Before: extract's refusal advised "--out for a new file", and a recipe's --out is its head folder:
     # `recipe DATA --out elsewhere` failed the same way again. Its member caches move with --cache-dir.
