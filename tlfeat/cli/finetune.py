@@ -29,7 +29,7 @@ def finetune(
     lr2: Optional[float] = typer.Option(None, "--lr2", help=f"Stage 2 RMSprop learning rate. Default {DEFAULTS['lr2']:g}."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help=f"Images per training step. Default {DEFAULTS['batch_size']}."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Square input size, 32 to 1024. Default: the backbone's native size (`tlfeat backbones` lists them: 224 for most, up to 600)."),
-    augment: bool = typer.Option(False, "--augment", help="Training-only random crop/zoom and horizontal flip, seeded (on --resume: as the run was started)."),
+    augment: Optional[bool] = typer.Option(None, "--augment", help="Training-only random crop/zoom and horizontal flip, seeded. Default: off (on --resume: as the run was started)."),
     patience: Optional[int] = typer.Option(None, "--patience", help=f"Stop a stage after this many epochs without a lower val loss; 0: never. Default {DEFAULTS['patience']}."),
     seed: Optional[int] = typer.Option(None, "--seed", help=f"Seed of the split, the head's initialisation, shuffling and augmentation. Default {DEFAULTS['seed']}."),
     split: Optional[str] = typer.Option(None, "--split", help=f"train,val,test shares for a flat dataset, as for extract. Default {DEFAULT_SPLIT}."),
@@ -47,8 +47,7 @@ def finetune(
 
     result = run_finetune(
         data, backbone=backbone, weights=weights, epochs1=epochs1, epochs2=epochs2, unfreeze_top=unfreeze_top,
-        unfreeze_all=unfreeze_all, lr1=lr1, lr2=lr2, batch_size=batch_size, image_size=image_size,
-        augment=augment or None,  # left out: off in a new run, the run's own on --resume
+        unfreeze_all=unfreeze_all, lr1=lr1, lr2=lr2, batch_size=batch_size, image_size=image_size, augment=augment,
         seed=seed, ratios=None if split is None else parse_ratios(split), patience=patience, out=out, resume=resume,
         progress=not quiet, log=typer.echo,
     )
