@@ -62,6 +62,16 @@ def _logreg(c: float, seed: int) -> BaseEstimator:
     return spec.build(seed).set_params(**{spec.param: c})
 
 
+def _copies_grouped(feature_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows with the same features (copies of one image) as one group: each row's group, numbered in order of
+    first appearance, and each group's first row. Without copies: every row its own group, in row order."""
+    _, firsts, inverse = np.unique(feature_ids, return_index=True, return_inverse=True)
+    order = np.argsort(firsts)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return rank[inverse.reshape(-1)], firsts[order]
+
+
 def select_and_refit(features: Features, c_grid: Sequence[float], seed: int = 0, folds: int = CV_FOLDS) -> Fitted:
     """Standardized logistic regression on every labelled row outside test (train and val).
 
@@ -74,7 +84,8 @@ def select_and_refit(features: Features, c_grid: Sequence[float], seed: int = 0,
     if not rows.any():
         raise TlfeatError(f"{features.label}: no train or val rows; nothing to fit on")
     x, y = data.features[rows], data.labels[rows]
-    folds = min(folds, int(np.unique(y, return_counts=True)[1].min())) if len(c_grid) > 1 else 0
+    group_of, firsts = _copies_grouped(features.ids.by_features[rows])
+    folds = min(folds, int(np.unique(y[firsts], return_counts=True)[1].min())) if len(c_grid) > 1 else 0
     folds = folds if folds >= 2 else 0
     trials: list[dict] = []
     metrics: dict[str, dict] = {}
@@ -83,7 +94,11 @@ def select_and_refit(features: Features, c_grid: Sequence[float], seed: int = 0,
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if folds:
-            splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y))
+            # Folds of images, not rows: an image's copies are held out together, or the held-out accuracy
+            # (and the C it chooses) would count copies of rows the fold's head was fitted on.
+            group_folds = StratifiedKFold(folds, shuffle=True, random_state=seed).split(firsts, y[firsts])
+            splits = [(np.flatnonzero(np.isin(group_of, fit_groups)), np.flatnonzero(np.isin(group_of, held_groups)))
+                      for fit_groups, held_groups in group_folds]
             best = None
             for value in c_grid:
                 started = time.perf_counter()
