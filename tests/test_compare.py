@@ -6,6 +6,7 @@ import csv
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
@@ -17,6 +18,8 @@ from tlfeat.apps import compare as compare_module
 from tlfeat.heads.registry import head_trainable_params
 from tlfeat.extraction.run import extract
 from tlfeat.finetuning import finetune
+from tlfeat.finetuning.finish import run_summary
+from tlfeat.finetuning.state import BestEpoch, Run, RunConfig, RunState, StageState
 from tlfeat.heads.fit import fit_heads
 from tlfeat.heads.registry import HEAD_NAMES
 from tlfeat.heads.store import load_head
@@ -221,3 +224,42 @@ def test_a_class_list_that_differs_counts_what_it_leaves_unnamed(tmp_path: Path)
     eight = write_synthetic_cache(tmp_path / "eight.h5", n_classes=8)
     with pytest.raises(TlfeatError, match="not in the model: class_3, class_4, class_5 and 2 more"):
         tlfeat.evaluate(tmp_path / "heads" / "logreg.skops", eight)
+
+
+def finished_run_summary(best_stage: int) -> dict:
+    """The summary.json a finished VGG16 run (2 epochs of each stage, top 2 layers) writes, its best epoch in
+    `best_stage`; built from its state, without training."""
+    config = RunConfig(backbone="vgg16", weights="none", weights_identity="none", preprocessing="caffe", image_size=32,
+                       unfreeze_top=2, epochs1=2, epochs2=2, lr1=1e-3, lr2=1e-4, batch_size=4, augment=False,
+                       patience=0, seed=0, split_ratios=[0.5, 0.25, 0.25], dataset_root="/data/tiny",
+                       dataset_fingerprint="f", classes=["a", "b", "c"], base_layers=19)
+    state = RunState(best=BestEpoch(2 * best_stage - 1, best_stage, 1, 1.0, 0.5, "best.keras"), seconds=4.0,
+                     finished=True)
+    for stage, params in ((1, HEAD_PARAMS), (2, HEAD_PARAMS + 2359808)):
+        state.stages[stage] = StageState(epochs_run=2, trainable_params=params, non_trainable_params=1, seconds=2.0)
+    scores = {s: {"n": 6, "accuracy": 0.5, "macro_f1": 0.5} for s in ("train", "val", "test")}
+    return run_summary(Run(Path("run"), config, state, print), SimpleNamespace(name="tiny"), scores,
+                       {s: 6 for s in scores}, [], False, None, "tensorflow")
+
+
+HEAD_PARAMS = 512 * 128 + 128 + 128 * 3 + 3  # the head on VGG16's 512-d features, 3 classes
+
+
+def test_a_run_whose_best_epoch_is_in_stage_1_is_the_head_on_the_frozen_base(tmp_path: Path) -> None:
+    # Before: its model.keras, stage 1's best epoch, was called "fine-tuned, top 2 layers" in summary.json and
+    # compare, with stage 2's trainable parameters (the head's and block5_conv3's).
+    head_only, fine_tuned = finished_run_summary(best_stage=1), finished_run_summary(best_stage=2)
+    assert head_only["method"] == "head on frozen base (best epoch in stage 1 of a fine-tune run)"
+    assert head_only["trainable_params"] == HEAD_PARAMS
+    assert (fine_tuned["method"], fine_tuned["trainable_params"]) == ("fine-tuned, top 2 layers", HEAD_PARAMS + 2359808)
+    # A summary written before: its run is described by the model it saved all the same.
+    old = {**head_only, "method": "fine-tuned, top 2 layers", "trainable_params": HEAD_PARAMS + 2359808}
+    for name, summary in (("head_only", head_only), ("fine_tuned", fine_tuned), ("old", old)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(summary))
+    rows = {row.name: row for row in tlfeat.compare(tmp_path).rows}
+    assert {name: (row.method, row.trainable_params) for name, row in rows.items()} == {
+        "head_only": ("head on frozen base (best epoch in stage 1 of a fine-tune run)", HEAD_PARAMS),
+        "old": ("head on frozen base (best epoch in stage 1 of a fine-tune run)", HEAD_PARAMS),
+        "fine_tuned": ("fine-tuned, top 2 layers", HEAD_PARAMS + 2359808),
+    }

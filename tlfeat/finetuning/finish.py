@@ -24,7 +24,9 @@ from tlfeat.errors import TlfeatError
 from tlfeat.fileio import atomic_path, sha256_file
 from tlfeat.finetuning.data import CROP_SCALE
 from tlfeat.finetuning.model import inference_mode_layer
-from tlfeat.finetuning.runs import MODEL_NAME, RUN_FORMAT, RUN_FORMAT_VERSION, SUMMARY_NAME, predict_with_model
+from tlfeat.finetuning.runs import (
+    MODEL_NAME, RUN_FORMAT, RUN_FORMAT_VERSION, SUMMARY_NAME, describe_saved_model, predict_with_model,
+)
 from tlfeat.finetuning.state import Run
 from tlfeat.reports import plot_confusion, plot_history, split_metrics, write_json
 from tlfeat.runtime import compute_policy
@@ -72,10 +74,11 @@ def finish_run(run: Run, scan: DatasetScan, spec: Backbone, on_gpu: bool, jit_co
             continue
         metrics[split] = split_metrics(labels[unseen], np.argmax(predicted.outputs, axis=1)[unseen], scan.class_names)
     write_json(run.out / "metrics.json", {"model": MODEL_NAME, "classes": scan.class_names, "splits": metrics})
+    summary = run_summary(run, scan, metrics, readable, notes, on_gpu, jit_compile, keras.backend.backend())
     shown = "test" if "test" in metrics else list(metrics)[-1]
-    plot_confusion(
+    plot_confusion(  # of the best epoch's model: its method, which may be stage 1's
         np.array(metrics[shown]["confusion_matrix"]), scan.class_names,
-        f"{spec.name} fine-tuned ({config.method()}): {shown} accuracy {metrics[shown]['accuracy']:.3f}",
+        f"{spec.name} ({summary['method']}): {shown} accuracy {metrics[shown]['accuracy']:.3f}",
         run.out / "confusion.png",
     )
     history = [vars(e) for e in run.state.history]
@@ -83,7 +86,6 @@ def finish_run(run: Run, scan: DatasetScan, spec: Backbone, on_gpu: bool, jit_co
     with atomic_path(run.out / MODEL_NAME) as tmp:  # a copy: the checkpoint stays until the run is finished
         shutil.copyfile(best_file, tmp)
 
-    summary = run_summary(run, scan, metrics, readable, notes, on_gpu, jit_compile, keras.backend.backend())
     write_json(run.out / SUMMARY_NAME, summary)
     run.state.finished = True
     run.state.last_checkpoint = None
@@ -102,14 +104,15 @@ def _content_key(path: Path) -> str | None:
 
 def run_summary(run: Run, scan: DatasetScan, metrics: dict, readable: dict[str, int], notes: list[str], on_gpu: bool,
                 jit_compile: Any, backend: str) -> dict:
-    """What summary.json holds: the config, method, per-stage record, best epoch, scores and environment."""
+    """What summary.json holds: the config, per-stage record, best epoch, scores, environment, and the method and
+    trainable parameters of the model saved (the best epoch's: stage 1's head alone when it is in stage 1)."""
     config, state = run.config, run.state
     kept = ("epochs_run", "stopped_early", "trainable_params", "non_trainable_params", "learning_rate", "seconds")
     stages = {
         str(stage): {"epochs_planned": config.epochs(stage), **{k: getattr(recorded, k) for k in kept}}
         for stage, recorded in state.stages.items()
     }
-    return {
+    return describe_saved_model({
         "format": RUN_FORMAT,
         "format_version": RUN_FORMAT_VERSION,
         **{k: v for k, v in vars(config).items() if k not in ("epochs1", "epochs2")},
@@ -136,4 +139,4 @@ def run_summary(run: Run, scan: DatasetScan, metrics: dict, readable: dict[str, 
         "skipped": dict(sorted(run.failures.items())),
         "tlfeat_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    })

@@ -23,6 +23,8 @@ SUMMARY_NAME = "summary.json"
 MODEL_NAME = "model.keras"
 STATE_NAME = "state.json"
 RUNS_DIR = Path("runs")  # default parent of run folders: runs/<dataset>-<backbone>-top<k>-<timestamp>
+# The method of a run whose best epoch, so its model.keras, came before stage 2 unfroze any layer of the base.
+STAGE1_BEST_METHOD = "head on frozen base (best epoch in stage 1 of a fine-tune run)"
 
 
 def _run_files(path: Path) -> tuple[Path, Path]:
@@ -48,6 +50,21 @@ def read_run_summary(path: Path) -> dict:
         raise TlfeatError(f"{path}: no {SUMMARY_NAME}; not a finished fine-tune run")
     summary = read_json_object(summary_path)
     check_format(summary_path, summary, RUN_FORMAT, RUN_FORMAT_VERSION, "a tlfeat fine-tune summary", "rerun it")
+    return describe_saved_model(summary)
+
+
+def describe_saved_model(summary: dict) -> dict:
+    """`summary` with the method and trainable parameters of the model the run saved, its best epoch's.
+
+    A best epoch in stage 1 of a run whose stage 2 then ran is the head on the frozen base: its method says so and
+    its trainable parameters are stage 1's (the head's). Summaries written before this was checked called such a
+    model fine-tuned, with stage 2's parameters; read back, they are described as this one is.
+    """
+    stages, best = summary.get("stages"), summary.get("best_epoch")
+    if isinstance(stages, dict) and isinstance(best, dict) and best.get("stage") == 1 \
+            and (stages.get("2") or {}).get("epochs_run"):
+        summary["method"] = STAGE1_BEST_METHOD
+        summary["trainable_params"] = (stages.get("1") or {}).get("trainable_params")
     return summary
 
 
