@@ -19,7 +19,7 @@ from tlfeat.heads.registry import head_trainable_params
 from tlfeat.extraction.run import extract
 from tlfeat.finetuning import finetune
 from tlfeat.finetuning.finish import run_summary
-from tlfeat.finetuning.state import BestEpoch, Run, RunConfig, RunState, StageState
+from tlfeat.finetuning.state import BestEpoch, EpochRecord, Run, RunConfig, RunState, StageState
 from tlfeat.heads.fit import fit_heads
 from tlfeat.heads.registry import HEAD_NAMES
 from tlfeat.heads.store import load_head
@@ -263,3 +263,31 @@ def test_a_run_whose_best_epoch_is_in_stage_1_is_the_head_on_the_frozen_base(tmp
         "old": ("head on frozen base (best epoch in stage 1 of a fine-tune run)", HEAD_PARAMS),
         "fine_tuned": ("fine-tuned, top 2 layers", HEAD_PARAMS + 2359808),
     }
+
+
+def test_a_run_that_has_not_finished_is_named_not_left_out_without_a_word(tmp_path: Path) -> None:
+    # Before: in a folder, a run killed before its end (state.json, no summary.json) was left out without a word;
+    # named, it was "no fit-head models or fine-tune runs found".
+    done = tmp_path / "runs" / "done"
+    done.mkdir(parents=True)
+    (done / "summary.json").write_text(json.dumps(finished_run_summary(best_stage=2)))
+    config = RunConfig(backbone="vgg16", weights="none", weights_identity="none", preprocessing="caffe", image_size=32,
+                       unfreeze_top=2, epochs1=3, epochs2=2, lr1=1e-3, lr2=1e-4, batch_size=4, augment=False,
+                       patience=0, seed=0, split_ratios=[0.5, 0.25, 0.25], dataset_root="/data/tiny",
+                       dataset_fingerprint="f", classes=["a", "b", "c"], base_layers=19)
+    state = RunState(history=[EpochRecord(1, 1, 1, 1.0, 0.5, 1.0, 0.5, 1e-3, 1.0)])
+    killed = tmp_path / "runs" / "L1"
+    killed.mkdir()
+    Run(killed, config, state, print).save_state()
+    unfinished = (f"a fine-tune run that has not finished (1 of 5 epochs); resume it with "
+                  f"`tlfeat finetune /data/tiny --out {killed} --resume`")
+
+    for named in (killed, killed / "state.json"):
+        assert_one_line_error(runner.invoke(app, ["compare", str(named)]), f"{killed}: {unfinished}")
+    result = runner.invoke(app, ["compare", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    assert [line.split(" | ")[2] for line in result.output.splitlines()[2:] if line.startswith("| ")] == ["done"]
+    assert f"note: {killed}: left out, {unfinished}" in result.output
+    shutil.rmtree(done)  # nothing finished left: the error says what there is
+    assert_one_line_error(runner.invoke(app, ["compare", str(tmp_path / "runs")]),
+                          "no fit-head models or finished fine-tune runs found", f"{killed}: left out, {unfinished}")

@@ -3,7 +3,9 @@
 A fit-head model is read from the metadata inside its ``.skops`` file (or a
 tlfeat 0.1 head's ``.json``), a fine-tune run from its ``summary.json``; no
 model is loaded, so comparing is fast and runs no code from the files. Folders
-are searched recursively for both.
+are searched recursively for both. A run that has not finished (a state.json, no
+summary.json) has no scores: named, it is an error that says how to resume it;
+found in a folder, it is left out with a note naming it.
 
 Scores only compare on the same images in the same splits: rows are grouped by
 their dataset (folder, split seed and shares, class list, images per split) and
@@ -34,7 +36,7 @@ from typing import Sequence
 from tlfeat.errors import TlfeatError
 from tlfeat.fileio import check_output_path, path_list, path_value, read_json_object
 from tlfeat.data.scan import SPLITS
-from tlfeat.finetuning.runs import RUN_FORMAT, SUMMARY_NAME, read_run_summary
+from tlfeat.finetuning.runs import RUN_FORMAT, STATE_FORMAT, STATE_NAME, SUMMARY_NAME, read_run_summary, unfinished_run
 from tlfeat.heads.folder import DAMAGED_HEAD_ADVICE
 from tlfeat.heads.registry import head_trainable_params
 from tlfeat.heads.store import HEAD_SUFFIX, LEGACY_SUFFIX, MODEL_FORMAT, read_metadata
@@ -84,11 +86,12 @@ class Row:
 @dataclass
 class CompareResult:
     """The comparison: one row per head or run (grouped by dataset, ranked by val accuracy),
-    `table` in markdown, and `notes` on rows left unranked and on heads and runs matched by counts."""
+    `table` in markdown, and `notes` on rows left unranked, on heads and runs matched by counts, and on
+    unfinished runs left out."""
 
     rows: list[Row]
     table: str  # markdown
-    notes: list[str]  # rows left unranked, and why; datasets whose heads and runs were matched by counts
+    notes: list[str]  # rows left unranked, and why; heads and runs matched by counts; unfinished runs left out
 
 
 def _weights_label(weights: str | None) -> str:
@@ -155,7 +158,8 @@ def _json_format(path: Path) -> str | None:
 
 
 def _classify(path: Path) -> tuple[str, Path] | None:
-    """("head", model path) or ("run", run folder) for a file that describes one, else None."""
+    """("head", model path), ("run", run folder) or ("unfinished", run folder) for a file that describes one,
+    else None."""
     if path.suffix in (HEAD_SUFFIX, LEGACY_SUFFIX):
         return "head", path
     if path.suffix == ".keras" and (path.parent / SUMMARY_NAME).is_file():
@@ -165,6 +169,8 @@ def _classify(path: Path) -> tuple[str, Path] | None:
     fmt = _json_format(path)
     if path.name == SUMMARY_NAME and fmt == RUN_FORMAT:
         return "run", path.parent
+    if path.name == STATE_NAME and fmt == STATE_FORMAT and unfinished_run(path.parent):
+        return "unfinished", path.parent
     if fmt == MODEL_FORMAT:  # a tlfeat 0.1 head's metadata
         return "head", path.with_suffix(LEGACY_SUFFIX)
     return None
@@ -180,12 +186,15 @@ def _classify_or_refuse(path: Path) -> tuple[str, Path] | None:
 
 
 def find_results(inputs: Sequence[Path]) -> list[tuple[str, Path]]:
-    """Every fit-head model and fine-tune run named by, or found under, `inputs`; each once, in order."""
+    """Every fit-head model and fine-tune run named by, or found under, `inputs`; each once, in order. A run that
+    has not finished is refused when named, and ("unfinished", its folder) when found under a folder."""
     found: list[tuple[str, Path]] = []
     for item in map(Path, inputs):
         if not item.exists():
             raise TlfeatError(f"{item}: not found")
         if item.is_dir():
+            if _classify(item / STATE_NAME):  # a run that has not finished: it has nothing to compare yet
+                raise TlfeatError(f"{item}: {unfinished_run(item)}")
             for dirpath, dirnames, filenames in os.walk(item):
                 # checkpoints/ holds a run's resume files, not results
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "checkpoints")
@@ -201,6 +210,8 @@ def find_results(inputs: Sequence[Path]) -> list[tuple[str, Path]]:
                     f"{item}: neither a fit-head model ({HEAD_SUFFIX}, or a tlfeat 0.1 .joblib or its .json) nor a fine-tune run "
                     f"(its folder, model.keras or {SUMMARY_NAME})"
                 )
+            if hit[0] == "unfinished":
+                raise TlfeatError(f"{hit[1]}: {unfinished_run(hit[1])}")
             found.append(hit)
     unique: dict[tuple[str, Path], None] = {}
     for kind, path in found:
@@ -316,9 +327,12 @@ def compare(inputs: str | Path | Sequence[str | Path], csv: str | Path | None = 
         raise TlfeatError(f"{csv}: given as both `csv` and `png`; the chart would replace the table")
     inputs = path_list(inputs, "inputs", "fit-head models, fine-tune runs or folders of them")
     results = find_results(inputs)
+    unfinished = [f"{path}: left out, {unfinished_run(path)}" for kind, path in results if kind == "unfinished"]
+    results = [(kind, path) for kind, path in results if kind != "unfinished"]
     if not results:
         where = ", ".join(str(p) for p in inputs)
-        raise TlfeatError(f"{where}: no fit-head models or fine-tune runs found")
+        raise TlfeatError(f"{where}: no fit-head models or {'finished ' if unfinished else ''}fine-tune runs found"
+                          + "".join(f"; {note}" for note in unfinished))
     rows = [head_row(path) if kind == "head" else run_row(path) for kind, path in results]
     mixed = _separate_image_sets(rows)
     rows = _distinct_labels(rows)
@@ -335,6 +349,7 @@ def compare(inputs: str | Path | Sequence[str | Path], csv: str | Path | None = 
             continue
         ranks[row.dataset[0]] = ranks.get(row.dataset[0], 0) + 1
         cells.append(row.cells(ranks[row.dataset[0]]))
+    notes += unfinished
     params, seconds = HEADERS.index("trainable params"), HEADERS.index("train s")
     shown = []
     for row in cells:

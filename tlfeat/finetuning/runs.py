@@ -22,6 +22,7 @@ RUN_FORMAT_VERSION = 1
 SUMMARY_NAME = "summary.json"
 MODEL_NAME = "model.keras"
 STATE_NAME = "state.json"
+STATE_FORMAT = RUN_FORMAT + "-state"
 RUNS_DIR = Path("runs")  # default parent of run folders: runs/<dataset>-<backbone>-top<k>-<timestamp>
 # The method of a run whose best epoch, so its model.keras, came before stage 2 unfroze any layer of the base.
 STAGE1_BEST_METHOD = "head on frozen base (best epoch in stage 1 of a fine-tune run)"
@@ -51,6 +52,22 @@ def read_run_summary(path: Path) -> dict:
     summary = read_json_object(summary_path)
     check_format(summary_path, summary, RUN_FORMAT, RUN_FORMAT_VERSION, "a tlfeat fine-tune summary", "rerun it")
     return describe_saved_model(summary)
+
+
+def unfinished_run(folder: Path) -> str | None:
+    """What `folder` is when it holds a fine-tune run that has not finished (its state.json, no summary.json):
+    how far it got and how to resume it. None for any other folder."""
+    folder = Path(folder)
+    if (folder / SUMMARY_NAME).exists() or not (folder / STATE_NAME).is_file():
+        return None
+    state = read_json_object(folder / STATE_NAME)
+    config, history = state.get("config"), state.get("history")
+    if state.get("format") != STATE_FORMAT or not isinstance(config, dict) or not isinstance(history, list):
+        return None
+    planned = (config.get("epochs1") or 0) + ((config.get("epochs2") or 0) if config.get("unfreeze_top") != 0 else 0)
+    return (f"a fine-tune run that has not finished ({len(history)} of {planned} epochs); resume it with "
+            f"`tlfeat finetune {config.get('dataset_root') or 'DATA'} --out {folder} --resume` and the options it "
+            "was started with")
 
 
 def describe_saved_model(summary: dict) -> dict:

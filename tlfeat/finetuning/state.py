@@ -21,10 +21,9 @@ from tlfeat.data.scan import DatasetScan
 from tlfeat.errors import TlfeatError
 from tlfeat.fileio import OutputLock, check_output_path, check_outside_dataset, read_json_object, temporary_name
 from tlfeat.finetuning.model import save_model_atomically
-from tlfeat.finetuning.runs import RUN_FORMAT, RUNS_DIR, STATE_NAME
+from tlfeat.finetuning.runs import RUNS_DIR, STATE_FORMAT, STATE_NAME
 from tlfeat.reports import write_csv, write_json
 
-STATE_FORMAT = RUN_FORMAT + "-state"
 # Settings that may differ on resume of an unfinished run (to extend it); everything else must match.
 RESUMABLE_CHANGES = ("epochs1", "epochs2", "patience")
 
