@@ -66,8 +66,7 @@ def unfinished_run(folder: Path) -> str | None:
         return None
     planned = (config.get("epochs1") or 0) + ((config.get("epochs2") or 0) if config.get("unfreeze_top") != 0 else 0)
     return (f"a fine-tune run that has not finished ({len(history)} of {planned} epochs); resume it with "
-            f"`tlfeat finetune {config.get('dataset_root') or 'DATA'} --out {folder} --resume` and the options it "
-            "was started with")
+            f"`tlfeat finetune {config.get('dataset_root') or 'DATA'} --out {folder} --resume`")
 
 
 def describe_saved_model(summary: dict) -> dict:
