@@ -184,6 +184,15 @@ def test_an_address_with_another_scheme_is_refused_for_what_it_is() -> None:
         _check_reachable("http://127.0.0.1:8265")
 
 
+
+def test_an_empty_address_is_refused_before_ray_starts() -> None:
+    # Before: `--address ''` reached ray.init: "local Ray instance: cannot connect (Invalid address format:)".
+    from tlfeat.extraction.ray_engine import RayOptions
+
+    for address in ("", " "):
+        with pytest.raises(TlfeatError, match=r"^`address='\s*'`: empty; leave it out"):
+            RayOptions(address=address).validate()
+
 def test_without_ray_installed_the_ray_engine_says_how_to_get_it(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data", n_classes=2, per_class=2)
     script = (

@@ -46,6 +46,9 @@ class RayOptions:
     workers: int | None = None  # actors; None: one per GPU share, or one per node without GPUs
 
     def validate(self) -> None:
+        if self.address is not None and not self.address.strip():  # Ray's own words: "Invalid address format:"
+            raise TlfeatError(f"`address={self.address!r}`: empty; leave it out for this machine's Ray, or pass the "
+                              "head's address host:6379, ray://host:10001 or auto")
         if self.num_gpus_per_worker is not None:  # NaN passed every comparison and failed deep in the plan
             number("num_gpus_per_worker", self.num_gpus_per_worker, 0)
         if self.workers is not None:
