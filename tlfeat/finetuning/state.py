@@ -324,12 +324,12 @@ def open_run(out: Path | None, resume: bool, config: RunConfig, scan: DatasetSca
             "renamed, or moved between classes or splits); restore them, or start a new `out`"
         )
     if differs:
-        backend = f" (KERAS_BACKEND={before['keras_backend']})" if new["keras_backend"] != before["keras_backend"] \
+        backend = f" under KERAS_BACKEND={before['keras_backend']}" if new["keras_backend"] != before["keras_backend"] \
             and before["keras_backend"] else ""
         settings = "; ".join(f"{k} {_short(new[k])} vs {_short(before[k])}" for k in differs)
         raise TlfeatError(
             f"{out}: was started with other settings ({settings} [now vs run]); "
-            f"resume with the original options{backend} or start a new `out`"
+            f"resume with the run's own (leave those options out){backend} or start a new `out`"
         )
     if state.finished:
         extended = [f"{k}={new[k]!r}" for k in RESUMABLE_CHANGES if new[k] != before[k]]
@@ -337,7 +337,7 @@ def open_run(out: Path | None, resume: bool, config: RunConfig, scan: DatasetSca
             ran = ", ".join(f"{k}={before[k]!r}" for k in RESUMABLE_CHANGES)
             raise TlfeatError(
                 f"`{'` `'.join(extended)}`: {out} finished with {ran} and kept no checkpoints to continue from; "
-                "start a new run (another `out`) to train longer"
+                "start a new run (another `out`) for another schedule"
             )
         config = old
     for stage in (1, 2):
