@@ -284,6 +284,9 @@ def test_a_run_that_has_not_finished_is_named_not_left_out_without_a_word(tmp_pa
 
     for named in (killed, killed / "state.json"):
         assert_one_line_error(runner.invoke(app, ["compare", str(named)]), f"{killed}: {unfinished}")
+    image = tmp_path / "photo.png"
+    image.write_bytes(b"")
+    assert_one_line_error(runner.invoke(app, ["predict", str(killed), str(image)]), f"{killed}: {unfinished}")
     result = runner.invoke(app, ["compare", str(tmp_path / "runs")])
     assert result.exit_code == 0, result.output
     assert [line.split(" | ")[2] for line in result.output.splitlines()[2:] if line.startswith("| ")] == ["done"]

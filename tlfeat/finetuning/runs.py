@@ -48,6 +48,9 @@ def read_run_summary(path: Path) -> dict:
         if heads:  # a fit-head folder: the model is one of its files
             raise TlfeatError(f"{path}: a folder of heads, not a fine-tune run; give one of its head files, "
                               f"e.g. {heads[0]}")
+        unfinished = unfinished_run(summary_path.parent)
+        if unfinished:  # predict and evaluate say how far it got and how to finish it, as compare does
+            raise TlfeatError(f"{summary_path.parent}: {unfinished}")
         raise TlfeatError(f"{path}: no {SUMMARY_NAME}; not a finished fine-tune run")
     summary = read_json_object(summary_path)
     check_format(summary_path, summary, RUN_FORMAT, RUN_FORMAT_VERSION, "a tlfeat fine-tune summary", "rerun it")
