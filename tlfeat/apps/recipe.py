@@ -84,8 +84,7 @@ def select_and_refit(features: Features, c_grid: Sequence[float], seed: int = 0,
     if not rows.any():
         raise TlfeatError(f"{features.label}: no train or val rows; nothing to fit on")
     x, y = data.features[rows], data.labels[rows]
-    group_of, firsts = _copies_grouped(features.ids.by_features[rows])
-    folds = min(folds, int(np.unique(y[firsts], return_counts=True)[1].min())) if len(c_grid) > 1 else 0
+    folds = min(folds, int(np.unique(y, return_counts=True)[1].min())) if len(c_grid) > 1 else 0
     folds = folds if folds >= 2 else 0
     trials: list[dict] = []
     metrics: dict[str, dict] = {}
@@ -94,11 +93,15 @@ def select_and_refit(features: Features, c_grid: Sequence[float], seed: int = 0,
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if folds:
-            # Folds of images, not rows: an image's copies are held out together, or the held-out accuracy
-            # (and the C it chooses) would count copies of rows the fold's head was fitted on.
-            group_folds = StratifiedKFold(folds, shuffle=True, random_state=seed).split(firsts, y[firsts])
-            splits = [(np.flatnonzero(np.isin(group_of, fit_groups)), np.flatnonzero(np.isin(group_of, held_groups)))
-                      for fit_groups, held_groups in group_folds]
+            fold_of = np.empty(len(y), dtype=np.int64)
+            for fold, (_, held_out) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y)):
+                fold_of[held_out] = fold
+            # An image's copies (the same features) are held out with its first row, or the held-out accuracy,
+            # and the C it chooses, would count copies of rows the fold's head was fitted on. Moving only the
+            # copies keeps every other row's fold: a cache without copies is split as it always was.
+            group_of, firsts = _copies_grouped(features.ids.by_features[rows])
+            fold_of = fold_of[firsts][group_of]
+            splits = [(np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)) for fold in range(folds)]
             best = None
             for value in c_grid:
                 started = time.perf_counter()
