@@ -398,12 +398,18 @@ def test_ctrl_c_in_stage_2_then_resume_keeps_unfrozen_layers_and_optimizer_state
     assert result.summary["stages"]["2"]["trainable_params"] == stage2
 
 
-def test_resuming_an_unfinished_run_with_more_epochs_says_so(tmp_path: Path) -> None:
-    # Before: the longer schedule was taken without a word.
+def _saved_config(tmp_path: Path, **changes: object) -> RunConfig:
+    """The config of a small random-VGG16 run on tmp_path/data, as its state.json records it."""
     config = RunConfig(backbone="vgg16", weights="none", weights_identity="none", preprocessing="caffe", image_size=32,
                        unfreeze_top=2, epochs1=2, epochs2=2, lr1=1e-3, lr2=1e-4, batch_size=4, augment=False,
                        patience=0, seed=0, split_ratios=[0.5, 0.25, 0.25], dataset_root=str(tmp_path / "data"),
                        dataset_fingerprint="f", classes=["a", "b"], base_layers=19)
+    return replace(config, **changes)
+
+
+def test_resuming_an_unfinished_run_with_more_epochs_says_so(tmp_path: Path) -> None:
+    # Before: the longer schedule was taken without a word.
+    config = _saved_config(tmp_path)
     (tmp_path / "run").mkdir()
     Run(tmp_path / "run", config, RunState(), print).save_state()
     lines: list[str] = []
@@ -448,10 +454,7 @@ def test_resume_continues_with_the_runs_own_options_unless_given_again(tmp_path:
 def test_resuming_an_unfinished_run_with_fewer_epochs_than_it_ran_is_refused(tmp_path: Path) -> None:
     # Before: a run interrupted after 3 of `epochs1=4` epochs, resumed with `epochs1=2`, kept all 3, went on to
     # stage 2 and reported "stage 1 3/2 epochs", after saying "continuing with epochs1=2".
-    config = RunConfig(backbone="vgg16", weights="none", weights_identity="none", preprocessing="caffe", image_size=32,
-                       unfreeze_top=2, epochs1=4, epochs2=2, lr1=1e-3, lr2=1e-4, batch_size=4, augment=False,
-                       patience=0, seed=0, split_ratios=[0.5, 0.25, 0.25], dataset_root=str(tmp_path / "data"),
-                       dataset_fingerprint="f", classes=["a", "b"], base_layers=19)
+    config = _saved_config(tmp_path, epochs1=4)
     (tmp_path / "run").mkdir()
     state = RunState()
     state.stages[1].epochs_run = 3
@@ -467,10 +470,7 @@ def test_resuming_with_more_stage_1_epochs_once_stage_2_has_begun_is_refused(tmp
     # Before: a run interrupted in stage 2 epoch 2 (of --epochs1 2 --epochs2 2) and resumed with --epochs1 4 ran
     # "stage 1" epochs 3-4 on the stage-2 checkpoint (its unfrozen layers, its 1e-5 optimizer) while logging
     # "base frozen, head trains ... lr 0.001", then stage 2 again: history.csv read stages 1, 1, 2, 1, 1, 2.
-    config = RunConfig(backbone="vgg16", weights="none", weights_identity="none", preprocessing="caffe", image_size=32,
-                       unfreeze_top=2, epochs1=2, epochs2=2, lr1=1e-3, lr2=1e-4, batch_size=4, augment=False,
-                       patience=0, seed=0, split_ratios=[0.5, 0.25, 0.25], dataset_root=str(tmp_path / "data"),
-                       dataset_fingerprint="f", classes=["a", "b"], base_layers=19)
+    config = _saved_config(tmp_path)
     state = RunState()
     state.stages[1].epochs_run, state.stages[2].epochs_run = 2, 1
     (tmp_path / "run").mkdir()
@@ -487,10 +487,7 @@ def test_resuming_with_more_stage_1_epochs_once_stage_2_has_begun_is_refused(tmp
 def test_resuming_on_a_dataset_whose_files_changed_says_so(tmp_path: Path) -> None:
     # Before: one image added to the dataset was refused as "was started with other settings (dataset_fingerprint
     # '4cc55d3b3310ba394912... vs '8443e462d49a3e94b28f...); resume with the original options": the options were.
-    config = RunConfig(backbone="vgg16", weights="none", weights_identity="none", preprocessing="caffe", image_size=32,
-                       unfreeze_top=2, epochs1=2, epochs2=2, lr1=1e-3, lr2=1e-4, batch_size=4, augment=False,
-                       patience=0, seed=0, split_ratios=[0.5, 0.25, 0.25], dataset_root=str(tmp_path / "data"),
-                       dataset_fingerprint="f", classes=["a", "b"], base_layers=19)
+    config = _saved_config(tmp_path)
     (tmp_path / "run").mkdir()
     Run(tmp_path / "run", config, RunState(), print).save_state()
     scan = SimpleNamespace(root=tmp_path / "data", name="data")
