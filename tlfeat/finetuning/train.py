@@ -239,7 +239,7 @@ def _finetune_locked(
     except KeyboardInterrupt:
         raise Interrupted(
             f"interrupted; {run.global_epochs()} finished epochs are saved in {run.out}: "
-            f"rerun with `resume` `out={str(run.out)!r}` and the same options to continue"
+            f"rerun with `resume` `out={str(run.out)!r}` to continue (the run keeps its options)"
         ) from None
     return FinetuneSummary(run.out, summary, resumed_from, skipped=sorted(run.failures.items()))
 
