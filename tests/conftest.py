@@ -5,10 +5,13 @@ from __future__ import annotations
 import csv
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
+from typing import Iterator
 
 import h5py
 import numpy as np
@@ -73,6 +76,18 @@ def make_dataset(root: Path, n_classes: int = 3, per_class: int = 8, ext: str = 
             make_image(root / f"class_{c}" / f"img_{v:03d}.{ext}", c, v)
     return root
 
+
+
+@pytest.fixture(autouse=True)
+def pythons_own_ctrl_c_handler() -> Iterator[None]:
+    """Each test starts with Python's own SIGINT handler. tlfeat defers Ctrl-C only over that one (another
+    program's handler is left alone, by design), so a handler some library of an earlier test left behind
+    would make the Ctrl-C tests see no interrupt; it is named in a warning and replaced."""
+    handler = signal.getsignal(signal.SIGINT)
+    if handler is not signal.default_int_handler:
+        warnings.warn(f"SIGINT handler {handler!r} was left by an earlier test; Python's own is restored")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
 
 @pytest.fixture
 def tiny_dataset(tmp_path: Path) -> Path:
