@@ -62,7 +62,7 @@ def study_model(base: Any, n_classes: int, image_size: int) -> Any:
     """
     import keras
 
-    from tlfeat.heads.keras_head import DROPOUT, HIDDEN_UNITS
+    from tlfeat.heads.study import DROPOUT, HIDDEN_UNITS
 
     inputs = keras.Input((image_size, image_size, 3))
     hidden = keras.layers.Dense(HIDDEN_UNITS)(base(inputs, training=False))

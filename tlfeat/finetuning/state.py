@@ -60,7 +60,6 @@ class RunConfig:
     base_layers: int | None = None
     keras_backend: str | None = None  # None in a run from before it was recorded
 
-
     def epochs(self, stage: int) -> int:
         return self.epochs1 if stage == 1 else self.epochs2
 
@@ -285,15 +284,14 @@ def recorded_options(out: Path) -> dict[str, Any]:
 
 
 def open_run(out: Path | None, resume: bool, config: RunConfig, scan: DatasetScan, log: Log) -> Run:
-    """The run to write: a new, empty folder (default: in runs/), or with `resume` the run in `out` (see
-    `find_resumable`) if it has the same settings.
+    """The run to write: a new, empty folder (`out`, default a new one in runs/), or with `resume` the run in
+    `out` (the caller finds it: `find_resumable`) if it has the same settings.
 
-    An unfinished run may be resumed with other `RESUMABLE_CHANGES` (to extend it), but not with fewer epochs in a
-    stage than it has run, nor with more stage-1 epochs once stage 2 has begun; a finished one kept no checkpoints to continue from, so any such change is refused.
+    An unfinished run may be resumed with other `RESUMABLE_CHANGES` (to extend it), but not with fewer epochs in
+    a stage than it has run, nor with more stage-1 epochs once stage 2 has begun; a finished one kept no
+    checkpoints to continue from, so any such change is refused.
     """
     if out is None:
-        if resume:
-            raise TlfeatError("`resume`: name the run folder (`out`)")
         prefix = run_prefix(scan.name, config.backbone, config.unfreeze_top)
         out = RUNS_DIR / f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(out)

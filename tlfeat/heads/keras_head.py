@@ -15,11 +15,10 @@ from sklearn.model_selection import train_test_split
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from tlfeat.heads.registry import HIDDEN_UNITS
+from tlfeat.heads.study import DROPOUT, HIDDEN_UNITS
 from tlfeat.interrupts import raise_if_requested, stop_requested
 from tlfeat.seeding import seeded
 
-DROPOUT = 0.3
 
 
 def study_head(features: Any, n_classes: int, hidden_units: int = HIDDEN_UNITS, dropout: float = DROPOUT,

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from tlfeat.errors import TlfeatError
+from tlfeat.heads.study import HIDDEN_UNITS  # the MLP head has the study head's width
 
 if TYPE_CHECKING:
     import numpy as np
     from sklearn.base import BaseEstimator
 
 SVM_CALIBRATION_FOLDS = 3  # linear-svm: CalibratedClassifierCV(cv=3) keeps one SVM and one sigmoid per fold
-HIDDEN_UNITS = 128  # the study head's Dense(128); the MLP head has the same width
 DEFAULT_CHUNK_ROWS = 4096  # fit-head --streaming: rows per chunk read from the cache
 DEFAULT_PASSES = 10  # fit-head --streaming: passes over the training rows
 
