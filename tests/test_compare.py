@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +21,7 @@ from tlfeat.heads.registry import head_trainable_params
 from tlfeat.extraction.run import extract
 from tlfeat.finetuning import finetune
 from tlfeat.finetuning.finish import run_summary
+from tlfeat.finetuning.runs import run_lock
 from tlfeat.finetuning.state import BestEpoch, EpochRecord, Run, RunConfig, RunState, StageState
 from tlfeat.heads.fit import fit_heads
 from tlfeat.heads.registry import HEAD_NAMES
@@ -294,3 +297,23 @@ def test_a_run_that_has_not_finished_is_named_not_left_out_without_a_word(tmp_pa
     shutil.rmtree(done)  # nothing finished left: the error says what there is
     assert_one_line_error(runner.invoke(app, ["compare", str(tmp_path / "runs")]),
                           "no fit-head models or finished fine-tune runs found", f"{killed}: left out, {unfinished}")
+
+
+def test_a_run_still_training_is_named_as_such_not_told_to_resume(tmp_path: Path) -> None:
+    # Before: a run training in another process right now was "not finished; resume it with ... --resume", and
+    # that resume is refused while the run is alive.
+    config = RunConfig(backbone="vgg16", weights="none", weights_identity="none", preprocessing="caffe", image_size=32,
+                       unfreeze_top=2, epochs1=3, epochs2=2, lr1=1e-3, lr2=1e-4, batch_size=4, augment=False,
+                       patience=0, seed=0, split_ratios=[0.5, 0.25, 0.25], dataset_root="/data/tiny",
+                       dataset_fingerprint="f", classes=["a", "b", "c"], base_layers=19)
+    live = tmp_path / "live"
+    live.mkdir()
+    Run(live, config, RunState(history=[EpochRecord(1, 1, 1, 1.0, 0.5, 1.0, 0.5, 1e-3, 1.0)]), print).save_state()
+    with run_lock(live):  # what a live finetune holds from before its model is built to its end
+        training = f"a fine-tune run still training (pid {os.getpid()} on {socket.gethostname()}; 1 of 5 epochs so far)"
+        assert_one_line_error(runner.invoke(app, ["compare", str(live)]), f"{live}: {training}; wait for it to finish")
+        (tmp_path / "photo.png").write_bytes(b"")
+        assert_one_line_error(runner.invoke(app, ["predict", str(live), str(tmp_path / "photo.png")]),
+                              f"{live}: {training}")
+    assert "resume it with `tlfeat finetune /data/tiny" in runner.invoke(app, ["compare", str(live)]).output
+    assert not (live / "run.lock").exists()  # the probe created no lock file of its own

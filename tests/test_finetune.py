@@ -419,6 +419,23 @@ def test_resuming_an_unfinished_run_with_more_epochs_says_so(tmp_path: Path) -> 
     assert lines == [f"{tmp_path / 'run'}: continuing with epochs2=5 (was 2)"]
 
 
+def test_resuming_with_another_patience_says_a_stage_that_stopped_early_stays_stopped(tmp_path: Path) -> None:
+    # Before: "continuing with patience=5 (was 1)" and nothing more, though stage 1, stopped early under patience 1,
+    # does not train again.
+    config = _saved_config(tmp_path, patience=1)
+    (tmp_path / "run").mkdir()
+    state = RunState()
+    state.stages[1].epochs_run, state.stages[1].stopped_early = 2, True
+    Run(tmp_path / "run", config, state, print).save_state()
+    lines: list[str] = []
+    scan = SimpleNamespace(root=tmp_path / "data", name="data")
+    open_run(tmp_path / "run", True, replace(config, patience=5, base_layers=None), scan, lines.append)
+    assert lines == [f"{tmp_path / 'run'}: continuing with patience=5 (was 1) (stage 1 stopped early: that stays)"]
+    lines.clear()
+    open_run(tmp_path / "run", True, replace(config, epochs2=5, base_layers=None), scan, lines.append)
+    assert lines == [f"{tmp_path / 'run'}: continuing with epochs2=5 (was 2)"]
+
+
 
 def test_resume_continues_with_the_runs_own_options_unless_given_again(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:

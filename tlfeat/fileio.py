@@ -353,6 +353,25 @@ class OutputLock:
             self.__exit__()  # no empty lock left behind
             raise TlfeatError(f"{self.path}: cannot write the output lock ({os_reason(exc)})") from None
 
+    def holder(self) -> str | None:
+        """Who holds this lock now ("pid N on host H"), or None when no live process does.
+
+        Probes with a shared lock released at once and never creates the file, so a reader (compare) can tell a
+        run still writing its output from one that was killed.
+        """
+        try:
+            import fcntl
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except (ImportError, OSError):  # no lock file: nobody holds it; no fcntl: nothing to tell
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _lock_holder(fd)
+        finally:
+            os.close(fd)  # also drops the shared lock, if it was taken
+        return None
+
     def __exit__(self, *exc: object) -> None:
         if self._fd is None:
             return

@@ -14,7 +14,7 @@ import numpy as np
 
 from tlfeat.backbones import get_backbone
 from tlfeat.errors import TlfeatError
-from tlfeat.fileio import check_format, describe_exception, read_json_object
+from tlfeat.fileio import OutputLock, check_format, describe_exception, read_json_object
 from tlfeat.heads.store import HEAD_SUFFIX
 
 RUN_FORMAT = "tlfeat-finetune"
@@ -26,6 +26,11 @@ STATE_FORMAT = RUN_FORMAT + "-state"
 RUNS_DIR = Path("runs")  # default parent of run folders: runs/<dataset>-<backbone>-top<k>-<timestamp>
 # The method of a run whose best epoch, so its model.keras, came before stage 2 unfroze any layer of the base.
 STAGE1_BEST_METHOD = "head on frozen base (best epoch in stage 1 of a fine-tune run)"
+
+
+def run_lock(out: Path) -> OutputLock:
+    """The lock a live run holds on its folder, ``<out>/run.lock``, from before its model is built to its end."""
+    return OutputLock(out / "run")
 
 
 def _run_files(path: Path) -> tuple[Path, Path]:
@@ -68,6 +73,10 @@ def unfinished_run(folder: Path) -> str | None:
     if state.get("format") != STATE_FORMAT or not isinstance(config, dict) or not isinstance(history, list):
         return None
     planned = (config.get("epochs1") or 0) + ((config.get("epochs2") or 0) if config.get("unfreeze_top") != 0 else 0)
+    holder = run_lock(folder).holder()
+    if holder:  # "resume it" would be refused while its run is alive
+        return (f"a fine-tune run still training ({holder}; {len(history)} of {planned} epochs so far); "
+                "wait for it to finish")
     return (f"a fine-tune run that has not finished ({len(history)} of {planned} epochs); resume it with "
             f"`tlfeat finetune {config.get('dataset_root') or 'DATA'} --out {folder} --resume`")
 

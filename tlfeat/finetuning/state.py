@@ -19,20 +19,15 @@ from typing import Any, Callable
 
 from tlfeat.data.scan import DatasetScan
 from tlfeat.errors import TlfeatError
-from tlfeat.fileio import OutputLock, check_output_path, check_outside_dataset, read_json_object, temporary_name
+from tlfeat.fileio import check_output_path, check_outside_dataset, read_json_object, temporary_name
 from tlfeat.finetuning.model import save_model_atomically
-from tlfeat.finetuning.runs import RUNS_DIR, STATE_FORMAT, STATE_NAME
+from tlfeat.finetuning.runs import RUNS_DIR, STATE_FORMAT, STATE_NAME, run_lock
 from tlfeat.reports import write_csv, write_json
 
 # Settings that may differ on resume of an unfinished run (to extend it); everything else must match.
 RESUMABLE_CHANGES = ("epochs1", "epochs2", "patience")
 
 Log = Callable[[str], None]
-
-
-def run_lock(out: Path) -> OutputLock:
-    """The lock a live run holds on its folder, ``<out>/run.lock``, from before its model is built to its end."""
-    return OutputLock(out / "run")
 
 
 @dataclass
@@ -354,7 +349,10 @@ def open_run(out: Path | None, resume: bool, config: RunConfig, scan: DatasetSca
         )
     changed = [f"{k}={new[k]!r} (was {before[k]!r})" for k in RESUMABLE_CHANGES if new[k] != before[k]]
     if changed:
-        log(f"{out}: continuing with {', '.join(changed)}")
+        # A stage that stopped early stays stopped (its best epoch may already have seeded stage 2).
+        stopped = " and ".join(f"stage {s}" for s in (1, 2) if state.stages[s].stopped_early)
+        kept = f" ({stopped} stopped early: that stays)" if stopped and new["patience"] != before["patience"] else ""
+        log(f"{out}: continuing with {', '.join(changed)}{kept}")
     config.base_layers = old.base_layers
     return Run(out, config, state, log)
 

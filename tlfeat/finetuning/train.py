@@ -38,9 +38,9 @@ from tlfeat.finetuning.model import (
     set_unfrozen_top,
 )
 from tlfeat.finetuning.options import DEFAULT_OPTIONS
-from tlfeat.finetuning.runs import read_run_summary
+from tlfeat.finetuning.runs import read_run_summary, run_lock
 from tlfeat.finetuning.state import (
-    Log, Run, RunConfig, find_resumable, open_run, recorded_options, run_lock, run_prefix,
+    Log, Run, RunConfig, find_resumable, open_run, recorded_options, run_prefix,
 )
 from tlfeat.progress import progress_bar
 from tlfeat.runtime import accelerator_present, check_batch_size, compute_policy
