@@ -231,6 +231,27 @@ def test_evaluate_on_a_re_split_extraction_scores_only_unseen_images(trained: di
     assert "note: val: " in result.stderr and "rows are rows logreg.skops was fitted on" in result.stderr
 
 
+def test_demo_names_its_dataset_before_the_extraction_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: "dataset cache/digits/ (1797 PNGs written)" came after extract's progress bar, as if it were written
+    # by the extraction.
+    from tlfeat.apps import demo
+
+    events: list[str] = []
+
+    def stop_at_extract(dataset: Path, **_: object) -> None:
+        events.append("extract")
+        raise TlfeatError("stopped here")
+
+    monkeypatch.setattr(demo, "write_digits", lambda root: 1797)
+    monkeypatch.setattr(demo, "extract", stop_at_extract)
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path), "-q"])
+    assert result.exit_code == 1, result.output
+    assert result.stdout.splitlines() == [f"dataset {tmp_path / 'digits'}/ (1797 PNGs written)"]
+    with pytest.raises(TlfeatError, match="stopped here"):
+        demo.run_demo(tmp_path, progress=False, on_dataset=lambda path, n: events.append(f"dataset {n}"))
+    assert events == ["extract", "dataset 1797", "extract"]
+
+
 @pytest.mark.slow
 def test_demo_runs_offline_end_to_end_and_reruns_from_the_cache(tmp_path: Path) -> None:
     out = tmp_path / "demo"

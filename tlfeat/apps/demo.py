@@ -69,18 +69,21 @@ def run_demo(
     progress: bool = True,
     on_result: Callable[[HeadResult], None] | None = None,
     on_extract: Callable[[Path, int, ExtractSummary], None] | None = None,
+    on_dataset: Callable[[Path, int], None] | None = None,
 ) -> DemoResult:
     """Digits -> ``out/digits/``, features -> ``out/digits-<backbone>.h5``, heads -> ``out/heads/digits-<backbone>/``.
 
     The offline end-to-end check of an installation (the `demo` command): scikit-learn's 1,797 handwritten
-    digits written as PNGs, EfficientNet-Lite0 features, every head. `on_extract(dataset, n_written, summary)`
-    runs once the features are cached, before any head is fitted; `on_result` after each head; `progress`:
-    progress bars.
+    digits written as PNGs, EfficientNet-Lite0 features, every head. `on_dataset(dataset, n_written)` runs once
+    the PNGs are on disk, before the extraction; `on_extract(dataset, n_written, summary)` once the features are
+    cached, before any head is fitted; `on_result` after each head; `progress`: progress bars.
     """
     started = time.perf_counter()
     out = path_value("out", out)
     dataset = out / "digits"
     n_written = write_digits(dataset)
+    if on_dataset is not None:
+        on_dataset(dataset, n_written)
     extracted = extract(dataset, out=out / f"digits-{DEFAULT_BACKBONE}.h5", progress=progress)
     if on_extract is not None:
         on_extract(dataset, n_written, extracted)

@@ -143,12 +143,12 @@ def demo(
     from tlfeat.apps.demo import run_demo
     from tlfeat.cli.extract import summary_line
 
-    def echo_dataset(dataset: Path, n_written: int, extracted: ExtractSummary) -> None:
-        typer.echo(f"dataset {dataset}/ ({n_written} PNGs written)")
+    def echo_extracted(dataset: Path, n_written: int, extracted: ExtractSummary) -> None:
         typer.echo(summary_line(extracted))
         typer.echo("")
 
-    result = run_demo(out, progress=not quiet, on_result=_echo_head, on_extract=echo_dataset)
+    result = run_demo(out, progress=not quiet, on_result=_echo_head, on_extract=echo_extracted,
+                      on_dataset=lambda dataset, n_written: typer.echo(f"dataset {dataset}/ ({n_written} PNGs written)"))
     _echo_fit_summary(result.fit)
     example = next(iter(sorted((result.dataset / "3").glob("*.png"))), result.dataset)
     typer.echo(
