@@ -246,6 +246,18 @@ def test_the_bare_command_still_prints_its_help() -> None:
     assert result.exit_code == 0 and "Usage:" in result.output and "extract" in result.output
 
 
+def test_the_command_list_goes_the_way_a_new_user_does() -> None:
+    # Before: the list began with fit-head, predict and evaluate, and extract came tenth, after the analyses.
+    from tlfeat.cli.common import COMMAND_PANELS
+
+    assert sorted(name for names in COMMAND_PANELS.values() for name in names) == sorted(_commands())
+    result = runner.invoke(app, ["--help"], env={"COLUMNS": "100"}, terminal_width=100)
+    words = [line.strip("│ ").split(" ")[0] for line in result.output.splitlines()]
+    panels = [line.strip("╭─ ").split(" ─")[0] for line in result.output.splitlines() if line.startswith("╭─ ")]
+    assert panels == ["Options", *COMMAND_PANELS]
+    assert [word for word in words if word in _commands()] == [n for names in COMMAND_PANELS.values() for n in names]
+
+
 def test_extract_on_an_image_file_says_a_folder_of_class_folders_is_expected(tmp_path: Path) -> None:
     make_image(tmp_path / "photo.jpg", 0, 0)
     result = runner.invoke(app, ["extract", str(tmp_path / "photo.jpg")])

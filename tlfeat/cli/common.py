@@ -59,12 +59,27 @@ class PlainHelpCommand(_FlagsWithoutPlaceholder, TyperCommand):
         return pieces
 
 
+# `tlfeat --help` lists the commands in these panels, in this order: the way through tlfeat a new user takes.
+COMMAND_PANELS: dict[str, tuple[str, ...]] = {
+    "Start here": ("demo", "doctor", "backbones"),
+    "Frozen features": ("extract", "fit-head", "recipe"),
+    "Fine-tuning": ("finetune",),
+    "Use and compare models": ("predict", "evaluate", "compare"),
+    "Explore the embeddings": ("audit", "similar", "map", "export"),
+}
+COMMAND_ORDER = [name for names in COMMAND_PANELS.values() for name in names]
+
+
 class PlainHelpGroup(_FlagsWithoutPlaceholder, TyperGroup):
-    """The command list, its --help without a placeholder; a usage error in one line.
+    """The command list in COMMAND_ORDER, its --help without a placeholder; a usage error in one line.
 
     Typer prints a mistyped option or a missing argument as a usage line, a hint and a boxed message:
     here it is one line, like every other error, with the hint at its end.
     """
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        rank = {name: i for i, name in enumerate(COMMAND_ORDER)}
+        return sorted(super().list_commands(ctx), key=lambda name: rank.get(name, len(rank)))
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
@@ -90,10 +105,16 @@ class PlainHelpGroup(_FlagsWithoutPlaceholder, TyperGroup):
 
 
 class _App(typer.Typer):
-    """The typer app, every command a PlainHelpCommand unless it names another class."""
+    """The typer app, every command a PlainHelpCommand unless it names another class, in its COMMAND_PANELS panel."""
 
-    def command(self, *args: Any, cls: type | None = None, **kwargs: Any) -> Callable:  # type: ignore[override]
-        return super().command(*args, cls=cls or PlainHelpCommand, **kwargs)
+    def command(self, name: str | None = None, *, cls: type | None = None,  # type: ignore[override]
+                **kwargs: Any) -> Callable:
+        def register(function: Callable) -> Callable:
+            command_name = name or function.__name__.replace("_", "-")
+            panel = next((title for title, names in COMMAND_PANELS.items() if command_name in names), None)
+            return super(_App, self).command(name, cls=cls or PlainHelpCommand, rich_help_panel=panel,
+                                             **kwargs)(function)
+        return register
 
 
 app = _App(
