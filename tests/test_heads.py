@@ -132,6 +132,35 @@ def test_report_head_keeps_string_labels(blobs: dict) -> None:
     assert set(head.predict(blobs["test"][0])) <= set(names)
 
 
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"epochs": 0}, r"'epochs' parameter of KerasReportHead must be an int in the range \[1, inf\)"),
+        ({"batch_size": -1}, r"'batch_size' parameter"),
+        ({"hidden_units": 0}, r"'hidden_units' parameter"),
+        ({"dropout": 1.0}, r"'dropout' parameter of KerasReportHead must be a float in the range \[0.0, 1.0\)"),
+        ({"learning_rate": -1}, r"'learning_rate' parameter"),
+        ({"validation_fraction": 2.0}, r"'validation_fraction' parameter"),
+        ({"seed": -1}, r"'seed' parameter"),
+        ({"epochs": "3"}, r"'epochs' parameter of KerasReportHead must be an int"),
+    ],
+)
+def test_report_head_refuses_bad_parameters_when_fitted(params: dict, message: str, blobs: dict) -> None:
+    # Before any work, in scikit-learn's words: these failed deep inside Keras (epochs=0 as KeyError 'val_loss')
+    # or, validation_fraction=2.0, were accepted.
+    with pytest.raises(ValueError, match=message):
+        KerasReportHead(**params).fit(*blobs["train"])
+
+
+def test_report_head_refuses_validation_rows_of_other_features(blobs: dict) -> None:
+    X, y = blobs["train"]
+    X_val, y_val = blobs["val"]
+    with pytest.raises(ValueError, match="X has 23 features, but KerasReportHead is expecting 24"):
+        KerasReportHead(epochs=1).fit(X, y, validation_data=(X_val[:, :-1], y_val))
+    with pytest.raises(ValueError, match="inconsistent numbers of samples"):
+        KerasReportHead(epochs=1).fit(X, y, validation_data=(X_val, y_val[:-1]))
+
+
 def test_save_and_load_head_checks_the_model_against_its_metadata(fitted: dict, blobs: dict, tmp_path: Path) -> None:
     model = tmp_path / "logreg.skops"
     save_head(fitted["logreg"], model, {"head": "logreg", "classes": ["a", "b", "c", "d"], "feature_dim": 24}, {})

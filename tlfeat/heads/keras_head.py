@@ -7,14 +7,17 @@ only inside functions, so the scikit-learn heads never pay its import time.
 
 from __future__ import annotations
 
+from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.model_selection import train_test_split
+from sklearn.utils._param_validation import Interval
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_consistent_length, check_is_fitted, column_or_1d, validate_data
 
+from tlfeat.errors import MAX_SEED
 from tlfeat.heads.study import DROPOUT, HIDDEN_UNITS
 from tlfeat.interrupts import raise_if_requested, stop_requested
 from tlfeat.seeding import seeded
@@ -68,6 +71,20 @@ class KerasReportHead(ClassifierMixin, BaseEstimator):
     rebuilt on first use after unpickling.
     """
 
+    # Checked by `fit` (scikit-learn's `_fit_context`), before any work: a bad value failed deep inside Keras
+    # (`epochs=0` as a KeyError 'val_loss', `batch_size=-1` as a tensor shape error) or was silently accepted.
+    _parameter_constraints: dict = {
+        "hidden_units": [Interval(Integral, 1, None, closed="left")],
+        "dropout": [Interval(Real, 0, 1, closed="left")],  # Keras' Dropout refuses a rate of 1
+        "learning_rate": [Interval(Real, 0, None, closed="neither")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "epochs": [Interval(Integral, 1, None, closed="left")],
+        "patience": [Interval(Integral, 0, None, closed="left")],
+        "validation_fraction": [Interval(Real, 0, 1, closed="left")],
+        "seed": [Interval(Integral, 0, MAX_SEED, closed="both")],
+        "verbose": ["verbose"],
+    }
+
     def __init__(
         self,
         hidden_units: int = HIDDEN_UNITS,
@@ -90,6 +107,7 @@ class KerasReportHead(ClassifierMixin, BaseEstimator):
         self.seed = seed
         self.verbose = verbose
 
+    @_fit_context(prefer_skip_nested_validation=True)
     def fit(
         self, X: Any, y: Any, validation_data: tuple[Any, Any] | None = None
     ) -> "KerasReportHead":
@@ -97,7 +115,7 @@ class KerasReportHead(ClassifierMixin, BaseEstimator):
         check_classification_targets(y)
         self.classes_, y_index = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
-            raise ValueError(f"KerasReportHead needs at least 2 classes in y, got 1 class ({self.classes_[0]!r})")
+            raise ValueError(f"KerasReportHead needs at least 2 classes in y, got 1 class ({self.classes_[0].item()!r})")
         with seeded(self.seed):
             import keras  # its first import draws from the caller's streams: inside `seeded`, which keeps them
 
@@ -152,8 +170,10 @@ class KerasReportHead(ClassifierMixin, BaseEstimator):
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(X_fit, y_fit, X_val, y_val) with labels as indices into classes_; val is None when there is none."""
         if validation_data is not None:
-            X_val = np.asarray(validation_data[0], dtype=np.float32)
-            y_val = np.asarray(validation_data[1])
+            X_val, y_val = validation_data
+            X_val = validate_data(self, X_val, reset=False, dtype=np.float32)  # the training rows' features
+            y_val = column_or_1d(y_val)
+            check_consistent_length(X_val, y_val)
             # Rows of a class never seen in training cannot be scored by a softmax over classes_.
             known = np.isin(y_val, self.classes_)
             if not known.any():
