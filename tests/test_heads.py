@@ -161,6 +161,19 @@ def test_report_head_refuses_validation_rows_of_other_features(blobs: dict) -> N
         KerasReportHead(epochs=1).fit(X, y, validation_data=(X_val, y_val[:-1]))
 
 
+def test_report_head_that_fails_to_refit_is_not_fitted(blobs: dict) -> None:
+    from sklearn.exceptions import NotFittedError
+
+    X, y = blobs["train"]
+    head = KerasReportHead(epochs=1).fit(X, y)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        head.fit(X, np.zeros_like(y))
+    # Not the first fit's 4-way model read through the failed fit's one class (an IndexError, or wrong labels).
+    with pytest.raises(NotFittedError):
+        head.predict(X)
+    assert set(head.fit(X, y).predict(X)) <= set(y)  # and a refit on good data fits again
+
+
 def test_save_and_load_head_checks_the_model_against_its_metadata(fitted: dict, blobs: dict, tmp_path: Path) -> None:
     model = tmp_path / "logreg.skops"
     save_head(fitted["logreg"], model, {"head": "logreg", "classes": ["a", "b", "c", "d"], "feature_dim": 24}, {})

@@ -111,6 +111,9 @@ class KerasReportHead(ClassifierMixin, BaseEstimator):
     def fit(
         self, X: Any, y: Any, validation_data: tuple[Any, Any] | None = None
     ) -> "KerasReportHead":
+        # A fit that fails (one class in y, Ctrl-C) leaves no model: the previous fit's would go on answering
+        # with its own classes and features while classes_ and n_features_in_ describe the new data.
+        self._model = self._weights = None
         X, y = validate_data(self, X, y, dtype=np.float32)
         check_classification_targets(y)
         self.classes_, y_index = np.unique(y, return_inverse=True)
@@ -144,7 +147,6 @@ class KerasReportHead(ClassifierMixin, BaseEstimator):
             int(np.argmin(self.history_["val_loss"])) + 1 if X_val is not None else self.epochs_run_
         )
         self._model = model
-        self._weights = None  # those of an earlier (unpickled) fit, now stale
         return self
 
     def predict_proba(self, X: Any) -> np.ndarray:
@@ -164,6 +166,10 @@ class KerasReportHead(ClassifierMixin, BaseEstimator):
     def predict(self, X: Any) -> np.ndarray:
         proba = self.predict_proba(X)  # first: it raises NotFittedError before classes_ is touched
         return self.classes_[np.argmax(proba, axis=1)]
+
+    def __sklearn_is_fitted__(self) -> bool:
+        """Fitted once a fit has finished: attributes set on the way (classes_) do not make a model."""
+        return getattr(self, "_model", None) is not None or getattr(self, "_weights", None) is not None
 
     def _validation_rows(
         self, X: np.ndarray, y_index: np.ndarray, validation_data: tuple[Any, Any] | None
