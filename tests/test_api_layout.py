@@ -225,7 +225,11 @@ def test_results_print_briefly_in_a_notebook(tmp_path: Path) -> None:
     from tlfeat.apps.predict import PredictResult
 
     cache = write_synthetic_cache(tmp_path / "c.h5", n_per_class=20, n_classes=15, dim=8)
-    tlfeat.fit_heads(cache, head="logreg", out=tmp_path / "heads")
+    fitted = tlfeat.fit_heads(cache, head=["logreg", "knn"], out=tmp_path / "heads")
+    # Before: 2,175 characters (each cache's record, every head's scores and files, the table with its \n).
+    assert repr(fitted).startswith("FitSummary(out=") and len(repr(fitted)) < 600, repr(fitted)
+    compared = tlfeat.compare(tmp_path / "heads")  # before: 2,116 characters
+    assert repr(compared).startswith("CompareResult(2 rows") and len(repr(compared)) < 600, repr(compared)
     model = tmp_path / "heads" / "logreg.skops"
     evaluation = tlfeat.evaluate(model, cache)
     assert "'test': " in repr(evaluation) and len(repr(evaluation)) < 600, repr(evaluation)
@@ -241,6 +245,9 @@ def test_results_print_briefly_in_a_notebook(tmp_path: Path) -> None:
     assert "label issues flagged" in repr(audit) and len(repr(audit)) < 600, repr(audit)
     found = tlfeat.embedding_map(cache, method="pca", out=tmp_path / "map")
     assert len(repr(found)) < 600 and len(repr(found.map)) < 300, repr(found.map)
+    queries = list(data.paths[:10])
+    near = tlfeat.similar(cache, queries, progress=False, out=tmp_path / "similar")  # before: 12,761 characters
+    assert repr(near).startswith("SimilarResult(") and len(repr(near)) < 600, repr(near)
     with pytest.raises(tlfeat.TlfeatError, match="^`max_points=0`: must be at least 2$"):  # sklearn's error before
         tlfeat.embedding_map(cache, method="pca", max_points=0)
     assert len(repr(PredictResult(model, evaluation.meta))) < 600

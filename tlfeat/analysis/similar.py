@@ -67,6 +67,11 @@ class SimilarResult:
     files: list[Path] = field(default_factory=list)  # similar.csv and similar.png
     notes: list[str] = field(default_factory=list)  # one line each: what the user should know about the search
 
+    def __repr__(self) -> str:  # every match of every query runs to pages: a notebook cell shows this
+        top = max((len(q.matches) for q in self.queries), default=0)
+        return (f"SimilarResult(cache={str(self.cache)!r}, {len(self.queries)} queries x top {top} (.queries), "
+                f"{len(self.skipped)} skipped, search={self.search!r}, files={len(self.files)}, {len(self.notes)} notes)")
+
 
 def _not_a_query(cache: Path, query: str) -> TlfeatError:
     """The error for a query that is neither a cached path nor a file: the cache's reason when it skipped the

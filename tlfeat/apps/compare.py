@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from tlfeat.errors import TlfeatError
+from tlfeat.errors import TlfeatError, some_of
 from tlfeat.fileio import check_output_path, path_list, path_value, read_json_object
 from tlfeat.data.scan import SPLITS
 from tlfeat.finetuning.runs import RUN_FORMAT, STATE_FORMAT, STATE_NAME, SUMMARY_NAME, read_run_summary, unfinished_run
@@ -92,6 +92,10 @@ class CompareResult:
     rows: list[Row]
     table: str  # markdown
     notes: list[str]  # rows left unranked, and why; heads and runs matched by counts; unfinished runs left out
+
+    def __repr__(self) -> str:  # every row's dataset key and scores fill a notebook cell; print(.table) shows them
+        return (f"CompareResult({len(self.rows)} rows ({some_of([row.name for row in self.rows], 5)}), .table, "
+                f"{len(self.notes)} notes)")
 
 
 def _weights_label(weights: str | None) -> str:

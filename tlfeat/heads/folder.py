@@ -68,6 +68,13 @@ class FitSummary:
     table: str = ""  # markdown, every head in the folder, sorted by val accuracy when there is val
     table_files: tuple[Path, Path] | None = None  # (summary.md, summary.csv)
 
+    def __repr__(self) -> str:  # every head's scores and files and each cache's record fill a notebook cell
+        split = "val" if "val" in self.split_counts else "test"
+        accuracy = {r.head: round(r.scores[split]["accuracy"], 4) for r in self.results if split in r.scores}
+        return (f"FitSummary(out={str(self.out)!r}, caches={[s['file'] for s in self.sources]}, "
+                f"{split} accuracy (.results) {accuracy}, skipped={[head for head, _ in self.skipped]}, "
+                f"{len(self.heads)} heads ranked in .table)")
+
 
 def folder_key(sources: Sequence[dict], digest: str) -> tuple:
     """What heads sharing a folder must agree on: the images in each split, and each cache's feature settings."""
