@@ -134,6 +134,15 @@ def test_installed_package_has_no_top_level_cli_module() -> None:
     assert 'py-modules = ["cli"]' not in text and 'tlfeat = "tlfeat.cli:main"' in text
 
 
+def test_declared_scikit_learn_has_what_tlfeat_imports() -> None:
+    # Before: "scikit-learn>=1.4", but under 1.4 and 1.5 (checked with 1.5.2) `fit_heads` raised ImportError for
+    # every head: the Keras head imports sklearn.utils.validation.validate_data, public since 1.6.
+    import re
+
+    floor = re.search(r'"scikit-learn>=([\d.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    assert tuple(int(part) for part in floor.split(".")) >= (1, 6)
+
+
 def test_library_errors_name_parameters_and_the_cli_names_options(tmp_path: Path) -> None:
     import tlfeat
     from tlfeat.errors import cli_terms
