@@ -174,6 +174,16 @@ def test_report_head_that_fails_to_refit_is_not_fitted(blobs: dict) -> None:
     assert set(head.fit(X, y).predict(X)) <= set(y)  # and a refit on good data fits again
 
 
+def test_report_head_takes_numpy_numbers_as_parameters(blobs: dict) -> None:
+    # What GridSearchCV hands over from a grid of np.arange or np.float32 values. Before: Keras refused
+    # hidden_units=np.int64(64) ("expected a positive integer"), np.float32 learning rates and np.uint32 seeds.
+    X, y = blobs["train"]
+    head = KerasReportHead(hidden_units=np.int64(16), learning_rate=np.float32(1e-3), seed=np.uint32(5),
+                           dropout=np.float32(0.2), batch_size=np.int64(16), epochs=np.int64(1), patience=np.int32(1))
+    assert set(head.fit(X, y, validation_data=blobs["val"]).predict(X)) <= set(y)
+    assert len(head.history_["loss"]) == 1
+
+
 def test_save_and_load_head_checks_the_model_against_its_metadata(fitted: dict, blobs: dict, tmp_path: Path) -> None:
     model = tmp_path / "logreg.skops"
     save_head(fitted["logreg"], model, {"head": "logreg", "classes": ["a", "b", "c", "d"], "feature_dim": 24}, {})

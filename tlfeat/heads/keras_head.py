@@ -119,13 +119,15 @@ class KerasReportHead(ClassifierMixin, BaseEstimator):
         self.classes_, y_index = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
             raise ValueError(f"KerasReportHead needs at least 2 classes in y, got 1 class ({self.classes_[0].item()!r})")
-        with seeded(self.seed):
+        # The parameters reach Keras as Python numbers (here and in `_build`): it refuses NumPy ones, which
+        # pass validation as Integral or Real and are what a grid of np.arange or np.float32 values holds.
+        with seeded(int(self.seed)):
             import keras  # its first import draws from the caller's streams: inside `seeded`, which keeps them
 
             X_fit, y_fit, X_val, y_val = self._validation_rows(X, y_index, validation_data)
             model = self._build(X.shape[1], len(self.classes_))
             model.compile(
-                optimizer=keras.optimizers.RMSprop(learning_rate=self.learning_rate),
+                optimizer=keras.optimizers.RMSprop(learning_rate=float(self.learning_rate)),
                 loss="categorical_crossentropy",
                 metrics=["accuracy"],
             )
@@ -133,10 +135,10 @@ class KerasReportHead(ClassifierMixin, BaseEstimator):
             if X_val is not None:
                 validation = (X_val, self._one_hot(y_val))
                 callbacks.append(
-                    keras.callbacks.EarlyStopping(monitor="val_loss", patience=self.patience, restore_best_weights=True)
+                    keras.callbacks.EarlyStopping(monitor="val_loss", patience=int(self.patience), restore_best_weights=True)
                 )
             history = model.fit(
-                X_fit, self._one_hot(y_fit), batch_size=self.batch_size, epochs=self.epochs,
+                X_fit, self._one_hot(y_fit), batch_size=int(self.batch_size), epochs=int(self.epochs),
                 validation_data=validation, callbacks=callbacks, shuffle=True, verbose=self.verbose,
             )
         raise_if_requested()  # a head stopped short by Ctrl-C is no fitted head
@@ -202,7 +204,7 @@ class KerasReportHead(ClassifierMixin, BaseEstimator):
         import keras
 
         inputs = keras.Input((n_features,))
-        return keras.Model(inputs, study_head(inputs, n_classes, self.hidden_units, self.dropout))
+        return keras.Model(inputs, study_head(inputs, n_classes, int(self.hidden_units), float(self.dropout)))
 
     def _keras_model(self) -> Any:
         if getattr(self, "_model", None) is None:
