@@ -591,3 +591,18 @@ def test_a_cache_of_the_dataset_read_in_another_layout_says_so(tmp_path: Path, m
         extract(data, out, **FAST)
     again = extract(data, out, overwrite=True, **FAST)
     assert again.split_counts["test"] == 6 and cache.load(out).class_names == ["a", "b"]
+
+
+def test_a_weights_file_saved_again_is_embedded_with_its_new_weights(tmp_path: Path) -> None:
+    # A notebook saves its next fine-tune's weights under the same name and extracts again in the same kernel.
+    # Before: the extractor kept for that path embedded with the old weights, under the new file's sha256.
+    data = make_dataset(tmp_path / "d", n_classes=2, per_class=3)
+    weights = tmp_path / "mine.weights.h5"
+    model = build_model(get_backbone("vgg16"), "none", 32)
+    model.save_weights(weights)
+    first = cache.load(extract(data, tmp_path / "a.h5", **{**FAST, "weights": str(weights)}).out)
+    model.set_weights([w * 0.5 for w in model.get_weights()])
+    model.save_weights(weights)
+    second = cache.load(extract(data, tmp_path / "b.h5", **{**FAST, "weights": str(weights)}).out)
+    assert first.attrs["weights"] != second.attrs["weights"]  # the caches record two files
+    assert not np.allclose(first.features, second.features)  # and hold two models' features

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from tlfeat.backbones import Backbone, build_model, get_backbone
+from tlfeat.backbones.registry import weights_file
 from tlfeat.backbones.uint8_input import with_uint8_input
 from tlfeat.data.batches import DecodedBatch, DecodePool, bytes_in_flight, iter_batches, shared_pool
 from tlfeat.data.cores import available_memory
@@ -264,8 +265,18 @@ def get_extractor(
     return extractor
 
 
+def _weights_key(weights: str) -> tuple:
+    """`weights`, and for a file its stat: a file saved again under the same name (a notebook's next fine-tune)
+    holds other weights, which a kept extractor built from the old file would embed with while the cache
+    records the new file's sha256."""
+    if weights in ("imagenet", "none"):
+        return (weights,)
+    stat = weights_file(weights).stat()
+    return weights, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino
+
+
 def _extractor(backbone: Backbone, weights: str, image_size: int, batch_size: int | None, tta: str) -> FeatureExtractor:
-    key = (backbone.name, weights, image_size, batch_size, tta)
+    key = (backbone.name, _weights_key(weights), image_size, batch_size, tta)
     if key not in _EXTRACTORS:
         _EXTRACTORS[key] = FeatureExtractor(backbone, weights, image_size, batch_size, tta)
         while len(_EXTRACTORS) > 2:
