@@ -143,6 +143,7 @@ def test_report_head_keeps_string_labels(blobs: dict) -> None:
         ({"validation_fraction": 2.0}, r"'validation_fraction' parameter"),
         ({"seed": -1}, r"'seed' parameter"),
         ({"epochs": "3"}, r"'epochs' parameter of KerasReportHead must be an int"),
+        ({"verbose": "loud"}, r"'verbose' parameter .* or a str among \{'auto'\}"),  # Keras' fit takes "auto"
     ],
 )
 def test_report_head_refuses_bad_parameters_when_fitted(params: dict, message: str, blobs: dict) -> None:

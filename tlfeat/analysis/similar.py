@@ -70,7 +70,8 @@ class SimilarResult:
     def __repr__(self) -> str:  # every match of every query runs to pages: a notebook cell shows this
         top = max((len(q.matches) for q in self.queries), default=0)
         return (f"SimilarResult(cache={str(self.cache)!r}, {len(self.queries)} queries x top {top} (.queries), "
-                f"{len(self.skipped)} skipped, search={self.search!r}, files={len(self.files)}, {len(self.notes)} notes)")
+                f"{len(self.skipped)} skipped, search={self.search!r}, files={len(self.files)}, "
+                f"{len(self.notes)} notes)")
 
 
 def _not_a_query(cache: Path, query: str) -> TlfeatError:

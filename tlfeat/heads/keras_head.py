@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.model_selection import train_test_split
-from sklearn.utils._param_validation import Interval
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_consistent_length, check_is_fitted, column_or_1d, validate_data
 
@@ -82,7 +82,7 @@ class KerasReportHead(ClassifierMixin, BaseEstimator):
         "patience": [Interval(Integral, 0, None, closed="left")],
         "validation_fraction": [Interval(Real, 0, 1, closed="left")],
         "seed": [Interval(Integral, 0, MAX_SEED, closed="both")],
-        "verbose": ["verbose"],
+        "verbose": ["verbose", StrOptions({"auto"})],  # as Keras' fit takes it
     }
 
     def __init__(
@@ -118,7 +118,9 @@ class KerasReportHead(ClassifierMixin, BaseEstimator):
         check_classification_targets(y)
         self.classes_, y_index = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
-            raise ValueError(f"KerasReportHead needs at least 2 classes in y, got 1 class ({self.classes_[0].item()!r})")
+            raise ValueError(
+                f"KerasReportHead needs at least 2 classes in y, got 1 class ({self.classes_[0].item()!r})"
+            )
         # The parameters reach Keras as Python numbers (here and in `_build`): it refuses NumPy ones, which
         # pass validation as Integral or Real and are what a grid of np.arange or np.float32 values holds.
         with seeded(int(self.seed)):
@@ -134,9 +136,9 @@ class KerasReportHead(ClassifierMixin, BaseEstimator):
             callbacks, validation = [stop_when_asked_callback()], None
             if X_val is not None:
                 validation = (X_val, self._one_hot(y_val))
-                callbacks.append(
-                    keras.callbacks.EarlyStopping(monitor="val_loss", patience=int(self.patience), restore_best_weights=True)
-                )
+                callbacks.append(keras.callbacks.EarlyStopping(
+                    monitor="val_loss", patience=int(self.patience), restore_best_weights=True
+                ))
             history = model.fit(
                 X_fit, self._one_hot(y_fit), batch_size=int(self.batch_size), epochs=int(self.epochs),
                 validation_data=validation, callbacks=callbacks, shuffle=True, verbose=self.verbose,
