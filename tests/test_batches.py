@@ -234,3 +234,13 @@ def test_a_worker_that_died_between_runs_is_replaced(tmp_path: Path) -> None:
         got = [b.pixels.copy() for b in pool.batches(files, 16, batch_size=2)]
         assert victim not in [w.process for w in pool.workers]
     np.testing.assert_array_equal(np.concatenate(got)[3], decode_image(files[3], 16))
+
+
+@pytest.mark.parametrize("wait", [0, 3])
+def test_a_process_that_ends_with_its_pool_running_leaves_no_traceback_or_warning(wait: int) -> None:
+    # Before: ending right after starting the shared pool printed each loading worker's BrokenPipeError traceback
+    # (wait 0), and ending later warned "subprocess N is still running" and of unclosed sockets (wait 3).
+    code = f"import time; from tlfeat.data.batches import shared_pool; shared_pool(2); time.sleep({wait})"
+    result = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True,
+                            timeout=60, env=child_env())
+    assert result.returncode == 0 and result.stderr == "", result.stderr

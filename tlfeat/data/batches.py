@@ -21,6 +21,7 @@ buffer, however many files there are.
 
 from __future__ import annotations
 
+import atexit
 import math
 import mmap
 import os
@@ -115,6 +116,13 @@ def shared_pool(workers: int | None = None) -> DecodePool:
     return _SHARED[0]
 
 
+@atexit.register
+def _close_shared_pool() -> None:
+    """Stop the shared pool's processes as this one exits (without this, Python warns of them still running)."""
+    while _SHARED:
+        _SHARED.pop().close()
+
+
 @dataclass(eq=False)  # compared by identity
 class _Worker:
     process: subprocess.Popen
@@ -205,7 +213,10 @@ def _serve(fd: int) -> None:
     """A decoding process: takes buffers and (slot, first row, paths) chunks; answers per chunk; ends at EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes our socket
     channel, fds = Connection(os.dup(fd)), socket.socket(fileno=fd)
-    channel.send(None)  # started: a process that dies before this could not start at all
+    try:
+        channel.send(None)  # started: a process that dies before this could not start at all
+    except (BrokenPipeError, ConnectionResetError):  # the parent ended while we loaded: nothing to decode
+        return
     pixels = done = None
     while True:
         try:
