@@ -360,6 +360,37 @@ def test_batches_shuffle_per_epoch_with_the_seed_and_augment_only_training(tiny_
     np.testing.assert_array_equal(batch_labels, labels[20:])
 
 
+def test_ctrl_c_while_keras_converts_a_batchs_logs_stops_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under JAX the main thread waits for each training step inside Keras' conversion of the batch's logs to
+    # numbers, which sits in a bare `except: pass`: a Ctrl-C landing there was swallowed and the run went on
+    # to the end. This delivers the signal at that very point, under any backend.
+    from keras.src import backend as keras_backend
+
+    data = make_dataset(tmp_path / "tiny")
+    original_convert, original_record = keras_backend.convert_to_numpy, Run.record_epoch
+    armed = []
+
+    def arm_after_first_epoch(self: Run, *args: object) -> bool:
+        stop = original_record(self, *args)
+        armed.append(True)
+        return stop
+
+    def convert_then_ctrl_c(value: object) -> object:
+        result = original_convert(value)
+        if armed and armed.pop():
+            signal.raise_signal(signal.SIGINT)  # its handler runs here, inside Keras' `try`
+        return result
+
+    monkeypatch.setattr(Run, "record_epoch", arm_after_first_epoch)
+    monkeypatch.setattr(keras_backend, "convert_to_numpy", convert_then_ctrl_c)
+    with pytest.raises(Interrupted, match=r"interrupted; 1 finished epochs are saved"):
+        ft.finetune(data, backbone="vgg16", weights="none", epochs1=3, epochs2=0, image_size=32, batch_size=4,
+                    patience=0, seed=TRAINABLE_SEED, out=tmp_path / "run", **QUIET)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 @pytest.mark.slow
 def test_ctrl_c_in_stage_2_then_resume_keeps_unfrozen_layers_and_optimizer_state(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -42,6 +42,7 @@ from tlfeat.finetuning.runs import read_run_summary, run_lock
 from tlfeat.finetuning.state import (
     Log, Run, RunConfig, find_resumable, open_run, recorded_options, run_prefix,
 )
+from tlfeat.interrupts import deferred_interrupts, raise_if_requested
 from tlfeat.progress import progress_bar
 from tlfeat.runtime import accelerator_present, check_batch_size, compute_policy
 from tlfeat.seeding import caller_streams_kept
@@ -82,14 +83,19 @@ def run_recorder_class() -> Any:
                                     unit="batch", leave=False)
             self.started = time.perf_counter()
 
+        # Ctrl-C is deferred to these checks (`_train`): Keras turns each batch's logs into numbers inside a
+        # bare `except: pass`, and under JAX that is where the main thread waits for the step to finish, so a
+        # KeyboardInterrupt raised there was swallowed and the run trained on. Raised here, it leaves `fit`.
         def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
             self.bar.update(1)
+            raise_if_requested()
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             seconds = time.perf_counter() - self.started
             self.bar.close()  # erased, so the epoch's line starts clean
             if self.run.record_epoch(self.model, self.stage, epoch + 1, logs or {}, seconds):
                 self.model.stop_training = True
+            raise_if_requested()  # Ctrl-C during validation: after the epoch is saved
 
     return RunRecorder
 
@@ -234,7 +240,8 @@ def _finetune_locked(
     run.save_state()
     jit_compile = jit_compile_setting(on_gpu)
     try:
-        _train(run, model, scan, spec, k, jit_compile, progress)
+        with deferred_interrupts():
+            _train(run, model, scan, spec, k, jit_compile, progress)
         summary = finish_run(run, scan, spec, on_gpu, jit_compile)
     except KeyboardInterrupt:
         raise Interrupted(
