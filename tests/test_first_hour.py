@@ -342,6 +342,22 @@ def test_doctor_reports_backend_devices_precision_workers_and_versions() -> None
     assert not any(note in result.stderr for note in BANNER), result.stderr
 
 
+@pytest.mark.parametrize("command", ["doctor", "extract"])
+def test_a_keras_backend_that_cannot_load_is_one_line_naming_it(command: str, tiny_dataset: Path,
+                                                                  tmp_path: Path) -> None:
+    # Before: KERAS_BACKEND=torch without torch installed (or a misspelt name) printed Keras' import traceback,
+    # from doctor too, the command meant for checking the set-up.
+    args = [command] if command == "doctor" else [command, str(tiny_dataset), "--out", str(tmp_path / "c.h5")]
+    result = subprocess.run([sys.executable, str(REPO / "cli.py"), *args], capture_output=True, text=True,
+                            timeout=300, env={**child_env(), "KERAS_BACKEND": "no-such-backend"})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: Keras cannot load KERAS_BACKEND=no-such-backend: ValueError: Unable to import backend : "
+        "no-such-backend; install that backend or set KERAS_BACKEND to one that is installed (tensorflow, jax "
+        "or torch)"
+    ], result.stderr
+
+
 def test_doctor_says_why_a_present_gpu_is_unused(monkeypatch: pytest.MonkeyPatch) -> None:
     from tlfeat.apps import doctor
 

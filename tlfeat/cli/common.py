@@ -8,8 +8,10 @@ and help facts are read from its registries, never restated here.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import sys
+import traceback
 from typing import Any, Callable
 
 import typer
@@ -143,11 +145,15 @@ def user_errors(command: Callable) -> Callable:
         except TlfeatError as exc:
             typer.secho(f"error: {cli_terms(str(exc), PARAMETER_OPTIONS)}", err=True, fg=typer.colors.RED)
             raise typer.Exit(1) from None
-        except (KeyboardInterrupt, ImportError) as exc:  # an ImportError: Ctrl-C during TensorFlow's import
-            if isinstance(exc, ImportError) and not interrupted_import(exc):
+        except (ImportError, ValueError) as exc:  # Ctrl-C during TensorFlow's import, or a backend Keras lacks
+            message = INTERRUPTED if interrupted_import(exc) else keras_backend_failure(exc)
+            if message is None:
                 raise
+            typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt as exc:
             # commands with work to resume say more (an Interrupted's message)
-            message = isinstance(exc, KeyboardInterrupt) and cli_terms(str(exc), PARAMETER_OPTIONS)
+            message = cli_terms(str(exc), PARAMETER_OPTIONS)
             typer.secho(f"error: {message or INTERRUPTED}", err=True, fg=typer.colors.RED)
             raise typer.Exit(1) from None
         except BrokenPipeError:  # the reader of our output stopped early (`| head`): nothing to report
@@ -160,6 +166,22 @@ def user_errors(command: Callable) -> Callable:
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def keras_backend_failure(exc: BaseException) -> str | None:
+    """The one-line error for `import keras` failing on the backend it was told to load (`KERAS_BACKEND=torch`
+    without torch installed, a misspelt name), else None. Keras raises it from deep in its own import (a
+    ModuleNotFoundError for torch, a ValueError for an unknown name), which printed as a traceback."""
+    if "keras" in sys.modules:  # a failed import leaves no `keras` module behind: this came from elsewhere
+        return None
+    spec = importlib.util.find_spec("keras")
+    roots = tuple(os.path.join(root, "") for root in (spec.submodule_search_locations or [])) if spec else ()
+    if not roots or not any(frame.filename.startswith(roots) for frame in traceback.extract_tb(exc.__traceback__)):
+        return None
+    chosen = os.environ.get("KERAS_BACKEND")
+    backend = f"KERAS_BACKEND={chosen}" if chosen else "the backend in keras.json ($KERAS_HOME or ~/.keras)"
+    return (f"Keras cannot load {backend}: {type(exc).__name__}: {' '.join(str(exc).split())}; install that "
+            "backend or set KERAS_BACKEND to one that is installed (tensorflow, jax or torch)")
 
 
 def program_name(ctx: typer.Context) -> str:
