@@ -25,12 +25,13 @@ from tlfeat.seeding import seeded
 
 
 def study_head(features: Any, n_classes: int, hidden_units: int = HIDDEN_UNITS, dropout: float = DROPOUT,
-               name: str | None = None) -> Any:
+               name: str | None = None, logits: bool = False) -> Any:
     """The study's head on a Keras tensor of features: Dense(hidden, no activation) -> Dropout -> softmax.
 
     No activation on the hidden layer: that is the study's head, kept as published. The softmax layer
     computes in float32 even under mixed precision: bfloat16 probabilities are too coarse for the loss.
-    `name` prefixes the layer names (fine-tune runs load checkpoints by them).
+    `name` prefixes the layer names (fine-tune runs load checkpoints by them). `logits=True` leaves the
+    softmax out (the same weights), for a loss computed from logits.
     """
     import keras
 
@@ -39,7 +40,7 @@ def study_head(features: Any, n_classes: int, hidden_units: int = HIDDEN_UNITS, 
 
     hidden = keras.layers.Dense(hidden_units, name=layer_name("dense"))(features)
     hidden = keras.layers.Dropout(dropout, name=layer_name("dropout"))(hidden)
-    return keras.layers.Dense(n_classes, activation="softmax", dtype="float32",
+    return keras.layers.Dense(n_classes, activation=None if logits else "softmax", dtype="float32",
                               name="predictions" if name else None)(hidden)
 
 
@@ -130,7 +131,10 @@ class KerasReportHead(ClassifierMixin, BaseEstimator):
             model = self._build(X.shape[1], len(self.classes_))
             model.compile(
                 optimizer=keras.optimizers.RMSprop(learning_rate=float(self.learning_rate)),
-                loss="categorical_crossentropy",
+                # From logits: on softmax outputs only TensorFlow's Keras recovers the logits; JAX and torch
+                # clip the probabilities at 1e-7, so a class the start scores that low got no gradient and
+                # the head stayed stuck at chance on it (0.2-0.8 training accuracy on separable features).
+                loss=keras.losses.CategoricalCrossentropy(from_logits=True),
                 metrics=["accuracy"],
             )
             callbacks, validation = [stop_when_asked_callback()], None
@@ -162,7 +166,7 @@ class KerasReportHead(ClassifierMixin, BaseEstimator):
         # Calling the model eagerly, not model.predict: predict traces a new graph function per
         # model and input shape, which is slower than the math for a head this small.
         chunks = [
-            keras.ops.convert_to_numpy(model(X[start : start + 4096], training=False))
+            keras.ops.convert_to_numpy(keras.ops.softmax(model(X[start : start + 4096], training=False)))
             for start in range(0, len(X), 4096)
         ]
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.classes_)), dtype=np.float32)
@@ -206,7 +210,8 @@ class KerasReportHead(ClassifierMixin, BaseEstimator):
         import keras
 
         inputs = keras.Input((n_features,))
-        return keras.Model(inputs, study_head(inputs, n_classes, int(self.hidden_units), float(self.dropout)))
+        return keras.Model(inputs, study_head(inputs, n_classes, int(self.hidden_units), float(self.dropout),
+                                              logits=True))
 
     def _keras_model(self) -> Any:
         if getattr(self, "_model", None) is None:
