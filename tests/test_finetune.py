@@ -18,15 +18,17 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import REPO, TRAINABLE_SEED, assert_one_line_error, make_dataset
+from conftest import REPO, TRAINABLE_SEED, assert_one_line_error, child_env, make_dataset
 from tlfeat.finetuning import runs as ft_runs
 from tlfeat.finetuning import train as ft
 from tlfeat.finetuning.data import image_batches_class
+from tlfeat.finetuning.model import build_finetune_model, compile_model, outputs_logits, with_probabilities
 from tlfeat.finetuning.state import Run, RunConfig, RunState, open_run, run_lock
 from tlfeat.backbones import build_model, get_backbone
 from tlfeat.data.scan import scan_dataset
 from tlfeat.data.decode import decode_image
 from tlfeat.errors import Interrupted, TlfeatError
+from tlfeat.heads.keras_head import study_head
 
 runner = CliRunner()
 QUIET = dict(progress=False, log=lambda line: None)
@@ -146,6 +148,47 @@ def test_stage_2_starts_from_the_best_stage_1_epoch(
 
 
 @pytest.mark.slow
+def _flat_base() -> keras.Model:
+    """A stand-in backbone for head-only checks: an 8x8x3 image flattened into 192 features."""
+    inputs = keras.Input((8, 8, 3))
+    return keras.Model(inputs, keras.layers.Flatten()(inputs))
+
+
+def test_runs_train_to_logits_and_save_a_model_that_ends_in_the_softmax() -> None:
+    model = build_finetune_model(_flat_base(), 3, 8, "flat")
+    compile_model(model, 1e-3, False)
+    assert outputs_logits(model) and model.loss.get_config()["from_logits"]
+    saved = with_probabilities(model)
+    images = np.random.default_rng(0).uniform(0, 255, (4, 8, 8, 3)).astype(np.float32)
+    logits, proba = keras.ops.convert_to_numpy(model(images)), keras.ops.convert_to_numpy(saved(images))
+    assert not outputs_logits(saved) and np.allclose(proba, keras.ops.convert_to_numpy(keras.ops.softmax(logits)))
+    # A checkpoint of a run from before, its head ending in the softmax, resumes with the loss it trained with.
+    inputs = keras.Input((8, 8, 3))
+    old = keras.Model(inputs, study_head(_flat_base()(inputs), 3, name="head"))
+    compile_model(old, 1e-3, False)
+    assert not outputs_logits(old) and not old.loss.get_config()["from_logits"] and with_probabilities(old) is old
+
+
+@pytest.mark.slow
+def test_the_head_learns_large_features_under_jax_as_under_tensorflow() -> None:
+    # Before: the loss was taken from the softmax's probabilities, which JAX's (and torch's) Keras clips at 1e-7
+    # where TensorFlow's recovers the logits: an image scored below the clip for its class gave no gradient.
+    pytest.importorskip("jax")
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import keras, numpy as np; from conftest import gaussian_blobs; "
+        "from test_finetune import _flat_base; from tlfeat.finetuning.model import build_finetune_model, compile_model; "
+        "X, y = gaussian_blobs(100, 5, 192, 1); keras.utils.set_random_seed(0); "
+        "model = build_finetune_model(_flat_base(), 5, 8, 'flat'); compile_model(model, 1e-3, 'auto'); "
+        "model.fit(30 * X.reshape(-1, 8, 8, 3), y, epochs=5, verbose=0); "
+        "print(keras.backend.backend(), (np.argmax(model.predict(30 * X.reshape(-1, 8, 8, 3), verbose=0), 1) == y).mean())"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(REPO / "tests")], capture_output=True, text=True,
+                            timeout=300, env={**child_env(), "KERAS_BACKEND": "jax"})
+    assert result.returncode == 0, result.stderr
+    backend, accuracy = result.stdout.split()[-2:]
+    assert backend == "jax" and float(accuracy) >= 0.95, result.stdout
+
+
 def test_run_writes_every_output_skips_unreadable_images_and_predicts(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "tiny")
     (data / "class_0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
@@ -210,6 +253,16 @@ def test_run_writes_every_output_skips_unreadable_images_and_predicts(tmp_path: 
     shown_proba = {name: float(p) for name, p in (cell.split() for cell in line.split("\t")[1:])}
     assert set(shown_proba) == set(names)
     assert all(abs(shown_proba[n] - proba[0, i]) < 1e-3 for i, n in enumerate(names))
+
+
+def test_unfreezing_only_layers_without_weights_says_so(tmp_path: Path) -> None:
+    # Before: `--unfreeze-top 2` on VGG16 (its pooling layers) logged "top 2 of 20 base layers unfrozen", and
+    # the run was called fine-tuned, while stage 2 trained the head alone.
+    data = make_dataset(tmp_path / "tiny", per_class=4)
+    result = finetune_cli(*vgg16_args(data, tmp_path / "run", "--epochs1", "1", "--epochs2", "1", "--unfreeze-top", "2"))
+    assert result.exit_code == 0, result.output
+    assert ("stage 2: top 2 of 20 base layers unfrozen (none of them holds weights, so the head alone trains on; "
+            "the top 3 reach the first that does)") in result.output
 
 
 @pytest.mark.parametrize("test_images", ["copies", "unreadable"])

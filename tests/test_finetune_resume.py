@@ -75,8 +75,8 @@ class Killed(BaseException):
     """Stands for SIGKILL: nothing catches it, so the run stops where it is."""
 
 
-FINAL_STEPS = ("predict_with_model", "write_json", "plot_confusion", "plot_history", "atomic_path", "write_json#2",
-               "save_state", "rmtree")
+FINAL_STEPS = ("predict_with_model", "write_json", "plot_confusion", "plot_history", "save_model_atomically",
+               "write_json#2", "save_state", "rmtree")
 
 
 @pytest.mark.slow

@@ -21,9 +21,9 @@ from tlfeat import __version__
 from tlfeat.backbones import Backbone
 from tlfeat.data.scan import SPLITS, DatasetScan
 from tlfeat.errors import TlfeatError
-from tlfeat.fileio import atomic_path, sha256_file
+from tlfeat.fileio import sha256_file
 from tlfeat.finetuning.data import CROP_SCALE
-from tlfeat.finetuning.model import inference_mode_layer
+from tlfeat.finetuning.model import inference_mode_layer, save_model_atomically, with_probabilities
 from tlfeat.finetuning.runs import (
     MODEL_NAME, RUN_FORMAT, RUN_FORMAT_VERSION, SUMMARY_NAME, describe_saved_model, predict_with_model,
 )
@@ -41,7 +41,7 @@ def finish_run(run: Run, scan: DatasetScan, spec: Backbone, on_gpu: bool, jit_co
     if not best_file.is_file():
         raise TlfeatError(f"{run.out}: its state names {best_file.name}, which is missing; cannot finish this run")
     inference_mode_layer()  # registered for loading
-    model = keras.saving.load_model(best_file, compile=False)
+    model = with_probabilities(keras.saving.load_model(best_file, compile=False))
     run.log(
         f"best epoch: stage {best.stage} epoch {best.epoch} (val acc {best.val_accuracy:.3f}); scoring every split"
     )
@@ -83,8 +83,7 @@ def finish_run(run: Run, scan: DatasetScan, spec: Backbone, on_gpu: bool, jit_co
     )
     history = [vars(e) for e in run.state.history]
     plot_history(history, run.stage2_start(), run.out / "training.png", f"{scan.name}: {spec.name} {config.method()}")
-    with atomic_path(run.out / MODEL_NAME) as tmp:  # a copy: the checkpoint stays until the run is finished
-        shutil.copyfile(best_file, tmp)
+    save_model_atomically(model, run.out / MODEL_NAME)  # the checkpoint stays until the run is finished
 
     write_json(run.out / SUMMARY_NAME, summary)
     run.state.finished = True

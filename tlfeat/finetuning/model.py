@@ -59,12 +59,29 @@ def inference_mode_layer() -> Any:
 
 
 def build_finetune_model(base: Any, n_classes: int, image_size: int, name: str) -> Any:
-    """image -> base (always in inference mode) -> the study's head."""
+    """image -> base (always in inference mode) -> the study's head, to its logits (`with_probabilities` adds
+    the softmax to the model a run saves)."""
     import keras
 
     inputs = keras.Input((image_size, image_size, 3), name="image")
     features = inference_mode_layer()(base, name="base")(inputs)
-    return keras.Model(inputs, study_head(features, n_classes, name="head"), name=f"{name}_finetune")
+    return keras.Model(inputs, study_head(features, n_classes, name="head", logits=True), name=f"{name}_finetune")
+
+
+def outputs_logits(model: Any) -> bool:
+    """True for a model trained to its logits; False for one ending in the softmax (runs from before that)."""
+    return model.layers[-1].get_config().get("activation") == "linear"
+
+
+def with_probabilities(model: Any) -> Any:
+    """`model` ending in the softmax, as model.keras holds it for predict and evaluate: a model trained to its
+    logits gets a float32 softmax layer (no weights) on top; one that already ends in it is returned as it is."""
+    import keras
+
+    if not outputs_logits(model):
+        return model
+    probabilities = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(model.outputs[0])
+    return keras.Model(model.inputs, probabilities, name=model.name)
 
 
 def base_of(model: Any) -> Any:
@@ -81,12 +98,21 @@ def set_unfrozen_top(model: Any, k: int) -> None:
         layer.trainable = i >= first
 
 
+def top_with_weights(model: Any) -> int:
+    """The fewest top layers of the base that include one with weights (the last layers of a backbone, its
+    pooling and activations, often have none)."""
+    layers = base_of(model).layers
+    return next((len(layers) - i for i in range(len(layers) - 1, -1, -1) if layers[i].weights), len(layers))
+
+
 def compile_model(model: Any, learning_rate: float, jit_compile: Any) -> None:
     import keras
 
     model.compile(
         optimizer=keras.optimizers.RMSprop(learning_rate=learning_rate),
-        loss="sparse_categorical_crossentropy",
+        # From the logits: on softmax outputs only TensorFlow's Keras recovers them; JAX's and torch's clip the
+        # probabilities at 1e-7, so an image scored below that for its class gave no gradient at all.
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=outputs_logits(model)),
         # Weighted, so images that failed to decode (sample weight 0) do not count.
         weighted_metrics=["accuracy"],
         jit_compile=jit_compile,

@@ -35,7 +35,7 @@ from tlfeat.finetuning.data import check_trainable_split, dataset_fingerprint, i
 from tlfeat.finetuning.finish import finish_run
 from tlfeat.finetuning.model import (
     base_of, build_finetune_model, compile_model, inference_mode_layer, jit_compile_setting, param_count, reseed,
-    set_unfrozen_top,
+    set_unfrozen_top, top_with_weights,
 )
 from tlfeat.finetuning.options import DEFAULT_OPTIONS
 from tlfeat.finetuning.runs import read_run_summary, run_lock
@@ -339,6 +339,9 @@ def _train(
             what = f"top {unfrozen} of {n_layers} base layers unfrozen"
         else:
             what = "whole base unfrozen"
+        if stage == 2 and stage_state.trainable_params == run.stage_state(1).trainable_params:
+            what += (f" (none of them holds weights, so the head alone trains on; the top {top_with_weights(model)} "
+                     "reach the first that does)")
         run.log(
             f"stage {stage}: {what}, BatchNorm in inference mode; trainable params "
             f"{stage_state.trainable_params:,}, non-trainable {stage_state.non_trainable_params:,}; "
