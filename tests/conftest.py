@@ -39,6 +39,21 @@ def child_env() -> dict[str, str]:
     return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
 
 
+def training_accuracy_under_jax(lines: str) -> float:
+    """Run `lines` (Python, with `X, y = gaussian_blobs(100, 5, 192, 1)` and keras imported before them; they
+    leave the predicted labels in `predicted`) under KERAS_BACKEND=jax in a child process: the accuracy."""
+    pytest.importorskip("jax")
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import keras, numpy as np; "
+              "from conftest import gaussian_blobs; X, y = gaussian_blobs(100, 5, 192, 1)\n" + lines
+              + "\nprint(keras.backend.backend(), (predicted == y).mean())")
+    result = subprocess.run([sys.executable, "-c", script, str(REPO / "tests")], capture_output=True, text=True,
+                            timeout=300, env={**child_env(), "KERAS_BACKEND": "jax"})
+    assert result.returncode == 0, result.stderr
+    backend, accuracy = result.stdout.split()[-2:]
+    assert backend == "jax", result.stdout
+    return float(accuracy)
+
+
 def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python cli.py ARGS` in a child process, output captured as text."""
     return subprocess.run([sys.executable, str(REPO / "cli.py"), *args], capture_output=True, text=True,

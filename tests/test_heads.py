@@ -5,15 +5,13 @@ Shared helpers (`gaussian_blobs`, `write_synthetic_cache`) live in conftest.py.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from sklearn.base import clone
 
-from conftest import REPO, child_env, gaussian_blobs
+from conftest import gaussian_blobs, training_accuracy_under_jax
 from tlfeat.backbones import build_model, get_backbone
 from tlfeat.errors import TlfeatError
 from tlfeat.heads.keras_head import KerasReportHead
@@ -111,18 +109,11 @@ def test_report_head_learns_unscaled_features_under_jax_as_under_tensorflow() ->
     # Before: the loss was taken from the softmax's probabilities, which JAX's (and torch's) Keras clips at
     # 1e-7 where TensorFlow's recovers the logits: features of a large scale put a class below the clip at
     # the start, it got no gradient, and the head stayed at 0.6 training accuracy on these separable blobs.
-    pytest.importorskip("jax")
-    script = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import keras; from conftest import gaussian_blobs; "
-        "from tlfeat.heads.keras_head import KerasReportHead; X, y = gaussian_blobs(100, 5, 64, 1); "
-        "head = KerasReportHead(seed=0, epochs=5).fit(30 * X, y); "
-        "print(keras.backend.backend(), (head.predict(30 * X) == y).mean())"
+    accuracy = training_accuracy_under_jax(
+        "from tlfeat.heads.keras_head import KerasReportHead\n"
+        "predicted = KerasReportHead(seed=0, epochs=5).fit(30 * X, y).predict(30 * X)"
     )
-    result = subprocess.run([sys.executable, "-c", script, str(REPO / "tests")], capture_output=True, text=True,
-                            timeout=300, env={**child_env(), "KERAS_BACKEND": "jax"})
-    assert result.returncode == 0, result.stderr
-    backend, accuracy = result.stdout.split()
-    assert backend == "jax" and float(accuracy) >= 0.95, result.stdout
+    assert accuracy >= 0.95
 
 
 def test_report_head_early_stopping_keeps_the_best_epoch(blobs: dict) -> None:
