@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from conftest import assert_one_line_error, plant_features, summary_rows, write_synthetic_cache
-from tlfeat.errors import TlfeatError
+from tlfeat.errors import Interrupted, TlfeatError
 from tlfeat.heads.fit import fit_heads, load_features, resolve_heads
 from tlfeat.heads.registry import HEAD_NAMES, HEADS, fit_estimator, get_head
 from tlfeat.heads.store import read_metadata
@@ -337,7 +338,9 @@ def test_an_interrupted_fit_of_all_heads_keeps_a_summary_of_those_fitted(
 
     monkeypatch.setattr(heads_fit, "_fit_head", fit_then_interrupt)
     out = tmp_path / "heads"
-    with pytest.raises(KeyboardInterrupt):
+    # Before: a bare KeyboardInterrupt from Python; now it says what was kept, as extract and finetune do.
+    kept = f"interrupted; the heads fitted before ({', '.join(HEAD_NAMES[:2])}) are kept in {out}, with summary.md"
+    with pytest.raises(Interrupted, match=f"^{re.escape(kept)}"):
         fit_heads([cache], head="all", out=out)
     assert set(summary_rows(out)) == set(fitted) == set(HEAD_NAMES[:2])
     text = (out / "summary.md").read_text()

@@ -31,7 +31,7 @@ from sklearn.base import BaseEstimator, clone
 
 from tlfeat.cache import CacheData, load
 from tlfeat.data.scan import SPLITS
-from tlfeat.errors import TlfeatError, integer, parameter_error, seed_value
+from tlfeat.errors import Interrupted, TlfeatError, integer, parameter_error, seed_value
 from tlfeat.fileio import check_output_path, check_outside_dataset, path_list, path_value
 from tlfeat.interrupts import deferred_interrupts, raise_if_requested
 from tlfeat.heads.folder import (
@@ -347,10 +347,14 @@ def fit_heads(
                     on_skip(name, str(exc))
                 continue
             except KeyboardInterrupt:
-                if results:  # the heads already fitted keep their ranked table; the others are named in it
-                    left = [(other, "interrupted") for other in names[position:]]
-                    write_summary(out, results, features.sources, features.split_counts(), skipped + left)
-                raise
+                if not results:
+                    raise Interrupted(f"interrupted; no head was fitted in {out}") from None
+                # the heads already fitted keep their ranked table; the others are named in it
+                left = [(other, "interrupted") for other in names[position:]]
+                write_summary(out, results, features.sources, features.split_counts(), skipped + left)
+                kept = ", ".join(result.head for result in results)
+                raise Interrupted(f"interrupted; the heads fitted before ({kept}) are kept in {out}, "
+                                  f"with summary.md naming those not fitted") from None
             results.append(result)
             if on_result is not None:
                 on_result(result)
