@@ -81,7 +81,7 @@ def with_probabilities(model: Any) -> Any:
     if not outputs_logits(model):
         return model
     probabilities = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(model.outputs[0])
-    return keras.Model(model.inputs, probabilities, name=model.name)
+    return keras.Model(model.input, probabilities, name=model.name)
 
 
 def base_of(model: Any) -> Any:
