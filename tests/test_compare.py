@@ -268,20 +268,24 @@ def test_a_run_whose_best_epoch_is_in_stage_1_is_the_head_on_the_frozen_base(tmp
     }
 
 
+def unfinished_run_folder(folder: Path) -> Path:
+    """A fine-tune run folder as a run leaves it after its first of 5 epochs (state.json, no summary.json)."""
+    config = RunConfig(backbone="vgg16", weights="none", weights_identity="none", preprocessing="caffe", image_size=32,
+                       unfreeze_top=2, epochs1=3, epochs2=2, lr1=1e-3, lr2=1e-4, batch_size=4, augment=False,
+                       patience=0, seed=0, split_ratios=[0.5, 0.25, 0.25], dataset_root="/data/tiny",
+                       dataset_fingerprint="f", classes=["a", "b", "c"], base_layers=19)
+    folder.mkdir(parents=True)
+    Run(folder, config, RunState(history=[EpochRecord(1, 1, 1, 1.0, 0.5, 1.0, 0.5, 1e-3, 1.0)]), print).save_state()
+    return folder
+
+
 def test_a_run_that_has_not_finished_is_named_not_left_out_without_a_word(tmp_path: Path) -> None:
     # Before: in a folder, a run killed before its end (state.json, no summary.json) was left out without a word;
     # named, it was "no fit-head models or fine-tune runs found".
     done = tmp_path / "runs" / "done"
     done.mkdir(parents=True)
     (done / "summary.json").write_text(json.dumps(finished_run_summary(best_stage=2)))
-    config = RunConfig(backbone="vgg16", weights="none", weights_identity="none", preprocessing="caffe", image_size=32,
-                       unfreeze_top=2, epochs1=3, epochs2=2, lr1=1e-3, lr2=1e-4, batch_size=4, augment=False,
-                       patience=0, seed=0, split_ratios=[0.5, 0.25, 0.25], dataset_root="/data/tiny",
-                       dataset_fingerprint="f", classes=["a", "b", "c"], base_layers=19)
-    state = RunState(history=[EpochRecord(1, 1, 1, 1.0, 0.5, 1.0, 0.5, 1e-3, 1.0)])
-    killed = tmp_path / "runs" / "L1"
-    killed.mkdir()
-    Run(killed, config, state, print).save_state()
+    killed = unfinished_run_folder(tmp_path / "runs" / "L1")
     unfinished = (f"a fine-tune run that has not finished (1 of 5 epochs); resume it with "
                   f"`tlfeat finetune /data/tiny --out {killed} --resume`")
 
@@ -302,13 +306,7 @@ def test_a_run_that_has_not_finished_is_named_not_left_out_without_a_word(tmp_pa
 def test_a_run_still_training_is_named_as_such_not_told_to_resume(tmp_path: Path) -> None:
     # Before: a run training in another process right now was "not finished; resume it with ... --resume", and
     # that resume is refused while the run is alive.
-    config = RunConfig(backbone="vgg16", weights="none", weights_identity="none", preprocessing="caffe", image_size=32,
-                       unfreeze_top=2, epochs1=3, epochs2=2, lr1=1e-3, lr2=1e-4, batch_size=4, augment=False,
-                       patience=0, seed=0, split_ratios=[0.5, 0.25, 0.25], dataset_root="/data/tiny",
-                       dataset_fingerprint="f", classes=["a", "b", "c"], base_layers=19)
-    live = tmp_path / "live"
-    live.mkdir()
-    Run(live, config, RunState(history=[EpochRecord(1, 1, 1, 1.0, 0.5, 1.0, 0.5, 1e-3, 1.0)]), print).save_state()
+    live = unfinished_run_folder(tmp_path / "live")
     with run_lock(live):  # what a live finetune holds from before its model is built to its end
         training = f"a fine-tune run still training (pid {os.getpid()} on {socket.gethostname()}; 1 of 5 epochs so far)"
         assert_one_line_error(runner.invoke(app, ["compare", str(live)]), f"{live}: {training}; wait for it to finish")

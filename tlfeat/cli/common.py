@@ -69,19 +69,19 @@ COMMAND_PANELS: dict[str, tuple[str, ...]] = {
     "Use and compare models": ("predict", "evaluate", "compare"),
     "Explore the embeddings": ("audit", "similar", "map", "export"),
 }
-COMMAND_ORDER = [name for names in COMMAND_PANELS.values() for name in names]
+_PANEL_OF = {name: title for title, names in COMMAND_PANELS.items() for name in names}
+_RANK = {name: rank for rank, name in enumerate(_PANEL_OF)}
 
 
 class PlainHelpGroup(_FlagsWithoutPlaceholder, TyperGroup):
-    """The command list in COMMAND_ORDER, its --help without a placeholder; a usage error in one line.
+    """The command list in COMMAND_PANELS' order, its --help without a placeholder; a usage error in one line.
 
     Typer prints a mistyped option or a missing argument as a usage line, a hint and a boxed message:
     here it is one line, like every other error, with the hint at its end.
     """
 
     def list_commands(self, ctx: Any) -> list[str]:
-        rank = {name: i for i, name in enumerate(COMMAND_ORDER)}
-        return sorted(super().list_commands(ctx), key=lambda name: rank.get(name, len(rank)))
+        return sorted(super().list_commands(ctx), key=lambda name: _RANK.get(name, len(_RANK)))
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
@@ -112,8 +112,7 @@ class _App(typer.Typer):
     def command(self, name: str | None = None, *, cls: type | None = None,  # type: ignore[override]
                 **kwargs: Any) -> Callable:
         def register(function: Callable) -> Callable:
-            command_name = name or function.__name__.replace("_", "-")
-            panel = next((title for title, names in COMMAND_PANELS.items() if command_name in names), None)
+            panel = _PANEL_OF.get(name or function.__name__.replace("_", "-"))
             return super(_App, self).command(name, cls=cls or PlainHelpCommand, rich_help_panel=panel,
                                              **kwargs)(function)
         return register

@@ -23,7 +23,6 @@ from tlfeat.interrupts import raise_if_requested, stop_requested
 from tlfeat.seeding import seeded
 
 
-
 def study_head(features: Any, n_classes: int, hidden_units: int = HIDDEN_UNITS, dropout: float = DROPOUT,
                name: str | None = None, logits: bool = False) -> Any:
     """The study's head on a Keras tensor of features: Dense(hidden, no activation) -> Dropout -> softmax.
