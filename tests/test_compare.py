@@ -10,6 +10,7 @@ import socket
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -21,10 +22,11 @@ from tlfeat.heads.registry import head_trainable_params
 from tlfeat.extraction.run import extract
 from tlfeat.finetuning import finetune
 from tlfeat.finetuning.finish import run_summary
-from tlfeat.finetuning.runs import run_lock
+from tlfeat.finetuning.runs import read_run_test_outcomes, run_lock
 from tlfeat.finetuning.state import BestEpoch, EpochRecord, Run, RunConfig, RunState, StageState
 from tlfeat.heads.fit import fit_heads
 from tlfeat.heads.registry import HEAD_NAMES
+from tlfeat.heads.rows import image_keys
 from tlfeat.heads.store import load_head
 
 runner = CliRunner()
@@ -82,6 +84,30 @@ def test_compare_builds_one_table_from_runs_and_heads(results: Path, tmp_path: P
         assert float(row["test acc"]) == pytest.approx(meta["scores"]["test"]["accuracy"])
     assert "| n/a |" in result.output  # k-NN learns no parameters
     assert "heads and fine-tune runs matched by folder, split, class list and images per split" in result.output
+
+
+@pytest.mark.slow
+def test_a_fine_tune_run_keeps_its_test_outcomes_and_pairs_with_the_heads(results: Path, tmp_path: Path) -> None:
+    summary = json.loads((results / "run" / "summary.json").read_text())
+    outcomes = read_run_test_outcomes(results / "run")
+    data = tlfeat.load(results.parent / "tiny-vgg16.h5", split="test")  # the same test images as the run's
+    root = Path(summary["dataset_root"])
+    keys = image_keys(data.paths, [(root / p).stat().st_size for p in data.paths])
+    assert sorted(outcomes.image) == sorted(keys)
+    assert np.mean(outcomes.predicted == outcomes.label) == pytest.approx(summary["scores"]["test"]["accuracy"])
+    order = {int(key): i for i, key in enumerate(keys)}
+    assert [data.labels[order[int(key)]] for key in outcomes.image] == list(outcomes.label)
+    predicted = tlfeat.predict(results / "run", [root / data.paths[order[int(key)]] for key in outcomes.image])
+    assert [p.top[0][0] for p in predicted.predictions] == [summary["classes"][c] for c in outcomes.predicted]
+
+    rows = tlfeat.compare(results).rows
+    first = rows[0]
+    assert all(row.versus_first.images == len(data.labels) for row in rows if row is not first)  # heads and run paired
+    # A damaged outcomes file costs the run its p-value, in a note; the table is still made.
+    shutil.copytree(results / "run", tmp_path / "run")
+    (tmp_path / "run" / "test_outcomes.npz").write_bytes(b"PK\x03\x04 cut short")
+    notes = tlfeat.compare([tmp_path / "run", results / "heads"]).notes
+    assert any("test_outcomes.npz: unreadable (BadZipFile" in note for note in notes), notes
 
 
 @pytest.mark.slow

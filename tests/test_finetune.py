@@ -29,6 +29,7 @@ from tlfeat.data.scan import scan_dataset
 from tlfeat.data.decode import decode_image
 from tlfeat.errors import Interrupted, TlfeatError
 from tlfeat.heads.keras_head import study_head
+from tlfeat.heads.rows import image_keys
 
 runner = CliRunner()
 QUIET = dict(progress=False, log=lambda line: None)
@@ -199,7 +200,7 @@ def test_run_writes_every_output_skips_unreadable_images_and_predicts(tmp_path: 
     assert f"trainable params {HEAD_PARAMS_VGG16 + 2359808:,}" in result.output  # + block5_conv3
 
     expected = {"model.keras", "summary.json", "metrics.json", "history.csv", "history.json", "training.png",
-                "confusion.png", "state.json"}
+                "confusion.png", "state.json", "test_outcomes.npz"}
     assert {p.name for p in out.iterdir()} == expected  # checkpoints/ and the lock are gone
     for png in ("training.png", "confusion.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -219,6 +220,11 @@ def test_run_writes_every_output_skips_unreadable_images_and_predicts(tmp_path: 
     assert {s: v["n"] for s, v in summary["scores"].items()} == {**readable, "test": readable["test"] - 1}
     assert summary["split_counts"] == readable  # before: the unreadable file was counted in its split
     assert summary["notes"][0].startswith(copies)
+    # The outcome on each test image scored: neither the copy of a training image nor an unreadable one.
+    tested = [e for e in scan.entries if e.split == "test" and e.relpath not in (a_test, "class_0/broken.png")]
+    outcomes = ft_runs.read_run_test_outcomes(out)
+    assert sorted(outcomes.image) == sorted(image_keys([e.relpath for e in tested], [e.size for e in tested]))
+    assert np.mean(outcomes.predicted == outcomes.label) == pytest.approx(summary["scores"]["test"]["accuracy"])
 
     with open(out / "history.csv", newline="") as handle:
         history = list(csv.DictReader(handle))

@@ -14,6 +14,7 @@ from tlfeat.apps.recipe import member_cache, run_recipe, select_and_refit
 from tlfeat.apps.recipe_book import RECIPES, Member
 from tlfeat.errors import TlfeatError
 from tlfeat.heads.fit import fit_heads, load_features
+from tlfeat.heads.rows import image_keys
 from tlfeat.heads.store import load_head, read_metadata
 
 
@@ -106,6 +107,11 @@ def test_test_rows_that_copy_fitted_rows_are_left_out_of_the_recipe_score() -> N
     fitted = select_and_refit(Features(data, [], "synthetic", RowIds.of(list(data.paths), [100] * 60, features)), [1.0])
     assert fitted.metrics["test"]["n"] == 17
     assert fitted.notes[0] == "test: 3 rows left out of the score, copies of rows this head was fitted on"
+    # Its outcome on each test image scored, for compare's paired test: the 17 scored, none of the copies.
+    scored = (split == "test") & ~np.isin(np.arange(60), [20, 21, 50])
+    assert np.array_equal(fitted.test.image, image_keys([f"{i}.png" for i in np.flatnonzero(scored)], [100] * 17))
+    assert np.array_equal(fitted.test.predicted, fitted.estimator.predict(features[scored]))
+    assert np.array_equal(fitted.test.label, labels[scored])
 
 
 

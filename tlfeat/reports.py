@@ -1,4 +1,5 @@
-"""Scores and report files: metrics JSON, confusion-matrix PNG, markdown and CSV tables.
+"""Scores and report files: metrics JSON, confusion-matrix PNG, markdown and CSV tables; how sure a score is
+(its 95% interval) and whether two models' scores differ (a paired test on their per-image test outcomes).
 
 Every file is written atomically (temporary sibling, then rename), so an
 interrupted run leaves the previous report or the new one, never half of one.
@@ -10,6 +11,7 @@ import csv
 import io
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,7 +25,8 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def split_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> dict:
-    """Accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix of one split.
+    """Accuracy (with its 95% interval, `accuracy_interval`), macro-F1, per-class precision/recall/F1 and the
+    confusion matrix of one split.
 
     Macro-F1 averages over the classes that occur in the split (as truth or as
     prediction), the scikit-learn default; per-class rows cover every class.
@@ -35,9 +38,11 @@ def split_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=labels, zero_division=0
     )
+    accuracy = float(accuracy_score(y_true, y_pred))
     return {
         "n": int(len(y_true)),
-        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "accuracy": accuracy,
+        "accuracy_ci95": list(accuracy_interval(accuracy, len(y_true))),
         "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
         "per_class": {
             name: {
@@ -147,3 +152,63 @@ def plot_history(history: Sequence[dict], stage2_start: int | None, path: Path, 
         ax.legend()
     fig.suptitle(title)
     save_png(fig, path)
+
+
+@dataclass(frozen=True)
+class ImageOutcomes:
+    """A model's result on each test image it scored: the image's identity (a 64-bit key of its path and byte size,
+    `tlfeat.heads.rows`), its true class and the predicted one. Two models' outcomes pair on the images both scored,
+    which is what tells a real difference in accuracy from chance (`paired_difference`)."""
+
+    image: np.ndarray  # uint64
+    label: np.ndarray  # class index
+    predicted: np.ndarray  # class index
+
+    def to_npz(self) -> bytes:
+        buffer = io.BytesIO()
+        np.savez(buffer, image=self.image.astype(np.uint64), label=self.label.astype(np.int32),
+                 predicted=self.predicted.astype(np.int32))
+        return buffer.getvalue()
+
+    @classmethod
+    def from_npz(cls, payload: bytes) -> "ImageOutcomes":
+        """Raises ValueError, KeyError or zipfile.BadZipFile for bytes that are not such a file."""
+        with np.load(io.BytesIO(payload), allow_pickle=False) as arrays:
+            outcomes = cls(arrays["image"], arrays["label"], arrays["predicted"])
+        if not len(outcomes.image) == len(outcomes.label) == len(outcomes.predicted):
+            raise ValueError("its arrays differ in length")
+        return outcomes
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Two models on the test images both scored: how many each alone got right, and the exact McNemar p-value."""
+
+    images: int  # test images both scored (with the same true class)
+    only_first: int  # right by the first model, wrong by the second
+    only_second: int
+    p_value: float  # two-sided; below 0.05, the accuracies differ by more than chance among these images explains
+
+
+def paired_difference(first: ImageOutcomes, second: ImageOutcomes) -> PairedDifference:
+    """McNemar's exact test on the images both models scored: under "equally accurate", each image that one model
+    alone got right is a fair coin's toss, so the p-value is a binomial tail of the disagreements."""
+    from scipy.stats import binom
+
+    _, i, j = np.intersect1d(first.image, second.image, assume_unique=True, return_indices=True)
+    same = first.label[i] == second.label[j]  # a relabelled image is not the same test
+    i, j = i[same], j[same]
+    right_first, right_second = first.predicted[i] == first.label[i], second.predicted[j] == second.label[j]
+    only_first, only_second = int(np.sum(right_first & ~right_second)), int(np.sum(right_second & ~right_first))
+    tail = binom.cdf(min(only_first, only_second), only_first + only_second, 0.5)
+    return PairedDifference(len(i), only_first, only_second, float(min(1.0, 2 * tail)))
+
+
+def accuracy_interval(accuracy: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The 95% Wilson score interval of an accuracy measured on `n` images (it stays within 0-1 and holds for
+    accuracies near 1, where the normal approximation does not)."""
+    if n <= 0:
+        return 0.0, 1.0
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * float(np.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)))
+    return max(0.0, centre - half), min(1.0, centre + half)

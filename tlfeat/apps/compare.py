@@ -17,6 +17,12 @@ kept apart by it. A head and a run cannot be matched by digest, so they are matc
 by class list and counts, and a note says so. Datasets whose labels would read
 alike are told apart by folder path, size or digest.
 
+How sure each test score is: its 95% Wilson interval, from the number of test
+images scored. Whether two differ: each head and run keeps the class it predicted
+for each test image (`tlfeat.reports.ImageOutcomes`), so each model is paired with
+#1 of its dataset on the test images both scored (matched by path and byte size)
+and McNemar's exact test gives the p-value of their difference.
+
 Trainable parameters of a head are counted from its shape (feature dim D,
 classes C) and the fitted parts that learn: linear maps, hidden layers and the
 linear SVM's calibration sigmoids. Scaling statistics are not counted, as the
@@ -27,25 +33,28 @@ a run's epochs (validation included), never the feature extraction before fit-he
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from tlfeat.apps.result_files import find_results
 from tlfeat.errors import TlfeatError, some_of
-from tlfeat.fileio import check_output_path, path_list, path_value, read_json_object
+from tlfeat.fileio import check_output_path, path_list, path_value
 from tlfeat.data.scan import SPLITS
-from tlfeat.finetuning.runs import RUN_FORMAT, STATE_FORMAT, STATE_NAME, SUMMARY_NAME, read_run_summary, unfinished_run
+from tlfeat.finetuning.runs import read_run_summary, read_run_test_outcomes, unfinished_run
 from tlfeat.heads.folder import DAMAGED_HEAD_ADVICE
 from tlfeat.heads.registry import head_trainable_params
-from tlfeat.heads.store import HEAD_SUFFIX, LEGACY_SUFFIX, MODEL_FORMAT, read_metadata
-from tlfeat.reports import markdown_table, save_png, write_csv
+from tlfeat.heads.store import read_metadata, read_test_outcomes
+from tlfeat.reports import (
+    ImageOutcomes, PairedDifference, accuracy_interval, markdown_table, paired_difference, save_png, write_csv,
+)
 
 HEADERS = (
     "dataset", "rank", "model", "backbone", "weights", "method", "trainable params",
-    "train acc", "val acc", "test acc", "test macro-F1", "train s",
+    "train acc", "val acc", "test acc", "test 95% CI", "p vs #1", "test macro-F1", "train s",
 )
+# Below it, a model's test accuracy differs from #1's by more than chance among the test images explains.
+SIGNIFICANCE = 0.05
 
 
 def dataset_label(root: str | None, seed: object, ratios: object, classes: object, counts: object) -> tuple[tuple, str]:
@@ -69,6 +78,7 @@ class Row:
     seconds: float
     path: Path
     images: tuple[str, str | None] = ("head", None)  # ("head", rows digest) or ("run", dataset fingerprint)
+    versus_first: PairedDifference | None = None  # against #1 of its dataset, on the test images both scored
 
     def accuracy(self, split: str) -> float | None:
         return self.scores[split]["accuracy"] if split in self.scores else None
@@ -76,18 +86,29 @@ class Row:
     def macro_f1(self) -> float | None:
         return self.scores["test"]["macro_f1"] if "test" in self.scores else None
 
+    def test_interval(self) -> tuple[float, float] | None:
+        """The 95% interval of the test accuracy, from the number of test images scored."""
+        test = self.scores.get("test")
+        return accuracy_interval(test["accuracy"], int(test["n"])) if test and test.get("n") else None
+
+    def test_outcomes(self) -> ImageOutcomes | None:
+        """The outcome on each test image scored; None when the head or run was made before they were kept."""
+        return read_test_outcomes(self.path) if self.images[0] == "head" else read_run_test_outcomes(self.path)
+
     def cells(self, rank: int | None) -> list:
+        interval = self.test_interval()
         return [
             self.dataset[1], "-" if rank is None else rank, self.name, self.backbone, self.weights, self.method, self.trainable_params,
-            *(self.accuracy(s) for s in SPLITS), self.macro_f1(), round(self.seconds, 2),
+            *(self.accuracy(s) for s in SPLITS), interval and f"{interval[0]:.4f}-{interval[1]:.4f}",
+            self.versus_first and self.versus_first.p_value, self.macro_f1(), round(self.seconds, 2),
         ]
 
 
 @dataclass
 class CompareResult:
-    """The comparison: one row per head or run (grouped by dataset, ranked by val accuracy),
-    `table` in markdown, and `notes` on rows left unranked, on heads and runs matched by counts, and on
-    unfinished runs left out."""
+    """The comparison: one row per head or run (grouped by dataset, ranked by val accuracy; each row's
+    `test_interval()` and `versus_first`, its paired test against #1), `table` in markdown, and `notes` on
+    rows left unranked, on the paired tests, on heads and runs matched by counts, and on unfinished runs left out."""
 
     rows: list[Row]
     table: str  # markdown
@@ -150,79 +171,6 @@ def run_row(run_dir: Path) -> Row:
     )
 
 
-def _json_format(path: Path) -> str | None:
-    """The "format" field of a small JSON file, or None for anything else (never raises)."""
-    try:
-        if path.stat().st_size > 10_000_000:
-            return None
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    return value.get("format") if isinstance(value, dict) else None
-
-
-def _classify(path: Path) -> tuple[str, Path] | None:
-    """("head", model path), ("run", run folder) or ("unfinished", run folder) for a file that describes one,
-    else None."""
-    if path.suffix in (HEAD_SUFFIX, LEGACY_SUFFIX):
-        return "head", path
-    if path.suffix == ".keras" and (path.parent / SUMMARY_NAME).is_file():
-        return "run", path.parent
-    if path.suffix != ".json" or path.name.endswith(".metrics.json"):
-        return None
-    fmt = _json_format(path)
-    if path.name == SUMMARY_NAME and fmt == RUN_FORMAT:
-        return "run", path.parent
-    if path.name == STATE_NAME and fmt == STATE_FORMAT and unfinished_run(path.parent):
-        return "unfinished", path.parent
-    if fmt == MODEL_FORMAT:  # a tlfeat 0.1 head's metadata
-        return "head", path.with_suffix(LEGACY_SUFFIX)
-    return None
-
-
-def _classify_or_refuse(path: Path) -> tuple[str, Path] | None:
-    """`_classify`, except that a damaged run summary is an error naming it: a run must not drop out of the
-    table without a word, nor be called the wrong kind of file."""
-    hit = _classify(path)
-    if hit is None and path.name == SUMMARY_NAME:
-        read_json_object(path)
-    return hit
-
-
-def find_results(inputs: Sequence[Path]) -> list[tuple[str, Path]]:
-    """Every fit-head model and fine-tune run named by, or found under, `inputs`; each once, in order. A run that
-    has not finished is refused when named, and ("unfinished", its folder) when found under a folder."""
-    found: list[tuple[str, Path]] = []
-    for item in map(Path, inputs):
-        if not item.exists():
-            raise TlfeatError(f"{item}: not found")
-        if item.is_dir():
-            if _classify(item / STATE_NAME):  # a run that has not finished: it has nothing to compare yet
-                raise TlfeatError(f"{item}: {unfinished_run(item)}")
-            for dirpath, dirnames, filenames in os.walk(item):
-                # checkpoints/ holds a run's resume files, not results
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "checkpoints")
-                for name in sorted(filenames):
-                    if name.endswith((".json", HEAD_SUFFIX)) and not name.startswith("."):
-                        hit = _classify_or_refuse(Path(dirpath) / name)
-                        if hit is not None:
-                            found.append(hit)
-        else:
-            hit = _classify_or_refuse(item)
-            if hit is None:
-                raise TlfeatError(
-                    f"{item}: neither a fit-head model ({HEAD_SUFFIX}, or a tlfeat 0.1 .joblib or its .json) nor a fine-tune run "
-                    f"(its folder, model.keras or {SUMMARY_NAME})"
-                )
-            if hit[0] == "unfinished":
-                raise TlfeatError(f"{hit[1]}: {unfinished_run(hit[1])}")
-            found.append(hit)
-    unique: dict[tuple[str, Path], None] = {}
-    for kind, path in found:
-        unique.setdefault((kind, path.resolve()), None)
-    return list(unique)
-
-
 def score_limits(values: Sequence[float | None]) -> tuple[float, float]:
     """A score axis zoomed to `values`: 0.90 and 0.93 must look different, with headroom for the legend."""
     shown = [v for v in values if v is not None]
@@ -234,7 +182,8 @@ def score_limits(values: Sequence[float | None]) -> tuple[float, float]:
 
 
 def plot_bars(rows: Sequence[Row], path: Path) -> None:
-    """Grouped bars per model, one panel per dataset: train / val / test accuracy and test macro-F1."""
+    """Grouped bars per model, one panel per dataset: train / val / test accuracy (with its 95% interval) and
+    test macro-F1."""
     import numpy as np
     from matplotlib.figure import Figure
 
@@ -249,10 +198,14 @@ def plot_bars(rows: Sequence[Row], path: Path) -> None:
         series.append(("test macro-F1", [r.macro_f1() for r in members]))
         x = np.arange(len(members))
         width = 0.8 / len(series)
+        intervals = [r.test_interval() or (np.nan, np.nan) for r in members]
         for i, (label, values) in enumerate(series):
             heights = [np.nan if v is None else v for v in values]  # a split a model lacks leaves a gap
-            ax.bar(x + (i - (len(series) - 1) / 2) * width, heights, width, label=label)
-        crowded = len(members) > 4
+            # the test accuracy's 95% interval as a whisker: bars closer than it do not rank models
+            whiskers = (np.abs(np.array(intervals).T - np.array(heights, dtype=float)) if label == "test acc"
+                        else None)
+            ax.bar(x + (i - (len(series) - 1) / 2) * width, heights, width, label=label, yerr=whiskers, capsize=2)
+        crowded = len(members) > 4 or sum(len(r.name) for r in members) > 60  # labels would run into each other
         ax.set_xticks(
             x, labels=[f"{r.name}\n{r.method}" for r in members], rotation=30 if crowded else 0,
             ha="right" if crowded else "center", fontsize=8,
@@ -261,7 +214,7 @@ def plot_bars(rows: Sequence[Row], path: Path) -> None:
         ax.set_ylabel("score")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(loc="upper center", ncol=len(series), fontsize=8)
-        ax.set_title(f"{members[0].dataset[1]}: frozen-feature heads vs fine-tuning")
+        ax.set_title(f"{members[0].dataset[1]}: frozen-feature heads vs fine-tuning", fontsize=10)
     save_png(fig, path)
 
 
@@ -318,6 +271,66 @@ def _why_no_val(row: Row) -> str:
     return "none of its val images left to score; see its summary.json notes"
 
 
+def _pair_with_first(rows: list[Row], ranks: dict[int, int | None]) -> list[str]:
+    """Set `versus_first` of every row with a test score against #1 of its dataset, from the outcomes both
+    recorded per test image; the notes say what the p-values are and which rows have none, and why."""
+    notes = []
+    for members in _by_key(rows).values():
+        first = next((row for row in members if ranks[id(row)] == 1), None)
+        others = [row for row in members if row is not first and "test" in row.scores]
+        if first is None or "test" not in first.scores or not others:
+            continue
+        label = first.dataset[1]
+        try:
+            reference = first.test_outcomes()
+        except TlfeatError as exc:
+            notes.append(f"{label}: no p vs #1, #1's per-image test outcomes are unreadable: {exc}")
+            continue
+        if reference is None:
+            notes.append(f"{label}: no p vs #1, #1 ({first.name}) records no per-image test outcomes "
+                         f"({_MADE_BEFORE})")
+            continue
+        unpaired = []
+        for row in others:
+            try:
+                outcomes = row.test_outcomes()
+            except TlfeatError as exc:
+                notes.append(f"{row.name}: no p vs #1, {exc}")
+                continue
+            if outcomes is None:
+                unpaired.append(row.name)
+                continue
+            paired = paired_difference(reference, outcomes)
+            if paired.images:
+                row.versus_first = paired
+            else:
+                notes.append(f"{row.name}: no p vs #1, no test image in common with #1 ({first.name})")
+        if unpaired:
+            notes.append(f"{some_of(unpaired, 3)}: no p vs #1, no per-image test outcomes recorded ({_MADE_BEFORE})")
+        counts = sorted(row.versus_first.images for row in others if row.versus_first is not None)
+        if counts:
+            images = f"{counts[0]:,}" if counts[0] == counts[-1] else f"{counts[0]:,}-{counts[-1]:,}"
+            notes.append(
+                f"{label}: p vs #1 is McNemar's exact test of each model against #1 ({first.name}) on the test images "
+                f"both scored ({images}); below {SIGNIFICANCE:g}, their test accuracies differ by more than chance "
+                "among these images explains (one test per row, not corrected for the number of rows)"
+            )
+    return notes
+
+
+# Why a head or run has no per-image test outcomes to pair on.
+_MADE_BEFORE = "made before tlfeat kept them; fit the head or fine-tune the run again for one"
+
+
+def _p_text(row: Row, rank: int | None) -> str:
+    if rank == 1:
+        return "-"
+    if row.versus_first is None:
+        return "n/a" if "test" in row.scores else ""
+    p = row.versus_first.p_value
+    return "<0.001" if p < 0.001 else f"{p:.3g}"  # 3 digits: 0.0498 must not read as 0.050
+
+
 def compare(inputs: str | Path | Sequence[str | Path], csv: str | Path | None = None, png: str | Path | None = None) -> CompareResult:
     """Build the comparison table (grouped by dataset, ranked by val accuracy within each) and the optional CSV and PNG.
 
@@ -341,26 +354,29 @@ def compare(inputs: str | Path | Sequence[str | Path], csv: str | Path | None = 
     mixed = _separate_image_sets(rows)
     rows = _distinct_labels(rows)
     rows.sort(key=lambda r: (r.dataset[1], r.dataset[0], r.accuracy("val") is None, -(r.accuracy("val") or 0.0), r.name))
-    cells, ranks = [], {}
+    ranks: dict[int, int | None] = {}  # id(row) -> rank within its dataset
+    per_dataset: dict[tuple, int] = {}
     notes = [f"{_by_key(rows)[key][0].dataset[1]}: heads and fine-tune runs matched by folder, split, class list and "
              "images per split (they record different digests of their images)" for key in mixed]
     for row in rows:
         if row.accuracy("val") is None:  # e.g. a recipe head, refitted on train+val: no held-out val score
-            cells.append(row.cells(None))
+            ranks[id(row)] = None
             cv = row.scores.get("cv", {}).get("accuracy")
             notes.append(f"{row.name}: not ranked, no val score ({_why_no_val(row)})"
                          + (f"; its cross-validated accuracy over train+val is {cv:.4f}" if cv is not None else ""))
             continue
-        ranks[row.dataset[0]] = ranks.get(row.dataset[0], 0) + 1
-        cells.append(row.cells(ranks[row.dataset[0]]))
+        per_dataset[row.dataset[0]] = ranks[id(row)] = per_dataset.get(row.dataset[0], 0) + 1
+    notes += _pair_with_first(rows, ranks)
     notes += unfinished
-    params, seconds = HEADERS.index("trainable params"), HEADERS.index("train s")
+    cells = [row.cells(ranks[id(row)]) for row in rows]
+    params, seconds, versus = HEADERS.index("trainable params"), HEADERS.index("train s"), HEADERS.index("p vs #1")
     shown = []
-    for row in cells:
-        row = list(row)
-        row[params] = "n/a" if row[params] is None else f"{row[params]:,}"
-        row[seconds] = f"{row[seconds]:.2f}"
-        shown.append(row)
+    for row, cell in zip(rows, cells):
+        cell = list(cell)
+        cell[params] = "n/a" if cell[params] is None else f"{cell[params]:,}"
+        cell[seconds] = f"{cell[seconds]:.2f}"
+        cell[versus] = _p_text(row, ranks[id(row)])
+        shown.append(cell)
     table = markdown_table(HEADERS, shown)
     if csv is not None:
         write_csv(csv, HEADERS, cells)

@@ -27,7 +27,7 @@ from tlfeat.fileio import check_outside_dataset, check_output_path, path_value
 from tlfeat.heads.fit import Features, HeadResult, load_features
 from tlfeat.heads.folder import head_metadata, left_out_note, locked_folder, save_fitted_head
 from tlfeat.heads.registry import get_head
-from tlfeat.reports import split_metrics
+from tlfeat.reports import ImageOutcomes, split_metrics
 
 HEAD = "logreg"  # fit-head's: StandardScaler + multinomial logistic regression
 CV_FOLDS = 5
@@ -55,6 +55,7 @@ class Fitted:
     fit_seconds: float  # the refit
     search_seconds: float
     notes: list[str] = field(default_factory=list)
+    test: ImageOutcomes | None = None  # the refit's outcome on each test image scored
 
 
 def _logreg(c: float, seed: int) -> BaseEstimator:
@@ -121,9 +122,12 @@ def select_and_refit(features: Features, c_grid: Sequence[float], seed: int = 0,
         fit_seconds = time.perf_counter() - started
     # Test rows that are copies of fitted rows (the same image, or the same features under another name) are
     # left out, as fit-head and evaluate leave them out: the score is on images the head has not seen.
-    test, _, left_out = features.rows("test", {"train": features.ids.take(rows)})
+    test, test_ids, left_out = features.rows("test", {"train": features.ids.take(rows)})
+    outcomes = None
     if len(test):
-        metrics["test"] = split_metrics(test.labels, estimator.predict(test.features), data.class_names)
+        predicted = estimator.predict(test.features)
+        metrics["test"] = split_metrics(test.labels, predicted, data.class_names)
+        outcomes = ImageOutcomes(test_ids.by_file, test.labels, predicted)
     notes = [left_out_note("test", left_out)] if left_out else []
     if len(c_grid) > 1 and not folds:
         fewest = int(np.unique(y, return_counts=True)[1].min())
@@ -131,7 +135,7 @@ def select_and_refit(features: Features, c_grid: Sequence[float], seed: int = 0,
                      f"{'s' if fewest != 1 else ''} (2 needed), so the grid's first C is used")
     notes += sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0]}" for w in caught
                      if issubclass(w.category, UserWarning)})
-    return Fitted(estimator, c, folds, trials, metrics, fit_seconds, search_seconds, notes)
+    return Fitted(estimator, c, folds, trials, metrics, fit_seconds, search_seconds, notes, outcomes)
 
 
 @dataclass
@@ -241,4 +245,4 @@ def _save(out: Path, spec: Recipe, features: Features, fitted: Fitted, seed: int
         features.label, {"digest": features.digest, "counts": counts}, {"C": fitted.c}, fitted.trials or None,
         seed, fitted.fit_seconds, fitted.search_seconds,
     )
-    return save_fitted_head(out, fitted.estimator, meta, fitted.metrics, seen, fitted.notes)
+    return save_fitted_head(out, fitted.estimator, meta, fitted.metrics, seen, fitted.notes, fitted.test)

@@ -118,7 +118,9 @@ def evaluate(
     Refuses a cache whose class list, backbone, weights, image size or
     preprocessing differ from what the head was fitted on. Rows the head was
     fitted on (found by image and by features, whatever the cache's split) are
-    left out of val and test, and counted.
+    left out of val and test, and counted. The 95% CI is the accuracy's Wilson
+    interval over the images scored: how far it could move on another draw of
+    as many images.
     """
     from tlfeat.apps.evaluate import evaluate_on_caches
     from tlfeat.reports import markdown_table
@@ -126,8 +128,9 @@ def evaluate(
     result = evaluate_on_caches(model, caches, split=split, trust=trust, json=json_out)
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)
-    rows = [[name, m["n"], m["accuracy"], m["macro_f1"]] for name, m in result.metrics.items()]
-    typer.echo(markdown_table(["split", "images", "accuracy", "macro-F1"], rows), nl=False)
+    rows = [[name, m["n"], m["accuracy"], "{:.4f}-{:.4f}".format(*m["accuracy_ci95"]), m["macro_f1"]]
+            for name, m in result.metrics.items()]
+    typer.echo(markdown_table(["split", "images", "accuracy", "95% CI", "macro-F1"], rows), nl=False)
     if json_out is not None:
         typer.echo(f"wrote {json_out}")
 

@@ -21,14 +21,16 @@ from tlfeat import __version__
 from tlfeat.backbones import Backbone
 from tlfeat.data.scan import SPLITS, DatasetScan
 from tlfeat.errors import TlfeatError
-from tlfeat.fileio import sha256_file
+from tlfeat.fileio import atomic_write_bytes, sha256_file
 from tlfeat.finetuning.data import CROP_SCALE
 from tlfeat.finetuning.model import inference_mode_layer, save_model_atomically, with_probabilities
 from tlfeat.finetuning.runs import (
-    MODEL_NAME, RUN_FORMAT, RUN_FORMAT_VERSION, SUMMARY_NAME, describe_saved_model, predict_with_model,
+    MODEL_NAME, RUN_FORMAT, RUN_FORMAT_VERSION, SUMMARY_NAME, TEST_OUTCOMES_NAME, describe_saved_model,
+    predict_with_model,
 )
 from tlfeat.finetuning.state import Run
-from tlfeat.reports import plot_confusion, plot_history, split_metrics, write_json
+from tlfeat.heads.rows import image_keys
+from tlfeat.reports import ImageOutcomes, plot_confusion, plot_history, split_metrics, write_json
 from tlfeat.runtime import compute_policy
 
 
@@ -45,7 +47,7 @@ def finish_run(run: Run, scan: DatasetScan, spec: Backbone, on_gpu: bool, jit_co
     run.log(
         f"best epoch: stage {best.stage} epoch {best.epoch} (val acc {best.val_accuracy:.3f}); scoring every split"
     )
-    metrics, readable, notes = {}, {}, []
+    metrics, readable, notes, test = {}, {}, [], None
     seen: set[str] = set()  # contents of the images trained on (train), then also selected on (val)
     for split in SPLITS:
         entries = [e for e in scan.entries if e.split == split]
@@ -72,8 +74,14 @@ def finish_run(run: Run, scan: DatasetScan, spec: Backbone, on_gpu: bool, jit_co
             run.log(f"note: {notes[-1]}")
         if not unseen.any():  # a split left with nothing is not scored, as evaluate does
             continue
-        metrics[split] = split_metrics(labels[unseen], np.argmax(predicted.outputs, axis=1)[unseen], scan.class_names)
+        classes = np.argmax(predicted.outputs, axis=1)[unseen]
+        metrics[split] = split_metrics(labels[unseen], classes, scan.class_names)
+        if split == "test":
+            scored = [entries[i] for i, kept in zip(predicted.ok, unseen) if kept]
+            test = ImageOutcomes(image_keys([e.relpath for e in scored], [e.size for e in scored]), labels[unseen], classes)
     write_json(run.out / "metrics.json", {"model": MODEL_NAME, "classes": scan.class_names, "splits": metrics})
+    if test is not None:
+        atomic_write_bytes(run.out / TEST_OUTCOMES_NAME, test.to_npz())
     summary = run_summary(run, scan, metrics, readable, notes, on_gpu, jit_compile, keras.backend.backend())
     shown = "test" if "test" in metrics else list(metrics)[-1]
     plot_confusion(  # of the best epoch's model: its method, which may be stage 1's

@@ -2,11 +2,14 @@
 
 Run folder: ``model.keras`` (best epoch by val accuracy), ``history.csv`` and
 ``history.json``, ``training.png``, ``metrics.json`` (per split: per-class scores
-and confusion matrix), ``confusion.png`` (test split) and ``summary.json``.
+and confusion matrix), ``confusion.png`` (test split), ``test_outcomes.npz`` (the
+prediction for each test image scored, `tlfeat.reports.ImageOutcomes`: what compare
+pairs with another model's; runs finished before it have none) and ``summary.json``.
 """
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,11 +19,13 @@ from tlfeat.backbones import get_backbone
 from tlfeat.errors import TlfeatError
 from tlfeat.fileio import OutputLock, check_format, describe_exception, read_json_object
 from tlfeat.heads.store import HEAD_SUFFIX
+from tlfeat.reports import ImageOutcomes
 
 RUN_FORMAT = "tlfeat-finetune"
 RUN_FORMAT_VERSION = 1
 SUMMARY_NAME = "summary.json"
 MODEL_NAME = "model.keras"
+TEST_OUTCOMES_NAME = "test_outcomes.npz"
 STATE_NAME = "state.json"
 STATE_FORMAT = RUN_FORMAT + "-state"
 RUNS_DIR = Path("runs")  # default parent of run folders: runs/<dataset>-<backbone>-top<k>-<timestamp>
@@ -60,6 +65,17 @@ def read_run_summary(path: Path) -> dict:
     summary = read_json_object(summary_path)
     check_format(summary_path, summary, RUN_FORMAT, RUN_FORMAT_VERSION, "a tlfeat fine-tune summary", "rerun it")
     return describe_saved_model(summary)
+
+
+def read_run_test_outcomes(run_dir: Path) -> ImageOutcomes | None:
+    """A finished run's outcome on each test image it scored; None for a run finished before runs kept them."""
+    path = Path(run_dir) / TEST_OUTCOMES_NAME
+    if not path.is_file():
+        return None
+    try:
+        return ImageOutcomes.from_npz(path.read_bytes())
+    except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
+        raise TlfeatError(f"{path}: unreadable ({describe_exception(exc)})") from None
 
 
 def unfinished_run(folder: Path) -> str | None:

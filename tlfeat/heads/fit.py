@@ -43,7 +43,7 @@ from tlfeat.heads.registry import (
 )
 from tlfeat.heads.rows import RowIds, rows_digest, seen_rows
 from tlfeat.heads.streaming import fit_streaming
-from tlfeat.reports import split_metrics
+from tlfeat.reports import ImageOutcomes, split_metrics
 
 __all__ = ["FitSummary", "HeadResult", "fit_heads", "load_features"]
 
@@ -256,13 +256,16 @@ def _fit_head(name: str, features: Features, search: bool, seed: int, out: Path)
             params, trials, search_seconds = {spec.label: estimator.get_params()[spec.param]}, None, None
         if val is not None and (search or uses_validation(estimator)):
             seen["val"] = val_ids
-        metrics, notes = {}, []
+        metrics, notes, test = {}, [], None
         for split in features.split_counts():
-            rows, _, left_out = features.rows(split, seen)
+            rows, ids, left_out = features.rows(split, seen)
             if left_out:
                 notes.append(left_out_note(split, left_out, selected=split != "val" and "val" in seen))
             if len(rows):
-                metrics[split] = split_metrics(rows.labels, estimator.predict(rows.features), class_names)
+                predicted = estimator.predict(rows.features)
+                metrics[split] = split_metrics(rows.labels, predicted, class_names)
+                if split == "test":
+                    test = ImageOutcomes(ids.by_file, rows.labels, predicted)
     # UserWarnings (ConvergenceWarning among them) speak about this fit; deprecation chatter from libraries does not.
     notes += sorted(
         {f"{w.category.__name__}: {str(w.message).splitlines()[0]}" for w in caught if issubclass(w.category, UserWarning)}
@@ -273,7 +276,7 @@ def _fit_head(name: str, features: Features, search: bool, seed: int, out: Path)
         features.label, {"digest": features.digest, "counts": features.split_counts()},
         params, trials, seed, fit_seconds, search_seconds,
     )
-    return save_fitted_head(out, estimator, meta, metrics, seen, notes)
+    return save_fitted_head(out, estimator, meta, metrics, seen, notes, test)
 
 
 def fit_heads(

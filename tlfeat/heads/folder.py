@@ -30,7 +30,7 @@ from tlfeat.errors import TlfeatError, some_of
 from tlfeat.fileio import OutputLock, atomic_write_bytes
 from tlfeat.heads.rows import RowIds, seen_rows
 from tlfeat.heads.store import HEAD_SUFFIX, LEGACY_SUFFIX, head_path, read_fitted_rows, read_metadata, save_head
-from tlfeat.reports import markdown_table, plot_confusion, write_csv, write_json
+from tlfeat.reports import ImageOutcomes, markdown_table, plot_confusion, write_csv, write_json
 
 # The cache settings a head's features depend on: heads sharing a folder, and a cache a head is scored on, agree on each.
 FEATURE_KEY = ("backbone", "weights", "input_size", "preprocessing", "tta", "feature_dim")
@@ -257,8 +257,10 @@ def check_same_data(
 
 def save_fitted_head(
     out: Path, estimator: object, metadata: dict, metrics: dict[str, dict], seen: dict[str, RowIds], notes: list[str],
+    test: ImageOutcomes | None,
 ) -> HeadResult:
-    """Replace head `metadata["head"]` in `out` (one file, one rename), then draw its views."""
+    """Replace head `metadata["head"]` in `out` (one file, one rename), then draw its views. `test`: the head's
+    outcome on each test image scored (None without a test score)."""
     name, class_names = metadata["head"], metadata["classes"]
     scores = {s: {k: m[k] for k in ("n", "accuracy", "macro_f1")} for s, m in metrics.items()}
     files = {
@@ -276,7 +278,7 @@ def save_fitted_head(
             val = before.get("scores", {}).get("val")
             replaced = _params_text(before) + (f", val acc {val['accuracy']:.3f}" if val else "")
     rows = {k: v for role, ids in seen.items() for k, v in ids.to_arrays(role).items()}
-    save_head(estimator, files["model"], {**metadata, "scores": scores, "metrics": metrics, "notes": notes}, rows)
+    save_head(estimator, files["model"], {**metadata, "scores": scores, "metrics": metrics, "notes": notes}, rows, test)
     write_json(files["metrics"], {"head": name, "classes": class_names, "splits": metrics})
     shown = "test" if "test" in metrics else list(metrics)[-1]
     plot_confusion(

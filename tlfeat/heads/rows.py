@@ -31,6 +31,11 @@ def _key(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
+def image_keys(paths: Sequence[str], file_sizes: Sequence[int]) -> np.ndarray:
+    """Each image's identity by file: a 64-bit key of its path relative to the dataset root and its byte size."""
+    return np.array([_key(f"{p}\0{int(s)}".encode()) for p, s in zip(paths, file_sizes)], dtype=np.uint64)
+
+
 @dataclass(frozen=True)
 class RowIds:
     """Identities of some rows: by image (path and size) and by features, 64-bit hashes in row order."""
@@ -42,7 +47,7 @@ class RowIds:
     def of(cls, paths: Sequence[str], file_sizes: Sequence[int], features: np.ndarray) -> "RowIds":
         rows = np.ascontiguousarray(features, dtype=np.float32)
         return cls(
-            np.array([_key(f"{p}\0{int(s)}".encode()) for p, s in zip(paths, file_sizes)], dtype=np.uint64),
+            image_keys(paths, file_sizes),
             np.array([_key(row.tobytes()) for row in rows], dtype=np.uint64),
         )
 

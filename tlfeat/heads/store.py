@@ -6,9 +6,11 @@ estimators, numpy, builtins) and lists the others instead of importing them; tlf
 adds the few types its own heads are made of (`TLFEAT_TYPES`). Anything else in a
 file is refused by name unless the caller passes `trust`.
 
-Two more members sit in the same zip: ``tlfeat-head.json`` (classes, caches,
-settings, scores, per-split metrics) and ``tlfeat-rows.npz`` (which rows the
-head was fitted and selected on, `tlfeat.heads.rows`). Everything predict and
+More members sit in the same zip: ``tlfeat-head.json`` (classes, caches,
+settings, scores, per-split metrics), ``tlfeat-rows.npz`` (which rows the
+head was fitted and selected on, `tlfeat.heads.rows`) and ``tlfeat-test.npz``
+(the head's prediction for each test image it scored, `tlfeat.reports.ImageOutcomes`,
+which compare pairs with another model's; heads fitted before it have none). Everything predict and
 evaluate rely on is therefore one file, written by one atomic rename and checked
 by the zip's CRC-32 on every read: no side file can drift from the model, and a
 kill leaves the old head or the new one. The CRC detects damage, not editing:
@@ -32,12 +34,14 @@ from sklearn.base import BaseEstimator
 
 from tlfeat.errors import TlfeatError
 from tlfeat.fileio import atomic_write_bytes, check_format, describe_exception, path_value, read_json_object, sha256_file
+from tlfeat.reports import ImageOutcomes
 
 MODEL_FORMAT = "tlfeat-head"
 MODEL_FORMAT_VERSION = 2
 HEAD_SUFFIX = ".skops"
 META_MEMBER = "tlfeat-head.json"
 ROWS_MEMBER = "tlfeat-rows.npz"
+TEST_MEMBER = "tlfeat-test.npz"
 LEGACY_SUFFIX = ".joblib"  # tlfeat 0.1: a pickle, with <head>.json beside it
 LEGACY_FORMAT_VERSION = 1
 
@@ -56,8 +60,12 @@ def head_path(out: Path, name: str) -> Path:
     return Path(out) / f"{name}{HEAD_SUFFIX}"
 
 
-def save_head(estimator: BaseEstimator, model_path: Path, metadata: dict, rows: dict[str, np.ndarray]) -> dict:
-    """Write the head file in one atomic step: the skops estimator, `metadata` and the row identities.
+def save_head(
+    estimator: BaseEstimator, model_path: Path, metadata: dict, rows: dict[str, np.ndarray],
+    test: ImageOutcomes | None = None,
+) -> dict:
+    """Write the head file in one atomic step: the skops estimator, `metadata`, the row identities and the
+    outcome on each test image scored.
 
     Returns the metadata as written.
     """
@@ -70,6 +78,8 @@ def save_head(estimator: BaseEstimator, model_path: Path, metadata: dict, rows: 
     with zipfile.ZipFile(buffer, "a") as archive:
         archive.writestr(META_MEMBER, json.dumps(written, indent=2) + "\n")
         archive.writestr(ROWS_MEMBER, rows_buffer.getvalue())
+        if test is not None:
+            archive.writestr(TEST_MEMBER, test.to_npz())
     atomic_write_bytes(Path(model_path), buffer.getvalue())
     return written
 
@@ -153,6 +163,20 @@ def read_fitted_rows(model_path: Path) -> dict[str, np.ndarray] | None:
             return {name: rows[name] for name in rows.files}
     except (ValueError, OSError, zipfile.BadZipFile) as exc:
         raise TlfeatError(f"{model_path}: its {ROWS_MEMBER} is unreadable ({describe_exception(exc)})") from None
+
+
+def read_test_outcomes(model_path: Path) -> ImageOutcomes | None:
+    """The head's outcome on each test image it scored; None for a head fitted before heads kept them."""
+    model_path = Path(model_path)
+    if is_legacy(model_path):
+        return None
+    try:
+        with zipfile.ZipFile(model_path) as archive:
+            if TEST_MEMBER not in archive.namelist():
+                return None
+            return ImageOutcomes.from_npz(archive.read(TEST_MEMBER))
+    except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
+        raise TlfeatError(f"{model_path}: its {TEST_MEMBER} is unreadable ({describe_exception(exc)})") from None
 
 
 def untrusted_types(model_path: Path, payload: bytes) -> list[str]:

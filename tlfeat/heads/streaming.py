@@ -44,7 +44,7 @@ from tlfeat.heads.folder import (
 )
 from tlfeat.heads.registry import DEFAULT_CHUNK_ROWS, DEFAULT_PASSES, HEADS, STREAMABLE_HEADS, STREAMING_SUFFIX
 from tlfeat.heads.rows import RowIds, rows_digest, seen_rows
-from tlfeat.reports import split_metrics
+from tlfeat.reports import ImageOutcomes, split_metrics
 
 ALPHA = 1e-3  # L2 strength: best on Scene15 val of 1e-4..3e-2 for both losses (10 passes)
 
@@ -143,7 +143,7 @@ def fit_streaming(
             estimator, fit_seconds = _fit_sgd(features, rows["train"], labels, len(class_names), loss, chunk_rows,
                                               passes, seed)
             seen = {"train": ids.take(split == "train")}
-            metrics, notes = {}, []
+            metrics, notes, test = {}, [], None
             for name, split_rows in rows.items():
                 kept = split_rows[~seen_rows(name, ids.take(split == name), seen)]
                 if len(kept) < len(split_rows):
@@ -151,11 +151,13 @@ def fit_streaming(
                 if len(kept):
                     predicted = np.concatenate([estimator.predict(_read(features, c)) for c in _chunks(kept, chunk_rows)])
                     metrics[name] = split_metrics(labels[kept], predicted, class_names)
+                    if name == "test":
+                        test = ImageOutcomes(ids.by_file[kept], labels[kept], predicted)
             counts = {s: len(r) for s, r in rows.items()}
             meta = head_metadata(
                 head + STREAMING_SUFFIX, f"streaming {head}: StandardScaler (one pass) + SGDClassifier({loss})",
                 estimator, class_names, feature_dim, sources, cache.name, {"digest": digest, "counts": counts},
                 {"alpha": ALPHA, "passes": passes, "chunk_rows": chunk_rows}, None, seed, fit_seconds, None,
             )
-            result = save_fitted_head(out, estimator, meta, metrics, seen, notes)
+            result = save_fitted_head(out, estimator, meta, metrics, seen, notes, test)
             return write_summary(out, [result], sources, counts)
