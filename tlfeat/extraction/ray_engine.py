@@ -230,7 +230,7 @@ class RayEngine:
                 yield batch_rows([todo[i] for i in positions], done["features"][ok], ok, failures, done["sha256"])
         except self.ray.exceptions.RayError as exc:
             raise TlfeatError(
-                f"Ray run failed ({_cause(exc)}); finished batches are kept, rerun the same command to resume"
+                f"Ray run failed ({_cause(exc)}); finished batches are kept, rerun the same extract to resume"
             ) from None
 
     def _check_backend(self, reported: set[str]) -> None:

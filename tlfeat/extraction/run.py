@@ -368,7 +368,7 @@ def extract(
     )
 
 
-_KEPT = "finished batches are kept in {parts}: rerun the same command"
+_KEPT = "finished batches are kept in {parts}: rerun the same extract"
 
 
 def _interrupted(stage: str, out: Path | None, parts: Path | None) -> str:

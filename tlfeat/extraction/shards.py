@@ -201,7 +201,7 @@ class ShardStore:
         except OSError as exc:
             raise TlfeatError(
                 f"{self.dir}: cannot write a shard ({os_reason(exc)}); the batches finished before it are kept: "
-                "make room and rerun the same command to resume"
+                "make room and rerun the same extract to resume"
             ) from None
         finally:
             tmp.unlink(missing_ok=True)
