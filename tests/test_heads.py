@@ -5,6 +5,7 @@ Shared helpers (`gaussian_blobs`, `write_synthetic_cache`) live in conftest.py.
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,42 @@ def test_report_head_learns_unscaled_features_under_jax_as_under_tensorflow() ->
         "predicted = KerasReportHead(seed=0, epochs=5).fit(30 * X, y).predict(30 * X)"
     )
     assert accuracy >= 0.95
+
+
+def test_report_head_fits_leave_no_train_graph_behind(blobs: dict) -> None:
+    # Before: every fit left its two traced train steps (full and last, partial batch) alive in TensorFlow's
+    # process-wide gradient registry, so each head fitted in a grid search or cross-validation grew the process.
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("the train graphs were kept by TensorFlow's gradient registry")
+    from tensorflow.python.framework.func_graph import FuncGraph
+
+    def live_graphs() -> int:
+        gc.collect()
+        return sum(isinstance(o, FuncGraph) for o in gc.get_objects())
+
+    X, y = blobs["train"]
+    KerasReportHead(epochs=1).fit(X, y, validation_data=blobs["val"])  # graphs traced once per process
+    before = live_graphs()
+    for seed in range(3):
+        KerasReportHead(seed=seed, epochs=1).fit(X, y, validation_data=blobs["val"])
+    assert live_graphs() <= before
+
+
+def test_report_head_trains_the_same_inside_a_distribution_strategy(blobs: dict) -> None:
+    # Without a strategy the head's optimizer skips Keras' sum of gradients over replicas; inside one it keeps it.
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("tf.distribute is TensorFlow's")
+    import tensorflow as tf
+
+    X, y = blobs["train"]
+    plain = KerasReportHead(seed=4, epochs=2).fit(X, y, validation_data=blobs["val"])
+    with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
+        distributed = KerasReportHead(seed=4, epochs=2).fit(X, y, validation_data=blobs["val"])
+    np.testing.assert_allclose(distributed.history_["loss"], plain.history_["loss"], rtol=1e-6)
 
 
 def test_report_head_early_stopping_keeps_the_best_epoch(blobs: dict) -> None:
