@@ -135,4 +135,5 @@ def test_a_head_made_before_outcomes_were_kept_is_said_not_paired(two_heads: Pat
 
     _as_written_before(two_heads / f"{first}.skops")
     notes = tlfeat.compare(two_heads / "heads").notes
-    assert any(f"no p vs #1, #1 ({first}) records no per-image test outcomes" in note for note in notes), notes
+    assert any(f"no p vs #1, as #1 ({first}) has no per-image test outcomes (made before tlfeat kept them" in note
+               for note in notes), notes

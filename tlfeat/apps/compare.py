@@ -281,30 +281,22 @@ def _pair_with_first(rows: list[Row], ranks: dict[int, int | None]) -> list[str]
         if first is None or "test" not in first.scores or not others:
             continue
         label = first.dataset[1]
-        try:
-            reference = first.test_outcomes()
-        except TlfeatError as exc:
-            notes.append(f"{label}: no p vs #1, #1's per-image test outcomes are unreadable: {exc}")
-            continue
+        reference, why = _read_outcomes(first)
         if reference is None:
-            notes.append(f"{label}: no p vs #1, #1 ({first.name}) records no per-image test outcomes "
-                         f"({_MADE_BEFORE})")
+            notes.append(f"{label}: no p vs #1, as #1 ({first.name}) has no per-image test outcomes ({why})")
             continue
         unpaired = []
         for row in others:
-            try:
-                outcomes = row.test_outcomes()
-            except TlfeatError as exc:
-                notes.append(f"{row.name}: no p vs #1, {exc}")
-                continue
-            if outcomes is None:
+            outcomes, why = _read_outcomes(row)
+            if outcomes is None and why == _MADE_BEFORE:  # said once for them all
                 unpaired.append(row.name)
-                continue
-            paired = paired_difference(reference, outcomes)
-            if paired.images:
-                row.versus_first = paired
+            elif outcomes is None:
+                notes.append(f"{row.name}: no p vs #1, {why}")
             else:
-                notes.append(f"{row.name}: no p vs #1, no test image in common with #1 ({first.name})")
+                row.versus_first = paired_difference(reference, outcomes)
+                if not row.versus_first.images:
+                    row.versus_first = None
+                    notes.append(f"{row.name}: no p vs #1, no test image in common with #1 ({first.name})")
         if unpaired:
             notes.append(f"{some_of(unpaired, 3)}: no p vs #1, no per-image test outcomes recorded ({_MADE_BEFORE})")
         counts = sorted(row.versus_first.images for row in others if row.versus_first is not None)
@@ -320,6 +312,15 @@ def _pair_with_first(rows: list[Row], ranks: dict[int, int | None]) -> list[str]
 
 # Why a head or run has no per-image test outcomes to pair on.
 _MADE_BEFORE = "made before tlfeat kept them; fit the head or fine-tune the run again for one"
+
+
+def _read_outcomes(row: Row) -> tuple[ImageOutcomes | None, str | None]:
+    """A row's per-image test outcomes, or None and why there are none: an unreadable file, or `_MADE_BEFORE`."""
+    try:
+        outcomes = row.test_outcomes()
+    except TlfeatError as exc:
+        return None, str(exc)
+    return outcomes, None if outcomes is not None else _MADE_BEFORE
 
 
 def _p_text(row: Row, rank: int | None) -> str:
