@@ -1,8 +1,13 @@
-"""Does fitting the study's Keras head again and again in one process grow its memory?
+"""Does fitting the study's Keras head (or fine-tuning) again and again in one process grow its memory?
 
 Usage:
     python bench/keras_head_memory.py [--fits 10 30 60 100] [--backends tensorflow jax] [--repo DIR]
         [--seed 0] [--json OUT]
+    python bench/keras_head_memory.py --finetune --fits 1 2 3 4 [--backends tensorflow]
+
+`--finetune`: each "fit" is a whole `tlfeat.finetune` run, as a notebook runs
+several: EfficientNet-Lite0 at 64 px, one epoch of each stage, on 3 classes x
+16 generated 64 px PNGs.
 
 GridSearchCV, cross_val_score and `fit_heads(..., search=True)` fit a fresh
 `KerasReportHead` per fold and candidate, all in one process. This fits one
@@ -28,8 +33,10 @@ import argparse
 import gc
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from isolated import bench_command, finish_report, parse_bench_args, run_isolated
 
@@ -45,15 +52,13 @@ def rss_mb() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status (not Linux?)")
 
 
-def _child_fits(repo: str, fits: str, seed: str) -> dict:
-    sys.path.insert(0, repo)  # the measured checkout's tlfeat, not whichever one is installed
-    import keras
+def _head_fits(seed: int) -> Callable[[int], int]:
+    """Fit i of a fresh report head on Scene15-shaped features; returns the epochs it ran."""
     import numpy as np
 
-    import tlfeat
     from tlfeat.heads.keras_head import KerasReportHead
 
-    rng = np.random.default_rng(int(seed))
+    rng = np.random.default_rng(seed)
     centres = rng.uniform(0, 1, size=(N_CLASSES, N_FEATURES))
     y = rng.integers(0, N_CLASSES, N_TRAIN + N_VAL)
     # Overlapping classes, so early stopping ends each fit after some epochs, as on real features.
@@ -61,9 +66,44 @@ def _child_fits(repo: str, fits: str, seed: str) -> dict:
     train, val = slice(0, N_TRAIN), slice(N_TRAIN, None)
 
     def fit(i: int) -> int:
-        head = KerasReportHead(seed=int(seed) + i).fit(X[train], y[train], validation_data=(X[val], y[val]))
+        head = KerasReportHead(seed=seed + i).fit(X[train], y[train], validation_data=(X[val], y[val]))
         head.predict(X[val])
         return head.epochs_run_
+
+    return fit
+
+
+def _finetune_runs(seed: int) -> Callable[[int], int]:
+    """Fine-tune run i, to the end (its model saved, its test split scored); returns the epochs it ran."""
+    import numpy as np
+    from PIL import Image
+
+    import tlfeat
+
+    root = Path(tempfile.mkdtemp(prefix="finetune-memory-"))
+    rng = np.random.default_rng(seed)
+    for c in range(3):  # a colour and a stripe direction per class, so the runs learn something
+        (root / "images" / f"class_{c}").mkdir(parents=True)
+        for i in range(16):
+            pixels = rng.integers(0, 60, size=(64, 64, 3)) + np.eye(3, dtype=np.int64)[c] * 150
+            pixels[:: 4 + c] += 40
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(root / "images" / f"class_{c}" / f"{i}.png")
+
+    def fit(i: int) -> int:
+        summary = tlfeat.finetune(root / "images", epochs1=1, epochs2=1, image_size=64, batch_size=8, seed=seed,
+                                  out=root / f"run{i}", progress=False, log=lambda line: None).summary
+        return sum(stage["epochs_run"] for stage in summary["stages"].values())
+
+    return fit
+
+
+def _child_fits(repo: str, what: str, fits: str, seed: str) -> dict:
+    sys.path.insert(0, repo)  # the measured checkout's tlfeat, not whichever one is installed
+    import keras
+
+    import tlfeat
+
+    fit = (_finetune_runs if what == "finetune" else _head_fits)(int(seed))
 
     def reading(done: int, epochs: int, started: float) -> dict:
         gc.collect()
@@ -100,6 +140,7 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=["tensorflow", "jax"])
     parser.add_argument("--repo", type=Path, default=REPO, help="the checkout whose tlfeat is measured")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--finetune", action="store_true", help="each fit a whole tlfeat.finetune run")
     args = parse_bench_args(parser, lambda kind, *rest: CHILDREN[kind](*rest))
     if args is None:
         return
@@ -110,7 +151,7 @@ def main() -> None:
     report: dict = {"command": command, "repo": str(args.repo.resolve()), "results": []}
     for backend in args.backends:
         os.environ["KERAS_BACKEND"] = backend  # run_isolated's child inherits it
-        result = run_isolated(__file__, "fits", str(args.repo.resolve()),
+        result = run_isolated(__file__, "fits", str(args.repo.resolve()), "finetune" if args.finetune else "head",
                               ",".join(map(str, args.fits)), str(args.seed))
         report["results"].append(result)
         rows = result["rows"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gc
 import os
 import re
 import signal
@@ -184,6 +185,15 @@ def write_synthetic_cache(
         extra_attrs={"weights_source": "none", "dataset_root": dataset_root, "seed": seed},
     )
     return path
+
+
+def live_train_graphs() -> int:
+    """TensorFlow's traced-function graphs alive after a collection: a train step kept by TensorFlow's
+    process-wide gradient registry stays among them (`tlfeat.heads.keras_head.rmsprop`)."""
+    from tensorflow.python.framework.func_graph import FuncGraph
+
+    gc.collect()
+    return sum(isinstance(o, FuncGraph) for o in gc.get_objects())
 
 
 def assert_one_line_error(result: object, *fragments: str) -> None:

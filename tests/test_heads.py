@@ -5,23 +5,18 @@ Shared helpers (`gaussian_blobs`, `write_synthetic_cache`) live in conftest.py.
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 
 import numpy as np
 import pytest
 from sklearn.base import clone
 
-from conftest import gaussian_blobs, training_accuracy_under_jax
+from conftest import gaussian_blobs, live_train_graphs, training_accuracy_under_jax
 from tlfeat.backbones import build_model, get_backbone
 from tlfeat.errors import TlfeatError
 from tlfeat.heads.keras_head import KerasReportHead
 from tlfeat.heads.registry import HEAD_NAMES, get_head
 from tlfeat.heads.store import load_head, save_head
-
-
-
-
 
 
 @pytest.fixture(scope="module")
@@ -124,18 +119,12 @@ def test_report_head_fits_leave_no_train_graph_behind(blobs: dict) -> None:
 
     if keras.backend.backend() != "tensorflow":
         pytest.skip("the train graphs were kept by TensorFlow's gradient registry")
-    from tensorflow.python.framework.func_graph import FuncGraph
-
-    def live_graphs() -> int:
-        gc.collect()
-        return sum(isinstance(o, FuncGraph) for o in gc.get_objects())
-
     X, y = blobs["train"]
     KerasReportHead(epochs=1).fit(X, y, validation_data=blobs["val"])  # graphs traced once per process
-    before = live_graphs()
+    before = live_train_graphs()
     for seed in range(3):
         KerasReportHead(seed=seed, epochs=1).fit(X, y, validation_data=blobs["val"])
-    assert live_graphs() <= before
+    assert live_train_graphs() <= before
 
 
 def test_report_head_trains_the_same_inside_a_distribution_strategy(blobs: dict) -> None:

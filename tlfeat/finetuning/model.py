@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from tlfeat.fileio import atomic_path
-from tlfeat.heads.keras_head import study_head
+from tlfeat.heads.keras_head import rmsprop, study_head
 
 
 @functools.cache
@@ -109,7 +109,7 @@ def compile_model(model: Any, learning_rate: float, jit_compile: Any) -> None:
     import keras
 
     model.compile(
-        optimizer=keras.optimizers.RMSprop(learning_rate=learning_rate),
+        optimizer=rmsprop(learning_rate),  # keeps no train graph behind once the run is over
         # From the logits: on softmax outputs only TensorFlow's Keras recovers them; JAX's and torch's clip the
         # probabilities at 1e-7, so an image scored below that for its class gave no gradient at all.
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=outputs_logits(model)),

@@ -42,6 +42,7 @@ from tlfeat.finetuning.runs import read_run_summary, run_lock
 from tlfeat.finetuning.state import (
     Log, Run, RunConfig, find_resumable, open_run, recorded_options, run_prefix,
 )
+from tlfeat.heads.keras_head import skip_single_replica_sum
 from tlfeat.interrupts import deferred_interrupts, raise_if_requested
 from tlfeat.progress import progress_bar
 from tlfeat.runtime import accelerator_present, check_batch_size, compute_policy
@@ -287,6 +288,7 @@ def _load_or_build(run: Run, spec: Backbone, weights: str, on_gpu: bool) -> tupl
             raise TlfeatError(f"{run.out}: its state names {checkpoint.name}, which is missing; cannot resume")
         inference_mode_layer()  # registered for loading
         model = keras.saving.load_model(checkpoint)
+        skip_single_replica_sum(model.optimizer)  # as `rmsprop` does for a new stage
         last = run.state.history[-1]
         run.log(f"resuming {run.out} after stage {last.stage} epoch {last.epoch} (epoch {last.global_epoch} in all)")
         return model, (last.stage, last.epoch)

@@ -7,7 +7,6 @@ only inside functions, so the scikit-learn heads never pay its import time.
 
 from __future__ import annotations
 
-import functools
 from numbers import Integral, Real
 from typing import Any
 
@@ -57,42 +56,44 @@ def stop_when_asked_callback() -> Any:
     return StopWhenAsked()
 
 
-def head_optimizer(learning_rate: float) -> Any:
-    """RMSprop for `KerasReportHead`; under TensorFlow, without the replica sum of its gradients when no
-    `tf.distribute` strategy is in use.
+def rmsprop(learning_rate: float) -> Any:
+    """RMSprop for the study's head and fine-tuning; under TensorFlow, without Keras' sum of the gradients over
+    replicas when no `tf.distribute` strategy is in use.
 
     Keras' TensorFlow optimizer sums the gradients over replicas even under the default strategy's single
     one, and TensorFlow builds that sum with `tf.custom_gradient`, which registers a gradient function in a
     process-wide registry at every trace and never removes it. That function holds the traced train step:
-    each head fitted left its two train graphs behind, about 6 MB on 1280 features, so a grid search grew
-    without bound (bench/keras_head_memory.py; tensorflow/tensorflow#80895, keras-team/tf-keras#286).
-    `keras.backend.clear_session()` does not free them, and would break the models other code holds. Only
-    the head's own models use this optimizer.
+    each head fitted left its two train graphs behind (about 6 MB on 1280 features, so a grid search grew
+    without bound: bench/keras_head_memory.py), each fine-tune run its stages' graphs of the whole backbone
+    (tensorflow/tensorflow#80895, keras-team/tf-keras#286). `keras.backend.clear_session()` does not free
+    them, and would break the models other code holds. The sum is replaced on this optimizer alone, not on
+    its class: a model saved with it records a plain RMSprop, which loads anywhere.
     """
     import keras
 
-    return _single_replica_optimizer(keras.optimizers.RMSprop)(learning_rate=learning_rate)
+    optimizer = keras.optimizers.RMSprop(learning_rate=learning_rate)
+    skip_single_replica_sum(optimizer)
+    return optimizer
 
 
-@functools.cache
-def _single_replica_optimizer(optimizer: type) -> type:
-    """`optimizer` itself, or under TensorFlow a subclass that skips the replica sum without a strategy
-    (one class per Keras optimizer class: `keras.config.set_backend` brings new ones)."""
+def skip_single_replica_sum(optimizer: Any) -> None:
+    """Make a Keras optimizer skip its sum of gradients over replicas outside a strategy (`rmsprop`): a sum over
+    one replica is its own gradients. Only TensorFlow's optimizers have the sum; others are left as they are."""
     import keras
 
-    # A Keras without the method has changed how it sums: nothing left to skip here.
+    # A Keras without the method has changed how it sums: nothing left to skip.
     if keras.backend.backend() != "tensorflow" or not hasattr(optimizer, "_all_reduce_sum_gradients"):
-        return optimizer
+        return
     import tensorflow as tf
 
-    class SingleReplica(optimizer):  # type: ignore[misc, valid-type]
-        def _all_reduce_sum_gradients(self, grads_and_vars: Any) -> Any:
-            if tf.distribute.has_strategy():  # several replicas may need it: Keras' own sum
-                return super()._all_reduce_sum_gradients(grads_and_vars)
-            return list(grads_and_vars)  # a sum over one replica is its own gradients
+    keras_sum = optimizer._all_reduce_sum_gradients
 
-    SingleReplica.__name__ = SingleReplica.__qualname__ = f"SingleReplica{optimizer.__name__}"
-    return SingleReplica
+    def sum_over_replicas(grads_and_vars: Any) -> Any:
+        if tf.distribute.has_strategy():  # several replicas may need it: Keras' own sum
+            return keras_sum(grads_and_vars)
+        return list(grads_and_vars)
+
+    optimizer._all_reduce_sum_gradients = sum_over_replicas
 
 
 class KerasReportHead(ClassifierMixin, BaseEstimator):
@@ -168,7 +169,7 @@ class KerasReportHead(ClassifierMixin, BaseEstimator):
             X_fit, y_fit, X_val, y_val = self._validation_rows(X, y_index, validation_data)
             model = self._build(X.shape[1], len(self.classes_))
             model.compile(
-                optimizer=head_optimizer(float(self.learning_rate)),
+                optimizer=rmsprop(float(self.learning_rate)),
                 # From logits: on softmax outputs only TensorFlow's Keras recovers the logits; JAX and torch
                 # clip the probabilities at 1e-7, so a class the start scores that low got no gradient and
                 # the head stayed stuck at chance on it (0.2-0.8 training accuracy on separable features).
