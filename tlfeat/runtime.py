@@ -9,7 +9,9 @@ model, and the host fetches a batch's outputs only after dispatching the next.
 
 from __future__ import annotations
 
+import glob
 import math
+import sys
 from collections import OrderedDict
 from contextlib import closing
 from dataclasses import dataclass
@@ -33,8 +35,22 @@ GPU_BATCH_SIZE = 256
 BatchFunction = Callable[[np.ndarray], "Pending"]  # (n, H, W, 3) uint8 -> its (n, K) outputs, maybe computing
 
 
+# On Linux a GPU any Keras backend can use leaves one of these behind: NVIDIA's device nodes or kernel module (the
+# nodes may be made on first use, the module is there before), AMD's (ROCm), or WSL's GPU bridge.
+GPU_DRIVER_MARKERS = ("/dev/nvidia*", "/proc/driver/nvidia", "/sys/module/nvidia", "/dev/kfd", "/sys/module/amdgpu",
+                      "/dev/dxg")
+
+
+def no_gpu_driver() -> bool:
+    """True on Linux when no GPU driver is there at all: then no backend can see a GPU, and saying so needs no
+    framework import (TensorFlow's takes seconds, most of an up-to-date extract's time)."""
+    return sys.platform.startswith("linux") and not any(glob.glob(marker) for marker in GPU_DRIVER_MARKERS)
+
+
 def accelerator_present() -> bool:
     """True when the active Keras backend sees a GPU."""
+    if no_gpu_driver():
+        return False
     import keras
 
     backend = keras.backend.backend()
