@@ -30,6 +30,11 @@ class Engine(Protocol):
 
     def __exit__(self, *exc: object) -> None: ...
 
+    def load(self) -> None:
+        """Load what computing needs in this process, once there is work and before its progress is shown: a
+        Keras backend that cannot load is then the run's one line of output."""
+        ...
+
     def embed(self, root: Path, todo: Sequence[ImageEntry], bar: Any) -> Iterator[Rows]:
         """One Rows per finished batch of `todo` (any order), advancing `bar` by the images done."""
         ...
@@ -57,6 +62,9 @@ class LocalEngine:
 
     def __exit__(self, *exc: object) -> None:
         pass
+
+    def load(self) -> None:
+        import keras  # noqa: F401  (the backbone is built in `embed`, while the decoding pool starts)
 
     def embed(self, root: Path, todo: Sequence[ImageEntry], bar: Any) -> Iterator[Rows]:
         pool = shared_pool(self.workers)  # a new pool's processes start while the backbone loads

@@ -241,6 +241,9 @@ class RayEngine:
                 "set KERAS_BACKEND to one of them on every node"
             )
 
+    def load(self) -> None:
+        pass  # the actors load Keras and the backbone, each in its own process
+
     def keras_backend(self) -> str:
         if self.backends:
             return next(iter(self.backends))

@@ -315,6 +315,7 @@ def extract(
                         with ExitStack() as final_write, \
                                 FinalWriter(out, key, ledger, scan.class_names, old, shards, spec.feature_dim) as final:
                             if todo:
+                                runner.load()
                                 computed_before = time.perf_counter()
                                 # Ctrl-C while computing is acted on between batches: raised wherever Python was,
                                 # it could land in a garbage-collection callback of JAX's and be ignored.
