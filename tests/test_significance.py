@@ -4,6 +4,7 @@ each head and run records per test image, and compare's columns built from them.
 from __future__ import annotations
 
 import csv
+import io
 import zipfile
 from pathlib import Path
 
@@ -137,3 +138,39 @@ def test_a_head_made_before_outcomes_were_kept_is_said_not_paired(two_heads: Pat
     notes = tlfeat.compare(two_heads / "heads").notes
     assert any(f"no p vs #1, as #1 ({first}) has no per-image test outcomes (made before tlfeat kept them" in note
                for note in notes), notes
+
+
+def _with_outcomes(model: Path, payload: bytes) -> None:
+    """Rewrite a head file with `payload` as its tlfeat-test.npz (a valid CRC: damage the zip cannot see)."""
+    with zipfile.ZipFile(model) as archive:
+        members = {name: archive.read(name) for name in archive.namelist() if name != TEST_MEMBER}
+    with zipfile.ZipFile(model, "w") as archive:
+        for name, payload_of in {**members, TEST_MEMBER: payload}.items():
+            archive.writestr(name, payload_of)
+
+
+def _npz(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("payload, why", [
+    # Before: "error: aborted" and nothing else (click reads numpy's EOFError as end of input at a prompt).
+    (b"", "empty or cut short"),
+    # Before: a TypeError traceback.
+    (_npz(image=np.uint64(1), label=np.int32(0), predicted=np.int32(0)), "its arrays are not one value per image"),
+    # Before: an IndexError traceback, or, when the indices happened to fit, p-values from the wrong images.
+    (_npz(image=np.array([5, 5, 7], np.uint64), label=np.zeros(3, np.int32), predicted=np.zeros(3, np.int32)),
+     "it lists an image twice"),
+], ids=["empty", "scalars", "duplicates"])
+def test_damaged_outcomes_cost_a_head_its_p_value_in_a_note_naming_the_file(two_heads: Path, payload: bytes,
+                                                                           why: str) -> None:
+    first, second = (row.name for row in tlfeat.compare(two_heads / "heads").rows)
+    model = two_heads / f"{second}.skops"
+    _with_outcomes(model, payload)
+    result = runner.invoke(app, ["compare", str(two_heads / "heads")])
+    assert result.exit_code == 0, result.output
+    assert f"note: {second}: no p vs #1, {model}: its {TEST_MEMBER} is unreadable (ValueError: {why})" \
+           in " ".join(result.output.split())
+    assert tlfeat.compare(two_heads / "heads").rows[1].versus_first is None

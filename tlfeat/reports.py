@@ -173,10 +173,17 @@ class ImageOutcomes:
     @classmethod
     def from_npz(cls, payload: bytes) -> "ImageOutcomes":
         """Raises ValueError, KeyError or zipfile.BadZipFile for bytes that are not such a file."""
-        with np.load(io.BytesIO(payload), allow_pickle=False) as arrays:
-            outcomes = cls(arrays["image"], arrays["label"], arrays["predicted"])
+        try:
+            with np.load(io.BytesIO(payload), allow_pickle=False) as arrays:
+                outcomes = cls(arrays["image"], arrays["label"], arrays["predicted"])
+        except EOFError:  # click takes an EOFError for end of input at a prompt: the CLI said only "aborted"
+            raise ValueError("empty or cut short") from None
+        if any(np.ndim(a) != 1 for a in (outcomes.image, outcomes.label, outcomes.predicted)):
+            raise ValueError("its arrays are not one value per image")
         if not len(outcomes.image) == len(outcomes.label) == len(outcomes.predicted):
             raise ValueError("its arrays differ in length")
+        if len(np.unique(outcomes.image)) < len(outcomes.image):  # pairing takes each image once
+            raise ValueError("it lists an image twice")
         return outcomes
 
 
