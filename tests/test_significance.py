@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import zipfile
 from pathlib import Path
 
@@ -174,3 +175,35 @@ def test_damaged_outcomes_cost_a_head_its_p_value_in_a_note_naming_the_file(two_
     assert f"note: {second}: no p vs #1, {model}: its {TEST_MEMBER} is unreadable (ValueError: {why})" \
            in " ".join(result.output.split())
     assert tlfeat.compare(two_heads / "heads").rows[1].versus_first is None
+
+
+def _run_summary(val: float, test: bool) -> dict:
+    """A finished run's summary.json on a 6-image test split, with or without a test score."""
+    scores = {s: {"n": 6, "accuracy": val, "macro_f1": val} for s in ("train", "val", "test")}
+    if not test:
+        del scores["test"]
+    return {"format": "tlfeat-finetune", "format_version": 1, "backbone": "vgg16", "weights": "none", "image_size": 32,
+            "unfreeze_top": 2, "method": "fine-tuned, top 2 layers", "trainable_params": 1, "seed": 0,
+            "split_ratios": [0.5, 0.25, 0.25], "dataset_root": "/data/tiny", "dataset_fingerprint": "f",
+            "classes": ["a", "b"], "split_counts": {"train": 12, "val": 6, "test": 6}, "scores": scores,
+            "seconds": 1.0}
+
+
+@pytest.mark.parametrize("first_val, first_test, why", [
+    (0.9, False, "#1 (a) has no test score"),  # e.g. every test image of #1 a copy of one it trained on
+    (None, True, "no model is ranked (none has a val score)"),
+], ids=["first-without-test", "none-ranked"])
+def test_a_p_value_missing_for_want_of_a_first_is_said(tmp_path: Path, first_val: float | None, first_test: bool,
+                                                        why: str) -> None:
+    # Before: the other rows read "n/a" and no note said why.
+    first, second = _run_summary(first_val or 0.5, first_test), _run_summary(0.5, True)
+    if first_val is None:
+        del first["scores"]["val"], second["scores"]["val"]
+    for name, summary in (("a", first), ("b", second)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(summary))
+        outcomes = ImageOutcomes(np.arange(6, dtype=np.uint64), np.zeros(6), np.r_[0, 0, 0, 1, 1, 1])
+        (tmp_path / name / "test_outcomes.npz").write_bytes(outcomes.to_npz())
+    result = tlfeat.compare(tmp_path)
+    assert all(row.versus_first is None for row in result.rows)
+    assert f"tiny (seed 0, split 50/25/25): no p vs #1, as {why}" in result.notes, result.notes

@@ -278,9 +278,13 @@ def _pair_with_first(rows: list[Row], ranks: dict[int, int | None]) -> list[str]
     for members in _by_key(rows).values():
         first = next((row for row in members if ranks[id(row)] == 1), None)
         others = [row for row in members if row is not first and "test" in row.scores]
-        if first is None or "test" not in first.scores or not others:
+        if not others or len(members) == 1:  # a lone row's own "not ranked" note says why it has no #1
             continue
-        label = first.dataset[1]
+        label = others[0].dataset[1]
+        if first is None or "test" not in first.scores:  # the others' n/a must not go unexplained
+            why = "no model is ranked (none has a val score)" if first is None else f"#1 ({first.name}) has no test score"
+            notes.append(f"{label}: no p vs #1, as {why}")
+            continue
         reference, why = _read_outcomes(first)
         if reference is None:
             notes.append(f"{label}: no p vs #1, as #1 ({first.name}) has no per-image test outcomes ({why})")
