@@ -207,3 +207,17 @@ def test_a_p_value_missing_for_want_of_a_first_is_said(tmp_path: Path, first_val
     result = tlfeat.compare(tmp_path)
     assert all(row.versus_first is None for row in result.rows)
     assert f"tiny (seed 0, split 50/25/25): no p vs #1, as {why}" in result.notes, result.notes
+
+
+def test_the_chart_shows_each_test_interval_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: the axis was zoomed to the bars only, so the whisker of a test score on 6 images (0.19-0.81 around
+    # 0.5) ran off the bottom of the panel and read as a narrower interval.
+    from tlfeat.apps import compare as compare_module
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text(json.dumps(_run_summary(0.5, True)))
+    figures = []
+    monkeypatch.setattr(compare_module, "save_png", lambda fig, path: figures.append(fig))
+    row = compare_module.compare(tmp_path / "run", png=tmp_path / "bars.png").rows[0]
+    low, high = figures[0].axes[0].get_ylim()
+    assert low <= row.test_interval()[0] and row.test_interval()[1] <= high
