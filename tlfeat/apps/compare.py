@@ -211,8 +211,8 @@ def plot_bars(rows: Sequence[Row], path: Path) -> None:
             ha="right" if crowded else "center", fontsize=8,
         )
         # the whiskers too: an axis zoomed to the bars alone cut them short, and a cut whisker reads as a surer score
-        ax.set_ylim(*score_limits([v for _, values in series for v in values] + [v for i in intervals for v in i
-                                                                                if not np.isnan(v)]))
+        whisker_ends = [v for interval in intervals for v in interval if not np.isnan(v)]
+        ax.set_ylim(*score_limits([v for _, values in series for v in values] + whisker_ends))
         ax.set_ylabel("score")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(loc="upper center", ncol=len(series), fontsize=8)

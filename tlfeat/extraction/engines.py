@@ -8,6 +8,7 @@ Ray engine (`tlfeat.extraction.ray_engine`, imported only when chosen) on a Ray 
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
@@ -64,7 +65,7 @@ class LocalEngine:
         pass
 
     def load(self) -> None:
-        import keras  # noqa: F401  (the backbone is built in `embed`, while the decoding pool starts)
+        importlib.import_module("keras")  # the backbone itself is built in `embed`, while the decoding pool starts
 
     def embed(self, root: Path, todo: Sequence[ImageEntry], bar: Any) -> Iterator[Rows]:
         pool = shared_pool(self.workers)  # a new pool's processes start while the backbone loads
