@@ -58,6 +58,9 @@ class StandInEngine:
     def __exit__(self, *exc: object) -> None:
         pass
 
+    def load(self) -> None:
+        pass  # no model to load
+
     def keras_backend(self) -> str:
         return "stand-in"
 
