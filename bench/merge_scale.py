@@ -49,6 +49,7 @@ from isolated import bench_command, finish_report, parse_bench_args, run_isolate
 
 CLASSES = 100
 SPLIT_NAMES = ("train", "val", "test")
+WEIGHTS_ID = "none:stand-in"  # the stand-in engine's "weights": no model, no Keras
 BACKBONE = "efficientnet_lite0"  # 1280-d, like the issue's figures; only its name and key are used
 
 
@@ -83,15 +84,16 @@ class Files:
         name = f"c{class_index:02d}/{SPLIT_NAMES[split]}{k:08d}{'a' if added else ''}.png"
         return ImageEntry(name, f"c{class_index:02d}", SPLIT_NAMES[split], 1000 + k, 1_700_000_000 * 10**9 + k)
 
-    def relpath(self, i: int) -> str:  # the accessors of tlfeat's ImageTable, which the ledger calls
-        return self[i].relpath
+    def table(self) -> Any:
+        """The files as the `ImageTable` a scan keeps (its memory counts, as in a real run)."""
+        from tlfeat.data.entries import ImageTable
 
-    def identity(self, i: int) -> tuple[int, int]:
-        entry = self[i]
-        return entry.size, entry.mtime_ns
-
-    def split(self, i: int) -> str:
-        return self[i].split
+        table = ImageTable([f"c{c:02d}" for c in range(CLASSES)])
+        for i in range(self.n):
+            entry = self[i]
+            table.append(entry.relpath, int(entry.class_name[1:]), SPLIT_NAMES.index(entry.split), entry.size,
+                         entry.mtime_ns)
+        return table
 
     def old_count(self) -> int:
         return self.group * len(SPLIT_NAMES) * CLASSES
@@ -117,7 +119,7 @@ def _key(dim: int) -> Any:
 
     spec = get_backbone(BACKBONE)
     assert spec.feature_dim == dim, f"--dim {dim}: {BACKBONE} is {spec.feature_dim}-d"
-    return CacheKey(spec.name, "none", 32, spec.preprocessing, "float32", "float32")
+    return CacheKey(spec.name, WEIGHTS_ID, 32, spec.preprocessing, "float32", "float32")
 
 
 def _write_shards(root: str, n: str, dim: str, batch: str) -> dict:
@@ -210,10 +212,12 @@ def _run(root: str, n: str, every: str, dim: str, batch: str, rate: str = "0", t
 
     files = Files(int(n), int(every))
     # The files are never read: any folder beside the cache (not around it: nothing is written in a dataset).
-    scan = DatasetScan(Path(root) / "data", "flat", [f"c{c:02d}" for c in range(CLASSES)], files)  # type: ignore[arg-type]
+    scan = DatasetScan(Path(root) / "data", "flat", [f"c{c:02d}" for c in range(CLASSES)], files.table())
     run_module.scan_dataset = lambda data, seed, ratios: scan
     engine = StandInEngine(int(dim), int(batch), float(rate))
-    run_module.make_engine = lambda *args: engine
+    run_module.make_engine = lambda *args, **kwargs: engine
+    # Random weights are named with the Keras backend, which would load Keras (~700 MB) into the driver measured.
+    run_module.weights_identity = lambda spec, weights: WEIGHTS_ID
     traced = TracedPeak() if trace == "1" else None
     start = time.perf_counter()
     summary = run_module.extract(root, Path(root) / "cache.h5", backbone=BACKBONE, weights="none", image_size=32,
