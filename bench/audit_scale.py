@@ -175,6 +175,8 @@ def main() -> None:
     if (args.cache is None) == (args.synthetic is None):
         raise SystemExit("give --cache CACHE.h5 or --synthetic N --work DIR")
     command = bench_command()
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         cache = args.cache
         if args.synthetic:

@@ -20,6 +20,7 @@ what JPEG compression itself changes.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 from isolated import bench_command, finish_report  # noqa: E402
 from photos import make_photos  # noqa: E402
 
-SCENE15 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "scene15"
+SCENE15 = Path(os.environ.get("TLFEAT_SCENE15") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "scene15")
 SIZE = 224
 
 
