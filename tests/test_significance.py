@@ -88,11 +88,14 @@ def test_compare_pairs_each_head_with_the_first_on_the_test_images(two_heads: Pa
         estimator, meta = load_head(two_heads / f"{name}.skops")
         right[name] = estimator.predict(data.features) == data.labels
         low, high = accuracy_interval(float(np.mean(right[name])), len(data.labels))
-        assert rows[name]["test 95% CI"] == f"{low:.4f}-{high:.4f}"
+        assert (float(rows[name]["test 95% CI low"]), float(rows[name]["test 95% CI high"])) == pytest.approx((low, high))
+        shown = next(line.split(" | ") for line in result.output.splitlines() if f"| {name} |" in line)
+        assert shown[10] == f"{low:.4f}-{high:.4f}"
     only_first = int(np.sum(right[first] & ~right[second]))
     only_second = int(np.sum(right[second] & ~right[first]))
     assert only_first + only_second > 0  # the heads disagree somewhere: the test is not vacuous
-    assert rows[first]["p vs #1"] == ""
+    assert rows[first]["p vs #1"] == rows[first]["paired test images"] == ""
+    assert int(rows[second]["paired test images"]) == len(data.labels)
     assert float(rows[second]["p vs #1"]) == pytest.approx(
         binomtest(min(only_first, only_second), only_first + only_second, 0.5).pvalue, rel=1e-6)
     table_row = next(line.split(" | ") for line in result.output.splitlines() if f"| {first} |" in line)

@@ -53,6 +53,11 @@ HEADERS = (
     "dataset", "rank", "model", "backbone", "weights", "method", "trainable params",
     "train acc", "val acc", "test acc", "test 95% CI", "p vs #1", "test macro-F1", "train s",
 )
+# The CSV holds numbers to compute with: the interval's two ends, and the images each paired test counted.
+CSV_HEADERS = (
+    *HEADERS[:HEADERS.index("test 95% CI")], "test 95% CI low", "test 95% CI high", "p vs #1", "paired test images",
+    *HEADERS[HEADERS.index("p vs #1") + 1:],
+)
 # Below it, a model's test accuracy differs from #1's by more than chance among the test images explains.
 SIGNIFICANCE = 0.05
 
@@ -96,12 +101,25 @@ class Row:
         return read_test_outcomes(self.path) if self.images[0] == "head" else read_run_test_outcomes(self.path)
 
     def cells(self, rank: int | None) -> list:
-        interval = self.test_interval()
+        """The row as the CSV holds it (`CSV_HEADERS`)."""
+        low, high = self.test_interval() or (None, None)
+        paired = self.versus_first
         return [
             self.dataset[1], "-" if rank is None else rank, self.name, self.backbone, self.weights, self.method, self.trainable_params,
-            *(self.accuracy(s) for s in SPLITS), interval and f"{interval[0]:.4f}-{interval[1]:.4f}",
-            self.versus_first and self.versus_first.p_value, self.macro_f1(), round(self.seconds, 2),
+            *(self.accuracy(s) for s in SPLITS), low, high, paired and paired.p_value, paired and paired.images,
+            self.macro_f1(), round(self.seconds, 2),
         ]
+
+    def shown_cells(self, rank: int | None) -> list:
+        """The row as the table shows it (`HEADERS`): the interval in one cell, p to 3 digits, counts with commas."""
+        cells = self.cells(rank)
+        low = CSV_HEADERS.index("test 95% CI low")
+        interval = "" if cells[low] is None else f"{cells[low]:.4f}-{cells[low + 1]:.4f}"
+        cells[low:low + 4] = [interval, _p_text(self, rank)]
+        params, seconds = HEADERS.index("trainable params"), HEADERS.index("train s")
+        cells[params] = "n/a" if cells[params] is None else f"{cells[params]:,}"
+        cells[seconds] = f"{cells[seconds]:.2f}"
+        return cells
 
 
 @dataclass
@@ -375,18 +393,9 @@ def compare(inputs: str | Path | Sequence[str | Path], csv: str | Path | None = 
         per_dataset[row.dataset[0]] = ranks[id(row)] = per_dataset.get(row.dataset[0], 0) + 1
     notes += _pair_with_first(rows, ranks)
     notes += unfinished
-    cells = [row.cells(ranks[id(row)]) for row in rows]
-    params, seconds, versus = HEADERS.index("trainable params"), HEADERS.index("train s"), HEADERS.index("p vs #1")
-    shown = []
-    for row, cell in zip(rows, cells):
-        cell = list(cell)
-        cell[params] = "n/a" if cell[params] is None else f"{cell[params]:,}"
-        cell[seconds] = f"{cell[seconds]:.2f}"
-        cell[versus] = _p_text(row, ranks[id(row)])
-        shown.append(cell)
-    table = markdown_table(HEADERS, shown)
+    table = markdown_table(HEADERS, [row.shown_cells(ranks[id(row)]) for row in rows])
     if csv is not None:
-        write_csv(csv, HEADERS, cells)
+        write_csv(csv, CSV_HEADERS, [row.cells(ranks[id(row)]) for row in rows])
     if png is not None:
         plot_bars(rows, png)
     return CompareResult(rows, table, notes)
