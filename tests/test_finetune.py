@@ -188,10 +188,6 @@ def test_the_head_learns_large_features_under_jax_as_under_tensorflow() -> None:
 def test_fine_tune_runs_in_one_process_leave_no_train_graph_behind(tmp_path: Path) -> None:
     # Before: each run left its stages' traced train steps, the whole backbone's graph, in TensorFlow's
     # process-wide gradient registry: 124 graphs and about 110 MB a run of a 64 px Lite0 in a notebook.
-    import keras
-
-    if keras.backend.backend() != "tensorflow":
-        pytest.skip("the train graphs were kept by TensorFlow's gradient registry")
     data = make_dataset(tmp_path / "tiny")
     for run in range(2):
         ft.finetune(data, backbone="vgg16", weights="none", epochs1=1, epochs2=1, unfreeze_top=3, image_size=32,

@@ -211,6 +211,11 @@ def paired_difference(first: ImageOutcomes, second: ImageOutcomes) -> PairedDiff
     return PairedDifference(len(i), only_first, only_second, float(min(1.0, 2 * tail)))
 
 
+def interval_text(interval: Sequence[float]) -> str:
+    """An interval as the tables show it: "0.9037-0.9239"."""
+    return f"{interval[0]:.4f}-{interval[1]:.4f}"
+
+
 def accuracy_interval(accuracy: float, n: int, z: float = 1.959964) -> tuple[float, float]:
     """The 95% Wilson score interval of an accuracy measured on `n` images (it stays within 0-1 and holds for
     accuracies near 1, where the normal approximation does not)."""

@@ -46,7 +46,8 @@ from tlfeat.heads.folder import DAMAGED_HEAD_ADVICE
 from tlfeat.heads.registry import head_trainable_params
 from tlfeat.heads.store import read_metadata, read_test_outcomes
 from tlfeat.reports import (
-    ImageOutcomes, PairedDifference, accuracy_interval, markdown_table, paired_difference, save_png, write_csv,
+    ImageOutcomes, PairedDifference, accuracy_interval, interval_text, markdown_table, paired_difference, save_png,
+    write_csv,
 )
 
 HEADERS = (
@@ -114,7 +115,7 @@ class Row:
         """The row as the table shows it (`HEADERS`): the interval in one cell, p to 3 digits, counts with commas."""
         cells = self.cells(rank)
         low = CSV_HEADERS.index("test 95% CI low")
-        interval = "" if cells[low] is None else f"{cells[low]:.4f}-{cells[low + 1]:.4f}"
+        interval = "" if cells[low] is None else interval_text(cells[low:low + 2])
         cells[low:low + 4] = [interval, _p_text(self, rank)]
         params, seconds = HEADERS.index("trainable params"), HEADERS.index("train s")
         cells[params] = "n/a" if cells[params] is None else f"{cells[params]:,}"

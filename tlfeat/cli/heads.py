@@ -123,12 +123,12 @@ def evaluate(
     as many images.
     """
     from tlfeat.apps.evaluate import evaluate_on_caches
-    from tlfeat.reports import markdown_table
+    from tlfeat.reports import interval_text, markdown_table
 
     result = evaluate_on_caches(model, caches, split=split, trust=trust, json=json_out)
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)
-    rows = [[name, m["n"], m["accuracy"], "{:.4f}-{:.4f}".format(*m["accuracy_ci95"]), m["macro_f1"]]
+    rows = [[name, m["n"], m["accuracy"], interval_text(m["accuracy_ci95"]), m["macro_f1"]]
             for name, m in result.metrics.items()]
     typer.echo(markdown_table(["split", "images", "accuracy", "95% CI", "macro-F1"], rows), nl=False)
     if json_out is not None:

@@ -43,6 +43,7 @@ def recipe(
     The head is saved like fit-head's: `tlfeat predict HEAD IMAGES` embeds new images the same way.
     """
     from tlfeat.apps.recipe import run_recipe
+    from tlfeat.reports import interval_text
 
     spec = get_recipe(name)
     typer.echo(f"recipe {spec.name}: {spec.description}")
@@ -55,7 +56,7 @@ def recipe(
         typer.echo(f"  cross-validated accuracy by C ({fitted.folds} folds over train+val): "
                    + "  ".join(f"C={t['C']} {t['cv_accuracy']:.4f}" for t in fitted.trials))
     test = fitted.metrics.get("test")
-    scored = (f": test {test['accuracy']:.4f} (95% CI {test['accuracy_ci95'][0]:.4f}-{test['accuracy_ci95'][1]:.4f}, "
+    scored = (f": test {test['accuracy']:.4f} (95% CI {interval_text(test['accuracy_ci95'])}, "
               f"macro-F1 {test['macro_f1']:.4f}, n={test['n']})" if test else "")
     caches = "1 cache" if len(result.members) == 1 else f"{len(result.members)} fused caches"
     typer.echo(f"logreg C={fitted.c} on {caches}, refitted on train+val{scored}")
